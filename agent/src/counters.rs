@@ -1,0 +1,69 @@
+//! Process-wide counters: what happened since start, for status reports,
+//! `agent.status` and the demo summary.
+//!
+//! Plain relaxed atomics: every task may bump them, nothing synchronises on
+//! them, and a report that is a few increments stale is fine.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            /// Current values by name, in declaration order.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Task messages received (any content, including bad ones).
+    tasks_received,
+    /// Tasks stored as pending.
+    tasks_accepted,
+    /// Final acks by status.
+    tasks_applied,
+    tasks_failed,
+    tasks_expired,
+    tasks_superseded,
+    tasks_rejected,
+    /// Task messages whose `task_id` was already known.
+    tasks_duplicate,
+    /// Command messages received, and those that could not be read.
+    commands_received,
+    commands_bad,
+    /// Delivery attempts handed to the radio, and those that failed.
+    deliveries,
+    delivery_failures,
+    /// Tag check-ins reported by the radio.
+    checkins,
+    /// Messages the broker delivered that the agent did not expect
+    /// (unknown topic, QoS 0 task).
+    mqtt_unexpected,
+    /// MQTT connections made, and connection errors.
+    mqtt_connects,
+    mqtt_errors,
+    /// Acks and replies the broker PUBACKed, and those published again after
+    /// a PUBACK timeout.
+    outbox_sent,
+    outbox_resent,
+    /// Store flushes, and flushes or writes that failed.
+    store_flushes,
+    store_errors,
+}
+
+impl Counters {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}

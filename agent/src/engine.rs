@@ -1,0 +1,801 @@
+//! The engine task: owns every task's life cycle, from the MQTT message to
+//! the final ack.
+//!
+//! Reads: `inbound_rx` (tasks and commands from the MQTT link),
+//! `radio_rx` (check-ins and delivery outcomes from the radio task),
+//! `query_rx` (snapshots for status reports).
+//! Writes: the store (only writer of tasks, tags and new outbox entries),
+//! `delivery_tx` (content for a tag that checked in), `puback_tx` (PUBACKs the
+//! link may now send), `outbox_wake` (new acks to publish).
+//!
+//! Group commit: the engine takes every inbound message that is already
+//! queued (up to `tasks.batch_max`), applies each one's changes to the store,
+//! then flushes once and only then releases the PUBACKs of the whole batch.
+//! If the flush fails, the PUBACKs are held (the broker keeps the messages),
+//! intake pauses, and the flush is retried until the disk recovers.
+//!
+//! The decision logic lives in [`State`], which has no channels and takes the
+//! time as an argument, so unit tests drive it directly.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use esl_hal::{CheckIn, Delivery, Outcome, RadioEvent, RadioState};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::counters::Counters;
+use crate::identity::Identity;
+use crate::store::{Change, FinalState, OutboxEntry, Store, StoreError, TagRecord, TaskRecord, TaskState};
+use crate::wire::{self, Ack, AckStatus};
+
+/// Messages from the link that the engine has not taken yet. The broker
+/// never has more than its in-flight window (Mosquitto: 20) of unacked QoS 1
+/// messages out, so this rarely fills; when it does, the link waits.
+pub const INBOUND_CAPACITY: usize = 256;
+/// Radio events not yet taken: a burst of check-ins from many tags.
+pub const RADIO_EVENT_CAPACITY: usize = 1024;
+/// Status snapshots asked for but not answered; the status task asks one at
+/// a time.
+pub const QUERY_CAPACITY: usize = 4;
+
+/// How often expiry, delivery time-outs and held flushes are looked at.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+/// How often finished tasks older than `tasks.keep_final_h` are pruned.
+const PRUNE_INTERVAL_MS: u64 = 3600 * 1000;
+/// Finished tasks removed per prune pass, so one pass never stalls intake.
+const PRUNE_LIMIT: usize = 10_000;
+
+/// Identifies one received MQTT message, so the link can PUBACK it once the
+/// engine says it is durable. `epoch` is the link's connection number: a
+/// PUBACK for an older connection must not be sent (its packet id belongs to
+/// a connection that no longer exists).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckToken {
+    pub epoch: u64,
+    pub pkid: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundKind {
+    Task,
+    Command,
+}
+
+/// One QoS 1 message for the engine.
+#[derive(Debug)]
+pub struct Inbound {
+    pub kind: InboundKind,
+    pub payload: Bytes,
+    pub token: AckToken,
+}
+
+/// A question to the engine from another task.
+#[derive(Debug)]
+pub enum Query {
+    Snapshot(oneshot::Sender<Snapshot>),
+}
+
+/// What status reports need to know.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub pending: usize,
+    pub outbox: u64,
+    pub radio: RadioState,
+    pub store_fault: Option<String>,
+    pub tags: Vec<TagView>,
+}
+
+/// A tag as reported in status and `tags.list`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TagView {
+    pub tag_id: String,
+    pub battery_mv: Option<u16>,
+    pub rssi: Option<i16>,
+    pub content_hash: Option<String>,
+    pub last_seen: Option<u64>,
+    pub online: bool,
+    pub pending_task: Option<String>,
+}
+
+/// Settings the engine needs, taken from the config once.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub default_ttl_ms: u64,
+    pub max_attempts: u32,
+    pub delivery_timeout_ms: u64,
+    pub keep_final_ms: u64,
+    pub send_accepted: bool,
+    pub batch_max: usize,
+    pub max_payload: usize,
+    pub offline_after_ms: u64,
+    pub ack_to: String,
+}
+
+impl EngineSettings {
+    pub fn from_config(c: &Config) -> Self {
+        EngineSettings {
+            default_ttl_ms: c.tasks.default_ttl_ms,
+            max_attempts: c.tasks.max_attempts,
+            delivery_timeout_ms: c.tasks.delivery_timeout_ms,
+            keep_final_ms: c.tasks.keep_final_h.saturating_mul(3600 * 1000),
+            send_accepted: c.tasks.send_accepted,
+            batch_max: c.tasks.batch_max,
+            max_payload: c.limits.max_payload,
+            offline_after_ms: c.status.offline_after_s.saturating_mul(1000),
+            ack_to: c.mqtt.ack_to.clone(),
+        }
+    }
+}
+
+/// A pending task as the scheduler needs it (content stays in the store).
+#[derive(Debug, Clone, PartialEq)]
+struct Pending {
+    task_id: String,
+    content_hash: String,
+    expires_at: u64,
+    /// Wall-clock deadline of the delivery in flight, if any.
+    in_flight_until: Option<u64>,
+}
+
+/// The engine's decisions, without channels. Every method takes `now` (ms
+/// since the Unix epoch) and records its store writes in the given
+/// [`Change`]; deliveries to start are pushed to `deliveries`.
+pub struct State {
+    settings: EngineSettings,
+    identity: Identity,
+    store: Arc<Store>,
+    counters: Arc<Counters>,
+    pending: HashMap<String, Pending>,
+    tags: HashMap<String, TagRecord>,
+    /// Tags whose last content is sent again at their next check-in
+    /// (`tag.refresh`). Not persisted: a refresh lost in a restart is
+    /// harmless and can be asked for again.
+    refresh: std::collections::HashSet<String>,
+    radio: RadioState,
+}
+
+impl State {
+    /// Loads pending tasks and known tags from the store.
+    pub fn load(
+        settings: EngineSettings,
+        identity: Identity,
+        store: Arc<Store>,
+        counters: Arc<Counters>,
+    ) -> Result<State, StoreError> {
+        let mut pending = HashMap::new();
+        for t in store.pending_tasks()? {
+            pending.insert(
+                t.tag_id.clone(),
+                Pending {
+                    task_id: t.task_id,
+                    content_hash: t.content_hash,
+                    expires_at: t.expires_at,
+                    in_flight_until: None,
+                },
+            );
+        }
+        let tags = store.tags()?.into_iter().collect();
+        Ok(State {
+            settings,
+            identity,
+            store,
+            counters,
+            pending,
+            tags,
+            refresh: Default::default(),
+            radio: RadioState::Down {
+                reason: "starting".into(),
+            },
+        })
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The client id acks go to for `reply_to`, if its topic fits.
+    fn ack_target(&self, reply_to: Option<&str>) -> String {
+        match reply_to {
+            Some(r) if self.identity.reply_topic_fits(r) => r.to_owned(),
+            _ => self.settings.ack_to.clone(),
+        }
+    }
+
+    fn push_ack(&self, change: &mut Change, ack: &Ack) {
+        change.push_outbox(OutboxEntry {
+            topic: self.identity.reply_topic(&ack.target),
+            payload: ack.to_json(),
+        });
+    }
+
+    fn ack_for(&self, rec: &TaskRecord, status: AckStatus, detail: Option<String>, at: u64) -> Ack {
+        Ack {
+            v: 1,
+            kind: "ack".into(),
+            task_id: Some(rec.task_id.clone()),
+            tag_id: Some(rec.tag_id.clone()),
+            status,
+            agent: self.identity.client_id.clone(),
+            at,
+            attempts: rec.attempts,
+            content_hash: Some(rec.content_hash.clone()),
+            detail,
+            duplicate: false,
+            target: rec.ack_target.clone(),
+        }
+    }
+
+    /// Makes `rec` final with `status`, queues its ack, and drops it from the
+    /// pending set if it was the tag's pending task.
+    fn finish(&mut self, change: &mut Change, mut rec: TaskRecord, status: AckStatus, detail: Option<String>, now: u64) {
+        let counter = match status {
+            AckStatus::Applied => &self.counters.tasks_applied,
+            AckStatus::Failed => &self.counters.tasks_failed,
+            AckStatus::Expired => &self.counters.tasks_expired,
+            AckStatus::Superseded => &self.counters.tasks_superseded,
+            AckStatus::Rejected => &self.counters.tasks_rejected,
+            AckStatus::Accepted => unreachable!("accepted is not a final status"),
+        };
+        Counters::bump(counter);
+        debug!(task_id = %rec.task_id, tag_id = %rec.tag_id, status = ?status, detail = ?detail, "task final");
+        let ack = self.ack_for(&rec, status, detail.clone(), now);
+        self.push_ack(change, &ack);
+        if self
+            .pending
+            .get(&rec.tag_id)
+            .is_some_and(|p| p.task_id == rec.task_id)
+        {
+            self.pending.remove(&rec.tag_id);
+            change.clear_pending(&rec.tag_id);
+        }
+        if status == AckStatus::Applied && !rec.content.is_empty() {
+            change.put_last_content(&rec.tag_id, &rec.task_id, &rec.content);
+        }
+        rec.content.clear();
+        rec.state = TaskState::Final(FinalState {
+            status,
+            at: now,
+            detail,
+        });
+        change.put_task(&rec);
+    }
+
+    /// PROTOCOL §4: one task message, rules 2–6.
+    pub fn on_task(&mut self, payload: &[u8], now: u64, change: &mut Change) -> Result<(), StoreError> {
+        Counters::bump(&self.counters.tasks_received);
+        let task = match wire::decode_task(payload, self.settings.max_payload) {
+            Ok(t) => t,
+            Err(rejection) => {
+                self.reject(change, rejection, now);
+                return Ok(());
+            }
+        };
+        if let Some(r) = &task.reply_to {
+            if !self.identity.reply_topic_fits(r) {
+                let rejection = wire::Rejection {
+                    task_id: Some(task.task_id),
+                    tag_id: Some(task.tag_id),
+                    reply_to: None,
+                    detail: format!(
+                        "reply_to: the ack topic {:?} would be longer than {} characters",
+                        self.identity.reply_topic(r),
+                        wire::MAX_TOPIC
+                    ),
+                };
+                self.reject(change, rejection, now);
+                return Ok(());
+            }
+        }
+
+        // Rule 3: never applied twice.
+        if let Some(existing) = self.store.task(&task.task_id)? {
+            Counters::bump(&self.counters.tasks_duplicate);
+            match &existing.state {
+                TaskState::Final(f) => {
+                    debug!(task_id = %task.task_id, status = ?f.status, "duplicate of a finished task: ack again");
+                    let mut ack = self.ack_for(&existing, f.status, f.detail.clone(), f.at);
+                    ack.duplicate = true;
+                    self.push_ack(change, &ack);
+                }
+                TaskState::Pending => {
+                    debug!(task_id = %task.task_id, "duplicate of a pending task: ignored");
+                }
+            }
+            return Ok(());
+        }
+
+        let ttl = task.ttl_ms.unwrap_or(self.settings.default_ttl_ms);
+        let rec = TaskRecord {
+            expires_at: task.issued_at.saturating_add(ttl),
+            ack_target: self.ack_target(task.reply_to.as_deref()),
+            task_id: task.task_id,
+            tag_id: task.tag_id,
+            seq: task.seq,
+            issued_at: task.issued_at,
+            accepted_at: now,
+            content: task.content,
+            content_hash: task.content_hash,
+            attempts: 0,
+            state: TaskState::Pending,
+        };
+
+        // Rule 4: expired on arrival.
+        if rec.expires_at < now {
+            let detail = format!("expired {} ms before it arrived", now - rec.expires_at);
+            self.finish(change, rec, AckStatus::Expired, Some(detail), now);
+            return Ok(());
+        }
+
+        // Rule 5: per-tag order.
+        let max_seq = self.store.max_seq(&rec.tag_id)?;
+        if let Some(max) = max_seq {
+            if rec.seq < max {
+                let detail = format!("seq {} is older than seq {max} already accepted for this tag", rec.seq);
+                self.finish(change, rec, AckStatus::Superseded, Some(detail), now);
+                return Ok(());
+            }
+        }
+        change.put_max_seq(&rec.tag_id, rec.seq);
+        if let Some(old) = self.pending.get(&rec.tag_id).cloned() {
+            if let Some(old_rec) = self.store.task(&old.task_id)? {
+                let detail = format!("replaced by task {} (seq {})", rec.task_id, rec.seq);
+                self.finish(change, old_rec, AckStatus::Superseded, Some(detail), now);
+            }
+        }
+
+        // Rule 6: pending until the tag confirms, the radio gives up, or it expires.
+        Counters::bump(&self.counters.tasks_accepted);
+        debug!(task_id = %rec.task_id, tag_id = %rec.tag_id, seq = rec.seq, "task pending");
+        self.pending.insert(
+            rec.tag_id.clone(),
+            Pending {
+                task_id: rec.task_id.clone(),
+                content_hash: rec.content_hash.clone(),
+                expires_at: rec.expires_at,
+                in_flight_until: None,
+            },
+        );
+        if self.settings.send_accepted {
+            let ack = self.ack_for(&rec, AckStatus::Accepted, None, now);
+            self.push_ack(change, &ack);
+        }
+        change.put_task(&rec);
+        Ok(())
+    }
+
+    fn reject(&mut self, change: &mut Change, r: wire::Rejection, now: u64) {
+        Counters::bump(&self.counters.tasks_rejected);
+        debug!(task_id = ?r.task_id, detail = %r.detail, "task rejected");
+        let ack = Ack {
+            v: 1,
+            kind: "ack".into(),
+            target: self.ack_target(r.reply_to.as_deref()),
+            task_id: r.task_id,
+            tag_id: r.tag_id,
+            status: AckStatus::Rejected,
+            agent: self.identity.client_id.clone(),
+            at: now,
+            attempts: 0,
+            content_hash: None,
+            detail: Some(r.detail),
+            duplicate: false,
+        };
+        self.push_ack(change, &ack);
+    }
+
+    /// A radio event: check-in (maybe start a delivery) or outcome.
+    pub fn on_radio(
+        &mut self,
+        event: RadioEvent,
+        now: u64,
+        change: &mut Change,
+        deliveries: &mut Vec<Delivery>,
+    ) -> Result<(), StoreError> {
+        match event {
+            RadioEvent::CheckIn(c) => self.on_checkin(c, now, change, deliveries),
+            RadioEvent::Outcome(o) => self.on_outcome(o, now, change),
+            RadioEvent::State(s) => {
+                match &s {
+                    RadioState::Up => info!("radio up"),
+                    RadioState::Down { reason } => warn!(%reason, "radio down"),
+                }
+                self.radio = s;
+                Ok(())
+            }
+        }
+    }
+
+    fn on_checkin(
+        &mut self,
+        c: CheckIn,
+        now: u64,
+        change: &mut Change,
+        deliveries: &mut Vec<Delivery>,
+    ) -> Result<(), StoreError> {
+        Counters::bump(&self.counters.checkins);
+        let tag = self.tags.entry(c.tag_id.clone()).or_default();
+        tag.battery_mv = c.battery_mv.or(tag.battery_mv);
+        tag.rssi = c.rssi.or(tag.rssi);
+        if c.content_hash.is_some() {
+            tag.content_hash = c.content_hash.clone();
+        }
+        tag.last_seen = Some(now);
+        change.put_tag(&c.tag_id, tag);
+
+        let Some(p) = self.pending.get(&c.tag_id) else {
+            if self.refresh.remove(&c.tag_id) {
+                if let Some((task_id, content)) = self.store.last_content(&c.tag_id)? {
+                    debug!(tag_id = %c.tag_id, %task_id, "refreshing the tag's content");
+                    deliveries.push(Delivery {
+                        tag_id: c.tag_id.clone(),
+                        content_hash: wire::content_hash(content.as_bytes()),
+                        content: content.into_bytes(),
+                        task_id,
+                    });
+                }
+            }
+            return Ok(());
+        };
+        if p.in_flight_until.is_some() {
+            return Ok(());
+        }
+        let Some(mut rec) = self.store.task(&p.task_id)? else {
+            return Ok(());
+        };
+        if c.content_hash.as_deref() == Some(p.content_hash.as_str()) {
+            // The tag already shows this content (e.g. it confirmed just
+            // before a crash): never apply it a second time.
+            debug!(task_id = %rec.task_id, "tag already shows the content");
+            self.finish(change, rec, AckStatus::Applied, None, now);
+            return Ok(());
+        }
+        rec.attempts += 1;
+        Counters::bump(&self.counters.deliveries);
+        debug!(task_id = %rec.task_id, tag_id = %rec.tag_id, attempt = rec.attempts, "delivering");
+        deliveries.push(Delivery {
+            tag_id: rec.tag_id.clone(),
+            task_id: rec.task_id.clone(),
+            content: rec.content.clone().into_bytes(),
+            content_hash: rec.content_hash.clone(),
+        });
+        if let Some(p) = self.pending.get_mut(&c.tag_id) {
+            p.in_flight_until = Some(now + self.settings.delivery_timeout_ms);
+        }
+        change.put_task(&rec);
+        Ok(())
+    }
+
+    /// A delivery could not even be handed to the radio: it was never
+    /// attempted, so the attempt is not counted against the task.
+    pub fn delivery_not_sent(&mut self, tag_id: &str, task_id: &str) {
+        if let Some(p) = self.pending.get_mut(tag_id) {
+            if p.task_id == task_id {
+                p.in_flight_until = None;
+            }
+        }
+    }
+
+    fn on_outcome(&mut self, o: Outcome, now: u64, change: &mut Change) -> Result<(), StoreError> {
+        let current = self
+            .pending
+            .get(&o.tag_id)
+            .is_some_and(|p| p.task_id == o.task_id);
+        if o.result.is_ok() {
+            if let Some(rec) = self.store.task(&o.task_id)? {
+                let tag = self.tags.entry(o.tag_id.clone()).or_default();
+                tag.content_hash = Some(rec.content_hash.clone());
+                tag.last_seen = Some(now);
+                change.put_tag(&o.tag_id, tag);
+            }
+        }
+        if !current {
+            // Superseded, cancelled or expired while in flight.
+            debug!(task_id = %o.task_id, ok = o.result.is_ok(), "outcome for a task that is no longer pending");
+            return Ok(());
+        }
+        let Some(rec) = self.store.task(&o.task_id)? else {
+            return Ok(());
+        };
+        match o.result {
+            Ok(()) => self.finish(change, rec, AckStatus::Applied, None, now),
+            Err(failure) => {
+                Counters::bump(&self.counters.delivery_failures);
+                self.attempt_failed(change, rec, failure.retryable, failure.reason, now)
+            }
+        }
+        Ok(())
+    }
+
+    fn attempt_failed(&mut self, change: &mut Change, rec: TaskRecord, retryable: bool, reason: String, now: u64) {
+        if !retryable || rec.attempts >= self.settings.max_attempts {
+            let detail = format!("{reason} (after {} attempts)", rec.attempts);
+            self.finish(change, rec, AckStatus::Failed, Some(detail), now);
+        } else {
+            debug!(task_id = %rec.task_id, attempt = rec.attempts, %reason, "attempt failed, retry at next check-in");
+            if let Some(p) = self.pending.get_mut(&rec.tag_id) {
+                p.in_flight_until = None;
+            }
+        }
+    }
+
+    /// Expiry and delivery time-outs.
+    pub fn sweep(&mut self, now: u64, change: &mut Change) -> Result<(), StoreError> {
+        let due: Vec<(String, Pending)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| match p.in_flight_until {
+                Some(until) => until <= now,
+                None => p.expires_at < now,
+            })
+            .map(|(t, p)| (t.clone(), p.clone()))
+            .collect();
+        for (tag_id, p) in due {
+            let Some(rec) = self.store.task(&p.task_id)? else {
+                self.pending.remove(&tag_id);
+                continue;
+            };
+            if p.in_flight_until.is_some() {
+                Counters::bump(&self.counters.delivery_failures);
+                let reason = format!(
+                    "no confirmation from the radio within {} ms",
+                    self.settings.delivery_timeout_ms
+                );
+                self.attempt_failed(change, rec, true, reason, now);
+            } else {
+                let detail = if self.tags.get(&tag_id).and_then(|t| t.last_seen).is_none() {
+                    "the tag never checked in before the task expired".to_owned()
+                } else {
+                    format!("not confirmed by the tag after {} attempts", rec.attempts)
+                };
+                self.finish(change, rec, AckStatus::Expired, Some(detail), now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Tags for status and `tags.list`, sorted by id.
+    pub fn tag_views(&self, now: u64) -> Vec<TagView> {
+        let mut ids: Vec<&String> = self.tags.keys().chain(self.pending.keys()).collect();
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .map(|id| self.tag_view(id, now))
+            .collect()
+    }
+
+    pub fn tag_view(&self, tag_id: &str, now: u64) -> TagView {
+        let t = self.tags.get(tag_id).cloned().unwrap_or_default();
+        TagView {
+            tag_id: tag_id.to_owned(),
+            online: t
+                .last_seen
+                .is_some_and(|s| now.saturating_sub(s) <= self.settings.offline_after_ms),
+            battery_mv: t.battery_mv,
+            rssi: t.rssi,
+            content_hash: t.content_hash,
+            last_seen: t.last_seen,
+            pending_task: self.pending.get(tag_id).map(|p| p.task_id.clone()),
+        }
+    }
+
+    pub fn radio_state(&self) -> &RadioState {
+        &self.radio
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Asks for the tag's last content to be sent again at its next check-in.
+    pub fn request_refresh(&mut self, tag_id: &str) {
+        self.refresh.insert(tag_id.to_owned());
+    }
+
+    /// Cancels a pending task: it is acked `failed` with detail `cancelled`.
+    /// Returns `false` when the task is not pending.
+    pub fn cancel(&mut self, task_id: &str, now: u64, change: &mut Change) -> Result<bool, StoreError> {
+        match self.store.task(task_id)? {
+            Some(rec) if rec.state == TaskState::Pending => {
+                self.finish(change, rec, AckStatus::Failed, Some("cancelled".into()), now);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The engine task: [`State`] plus its channel ends.
+pub struct Engine {
+    pub state: State,
+    pub store: Arc<Store>,
+    pub counters: Arc<Counters>,
+    pub inbound_rx: mpsc::Receiver<Inbound>,
+    pub radio_rx: mpsc::Receiver<RadioEvent>,
+    pub query_rx: mpsc::Receiver<Query>,
+    pub delivery_tx: mpsc::Sender<Delivery>,
+    pub puback_tx: mpsc::Sender<AckToken>,
+    pub outbox_wake: Arc<Notify>,
+    pub shutdown: CancellationToken,
+}
+
+impl Engine {
+    pub async fn run(mut self) -> Result<(), StoreError> {
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut held: Vec<AckToken> = Vec::new();
+        let mut unflushed = false;
+        let mut store_fault: Option<String> = None;
+        let mut last_prune = now_ms();
+        let batch_max = self.state.settings.batch_max;
+        info!(pending = self.state.pending_len(), outbox = self.store.outbox_len(), "engine started");
+        // Acks restored from the store wait for the link's first CONNACK;
+        // wake it in case the link is already connected.
+        self.outbox_wake.notify_one();
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                Some(first) = self.inbound_rx.recv(), if store_fault.is_none() => {
+                    let mut batch = vec![first];
+                    while batch.len() < batch_max {
+                        match self.inbound_rx.try_recv() {
+                            Ok(m) => batch.push(m),
+                            Err(_) => break,
+                        }
+                    }
+                    for m in batch {
+                        let mut change = Change::new();
+                        let now = now_ms();
+                        let result = match m.kind {
+                            InboundKind::Task => self.state.on_task(&m.payload, now, &mut change),
+                            InboundKind::Command => crate::commands::handle(&mut self.state, &m.payload, now, &mut change),
+                        };
+                        if let Err(e) = result.and_then(|()| self.store.apply(change).map(drop)) {
+                            // The message is not PUBACKed: the broker (or the
+                            // back end's retry) brings it again.
+                            Counters::bump(&self.counters.store_errors);
+                            warn!(error = %e, "store write failed; message not acknowledged");
+                            store_fault = Some(e.to_string());
+                            continue;
+                        }
+                        held.push(m.token);
+                        unflushed = true;
+                    }
+                }
+                Some(first) = self.radio_rx.recv() => {
+                    let mut events = vec![first];
+                    while events.len() < RADIO_EVENT_CAPACITY {
+                        match self.radio_rx.try_recv() {
+                            Ok(e) => events.push(e),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut deliveries = Vec::new();
+                    for event in events {
+                        let durable = !matches!(event, RadioEvent::CheckIn(_) | RadioEvent::State(_));
+                        let mut change = Change::new();
+                        let mut these = Vec::new();
+                        let result = self.state.on_radio(event, now_ms(), &mut change, &mut these);
+                        let outbox_before = self.store.outbox_len();
+                        match result.and_then(|()| self.store.apply(change).map(drop)) {
+                            Ok(()) => {
+                                unflushed |= durable || self.store.outbox_len() != outbox_before;
+                                deliveries.extend(these);
+                            }
+                            Err(e) => {
+                                Counters::bump(&self.counters.store_errors);
+                                warn!(error = %e, "store write failed while handling a radio event");
+                                store_fault = Some(e.to_string());
+                            }
+                        }
+                    }
+                    for d in deliveries {
+                        if let Err(e) = self.delivery_tx.try_send(d) {
+                            let d = match e {
+                                mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d) => d,
+                            };
+                            debug!(task_id = %d.task_id, "radio busy; delivery waits for the next check-in");
+                            self.state.delivery_not_sent(&d.tag_id, &d.task_id);
+                        }
+                    }
+                }
+                Some(q) = self.query_rx.recv() => self.answer(q, store_fault.clone()),
+                _ = sweep.tick() => {
+                    let now = now_ms();
+                    let mut change = Change::new();
+                    let result = self.state.sweep(now, &mut change);
+                    let changed = !change.is_empty();
+                    if let Err(e) = result.and_then(|()| self.store.apply(change).map(drop)) {
+                        Counters::bump(&self.counters.store_errors);
+                        warn!(error = %e, "store write failed during the sweep");
+                        store_fault = Some(e.to_string());
+                    }
+                    unflushed |= changed;
+                    if now.saturating_sub(last_prune) >= PRUNE_INTERVAL_MS {
+                        last_prune = now;
+                        let cutoff = now.saturating_sub(self.state.settings.keep_final_ms);
+                        match self.store.prune_final(cutoff, PRUNE_LIMIT) {
+                            Ok(0) => {}
+                            Ok(n) => info!(removed = n, "pruned finished tasks"),
+                            Err(e) => warn!(error = %e, "pruning finished tasks failed"),
+                        }
+                    }
+                    if store_fault.is_some() {
+                        unflushed = true;
+                    }
+                }
+            }
+            if unflushed {
+                match self.store.flush().await {
+                    Ok(_) => {
+                        Counters::bump(&self.counters.store_flushes);
+                        if store_fault.take().is_some() {
+                            info!("store writable again; intake resumes");
+                        }
+                        unflushed = false;
+                        for token in held.drain(..) {
+                            if self.puback_tx.send(token).await.is_err() {
+                                break;
+                            }
+                        }
+                        self.outbox_wake.notify_one();
+                    }
+                    Err(e) => {
+                        Counters::bump(&self.counters.store_errors);
+                        if store_fault.is_none() {
+                            warn!(error = %e, held = held.len(), "store flush failed; holding PUBACKs and pausing intake");
+                        }
+                        store_fault = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        // Shutdown: make what was accepted durable. PUBACKs still held are
+        // dropped: the broker (or the back end) sends those messages again.
+        if let Err(e) = self.store.flush().await {
+            warn!(error = %e, "final store flush failed");
+        }
+        info!(pending = self.state.pending_len(), "engine stopped");
+        Ok(())
+    }
+
+    fn answer(&self, q: Query, store_fault: Option<String>) {
+        match q {
+            Query::Snapshot(reply) => {
+                let snapshot = Snapshot {
+                    pending: self.state.pending_len(),
+                    outbox: self.store.outbox_len(),
+                    radio: self.state.radio.clone(),
+                    store_fault,
+                    tags: self.state.tag_views(now_ms()),
+                };
+                // The asker may have given up (shutdown); nothing to do then.
+                let _ = reply.send(snapshot);
+            }
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! esl-agent: the edge agent of an electronic-shelf-label access point.
+//!
+//! It takes price-change tasks from the store's MQTT broker, keeps them on
+//! disk before acknowledging them, hands the new content to tags through a
+//! radio (see the `esl-hal` crate), and reports every task's end back to the
+//! back end through a durable outbox. The wire contract is PROTOCOL.md.
+//!
+//! # Layout: tasks and channels
+//!
+//! ```text
+//!            broker
+//!              │ ▲
+//!   Publish    │ │ PUBACK, acks, replies, status
+//!              ▼ │
+//!        ┌────────────┐  inbound_tx (Inbound: task/command + AckToken)  ┌──────────┐
+//!        │  mqtt::Link│ ───────────────────────────────────────────────▶│  engine  │
+//!        │ (rumqttc   │ ◀─────────────────────────────── puback_tx ─────│ ::Engine │
+//!        │  event     │ ◀───────────── outbox_wake (Notify) ────────────│          │
+//!        │  loop)     │                                                 │ owns task│
+//!        └────────────┘                                                 │ life     │
+//!          │    ▲   │ link_tx (watch LinkState)                         │ cycle    │
+//!          │    │   ▼                                                   └──────────┘
+//!          │  ┌──────────────┐  query_tx (Query::Snapshot) ────────────▶  ▲    │
+//!          │  │status::Status│                                            │    │ delivery_tx
+//!          │  │Task          │── report_tx (Report) ──▶ Link     event_tx │    ▼
+//!          │  └──────────────┘                                      ┌──────────────┐
+//!          │                                                        │radio::Radio  │
+//!          ▼ reads/removes outbox                                   │Task ⇄ backend│
+//!        ┌───────────────────────────────────────────┐              └──────────────┘
+//!        │ store::Store (sled) — engine writes tasks, tags, outbox │
+//!        └───────────────────────────────────────────┘
+//! ```
+//!
+//! - [`mqtt::Link`] — the only user of the rumqttc event loop. Routes
+//!   incoming tasks and commands to the engine, sends PUBACKs the engine
+//!   released, publishes the outbox (oldest first, windowed) and status
+//!   reports, reconnects with backoff.
+//! - [`engine::Engine`] — decides every task's fate (PROTOCOL §4), schedules
+//!   deliveries at check-ins, retries, expires; group-commits to the store and
+//!   releases PUBACKs only after the flush; answers commands
+//!   ([`commands`]).
+//! - [`radio::RadioTask`] — owns the radio backend.
+//! - [`status::StatusTask`] — hello and periodic status reports.
+//! - [`store::Store`] — the only opener of sled.
+//!
+//! Shutdown is one [`CancellationToken`] seen by every task. The engine
+//! flushes and releases its last PUBACKs; the link sends them and
+//! disconnects; [`Agent::wait`] joins everything within a deadline.
+
+pub mod commands;
+pub mod config;
+pub mod counters;
+#[cfg(feature = "demo")]
+pub mod demo;
+pub mod engine;
+pub mod identity;
+pub mod mqtt;
+pub mod radio;
+pub mod status;
+pub mod store;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use esl_hal::sim::{SimConfig, SimRadio};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::Config;
+use counters::Counters;
+use identity::Identity;
+use mqtt::LinkState;
+use store::Store;
+
+/// How long shutdown may take before tasks are abandoned (PROTOCOL §9: 5 s).
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_millis(4500);
+
+/// A running agent.
+pub struct Agent {
+    pub identity: Identity,
+    pub counters: Arc<Counters>,
+    pub link: watch::Receiver<LinkState>,
+    store: Arc<Store>,
+    tasks: JoinSet<&'static str>,
+    shutdown: CancellationToken,
+}
+
+/// Starts every task of the agent. Returns once the store is open and the
+/// tasks run; the link connects in the background.
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Agent> {
+    let identity = Identity::resolve(&config).context("identity")?;
+    for w in &identity.warnings {
+        warn!("{w}");
+    }
+    let store_path = config.store.path.clone();
+    let cache = config.store.cache_mb * 1024 * 1024;
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_path, cache))
+        .await
+        .context("store open task")?
+        .with_context(|| format!("cannot open the store at {} (is another agent running on it?)", config.store.path.display()))?;
+    let store = Arc::new(store);
+    let counters = Arc::new(Counters::default());
+
+    let (inbound_tx, inbound_rx) = mpsc::channel(engine::INBOUND_CAPACITY);
+    let (puback_tx, puback_rx) = mpsc::channel(mqtt::PUBACK_CAPACITY);
+    let (event_tx, radio_rx) = mpsc::channel(engine::RADIO_EVENT_CAPACITY);
+    let (delivery_tx, delivery_rx) = mpsc::channel(radio::DELIVERY_CAPACITY);
+    let (query_tx, query_rx) = mpsc::channel(engine::QUERY_CAPACITY);
+    let (report_tx, report_rx) = mpsc::channel(status::REPORT_CAPACITY);
+    let (link_tx, link_rx) = watch::channel(LinkState::default());
+    let outbox_wake = Arc::new(Notify::new());
+
+    let state = engine::State::load(
+        engine::EngineSettings::from_config(&config),
+        identity.clone(),
+        store.clone(),
+        counters.clone(),
+    )
+    .context("loading pending tasks from the store")?;
+
+    let mut tasks = JoinSet::new();
+    match config.radio.kind {
+        config::RadioKind::Sim => {
+            let s = &config.radio.sim;
+            let radio = SimRadio::start(SimConfig {
+                tags: s.tags,
+                id_prefix: s.id_prefix.clone(),
+                checkin_interval_ms: s.checkin_interval_ms,
+                fail_rate: s.fail_rate,
+                offline: s.offline.clone(),
+                seed: s.seed,
+                journal: s.journal.clone(),
+                apply_ms: s.apply_ms,
+            })
+            .context("radio.sim")?;
+            let task = radio::RadioTask {
+                radio,
+                event_tx,
+                delivery_rx,
+                shutdown: shutdown.clone(),
+            };
+            tasks.spawn(async move {
+                task.run().await;
+                "radio"
+            });
+        }
+    }
+
+    let engine = engine::Engine {
+        state,
+        store: store.clone(),
+        counters: counters.clone(),
+        inbound_rx,
+        radio_rx,
+        query_rx,
+        delivery_tx,
+        puback_tx,
+        outbox_wake: outbox_wake.clone(),
+        shutdown: shutdown.clone(),
+    };
+    tasks.spawn(async move {
+        if let Err(e) = engine.run().await {
+            tracing::error!(error = %e, "engine stopped with an error");
+        }
+        "engine"
+    });
+
+    let link = mqtt::Link {
+        options: mqtt::mqtt_options(&config.mqtt, &identity, config.limits.max_payload),
+        settings: mqtt::LinkSettings::from_config(&config.mqtt),
+        identity: identity.clone(),
+        store: store.clone(),
+        counters: counters.clone(),
+        inbound_tx,
+        puback_rx,
+        report_rx,
+        outbox_wake,
+        link_tx,
+        shutdown: shutdown.clone(),
+    };
+    tasks.spawn(async move {
+        link.run().await;
+        "link"
+    });
+
+    let status = status::StatusTask {
+        agent: identity.client_id.clone(),
+        topic: identity.status_topic.clone(),
+        interval: Duration::from_secs(config.status.interval_s),
+        max_payload: config.limits.max_payload,
+        store: store.clone(),
+        counters: counters.clone(),
+        link_rx: link_rx.clone(),
+        query_tx,
+        report_tx,
+        shutdown: shutdown.clone(),
+    };
+    tasks.spawn(async move {
+        status.run().await;
+        "status"
+    });
+
+    info!(client_id = %identity.client_id, version = env!("CARGO_PKG_VERSION"), "agent started");
+    Ok(Agent {
+        identity,
+        counters,
+        link: link_rx,
+        store,
+        tasks,
+        shutdown,
+    })
+}
+
+impl Agent {
+    /// Waits until every task has ended (after the shutdown token fired, or
+    /// because one of them failed), then flushes the store. Once shutdown is
+    /// asked for, tasks still running after [`SHUTDOWN_DEADLINE`] are
+    /// abandoned.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut early_exit = None;
+        loop {
+            let next = if self.shutdown.is_cancelled() {
+                match tokio::time::timeout(SHUTDOWN_DEADLINE, self.tasks.join_next()).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        warn!(left = self.tasks.len(), "shutdown deadline passed; abandoning tasks");
+                        self.tasks.abort_all();
+                        break;
+                    }
+                }
+            } else {
+                self.tasks.join_next().await
+            };
+            match next {
+                None => break,
+                Some(Ok(name)) => {
+                    if !self.shutdown.is_cancelled() {
+                        // One task ending on its own stops the agent: better a
+                        // clean restart by the supervisor than a half agent.
+                        warn!(task = name, "task ended unexpectedly; stopping the agent");
+                        early_exit.get_or_insert(name);
+                        self.shutdown.cancel();
+                    }
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "task failed");
+                    early_exit.get_or_insert("panicked task");
+                    self.shutdown.cancel();
+                }
+            }
+        }
+        self.store.flush().await.context("final store flush")?;
+        info!("agent stopped");
+        match early_exit {
+            Some(name) => anyhow::bail!("the {name} task ended unexpectedly"),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! The MQTT link task: the only code that touches the rumqttc event loop.
+//!
+//! Reads: the broker (via `EventLoop::poll`), `puback_rx` (PUBACKs the
+//! engine released after a flush), `report_rx` (status payloads),
+//! `outbox_wake` (the engine stored new acks). Writes: `inbound_tx` (tasks
+//! and commands for the engine), `link_tx` (connection state), and removes
+//! outbox entries from the store once the broker PUBACKed them.
+//!
+//! Invariants:
+//! - Incoming QoS 1 messages are PUBACKed only when the engine says so, and
+//!   only on the connection they arrived on (`AckToken::epoch`): a packet id
+//!   from an earlier connection means something else on the new one.
+//! - The outbox in the store is the only source of acks and replies. After
+//!   every CONNACK the link drops whatever rumqttc kept from the previous
+//!   connection and re-reads the outbox oldest first. Within a connection,
+//!   `Outgoing::Publish(pkid)` events arrive in the order of our publish
+//!   requests, which is how a PUBACK is traced back to an outbox entry.
+//! - Nothing is published while disconnected, so no request from the old
+//!   connection can slip into the new one and break that ordering.
+//! - Reconnects back off exponentially with jitter (rumqttc itself would
+//!   retry at once); the wait does not block the other inputs.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, Publish, QoS, SubscribeReasonCode};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::MqttConfig;
+use crate::counters::Counters;
+use crate::engine::{AckToken, Inbound, InboundKind};
+use crate::identity::Identity;
+use crate::store::Store;
+
+/// rumqttc's request channel: PUBACKs we release plus our publishes. The
+/// outbox window and one status report bound what we put in at once, far
+/// below this.
+pub const REQUEST_CAPACITY: usize = 1024;
+/// PUBACKs released by the engine and not yet handed to rumqttc: one group
+/// commit's worth.
+pub const PUBACK_CAPACITY: usize = 1024;
+/// How long shutdown waits for the engine's last PUBACKs and the DISCONNECT.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How often outbox messages are checked for a missing PUBACK.
+const RESEND_CHECK: Duration = Duration::from_secs(1);
+
+/// Connection state, published on a watch channel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkState {
+    pub connected: bool,
+    /// Number of the current (or last) connection; 0 before the first.
+    pub epoch: u64,
+}
+
+/// A status payload to publish (QoS 1, not durable).
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// Link settings taken from the config once.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    pub p2p_subscribe: bool,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub publish_timeout: Duration,
+    pub window: usize,
+}
+
+impl LinkSettings {
+    pub fn from_config(m: &MqttConfig) -> Self {
+        LinkSettings {
+            p2p_subscribe: m.p2p_subscribe,
+            reconnect_min: Duration::from_millis(m.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(m.reconnect_max_ms),
+            publish_timeout: Duration::from_secs(m.publish_timeout_s),
+            window: usize::from(m.outbox_window),
+        }
+    }
+}
+
+/// rumqttc options for the config and identity.
+pub fn mqtt_options(m: &MqttConfig, identity: &Identity, max_payload: usize) -> MqttOptions {
+    let mut o = MqttOptions::new(identity.client_id.clone(), m.host.clone(), m.port);
+    o.set_keep_alive(Duration::from_secs(m.keepalive_s));
+    o.set_clean_session(m.clean_session);
+    o.set_manual_acks(true);
+    // Headroom for the MQTT header and topic on top of the payload.
+    let packet = max_payload + 1024;
+    o.set_max_packet_size(packet, packet);
+    o.set_inflight(m.outbox_window.saturating_add(16));
+    // rumqttc replays its own pending requests after a reconnect at this
+    // pace; we clear them (the outbox replays instead), so no throttle.
+    o.set_pending_throttle(Duration::ZERO);
+    if let Some(user) = &m.username {
+        o.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
+    }
+    o
+}
+
+/// Outbox messages of the current connection.
+#[derive(Default)]
+struct OutboxTracker {
+    /// Outbox numbers of our publish requests whose packet id is not known
+    /// yet, in request order (`None` for status reports).
+    awaiting_pkid: VecDeque<Option<u64>>,
+    /// Packet id → outbox number, for published and not yet PUBACKed.
+    by_pkid: HashMap<u16, u64>,
+    /// Outbox number → when it was (last) published.
+    sent_at: BTreeMap<u64, Instant>,
+    /// Highest outbox number published on this connection.
+    cursor: Option<u64>,
+}
+
+pub struct Link {
+    pub options: MqttOptions,
+    pub settings: LinkSettings,
+    pub identity: Identity,
+    pub store: Arc<Store>,
+    pub counters: Arc<Counters>,
+    pub inbound_tx: mpsc::Sender<Inbound>,
+    pub puback_rx: mpsc::Receiver<AckToken>,
+    pub report_rx: mpsc::Receiver<Report>,
+    pub outbox_wake: Arc<Notify>,
+    pub link_tx: watch::Sender<LinkState>,
+    pub shutdown: CancellationToken,
+}
+
+impl Link {
+    pub async fn run(mut self) {
+        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), REQUEST_CAPACITY);
+        let mut state = LinkState::default();
+        let mut tracker = OutboxTracker::default();
+        let mut backoff = self.settings.reconnect_min;
+        let mut reconnect_at: Option<Instant> = None;
+        let mut stopping_until: Option<Instant> = None;
+        let mut resend = tokio::time::interval(RESEND_CHECK);
+        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
+        info!(broker = %format!("{}:{}", self.options.broker_address().0, self.options.broker_address().1),
+              client_id = %self.identity.client_id, "connecting");
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled(), if stopping_until.is_none() => {
+                    // Keep running briefly so the engine's last PUBACKs go out.
+                    stopping_until = Some(Instant::now() + SHUTDOWN_GRACE);
+                }
+                _ = tokio::time::sleep_until(stopping_until.unwrap_or(far_future)), if stopping_until.is_some() => break,
+                _ = tokio::time::sleep_until(reconnect_at.unwrap_or(far_future)), if reconnect_at.is_some() => {
+                    reconnect_at = None;
+                }
+                event = eventloop.poll(), if reconnect_at.is_none() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        state = LinkState { connected: true, epoch: state.epoch + 1 };
+                        backoff = self.settings.reconnect_min;
+                        Counters::bump(&self.counters.mqtt_connects);
+                        info!(epoch = state.epoch, session_present = ack.session_present, "connected to broker");
+                        // The outbox, not rumqttc, replays unacked messages.
+                        eventloop.pending.clear();
+                        tracker = OutboxTracker::default();
+                        if self.settings.p2p_subscribe {
+                            let topics = [&self.identity.task_topic, &self.identity.cmd_topic];
+                            for topic in topics {
+                                if let Err(e) = client.try_subscribe(topic.as_str(), QoS::AtLeastOnce) {
+                                    warn!(%topic, error = %e, "cannot queue subscribe");
+                                }
+                            }
+                        }
+                        self.link_tx.send_replace(state);
+                        self.fill_outbox(&client, &mut tracker);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(&client, p, state.epoch).await,
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(n) = tracker.by_pkid.remove(&ack.pkid) {
+                            if tracker.sent_at.remove(&n).is_some() {
+                                Counters::bump(&self.counters.outbox_sent);
+                                if let Err(e) = self.store.remove_outbox(n) {
+                                    warn!(error = %e, outbox = n, "cannot remove a delivered ack from the store; it will be sent again");
+                                }
+                            }
+                        }
+                        self.fill_outbox(&client, &mut tracker);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        if ack.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
+                            warn!(codes = ?ack.return_codes, "broker refused a subscription: tasks or commands will not arrive (check the broker ACL)");
+                        } else {
+                            info!("subscribed to the task and command topics");
+                        }
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(Some(n)) = tracker.awaiting_pkid.pop_front() {
+                            tracker.by_pkid.insert(pkid, n);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        Counters::bump(&self.counters.mqtt_errors);
+                        if state.connected {
+                            warn!(error = %e, "connection to broker lost");
+                            state.connected = false;
+                            self.link_tx.send_replace(state);
+                        } else {
+                            warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to broker");
+                        }
+                        if stopping_until.is_some() {
+                            break;
+                        }
+                        // Full jitter on the upper half: spreads the
+                        // reconnects of many APs after a broker restart.
+                        let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
+                        reconnect_at = Some(Instant::now() + jittered);
+                        backoff = (backoff * 2).min(self.settings.reconnect_max);
+                    }
+                },
+                token = self.puback_rx.recv() => match token {
+                    Some(token) => self.release_puback(&client, token, state),
+                    // The engine has stopped: its last PUBACKs are out.
+                    None => break,
+                },
+                Some(report) = self.report_rx.recv(), if state.connected => {
+                    match client.try_publish(report.topic, QoS::AtLeastOnce, false, report.payload) {
+                        Ok(()) => tracker.awaiting_pkid.push_back(None),
+                        Err(e) => debug!(error = %e, "status report not queued"),
+                    }
+                }
+                _ = self.outbox_wake.notified(), if state.connected => self.fill_outbox(&client, &mut tracker),
+                _ = resend.tick(), if state.connected => self.resend_overdue(&client, &mut tracker),
+            }
+        }
+        if state.connected {
+            // Best effort: a DISCONNECT lets the broker drop the session at
+            // once instead of waiting for the keepalive.
+            if client.try_disconnect().is_ok() {
+                let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                    while let Ok(ev) = eventloop.poll().await {
+                        if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
+        }
+        self.link_tx.send_replace(LinkState {
+            connected: false,
+            epoch: state.epoch,
+        });
+        info!("link stopped");
+    }
+
+    async fn on_publish(&self, client: &AsyncClient, p: Publish, epoch: u64) {
+        let kind = if p.topic == self.identity.task_topic {
+            InboundKind::Task
+        } else if p.topic == self.identity.cmd_topic {
+            InboundKind::Command
+        } else {
+            Counters::bump(&self.counters.mqtt_unexpected);
+            warn!(topic = %p.topic, "message on an unexpected topic ignored");
+            let _ = client.try_ack(&p);
+            return;
+        };
+        if p.qos != QoS::AtLeastOnce {
+            // Accept it (the back end sent it), but note the protocol breach:
+            // a QoS 0 task is lost if the agent dies before storing it.
+            Counters::bump(&self.counters.mqtt_unexpected);
+            debug!(topic = %p.topic, qos = ?p.qos, "message not sent with QoS 1");
+        }
+        let inbound = Inbound {
+            kind,
+            token: AckToken { epoch, pkid: p.pkid },
+            payload: p.payload,
+        };
+        // Waiting here is the backpressure: the broker sends no more than its
+        // in-flight window until we PUBACK.
+        if self.inbound_tx.send(inbound).await.is_err() {
+            debug!("engine stopped; message not taken");
+        }
+    }
+
+    fn release_puback(&self, client: &AsyncClient, token: AckToken, state: LinkState) {
+        if token.pkid == 0 {
+            return; // QoS 0: nothing to acknowledge.
+        }
+        if !state.connected || token.epoch != state.epoch {
+            debug!(pkid = token.pkid, "PUBACK for an earlier connection dropped; the broker sends the message again");
+            return;
+        }
+        let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
+        p.pkid = token.pkid;
+        if let Err(e) = client.try_ack(&p) {
+            warn!(error = %e, pkid = token.pkid, "cannot queue PUBACK");
+        }
+    }
+
+    /// Publishes outbox entries, oldest first, until the window is full.
+    fn fill_outbox(&self, client: &AsyncClient, tracker: &mut OutboxTracker) {
+        loop {
+            let room = self.settings.window.saturating_sub(tracker.sent_at.len());
+            if room == 0 {
+                return;
+            }
+            let entries = match self.store.outbox_after(tracker.cursor, room) {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the outbox");
+                    return;
+                }
+            };
+            if entries.is_empty() {
+                return;
+            }
+            for (n, entry) in entries {
+                if let Err(e) = client.try_publish(entry.topic, QoS::AtLeastOnce, false, entry.payload) {
+                    debug!(error = %e, "outbox publish not queued; retried later");
+                    return;
+                }
+                tracker.awaiting_pkid.push_back(Some(n));
+                tracker.sent_at.insert(n, Instant::now());
+                tracker.cursor = Some(n);
+            }
+        }
+    }
+
+    /// Publishes again what the broker has not PUBACKed in time (a request
+    /// lost in the client, or a broker that dropped it).
+    fn resend_overdue(&self, client: &AsyncClient, tracker: &mut OutboxTracker) {
+        let now = Instant::now();
+        let overdue: Vec<u64> = tracker
+            .sent_at
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= self.settings.publish_timeout)
+            .map(|(n, _)| *n)
+            .collect();
+        for n in overdue {
+            let entry = match self.store.outbox_after(n.checked_sub(1), 1) {
+                Ok(mut e) if e.first().is_some_and(|(m, _)| *m == n) => e.remove(0).1,
+                _ => {
+                    tracker.sent_at.remove(&n);
+                    continue;
+                }
+            };
+            if client
+                .try_publish(entry.topic, QoS::AtLeastOnce, false, entry.payload)
+                .is_err()
+            {
+                return;
+            }
+            Counters::bump(&self.counters.outbox_resent);
+            debug!(outbox = n, "no PUBACK in time; published again");
+            tracker.awaiting_pkid.push_back(Some(n));
+            tracker.sent_at.insert(n, now);
+        }
+    }
+}

@@ -1,0 +1,535 @@
+//! The durable store: the only module that opens sled.
+//!
+//! One sled tree, keys prefixed by record kind, so that everything one
+//! message changes (task record, pending index, highest seq, outbox entry)
+//! goes in one atomic `apply_batch`. Writers build a [`Change`] and
+//! [`Store::apply`] it; nothing is durable until [`Store::flush`] returns,
+//! and callers must not PUBACK or publish acks that depend on a change before
+//! that (PROTOCOL §4 rule 1).
+//!
+//! Key layout (all integers big-endian so that sled's order is numeric):
+//!
+//! | key                      | value          | meaning                               |
+//! |--------------------------|----------------|---------------------------------------|
+//! | `t` task_id              | [`TaskRecord`] | every task, pending or final          |
+//! | `p` tag_id               | task_id        | the one pending task of a tag         |
+//! | `s` tag_id               | u64            | highest `seq` accepted for the tag    |
+//! | `f` final_at task_id     | (empty)        | finished tasks by age, for pruning    |
+//! | `o` n                    | [`OutboxEntry`]| ack/reply waiting for the broker      |
+//! | `g` tag_id               | [`TagRecord`]  | last check-in report (best effort)    |
+//! | `c` tag_id               | task_id, content | last content the tag confirmed      |
+//! | `mo`                     | u64            | next outbox number                    |
+//!
+//! The engine is the only writer of `t`, `p`, `s`, `f`, `g`; the MQTT link
+//! only removes `o` entries once the broker PUBACKed them.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::AckStatus;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store record {key}: cannot decode ({reason})")]
+    Corrupt { key: String, reason: String },
+    #[error("store directory {path}: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// What the store keeps about a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub task_id: String,
+    pub tag_id: String,
+    pub seq: u64,
+    pub issued_at: u64,
+    pub expires_at: u64,
+    pub accepted_at: u64,
+    /// Canonical JSON; emptied once the task is final (only the hash is
+    /// needed after that).
+    pub content: String,
+    pub content_hash: String,
+    /// Client id that receives the ack (the task's `reply_to` or `ack_to`).
+    pub ack_target: String,
+    pub attempts: u32,
+    pub state: TaskState,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TaskState {
+    Pending,
+    Final(FinalState),
+}
+
+/// The final ack of a task, kept so a duplicate can be answered with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinalState {
+    pub status: AckStatus,
+    pub at: u64,
+    pub detail: Option<String>,
+}
+
+/// An ack or reply waiting for the broker's PUBACK.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// Last check-in of a tag.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub battery_mv: Option<u16>,
+    pub rssi: Option<i16>,
+    pub content_hash: Option<String>,
+    pub last_seen: Option<u64>,
+}
+
+fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + rest.len());
+    k.push(prefix);
+    k.extend_from_slice(rest);
+    k
+}
+
+const NEXT_OUTBOX_KEY: &[u8] = b"mo";
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // postcard into a Vec fails only on allocation failure or for types with
+    // unsupported shapes; ours are plain structs and enums.
+    postcard::to_allocvec(value).expect("store records encode")
+}
+
+fn decode<'a, T: Deserialize<'a>>(k: &[u8], bytes: &'a [u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(k).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Changes to apply atomically. Built by the engine, applied by the store.
+#[derive(Default)]
+pub struct Change {
+    batch: sled::Batch,
+    outbox: Vec<OutboxEntry>,
+    empty: bool,
+}
+
+impl Change {
+    pub fn new() -> Self {
+        Change {
+            empty: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn put_task(&mut self, record: &TaskRecord) {
+        self.empty = false;
+        self.batch
+            .insert(key(b't', record.task_id.as_bytes()), encode(record));
+        match &record.state {
+            TaskState::Pending => self
+                .batch
+                .insert(key(b'p', record.tag_id.as_bytes()), record.task_id.as_bytes()),
+            TaskState::Final(f) => {
+                let mut k = f.at.to_be_bytes().to_vec();
+                k.extend_from_slice(record.task_id.as_bytes());
+                self.batch.insert(key(b'f', &k), &[][..]);
+            }
+        }
+    }
+
+    /// The tag no longer has a pending task.
+    pub fn clear_pending(&mut self, tag_id: &str) {
+        self.empty = false;
+        self.batch.remove(key(b'p', tag_id.as_bytes()));
+    }
+
+    pub fn put_max_seq(&mut self, tag_id: &str, seq: u64) {
+        self.empty = false;
+        self.batch
+            .insert(key(b's', tag_id.as_bytes()), &seq.to_be_bytes()[..]);
+    }
+
+    pub fn put_tag(&mut self, tag_id: &str, tag: &TagRecord) {
+        self.empty = false;
+        self.batch.insert(key(b'g', tag_id.as_bytes()), encode(tag));
+    }
+
+    /// Remembers what a tag displays, for `tag.refresh`.
+    pub fn put_last_content(&mut self, tag_id: &str, task_id: &str, content: &str) {
+        self.empty = false;
+        let value = encode(&(task_id, content));
+        self.batch.insert(key(b'c', tag_id.as_bytes()), value);
+    }
+
+    /// Queues a message for the broker; it gets its outbox number in
+    /// [`Store::apply`].
+    pub fn push_outbox(&mut self, entry: OutboxEntry) {
+        self.empty = false;
+        self.outbox.push(entry);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.empty
+    }
+}
+
+/// Handle to the store. Cheap to share: sled's `Db` is internally
+/// reference-counted and thread-safe.
+pub struct Store {
+    db: sled::Db,
+    next_outbox: AtomicU64,
+    /// Outbox entries numbered below this are on disk. The link publishes
+    /// only those: an ack must never reach the back end before the state
+    /// change behind it is durable (a crash would otherwise undo the change
+    /// after the back end saw its ack).
+    durable_outbox: AtomicU64,
+    outbox_len: AtomicU64,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path` with a page cache of
+    /// `cache_bytes`. The directory is created with mode 0700.
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        create_private_dir(path)?;
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(Some(1000))
+            .open()?;
+        let next_outbox = match db.get(NEXT_OUTBOX_KEY)? {
+            Some(v) => u64_from(NEXT_OUTBOX_KEY, &v)?,
+            None => 0,
+        };
+        let outbox_len = db.scan_prefix([b'o']).count() as u64;
+        Ok(Store {
+            db,
+            next_outbox: AtomicU64::new(next_outbox),
+            durable_outbox: AtomicU64::new(next_outbox),
+            outbox_len: AtomicU64::new(outbox_len),
+        })
+    }
+
+    /// Applies one change atomically (visible at once, durable after the
+    /// next [`Store::flush`]). Returns the outbox numbers it assigned.
+    pub fn apply(&self, mut change: Change) -> Result<Vec<u64>, StoreError> {
+        let mut numbers = Vec::with_capacity(change.outbox.len());
+        if !change.outbox.is_empty() {
+            // Only the engine applies changes, so numbers are handed out by
+            // one task; the atomic makes that cheap to share, not racy.
+            let first = self
+                .next_outbox
+                .fetch_add(change.outbox.len() as u64, Ordering::SeqCst);
+            for (i, entry) in change.outbox.iter().enumerate() {
+                let n = first + i as u64;
+                change
+                    .batch
+                    .insert(key(b'o', &n.to_be_bytes()), encode(entry));
+                numbers.push(n);
+            }
+            let next = first + change.outbox.len() as u64;
+            change
+                .batch
+                .insert(NEXT_OUTBOX_KEY, &next.to_be_bytes()[..]);
+        }
+        self.db.apply_batch(change.batch)?;
+        self.outbox_len
+            .fetch_add(numbers.len() as u64, Ordering::Relaxed);
+        Ok(numbers)
+    }
+
+    /// Makes every applied change durable (survives a process crash; see
+    /// docs for power loss). One flush covers any number of changes: this is
+    /// the group commit.
+    pub async fn flush(&self) -> Result<usize, StoreError> {
+        // Entries applied before this point are covered by the flush below.
+        let covered = self.next_outbox.load(Ordering::SeqCst);
+        let bytes = self.db.flush_async().await?;
+        self.durable_outbox.fetch_max(covered, Ordering::SeqCst);
+        Ok(bytes)
+    }
+
+    pub fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let k = key(b't', task_id.as_bytes());
+        match self.db.get(&k)? {
+            Some(v) => Ok(Some(decode(&k, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn max_seq(&self, tag_id: &str) -> Result<Option<u64>, StoreError> {
+        let k = key(b's', tag_id.as_bytes());
+        match self.db.get(&k)? {
+            Some(v) => Ok(Some(u64_from(&k, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every pending task, for the engine's start-up.
+    pub fn pending_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix([b'p']) {
+            let (k, task_id) = item?;
+            let task_id = String::from_utf8_lossy(&task_id).into_owned();
+            match self.task(&task_id)? {
+                Some(t) if t.state == TaskState::Pending => out.push(t),
+                // An index entry without its pending record cannot be acted
+                // on; report it rather than guess.
+                _ => {
+                    return Err(StoreError::Corrupt {
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        reason: format!("pending index points at {task_id:?}, which is not pending"),
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The last task and content a tag confirmed.
+    pub fn last_content(&self, tag_id: &str) -> Result<Option<(String, String)>, StoreError> {
+        let k = key(b'c', tag_id.as_bytes());
+        match self.db.get(&k)? {
+            Some(v) => Ok(Some(decode(&k, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every tag's last check-in, for the engine's start-up.
+    pub fn tags(&self) -> Result<Vec<(String, TagRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix([b'g']) {
+            let (k, v) = item?;
+            let tag_id = String::from_utf8_lossy(&k[1..]).into_owned();
+            out.push((tag_id, decode(&k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` tasks whose id is greater than `after`, in id order
+    /// (for paged listings).
+    pub fn tasks_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<TaskRecord>, StoreError> {
+        let start = match after {
+            Some(id) => {
+                let mut k = key(b't', id.as_bytes());
+                k.push(0);
+                k
+            }
+            None => vec![b't'],
+        };
+        let mut out = Vec::new();
+        for item in self.db.range(start..vec![b't' + 1]) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` durable outbox entries numbered above `after`, oldest
+    /// first.
+    pub fn outbox_after(&self, after: Option<u64>, limit: usize) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+        let durable = self.durable_outbox.load(Ordering::SeqCst);
+        let start = match after {
+            Some(n) => match n.checked_add(1) {
+                Some(n) => key(b'o', &n.to_be_bytes()),
+                None => return Ok(Vec::new()),
+            },
+            None => vec![b'o'],
+        };
+        let mut out = Vec::new();
+        for item in self.db.range(start..key(b'o', &durable.to_be_bytes())).take(limit) {
+            let (k, v) = item?;
+            let n = u64_from(&k, &k[1..])?;
+            out.push((n, decode(&k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// The broker has the message: forget it. Not flushed on purpose: if the
+    /// removal is lost in a crash, the ack is sent once more, which receivers
+    /// tolerate; losing it would not be tolerable.
+    pub fn remove_outbox(&self, n: u64) -> Result<bool, StoreError> {
+        let removed = self.db.remove(key(b'o', &n.to_be_bytes()))?.is_some();
+        if removed {
+            self.outbox_len.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(removed)
+    }
+
+    pub fn outbox_len(&self) -> u64 {
+        self.outbox_len.load(Ordering::Relaxed)
+    }
+
+    /// Forgets finished tasks that became final before `cutoff_ms`. Returns
+    /// how many were removed.
+    pub fn prune_final(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let end = key(b'f', &cutoff_ms.to_be_bytes());
+        let mut removed = 0;
+        for item in self.db.range(vec![b'f']..end).take(limit) {
+            let (k, _) = item?;
+            let task_id = &k[9..];
+            let mut batch = sled::Batch::default();
+            batch.remove(key(b't', task_id));
+            batch.remove(k);
+            self.db.apply_batch(batch)?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// On-disk size in bytes, for status reports.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+fn u64_from(k: &[u8], v: &[u8]) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = v.try_into().map_err(|_| StoreError::Corrupt {
+        key: String::from_utf8_lossy(k).into_owned(),
+        reason: format!("expected 8 bytes, found {}", v.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+fn create_private_dir(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |source| StoreError::Dir {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(task_id: &str, tag_id: &str, state: TaskState) -> TaskRecord {
+        TaskRecord {
+            task_id: task_id.into(),
+            tag_id: tag_id.into(),
+            seq: 1,
+            issued_at: 1,
+            expires_at: 10,
+            accepted_at: 1,
+            content: "{}".into(),
+            content_hash: "00".into(),
+            ack_target: "GID_b@@@b".into(),
+            attempts: 0,
+            state,
+        }
+    }
+
+    fn entry(n: u8) -> OutboxEntry {
+        OutboxEntry {
+            topic: "esl_ack/p2p/GID_b@@@b".into(),
+            payload: vec![n],
+        }
+    }
+
+    #[tokio::test]
+    async fn changes_survive_reopen_after_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let mut c = Change::new();
+            c.put_task(&record("t1", "A", TaskState::Pending));
+            c.put_max_seq("A", 7);
+            c.push_outbox(entry(1));
+            assert_eq!(store.apply(c).unwrap(), vec![0]);
+            store.flush().await.unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.pending_tasks().unwrap().len(), 1);
+        assert_eq!(store.max_seq("A").unwrap(), Some(7));
+        assert_eq!(store.outbox_len(), 1);
+        // Numbering continues after a restart, so order is kept.
+        let mut c = Change::new();
+        c.push_outbox(entry(2));
+        assert_eq!(store.apply(c).unwrap(), vec![1]);
+    }
+
+    #[tokio::test]
+    async fn outbox_is_read_oldest_first_and_removed_by_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        for n in 0..5 {
+            let mut c = Change::new();
+            c.push_outbox(entry(n));
+            store.apply(c).unwrap();
+        }
+        assert!(
+            store.outbox_after(None, 10).unwrap().is_empty(),
+            "nothing is published before the flush that covers it"
+        );
+        store.flush().await.unwrap();
+        let first = store.outbox_after(None, 2).unwrap();
+        assert_eq!(first.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 1]);
+        let rest = store.outbox_after(Some(1), 10).unwrap();
+        assert_eq!(rest.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert!(store.remove_outbox(0).unwrap());
+        assert!(!store.remove_outbox(0).unwrap(), "second removal is a no-op");
+        assert_eq!(store.outbox_len(), 4);
+        assert_eq!(store.outbox_after(None, 1).unwrap()[0].0, 1);
+    }
+
+    #[tokio::test]
+    async fn final_tasks_leave_the_pending_index_and_can_be_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let mut c = Change::new();
+        c.put_task(&record("t1", "A", TaskState::Pending));
+        store.apply(c).unwrap();
+        let mut c = Change::new();
+        c.put_task(&record(
+            "t1",
+            "A",
+            TaskState::Final(FinalState {
+                status: AckStatus::Applied,
+                at: 100,
+                detail: None,
+            }),
+        ));
+        c.clear_pending("A");
+        store.apply(c).unwrap();
+        assert!(store.pending_tasks().unwrap().is_empty());
+        assert!(store.task("t1").unwrap().is_some());
+        assert_eq!(store.prune_final(100, 10).unwrap(), 0, "cutoff is exclusive");
+        assert_eq!(store.prune_final(101, 10).unwrap(), 1);
+        assert!(store.task("t1").unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn store_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let _store = Store::open(&path, 1 << 20).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[tokio::test]
+    async fn a_second_open_of_the_same_store_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path(), 1 << 20).unwrap();
+        assert!(Store::open(dir.path(), 1 << 20).is_err());
+    }
+}

@@ -1,0 +1,607 @@
+//! Wire formats of PROTOCOL §4–§7: decoding and validating tasks and
+//! commands, encoding acks, replies and status reports.
+//!
+//! Everything that crosses MQTT is defined here and nowhere else. Decoding is
+//! pure (no clock, no store): the engine decides what a valid task *means*
+//! (duplicate, expired, superseded); this module only decides whether the
+//! bytes are a well-formed task, and if not, which field breaks which rule.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// Longest `task_id` (PROTOCOL §4).
+pub const MAX_TASK_ID: usize = 64;
+/// Longest `tag_id` (PROTOCOL §4).
+pub const MAX_TAG_ID: usize = 32;
+/// Longest client id (PROTOCOL §2).
+pub const MAX_CLIENT_ID: usize = 64;
+/// Longest full topic (PROTOCOL §3).
+pub const MAX_TOPIC: usize = 64;
+
+/// Characters of `task_id` and `tag_id`: `[A-Za-z0-9_.:-]`.
+pub fn is_tag_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')
+}
+
+/// `GROUP@@@DEVICE`, both halves `[A-Za-z0-9_-]+`, at most 64 characters.
+pub fn is_valid_client_id(id: &str) -> bool {
+    if id.len() > MAX_CLIENT_ID {
+        return false;
+    }
+    match id.split_once("@@@") {
+        Some((group, device)) => {
+            let ok = |s: &str| !s.is_empty() && s.chars().all(crate::config::is_id_char);
+            ok(group) && ok(device)
+        }
+        None => false,
+    }
+}
+
+/// A task that passed every syntactic rule of PROTOCOL §4.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub task_id: String,
+    pub tag_id: String,
+    pub seq: u64,
+    pub issued_at: u64,
+    /// `None`: use `tasks.default_ttl_ms`.
+    pub ttl_ms: Option<u64>,
+    /// Canonical JSON of `content` (keys sorted, no whitespace).
+    pub content: String,
+    pub content_hash: String,
+    pub reply_to: Option<String>,
+}
+
+/// Why a task payload was rejected. `task_id`/`reply_to` are whatever could
+/// be read, so the `rejected` ack can still be addressed and correlated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub task_id: Option<String>,
+    pub tag_id: Option<String>,
+    pub reply_to: Option<String>,
+    /// Names the field and the rule, e.g. `issued_at: required`.
+    pub detail: String,
+}
+
+/// Decodes and validates one task payload (PROTOCOL §4, rule 2).
+pub fn decode_task(payload: &[u8], max_payload: usize) -> Result<Task, Rejection> {
+    let mut rejection = Rejection {
+        task_id: None,
+        tag_id: None,
+        reply_to: None,
+        detail: String::new(),
+    };
+    let reject = |mut r: Rejection, detail: String| {
+        r.detail = detail;
+        Err(r)
+    };
+    if payload.len() > max_payload {
+        return reject(
+            rejection,
+            format!(
+                "payload: {} bytes is over the limit of {max_payload} bytes",
+                payload.len()
+            ),
+        );
+    }
+    let text = match std::str::from_utf8(payload) {
+        Ok(t) => t,
+        Err(e) => {
+            return reject(
+                rejection,
+                format!("payload: not valid UTF-8 (at byte {})", e.valid_up_to()),
+            )
+        }
+    };
+    let value: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return reject(rejection, format!("payload: not valid JSON ({e})")),
+    };
+    let Value::Object(obj) = value else {
+        return reject(rejection, "payload: must be a JSON object".into());
+    };
+
+    // Read the correlation fields first, leniently, so even a rejection of
+    // another field can name the task and reach the right back end.
+    if let Some(Value::String(id)) = obj.get("task_id") {
+        if valid_tag_like(id, MAX_TASK_ID) {
+            rejection.task_id = Some(id.clone());
+        }
+    }
+    if let Some(Value::String(id)) = obj.get("tag_id") {
+        if valid_tag_like(id, MAX_TAG_ID) {
+            rejection.tag_id = Some(id.clone());
+        }
+    }
+    if let Some(Value::String(r)) = obj.get("reply_to") {
+        if is_valid_client_id(r) {
+            rejection.reply_to = Some(r.clone());
+        }
+    }
+
+    match obj.get("v") {
+        None => return reject(rejection, "v: required (must be 1)".into()),
+        Some(v) if v.as_u64() == Some(1) => {}
+        Some(v) => return reject(rejection, format!("v: must be 1, got {}", brief(v))),
+    }
+    let task_id = match tag_like_field(&obj, "task_id", MAX_TASK_ID) {
+        Ok(id) => id,
+        Err(d) => return reject(rejection, d),
+    };
+    let tag_id = match tag_like_field(&obj, "tag_id", MAX_TAG_ID) {
+        Ok(id) => id,
+        Err(d) => return reject(rejection, d),
+    };
+    let issued_at = match u64_field(&obj, "issued_at") {
+        Ok(Some(t)) => t,
+        Ok(None) => return reject(rejection, "issued_at: required (ms since the Unix epoch)".into()),
+        Err(d) => return reject(rejection, d),
+    };
+    let seq = match u64_field(&obj, "seq") {
+        Ok(s) => s.unwrap_or(issued_at),
+        Err(d) => return reject(rejection, d),
+    };
+    let ttl_ms = match u64_field(&obj, "ttl_ms") {
+        Ok(t) => t,
+        Err(d) => return reject(rejection, d),
+    };
+    let content = match obj.get("content") {
+        Some(c @ Value::Object(_)) => c,
+        Some(other) => {
+            return reject(
+                rejection,
+                format!("content: must be a JSON object, got {}", type_name(other)),
+            )
+        }
+        None => return reject(rejection, "content: required (a JSON object)".into()),
+    };
+    let reply_to = match obj.get("reply_to") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(r)) if is_valid_client_id(r) => Some(r.clone()),
+        Some(Value::String(r)) => {
+            return reject(
+                rejection,
+                format!(
+                    "reply_to: {:?} must be a client id GROUP@@@DEVICE of letters, digits, '_' and '-', at most {MAX_CLIENT_ID} characters",
+                    truncate(r, 80)
+                ),
+            )
+        }
+        Some(other) => {
+            return reject(
+                rejection,
+                format!("reply_to: must be a string, got {}", type_name(other)),
+            )
+        }
+    };
+    let canonical = canonical_json(content);
+    let content_hash = content_hash(canonical.as_bytes());
+    Ok(Task {
+        task_id,
+        tag_id,
+        seq,
+        issued_at,
+        ttl_ms,
+        content: canonical,
+        content_hash,
+        reply_to,
+    })
+}
+
+fn valid_tag_like(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.chars().all(is_tag_char)
+}
+
+fn tag_like_field(obj: &Map<String, Value>, key: &str, max: usize) -> Result<String, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Err(format!("{key}: required")),
+        Some(Value::String(s)) if s.is_empty() => Err(format!("{key}: must not be empty")),
+        Some(Value::String(s)) if s.chars().count() > max => Err(format!(
+            "{key}: {} characters is over the limit of {max}",
+            s.chars().count()
+        )),
+        Some(Value::String(s)) if !s.chars().all(is_tag_char) => Err(format!(
+            "{key}: {:?} may contain only letters, digits, '_', '.', ':' and '-'",
+            truncate(s, 80)
+        )),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!("{key}: must be a string, got {}", type_name(other))),
+    }
+}
+
+/// An optional non-negative integer field. `Ok(None)` when absent or null.
+fn u64_field(obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) => Ok(Some(v)),
+            None => Err(format!(
+                "{key}: must be a non-negative integer below 2^64, got {n}"
+            )),
+        },
+        Some(other) => Err(format!(
+            "{key}: must be a non-negative integer, got {}",
+            type_name(other)
+        )),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A short rendering of a value for error messages (never the whole payload).
+fn brief(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("{:?}", truncate(s, 40)),
+        Value::Number(n) => n.to_string(),
+        other => type_name(other).to_owned(),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        let cut: String = s.chars().take(max).collect();
+        format!("{cut}…")
+    }
+}
+
+/// Canonical form of a JSON value: keys sorted (serde_json's default map is
+/// ordered), no insignificant whitespace. Two APs given the same content
+/// produce the same bytes and so the same hash.
+pub fn canonical_json(v: &Value) -> String {
+    // Serialising a `Value` to a string cannot fail: it has no non-string keys
+    // and no I/O is involved.
+    serde_json::to_string(v).expect("a JSON value serialises")
+}
+
+/// `content_hash` of PROTOCOL §5: first 8 bytes of SHA-256, as 16 hex digits.
+pub fn content_hash(canonical: &[u8]) -> String {
+    let digest = Sha256::digest(canonical);
+    hex::encode(&digest[..8])
+}
+
+/// Final and progress states of a task as they appear on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckStatus {
+    Accepted,
+    Applied,
+    Failed,
+    Expired,
+    Superseded,
+    Rejected,
+}
+
+/// PROTOCOL §5 ack.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub v: u8,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub task_id: Option<String>,
+    pub tag_id: Option<String>,
+    pub status: AckStatus,
+    pub agent: String,
+    pub at: u64,
+    pub attempts: u32,
+    pub content_hash: Option<String>,
+    pub detail: Option<String>,
+    pub duplicate: bool,
+    /// Where the ack goes (`reply_to` or `ack_to`); not sent on the wire
+    /// separately from the topic, but kept so a duplicate can be re-addressed.
+    #[serde(skip)]
+    pub target: String,
+}
+
+impl Ack {
+    pub fn to_json(&self) -> Vec<u8> {
+        // Plain data with string keys: serialisation cannot fail.
+        serde_json::to_vec(self).expect("an ack serialises")
+    }
+}
+
+/// PROTOCOL §7 command request, as far as the agent needs to read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    pub req_id: Option<String>,
+    pub method: String,
+    pub params: Value,
+    pub reply: bool,
+    pub reply_to: Option<String>,
+}
+
+/// A command that could not be read; answered with an error reply when a
+/// `reply_to` could be found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadCommand {
+    pub req_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub message: String,
+}
+
+pub fn decode_command(payload: &[u8], max_payload: usize) -> Result<Command, BadCommand> {
+    let mut bad = BadCommand {
+        req_id: None,
+        reply_to: None,
+        message: String::new(),
+    };
+    if payload.len() > max_payload {
+        bad.message = format!(
+            "payload: {} bytes is over the limit of {max_payload} bytes",
+            payload.len()
+        );
+        return Err(bad);
+    }
+    let obj = match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Object(o)) => o,
+        Ok(_) => {
+            bad.message = "payload: must be a JSON object".into();
+            return Err(bad);
+        }
+        Err(e) => {
+            bad.message = format!("payload: not valid JSON ({e})");
+            return Err(bad);
+        }
+    };
+    if let Some(Value::String(r)) = obj.get("req_id") {
+        if r.len() <= MAX_TASK_ID {
+            bad.req_id = Some(r.clone());
+        }
+    }
+    if let Some(Value::String(r)) = obj.get("reply_to") {
+        if is_valid_client_id(r) {
+            bad.reply_to = Some(r.clone());
+        }
+    }
+    if obj.get("v").and_then(Value::as_u64) != Some(1) {
+        bad.message = "v: must be 1".into();
+        return Err(bad);
+    }
+    let method = match obj.get("method") {
+        Some(Value::String(m)) if !m.is_empty() && m.len() <= 64 => m.clone(),
+        _ => {
+            bad.message = "method: required (a string of at most 64 characters)".into();
+            return Err(bad);
+        }
+    };
+    let reply = match obj.get("reply") {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            bad.message = "reply: must be a boolean".into();
+            return Err(bad);
+        }
+    };
+    match obj.get("reply_to") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(r)) if is_valid_client_id(r) => {}
+        Some(_) => {
+            bad.message = "reply_to: must be a client id GROUP@@@DEVICE".into();
+            return Err(bad);
+        }
+    }
+    Ok(Command {
+        req_id: bad.req_id,
+        method,
+        params: obj.get("params").cloned().unwrap_or(Value::Null),
+        reply,
+        reply_to: bad.reply_to,
+    })
+}
+
+/// Stable error codes of command replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    UnknownMethod,
+    BadParams,
+    NotFound,
+    InvalidState,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReplyError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// PROTOCOL §7 reply.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Reply {
+    pub v: u8,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub req_id: Option<String>,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ReplyError>,
+    pub agent: String,
+}
+
+impl Reply {
+    pub fn to_json(&self) -> Vec<u8> {
+        // Plain data and `Value`s: serialisation cannot fail.
+        serde_json::to_vec(self).expect("a reply serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> Value {
+        serde_json::json!({
+            "v": 1, "task_id": "t-1", "tag_id": "SIM000001", "seq": 5,
+            "issued_at": 1000, "ttl_ms": 60000,
+            "content": {"price": "9.90", "name": "Milk"},
+            "reply_to": "GID_backend@@@be1"
+        })
+    }
+
+    fn decode(v: &Value) -> Result<Task, Rejection> {
+        decode_task(v.to_string().as_bytes(), 65536)
+    }
+
+    fn with(key: &str, value: Value) -> Value {
+        let mut v = good();
+        v[key] = value;
+        v
+    }
+
+    fn without(key: &str) -> Value {
+        let mut v = good();
+        v.as_object_mut().unwrap().remove(key);
+        v
+    }
+
+    #[test]
+    fn a_good_task_decodes() {
+        let t = decode(&good()).unwrap();
+        assert_eq!(t.task_id, "t-1");
+        assert_eq!(t.tag_id, "SIM000001");
+        assert_eq!(t.seq, 5);
+        assert_eq!(t.ttl_ms, Some(60000));
+        assert_eq!(t.content, r#"{"name":"Milk","price":"9.90"}"#);
+        assert_eq!(t.reply_to.as_deref(), Some("GID_backend@@@be1"));
+    }
+
+    #[test]
+    fn seq_defaults_to_issued_at_and_unknown_fields_are_ignored() {
+        let mut v = without("seq");
+        v["future_field"] = serde_json::json!({"x": 1});
+        let t = decode(&v).unwrap();
+        assert_eq!(t.seq, 1000);
+    }
+
+    #[test]
+    fn content_hash_ignores_key_order_and_whitespace() {
+        let a = decode_task(
+            br#"{"v":1,"task_id":"a","tag_id":"t","issued_at":1,"content":{"a":1,"b":[1,2]}}"#,
+            65536,
+        )
+        .unwrap();
+        let b = decode_task(
+            br#"{ "v":1, "task_id":"b", "tag_id":"t", "issued_at":1, "content": { "b": [1, 2], "a": 1 } }"#,
+            65536,
+        )
+        .unwrap();
+        assert_eq!(a.content_hash, b.content_hash);
+        assert_eq!(a.content_hash.len(), 16);
+        // Independently known: sha256("test") starts with 9f86d081884c7d65.
+        assert_eq!(content_hash(b"test"), "9f86d081884c7d65");
+    }
+
+    #[test]
+    fn every_rejection_names_its_field() {
+        let cases: Vec<(Value, &str)> = vec![
+            (with("v", 2.into()), "v:"),
+            (without("v"), "v:"),
+            (without("task_id"), "task_id:"),
+            (with("task_id", "".into()), "task_id:"),
+            (with("task_id", "a".repeat(65).into()), "task_id:"),
+            (with("task_id", "bad id".into()), "task_id:"),
+            (with("task_id", 7.into()), "task_id:"),
+            (without("tag_id"), "tag_id:"),
+            (with("tag_id", "x".repeat(33).into()), "tag_id:"),
+            (with("tag_id", "a/b".into()), "tag_id:"),
+            (without("issued_at"), "issued_at:"),
+            (with("issued_at", (-1).into()), "issued_at:"),
+            (with("issued_at", "1000".into()), "issued_at:"),
+            (with("issued_at", 1.5.into()), "issued_at:"),
+            (with("seq", "x".into()), "seq:"),
+            (with("ttl_ms", (-5).into()), "ttl_ms:"),
+            (without("content"), "content:"),
+            (with("content", "text".into()), "content:"),
+            (with("content", serde_json::json!([1])), "content:"),
+            (with("reply_to", "nobody".into()), "reply_to:"),
+            (with("reply_to", "GID_a@@@b/c".into()), "reply_to:"),
+            (with("reply_to", 3.into()), "reply_to:"),
+        ];
+        for (v, field) in cases {
+            let r = decode(&v).unwrap_err();
+            assert!(
+                r.detail.starts_with(field),
+                "payload {v} gave detail {:?}, wanted field {field}",
+                r.detail
+            );
+        }
+    }
+
+    #[test]
+    fn rejections_keep_the_readable_task_id() {
+        let r = decode(&without("issued_at")).unwrap_err();
+        assert_eq!(r.task_id.as_deref(), Some("t-1"));
+        assert_eq!(r.reply_to.as_deref(), Some("GID_backend@@@be1"));
+        let r = decode(&without("task_id")).unwrap_err();
+        assert_eq!(r.task_id, None);
+        let r = decode(&with("task_id", "a".repeat(65).into())).unwrap_err();
+        assert_eq!(r.task_id, None, "an over-long id is not echoed");
+    }
+
+    #[test]
+    fn envelope_failures_are_rejections_without_task_id() {
+        for payload in [
+            &b""[..],
+            b"not json",
+            b"\xff\xfe\x00",
+            b"[1,2,3]",
+            b"\"string\"",
+            b"{\"v\":1",
+        ] {
+            let r = decode_task(payload, 65536).unwrap_err();
+            assert_eq!(r.task_id, None);
+            assert!(r.detail.starts_with("payload:"), "{}", r.detail);
+        }
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let r = decode_task(deep.as_bytes(), 65536).unwrap_err();
+        assert!(r.detail.starts_with("payload:"));
+    }
+
+    #[test]
+    fn payload_over_the_limit_is_rejected_before_parsing() {
+        let big = good().to_string();
+        let r = decode_task(big.as_bytes(), 10).unwrap_err();
+        assert!(r.detail.contains("over the limit"), "{}", r.detail);
+    }
+
+    #[test]
+    fn client_id_rules() {
+        assert!(is_valid_client_id("GID_a@@@b-1"));
+        assert!(!is_valid_client_id("GID_a@@b"));
+        assert!(!is_valid_client_id("@@@b"));
+        assert!(!is_valid_client_id("GID_a@@@"));
+        assert!(!is_valid_client_id("GID_a@@@b@@@c"));
+        assert!(!is_valid_client_id(&format!("GID_a@@@{}", "d".repeat(60))));
+    }
+
+    #[test]
+    fn commands_decode_and_name_their_faults() {
+        let c = decode_command(
+            br#"{"v":1,"req_id":"r-1","method":"tags.list","params":{},"reply":true,"reply_to":"GID_c@@@c1"}"#,
+            65536,
+        )
+        .unwrap();
+        assert_eq!(c.method, "tags.list");
+        assert!(c.reply);
+        let bad = decode_command(br#"{"v":1,"req_id":"r-2","reply_to":"GID_c@@@c1"}"#, 65536)
+            .unwrap_err();
+        assert_eq!(bad.req_id.as_deref(), Some("r-2"));
+        assert_eq!(bad.reply_to.as_deref(), Some("GID_c@@@c1"));
+        assert!(bad.message.starts_with("method:"));
+    }
+}

@@ -1,0 +1,134 @@
+//! Radio hardware abstraction for the ESL agent.
+//!
+//! The agent's scheduler talks to every radio (simulated tags, ZigBee
+//! coordinator, BLE) through one small async trait, [`Radio`]. A backend owns
+//! its hardware (or simulation) completely; the agent only ever sees
+//! [`RadioEvent`]s coming up and [`Delivery`] requests going down.
+//!
+//! The contract in one paragraph: tags wake up on their own schedule and
+//! *check in* ([`RadioEvent::CheckIn`]). While a tag is awake the agent may
+//! offer it new content with [`Radio::deliver`]; that call only queues the
+//! offer. The outcome arrives later, asynchronously, as exactly one
+//! [`RadioEvent::Outcome`] carrying the same `task_id` (confirmed, or failed
+//! with a flag saying whether another attempt makes sense). A backend that
+//! loses its hardware reports [`RadioEvent::State`] and keeps going; it never
+//! ends the agent.
+//!
+//! Backends: [`sim`] (simulated tags, PROTOCOL §8).
+
+use std::future::Future;
+
+pub mod sim;
+
+/// Identifier of a tag as the back end knows it (`SIM000042`, a MAC, …).
+pub type TagId = String;
+
+/// Something the radio reports to the agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RadioEvent {
+    /// A tag woke up and is listening for content now.
+    CheckIn(CheckIn),
+    /// The result of one earlier [`Radio::deliver`] call.
+    Outcome(Outcome),
+    /// The radio itself went up or down (adapter unplugged, controller reset…).
+    State(RadioState),
+}
+
+/// A tag's periodic wake-up report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckIn {
+    pub tag_id: TagId,
+    /// Battery voltage in millivolts, when the tag reports it.
+    pub battery_mv: Option<u16>,
+    /// Received signal strength in dBm, when the radio measures it.
+    pub rssi: Option<i16>,
+    /// Hash of the content the tag displays now (same scheme as the agent's
+    /// `content_hash`), when the tag reports it.
+    pub content_hash: Option<String>,
+}
+
+/// Content to put on one tag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub tag_id: TagId,
+    /// The task this content belongs to; echoed in the [`Outcome`].
+    pub task_id: String,
+    /// Canonical JSON of the content (what the tag renders).
+    pub content: Vec<u8>,
+    /// Hash of `content`, as in the ack's `content_hash`.
+    pub content_hash: String,
+}
+
+/// The result of one delivery attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub tag_id: TagId,
+    pub task_id: String,
+    pub result: Result<(), DeliveryFailure>,
+}
+
+/// Why one delivery attempt did not end with the tag showing the content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryFailure {
+    /// `true` when a later attempt may succeed (tag asleep, radio busy,
+    /// no acknowledgement); `false` when retrying is pointless (tag rejected
+    /// the content).
+    pub retryable: bool,
+    /// Short human-readable reason, passed on in the ack's `detail`.
+    pub reason: String,
+}
+
+/// Whether the radio can currently reach tags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RadioState {
+    Up,
+    Down { reason: String },
+}
+
+/// What kind of failure a [`RadioError`] is, for callers that branch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RadioErrorKind {
+    /// The radio stopped for good (its task ended); no more events will come.
+    Closed,
+    /// The hardware is temporarily unreachable; try again later.
+    Unavailable,
+    /// The request was malformed (e.g. content too large for this radio).
+    InvalidRequest,
+}
+
+/// Error returned by [`Radio`] methods.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("radio error ({kind:?}): {message}")]
+pub struct RadioError {
+    kind: RadioErrorKind,
+    message: String,
+}
+
+impl RadioError {
+    pub fn new(kind: RadioErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn kind(&self) -> RadioErrorKind {
+        self.kind
+    }
+}
+
+/// One radio backend. Implementations own their hardware and run any
+/// background work in tasks of their own.
+pub trait Radio: Send + 'static {
+    /// Waits for the next event. Must be cancel-safe: the agent calls it
+    /// inside `select!`, and dropping the future must not lose an event.
+    fn next_event(&mut self) -> impl Future<Output = Result<RadioEvent, RadioError>> + Send;
+
+    /// Queues content for a tag that has just checked in. Returns once the
+    /// request is accepted; the result comes later as one
+    /// [`RadioEvent::Outcome`] with the same `task_id`.
+    fn deliver(
+        &mut self,
+        delivery: Delivery,
+    ) -> impl Future<Output = Result<(), RadioError>> + Send;
+}
