@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, Publish, QoS, SubscribeReasonCode};
+use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Outgoing, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -72,6 +72,7 @@ pub struct LinkSettings {
     pub reconnect_max: Duration,
     pub publish_timeout: Duration,
     pub window: usize,
+    pub connect_timeout: Duration,
 }
 
 impl LinkSettings {
@@ -82,6 +83,7 @@ impl LinkSettings {
             reconnect_max: Duration::from_millis(m.reconnect_max_ms),
             publish_timeout: Duration::from_secs(m.publish_timeout_s),
             window: usize::from(m.outbox_window),
+            connect_timeout: Duration::from_secs(m.connect_timeout_s),
         }
     }
 }
@@ -136,6 +138,9 @@ pub struct Link {
 impl Link {
     pub async fn run(mut self) {
         let (client, mut eventloop) = AsyncClient::new(self.options.clone(), REQUEST_CAPACITY);
+        let mut network = NetworkOptions::new();
+        network.set_connection_timeout(self.settings.connect_timeout.as_secs());
+        eventloop.set_network_options(network);
         let mut state = LinkState::default();
         let mut tracker = OutboxTracker::default();
         let mut backoff = self.settings.reconnect_min;
@@ -168,11 +173,10 @@ impl Link {
                         eventloop.pending.clear();
                         tracker = OutboxTracker::default();
                         if self.settings.p2p_subscribe {
-                            let topics = [&self.identity.task_topic, &self.identity.cmd_topic];
-                            for topic in topics {
-                                if let Err(e) = client.try_subscribe(topic.as_str(), QoS::AtLeastOnce) {
-                                    warn!(%topic, error = %e, "cannot queue subscribe");
-                                }
+                            let topics = [&self.identity.task_topic, &self.identity.cmd_topic]
+                                .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                            if let Err(e) = client.try_subscribe_many(topics) {
+                                warn!(error = %e, "cannot queue subscribe");
                             }
                         }
                         self.link_tx.send_replace(state);
