@@ -799,3 +799,335 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use esl_hal::DeliveryFailure;
+    use serde_json::{json, Value};
+
+    const NOW: u64 = 1_764_230_400_000;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Arc<Store>,
+        state: State,
+        /// Outbox entries already looked at.
+        seen: Option<u64>,
+    }
+
+    fn settings() -> EngineSettings {
+        EngineSettings {
+            default_ttl_ms: 60_000,
+            max_attempts: 2,
+            delivery_timeout_ms: 5_000,
+            keep_final_ms: 3_600_000,
+            send_accepted: false,
+            batch_max: 16,
+            max_payload: 65536,
+            offline_after_ms: 300_000,
+            ack_to: "GID_backend@@@be1".into(),
+        }
+    }
+
+    fn identity() -> Identity {
+        let mut c = Config::default();
+        c.mqtt.group_id = "GID_test".into();
+        Identity::from_parts(&c, "dev1").unwrap()
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+            let state = State::load(settings(), identity(), store.clone(), Arc::default()).unwrap();
+            Fixture { _dir: dir, store, state, seen: None }
+        }
+
+        fn task(&mut self, v: Value, now: u64) {
+            let mut c = Change::new();
+            self.state.on_task(v.to_string().as_bytes(), now, &mut c).unwrap();
+            self.store.apply(c).unwrap();
+        }
+
+        fn radio(&mut self, e: RadioEvent, now: u64) -> Vec<Delivery> {
+            let mut c = Change::new();
+            let mut d = Vec::new();
+            self.state.on_radio(e, now, &mut c, &mut d).unwrap();
+            self.store.apply(c).unwrap();
+            d
+        }
+
+        fn sweep(&mut self, now: u64) {
+            let mut c = Change::new();
+            self.state.sweep(now, &mut c).unwrap();
+            self.store.apply(c).unwrap();
+        }
+
+        /// Acks queued since the last call, as JSON, with their topics.
+        async fn acks(&mut self) -> Vec<(String, Value)> {
+            self.store.flush().await.unwrap();
+            let entries = self.store.outbox_after(self.seen, 1000).unwrap();
+            if let Some((n, _)) = entries.last() {
+                self.seen = Some(*n);
+            }
+            entries
+                .into_iter()
+                .map(|(_, e)| (e.topic, serde_json::from_slice(&e.payload).unwrap()))
+                .collect()
+        }
+
+        async fn statuses(&mut self) -> Vec<(String, String)> {
+            self.acks()
+                .await
+                .into_iter()
+                .map(|(_, a)| (a["task_id"].as_str().unwrap_or("-").to_owned(), a["status"].as_str().unwrap().to_owned()))
+                .collect()
+        }
+    }
+
+    fn task(id: &str, tag: &str, seq: u64) -> Value {
+        json!({"v":1,"task_id":id,"tag_id":tag,"seq":seq,"issued_at":NOW,"content":{"price":format!("{seq}.00")}})
+    }
+
+    fn checkin(tag: &str, hash: Option<&str>) -> RadioEvent {
+        RadioEvent::CheckIn(CheckIn {
+            tag_id: tag.into(),
+            battery_mv: Some(3000),
+            rssi: Some(-50),
+            content_hash: hash.map(str::to_owned),
+        })
+    }
+
+    fn outcome(d: &Delivery, result: Result<(), DeliveryFailure>) -> RadioEvent {
+        RadioEvent::Outcome(Outcome {
+            tag_id: d.tag_id.clone(),
+            task_id: d.task_id.clone(),
+            result,
+        })
+    }
+
+    fn retryable() -> Result<(), DeliveryFailure> {
+        Err(DeliveryFailure { retryable: true, reason: "no ack".into() })
+    }
+
+    #[tokio::test]
+    async fn a_task_is_delivered_at_check_in_and_acked_applied() {
+        let mut f = Fixture::new();
+        f.task(task("t1", "A", 1), NOW);
+        assert!(f.acks().await.is_empty(), "no ack before the tag confirms");
+        assert!(f.radio(checkin("B", None), NOW + 1).is_empty(), "another tag gets nothing");
+        let d = f.radio(checkin("A", None), NOW + 2);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].task_id, "t1");
+        assert!(f.radio(checkin("A", None), NOW + 3).is_empty(), "one delivery in flight per tag");
+        f.radio(outcome(&d[0], Ok(())), NOW + 4);
+        let acks = f.acks().await;
+        assert_eq!(acks.len(), 1);
+        let (topic, ack) = &acks[0];
+        assert_eq!(topic, "esl_ack/p2p/GID_backend@@@be1");
+        assert_eq!(ack["status"], "applied");
+        assert_eq!(ack["attempts"], 1);
+        assert_eq!(ack["agent"], "GID_test@@@dev1");
+        assert_eq!(ack["content_hash"], d[0].content_hash);
+        assert_eq!(ack["duplicate"], false);
+        assert_eq!(f.state.pending_len(), 0);
+    }
+
+    #[tokio::test]
+    async fn reply_to_steers_the_ack() {
+        let mut f = Fixture::new();
+        let mut t = task("t1", "A", 1);
+        t["reply_to"] = "GID_other@@@x".into();
+        t["issued_at"] = 1.into();
+        f.task(t, NOW);
+        let acks = f.acks().await;
+        assert_eq!(acks[0].0, "esl_ack/p2p/GID_other@@@x");
+        assert_eq!(acks[0].1["status"], "expired");
+    }
+
+    #[tokio::test]
+    async fn rejected_tasks_are_acked_with_the_field() {
+        let mut f = Fixture::new();
+        let mut c = Change::new();
+        f.state.on_task(b"{not json", NOW, &mut c).unwrap();
+        f.store.apply(c).unwrap();
+        let mut t = task("t1", "A", 1);
+        t.as_object_mut().unwrap().remove("issued_at");
+        f.task(t, NOW);
+        let acks = f.acks().await;
+        assert_eq!(acks[0].1["status"], "rejected");
+        assert_eq!(acks[0].1["task_id"], Value::Null);
+        assert_eq!(acks[1].1["task_id"], "t1");
+        assert!(acks[1].1["detail"].as_str().unwrap().starts_with("issued_at"));
+        // A rejected message never became a task: a corrected resend is new.
+        f.task(task("t1", "A", 1), NOW);
+        assert_eq!(f.state.pending_len(), 1);
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_never_applied_twice() {
+        let mut f = Fixture::new();
+        f.task(task("t1", "A", 1), NOW);
+        f.task(task("t1", "A", 1), NOW + 1);
+        assert!(f.acks().await.is_empty(), "duplicate of a pending task: silence");
+        let d = f.radio(checkin("A", None), NOW + 2);
+        f.radio(outcome(&d[0], Ok(())), NOW + 3);
+        let first = f.acks().await;
+        f.task(task("t1", "A", 1), NOW + 10);
+        let again = f.acks().await;
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].1["duplicate"], true);
+        assert_eq!(again[0].1["status"], "applied");
+        assert_eq!(again[0].1["at"], first[0].1["at"], "the same ack, again");
+        assert!(f.radio(checkin("A", None), NOW + 11).is_empty(), "nothing to deliver");
+    }
+
+    #[tokio::test]
+    async fn expired_on_arrival() {
+        let mut f = Fixture::new();
+        let mut t = task("t1", "A", 1);
+        t["ttl_ms"] = 1000.into();
+        f.task(t, NOW + 1001);
+        assert_eq!(f.statuses().await, vec![("t1".into(), "expired".into())]);
+        assert_eq!(f.state.pending_len(), 0);
+    }
+
+    #[tokio::test]
+    async fn per_tag_order_and_supersede() {
+        let mut f = Fixture::new();
+        f.task(task("t5", "A", 5), NOW);
+        f.task(task("t3", "A", 3), NOW);
+        assert_eq!(f.statuses().await, vec![("t3".into(), "superseded".into())], "older seq: at once");
+        f.task(task("t7", "A", 7), NOW);
+        assert_eq!(f.statuses().await, vec![("t5".into(), "superseded".into())], "newer replaces pending");
+        f.task(task("b1", "B", 1), NOW);
+        assert!(f.acks().await.is_empty(), "order is per tag");
+        let d = f.radio(checkin("A", None), NOW + 1);
+        assert_eq!(d[0].task_id, "t7");
+    }
+
+    #[tokio::test]
+    async fn a_late_outcome_of_a_superseded_task_is_ignored() {
+        let mut f = Fixture::new();
+        f.task(task("t1", "A", 1), NOW);
+        let d1 = f.radio(checkin("A", None), NOW + 1);
+        f.task(task("t2", "A", 2), NOW + 2);
+        assert_eq!(f.statuses().await, vec![("t1".into(), "superseded".into())]);
+        f.radio(outcome(&d1[0], Ok(())), NOW + 3);
+        assert!(f.acks().await.is_empty(), "t1 already has its final ack");
+        // The tag shows t1's content now, so t2 goes out at the next check-in.
+        let d2 = f.radio(checkin("A", Some(&d1[0].content_hash)), NOW + 4);
+        assert_eq!(d2[0].task_id, "t2");
+    }
+
+    #[tokio::test]
+    async fn retries_until_max_attempts_then_failed() {
+        let mut f = Fixture::new();
+        f.task(task("t1", "A", 1), NOW);
+        let d = f.radio(checkin("A", None), NOW + 1);
+        f.radio(outcome(&d[0], retryable()), NOW + 2);
+        assert!(f.acks().await.is_empty(), "one failure of two allowed");
+        let d = f.radio(checkin("A", None), NOW + 3);
+        assert_eq!(d.len(), 1, "retried at the next check-in");
+        f.radio(outcome(&d[0], retryable()), NOW + 4);
+        let acks = f.acks().await;
+        assert_eq!(acks[0].1["status"], "failed");
+        assert_eq!(acks[0].1["attempts"], 2);
+        assert!(acks[0].1["detail"].as_str().unwrap().contains("no ack"));
+    }
+
+    #[tokio::test]
+    async fn a_non_retryable_failure_fails_at_once() {
+        let mut f = Fixture::new();
+        f.task(task("t1", "A", 1), NOW);
+        let d = f.radio(checkin("A", None), NOW + 1);
+        let failure = Err(DeliveryFailure { retryable: false, reason: "rejected by tag".into() });
+        f.radio(outcome(&d[0], failure), NOW + 2);
+        assert_eq!(f.statuses().await, vec![("t1".into(), "failed".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_delivery_without_outcome_times_out_and_is_retried() {
+        let mut f = Fixture::new();
+        f.task(task("t1", "A", 1), NOW);
+        f.radio(checkin("A", None), NOW + 1);
+        f.sweep(NOW + 1 + 4_999);
+        assert!(f.radio(checkin("A", None), NOW + 5_000).is_empty(), "still in flight");
+        f.sweep(NOW + 1 + 5_000);
+        assert!(f.acks().await.is_empty(), "attempt 1 of 2 failed");
+        let d = f.radio(checkin("A", None), NOW + 6_000);
+        assert_eq!(d.len(), 1);
+        f.sweep(NOW + 12_000);
+        assert_eq!(f.statuses().await, vec![("t1".into(), "failed".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_tag_that_never_checks_in_expires_its_task() {
+        let mut f = Fixture::new();
+        f.task(task("t1", "A", 1), NOW);
+        f.sweep(NOW + 60_000);
+        assert!(f.acks().await.is_empty(), "expires strictly after issued_at + ttl");
+        f.sweep(NOW + 60_001);
+        let acks = f.acks().await;
+        assert_eq!(acks[0].1["status"], "expired");
+        assert!(acks[0].1["detail"].as_str().unwrap().contains("never checked in"));
+    }
+
+    #[tokio::test]
+    async fn a_tag_already_showing_the_content_is_not_updated_again() {
+        let mut f = Fixture::new();
+        f.task(task("t1", "A", 1), NOW);
+        let hash = wire::content_hash(br#"{"price":"1.00"}"#);
+        assert!(f.radio(checkin("A", Some(&hash)), NOW + 1).is_empty());
+        let acks = f.acks().await;
+        assert_eq!(acks[0].1["status"], "applied");
+        assert_eq!(acks[0].1["attempts"], 0);
+    }
+
+    #[tokio::test]
+    async fn pending_tasks_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+            let mut state = State::load(settings(), identity(), store.clone(), Arc::default()).unwrap();
+            for (id, tag) in [("t1", "A"), ("t2", "B")] {
+                let mut c = Change::new();
+                state.on_task(task(id, tag, 1).to_string().as_bytes(), NOW, &mut c).unwrap();
+                store.apply(c).unwrap();
+            }
+            store.flush().await.unwrap();
+        }
+        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+        let mut state = State::load(settings(), identity(), store.clone(), Arc::default()).unwrap();
+        assert_eq!(state.pending_len(), 2);
+        let mut c = Change::new();
+        let mut d = Vec::new();
+        state.on_radio(checkin("B", None), NOW + 1, &mut c, &mut d).unwrap();
+        assert_eq!(d[0].task_id, "t2");
+        assert_eq!(d[0].content, br#"{"price":"1.00"}"#);
+    }
+
+    #[tokio::test]
+    async fn cancel_fails_a_pending_task_only() {
+        let mut f = Fixture::new();
+        f.task(task("t1", "A", 1), NOW);
+        let mut c = Change::new();
+        assert!(f.state.cancel("t1", NOW + 1, &mut c).unwrap());
+        f.store.apply(c).unwrap();
+        let acks = f.acks().await;
+        assert_eq!(acks[0].1["status"], "failed");
+        assert_eq!(acks[0].1["detail"], "cancelled");
+        let mut c = Change::new();
+        assert!(!f.state.cancel("t1", NOW + 2, &mut c).unwrap());
+        assert!(!f.state.cancel("nope", NOW + 2, &mut c).unwrap());
+    }
+
+    #[tokio::test]
+    async fn accepted_progress_acks_when_enabled() {
+        let mut f = Fixture::new();
+        f.state.settings.send_accepted = true;
+        f.task(task("t1", "A", 1), NOW);
+        assert_eq!(f.statuses().await, vec![("t1".into(), "accepted".into())]);
+    }
+}
