@@ -774,10 +774,17 @@ impl Engine {
                 }
             }
         }
-        // Shutdown: make what was accepted durable. PUBACKs still held are
-        // dropped: the broker (or the back end) sends those messages again.
-        if let Err(e) = self.store.flush().await {
-            warn!(error = %e, "final store flush failed");
+        // Shutdown: make what was taken durable and release its PUBACKs, so
+        // the broker does not send those messages again after the restart.
+        match self.store.flush().await {
+            Ok(_) => {
+                for token in held.drain(..) {
+                    if self.puback_tx.try_send(token).is_err() {
+                        break;
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "final store flush failed"),
         }
         info!(pending = self.state.pending_len(), "engine stopped");
         Ok(())

@@ -7,28 +7,14 @@
 //!
 //! # Layout: tasks and channels
 //!
+//! Four long-running tasks, one file each, joined by bounded channels
+//! (ARCHITECTURE.md has the diagram and a task's way through them):
+//!
 //! ```text
-//!            broker
-//!              │ ▲
-//!   Publish    │ │ PUBACK, acks, replies, status
-//!              ▼ │
-//!        ┌────────────┐  inbound_tx (Inbound: task/command + AckToken)  ┌──────────┐
-//!        │  mqtt::Link│ ───────────────────────────────────────────────▶│  engine  │
-//!        │ (rumqttc   │ ◀─────────────────────────────── puback_tx ─────│ ::Engine │
-//!        │  event     │ ◀───────────── outbox_wake (Notify) ────────────│          │
-//!        │  loop)     │                                                 │ owns task│
-//!        └────────────┘                                                 │ life     │
-//!          │    ▲   │ link_tx (watch LinkState)                         │ cycle    │
-//!          │    │   ▼                                                   └──────────┘
-//!          │  ┌──────────────┐  query_tx (Query::Snapshot) ────────────▶  ▲    │
-//!          │  │status::Status│                                            │    │ delivery_tx
-//!          │  │Task          │── report_tx (Report) ──▶ Link     event_tx │    ▼
-//!          │  └──────────────┘                                      ┌──────────────┐
-//!          │                                                        │radio::Radio  │
-//!          ▼ reads/removes outbox                                   │Task ⇄ backend│
-//!        ┌───────────────────────────────────────────┐              └──────────────┘
-//!        │ store::Store (sled) — engine writes tasks, tags, outbox │
-//!        └───────────────────────────────────────────┘
+//! broker ⇄ mqtt::Link ──inbound_tx──▶ engine::Engine ──delivery_tx──▶ radio::RadioTask ⇄ backend
+//!              ▲  ▲ ◀──puback_tx, outbox_wake──┘  ▲  ▲ ◀──────────event_tx───────┘
+//!              │  └──report_tx── status::StatusTask ─query_tx─┘  │
+//!              └── link_tx (watch) ──▶ status                    └── store::Store (sled)
 //! ```
 //!
 //! - [`mqtt::Link`] — the only user of the rumqttc event loop. Routes
