@@ -31,10 +31,16 @@ fn error(code: ErrorCode, message: impl Into<String>) -> ReplyError {
 }
 
 /// Handles one command message.
-pub fn handle(state: &mut State, payload: &[u8], now: u64, change: &mut Change) -> Result<(), StoreError> {
+pub fn handle(
+    state: &mut State,
+    payload: &[u8],
+    now: u64,
+    change: &mut Change,
+) -> Result<(), StoreError> {
     Counters::bump(&state.counters().commands_received);
     let max_payload = state.settings().max_payload;
-    let (req_id, reply_to, wants_reply, outcome) = match wire::decode_command(payload, max_payload) {
+    let (req_id, reply_to, wants_reply, outcome) = match wire::decode_command(payload, max_payload)
+    {
         Ok(cmd) => {
             debug!(method = %cmd.method, req_id = ?cmd.req_id, "command");
             let outcome = dispatch(state, &cmd.method, &cmd.params, now, change)?;
@@ -43,7 +49,12 @@ pub fn handle(state: &mut State, payload: &[u8], now: u64, change: &mut Change) 
         Err(bad) => {
             Counters::bump(&state.counters().commands_bad);
             debug!(message = %bad.message, "bad command");
-            (bad.req_id, bad.reply_to, true, Err(error(ErrorCode::BadRequest, bad.message)))
+            (
+                bad.req_id,
+                bad.reply_to,
+                true,
+                Err(error(ErrorCode::BadRequest, bad.message)),
+            )
         }
     };
     if !wants_reply {
@@ -82,7 +93,13 @@ pub fn handle(state: &mut State, payload: &[u8], now: u64, change: &mut Change) 
     Ok(())
 }
 
-fn dispatch(state: &mut State, method: &str, params: &Value, now: u64, change: &mut Change) -> Result<MethodResult, StoreError> {
+fn dispatch(
+    state: &mut State,
+    method: &str,
+    params: &Value,
+    now: u64,
+    change: &mut Change,
+) -> Result<MethodResult, StoreError> {
     Ok(match method {
         "agent.status" => Ok(agent_status(state, now)),
         "tags.list" => tags_list(state, params, now),
@@ -118,7 +135,10 @@ fn str_param<'a>(params: &'a Value, key: &str) -> Result<Option<&'a str>, ReplyE
     match params.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(error(ErrorCode::BadParams, format!("params.{key}: must be a string"))),
+        Some(_) => Err(error(
+            ErrorCode::BadParams,
+            format!("params.{key}: must be a string"),
+        )),
     }
 }
 
@@ -176,7 +196,10 @@ fn tag_get(state: &State, params: &Value, now: u64) -> MethodResult {
     };
     let view = state.tag_view(tag_id, now);
     if view.last_seen.is_none() && view.pending_task.is_none() {
-        return Err(error(ErrorCode::NotFound, format!("tag {tag_id:?} is not known")));
+        return Err(error(
+            ErrorCode::NotFound,
+            format!("tag {tag_id:?} is not known"),
+        ));
     }
     Ok(serde_json::to_value(view).unwrap_or(Value::Null))
 }
@@ -208,7 +231,12 @@ fn tasks_list(state: &State, params: &Value) -> Result<MethodResult, StoreError>
                 ))
             }
         };
-        Ok((filter, str_param(params, "tag_id")?, str_param(params, "after")?, limit_param(params)?))
+        Ok((
+            filter,
+            str_param(params, "tag_id")?,
+            str_param(params, "after")?,
+            limit_param(params)?,
+        ))
     })();
     let (pending_only, tag, after, limit) = match parsed {
         Ok(p) => p,
@@ -244,18 +272,31 @@ fn tasks_list(state: &State, params: &Value) -> Result<MethodResult, StoreError>
     })))
 }
 
-fn task_cancel(state: &mut State, params: &Value, now: u64, change: &mut Change) -> Result<MethodResult, StoreError> {
+fn task_cancel(
+    state: &mut State,
+    params: &Value,
+    now: u64,
+    change: &mut Change,
+) -> Result<MethodResult, StoreError> {
     let task_id = match str_param(params, "task_id") {
         Ok(Some(id)) => id.to_owned(),
         Ok(None) => return Ok(Err(error(ErrorCode::BadParams, "params.task_id: required"))),
         Err(e) => return Ok(Err(e)),
     };
     if state.cancel(&task_id, now, change)? {
-        return Ok(Ok(json!({"task_id": task_id, "status": "failed", "detail": "cancelled"})));
+        return Ok(Ok(
+            json!({"task_id": task_id, "status": "failed", "detail": "cancelled"}),
+        ));
     }
     Ok(Err(match state.store().task(&task_id)? {
-        Some(_) => error(ErrorCode::InvalidState, format!("task {task_id:?} is already final")),
-        None => error(ErrorCode::NotFound, format!("task {task_id:?} is not known")),
+        Some(_) => error(
+            ErrorCode::InvalidState,
+            format!("task {task_id:?} is already final"),
+        ),
+        None => error(
+            ErrorCode::NotFound,
+            format!("task {task_id:?} is not known"),
+        ),
     }))
 }
 
@@ -274,7 +315,9 @@ fn tag_refresh(state: &mut State, params: &Value, now: u64) -> Result<MethodResu
     match state.store().last_content(&tag_id)? {
         Some((task_id, _)) => {
             state.request_refresh(&tag_id);
-            Ok(Ok(json!({"tag_id": tag_id, "task_id": task_id, "when": "next check-in"})))
+            Ok(Ok(
+                json!({"tag_id": tag_id, "task_id": task_id, "when": "next check-in"}),
+            ))
         }
         None => Ok(Err(error(
             ErrorCode::NotFound,

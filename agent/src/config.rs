@@ -319,7 +319,10 @@ impl Config {
         if !m.group_id.chars().all(is_id_char) {
             return Err(invalid(
                 "mqtt.group_id",
-                format!("{:?} may contain only letters, digits, '_' and '-'", m.group_id),
+                format!(
+                    "{:?} may contain only letters, digits, '_' and '-'",
+                    m.group_id
+                ),
             ));
         }
         if let Some(device_id) = &m.device_id {
@@ -340,7 +343,10 @@ impl Config {
             ));
         }
         if m.keepalive_s < 5 || m.keepalive_s > 1200 {
-            return Err(invalid("mqtt.keepalive_s", "must be between 5 and 1200 seconds"));
+            return Err(invalid(
+                "mqtt.keepalive_s",
+                "must be between 5 and 1200 seconds",
+            ));
         }
         if m.reconnect_min_ms == 0 {
             return Err(invalid("mqtt.reconnect_min_ms", "must be at least 1"));
@@ -438,10 +444,16 @@ impl Config {
             ));
         }
         if s.checkin_interval_ms == 0 {
-            return Err(invalid("radio.sim.checkin_interval_ms", "must be at least 1"));
+            return Err(invalid(
+                "radio.sim.checkin_interval_ms",
+                "must be at least 1",
+            ));
         }
         if !(0.0..=1.0).contains(&s.fail_rate) {
-            return Err(invalid("radio.sim.fail_rate", "must be between 0.0 and 1.0"));
+            return Err(invalid(
+                "radio.sim.fail_rate",
+                "must be between 0.0 and 1.0",
+            ));
         }
         Ok(())
     }
@@ -500,17 +512,29 @@ mod tests {
     fn bad_values_name_their_key() {
         let cases = [
             (with("port = 0", ""), "mqtt.port"),
-            ("[mqtt]\ngroup_id = \"GID bad\"\n".to_owned(), "mqtt.group_id"),
+            (
+                "[mqtt]\ngroup_id = \"GID bad\"\n".to_owned(),
+                "mqtt.group_id",
+            ),
             (
                 "[mqtt]\ngroup_id = \"GID_x\"\ndevice_id = \"a/b\"\n".to_owned(),
                 "mqtt.device_id",
             ),
             (with("ack_to = \"no-separator\"", ""), "mqtt.ack_to"),
-            (with("", "[topics]\nreply_parent = \"esl_task\""), "topics.reply_parent"),
-            (with("", "[topics]\ntask_parent = \"a/#\""), "topics.task_parent"),
+            (
+                with("", "[topics]\nreply_parent = \"esl_task\""),
+                "topics.reply_parent",
+            ),
+            (
+                with("", "[topics]\ntask_parent = \"a/#\""),
+                "topics.task_parent",
+            ),
             (with("", "[tasks]\nmax_attempts = 0"), "tasks.max_attempts"),
             (with("", "[limits]\nmax_payload = 10"), "limits.max_payload"),
-            (with("", "[radio.sim]\nfail_rate = 1.5"), "radio.sim.fail_rate"),
+            (
+                with("", "[radio.sim]\nfail_rate = 1.5"),
+                "radio.sim.fail_rate",
+            ),
         ];
         for (text, want) in cases {
             let (key, rule) = rule_for(&text);
@@ -534,8 +558,7 @@ mod tests {
 
     #[test]
     fn redaction_hides_the_password() {
-        let c = Config::from_toml(&with("username = \"u\"\npassword = \"hunter2\"", ""))
-        .unwrap();
+        let c = Config::from_toml(&with("username = \"u\"\npassword = \"hunter2\"", "")).unwrap();
         let shown = c.redacted_toml();
         assert!(!shown.contains("hunter2"));
         assert!(shown.contains("<redacted>"));

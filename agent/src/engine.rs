@@ -30,7 +30,9 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::counters::Counters;
 use crate::identity::Identity;
-use crate::store::{Change, FinalState, OutboxEntry, Store, StoreError, TagRecord, TaskRecord, TaskState};
+use crate::store::{
+    Change, FinalState, OutboxEntry, Store, StoreError, TagRecord, TaskRecord, TaskState,
+};
 use crate::wire::{self, Ack, AckStatus};
 
 /// Messages from the link that the engine has not taken yet. The broker
@@ -232,7 +234,14 @@ impl State {
 
     /// Makes `rec` final with `status`, queues its ack, and drops it from the
     /// pending set if it was the tag's pending task.
-    fn finish(&mut self, change: &mut Change, mut rec: TaskRecord, status: AckStatus, detail: Option<String>, now: u64) {
+    fn finish(
+        &mut self,
+        change: &mut Change,
+        mut rec: TaskRecord,
+        status: AckStatus,
+        detail: Option<String>,
+        now: u64,
+    ) {
         let counter = match status {
             AckStatus::Applied => &self.counters.tasks_applied,
             AckStatus::Failed => &self.counters.tasks_failed,
@@ -266,7 +275,12 @@ impl State {
     }
 
     /// PROTOCOL §4: one task message, rules 2–6.
-    pub fn on_task(&mut self, payload: &[u8], now: u64, change: &mut Change) -> Result<(), StoreError> {
+    pub fn on_task(
+        &mut self,
+        payload: &[u8],
+        now: u64,
+        change: &mut Change,
+    ) -> Result<(), StoreError> {
         Counters::bump(&self.counters.tasks_received);
         let task = match wire::decode_task(payload, self.settings.max_payload) {
             Ok(t) => t,
@@ -335,7 +349,10 @@ impl State {
         let max_seq = self.store.max_seq(&rec.tag_id)?;
         if let Some(max) = max_seq {
             if rec.seq < max {
-                let detail = format!("seq {} is older than seq {max} already accepted for this tag", rec.seq);
+                let detail = format!(
+                    "seq {} is older than seq {max} already accepted for this tag",
+                    rec.seq
+                );
                 self.finish(change, rec, AckStatus::Superseded, Some(detail), now);
                 return Ok(());
             }
@@ -511,7 +528,14 @@ impl State {
         Ok(())
     }
 
-    fn attempt_failed(&mut self, change: &mut Change, rec: TaskRecord, retryable: bool, reason: String, now: u64) {
+    fn attempt_failed(
+        &mut self,
+        change: &mut Change,
+        rec: TaskRecord,
+        retryable: bool,
+        reason: String,
+        now: u64,
+    ) {
         if !retryable || rec.attempts >= self.settings.max_attempts {
             let detail = format!("{reason} (after {} attempts)", rec.attempts);
             self.finish(change, rec, AckStatus::Failed, Some(detail), now);
@@ -563,9 +587,7 @@ impl State {
         let mut ids: Vec<&String> = self.tags.keys().chain(self.pending.keys()).collect();
         ids.sort();
         ids.dedup();
-        ids.into_iter()
-            .map(|id| self.tag_view(id, now))
-            .collect()
+        ids.into_iter().map(|id| self.tag_view(id, now)).collect()
     }
 
     pub fn tag_view(&self, tag_id: &str, now: u64) -> TagView {
@@ -603,6 +625,14 @@ impl State {
         &self.identity
     }
 
+    /// Adds tags the radio knows before their first check-in, so reports
+    /// list them (as not yet seen).
+    pub fn add_known_tags(&mut self, tag_ids: Vec<String>) {
+        for id in tag_ids {
+            self.tags.entry(id).or_default();
+        }
+    }
+
     /// Asks for the tag's last content to be sent again at its next check-in.
     pub fn request_refresh(&mut self, tag_id: &str) {
         self.refresh.insert(tag_id.to_owned());
@@ -610,10 +640,21 @@ impl State {
 
     /// Cancels a pending task: it is acked `failed` with detail `cancelled`.
     /// Returns `false` when the task is not pending.
-    pub fn cancel(&mut self, task_id: &str, now: u64, change: &mut Change) -> Result<bool, StoreError> {
+    pub fn cancel(
+        &mut self,
+        task_id: &str,
+        now: u64,
+        change: &mut Change,
+    ) -> Result<bool, StoreError> {
         match self.store.task(task_id)? {
             Some(rec) if rec.state == TaskState::Pending => {
-                self.finish(change, rec, AckStatus::Failed, Some("cancelled".into()), now);
+                self.finish(
+                    change,
+                    rec,
+                    AckStatus::Failed,
+                    Some("cancelled".into()),
+                    now,
+                );
                 Ok(true)
             }
             _ => Ok(false),
@@ -651,7 +692,11 @@ impl Engine {
         let mut store_fault: Option<String> = None;
         let mut last_prune = now_ms();
         let batch_max = self.state.settings.batch_max;
-        info!(pending = self.state.pending_len(), outbox = self.store.outbox_len(), "engine started");
+        info!(
+            pending = self.state.pending_len(),
+            outbox = self.store.outbox_len(),
+            "engine started"
+        );
         // Acks restored from the store wait for the link's first CONNACK;
         // wake it in case the link is already connected.
         self.outbox_wake.notify_one();
@@ -848,12 +893,19 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
             let state = State::load(settings(), identity(), store.clone(), Arc::default()).unwrap();
-            Fixture { _dir: dir, store, state, seen: None }
+            Fixture {
+                _dir: dir,
+                store,
+                state,
+                seen: None,
+            }
         }
 
         fn task(&mut self, v: Value, now: u64) {
             let mut c = Change::new();
-            self.state.on_task(v.to_string().as_bytes(), now, &mut c).unwrap();
+            self.state
+                .on_task(v.to_string().as_bytes(), now, &mut c)
+                .unwrap();
             self.store.apply(c).unwrap();
         }
 
@@ -888,7 +940,12 @@ mod tests {
             self.acks()
                 .await
                 .into_iter()
-                .map(|(_, a)| (a["task_id"].as_str().unwrap_or("-").to_owned(), a["status"].as_str().unwrap().to_owned()))
+                .map(|(_, a)| {
+                    (
+                        a["task_id"].as_str().unwrap_or("-").to_owned(),
+                        a["status"].as_str().unwrap().to_owned(),
+                    )
+                })
                 .collect()
         }
     }
@@ -915,7 +972,10 @@ mod tests {
     }
 
     fn retryable() -> Result<(), DeliveryFailure> {
-        Err(DeliveryFailure { retryable: true, reason: "no ack".into() })
+        Err(DeliveryFailure {
+            retryable: true,
+            reason: "no ack".into(),
+        })
     }
 
     #[tokio::test]
@@ -923,11 +983,17 @@ mod tests {
         let mut f = Fixture::new();
         f.task(task("t1", "A", 1), NOW);
         assert!(f.acks().await.is_empty(), "no ack before the tag confirms");
-        assert!(f.radio(checkin("B", None), NOW + 1).is_empty(), "another tag gets nothing");
+        assert!(
+            f.radio(checkin("B", None), NOW + 1).is_empty(),
+            "another tag gets nothing"
+        );
         let d = f.radio(checkin("A", None), NOW + 2);
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].task_id, "t1");
-        assert!(f.radio(checkin("A", None), NOW + 3).is_empty(), "one delivery in flight per tag");
+        assert!(
+            f.radio(checkin("A", None), NOW + 3).is_empty(),
+            "one delivery in flight per tag"
+        );
         f.radio(outcome(&d[0], Ok(())), NOW + 4);
         let acks = f.acks().await;
         assert_eq!(acks.len(), 1);
@@ -966,7 +1032,10 @@ mod tests {
         assert_eq!(acks[0].1["status"], "rejected");
         assert_eq!(acks[0].1["task_id"], Value::Null);
         assert_eq!(acks[1].1["task_id"], "t1");
-        assert!(acks[1].1["detail"].as_str().unwrap().starts_with("issued_at"));
+        assert!(acks[1].1["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("issued_at"));
         // A rejected message never became a task: a corrected resend is new.
         f.task(task("t1", "A", 1), NOW);
         assert_eq!(f.state.pending_len(), 1);
@@ -977,7 +1046,10 @@ mod tests {
         let mut f = Fixture::new();
         f.task(task("t1", "A", 1), NOW);
         f.task(task("t1", "A", 1), NOW + 1);
-        assert!(f.acks().await.is_empty(), "duplicate of a pending task: silence");
+        assert!(
+            f.acks().await.is_empty(),
+            "duplicate of a pending task: silence"
+        );
         let d = f.radio(checkin("A", None), NOW + 2);
         f.radio(outcome(&d[0], Ok(())), NOW + 3);
         let first = f.acks().await;
@@ -987,7 +1059,10 @@ mod tests {
         assert_eq!(again[0].1["duplicate"], true);
         assert_eq!(again[0].1["status"], "applied");
         assert_eq!(again[0].1["at"], first[0].1["at"], "the same ack, again");
-        assert!(f.radio(checkin("A", None), NOW + 11).is_empty(), "nothing to deliver");
+        assert!(
+            f.radio(checkin("A", None), NOW + 11).is_empty(),
+            "nothing to deliver"
+        );
     }
 
     #[tokio::test]
@@ -1005,9 +1080,17 @@ mod tests {
         let mut f = Fixture::new();
         f.task(task("t5", "A", 5), NOW);
         f.task(task("t3", "A", 3), NOW);
-        assert_eq!(f.statuses().await, vec![("t3".into(), "superseded".into())], "older seq: at once");
+        assert_eq!(
+            f.statuses().await,
+            vec![("t3".into(), "superseded".into())],
+            "older seq: at once"
+        );
         f.task(task("t7", "A", 7), NOW);
-        assert_eq!(f.statuses().await, vec![("t5".into(), "superseded".into())], "newer replaces pending");
+        assert_eq!(
+            f.statuses().await,
+            vec![("t5".into(), "superseded".into())],
+            "newer replaces pending"
+        );
         f.task(task("b1", "B", 1), NOW);
         assert!(f.acks().await.is_empty(), "order is per tag");
         let d = f.radio(checkin("A", None), NOW + 1);
@@ -1049,7 +1132,10 @@ mod tests {
         let mut f = Fixture::new();
         f.task(task("t1", "A", 1), NOW);
         let d = f.radio(checkin("A", None), NOW + 1);
-        let failure = Err(DeliveryFailure { retryable: false, reason: "rejected by tag".into() });
+        let failure = Err(DeliveryFailure {
+            retryable: false,
+            reason: "rejected by tag".into(),
+        });
         f.radio(outcome(&d[0], failure), NOW + 2);
         assert_eq!(f.statuses().await, vec![("t1".into(), "failed".into())]);
     }
@@ -1060,7 +1146,10 @@ mod tests {
         f.task(task("t1", "A", 1), NOW);
         f.radio(checkin("A", None), NOW + 1);
         f.sweep(NOW + 1 + 4_999);
-        assert!(f.radio(checkin("A", None), NOW + 5_000).is_empty(), "still in flight");
+        assert!(
+            f.radio(checkin("A", None), NOW + 5_000).is_empty(),
+            "still in flight"
+        );
         f.sweep(NOW + 1 + 5_000);
         assert!(f.acks().await.is_empty(), "attempt 1 of 2 failed");
         let d = f.radio(checkin("A", None), NOW + 6_000);
@@ -1074,11 +1163,17 @@ mod tests {
         let mut f = Fixture::new();
         f.task(task("t1", "A", 1), NOW);
         f.sweep(NOW + 60_000);
-        assert!(f.acks().await.is_empty(), "expires strictly after issued_at + ttl");
+        assert!(
+            f.acks().await.is_empty(),
+            "expires strictly after issued_at + ttl"
+        );
         f.sweep(NOW + 60_001);
         let acks = f.acks().await;
         assert_eq!(acks[0].1["status"], "expired");
-        assert!(acks[0].1["detail"].as_str().unwrap().contains("never checked in"));
+        assert!(acks[0].1["detail"]
+            .as_str()
+            .unwrap()
+            .contains("never checked in"));
     }
 
     #[tokio::test]
@@ -1097,10 +1192,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
-            let mut state = State::load(settings(), identity(), store.clone(), Arc::default()).unwrap();
+            let mut state =
+                State::load(settings(), identity(), store.clone(), Arc::default()).unwrap();
             for (id, tag) in [("t1", "A"), ("t2", "B")] {
                 let mut c = Change::new();
-                state.on_task(task(id, tag, 1).to_string().as_bytes(), NOW, &mut c).unwrap();
+                state
+                    .on_task(task(id, tag, 1).to_string().as_bytes(), NOW, &mut c)
+                    .unwrap();
                 store.apply(c).unwrap();
             }
             store.flush().await.unwrap();
@@ -1110,7 +1208,9 @@ mod tests {
         assert_eq!(state.pending_len(), 2);
         let mut c = Change::new();
         let mut d = Vec::new();
-        state.on_radio(checkin("B", None), NOW + 1, &mut c, &mut d).unwrap();
+        state
+            .on_radio(checkin("B", None), NOW + 1, &mut c, &mut d)
+            .unwrap();
         assert_eq!(d[0].task_id, "t2");
         assert_eq!(d[0].content, br#"{"price":"1.00"}"#);
     }

@@ -50,10 +50,14 @@ impl Identity {
             rule: rule.to_owned(),
         };
         if !group.chars().all(is_id_char) || group.is_empty() {
-            return Err(bad("group id may contain only letters, digits, '_' and '-'"));
+            return Err(bad(
+                "group id may contain only letters, digits, '_' and '-'",
+            ));
         }
         if device_id.is_empty() || !device_id.chars().all(is_id_char) {
-            return Err(bad("device id may contain only letters, digits, '_' and '-'"));
+            return Err(bad(
+                "device id may contain only letters, digits, '_' and '-'",
+            ));
         }
         if client_id.len() > MAX_CLIENT_ID {
             return Err(bad(&format!(
@@ -62,7 +66,8 @@ impl Identity {
             )));
         }
         let mut warnings = Vec::new();
-        if !(group.starts_with("GID_") || group.starts_with("GID-")) || !(7..=64).contains(&group.len())
+        if !(group.starts_with("GID_") || group.starts_with("GID-"))
+            || !(7..=64).contains(&group.len())
         {
             warnings.push(format!(
                 "group id {group:?} lacks the GID_ prefix or is not 7-64 characters: Alibaba Cloud MQTT will refuse it (other brokers do not care)"
@@ -125,11 +130,14 @@ fn mac_device_id(interface: Option<&str>) -> Result<String, IdentityError> {
         .collect();
     candidates.sort();
     let chosen = match interface {
-        Some(name) => candidates.into_iter().find(|(n, _)| n == name).ok_or_else(|| {
-            IdentityError::Device(format!(
+        Some(name) => candidates
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| {
+                IdentityError::Device(format!(
                 "interface {name:?} (mqtt.device_interface) has no MAC address or does not exist"
             ))
-        })?,
+            })?,
         None => candidates.into_iter().next().ok_or_else(|| {
             IdentityError::Device(
                 "no network interface with a MAC address; set mqtt.device_id".into(),
@@ -195,7 +203,10 @@ mod tests {
 
     #[test]
     fn mac_is_twelve_lowercase_hex_digits() {
-        assert_eq!(format_mac(&[0xa4, 0xb1, 0xc2, 0xd3, 0xe4, 0xf5]), "a4b1c2d3e4f5");
+        assert_eq!(
+            format_mac(&[0xa4, 0xb1, 0xc2, 0xd3, 0xe4, 0xf5]),
+            "a4b1c2d3e4f5"
+        );
     }
 
     #[test]

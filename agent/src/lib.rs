@@ -51,6 +51,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use esl_hal::sim::{SimConfig, SimRadio};
+use esl_hal::Radio;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -87,7 +88,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path, cache))
         .await
         .context("store open task")?
-        .with_context(|| format!("cannot open the store at {} (is another agent running on it?)", config.store.path.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot open the store at {} (is another agent running on it?)",
+                config.store.path.display()
+            )
+        })?;
     let store = Arc::new(store);
     let counters = Arc::new(Counters::default());
 
@@ -100,7 +106,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let (link_tx, link_rx) = watch::channel(LinkState::default());
     let outbox_wake = Arc::new(Notify::new());
 
-    let state = engine::State::load(
+    let mut state = engine::State::load(
         engine::EngineSettings::from_config(&config),
         identity.clone(),
         store.clone(),
@@ -123,6 +129,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 apply_ms: s.apply_ms,
             })
             .context("radio.sim")?;
+            state.add_known_tags(radio.known_tags());
             let task = radio::RadioTask {
                 radio,
                 event_tx,
@@ -213,7 +220,10 @@ impl Agent {
                 match tokio::time::timeout(SHUTDOWN_DEADLINE, self.tasks.join_next()).await {
                     Ok(n) => n,
                     Err(_) => {
-                        warn!(left = self.tasks.len(), "shutdown deadline passed; abandoning tasks");
+                        warn!(
+                            left = self.tasks.len(),
+                            "shutdown deadline passed; abandoning tasks"
+                        );
                         self.tasks.abort_all();
                         break;
                     }

@@ -11,7 +11,11 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "esl-agent", version, about = "Edge agent for electronic shelf label access points")]
+#[command(
+    name = "esl-agent",
+    version,
+    about = "Edge agent for electronic shelf label access points"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -109,7 +113,10 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     println!("# task topic:   {}", identity.task_topic);
     println!("# command topic:{}", identity.cmd_topic);
     println!("# status topic: {}", identity.status_topic);
-    println!("# ack topic:    {}", identity.reply_topic(&config.mqtt.ack_to));
+    println!(
+        "# ack topic:    {}",
+        identity.reply_topic(&config.mqtt.ack_to)
+    );
     for w in &identity.warnings {
         println!("# warning: {w}");
     }
@@ -141,7 +148,10 @@ async fn run(config: Config) -> ExitCode {
 /// Only this function handles signals: SIGTERM or SIGINT → shutdown.
 async fn wait_for_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
         return;
     };

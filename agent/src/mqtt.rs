@@ -25,7 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Outgoing, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode};
+use rumqttc::{
+    AsyncClient, Event, MqttOptions, NetworkOptions, Outgoing, Packet, Publish, QoS,
+    SubscribeFilter, SubscribeReasonCode,
+};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +47,9 @@ pub const REQUEST_CAPACITY: usize = 1024;
 /// PUBACKs released by the engine and not yet handed to rumqttc: one group
 /// commit's worth.
 pub const PUBACK_CAPACITY: usize = 1024;
+/// Smallest incoming packet limit: a 1 MiB hostile payload is rejected, not
+/// fatal to the connection.
+const INCOMING_PACKET_FLOOR: usize = 2 * 1024 * 1024;
 /// How long shutdown waits for the engine's last PUBACKs and the DISCONNECT.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How often outbox messages are checked for a missing PUBACK.
@@ -94,9 +100,13 @@ pub fn mqtt_options(m: &MqttConfig, identity: &Identity, max_payload: usize) -> 
     o.set_keep_alive(Duration::from_secs(m.keepalive_s));
     o.set_clean_session(m.clean_session);
     o.set_manual_acks(true);
-    // Headroom for the MQTT header and topic on top of the payload.
-    let packet = max_payload + 1024;
-    o.set_max_packet_size(packet, packet);
+    // rumqttc drops the connection on an incoming packet over its limit, and
+    // a persistent session would bring the same packet back forever. So the
+    // incoming limit is far above `max_payload`: oversized tasks are read and
+    // answered `rejected` instead. (Set the broker's own message size limit
+    // to bound memory.) Outgoing: the payload plus room for header and topic.
+    let incoming = max_payload.saturating_mul(4).max(INCOMING_PACKET_FLOOR);
+    o.set_max_packet_size(incoming, max_payload + 1024);
     o.set_inflight(m.outbox_window.saturating_add(16));
     // rumqttc replays its own pending requests after a reconnect at this
     // pace; we clear them (the outbox replays instead), so no throttle.
@@ -281,7 +291,10 @@ impl Link {
         }
         let inbound = Inbound {
             kind,
-            token: AckToken { epoch, pkid: p.pkid },
+            token: AckToken {
+                epoch,
+                pkid: p.pkid,
+            },
             payload: p.payload,
         };
         // Waiting here is the backpressure: the broker sends no more than its
@@ -296,7 +309,10 @@ impl Link {
             return; // QoS 0: nothing to acknowledge.
         }
         if !state.connected || token.epoch != state.epoch {
-            debug!(pkid = token.pkid, "PUBACK for an earlier connection dropped; the broker sends the message again");
+            debug!(
+                pkid = token.pkid,
+                "PUBACK for an earlier connection dropped; the broker sends the message again"
+            );
             return;
         }
         let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
@@ -324,7 +340,9 @@ impl Link {
                 return;
             }
             for (n, entry) in entries {
-                if let Err(e) = client.try_publish(entry.topic, QoS::AtLeastOnce, false, entry.payload) {
+                if let Err(e) =
+                    client.try_publish(entry.topic, QoS::AtLeastOnce, false, entry.payload)
+                {
                     debug!(error = %e, "outbox publish not queued; retried later");
                     return;
                 }

@@ -27,7 +27,12 @@ pub struct RadioTask<R: Radio> {
 
 impl<R: Radio> RadioTask<R> {
     pub async fn run(mut self) {
-        if self.event_tx.send(RadioEvent::State(RadioState::Up)).await.is_err() {
+        if self
+            .event_tx
+            .send(RadioEvent::State(RadioState::Up))
+            .await
+            .is_err()
+        {
             return;
         }
         loop {

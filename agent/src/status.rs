@@ -102,7 +102,9 @@ pub fn build_chunks(h: &ReportHeader<'_>, s: &Snapshot, max_payload: usize) -> V
         let v = serde_json::to_value(tag).unwrap_or(Value::Null);
         // +1 for the comma between array items.
         let len = v.to_string().len() + 1;
-        let current = groups.last_mut().expect("groups starts non-empty and only grows");
+        let current = groups
+            .last_mut()
+            .expect("groups starts non-empty and only grows");
         if !current.is_empty() && used + len > budget {
             groups.push(Vec::new());
             used = 0;
@@ -176,7 +178,12 @@ impl StatusTask {
                 counters: &self.counters,
             };
             let chunks = build_chunks(&header, &snapshot, self.max_payload);
-            debug!(kind = kind.as_str(), chunks = chunks.len(), tags = snapshot.tags.len(), "status report");
+            debug!(
+                kind = kind.as_str(),
+                chunks = chunks.len(),
+                tags = snapshot.tags.len(),
+                "status report"
+            );
             for payload in chunks {
                 let report = Report {
                     topic: self.topic.clone(),

@@ -135,9 +135,10 @@ impl Change {
         self.batch
             .insert(key(b't', record.task_id.as_bytes()), encode(record));
         match &record.state {
-            TaskState::Pending => self
-                .batch
-                .insert(key(b'p', record.tag_id.as_bytes()), record.task_id.as_bytes()),
+            TaskState::Pending => self.batch.insert(
+                key(b'p', record.tag_id.as_bytes()),
+                record.task_id.as_bytes(),
+            ),
             TaskState::Final(f) => {
                 let mut k = f.at.to_be_bytes().to_vec();
                 k.extend_from_slice(record.task_id.as_bytes());
@@ -286,7 +287,9 @@ impl Store {
                 _ => {
                     return Err(StoreError::Corrupt {
                         key: String::from_utf8_lossy(&k).into_owned(),
-                        reason: format!("pending index points at {task_id:?}, which is not pending"),
+                        reason: format!(
+                            "pending index points at {task_id:?}, which is not pending"
+                        ),
                     })
                 }
             }
@@ -316,7 +319,11 @@ impl Store {
 
     /// Up to `limit` tasks whose id is greater than `after`, in id order
     /// (for paged listings).
-    pub fn tasks_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<TaskRecord>, StoreError> {
+    pub fn tasks_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
         let start = match after {
             Some(id) => {
                 let mut k = key(b't', id.as_bytes());
@@ -338,7 +345,11 @@ impl Store {
 
     /// Up to `limit` durable outbox entries numbered above `after`, oldest
     /// first.
-    pub fn outbox_after(&self, after: Option<u64>, limit: usize) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+    pub fn outbox_after(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
         let durable = self.durable_outbox.load(Ordering::SeqCst);
         let start = match after {
             Some(n) => match n.checked_add(1) {
@@ -348,7 +359,11 @@ impl Store {
             None => vec![b'o'],
         };
         let mut out = Vec::new();
-        for item in self.db.range(start..key(b'o', &durable.to_be_bytes())).take(limit) {
+        for item in self
+            .db
+            .range(start..key(b'o', &durable.to_be_bytes()))
+            .take(limit)
+        {
             let (k, v) = item?;
             let n = u64_from(&k, &k[1..])?;
             out.push((n, decode(&k, &v)?));
@@ -485,7 +500,10 @@ mod tests {
         let rest = store.outbox_after(Some(1), 10).unwrap();
         assert_eq!(rest.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 3, 4]);
         assert!(store.remove_outbox(0).unwrap());
-        assert!(!store.remove_outbox(0).unwrap(), "second removal is a no-op");
+        assert!(
+            !store.remove_outbox(0).unwrap(),
+            "second removal is a no-op"
+        );
         assert_eq!(store.outbox_len(), 4);
         assert_eq!(store.outbox_after(None, 1).unwrap()[0].0, 1);
     }
@@ -511,7 +529,11 @@ mod tests {
         store.apply(c).unwrap();
         assert!(store.pending_tasks().unwrap().is_empty());
         assert!(store.task("t1").unwrap().is_some());
-        assert_eq!(store.prune_final(100, 10).unwrap(), 0, "cutoff is exclusive");
+        assert_eq!(
+            store.prune_final(100, 10).unwrap(),
+            0,
+            "cutoff is exclusive"
+        );
         assert_eq!(store.prune_final(101, 10).unwrap(), 1);
         assert!(store.task("t1").unwrap().is_none());
     }

@@ -135,7 +135,12 @@ pub fn decode_task(payload: &[u8], max_payload: usize) -> Result<Task, Rejection
     };
     let issued_at = match u64_field(&obj, "issued_at") {
         Ok(Some(t)) => t,
-        Ok(None) => return reject(rejection, "issued_at: required (ms since the Unix epoch)".into()),
+        Ok(None) => {
+            return reject(
+                rejection,
+                "issued_at: required (ms since the Unix epoch)".into(),
+            )
+        }
         Err(d) => return reject(rejection, d),
     };
     let seq = match u64_field(&obj, "seq") {

@@ -124,6 +124,13 @@ pub trait Radio: Send + 'static {
     /// inside `select!`, and dropping the future must not lose an event.
     fn next_event(&mut self) -> impl Future<Output = Result<RadioEvent, RadioError>> + Send;
 
+    /// Tags this radio knows about before they check in (configured or
+    /// paired tags), so status reports can list them from the start. Radios
+    /// that learn tags only from check-ins return nothing.
+    fn known_tags(&self) -> Vec<TagId> {
+        Vec::new()
+    }
+
     /// Queues content for a tag that has just checked in. Returns once the
     /// request is accepted; the result comes later as one
     /// [`RadioEvent::Outcome`] with the same `task_id`.

@@ -178,6 +178,10 @@ impl SimRadio {
 }
 
 impl Radio for SimRadio {
+    fn known_tags(&self) -> Vec<TagId> {
+        self.tag_ids()
+    }
+
     async fn next_event(&mut self) -> Result<RadioEvent, RadioError> {
         // `recv` is cancel-safe: a dropped future never takes a message.
         self.event_rx.recv().await.ok_or_else(driver_stopped)

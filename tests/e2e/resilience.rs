@@ -8,14 +8,15 @@
 
 use std::time::Duration;
 
+use serde_json::Value;
+
 use crate::harness::{
     assert_journal_matches, assert_latest_per_tag_applied, eventually, publish_task_with, sim_tag,
-    task, task_ids, AckLog, AckStatus, Agent, AgentConfig, Backend, Broker, BrokerOptions, TestEnv,
-    BACKEND_ID, QUIET, TAGS,
+    task, task_ids, AckLog, AckStatus, BrokerOptions, Stack, StackOptions, QUIET, TAGS,
 };
 
 /// One task per simulated tag.
-fn one_task_per_tag(prefix: &str, seq: u64) -> Vec<serde_json::Value> {
+fn one_task_per_tag(prefix: &str, seq: u64) -> Vec<Value> {
     (0..TAGS)
         .map(|i| task(&format!("{prefix}-{i}"), &sim_tag(i), seq))
         .collect()
@@ -23,73 +24,54 @@ fn one_task_per_tag(prefix: &str, seq: u64) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_with_pending_tasks_applies_them() {
-    let env = TestEnv::new("restart-pending");
-    let broker = Broker::start(&env, BrokerOptions::default()).await;
-    let mut backend = Backend::connect(&broker, BACKEND_ID, true).await;
-    let mut config = AgentConfig::new(&env, &broker);
     // Ten minutes between check-ins: nothing is delivered in the first run.
-    config.checkin_interval_ms = 600_000;
-    let mut agent = Agent::start_ready(&env, &broker, &config).await;
-
+    let mut stack = Stack::start("restart-pending", |c| c.checkin_interval_ms = 600_000).await;
     let tasks = one_task_per_tag("t-rp", 1);
-    for t in &tasks {
-        backend.publish_task(t).await;
-    }
+    stack.backend.publish_tasks(&tasks).await;
     // PUBACKed means stored (durable first): now a restart must keep them.
-    broker
+    stack
+        .broker
         .wait_pubacks_from_agent(tasks.len(), Duration::from_secs(10))
         .await;
     // Whatever finished anyway (it should be nothing) counts too.
     let mut acks = AckLog::default();
-    acks.extend(backend.acks_within(Duration::ZERO).await);
-    agent.terminate().await;
+    acks.extend(stack.backend.acks_within(Duration::ZERO).await);
+    stack.agent.terminate().await;
 
     // Same store, fast check-ins. The agent's session is clean, so the
     // broker does not redeliver: the tasks can only come from the store.
-    config.checkin_interval_ms = 100;
-    config.journal = env.journal_path(2);
-    let _agent = Agent::start(&env, &config);
+    stack.start_next_agent(|c| c.checkin_interval_ms = 100);
     let ids = task_ids(&tasks);
-    let missing: Vec<String> = ids
-        .iter()
-        .filter(|id| !acks.has_final(id))
-        .cloned()
-        .collect();
+    let missing = acks.without_final(&ids);
     acks.extend(
-        backend
+        stack
+            .backend
             .collect_final_acks(&missing, Duration::from_secs(20))
             .await,
     );
-    for id in &ids {
-        assert_eq!(
-            acks.status(id),
-            AckStatus::Applied,
-            "{}",
-            acks.final_ack(id).json
-        );
-    }
-    assert_journal_matches(&tasks, &acks, &env.journal());
+    acks.assert_all(&ids, AckStatus::Applied);
+    assert_journal_matches(&tasks, &acks, &stack.env.journal());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_outbox_drains_and_nothing_is_lost() {
-    let env = TestEnv::new("broker-restart");
-    let mut broker = Broker::start(&env, BrokerOptions { persistence: true }).await;
-    // A persistent session, so acks published while the back end is
-    // disconnected wait for it in the (persisted) broker.
-    let mut backend = Backend::connect(&broker, BACKEND_ID, false).await;
-    let mut config = AgentConfig::new(&env, &broker);
-    config.checkin_interval_ms = 1000;
-    let mut agent = Agent::start_ready(&env, &broker, &config).await;
-
+    // A persisted broker and a persistent back-end session, so acks
+    // published while the back end is away wait for it in the broker.
+    let options = StackOptions {
+        broker: BrokerOptions { persistence: true },
+        backend_clean_session: false,
+    };
+    let mut stack = Stack::start_with("broker-restart", options, |c| {
+        c.checkin_interval_ms = 1000;
+    })
+    .await;
     let first = one_task_per_tag("t-br-a", 1);
-    for t in &first {
-        backend.publish_task(t).await;
-    }
-    broker
+    stack.backend.publish_tasks(&first).await;
+    stack
+        .broker
         .wait_pubacks_from_agent(first.len(), Duration::from_secs(10))
         .await;
-    broker.stop().await;
+    stack.broker.stop().await;
 
     // The radio keeps working without the broker; the acks must wait in the
     // outbox. Restart only once every tag displays its task.
@@ -98,7 +80,7 @@ async fn broker_restart_outbox_drains_and_nothing_is_lost() {
         "all tasks displayed while the broker is down",
         Duration::from_secs(15),
         || {
-            let journal = env.journal();
+            let journal = stack.env.journal();
             first_ids
                 .iter()
                 .all(|id| journal.contains(id))
@@ -106,50 +88,38 @@ async fn broker_restart_outbox_drains_and_nothing_is_lost() {
         },
     )
     .await;
-    agent.assert_running();
-    let subscribed_before = backend.subscriptions_confirmed();
-    let since = broker.log_len();
-    broker.restart().await;
+    stack.agent.assert_running();
+    let backend_subscribed = stack.backend.subscriptions_confirmed();
+    let since = stack.broker.log_len();
+    stack.broker.restart().await;
 
-    let mut acks = backend
+    let mut acks = stack
+        .backend
         .collect_final_acks(&first_ids, Duration::from_secs(30))
         .await;
-    for id in &first_ids {
-        assert_eq!(
-            acks.status(id),
-            AckStatus::Applied,
-            "{}",
-            acks.final_ack(id).json
-        );
-    }
+    acks.assert_all(&first_ids, AckStatus::Applied);
 
     // The agent subscribed again after reconnecting: new tasks still arrive.
-    agent
-        .wait_subscribed(&broker, since, Duration::from_secs(15))
+    stack
+        .agent
+        .wait_subscribed(&stack.broker, since, Duration::from_secs(15))
         .await;
-    backend
-        .wait_subscribed(subscribed_before + 1, Duration::from_secs(15))
+    stack
+        .backend
+        .wait_subscribed(backend_subscribed + 1, Duration::from_secs(15))
         .await;
     let second = one_task_per_tag("t-br-b", 2);
-    for t in &second {
-        backend.publish_task(t).await;
-    }
+    stack.backend.publish_tasks(&second).await;
     acks.extend(
-        backend
+        stack
+            .backend
             .collect_final_acks(&task_ids(&second), Duration::from_secs(20))
             .await,
     );
-    let all: Vec<_> = first.iter().chain(&second).cloned().collect();
+    let all: Vec<Value> = first.iter().chain(&second).cloned().collect();
+    acks.assert_all(&task_ids(&all), AckStatus::Applied);
     assert_latest_per_tag_applied(&all, &acks);
-    for id in task_ids(&all) {
-        assert_eq!(
-            acks.status(&id),
-            AckStatus::Applied,
-            "{}",
-            acks.final_ack(&id).json
-        );
-    }
-    assert_journal_matches(&all, &acks, &env.journal());
+    assert_journal_matches(&all, &acks, &stack.env.journal());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,16 +130,10 @@ async fn sigterm_mid_burst_loses_nothing_and_applies_nothing_twice() {
     const STEP: usize = 20;
     const SIGTERM_AFTER_PUBACKS: usize = 60;
 
-    let env = TestEnv::new("sigterm-burst");
-    let broker = Broker::start(&env, BrokerOptions::default()).await;
-    let mut backend = Backend::connect(&broker, BACKEND_ID, true).await;
-    let mut config = AgentConfig::new(&env, &broker);
     // A persistent agent session: what the agent did not PUBACK before it
     // stopped, and what arrived while it was down, the broker delivers later.
-    config.clean_session = false;
-    let mut agent = Agent::start_ready(&env, &broker, &config).await;
-
-    let tasks: Vec<serde_json::Value> = (0..BURST)
+    let mut stack = Stack::start("sigterm-burst", |c| c.clean_session = false).await;
+    let tasks: Vec<Value> = (0..BURST)
         .map(|i| {
             task(
                 &format!("t-burst-{i:03}"),
@@ -179,7 +143,7 @@ async fn sigterm_mid_burst_loses_nothing_and_applies_nothing_twice() {
         })
         .collect();
     let publisher = {
-        let client = backend.client();
+        let client = stack.backend.client();
         let tasks = tasks.clone();
         tokio::spawn(async move {
             for step in tasks.chunks(STEP) {
@@ -190,24 +154,23 @@ async fn sigterm_mid_burst_loses_nothing_and_applies_nothing_twice() {
             }
         })
     };
-    broker
+    stack
+        .broker
         .wait_pubacks_from_agent(SIGTERM_AFTER_PUBACKS, Duration::from_secs(15))
         .await;
-    agent.terminate().await;
-    let stored_before_sigterm = broker.pubacks_from_agent();
-    publisher.await.expect("the publishing task finished");
-    if stored_before_sigterm >= BURST {
+    stack.agent.terminate().await;
+    if stack.broker.pubacks_from_agent() >= BURST {
         eprintln!("note: the agent stored the whole burst before SIGTERM took effect");
     }
+    publisher.await.expect("the publishing task finished");
 
-    config.journal = env.journal_path(2);
-    let _agent = Agent::start(&env, &config);
-    let ids = task_ids(&tasks);
-    let mut acks = backend
-        .collect_final_acks(&ids, Duration::from_secs(45))
+    stack.start_next_agent(|_| {});
+    let mut acks = stack
+        .backend
+        .collect_final_acks(&task_ids(&tasks), Duration::from_secs(45))
         .await;
-    acks.extend(backend.acks_within(QUIET).await);
+    acks.extend(stack.backend.acks_within(QUIET).await);
     // `final_ack` also checks that repeated acks of one task agree.
     assert_latest_per_tag_applied(&tasks, &acks);
-    assert_journal_matches(&tasks, &acks, &env.journal());
+    assert_journal_matches(&tasks, &acks, &stack.env.journal());
 }

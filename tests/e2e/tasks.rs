@@ -28,9 +28,7 @@ async fn happy_path_fifty_tasks_over_eight_tags() {
             t
         })
         .collect();
-    for t in &tasks {
-        stack.backend.publish_task(t).await;
-    }
+    stack.backend.publish_tasks(&tasks).await;
     let ids = task_ids(&tasks);
 
     let mut acks = stack
@@ -65,8 +63,9 @@ enum AckTaskId {
     /// No `task_id` can be read: `"task_id": null`.
     Null,
     /// The message has a valid `task_id`: the ack carries it.
-    Echo(&'static str),
-    /// The `task_id` itself is invalid: echoing it or `null` are both fine.
+    Echo(String),
+    /// The `task_id` itself is invalid, or the message too large to read:
+    /// echoing it or `null` are both fine.
     NullOr(String),
 }
 
@@ -79,14 +78,51 @@ struct BadInput {
     mentions: &'static [&'static str],
 }
 
-/// A valid task to break: one field changed by `edit`.
-fn broken(
-    task_id: &'static str,
-    edit: impl FnOnce(&mut serde_json::Map<String, Value>),
-) -> Vec<u8> {
-    let mut t = task(task_id, "SIM000001", 1);
-    edit(t.as_object_mut().expect("task() builds an object"));
-    serde_json::to_vec(&t).expect("a JSON value serializes")
+impl BadInput {
+    /// A message that is no task object at all.
+    fn raw(what: &'static str, payload: &[u8]) -> BadInput {
+        BadInput {
+            what,
+            payload: payload.to_vec(),
+            task_id: AckTaskId::Null,
+            mentions: &[],
+        }
+    }
+
+    /// A valid task with field `key` set to `value`, or removed for `None`.
+    fn field(
+        what: &'static str,
+        key: &str,
+        value: Option<Value>,
+        mentions: &'static [&'static str],
+    ) -> BadInput {
+        let own_id = format!("t-rej-{}", what.replace(' ', "-"));
+        let task_id = match (key, &value) {
+            ("task_id", Some(Value::String(bad))) => AckTaskId::NullOr(bad.clone()),
+            ("task_id", _) => AckTaskId::Null,
+            _ => AckTaskId::Echo(own_id.clone()),
+        };
+        let mut t = task(&own_id, "SIM000001", 1);
+        let fields = t.as_object_mut().expect("task() builds an object");
+        match value {
+            Some(value) => fields.insert(key.to_owned(), value),
+            None => fields.remove(key),
+        };
+        BadInput {
+            what,
+            payload: serde_json::to_vec(&t).expect("a JSON value serializes"),
+            task_id,
+            mentions,
+        }
+    }
+
+    /// The same input with a different expectation for the ack's `task_id`.
+    fn task_id_may_be_null(mut self) -> BadInput {
+        if let AckTaskId::Echo(id) = self.task_id {
+            self.task_id = AckTaskId::NullOr(id);
+        }
+        self
+    }
 }
 
 /// Whether `detail` names `word`: single letters (the field `v`) must stand
@@ -103,156 +139,85 @@ fn mentions(detail: &str, word: &str) -> bool {
 }
 
 fn bad_inputs(max_payload: usize) -> Vec<BadInput> {
-    let long_task_id = "t".repeat(65);
-    let mut invalid_utf8 = broken("t-rej-utf8", |_| {});
-    let name_at = invalid_utf8
+    // A valid task whose content name is then replaced by invalid UTF-8.
+    let name = json!({"name": "Milk"});
+    let mut invalid_utf8 =
+        BadInput::field("invalid UTF-8", "content", Some(name), &[]).task_id_may_be_null();
+    let at = invalid_utf8
+        .payload
         .windows(4)
         .position(|w| w == b"Milk")
         .expect("the task has a name");
-    invalid_utf8.splice(name_at..name_at + 4, [0xff, 0xfe, 0xc3, 0x28]);
-    let oversized = broken("t-rej-big", |t| {
-        t.insert(
-            "content".into(),
-            json!({"name": "x".repeat(max_payload + 100)}),
-        );
-    });
+    invalid_utf8
+        .payload
+        .splice(at..at + 4, [0xff, 0xfe, 0xc3, 0x28]);
+
+    let oversized = json!({"name": "x".repeat(max_payload + 100)});
     vec![
-        BadInput {
-            what: "not JSON",
-            payload: b"definitely not json {".to_vec(),
-            task_id: AckTaskId::Null,
-            mentions: &[],
-        },
-        BadInput {
-            what: "JSON but not an object",
-            payload: b"[1,2,3]".to_vec(),
-            task_id: AckTaskId::Null,
-            mentions: &[],
-        },
-        BadInput {
-            what: "invalid UTF-8",
-            payload: invalid_utf8,
-            task_id: AckTaskId::NullOr("t-rej-utf8".into()),
-            mentions: &[],
-        },
-        BadInput {
-            what: "wrong v",
-            payload: broken("t-rej-v2", |t| {
-                t.insert("v".into(), json!(2));
-            }),
-            task_id: AckTaskId::Echo("t-rej-v2"),
-            mentions: &["v", "version"],
-        },
-        BadInput {
-            what: "missing v",
-            payload: broken("t-rej-nov", |t| {
-                t.remove("v");
-            }),
-            task_id: AckTaskId::Echo("t-rej-nov"),
-            mentions: &["v", "version"],
-        },
-        BadInput {
-            what: "missing task_id",
-            payload: broken("unused", |t| {
-                t.remove("task_id");
-            }),
-            task_id: AckTaskId::Null,
-            mentions: &["task_id"],
-        },
-        BadInput {
-            what: "task_id not a string",
-            payload: broken("unused", |t| {
-                t.insert("task_id".into(), json!(42));
-            }),
-            task_id: AckTaskId::Null,
-            mentions: &["task_id"],
-        },
-        BadInput {
-            what: "task_id of 65 characters",
-            payload: broken("unused", |t| {
-                t.insert("task_id".into(), json!(long_task_id));
-            }),
-            task_id: AckTaskId::NullOr(long_task_id.clone()),
-            mentions: &["task_id"],
-        },
-        BadInput {
-            what: "task_id with a bad character",
-            payload: broken("unused", |t| {
-                t.insert("task_id".into(), json!("t rej/1"));
-            }),
-            task_id: AckTaskId::NullOr("t rej/1".into()),
-            mentions: &["task_id"],
-        },
-        BadInput {
-            what: "missing issued_at",
-            payload: broken("t-rej-noissued", |t| {
-                t.remove("issued_at");
-            }),
-            task_id: AckTaskId::Echo("t-rej-noissued"),
-            mentions: &["issued_at"],
-        },
-        BadInput {
-            what: "issued_at not a number",
-            payload: broken("t-rej-issued", |t| {
-                t.insert("issued_at".into(), json!("yesterday"));
-            }),
-            task_id: AckTaskId::Echo("t-rej-issued"),
-            mentions: &["issued_at"],
-        },
-        BadInput {
-            what: "seq not a number",
-            payload: broken("t-rej-seq", |t| {
-                t.insert("seq".into(), json!("first"));
-            }),
-            task_id: AckTaskId::Echo("t-rej-seq"),
-            mentions: &["seq"],
-        },
-        BadInput {
-            what: "ttl_ms not a number",
-            payload: broken("t-rej-ttl", |t| {
-                t.insert("ttl_ms".into(), json!("soon"));
-            }),
-            task_id: AckTaskId::Echo("t-rej-ttl"),
-            mentions: &["ttl_ms"],
-        },
-        BadInput {
-            what: "content not an object",
-            payload: broken("t-rej-content", |t| {
-                t.insert("content".into(), json!("Milk 9.90"));
-            }),
-            task_id: AckTaskId::Echo("t-rej-content"),
-            mentions: &["content"],
-        },
-        BadInput {
-            what: "missing content",
-            payload: broken("t-rej-nocontent", |t| {
-                t.remove("content");
-            }),
-            task_id: AckTaskId::Echo("t-rej-nocontent"),
-            mentions: &["content"],
-        },
-        BadInput {
-            what: "tag_id with bad characters",
-            payload: broken("t-rej-tag", |t| {
-                t.insert("tag_id".into(), json!("SIM 01/x"));
-            }),
-            task_id: AckTaskId::Echo("t-rej-tag"),
-            mentions: &["tag_id"],
-        },
-        BadInput {
-            what: "tag_id of 33 characters",
-            payload: broken("t-rej-longtag", |t| {
-                t.insert("tag_id".into(), json!("S".repeat(33)));
-            }),
-            task_id: AckTaskId::Echo("t-rej-longtag"),
-            mentions: &["tag_id"],
-        },
-        BadInput {
-            what: "payload over limits.max_payload",
-            payload: oversized,
-            task_id: AckTaskId::NullOr("t-rej-big".into()),
-            mentions: &["payload"],
-        },
+        BadInput::raw("not JSON", b"definitely not json {"),
+        BadInput::raw("JSON but not an object", b"[1,2,3]"),
+        invalid_utf8,
+        BadInput::field("wrong v", "v", Some(json!(2)), &["v", "version"]),
+        BadInput::field("missing v", "v", None, &["v", "version"]),
+        BadInput::field("missing task_id", "task_id", None, &["task_id"]),
+        BadInput::field(
+            "task_id not a string",
+            "task_id",
+            Some(json!(42)),
+            &["task_id"],
+        ),
+        BadInput::field(
+            "task_id of 65 chars",
+            "task_id",
+            Some(json!("t".repeat(65))),
+            &["task_id"],
+        ),
+        BadInput::field(
+            "task_id bad chars",
+            "task_id",
+            Some(json!("t rej/1")),
+            &["task_id"],
+        ),
+        BadInput::field("missing issued_at", "issued_at", None, &["issued_at"]),
+        BadInput::field(
+            "issued_at not a number",
+            "issued_at",
+            Some(json!("yesterday")),
+            &["issued_at"],
+        ),
+        BadInput::field("seq not a number", "seq", Some(json!("first")), &["seq"]),
+        BadInput::field(
+            "ttl_ms not a number",
+            "ttl_ms",
+            Some(json!("soon")),
+            &["ttl_ms"],
+        ),
+        BadInput::field(
+            "content not an object",
+            "content",
+            Some(json!("Milk 9.90")),
+            &["content"],
+        ),
+        BadInput::field("missing content", "content", None, &["content"]),
+        BadInput::field(
+            "tag_id bad chars",
+            "tag_id",
+            Some(json!("SIM 01/x")),
+            &["tag_id"],
+        ),
+        BadInput::field(
+            "tag_id of 33 chars",
+            "tag_id",
+            Some(json!("S".repeat(33))),
+            &["tag_id"],
+        ),
+        BadInput::field(
+            "payload over max_payload",
+            "content",
+            Some(oversized),
+            &["payload"],
+        )
+        .task_id_may_be_null(),
     ]
 }
 
@@ -282,7 +247,13 @@ async fn every_rejection_kind_is_acked_and_the_agent_keeps_going() {
         match &bad.task_id {
             AckTaskId::Null => assert_eq!(ack.task_id(), None, "{}: {}", bad.what, ack.json),
             AckTaskId::Echo(id) => {
-                assert_eq!(ack.task_id(), Some(*id), "{}: {}", bad.what, ack.json)
+                assert_eq!(
+                    ack.task_id(),
+                    Some(id.as_str()),
+                    "{}: {}",
+                    bad.what,
+                    ack.json
+                )
             }
             AckTaskId::NullOr(id) => assert!(
                 ack.task_id().is_none() || ack.task_id() == Some(id.as_str()),
@@ -313,9 +284,12 @@ async fn every_rejection_kind_is_acked_and_the_agent_keeps_going() {
     stack.backend.publish_task(&good).await;
     let acks = stack
         .backend
-        .collect_final_acks(&task_ids(&[good.clone()]), Duration::from_secs(15))
+        .collect_final_acks(
+            &task_ids(std::slice::from_ref(&good)),
+            Duration::from_secs(15),
+        )
         .await;
-    assert_eq!(acks.status("t-rej-good"), AckStatus::Applied);
+    acks.assert_status("t-rej-good", AckStatus::Applied);
     let journal = stack.env.journal();
     assert!(
         journal.entries.iter().all(|e| e.task_id == "t-rej-good"),
@@ -410,31 +384,14 @@ async fn expired_on_arrival() {
         .remove("ttl_ms");
 
     let tasks = [short_ttl, default_ttl, fresh_enough];
-    for t in &tasks {
-        stack.backend.publish_task(t).await;
-    }
+    stack.backend.publish_tasks(&tasks).await;
     let acks = stack
         .backend
         .collect_final_acks(&task_ids(&tasks), Duration::from_secs(15))
         .await;
-    assert_eq!(
-        acks.status("t-exp-ttl"),
-        AckStatus::Expired,
-        "{}",
-        acks.final_ack("t-exp-ttl").json
-    );
-    assert_eq!(
-        acks.status("t-exp-default"),
-        AckStatus::Expired,
-        "{}",
-        acks.final_ack("t-exp-default").json
-    );
-    assert_eq!(
-        acks.status("t-exp-control"),
-        AckStatus::Applied,
-        "{}",
-        acks.final_ack("t-exp-control").json
-    );
+    acks.assert_status("t-exp-ttl", AckStatus::Expired);
+    acks.assert_status("t-exp-default", AckStatus::Expired);
+    acks.assert_status("t-exp-control", AckStatus::Applied);
     let journal = stack.env.journal();
     assert!(!journal.contains("t-exp-ttl") && !journal.contains("t-exp-default"));
 }
@@ -445,25 +402,13 @@ async fn newer_seq_supersedes_pending_and_older_seq_is_superseded_at_once() {
     let mut stack = Stack::start("supersede", |c| c.checkin_interval_ms = 2000).await;
     let tag = "SIM000004";
     let tasks = [task("t-sup-1", tag, 1), task("t-sup-2", tag, 2)];
-    for t in &tasks {
-        stack.backend.publish_task(t).await;
-    }
+    stack.backend.publish_tasks(&tasks).await;
     let acks = stack
         .backend
         .collect_final_acks(&task_ids(&tasks), Duration::from_secs(15))
         .await;
-    assert_eq!(
-        acks.status("t-sup-1"),
-        AckStatus::Superseded,
-        "{}",
-        acks.final_ack("t-sup-1").json
-    );
-    assert_eq!(
-        acks.status("t-sup-2"),
-        AckStatus::Applied,
-        "{}",
-        acks.final_ack("t-sup-2").json
-    );
+    acks.assert_status("t-sup-1", AckStatus::Superseded);
+    acks.assert_status("t-sup-2", AckStatus::Applied);
 
     // Lower than the highest accepted seq: superseded without waiting for
     // the tag (a check-in is up to 2 s away, the ack must come sooner).
@@ -504,9 +449,7 @@ async fn task_for_offline_tag_expires() {
     let issued_at = never["issued_at"].as_u64().expect("task() sets issued_at");
     let control = task("t-off-control", "SIM000005", 1);
     let tasks = [never, control];
-    for t in &tasks {
-        stack.backend.publish_task(t).await;
-    }
+    stack.backend.publish_tasks(&tasks).await;
     let acks = stack
         .backend
         .collect_final_acks(&task_ids(&tasks), Duration::from_secs(TTL_MS / 1000 + 10))
@@ -519,7 +462,7 @@ async fn task_for_offline_tag_expires() {
         issued_at + TTL_MS,
         expired.json
     );
-    assert_eq!(acks.status("t-off-control"), AckStatus::Applied);
+    acks.assert_status("t-off-control", AckStatus::Applied);
     let journal = stack.env.journal();
     assert!(
         journal.entries.iter().all(|e| e.tag_id != offline),
