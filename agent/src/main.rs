@@ -69,7 +69,13 @@ fn main() -> ExitCode {
         }
         #[cfg(feature = "demo")]
         Command::Demo(options) => {
-            init_logging(if options.verbose { "info" } else { "warn" });
+            // rumqttd logs routine disconnects as errors; the demo's summary
+            // reports what matters, --verbose shows everything.
+            init_logging(if options.verbose {
+                "info"
+            } else {
+                "warn,rumqttd=off"
+            });
             runtime().block_on(async {
                 match esl_agent::demo::run(options).await {
                     Ok(()) => ExitCode::SUCCESS,

@@ -68,6 +68,9 @@ enum Duplicate {
 
 pub(crate) struct Ledger {
     sent: HashMap<String, Sent>,
+    /// Entries of `sent` without an outcome yet, kept as a count because
+    /// the drive loop asks after every message.
+    open: usize,
     /// Send times of malformed messages without a readable `task_id`; their
     /// `rejected` acks carry `"task_id": null` and are matched by count.
     anonymous: VecDeque<Instant>,
@@ -94,6 +97,7 @@ impl Ledger {
     pub(crate) fn new() -> Ledger {
         Ledger {
             sent: HashMap::new(),
+            open: 0,
             anonymous: VecDeque::new(),
             messages: 0,
             malformed: 0,
@@ -137,6 +141,7 @@ impl Ledger {
             payload,
             outcome: None,
         };
+        self.open += 1;
         self.sent.insert(task_id.to_owned(), sent);
     }
 
@@ -158,8 +163,8 @@ impl Ledger {
     /// Sent messages still waiting for their final ack (or, for the
     /// duplicate resend, for its repeated ack).
     pub(crate) fn unresolved(&self) -> usize {
-        let tasks = self.sent.values().filter(|s| s.outcome.is_none()).count();
-        tasks + self.anonymous.len() + usize::from(matches!(self.duplicate, Duplicate::Sent { .. }))
+        let duplicate = matches!(self.duplicate, Duplicate::Sent { .. });
+        self.open + self.anonymous.len() + usize::from(duplicate)
     }
 
     pub(crate) fn on_message(&mut self, payload: &[u8]) -> Received {
@@ -221,63 +226,67 @@ impl Ledger {
             }
             return;
         }
-        let Some(task_id) = &ack.task_id else {
-            if ack.status == AckStatus::Rejected && self.anonymous.pop_front().is_some() {
-                self.outcomes.count(ack.status);
-                self.example_rejection
-                    .get_or_insert_with(|| ack.detail.clone().unwrap_or_default());
-            } else {
+        let sent = match &ack.task_id {
+            // The rejection of a message without a readable `task_id`.
+            None if ack.status == AckStatus::Rejected && self.anonymous.pop_front().is_some() => {
+                None
+            }
+            None => {
                 self.unexpected += 1;
-            }
-            return;
-        };
-        let Some(sent) = self.sent.get_mut(task_id) else {
-            warn!(task_id, "back end: ack for a task it never sent");
-            self.unexpected += 1;
-            return;
-        };
-        match sent.outcome {
-            // At least once (PROTOCOL §5): e.g. resent after a lost PUBACK.
-            Some(first) if first == ack.status => {
-                self.repeated += 1;
                 return;
             }
-            Some(first) => {
-                warn!(task_id, ?first, then = ?ack.status, "back end: two different final acks for one task");
-                self.conflicting += 1;
-                return;
-            }
-            None => sent.outcome = Some(ack.status),
-        }
-        self.outcomes.count(ack.status);
-        let payload = std::mem::take(&mut sent.payload);
-        match ack.status {
-            AckStatus::Applied => {
-                self.applied_ms.push(sent.at.elapsed().as_millis() as u64);
-                self.example_ack
-                    .get_or_insert_with(|| String::from_utf8_lossy(raw).into_owned());
-                if let (Some(tag), Some(hash)) = (&sent.tag_id, &ack.content_hash) {
-                    let newest = self
-                        .shown
-                        .get(tag)
-                        .is_none_or(|(seq, _, _)| *seq < sent.seq);
-                    if newest {
-                        self.shown
-                            .insert(tag.clone(), (sent.seq, hash.clone(), sent.label.clone()));
+            Some(task_id) => {
+                let Some(sent) = self.sent.get_mut(task_id) else {
+                    warn!(task_id, "back end: ack for a task it never sent");
+                    self.unexpected += 1;
+                    return;
+                };
+                match sent.outcome {
+                    // At least once (PROTOCOL §5): e.g. resent after a lost PUBACK.
+                    Some(first) if first == ack.status => {
+                        self.repeated += 1;
+                        return;
+                    }
+                    Some(first) => {
+                        warn!(task_id, ?first, then = ?ack.status, "back end: two different final acks for one task");
+                        self.conflicting += 1;
+                        return;
+                    }
+                    None => {
+                        sent.outcome = Some(ack.status);
+                        self.open -= 1;
+                        let payload = std::mem::take(&mut sent.payload);
+                        Some((task_id, sent, payload))
                     }
                 }
-                if matches!(self.duplicate, Duplicate::Waiting) {
-                    self.duplicate = Duplicate::Ready {
-                        task_id: task_id.clone(),
-                        payload,
-                    };
-                }
             }
-            AckStatus::Rejected => {
-                self.example_rejection
-                    .get_or_insert_with(|| ack.detail.clone().unwrap_or_default());
+        };
+        self.outcomes.count(ack.status);
+        if ack.status == AckStatus::Rejected {
+            self.example_rejection
+                .get_or_insert_with(|| ack.detail.clone().unwrap_or_default());
+        }
+        let (Some((task_id, sent, payload)), AckStatus::Applied) = (sent, ack.status) else {
+            return;
+        };
+        self.applied_ms.push(sent.at.elapsed().as_millis() as u64);
+        self.example_ack
+            .get_or_insert_with(|| String::from_utf8_lossy(raw).into_owned());
+        if let (Some(tag), Some(hash)) = (&sent.tag_id, &ack.content_hash) {
+            let newest = self
+                .shown
+                .get(tag)
+                .is_none_or(|(seq, _, _)| *seq < sent.seq);
+            if newest {
+                self.shown
+                    .insert(tag.clone(), (sent.seq, hash.clone(), sent.label.clone()));
             }
-            _ => {}
+        }
+        if matches!(self.duplicate, Duplicate::Waiting) {
+            self.duplicate = Duplicate::Ready {
+                task_id: task_id.clone(),
+                payload,
+            };
         }
     }
 
@@ -336,12 +345,18 @@ impl Ledger {
                 .get(&t.tag_id)
                 .map(|(_, hash, label)| (hash.clone(), label.clone())),
         };
+        // A record older than the tag's first check-in (the hello report,
+        // when the agent did not answer `tags.list`) is not shown as silent.
         let showing = self
             .tags
             .values()
-            .filter(|t| self.shown.contains_key(&t.tag_id))
+            .filter(|t| t.last_seen.is_some() && self.shown.contains_key(&t.tag_id))
             .take(2);
-        let silent = self.tags.values().filter(|t| t.last_seen.is_none()).take(1);
+        let silent = self
+            .tags
+            .values()
+            .filter(|t| t.last_seen.is_none() && !self.shown.contains_key(&t.tag_id))
+            .take(1);
         showing.chain(silent).map(line).collect()
     }
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 
 /// Every `MALFORMED_EVERY`-th message is broken on purpose, to show the
 /// agent acking bad input `rejected` with a detail instead of stalling.
-const MALFORMED_EVERY: usize = 50;
+pub(crate) const MALFORMED_EVERY: usize = 50;
 
 /// Products on the shelf, with a list price in fen (1/100 CNY).
 const PRODUCTS: &[(&str, u64)] = &[
