@@ -30,13 +30,21 @@ fn error(code: ErrorCode, message: impl Into<String>) -> ReplyError {
     }
 }
 
-/// Handles one command message.
-pub fn handle(
+/// A decoded request and the reply it earned.
+struct Answered {
+    reply_to: Option<String>,
+    wants_reply: bool,
+    reply: Reply,
+}
+
+/// Decodes and executes one request; every request gets a [`Reply`], which
+/// the caller sends or drops.
+fn answer(
     state: &mut State,
     payload: &[u8],
     now: u64,
     change: &mut Change,
-) -> Result<(), StoreError> {
+) -> Result<Answered, StoreError> {
     Counters::bump(&state.counters().commands_received);
     let max_payload = state.settings().max_payload;
     let (req_id, reply_to, wants_reply, outcome) = match wire::decode_command(payload, max_payload)
@@ -57,40 +65,62 @@ pub fn handle(
             )
         }
     };
-    if !wants_reply {
+    let (ok, result, error) = match outcome {
+        Ok(result) => (true, Some(result), None),
+        Err(e) => (false, None, Some(e)),
+    };
+    let reply = Reply {
+        v: 1,
+        kind: "reply",
+        req_id,
+        ok,
+        result,
+        error,
+        agent: state.identity().client_id.clone(),
+    };
+    Ok(Answered {
+        reply_to,
+        wants_reply,
+        reply,
+    })
+}
+
+/// Handles one command that came over MQTT: the reply goes into the outbox
+/// for `reply_to`, unless the request said `"reply": false`.
+pub fn handle(
+    state: &mut State,
+    payload: &[u8],
+    now: u64,
+    change: &mut Change,
+) -> Result<(), StoreError> {
+    let answered = answer(state, payload, now, change)?;
+    if !answered.wants_reply {
         return Ok(());
     }
-    // Replies go to the requester; without a usable `reply_to` there is
-    // nobody to answer, which is counted above for bad requests.
-    let Some(target) = reply_to.filter(|r| state.identity().reply_topic_fits(r)) else {
+    // Without a usable `reply_to` there is nobody to answer; bad requests
+    // are counted in `commands_bad`.
+    let Some(target) = answered
+        .reply_to
+        .filter(|r| state.identity().reply_topic_fits(r))
+    else {
         return Ok(());
-    };
-    let agent = state.identity().client_id.clone();
-    let reply = match outcome {
-        Ok(result) => Reply {
-            v: 1,
-            kind: "reply",
-            req_id,
-            ok: true,
-            result: Some(result),
-            error: None,
-            agent,
-        },
-        Err(e) => Reply {
-            v: 1,
-            kind: "reply",
-            req_id,
-            ok: false,
-            result: None,
-            error: Some(e),
-            agent,
-        },
     };
     change.push_outbox(OutboxEntry {
         topic: state.identity().reply_topic(&target),
-        payload: reply.to_json(),
+        payload: answered.reply.to_json(),
     });
     Ok(())
+}
+
+/// Handles one command from the local control socket: the reply is
+/// returned to the caller, whatever `reply`/`reply_to` say.
+pub fn handle_local(
+    state: &mut State,
+    payload: &[u8],
+    now: u64,
+    change: &mut Change,
+) -> Result<Vec<u8>, StoreError> {
+    Ok(answer(state, payload, now, change)?.reply.to_json())
 }
 
 fn dispatch(
@@ -127,6 +157,7 @@ fn agent_status(state: &State, _now: u64) -> Value {
         "pending": state.pending_len(),
         "outbox": state.store().outbox_len(),
         "radio": crate::status::radio_json(state.radio_state()),
+        "mqtt": {"connected": state.link_state().connected, "connections": state.link_state().epoch},
         "counters": counters,
     })
 }

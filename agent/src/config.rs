@@ -46,6 +46,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub radio: RadioConfig,
     pub log: LogConfig,
+    pub control: ControlConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -262,6 +263,24 @@ impl Default for LogConfig {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Serve the local control socket for `esl-agent status|tags|tasks`.
+    pub enabled: bool,
+    /// Socket path; default: `control.sock` next to the store directory.
+    pub socket: Option<PathBuf>,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            socket: None,
+        }
+    }
+}
+
 /// Characters allowed in group and device ids (PROTOCOL §2).
 pub(crate) fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_' || c == '-'
@@ -433,6 +452,16 @@ impl Config {
             ));
         }
 
+        if let Some(p) = &self.control.socket {
+            // sun_path holds 108 bytes including the terminating NUL.
+            if p.as_os_str().is_empty() || p.as_os_str().len() > 107 {
+                return Err(invalid(
+                    "control.socket",
+                    "must be a path of 1 to 107 bytes",
+                ));
+            }
+        }
+
         let s = &self.radio.sim;
         if s.tags > 1_000_000 {
             return Err(invalid("radio.sim.tags", "must be at most 1000000"));
@@ -456,6 +485,14 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Where the control socket lives (configured, or next to the store).
+    pub fn control_socket(&self) -> PathBuf {
+        match &self.control.socket {
+            Some(p) => p.clone(),
+            None => self.store.path.with_file_name("control.sock"),
+        }
     }
 
     /// The config as TOML with secrets replaced, for `check-config` and logs.

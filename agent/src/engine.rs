@@ -52,6 +52,9 @@ const PRUNE_INTERVAL_MS: u64 = 3600 * 1000;
 /// Finished tasks removed per prune pass, so one pass never stalls intake.
 const PRUNE_LIMIT: usize = 10_000;
 
+/// Task id prefix of `tag.refresh` deliveries.
+pub const REFRESH_PREFIX: &str = "refresh:";
+
 /// Identifies one received MQTT message, so the link can PUBACK it once the
 /// engine says it is durable. `epoch` is the link's connection number: a
 /// PUBACK for an older connection must not be sent (its packet id belongs to
@@ -80,6 +83,12 @@ pub struct Inbound {
 #[derive(Debug)]
 pub enum Query {
     Snapshot(oneshot::Sender<Snapshot>),
+    /// A command from the local control socket (same JSON as PROTOCOL §7).
+    /// The reply is sent once whatever the command changed is durable.
+    Command {
+        payload: Bytes,
+        reply: oneshot::Sender<Vec<u8>>,
+    },
 }
 
 /// What status reports need to know.
@@ -159,6 +168,8 @@ pub struct State {
     /// harmless and can be asked for again.
     refresh: std::collections::HashSet<String>,
     radio: RadioState,
+    /// The link's connection state, for `agent.status`.
+    link: Option<tokio::sync::watch::Receiver<crate::mqtt::LinkState>>,
 }
 
 impl State {
@@ -190,6 +201,7 @@ impl State {
             pending,
             tags,
             refresh: Default::default(),
+            link: None,
             radio: RadioState::Down {
                 reason: "starting".into(),
             },
@@ -448,11 +460,13 @@ impl State {
             if self.refresh.remove(&c.tag_id) {
                 if let Some((task_id, content)) = self.store.last_content(&c.tag_id)? {
                     debug!(tag_id = %c.tag_id, %task_id, "refreshing the tag's content");
+                    // Its own task id, so the tag's journal and outcome
+                    // never look like the original task applied twice.
                     deliveries.push(Delivery {
                         tag_id: c.tag_id.clone(),
                         content_hash: wire::content_hash(content.as_bytes()),
                         content: content.into_bytes(),
-                        task_id,
+                        task_id: format!("{REFRESH_PREFIX}{task_id}"),
                     });
                 }
             }
@@ -609,6 +623,14 @@ impl State {
         &self.radio
     }
 
+    pub fn set_link(&mut self, link: tokio::sync::watch::Receiver<crate::mqtt::LinkState>) {
+        self.link = Some(link);
+    }
+
+    pub fn link_state(&self) -> crate::mqtt::LinkState {
+        self.link.as_ref().map(|l| *l.borrow()).unwrap_or_default()
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -688,6 +710,7 @@ impl Engine {
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut held: Vec<AckToken> = Vec::new();
+        let mut held_replies: Vec<(oneshot::Sender<Vec<u8>>, Vec<u8>)> = Vec::new();
         let mut unflushed = false;
         let mut store_fault: Option<String> = None;
         let mut last_prune = now_ms();
@@ -768,7 +791,24 @@ impl Engine {
                         }
                     }
                 }
-                Some(q) = self.query_rx.recv() => self.answer(q, store_fault.clone()),
+                Some(q) = self.query_rx.recv() => match q {
+                    Query::Snapshot(reply) => self.snapshot(reply, store_fault.clone()),
+                    Query::Command { payload, reply } => {
+                        let mut change = Change::new();
+                        let result = crate::commands::handle_local(&mut self.state, &payload, now_ms(), &mut change);
+                        match result.and_then(|json| self.store.apply(change).map(|_| json)) {
+                            Ok(json) => {
+                                held_replies.push((reply, json));
+                                unflushed = true;
+                            }
+                            Err(e) => {
+                                Counters::bump(&self.counters.store_errors);
+                                warn!(error = %e, "store write failed while handling a local command");
+                                store_fault = Some(e.to_string());
+                            }
+                        }
+                    }
+                },
                 _ = sweep.tick() => {
                     let now = now_ms();
                     let mut change = Change::new();
@@ -807,6 +847,10 @@ impl Engine {
                                 break;
                             }
                         }
+                        for (reply, json) in held_replies.drain(..) {
+                            // The caller may have hung up; nothing to do then.
+                            let _ = reply.send(json);
+                        }
                         self.outbox_wake.notify_one();
                     }
                     Err(e) => {
@@ -835,20 +879,16 @@ impl Engine {
         Ok(())
     }
 
-    fn answer(&self, q: Query, store_fault: Option<String>) {
-        match q {
-            Query::Snapshot(reply) => {
-                let snapshot = Snapshot {
-                    pending: self.state.pending_len(),
-                    outbox: self.store.outbox_len(),
-                    radio: self.state.radio.clone(),
-                    store_fault,
-                    tags: self.state.tag_views(now_ms()),
-                };
-                // The asker may have given up (shutdown); nothing to do then.
-                let _ = reply.send(snapshot);
-            }
-        }
+    fn snapshot(&self, reply: oneshot::Sender<Snapshot>, store_fault: Option<String>) {
+        let snapshot = Snapshot {
+            pending: self.state.pending_len(),
+            outbox: self.store.outbox_len(),
+            radio: self.state.radio.clone(),
+            store_fault,
+            tags: self.state.tag_views(now_ms()),
+        };
+        // The asker may have given up (shutdown); nothing to do then.
+        let _ = reply.send(snapshot);
     }
 }
 

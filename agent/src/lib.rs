@@ -27,14 +27,18 @@
 //!   ([`commands`]).
 //! - [`radio::RadioTask`] — owns the radio backend.
 //! - [`status::StatusTask`] — hello and periodic status reports.
+//! - [`control::ControlServer`] — the local Unix socket behind
+//!   `esl-agent status|tags|tasks`; forwards requests to the engine.
 //! - [`store::Store`] — the only opener of sled.
 //!
 //! Shutdown is one [`CancellationToken`] seen by every task. The engine
 //! flushes and releases its last PUBACKs; the link sends them and
 //! disconnects; [`Agent::wait`] joins everything within a deadline.
 
+pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod control;
 pub mod counters;
 #[cfg(feature = "demo")]
 pub mod demo;
@@ -114,6 +118,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     )
     .context("loading pending tasks from the store")?;
 
+    state.set_link(link_rx.clone());
     let mut tasks = JoinSet::new();
     match config.radio.kind {
         config::RadioKind::Sim => {
@@ -179,6 +184,25 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         link.run().await;
         "link"
     });
+
+    if config.control.enabled {
+        let path = config.control_socket();
+        match control::ControlServer::bind(
+            &path,
+            config.limits.max_payload,
+            query_tx.clone(),
+            shutdown.clone(),
+        ) {
+            Ok(server) => {
+                tasks.spawn(async move {
+                    server.run().await;
+                    "control"
+                });
+            }
+            // The agent's job does not depend on the local CLI: go on without.
+            Err(e) => warn!("{e}; `esl-agent status|tags|tasks` will not work"),
+        }
+    }
 
     let status = status::StatusTask {
         agent: identity.client_id.clone(),

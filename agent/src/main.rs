@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use esl_agent::cli;
 use esl_agent::identity::Identity;
 use esl_agent::Config;
 use tokio_util::sync::CancellationToken;
@@ -33,10 +34,54 @@ enum Command {
         #[arg(long, short, default_value = "/etc/esl-agent/agent.toml")]
         config: PathBuf,
     },
+    /// Show the running agent's state: link, radio, queues, counters.
+    Status {
+        #[command(flatten)]
+        target: ControlTarget,
+    },
+    /// List the tags the running agent knows: battery, signal, last seen, content.
+    Tags {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// Show at most this many tags.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+    },
+    /// List tasks in the running agent's store.
+    Tasks {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// Only tasks in this state: pending, final or all.
+        #[arg(long, default_value = "all")]
+        state: String,
+        /// Only tasks for this tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Show at most this many tasks.
+        #[arg(long, default_value_t = 1_000)]
+        limit: usize,
+    },
     /// Run broker, agent, simulated tags and back end on this machine and show what happens.
     #[cfg(feature = "demo")]
     Demo(esl_agent::demo::DemoOptions),
 }
+
+/// Where the operator commands find the running agent.
+#[derive(clap::Args)]
+struct ControlTarget {
+    /// The agent's config file (to find its control socket).
+    #[arg(long, short, default_value = "/etc/esl-agent/agent.toml")]
+    config: PathBuf,
+    /// The control socket, instead of reading it from the config.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Print the agent's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit code when the operator commands find no running agent.
+const EXIT_NOT_RUNNING: u8 = 3;
 
 /// Exit code for a config or identity problem (nothing was started).
 const EXIT_CONFIG: u8 = 2;
@@ -56,6 +101,31 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { config } => check_config(&config),
+        Command::Status { target } => operate(&target, |client| {
+            let status = client.call("agent.status", serde_json::json!({}))?;
+            Ok((status.clone(), cli::render_status(&status)))
+        }),
+        Command::Tags { target, limit } => operate(&target, |client| {
+            let tags = client.list_all(
+                "tags.list",
+                "tags",
+                serde_json::json!({"limit": 500}),
+                limit,
+            )?;
+            let table = cli::render_tags(&tags, esl_agent::engine::now_ms());
+            Ok((serde_json::Value::Array(tags), table))
+        }),
+        Command::Tasks {
+            target,
+            state,
+            tag,
+            limit,
+        } => operate(&target, |client| {
+            let params = serde_json::json!({"limit": 500, "state": state, "tag_id": tag});
+            let tasks = client.list_all("tasks.list", "tasks", params, limit)?;
+            let table = cli::render_tasks(&tasks, esl_agent::engine::now_ms());
+            Ok((serde_json::Value::Array(tasks), table))
+        }),
         Command::Run { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
@@ -97,6 +167,42 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("tokio runtime")
+}
+
+/// Connects to the running agent, runs `f`, prints its JSON or table.
+fn operate(
+    target: &ControlTarget,
+    f: impl FnOnce(&mut cli::Client) -> Result<(serde_json::Value, String), cli::CliError>,
+) -> ExitCode {
+    let socket = match &target.socket {
+        Some(s) => s.clone(),
+        None => match Config::load(&target.config) {
+            Ok(c) => c.control_socket(),
+            Err(e) => {
+                eprintln!("esl-agent: {e} (or name the socket with --socket)");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let result = cli::Client::connect(&socket).and_then(|mut client| f(&mut client));
+    match result {
+        Ok((json, table)) => {
+            if target.json {
+                println!("{json:#}");
+            } else {
+                print!("{table}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e @ cli::CliError::NotRunning { .. }) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_NOT_RUNNING)
+        }
+        Err(e) => {
+            eprintln!("esl-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn check_config(path: &std::path::Path) -> ExitCode {

@@ -52,6 +52,7 @@ pub const AGENT_CLIENT_ID: &str = "GID_test@@@dev1";
 pub const BACKEND_ID: &str = "GID_backend@@@be1";
 pub const TASK_TOPIC: &str = "esl_task/p2p/GID_test@@@dev1";
 pub const STATUS_TOPIC: &str = "esl_status/GID_test@@@dev1";
+pub const CMD_TOPIC: &str = "esl_cmd/p2p/GID_test@@@dev1";
 /// Number of simulated tags in the default config (`SIM000000`…`SIM000007`).
 pub const TAGS: usize = 8;
 /// How long to keep listening after the expected acks arrived, to catch

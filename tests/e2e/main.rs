@@ -17,9 +17,12 @@
 //!
 //! Files: `harness.rs` (processes, back end, journal, shared checks),
 //! `tasks.rs` (task handling, PROTOCOL §4–5), `status.rs` (§6),
-//! `resilience.rs` (restarts of the agent and the broker).
+//! `resilience.rs` (restarts of the agent and the broker), `commands.rs`
+//! (§7 remote commands), `operator.rs` (the local `status|tags|tasks` CLI).
 
+mod commands;
 mod harness;
+mod operator;
 mod resilience;
 mod status;
 mod tasks;

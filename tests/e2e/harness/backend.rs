@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::acks::{Ack, AckLog};
-use super::{Broker, STATUS_TOPIC, TASK_TOPIC};
+use super::{Broker, CMD_TOPIC, STATUS_TOPIC, TASK_TOPIC};
 
 /// One message the back end received.
 #[derive(Debug)]
@@ -176,6 +176,40 @@ impl Backend {
                 Ok(None) => panic!("the back end's MQTT event loop task ended"),
                 Err(_) => return None,
             }
+        }
+    }
+
+    /// Publishes a command (PROTOCOL §7) on the agent's command topic, QoS 1.
+    pub async fn publish_command(&self, command: &Value) {
+        self.client
+            .publish(CMD_TOPIC, QoS::AtLeastOnce, false, command.to_string())
+            .await
+            .expect("queue a publish on the back end");
+    }
+
+    /// The reply to `req_id`; panics if none comes in `timeout`. Replies to
+    /// other requests are dropped.
+    pub async fn expect_reply(&mut self, req_id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(message) = self.next_of(Kind::Reply, deadline).await else {
+                panic!("no reply to {req_id} within {timeout:?}");
+            };
+            let reply: Value = serde_json::from_slice(&message.payload).expect("replies are JSON");
+            if reply["req_id"] == req_id {
+                return reply;
+            }
+        }
+    }
+
+    /// Panics if any command reply arrives within `window`.
+    pub async fn expect_no_reply(&mut self, window: Duration, why: &str) {
+        let deadline = Instant::now() + window;
+        if let Some(message) = self.next_of(Kind::Reply, deadline).await {
+            panic!(
+                "{why}, but got: {}",
+                String::from_utf8_lossy(&message.payload)
+            );
         }
     }
 
