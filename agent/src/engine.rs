@@ -17,7 +17,7 @@
 //! The decision logic lives in [`State`], which has no channels and takes the
 //! time as an argument, so unit tests drive it directly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -709,7 +709,7 @@ impl Engine {
     pub async fn run(mut self) -> Result<(), StoreError> {
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut held: Vec<AckToken> = Vec::new();
+        let mut held: VecDeque<AckToken> = VecDeque::new();
         let mut held_replies: Vec<(oneshot::Sender<Vec<u8>>, Vec<u8>)> = Vec::new();
         let mut unflushed = false;
         let mut store_fault: Option<String> = None;
@@ -750,7 +750,7 @@ impl Engine {
                             store_fault = Some(e.to_string());
                             continue;
                         }
-                        held.push(m.token);
+                        held.push_back(m.token);
                         unflushed = true;
                     }
                 }
@@ -829,7 +829,8 @@ impl Engine {
                             Err(e) => warn!(error = %e, "pruning finished tasks failed"),
                         }
                     }
-                    if store_fault.is_some() {
+                    // Retry a failed flush, and PUBACKs the link had no room for.
+                    if store_fault.is_some() || !held.is_empty() {
                         unflushed = true;
                     }
                 }
@@ -842,11 +843,7 @@ impl Engine {
                             info!("store writable again; intake resumes");
                         }
                         unflushed = false;
-                        for token in held.drain(..) {
-                            if self.puback_tx.send(token).await.is_err() {
-                                break;
-                            }
-                        }
+                        self.release_pubacks(&mut held);
                         for (reply, json) in held_replies.drain(..) {
                             // The caller may have hung up; nothing to do then.
                             let _ = reply.send(json);
@@ -867,16 +864,31 @@ impl Engine {
         // the broker does not send those messages again after the restart.
         match self.store.flush().await {
             Ok(_) => {
-                for token in held.drain(..) {
-                    if self.puback_tx.try_send(token).is_err() {
-                        break;
-                    }
-                }
+                self.release_pubacks(&mut held);
             }
             Err(e) => warn!(error = %e, "final store flush failed"),
         }
         info!(pending = self.state.pending_len(), "engine stopped");
         Ok(())
+    }
+
+    /// Hands durable messages' PUBACKs to the link without waiting: if its
+    /// channel is full the rest stay held and go at the next round (the
+    /// sweep retries), so the engine never blocks on the link while the link
+    /// waits for the engine to take more messages.
+    fn release_pubacks(&self, held: &mut VecDeque<AckToken>) {
+        while let Some(token) = held.front() {
+            match self.puback_tx.try_send(*token) {
+                Ok(()) => {
+                    held.pop_front();
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => break,
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    held.clear();
+                    break;
+                }
+            }
+        }
     }
 
     fn snapshot(&self, reply: oneshot::Sender<Snapshot>, store_fault: Option<String>) {

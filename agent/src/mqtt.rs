@@ -173,6 +173,13 @@ impl Link {
                 _ = tokio::time::sleep_until(reconnect_at.unwrap_or(far_future)), if reconnect_at.is_some() => {
                     reconnect_at = None;
                 }
+                // Released PUBACKs go before reading more from the broker: a
+                // broker with a large in-flight window must not starve them.
+                token = self.puback_rx.recv() => match token {
+                    Some(token) => self.release_puback(&client, token, state),
+                    // The engine has stopped: its last PUBACKs are out.
+                    None => break,
+                },
                 event = eventloop.poll(), if reconnect_at.is_none() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         state = LinkState { connected: true, epoch: state.epoch + 1 };
@@ -235,11 +242,6 @@ impl Link {
                         reconnect_at = Some(Instant::now() + jittered);
                         backoff = (backoff * 2).min(self.settings.reconnect_max);
                     }
-                },
-                token = self.puback_rx.recv() => match token {
-                    Some(token) => self.release_puback(&client, token, state),
-                    // The engine has stopped: its last PUBACKs are out.
-                    None => break,
                 },
                 Some(report) = self.report_rx.recv(), if state.connected => {
                     match client.try_publish(report.topic, QoS::AtLeastOnce, false, report.payload) {
