@@ -17,9 +17,11 @@
 //!
 //! Files: `harness.rs` (processes, back end, journal, shared checks),
 //! `tasks.rs` (task handling, PROTOCOL §4–5), `status.rs` (§6),
-//! `resilience.rs` (restarts of the agent and the broker).
+//! `resilience.rs` (restarts of the agent and the broker), `security.rs`
+//! (TLS, logins, ACL, signed tasks, secrets kept out of logs).
 
 mod harness;
 mod resilience;
+mod security;
 mod status;
 mod tasks;
