@@ -636,6 +636,7 @@ async fn signed_tasks_are_applied_and_forgeries_rejected() {
             toml_str(TASK_KEY_2_ENV)
         );
         c.env = vec![(TASK_KEY_2_ENV.to_owned(), TASK_KEY_2.to_owned())];
+        c.log_filter = "trace".to_owned();
         let k2 = dir.join("k2.key");
         write_private(&k2, TASK_KEY_2);
         key_files = vec![k1, k2, wrong];
