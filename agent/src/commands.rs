@@ -496,14 +496,8 @@ mod tests {
             "unsigned: silence"
         );
         let mut signed = request("agent.status");
-        let hmac = crate::signing::sign(
-            key,
-            Purpose::Command,
-            "GID_test@@@dev1",
-            "k1",
-            signed.as_object().unwrap(),
-        );
-        signed["sig"] = json!({"kid": "k1", "hmac": hmac});
+        let m = signed.as_object_mut().unwrap();
+        crate::signing::add_signature(m, key, Purpose::Command, "GID_test@@@dev1", "k1");
         let mut redirected = signed.clone();
         redirected["reply_to"] = "GID_evil@@@x".into();
         assert!(

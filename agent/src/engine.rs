@@ -1343,14 +1343,8 @@ mod tests {
     }
 
     fn sign(mut t: Value, key: &str) -> Value {
-        let hmac = crate::signing::sign(
-            key,
-            Purpose::Task,
-            "GID_test@@@dev1",
-            "k1",
-            t.as_object().unwrap(),
-        );
-        t["sig"] = json!({"kid": "k1", "hmac": hmac});
+        let m = t.as_object_mut().unwrap();
+        crate::signing::add_signature(m, key, Purpose::Task, "GID_test@@@dev1", "k1");
         t
     }
 

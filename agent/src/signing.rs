@@ -262,6 +262,18 @@ pub fn sign(
     )
 }
 
+/// Adds (or replaces) the `sig` of `message`, signed with `key` as `kid`.
+pub fn add_signature(
+    message: &mut Map<String, Value>,
+    key: &str,
+    purpose: Purpose,
+    client_id: &str,
+    kid: &str,
+) {
+    let hmac = sign(key, purpose, client_id, kid, message);
+    message.insert("sig".into(), serde_json::json!({"kid": kid, "hmac": hmac}));
+}
+
 /// RFC 8785 (JCS) form of a JSON value.
 pub fn canonical(value: &Value) -> String {
     let mut out = String::new();
@@ -483,8 +495,7 @@ mod tests {
 
     fn signed(kid: &str, key: &str, purpose: Purpose, client: &str) -> Map<String, Value> {
         let mut m = obj(json!({"v": 1, "task_id": "t-1", "content": {"price": "1.00"}}));
-        let hmac = sign(key, purpose, client, kid, &m);
-        m.insert("sig".into(), json!({"kid": kid, "hmac": hmac}));
+        add_signature(&mut m, key, purpose, client, kid);
         m
     }
 

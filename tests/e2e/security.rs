@@ -52,6 +52,23 @@ fn password_lines(env: &TestEnv, password: &str) -> Vec<String> {
     ]
 }
 
+/// A secured broker with a TLS listener serving a certificate of `kind`
+/// (client certificates required or not), and a logged-in back end.
+async fn tls_broker(
+    env: &TestEnv,
+    pki: &mut Pki,
+    kind: ServerCert,
+    require_client_cert: bool,
+) -> (Broker, Backend) {
+    let mut security = BrokerSecurity::with_agent(AGENT_USER, AGENT_PASSWORD);
+    security.tls = Some(TlsListener {
+        server: pki.server(kind),
+        ca_file: pki.ca_file(),
+        require_client_cert,
+    });
+    secured(env, &security).await
+}
+
 /// A secured broker and a back end logged in on its plain listener.
 async fn secured(env: &TestEnv, security: &BrokerSecurity) -> (Broker, Backend) {
     let broker = Broker::start_secure(env, BrokerOptions::default(), security).await;
@@ -123,13 +140,7 @@ fn assert_not_logged(env: &TestEnv, secrets: &[&str]) {
 async fn tls_with_password_and_acl_carries_tasks_and_keeps_intruders_out() {
     let env = TestEnv::new("tls-ok");
     let mut pki = Pki::new(env.path());
-    let mut security = BrokerSecurity::with_agent(AGENT_USER, AGENT_PASSWORD);
-    security.tls = Some(TlsListener {
-        server: pki.server(ServerCert::Good),
-        ca_file: pki.ca_file(),
-        require_client_cert: false,
-    });
-    let (broker, mut backend) = secured(&env, &security).await;
+    let (broker, mut backend) = tls_broker(&env, &mut pki, ServerCert::Good, false).await;
     let mut lines = tls_lines(broker.tls_port(), &pki.ca_file());
     lines.extend(password_lines(&env, AGENT_PASSWORD));
     let config = agent_config(&env, &broker, lines);
@@ -210,13 +221,7 @@ fn assert_private_tree(path: &Path, is_dir: bool) {
 async fn assert_tls_refused(name: &str, kind: ServerCert, phrase: &str) {
     let env = TestEnv::new(name);
     let mut pki = Pki::new(env.path());
-    let mut security = BrokerSecurity::with_agent(AGENT_USER, AGENT_PASSWORD);
-    security.tls = Some(TlsListener {
-        server: pki.server(kind),
-        ca_file: pki.ca_file(),
-        require_client_cert: false,
-    });
-    let (broker, _backend) = secured(&env, &security).await;
+    let (broker, _backend) = tls_broker(&env, &mut pki, kind, false).await;
     let mut lines = tls_lines(broker.tls_port(), &pki.ca_file());
     lines.extend(password_lines(&env, AGENT_PASSWORD));
     let config = agent_config(&env, &broker, lines);
@@ -272,13 +277,7 @@ async fn mutual_tls_requires_the_client_certificate() {
     let mut pki = Pki::new(env.path());
     // The certificate's common name becomes the user name the ACL knows.
     let client = pki.client(AGENT_USER);
-    let mut security = BrokerSecurity::with_agent(AGENT_USER, AGENT_PASSWORD);
-    security.tls = Some(TlsListener {
-        server: pki.server(ServerCert::Good),
-        ca_file: pki.ca_file(),
-        require_client_cert: true,
-    });
-    let (broker, mut backend) = secured(&env, &security).await;
+    let (broker, mut backend) = tls_broker(&env, &mut pki, ServerCert::Good, true).await;
 
     // Without a client certificate the broker ends the handshake.
     let config = agent_config(&env, &broker, tls_lines(broker.tls_port(), &pki.ca_file()));
