@@ -93,6 +93,8 @@ pub enum KeyError {
         "config key `security.signing_keys`: key {id:?} is shorter than {MIN_KEY_LEN} characters"
     )]
     TooShort { id: String },
+    #[error("config key `security.signing_keys.secret_file`: key {id:?} needs secret_file or secret_env")]
+    NoSource { id: String },
 }
 
 /// Key ids: 1-32 of `[A-Za-z0-9_.:-]`.
@@ -133,7 +135,7 @@ impl Verifier {
                     "security.signing_keys.secret_env",
                     SecretSource::Env(e.clone()),
                 ),
-                (None, None) => unreachable!("validated: every key has a source"),
+                (None, None) => return Err(KeyError::NoSource { id: k.id.clone() }),
             };
             let secret = source.load(key)?;
             if secret.expose().len() < MIN_KEY_LEN {

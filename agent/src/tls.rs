@@ -45,6 +45,8 @@ pub enum TlsError {
     },
     #[error(transparent)]
     Secret(#[from] SecretError),
+    #[error("config key `mqtt.ca_file`: required with TLS")]
+    NoCaFile,
     #[error("TLS set-up: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -62,10 +64,9 @@ pub struct LinkTransport {
 impl LinkTransport {
     pub fn from_config(m: &MqttConfig) -> Result<LinkTransport, TlsError> {
         let tls = if m.uses_tls() {
-            let ca = m
-                .ca_file
-                .as_deref()
-                .expect("validated: TLS has mqtt.ca_file");
+            // `Config::validate` requires it; a config built in code may not
+            // have been validated.
+            let ca = m.ca_file.as_deref().ok_or(TlsError::NoCaFile)?;
             let client = match (&m.client_cert_file, &m.client_key_file) {
                 (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
                 _ => None,
@@ -250,6 +251,16 @@ mod tests {
         .unwrap();
         assert!(matches!(t.transport, Transport::Ws));
         assert_eq!(t.broker_addr, "ws://10.0.0.1:80/mqtt");
+    }
+
+    #[test]
+    fn an_unvalidated_config_without_ca_is_an_error_not_a_panic() {
+        let m = MqttConfig {
+            tls: Some(true),
+            ..MqttConfig::default()
+        };
+        let err = LinkTransport::from_config(&m).err().unwrap();
+        assert!(matches!(err, TlsError::NoCaFile), "{err}");
     }
 
     #[test]
