@@ -24,7 +24,7 @@ use std::sync::Arc;
 use rumqttc::{ConnectionError, TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{CertificateError, ClientConfig, RootCertStore};
+use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore};
 
 use crate::config::MqttConfig;
 use crate::secrets::{read_private_file, SecretError};
@@ -196,9 +196,22 @@ pub fn explain(error: &ConnectionError, host: &str) -> Option<String> {
             }
             _ => format!("the broker's certificate was refused ({tls})"),
         },
-        rustls::Error::AlertReceived(alert) => format!(
-            "the broker ended the TLS handshake ({alert:?}); if it asks for a client certificate, set mqtt.client_cert_file and mqtt.client_key_file"
+        rustls::Error::AlertReceived(
+            alert @ (AlertDescription::ProtocolVersion | AlertDescription::InsufficientSecurity),
+        ) => format!(
+            "the broker ended the TLS handshake ({alert:?}): no TLS version in common; the agent speaks TLS 1.2 and 1.3 only"
         ),
+        rustls::Error::AlertReceived(
+            alert @ (AlertDescription::CertificateRequired
+            | AlertDescription::BadCertificate
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateUnknown),
+        ) => format!(
+            "the broker ended the TLS handshake ({alert:?}): it wants a client certificate it trusts (mqtt.client_cert_file, mqtt.client_key_file)"
+        ),
+        rustls::Error::AlertReceived(alert) => {
+            format!("the broker ended the TLS handshake ({alert:?})")
+        }
         rustls::Error::PeerIncompatible(_) => format!(
             "no TLS version or cipher in common with the broker; the agent speaks TLS 1.2 and 1.3 only ({tls})"
         ),

@@ -15,9 +15,9 @@ use serde_json::{json, Value};
 
 use crate::harness::{
     eventually, sign_with_script, sim_tag, task, task_ids, write_private, AckStatus, Agent,
-    AgentConfig, Backend, Broker, BrokerOptions, BrokerSecurity, Pki, ServerCert, Stack, TestEnv,
-    TlsListener, WssFront, AGENT_CLIENT_ID, BACKEND_ID, BACKEND_PASSWORD, BACKEND_USER,
-    INTRUDER_PASSWORD, INTRUDER_USER, QUIET,
+    AgentConfig, Backend, Broker, BrokerOptions, BrokerSecurity, LegacyTlsServer, Pki, ServerCert,
+    Stack, TestEnv, TlsListener, WssFront, AGENT_CLIENT_ID, BACKEND_ID, BACKEND_PASSWORD,
+    BACKEND_USER, INTRUDER_PASSWORD, INTRUDER_USER, QUIET,
 };
 
 /// The agent's login on the secured brokers (plain mode).
@@ -272,6 +272,27 @@ async fn tls_refuses_a_certificate_for_another_host_name() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_refuses_a_server_that_offers_only_tls_1_1() {
+    let env = TestEnv::new("tls-1-1");
+    let mut pki = Pki::new(env.path());
+    let server = LegacyTlsServer::start(&env, &pki.server(ServerCert::Good)).await;
+    // A broker only to fill in the config; the agent is pointed elsewhere.
+    let broker = Broker::start(&env, BrokerOptions::default()).await;
+    let config = agent_config(&env, &broker, tls_lines(server.port, &pki.ca_file()));
+    let mut agent = Agent::start(&env, &config);
+    eventually("the agent to refuse TLS 1.1", REFUSAL_TIMEOUT, || {
+        env.agent_log_text()
+            .contains("no TLS version in common; the agent speaks TLS 1.2 and 1.3 only")
+            .then_some(())
+    })
+    .await;
+    agent.assert_running();
+    // OpenSSL's side: the agent offered no version it would speak.
+    let log = server.log();
+    assert!(log.contains("unsupported protocol"), "s_server log:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_requires_the_client_certificate() {
     let env = TestEnv::new("mtls");
     let mut pki = Pki::new(env.path());
@@ -284,7 +305,7 @@ async fn mutual_tls_requires_the_client_certificate() {
     let mut agent = Agent::start(&env, &config);
     eventually("the agent to report the refused handshake", REFUSAL_TIMEOUT, || {
         env.agent_log_text()
-            .contains("the broker ended the TLS handshake (CertificateRequired); if it asks for a client certificate, set mqtt.client_cert_file")
+            .contains("the broker ended the TLS handshake (CertificateRequired): it wants a client certificate")
             .then_some(())
     })
     .await;

@@ -12,8 +12,9 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
@@ -279,6 +280,68 @@ pub fn sign_with_script(message: &Value, key_file: &Path, kid: &str) -> Value {
     let out = child.wait_with_output().expect("run the signing script");
     assert!(out.status.success(), "sign_task.py failed: {}", out.status);
     serde_json::from_slice(&out.stdout).expect("sign_task.py prints JSON")
+}
+
+/// OpenSSL's test server, the TLS peer for the version test.
+const OPENSSL: &str = "/usr/bin/openssl";
+
+/// `openssl s_server` on a free loopback port that speaks only TLS 1.1 (with
+/// the weak ciphers that needs): a broker the agent must refuse. Its log
+/// says what the agent offered. Killed on drop.
+pub struct LegacyTlsServer {
+    child: Child,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl LegacyTlsServer {
+    pub async fn start(env: &super::TestEnv, server: &CertFiles) -> LegacyTlsServer {
+        let port = super::broker::free_port();
+        let log = env.path().join("s_server.log");
+        let out = super::process::append_log(&log);
+        let child = Command::new(OPENSSL)
+            .args([
+                "s_server",
+                "-quiet",
+                "-tls1_1",
+                "-cipher",
+                "DEFAULT:@SECLEVEL=0",
+            ])
+            .arg("-accept")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-cert")
+            .arg(&server.cert)
+            .arg("-key")
+            .arg(&server.key)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone log handle"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("the TLS version test needs {OPENSSL}: {e}"));
+        let mut server = LegacyTlsServer { child, port, log };
+        super::eventually(
+            "openssl s_server to listen",
+            Duration::from_secs(10),
+            || {
+                if let Ok(Some(status)) = server.child.try_wait() {
+                    panic!("openssl s_server exited with {status}: {}", server.log());
+                }
+                std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+            },
+        )
+        .await;
+        server
+    }
+
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+}
+
+impl Drop for LegacyTlsServer {
+    fn drop(&mut self) {
+        super::process::kill_and_reap(&mut self.child);
+    }
 }
 
 /// What the WebSocket front saw of one upgrade request.
