@@ -7,8 +7,10 @@
 //! output: `-- --nocapture`).
 //!
 //! Requirements: Mosquitto at `/usr/sbin/mosquitto` (Debian/Ubuntu:
-//! `apt-get install mosquitto`). Without it every test FAILS with a message
-//! saying so; none is skipped silently.
+//! `apt-get install mosquitto`, which also brings `mosquitto_passwd`); the
+//! security tests also run `python3` and `/usr/bin/openssl`. Without them
+//! the tests that need them FAIL with a message saying so; none is skipped
+//! silently.
 //!
 //! Each test owns a temp dir, a broker on a free port and its agent, so the
 //! tests run in parallel. When a test fails it prints the tail of the agent
