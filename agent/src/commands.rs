@@ -7,14 +7,33 @@
 //! request with `"reply": false` gets none. Replies go through the durable
 //! outbox like acks. Listings are paged so that a reply always fits
 //! `limits.max_payload`.
+//!
+//! Least privilege: only methods in `security.allowed_methods` run (others
+//! get a `forbidden` error). With `security.require_signed_commands`, a
+//! command without a valid signature gets no reply at all: its `reply_to`
+//! is not trusted, so it may not choose where the agent publishes. A
+//! `reply_to` is always a client id (`GROUP@@@DEVICE` of `[A-Za-z0-9_-]`),
+//! so no message can steer a reply outside `{reply_parent}/p2p/`.
 
 use serde_json::{json, Value};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::counters::Counters;
 use crate::engine::{State, TagView};
+use crate::signing::Purpose;
 use crate::store::{Change, OutboxEntry, StoreError, TaskRecord, TaskState};
 use crate::wire::{self, ErrorCode, Reply, ReplyError};
+
+/// Every method the agent implements (PROTOCOL §7), in the order of the
+/// unknown-method message; `security.allowed_methods` is a subset.
+pub const METHODS: [&str; 6] = [
+    "agent.status",
+    "tags.list",
+    "tag.get",
+    "tasks.list",
+    "task.cancel",
+    "tag.refresh",
+];
 
 /// Page size of listings when the request names none.
 const DEFAULT_LIMIT: usize = 50;
@@ -37,21 +56,44 @@ struct Answered {
     reply: Reply,
 }
 
-/// Decodes and executes one request; every request gets a [`Reply`], which
-/// the caller sends or drops.
+/// Who asked: remote requests are subject to `security.allowed_methods`;
+/// the local socket (file permissions already restrict it to the agent's
+/// user and root) may call every method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Remote,
+    Local,
+}
+
+fn reply(state: &State, req_id: Option<String>, outcome: MethodResult) -> Reply {
+    let (ok, result, error) = match outcome {
+        Ok(result) => (true, Some(result), None),
+        Err(e) => (false, None, Some(e)),
+    };
+    Reply {
+        v: 1,
+        kind: "reply",
+        req_id,
+        ok,
+        result,
+        error,
+        agent: state.identity().client_id.clone(),
+    }
+}
+
+/// Executes one request read as a JSON object; every request gets a
+/// [`Reply`], which the caller sends or drops.
 fn answer(
     state: &mut State,
-    payload: &[u8],
+    object: &serde_json::Map<String, Value>,
+    caller: Caller,
     now: u64,
     change: &mut Change,
 ) -> Result<Answered, StoreError> {
-    Counters::bump(&state.counters().commands_received);
-    let max_payload = state.settings().max_payload;
-    let (req_id, reply_to, wants_reply, outcome) = match wire::decode_command(payload, max_payload)
-    {
+    let (req_id, reply_to, wants_reply, outcome) = match wire::command_from_object(object) {
         Ok(cmd) => {
-            debug!(method = %cmd.method, req_id = ?cmd.req_id, "command");
-            let outcome = dispatch(state, &cmd.method, &cmd.params, now, change)?;
+            debug!(method = %cmd.method, req_id = ?cmd.req_id, ?caller, "command");
+            let outcome = dispatch(state, &cmd.method, &cmd.params, caller, now, change)?;
             (cmd.req_id, cmd.reply_to, cmd.reply, outcome)
         }
         Err(bad) => {
@@ -65,23 +107,10 @@ fn answer(
             )
         }
     };
-    let (ok, result, error) = match outcome {
-        Ok(result) => (true, Some(result), None),
-        Err(e) => (false, None, Some(e)),
-    };
-    let reply = Reply {
-        v: 1,
-        kind: "reply",
-        req_id,
-        ok,
-        result,
-        error,
-        agent: state.identity().client_id.clone(),
-    };
     Ok(Answered {
         reply_to,
         wants_reply,
-        reply,
+        reply: reply(state, req_id, outcome),
     })
 }
 
@@ -93,7 +122,22 @@ pub fn handle(
     now: u64,
     change: &mut Change,
 ) -> Result<(), StoreError> {
-    let answered = answer(state, payload, now, change)?;
+    Counters::bump(&state.counters().commands_received);
+    let object = match wire::parse_object(payload, state.settings().max_payload) {
+        Ok(o) => o,
+        Err(r) => {
+            // Not a JSON object: no `reply_to` to answer to.
+            Counters::bump(&state.counters().commands_bad);
+            debug!(message = %r.detail, "bad command");
+            return Ok(());
+        }
+    };
+    if let Err(e) = state.verifier().check(Purpose::Command, &object) {
+        Counters::bump(&state.counters().commands_bad_signature);
+        warn!(reason = %e, "command with a bad signature dropped without a reply");
+        return Ok(());
+    }
+    let answered = answer(state, &object, Caller::Remote, now, change)?;
     if !answered.wants_reply {
         return Ok(());
     }
@@ -120,16 +164,38 @@ pub fn handle_local(
     now: u64,
     change: &mut Change,
 ) -> Result<Vec<u8>, StoreError> {
-    Ok(answer(state, payload, now, change)?.reply.to_json())
+    Counters::bump(&state.counters().commands_received);
+    let object = match wire::parse_object(payload, state.settings().max_payload) {
+        Ok(o) => o,
+        Err(r) => {
+            Counters::bump(&state.counters().commands_bad);
+            let outcome = Err(error(ErrorCode::BadRequest, r.detail));
+            return Ok(reply(state, None, outcome).to_json());
+        }
+    };
+    Ok(answer(state, &object, Caller::Local, now, change)?
+        .reply
+        .to_json())
 }
 
 fn dispatch(
     state: &mut State,
     method: &str,
     params: &Value,
+    caller: Caller,
     now: u64,
     change: &mut Change,
 ) -> Result<MethodResult, StoreError> {
+    if caller == Caller::Remote
+        && METHODS.contains(&method)
+        && !state.settings().allowed_methods.iter().any(|m| m == method)
+    {
+        Counters::bump(&state.counters().commands_forbidden);
+        return Ok(Err(error(
+            ErrorCode::Forbidden,
+            format!("method {method:?} is not allowed on this agent (security.allowed_methods)"),
+        )));
+    }
     Ok(match method {
         "agent.status" => Ok(agent_status(state, now)),
         "tags.list" => tags_list(state, params, now),
@@ -139,7 +205,7 @@ fn dispatch(
         "tag.refresh" => tag_refresh(state, params, now)?,
         other => Err(error(
             ErrorCode::UnknownMethod,
-            format!("unknown method {other:?}; known: agent.status, tags.list, tag.get, tasks.list, task.cancel, tag.refresh"),
+            format!("unknown method {other:?}; known: {}", METHODS.join(", ")),
         )),
     })
 }
@@ -354,5 +420,151 @@ fn tag_refresh(state: &mut State, params: &Value, now: u64) -> Result<MethodResu
             ErrorCode::NotFound,
             format!("no content was ever confirmed by tag {tag_id:?}"),
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::EngineSettings;
+    use crate::identity::Identity;
+    use crate::store::Store;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        store: Arc<Store>,
+        state: State,
+    }
+
+    fn fixture(config: &str) -> Fixture {
+        let config = Config::from_toml(&format!(
+            "[mqtt]\ngroup_id = \"GID_test\"\ndevice_id = \"dev1\"\n{config}"
+        ))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store"), 1 << 20).unwrap());
+        let identity = Identity::resolve(&config).unwrap();
+        let state = State::load(
+            EngineSettings::from_config(&config),
+            identity,
+            store.clone(),
+            Arc::default(),
+        )
+        .unwrap();
+        Fixture { dir, store, state }
+    }
+
+    impl Fixture {
+        /// Handles one command; returns the replies it queued, with topics.
+        async fn command(&mut self, request: Value) -> Vec<(String, Value)> {
+            let before = self.store.outbox_len();
+            let mut change = Change::new();
+            handle(
+                &mut self.state,
+                request.to_string().as_bytes(),
+                1,
+                &mut change,
+            )
+            .unwrap();
+            self.store.apply(change).unwrap();
+            self.store.flush().await.unwrap();
+            let all = self.store.outbox_after(None, 1000).unwrap();
+            all.into_iter()
+                .skip(before as usize)
+                .map(|(_, e)| (e.topic, serde_json::from_slice(&e.payload).unwrap()))
+                .collect()
+        }
+    }
+
+    fn request(method: &str) -> Value {
+        json!({"v": 1, "req_id": "r-1", "method": method, "params": {}, "reply_to": "GID_console@@@c1"})
+    }
+
+    #[tokio::test]
+    async fn only_allowed_methods_run() {
+        let mut f = fixture("[security]\nallowed_methods = [\"agent.status\", \"tags.list\"]\n");
+        let replies = f.command(request("agent.status")).await;
+        assert_eq!(replies[0].0, "esl_ack/p2p/GID_console@@@c1");
+        assert_eq!(replies[0].1["ok"], true);
+        let replies = f
+            .command(json!({"v": 1, "req_id": "r-2", "method": "task.cancel",
+            "params": {"task_id": "t1"}, "reply_to": "GID_console@@@c1"}))
+            .await;
+        assert_eq!(replies[0].1["ok"], false);
+        assert_eq!(replies[0].1["error"]["code"], "forbidden");
+        assert!(replies[0].1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("security.allowed_methods"));
+        let replies = f.command(request("agent.reboot")).await;
+        assert_eq!(
+            replies[0].1["error"]["code"], "unknown_method",
+            "unknown stays unknown"
+        );
+        assert_eq!(Counters::get(&f.state.counters().commands_forbidden), 1);
+    }
+
+    #[tokio::test]
+    async fn reply_to_cannot_steer_a_reply_onto_another_topic() {
+        let mut f = fixture("");
+        for target in [
+            "GID_a@@@b/../../esl_task/p2p/GID_test@@@dev1",
+            "GID_a@@@#",
+            "GID_a@@@+",
+            "esl_task/p2p/GID_test@@@dev1",
+            "GID_a@@@b\u{0}",
+            "GID_a@@@b c",
+            &format!("GID_a@@@{}", "d".repeat(60)),
+        ] {
+            let mut r = request("agent.status");
+            r["reply_to"] = target.into();
+            let replies = f.command(r).await;
+            assert!(
+                replies.is_empty(),
+                "reply_to {target:?} produced {replies:?}"
+            );
+        }
+        assert_eq!(Counters::get(&f.state.counters().commands_bad), 7);
+    }
+
+    #[tokio::test]
+    async fn unsigned_commands_get_no_reply_when_signatures_are_required() {
+        use std::os::unix::fs::PermissionsExt;
+        let key = "command-test-key-0123456789abcdef-01234";
+        let mut f = fixture("");
+        let path = f.dir.path().join("k1.key");
+        std::fs::write(&path, key).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = Config::from_toml(&format!(
+            "[mqtt]\ngroup_id = \"GID_test\"\ndevice_id = \"dev1\"\n[security]\nrequire_signed_commands = true\n[[security.signing_keys]]\nid = \"k1\"\nsecret_file = {:?}\n",
+            path.display().to_string()
+        ))
+        .unwrap();
+        let verifier =
+            crate::signing::Verifier::from_config(&config.security, "GID_test@@@dev1").unwrap();
+        f.state.set_verifier(verifier);
+
+        assert!(
+            f.command(request("agent.status")).await.is_empty(),
+            "unsigned: silence"
+        );
+        let mut signed = request("agent.status");
+        let m = signed.as_object_mut().unwrap();
+        crate::signing::add_signature(m, key, Purpose::Command, "GID_test@@@dev1", "k1");
+        let mut redirected = signed.clone();
+        redirected["reply_to"] = "GID_evil@@@x".into();
+        assert!(
+            f.command(redirected).await.is_empty(),
+            "a changed reply_to breaks the signature"
+        );
+        let replies = f.command(signed).await;
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].1["ok"], true);
+        assert_eq!(Counters::get(&f.state.counters().commands_bad_signature), 2);
     }
 }

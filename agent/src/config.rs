@@ -47,6 +47,7 @@ pub struct Config {
     pub radio: RadioConfig,
     pub log: LogConfig,
     pub control: ControlConfig,
+    pub security: SecurityConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,8 +69,33 @@ pub struct MqttConfig {
     /// Subscribe to the two P2P topics (false on Alibaba Cloud, where P2P
     /// messages need no subscription).
     pub p2p_subscribe: bool,
+    /// Plain mode only; the other modes derive the user name.
     pub username: Option<String>,
+    /// Plain mode only, inline (kept for compatibility); prefer `secret_file`.
     pub password: Option<String>,
+    /// TLS on or off. Unset: on, except for a loopback host. Plain TCP to
+    /// another host needs an explicit `false` (and logs a warning).
+    pub tls: Option<bool>,
+    /// The broker's CA certificate(s), PEM. Required with TLS: OpenWrt has no
+    /// system CA bundle, and a private CA should not be mixed with it anyway.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain and private key (PEM) for mutual TLS.
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    /// MQTT over WebSocket (`wss://host:port{ws_path}` with TLS).
+    pub websocket: bool,
+    pub ws_path: String,
+    /// How the user name and password are made (PROTOCOL leaves this to the
+    /// broker; Alibaba Cloud has three schemes of its own).
+    pub auth: AuthMode,
+    /// Alibaba Cloud modes: AccessKeyId (or DeviceAccessKeyId) and instance id.
+    pub access_key_id: Option<String>,
+    pub instance_id: Option<String>,
+    /// Where the mode's secret is read from (plain: the password;
+    /// signature/device_credential: the AccessKeySecret; token: the token).
+    /// A file must not be accessible by group or others.
+    pub secret_file: Option<PathBuf>,
+    pub secret_env: Option<String>,
     /// First reconnect delay; doubles per failure up to `reconnect_max_ms`.
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
@@ -94,6 +120,17 @@ impl Default for MqttConfig {
             p2p_subscribe: true,
             username: None,
             password: None,
+            tls: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            websocket: false,
+            ws_path: "/mqtt".into(),
+            auth: AuthMode::Plain,
+            access_key_id: None,
+            instance_id: None,
+            secret_file: None,
+            secret_env: None,
             reconnect_min_ms: 1_000,
             reconnect_max_ms: 60_000,
             connect_timeout_s: 10,
@@ -101,6 +138,54 @@ impl Default for MqttConfig {
             outbox_window: 32,
         }
     }
+}
+
+/// `mqtt.auth`: how the MQTT user name and password are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// `mqtt.username` and a password (inline, file or environment).
+    #[default]
+    Plain,
+    /// Alibaba Cloud: `Signature|AccessKeyId|InstanceId`,
+    /// Base64(HMAC-SHA1(AccessKeySecret, client_id)).
+    Signature,
+    /// Alibaba Cloud: `Token|AccessKeyId|InstanceId`, `R|token|W|token`.
+    Token,
+    /// Alibaba Cloud: `DeviceCredential|DeviceAccessKeyId|InstanceId`, HMAC
+    /// as in Signature mode with the DeviceAccessKeySecret.
+    DeviceCredential,
+}
+
+impl AuthMode {
+    /// The name used in the config file and in the Alibaba user name.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMode::Plain => "plain",
+            AuthMode::Signature => "signature",
+            AuthMode::Token => "token",
+            AuthMode::DeviceCredential => "device_credential",
+        }
+    }
+}
+
+impl MqttConfig {
+    /// Whether the link uses TLS: as configured, else on unless the host is
+    /// a loopback address.
+    pub fn uses_tls(&self) -> bool {
+        self.tls.unwrap_or_else(|| !is_loopback_host(&self.host))
+    }
+}
+
+/// `localhost` or a loopback IP address: traffic that never leaves the AP.
+/// Other names are not resolved (DNS could say anything), so they count as
+/// remote.
+pub fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -281,6 +366,49 @@ impl Default for ControlConfig {
     }
 }
 
+/// `[security]`: signed messages and the command allow-list (SECURITY.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Reject (`bad signature`) every task without a valid `sig`.
+    pub require_signed_tasks: bool,
+    /// Drop every command without a valid `sig` (no reply: its `reply_to`
+    /// is not trusted).
+    pub require_signed_commands: bool,
+    /// HMAC-SHA256 keys by id; two at once allow a rotation without a gap.
+    pub signing_keys: Vec<SigningKeyConfig>,
+    /// Remote methods the agent answers; others get a `forbidden` error.
+    pub allowed_methods: Vec<String>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            require_signed_tasks: false,
+            require_signed_commands: false,
+            signing_keys: Vec::new(),
+            allowed_methods: crate::commands::METHODS
+                .iter()
+                .map(|m| (*m).to_owned())
+                .collect(),
+        }
+    }
+}
+
+/// One `[[security.signing_keys]]` entry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SigningKeyConfig {
+    /// The `kid` a signature names: 1-32 of `[A-Za-z0-9_.:-]`.
+    pub id: String,
+    pub secret_file: Option<PathBuf>,
+    pub secret_env: Option<String>,
+}
+
+/// Most signing keys at once: two cover a rotation; a few more leave room
+/// for per-back-end keys without making a key search expensive.
+pub const MAX_SIGNING_KEYS: usize = 4;
+
 /// Characters allowed in group and device ids (PROTOCOL §2).
 pub(crate) fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_' || c == '-'
@@ -385,9 +513,8 @@ impl Config {
         if m.outbox_window == 0 || m.outbox_window > 1000 {
             return Err(invalid("mqtt.outbox_window", "must be between 1 and 1000"));
         }
-        if m.password.is_some() && m.username.is_none() {
-            return Err(invalid("mqtt.password", "needs mqtt.username as well"));
-        }
+        validate_transport(m)?;
+        validate_auth(m)?;
 
         let t = &self.topics;
         let parents = [
@@ -484,7 +611,27 @@ impl Config {
                 "must be between 0.0 and 1.0",
             ));
         }
-        Ok(())
+        validate_security(&self.security)
+    }
+
+    /// Settings that are allowed but weaken security, for the start-up log
+    /// and `check-config`.
+    pub fn warnings(&self) -> Vec<String> {
+        let m = &self.mqtt;
+        let mut w = Vec::new();
+        if !m.uses_tls() && !is_loopback_host(&m.host) {
+            w.push(format!(
+                "mqtt.tls = false: tasks, acks and the MQTT credentials cross the network to {} in clear text",
+                m.host
+            ));
+        }
+        if m.uses_tls() && m.port == 1883 {
+            w.push("mqtt.port is 1883, the usual plain-TCP port, but TLS is on: TLS brokers usually listen on 8883 (443 for wss)".into());
+        }
+        if m.password.is_some() {
+            w.push("mqtt.password is inline: keep the config file mode 0600, or move the password to mqtt.secret_file".into());
+        }
+        w
     }
 
     /// Where the control socket lives (configured, or next to the store).
@@ -498,6 +645,8 @@ impl Config {
     /// The config as TOML with secrets replaced, for `check-config` and logs.
     pub fn redacted_toml(&self) -> String {
         let mut shown = self.clone();
+        // Every other secret is referred to by a file or variable name,
+        // never held in the config itself.
         if shown.mqtt.password.is_some() {
             shown.mqtt.password = Some("<redacted>".into());
         }
@@ -505,6 +654,260 @@ impl Config {
         // string, number, bool, path, list or table.
         toml::to_string_pretty(&shown).expect("config serialises to TOML")
     }
+}
+
+fn validate_transport(m: &MqttConfig) -> Result<(), ConfigError> {
+    let tls = m.uses_tls();
+    if tls && m.ca_file.is_none() {
+        let rule = if m.tls.is_none() {
+            format!(
+                "is required: {:?} is not a loopback host, so the link uses TLS and needs the broker's CA certificate (PEM). \
+                 To send everything in clear text instead, set mqtt.tls = false",
+                m.host
+            )
+        } else {
+            "is required with mqtt.tls = true: the broker's CA certificate (PEM); there is no system CA bundle to fall back on".into()
+        };
+        return Err(invalid("mqtt.ca_file", rule));
+    }
+    if !tls {
+        for (key, set) in [
+            ("mqtt.ca_file", m.ca_file.is_some()),
+            ("mqtt.client_cert_file", m.client_cert_file.is_some()),
+            ("mqtt.client_key_file", m.client_key_file.is_some()),
+        ] {
+            if set {
+                return Err(invalid(
+                    key,
+                    "is set but TLS is off (mqtt.tls = false): it would be ignored",
+                ));
+            }
+        }
+    }
+    match (&m.client_cert_file, &m.client_key_file) {
+        (Some(_), None) => {
+            return Err(invalid(
+                "mqtt.client_key_file",
+                "is required with mqtt.client_cert_file (mutual TLS)",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "mqtt.client_cert_file",
+                "is required with mqtt.client_key_file (mutual TLS)",
+            ))
+        }
+        _ => {}
+    }
+    let path_ok = m.ws_path.starts_with('/')
+        && m.ws_path.len() <= 256
+        && m.ws_path
+            .chars()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, '?' | '#' | '%'));
+    if !path_ok {
+        return Err(invalid(
+            "mqtt.ws_path",
+            format!(
+                "{:?} must start with '/' and be printable ASCII without '?', '#' or '%'",
+                m.ws_path
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// AccessKeyId, instance id: what Alibaba Cloud issues, and never a `|`,
+/// which would shift the fields of the user name.
+fn is_cloud_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// A POSIX environment variable name.
+fn is_env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// At most one of a secret's sources; a variable name must be valid.
+fn validate_secret_source(
+    file_key: &'static str,
+    env_key: &'static str,
+    file: &Option<PathBuf>,
+    env: &Option<String>,
+) -> Result<(), ConfigError> {
+    if let Some(f) = file {
+        if f.as_os_str().is_empty() {
+            return Err(invalid(file_key, "must not be empty"));
+        }
+        if env.is_some() {
+            return Err(invalid(
+                env_key,
+                format!("cannot be used together with {file_key}: set one of them"),
+            ));
+        }
+    }
+    if let Some(e) = env {
+        if !is_env_name(e) {
+            return Err(invalid(
+                env_key,
+                format!("{e:?} is not an environment variable name"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_auth(m: &MqttConfig) -> Result<(), ConfigError> {
+    validate_secret_source(
+        "mqtt.secret_file",
+        "mqtt.secret_env",
+        &m.secret_file,
+        &m.secret_env,
+    )?;
+    let has_secret = m.secret_file.is_some() || m.secret_env.is_some();
+    if m.auth == AuthMode::Plain {
+        if m.password.is_some() && has_secret {
+            return Err(invalid(
+                "mqtt.password",
+                "cannot be used together with mqtt.secret_file or mqtt.secret_env: set one of them",
+            ));
+        }
+        if (m.password.is_some() || has_secret) && m.username.is_none() {
+            let key = if m.password.is_some() {
+                "mqtt.password"
+            } else {
+                "mqtt.username"
+            };
+            return Err(invalid(key, "a password needs mqtt.username as well"));
+        }
+        for (key, set) in [
+            ("mqtt.access_key_id", m.access_key_id.is_some()),
+            ("mqtt.instance_id", m.instance_id.is_some()),
+        ] {
+            if set {
+                return Err(invalid(
+                    key,
+                    "is only used with mqtt.auth = \"signature\", \"token\" or \"device_credential\"",
+                ));
+            }
+        }
+        return Ok(());
+    }
+    let mode = m.auth.name();
+    for (key, set) in [
+        ("mqtt.username", m.username.is_some()),
+        ("mqtt.password", m.password.is_some()),
+    ] {
+        if set {
+            return Err(invalid(
+                key,
+                format!("must not be set with mqtt.auth = {mode:?}: the user name and password are derived from mqtt.access_key_id, mqtt.instance_id and the secret"),
+            ));
+        }
+    }
+    for (key, value) in [
+        ("mqtt.access_key_id", &m.access_key_id),
+        ("mqtt.instance_id", &m.instance_id),
+    ] {
+        match value {
+            None => {
+                return Err(invalid(
+                    key,
+                    format!("is required with mqtt.auth = {mode:?}"),
+                ))
+            }
+            Some(v) if !is_cloud_id(v) => {
+                return Err(invalid(
+                    key,
+                    format!("{v:?} must be 1-128 letters, digits, '-', '_' or '.'"),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    if !has_secret {
+        return Err(invalid(
+            "mqtt.secret_file",
+            format!(
+                "is required with mqtt.auth = {mode:?} (or mqtt.secret_env): the {}",
+                match m.auth {
+                    AuthMode::Token => "token",
+                    _ => "AccessKeySecret",
+                }
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_security(s: &SecurityConfig) -> Result<(), ConfigError> {
+    if s.signing_keys.len() > MAX_SIGNING_KEYS {
+        return Err(invalid(
+            "security.signing_keys",
+            format!("at most {MAX_SIGNING_KEYS} keys"),
+        ));
+    }
+    for (i, k) in s.signing_keys.iter().enumerate() {
+        if !crate::signing::is_key_id(&k.id) {
+            return Err(invalid(
+                "security.signing_keys.id",
+                format!(
+                    "{:?} must be 1-32 of letters, digits, '_', '.', ':' and '-'",
+                    k.id
+                ),
+            ));
+        }
+        if s.signing_keys[..i].iter().any(|other| other.id == k.id) {
+            return Err(invalid(
+                "security.signing_keys.id",
+                format!("{:?} is used twice", k.id),
+            ));
+        }
+        validate_secret_source(
+            "security.signing_keys.secret_file",
+            "security.signing_keys.secret_env",
+            &k.secret_file,
+            &k.secret_env,
+        )?;
+        if k.secret_file.is_none() && k.secret_env.is_none() {
+            return Err(invalid(
+                "security.signing_keys.secret_file",
+                format!("key {:?} needs secret_file or secret_env", k.id),
+            ));
+        }
+    }
+    for (key, required) in [
+        ("security.require_signed_tasks", s.require_signed_tasks),
+        (
+            "security.require_signed_commands",
+            s.require_signed_commands,
+        ),
+    ] {
+        if required && s.signing_keys.is_empty() {
+            return Err(invalid(
+                key,
+                "needs at least one [[security.signing_keys]] entry",
+            ));
+        }
+    }
+    for m in &s.allowed_methods {
+        if !crate::commands::METHODS.contains(&m.as_str()) {
+            return Err(invalid(
+                "security.allowed_methods",
+                format!(
+                    "{m:?} is not a method of this agent; known: {}",
+                    crate::commands::METHODS.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -591,6 +994,114 @@ mod tests {
     fn wrong_type_is_an_error_that_names_the_key() {
         let err = Config::from_toml(&with("port = \"x\"", "")).unwrap_err();
         assert!(err.to_string().contains("port"), "{err}");
+    }
+
+    #[test]
+    fn tls_is_the_default_for_a_remote_broker() {
+        let (key, rule) = rule_for(&with("host = \"broker.example.com\"", ""));
+        assert_eq!(key, "mqtt.ca_file");
+        assert!(rule.contains("mqtt.tls = false"), "{rule}");
+        for host in ["localhost", "127.0.0.1", "::1", "[::1]", "127.1.2.3"] {
+            let c = Config::from_toml(&with(&format!("host = {host:?}"), "")).unwrap();
+            assert!(!c.mqtt.uses_tls(), "{host}");
+            assert!(c.warnings().is_empty(), "{host}: {:?}", c.warnings());
+        }
+        let c = Config::from_toml(&with("host = \"10.1.1.1\"\ntls = false", "")).unwrap();
+        assert!(!c.mqtt.uses_tls());
+        assert!(c.warnings()[0].contains("clear text"), "{:?}", c.warnings());
+        let c = Config::from_toml(&with(
+            "host = \"b.example\"\nport = 8883\nca_file = \"/etc/ca.pem\"",
+            "",
+        ))
+        .unwrap();
+        assert!(c.mqtt.uses_tls() && c.warnings().is_empty());
+    }
+
+    #[test]
+    fn security_keys_are_checked_and_named() {
+        let cases = [
+            (with("tls = true", ""), "mqtt.ca_file"),
+            (with("ca_file = \"/ca.pem\"", ""), "mqtt.ca_file"),
+            (
+                with("tls = true\nca_file = \"/ca.pem\"\nclient_cert_file = \"/c.pem\"", ""),
+                "mqtt.client_key_file",
+            ),
+            (with("ws_path = \"mqtt\"", ""), "mqtt.ws_path"),
+            (with("password = \"p\"", ""), "mqtt.password"),
+            (with("secret_file = \"/s\"", ""), "mqtt.username"),
+            (
+                with("username = \"u\"\nsecret_file = \"/s\"\nsecret_env = \"S\"", ""),
+                "mqtt.secret_env",
+            ),
+            (with("username = \"u\"\nsecret_env = \"1BAD\"", ""), "mqtt.secret_env"),
+            (with("access_key_id = \"AK\"", ""), "mqtt.access_key_id"),
+            (
+                with("auth = \"signature\"\ninstance_id = \"i\"\nsecret_env = \"S\"", ""),
+                "mqtt.access_key_id",
+            ),
+            (
+                with(
+                    "auth = \"token\"\naccess_key_id = \"A|B\"\ninstance_id = \"i\"\nsecret_env = \"S\"",
+                    "",
+                ),
+                "mqtt.access_key_id",
+            ),
+            (
+                with("auth = \"signature\"\naccess_key_id = \"A\"\ninstance_id = \"i\"", ""),
+                "mqtt.secret_file",
+            ),
+            (
+                with(
+                    "auth = \"signature\"\nusername = \"u\"\naccess_key_id = \"A\"\ninstance_id = \"i\"\nsecret_env = \"S\"",
+                    "",
+                ),
+                "mqtt.username",
+            ),
+            (
+                with("", "[security]\nrequire_signed_tasks = true"),
+                "security.require_signed_tasks",
+            ),
+            (
+                with("", "[security]\nallowed_methods = [\"agent.reboot\"]"),
+                "security.allowed_methods",
+            ),
+            (
+                with("", "[[security.signing_keys]]\nid = \"k 1\"\nsecret_env = \"K\""),
+                "security.signing_keys.id",
+            ),
+            (
+                with(
+                    "",
+                    "[[security.signing_keys]]\nid = \"k1\"\nsecret_env = \"K\"\n[[security.signing_keys]]\nid = \"k1\"\nsecret_env = \"L\"",
+                ),
+                "security.signing_keys.id",
+            ),
+            (
+                with("", "[[security.signing_keys]]\nid = \"k1\""),
+                "security.signing_keys.secret_file",
+            ),
+        ];
+        for (text, want) in cases {
+            let (key, rule) = rule_for(&text);
+            assert_eq!(key, want, "config {text:?}: rule {rule}");
+        }
+    }
+
+    #[test]
+    fn a_full_security_config_is_accepted() {
+        let c = Config::from_toml(&with(
+            "host = \"post-cn-x.mqtt.aliyuncs.com\"\nport = 443\nwebsocket = true\nca_file = \"/etc/esl-agent/ca.pem\"\n\
+             auth = \"signature\"\naccess_key_id = \"LTAI5t\"\ninstance_id = \"post-cn-x\"\nsecret_file = \"/etc/esl-agent/ak\"",
+            "[security]\nrequire_signed_tasks = true\nallowed_methods = [\"agent.status\"]\n\
+             [[security.signing_keys]]\nid = \"2026-01\"\nsecret_file = \"/etc/esl-agent/k1\"\n\
+             [[security.signing_keys]]\nid = \"2026-07\"\nsecret_env = \"ESL_TASK_KEY_2\"",
+        ))
+        .unwrap();
+        assert!(c.mqtt.uses_tls());
+        assert_eq!(c.mqtt.auth, AuthMode::Signature);
+        assert_eq!(c.security.signing_keys.len(), 2);
+        // What check-config prints is a valid config again.
+        assert_eq!(Config::from_toml(&c.redacted_toml()).unwrap(), c);
     }
 
     #[test]

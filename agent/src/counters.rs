@@ -35,9 +35,16 @@ counters! {
     tasks_rejected,
     /// Task messages whose `task_id` was already known.
     tasks_duplicate,
+    /// Task messages rejected for a missing or wrong signature (also counted
+    /// in `tasks_rejected`).
+    tasks_bad_signature,
     /// Command messages received, and those that could not be read.
     commands_received,
     commands_bad,
+    /// Commands dropped for a missing or wrong signature, and commands for
+    /// a method `security.allowed_methods` leaves out.
+    commands_bad_signature,
+    commands_forbidden,
     /// Delivery attempts handed to the radio, and those that failed.
     deliveries,
     delivery_failures,

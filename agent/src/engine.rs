@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::counters::Counters;
 use crate::identity::Identity;
+use crate::signing::{Purpose, SignatureError, Verdict, Verifier};
 use crate::store::{
     Change, FinalState, OutboxEntry, Store, StoreError, TagRecord, TaskRecord, TaskState,
 };
@@ -44,6 +45,10 @@ pub const RADIO_EVENT_CAPACITY: usize = 1024;
 /// Status snapshots asked for but not answered; the status task asks one at
 /// a time.
 pub const QUERY_CAPACITY: usize = 4;
+
+/// `detail` of the ack for a task whose signature failed. Deliberately the
+/// same for every cause (missing, unknown key, mismatch): the log says which.
+pub const BAD_SIGNATURE: &str = "bad signature";
 
 /// How often expiry, delivery time-outs and held flushes are looked at.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
@@ -125,6 +130,8 @@ pub struct EngineSettings {
     pub max_payload: usize,
     pub offline_after_ms: u64,
     pub ack_to: String,
+    /// Remote methods the agent answers (`security.allowed_methods`).
+    pub allowed_methods: Vec<String>,
 }
 
 impl EngineSettings {
@@ -139,6 +146,7 @@ impl EngineSettings {
             max_payload: c.limits.max_payload,
             offline_after_ms: c.status.offline_after_s.saturating_mul(1000),
             ack_to: c.mqtt.ack_to.clone(),
+            allowed_methods: c.security.allowed_methods.clone(),
         }
     }
 }
@@ -170,6 +178,9 @@ pub struct State {
     radio: RadioState,
     /// The link's connection state, for `agent.status`.
     link: Option<tokio::sync::watch::Receiver<crate::mqtt::LinkState>>,
+    /// Signature check of tasks and commands; checks nothing until
+    /// [`State::set_verifier`].
+    verifier: Verifier,
 }
 
 impl State {
@@ -194,6 +205,7 @@ impl State {
         }
         let tags = store.tags()?.into_iter().collect();
         Ok(State {
+            verifier: Verifier::disabled(&identity.client_id),
             settings,
             identity,
             store,
@@ -210,6 +222,15 @@ impl State {
 
     pub fn pending_len(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Installs the signature policy of `[security]` (keys loaded at start).
+    pub fn set_verifier(&mut self, verifier: Verifier) {
+        self.verifier = verifier;
+    }
+
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
     }
 
     /// The client id acks go to for `reply_to`, if its topic fits.
@@ -240,6 +261,7 @@ impl State {
             content_hash: Some(rec.content_hash.clone()),
             detail,
             duplicate: false,
+            unverified_task_id: None,
             target: rec.ack_target.clone(),
         }
     }
@@ -294,7 +316,23 @@ impl State {
         change: &mut Change,
     ) -> Result<(), StoreError> {
         Counters::bump(&self.counters.tasks_received);
-        let task = match wire::decode_task(payload, self.settings.max_payload) {
+        let object = match wire::parse_object(payload, self.settings.max_payload) {
+            Ok(o) => o,
+            Err(rejection) => {
+                self.reject(change, rejection, now);
+                return Ok(());
+            }
+        };
+        // Before any field is believed: an unauthenticated message must not
+        // name a task, steer its ack (`reply_to`) or touch a record.
+        let verdict = match self.verifier.check(Purpose::Task, &object) {
+            Ok(v) => v,
+            Err(e) => {
+                self.reject_unverified(change, &object, &e, now);
+                return Ok(());
+            }
+        };
+        let task = match wire::task_from_object(&object) {
             Ok(t) => t,
             Err(rejection) => {
                 self.reject(change, rejection, now);
@@ -336,6 +374,26 @@ impl State {
         }
 
         let ttl = task.ttl_ms.unwrap_or(self.settings.default_ttl_ms);
+        // A verbatim replay of a signed task is a duplicate while the agent
+        // remembers the task id (`tasks.keep_final_h` after its end). After
+        // that it must already be expired, so a signed task may not live
+        // longer than that memory.
+        let expires_at = task.issued_at.saturating_add(ttl);
+        if matches!(verdict, Verdict::Verified { .. })
+            && expires_at > now.saturating_add(self.settings.keep_final_ms)
+        {
+            let rejection = wire::Rejection {
+                detail: format!(
+                    "ttl_ms: a signed task must expire within tasks.keep_final_h ({} ms) of its arrival, or a replay after the agent forgot it would apply again",
+                    self.settings.keep_final_ms
+                ),
+                task_id: Some(task.task_id),
+                tag_id: Some(task.tag_id),
+                reply_to: task.reply_to,
+            };
+            self.reject(change, rejection, now);
+            return Ok(());
+        }
         let rec = TaskRecord {
             expires_at: task.issued_at.saturating_add(ttl),
             ack_target: self.ack_target(task.reply_to.as_deref()),
@@ -397,10 +455,39 @@ impl State {
         Ok(())
     }
 
+    /// A task whose signature failed: `rejected`, detail `bad signature`,
+    /// to `ack_to` whatever its `reply_to` says, with `task_id` null (the
+    /// claimed id goes in `unverified_task_id`).
+    fn reject_unverified(
+        &mut self,
+        change: &mut Change,
+        object: &serde_json::Map<String, serde_json::Value>,
+        error: &SignatureError,
+        now: u64,
+    ) {
+        Counters::bump(&self.counters.tasks_bad_signature);
+        let claimed = wire::readable_task_id(object);
+        warn!(claimed_task_id = ?claimed, reason = %error, "task with a bad signature rejected");
+        let rejection = wire::Rejection {
+            task_id: None,
+            tag_id: None,
+            reply_to: None,
+            detail: BAD_SIGNATURE.into(),
+        };
+        let mut ack = self.rejection_ack(rejection, now);
+        ack.unverified_task_id = claimed;
+        self.push_ack(change, &ack);
+    }
+
     fn reject(&mut self, change: &mut Change, r: wire::Rejection, now: u64) {
-        Counters::bump(&self.counters.tasks_rejected);
         debug!(task_id = ?r.task_id, detail = %r.detail, "task rejected");
-        let ack = Ack {
+        let ack = self.rejection_ack(r, now);
+        self.push_ack(change, &ack);
+    }
+
+    fn rejection_ack(&self, r: wire::Rejection, now: u64) -> Ack {
+        Counters::bump(&self.counters.tasks_rejected);
+        Ack {
             v: 1,
             kind: "ack".into(),
             target: self.ack_target(r.reply_to.as_deref()),
@@ -413,8 +500,8 @@ impl State {
             content_hash: None,
             detail: Some(r.detail),
             duplicate: false,
-        };
-        self.push_ack(change, &ack);
+            unverified_task_id: None,
+        }
     }
 
     /// A radio event: check-in (maybe start a delivery) or outcome.
@@ -931,6 +1018,10 @@ mod tests {
             max_payload: 65536,
             offline_after_ms: 300_000,
             ack_to: "GID_backend@@@be1".into(),
+            allowed_methods: crate::commands::METHODS
+                .iter()
+                .map(|m| (*m).to_owned())
+                .collect(),
         }
     }
 
@@ -1280,6 +1371,105 @@ mod tests {
         let mut c = Change::new();
         assert!(!f.state.cancel("t1", NOW + 2, &mut c).unwrap());
         assert!(!f.state.cancel("nope", NOW + 2, &mut c).unwrap());
+    }
+
+    const SIGNING_KEY: &str = "engine-test-key-0123456789abcdef-0123";
+
+    /// `f` requires signed tasks, with key `k1` read from a private file.
+    fn require_signatures(f: &mut Fixture) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = f._dir.path().join("k1.key");
+        std::fs::write(&path, SIGNING_KEY).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let security = crate::config::SecurityConfig {
+            require_signed_tasks: true,
+            signing_keys: vec![crate::config::SigningKeyConfig {
+                id: "k1".into(),
+                secret_file: Some(path),
+                secret_env: None,
+            }],
+            ..Default::default()
+        };
+        let v = Verifier::from_config(&security, "GID_test@@@dev1").unwrap();
+        f.state.set_verifier(v);
+    }
+
+    fn sign(mut t: Value, key: &str) -> Value {
+        let m = t.as_object_mut().unwrap();
+        crate::signing::add_signature(m, key, Purpose::Task, "GID_test@@@dev1", "k1");
+        t
+    }
+
+    #[tokio::test]
+    async fn signed_tasks_pass_and_bad_signatures_are_rejected_to_ack_to() {
+        let mut f = Fixture::new();
+        require_signatures(&mut f);
+        let mut good = task("t1", "A", 1);
+        good["reply_to"] = "GID_other@@@x".into();
+        f.task(sign(good.clone(), SIGNING_KEY), NOW);
+        assert_eq!(
+            f.state.pending_len(),
+            1,
+            "a correctly signed task is pending"
+        );
+        assert!(f.acks().await.is_empty());
+
+        // Forged (wrong key), changed after signing, and unsigned copies of
+        // the pending task: each rejected, none touches t1.
+        let forged = sign(task("t1", "A", 2), "attacker-key-0123456789abcdef-012345");
+        let mut changed = sign(task("t1", "A", 2), SIGNING_KEY);
+        changed["content"]["price"] = "0.01".into();
+        let unsigned = task("t1", "A", 3);
+        for t in [forged, changed, unsigned] {
+            f.task(t, NOW + 1);
+        }
+        let acks = f.acks().await;
+        assert_eq!(acks.len(), 3, "{acks:?}");
+        for (topic, ack) in &acks {
+            assert_eq!(
+                topic, "esl_ack/p2p/GID_backend@@@be1",
+                "to ack_to, never to an unverified reply_to"
+            );
+            assert_eq!(ack["status"], "rejected");
+            assert_eq!(ack["detail"], "bad signature");
+            assert_eq!(
+                ack["task_id"],
+                Value::Null,
+                "a forgery never names a real task"
+            );
+            assert_eq!(ack["unverified_task_id"], "t1");
+        }
+        assert_eq!(Counters::get(&f.state.counters.tasks_bad_signature), 3);
+        let d = f.radio(checkin("A", None), NOW + 2);
+        assert_eq!(
+            d[0].content, br#"{"price":"1.00"}"#,
+            "the signed content is delivered"
+        );
+        f.radio(outcome(&d[0], Ok(())), NOW + 3);
+        let acks = f.acks().await;
+        assert_eq!(
+            acks[0].0, "esl_ack/p2p/GID_other@@@x",
+            "a signed reply_to is honoured"
+        );
+        assert_eq!(acks[0].1["status"], "applied");
+    }
+
+    #[tokio::test]
+    async fn a_signed_task_may_not_outlive_the_duplicate_memory() {
+        let mut f = Fixture::new();
+        require_signatures(&mut f);
+        // keep_final_ms is one hour in these settings.
+        let mut long = task("t1", "A", 1);
+        long["ttl_ms"] = (2 * 3_600_000u64).into();
+        f.task(sign(long, SIGNING_KEY), NOW);
+        let acks = f.acks().await;
+        assert_eq!(acks[0].1["status"], "rejected");
+        assert_eq!(acks[0].1["task_id"], "t1");
+        assert!(acks[0].1["detail"].as_str().unwrap().starts_with("ttl_ms:"));
+        let mut ok = task("t2", "A", 2);
+        ok["ttl_ms"] = 3_000_000u64.into();
+        f.task(sign(ok, SIGNING_KEY), NOW);
+        assert_eq!(f.state.pending_len(), 1);
     }
 
     #[tokio::test]

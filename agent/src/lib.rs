@@ -31,10 +31,17 @@
 //!   `esl-agent status|tags|tasks`; forwards requests to the engine.
 //! - [`store::Store`] — the only opener of sled.
 //!
+//! Security (docs/SECURITY.md) is prepared before anything starts
+//! ([`security::Prepared`]): [`tls`] builds the transport, [`auth`] the MQTT
+//! login, [`signing`] loads the keys that signed tasks and commands are
+//! checked with; [`secrets`] reads every secret and refuses files others
+//! could read.
+//!
 //! Shutdown is one [`CancellationToken`] seen by every task. The engine
 //! flushes and releases its last PUBACKs; the link sends them and
 //! disconnects; [`Agent::wait`] joins everything within a deadline.
 
+pub mod auth;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -46,8 +53,12 @@ pub mod engine;
 pub mod identity;
 pub mod mqtt;
 pub mod radio;
+pub mod secrets;
+pub mod security;
+pub mod signing;
 pub mod status;
 pub mod store;
+pub mod tls;
 pub mod wire;
 
 use std::sync::Arc;
@@ -84,8 +95,12 @@ pub struct Agent {
 /// tasks run; the link connects in the background.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Agent> {
     let identity = Identity::resolve(&config).context("identity")?;
-    for w in &identity.warnings {
+    for w in identity.warnings.iter().chain(&config.warnings()) {
         warn!("{w}");
+    }
+    let security = security::Prepared::load(&config, &identity)?;
+    for (what, value) in security.summary() {
+        info!("{what}: {value}");
     }
     let store_path = config.store.path.clone();
     let cache = config.store.cache_mb * 1024 * 1024;
@@ -117,6 +132,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         counters.clone(),
     )
     .context("loading pending tasks from the store")?;
+    state.set_verifier(security.verifier);
 
     state.set_link(link_rx.clone());
     let mut tasks = JoinSet::new();
@@ -168,8 +184,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     });
 
     let link = mqtt::Link {
-        options: mqtt::mqtt_options(&config.mqtt, &identity, config.limits.max_payload),
+        url: security.transport.url.clone(),
+        options: mqtt::mqtt_options(
+            &config.mqtt,
+            &identity,
+            config.limits.max_payload,
+            security.transport,
+            security.credentials,
+        ),
         settings: mqtt::LinkSettings::from_config(&config.mqtt),
+        login: security.login,
         identity: identity.clone(),
         store: store.clone(),
         counters: counters.clone(),

@@ -229,7 +229,19 @@ fn check_config(path: &std::path::Path) -> ExitCode {
         "# ack topic:    {}",
         identity.reply_topic(&config.mqtt.ack_to)
     );
-    for w in &identity.warnings {
+    // Reads every CA, key and secret file, so their problems show here too.
+    match esl_agent::security::Prepared::load(&config, &identity) {
+        Ok(security) => {
+            for (what, value) in security.summary() {
+                println!("# {what:<13} {value}");
+            }
+        }
+        Err(e) => {
+            eprintln!("esl-agent: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    for w in identity.warnings.iter().chain(&config.warnings()) {
         println!("# warning: {w}");
     }
     print!("{}", config.redacted_toml());
@@ -237,6 +249,7 @@ fn check_config(path: &std::path::Path) -> ExitCode {
 }
 
 async fn run(config: Config) -> ExitCode {
+    harden_process();
     let shutdown = CancellationToken::new();
     let agent = match esl_agent::start(config, shutdown.clone()).await {
         Ok(a) => a,
@@ -254,6 +267,18 @@ async fn run(config: Config) -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Process-wide hardening, before any file is created: files the agent
+/// makes (store, journal) are private to its user, and the process is not
+/// dumpable, so neither a core file nor another process of the same user
+/// (`/proc/<pid>/mem`, `environ`) can read the secrets in its memory.
+fn harden_process() {
+    use nix::sys::stat::{umask, Mode};
+    umask(Mode::from_bits_truncate(0o077));
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "cannot mark the process non-dumpable");
     }
 }
 

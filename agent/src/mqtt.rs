@@ -18,7 +18,13 @@
 //! - Nothing is published while disconnected, so no request from the old
 //!   connection can slip into the new one and break that ordering.
 //! - Reconnects back off exponentially with jitter (rumqttc itself would
-//!   retry at once); the wait does not block the other inputs.
+//!   retry at once); the wait does not block the other inputs. A refused
+//!   login or TLS handshake backs off the same way, so a wrong password
+//!   never hammers the broker, and is logged with what to check.
+//! - Before each reconnect the login is made again from its source
+//!   (`auth::Login`), so a rotated password or token file is picked up.
+//! - `MqttOptions` holds the password and its `Debug` prints it: never log
+//!   the options.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -26,19 +32,21 @@ use std::time::Duration;
 
 use rand::Rng;
 use rumqttc::{
-    AsyncClient, Event, MqttOptions, NetworkOptions, Outgoing, Packet, Publish, QoS,
-    SubscribeFilter, SubscribeReasonCode,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, NetworkOptions, Outgoing,
+    Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
 };
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::auth::{Credentials, Login};
 use crate::config::MqttConfig;
 use crate::counters::Counters;
 use crate::engine::{AckToken, Inbound, InboundKind};
 use crate::identity::Identity;
 use crate::store::Store;
+use crate::tls::LinkTransport;
 
 /// rumqttc's request channel: PUBACKs we release plus our publishes. The
 /// outbox window and one status report bound what we put in at once, far
@@ -79,6 +87,8 @@ pub struct LinkSettings {
     pub publish_timeout: Duration,
     pub window: usize,
     pub connect_timeout: Duration,
+    /// `mqtt.host`, for error messages about the broker's certificate.
+    pub host: String,
 }
 
 impl LinkSettings {
@@ -90,13 +100,22 @@ impl LinkSettings {
             publish_timeout: Duration::from_secs(m.publish_timeout_s),
             window: usize::from(m.outbox_window),
             connect_timeout: Duration::from_secs(m.connect_timeout_s),
+            host: m.host.clone(),
         }
     }
 }
 
-/// rumqttc options for the config and identity.
-pub fn mqtt_options(m: &MqttConfig, identity: &Identity, max_payload: usize) -> MqttOptions {
-    let mut o = MqttOptions::new(identity.client_id.clone(), m.host.clone(), m.port);
+/// rumqttc options for the config and identity, with the transport
+/// (`tls::LinkTransport`) and login (`auth::Login`) prepared at start-up.
+pub fn mqtt_options(
+    m: &MqttConfig,
+    identity: &Identity,
+    max_payload: usize,
+    transport: LinkTransport,
+    credentials: Option<Credentials>,
+) -> MqttOptions {
+    let mut o = MqttOptions::new(identity.client_id.clone(), transport.broker_addr, m.port);
+    o.set_transport(transport.transport);
     o.set_keep_alive(Duration::from_secs(m.keepalive_s));
     o.set_clean_session(m.clean_session);
     o.set_manual_acks(true);
@@ -111,10 +130,30 @@ pub fn mqtt_options(m: &MqttConfig, identity: &Identity, max_payload: usize) -> 
     // rumqttc replays its own pending requests after a reconnect at this
     // pace; we clear them (the outbox replays instead), so no throttle.
     o.set_pending_throttle(Duration::ZERO);
-    if let Some(user) = &m.username {
-        o.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
+    if let Some(c) = credentials {
+        o.set_credentials(c.username, c.password.expose());
     }
     o
+}
+
+/// What went wrong with a connection attempt, in words that say what to
+/// check. Never includes a credential.
+fn explain_error(e: &ConnectionError, host: &str) -> String {
+    // Brokers differ in which code they send for a wrong password (Mosquitto
+    // 2: "not authorised"), so both point at every key the login uses.
+    const CHECK_LOGIN: &str = "check mqtt.auth, mqtt.username, mqtt.access_key_id, mqtt.instance_id and the secret in mqtt.secret_file / mqtt.secret_env";
+    match e {
+        ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword) => {
+            format!("the broker refused the login: bad user name or password ({CHECK_LOGIN})")
+        }
+        ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized) => format!(
+            "the broker refused the login: not authorized, i.e. a wrong user name or password, or a client id this login may not use ({CHECK_LOGIN})"
+        ),
+        ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId) => {
+            "the broker refused the client id (check mqtt.group_id and the device id)".to_owned()
+        }
+        other => crate::tls::explain(other, host).unwrap_or_else(|| other.to_string()),
+    }
 }
 
 /// Outbox messages of the current connection.
@@ -133,10 +172,14 @@ struct OutboxTracker {
 
 pub struct Link {
     pub options: MqttOptions,
+    /// Where the broker is, for the log (`mqtts://host:8883`).
+    pub url: String,
     pub settings: LinkSettings,
     pub identity: Identity,
     pub store: Arc<Store>,
     pub counters: Arc<Counters>,
+    /// Makes the credentials again before each reconnect.
+    pub login: Login,
     pub inbound_tx: mpsc::Sender<Inbound>,
     pub puback_rx: mpsc::Receiver<AckToken>,
     pub report_rx: mpsc::Receiver<Report>,
@@ -159,8 +202,7 @@ impl Link {
         let mut resend = tokio::time::interval(RESEND_CHECK);
         resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
-        info!(broker = %format!("{}:{}", self.options.broker_address().0, self.options.broker_address().1),
-              client_id = %self.identity.client_id, "connecting");
+        info!(broker = %self.url, client_id = %self.identity.client_id, "connecting");
 
         loop {
             tokio::select! {
@@ -226,13 +268,15 @@ impl Link {
                     Ok(_) => {}
                     Err(e) => {
                         Counters::bump(&self.counters.mqtt_errors);
+                        let reason = explain_error(&e, &self.settings.host);
                         if state.connected {
-                            warn!(error = %e, "connection to broker lost");
+                            warn!(error = %reason, "connection to broker lost");
                             state.connected = false;
                             self.link_tx.send_replace(state);
                         } else {
-                            warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to broker");
+                            warn!(error = %reason, retry_in_ms = backoff.as_millis() as u64, "cannot connect to broker");
                         }
+                        self.refresh_credentials(&mut eventloop);
                         if stopping_until.is_some() {
                             break;
                         }
@@ -272,6 +316,26 @@ impl Link {
             epoch: state.epoch,
         });
         info!("link stopped");
+    }
+
+    /// Reads the secret again (a rotated password or token takes effect at
+    /// the next connection). A secret that cannot be read now keeps the
+    /// previous credentials: the broker will say whether they still work.
+    fn refresh_credentials(&self, eventloop: &mut rumqttc::EventLoop) {
+        if !self.login.reads_secret() {
+            return;
+        }
+        match self.login.credentials() {
+            Ok(Some(c)) => {
+                eventloop
+                    .mqtt_options
+                    .set_credentials(c.username, c.password.expose());
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %e, "cannot read the MQTT secret again; keeping the previous one")
+            }
+        }
     }
 
     async fn on_publish(&self, client: &AsyncClient, p: Publish, epoch: u64) {

@@ -66,6 +66,57 @@ pub struct Rejection {
 
 /// Decodes and validates one task payload (PROTOCOL §4, rule 2).
 pub fn decode_task(payload: &[u8], max_payload: usize) -> Result<Task, Rejection> {
+    task_from_object(&parse_object(payload, max_payload)?)
+}
+
+/// The envelope rules of a task payload: size, UTF-8, one JSON object. The
+/// object is what a signature check looks at before [`task_from_object`].
+pub fn parse_object(payload: &[u8], max_payload: usize) -> Result<Map<String, Value>, Rejection> {
+    // Nothing can be read from a message that fails here.
+    let reject = |detail: String| {
+        Err(Rejection {
+            task_id: None,
+            tag_id: None,
+            reply_to: None,
+            detail,
+        })
+    };
+    if payload.len() > max_payload {
+        return reject(format!(
+            "payload: {} bytes is over the limit of {max_payload} bytes",
+            payload.len()
+        ));
+    }
+    let text = match std::str::from_utf8(payload) {
+        Ok(t) => t,
+        Err(e) => {
+            return reject(format!(
+                "payload: not valid UTF-8 (at byte {})",
+                e.valid_up_to()
+            ))
+        }
+    };
+    let value: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return reject(format!("payload: not valid JSON ({e})")),
+    };
+    let Value::Object(obj) = value else {
+        return reject("payload: must be a JSON object".into());
+    };
+    Ok(obj)
+}
+
+/// The `task_id` of a message if it is a well-formed one (for correlation
+/// only; nothing else is read).
+pub fn readable_task_id(obj: &Map<String, Value>) -> Option<String> {
+    match obj.get("task_id") {
+        Some(Value::String(id)) if valid_tag_like(id, MAX_TASK_ID) => Some(id.clone()),
+        _ => None,
+    }
+}
+
+/// The field rules of PROTOCOL §4 on a parsed task object.
+pub fn task_from_object(obj: &Map<String, Value>) -> Result<Task, Rejection> {
     let mut rejection = Rejection {
         task_id: None,
         tag_id: None,
@@ -76,39 +127,10 @@ pub fn decode_task(payload: &[u8], max_payload: usize) -> Result<Task, Rejection
         r.detail = detail;
         Err(r)
     };
-    if payload.len() > max_payload {
-        return reject(
-            rejection,
-            format!(
-                "payload: {} bytes is over the limit of {max_payload} bytes",
-                payload.len()
-            ),
-        );
-    }
-    let text = match std::str::from_utf8(payload) {
-        Ok(t) => t,
-        Err(e) => {
-            return reject(
-                rejection,
-                format!("payload: not valid UTF-8 (at byte {})", e.valid_up_to()),
-            )
-        }
-    };
-    let value: Value = match serde_json::from_str(text) {
-        Ok(v) => v,
-        Err(e) => return reject(rejection, format!("payload: not valid JSON ({e})")),
-    };
-    let Value::Object(obj) = value else {
-        return reject(rejection, "payload: must be a JSON object".into());
-    };
 
     // Read the correlation fields first, leniently, so even a rejection of
     // another field can name the task and reach the right back end.
-    if let Some(Value::String(id)) = obj.get("task_id") {
-        if valid_tag_like(id, MAX_TASK_ID) {
-            rejection.task_id = Some(id.clone());
-        }
-    }
+    rejection.task_id = readable_task_id(obj);
     if let Some(Value::String(id)) = obj.get("tag_id") {
         if valid_tag_like(id, MAX_TAG_ID) {
             rejection.tag_id = Some(id.clone());
@@ -125,15 +147,15 @@ pub fn decode_task(payload: &[u8], max_payload: usize) -> Result<Task, Rejection
         Some(v) if v.as_u64() == Some(1) => {}
         Some(v) => return reject(rejection, format!("v: must be 1, got {}", brief(v))),
     }
-    let task_id = match tag_like_field(&obj, "task_id", MAX_TASK_ID) {
+    let task_id = match tag_like_field(obj, "task_id", MAX_TASK_ID) {
         Ok(id) => id,
         Err(d) => return reject(rejection, d),
     };
-    let tag_id = match tag_like_field(&obj, "tag_id", MAX_TAG_ID) {
+    let tag_id = match tag_like_field(obj, "tag_id", MAX_TAG_ID) {
         Ok(id) => id,
         Err(d) => return reject(rejection, d),
     };
-    let issued_at = match u64_field(&obj, "issued_at") {
+    let issued_at = match u64_field(obj, "issued_at") {
         Ok(Some(t)) => t,
         Ok(None) => {
             return reject(
@@ -143,11 +165,11 @@ pub fn decode_task(payload: &[u8], max_payload: usize) -> Result<Task, Rejection
         }
         Err(d) => return reject(rejection, d),
     };
-    let seq = match u64_field(&obj, "seq") {
+    let seq = match u64_field(obj, "seq") {
         Ok(s) => s.unwrap_or(issued_at),
         Err(d) => return reject(rejection, d),
     };
-    let ttl_ms = match u64_field(&obj, "ttl_ms") {
+    let ttl_ms = match u64_field(obj, "ttl_ms") {
         Ok(t) => t,
         Err(d) => return reject(rejection, d),
     };
@@ -303,6 +325,11 @@ pub struct Ack {
     pub content_hash: Option<String>,
     pub detail: Option<String>,
     pub duplicate: bool,
+    /// For a message whose signature failed: the `task_id` it claimed.
+    /// `task_id` stays null, so a forged message can never produce an ack
+    /// that names (and seems to settle) a real task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unverified_task_id: Option<String>,
     /// Where the ack goes (`reply_to` or `ack_to`); not sent on the wire
     /// separately from the topic, but kept so a duplicate can be re-addressed.
     #[serde(skip)]
@@ -336,28 +363,20 @@ pub struct BadCommand {
 }
 
 pub fn decode_command(payload: &[u8], max_payload: usize) -> Result<Command, BadCommand> {
+    let obj = parse_object(payload, max_payload).map_err(|r| BadCommand {
+        req_id: None,
+        reply_to: None,
+        message: r.detail,
+    })?;
+    command_from_object(&obj)
+}
+
+/// The field rules of PROTOCOL §7 on a parsed command object.
+pub fn command_from_object(obj: &Map<String, Value>) -> Result<Command, BadCommand> {
     let mut bad = BadCommand {
         req_id: None,
         reply_to: None,
         message: String::new(),
-    };
-    if payload.len() > max_payload {
-        bad.message = format!(
-            "payload: {} bytes is over the limit of {max_payload} bytes",
-            payload.len()
-        );
-        return Err(bad);
-    }
-    let obj = match serde_json::from_slice::<Value>(payload) {
-        Ok(Value::Object(o)) => o,
-        Ok(_) => {
-            bad.message = "payload: must be a JSON object".into();
-            return Err(bad);
-        }
-        Err(e) => {
-            bad.message = format!("payload: not valid JSON ({e})");
-            return Err(bad);
-        }
     };
     if let Some(Value::String(r)) = obj.get("req_id") {
         if r.len() <= MAX_TASK_ID {
@@ -415,6 +434,8 @@ pub enum ErrorCode {
     NotFound,
     InvalidState,
     Internal,
+    /// The method exists but `security.allowed_methods` leaves it out.
+    Forbidden,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

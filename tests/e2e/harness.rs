@@ -15,6 +15,8 @@
 //! - `acks.rs`, `journal.rs`: what the assertions read; `checks.rs`: the
 //!   checks several scenarios share, so each rule is written once.
 //! - `process.rs`: signals and bounded waits for child processes.
+//! - `secure.rs`: test PKI, broker logins/ACL/TLS listener, a TLS
+//!   WebSocket front and the task-signing script, for `security.rs`.
 //!
 //! Waiting is always "until a condition or a deadline", never a bare sleep:
 //! a test must fail when the agent misbehaves, not when the machine is slow.
@@ -29,6 +31,7 @@ mod checks;
 mod env;
 mod journal;
 mod process;
+mod secure;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,6 +46,10 @@ pub use checks::{
     assert_content_hash_consistent, assert_journal_matches, assert_latest_per_tag_applied,
 };
 pub use env::TestEnv;
+pub use secure::{
+    agent_acl, sign_with_script, write_private, BrokerSecurity, LegacyTlsServer, Pki, ServerCert,
+    TlsListener, WssFront, BACKEND_PASSWORD, BACKEND_USER, INTRUDER_PASSWORD, INTRUDER_USER,
+};
 
 /// Where Debian installs the broker. The tests fail (never skip) without it.
 pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";

@@ -7,8 +7,10 @@
 //! output: `-- --nocapture`).
 //!
 //! Requirements: Mosquitto at `/usr/sbin/mosquitto` (Debian/Ubuntu:
-//! `apt-get install mosquitto`). Without it every test FAILS with a message
-//! saying so; none is skipped silently.
+//! `apt-get install mosquitto`, which also brings `mosquitto_passwd`); the
+//! security tests also run `python3` and `/usr/bin/openssl`. Without them
+//! the tests that need them FAIL with a message saying so; none is skipped
+//! silently.
 //!
 //! Each test owns a temp dir, a broker on a free port and its agent, so the
 //! tests run in parallel. When a test fails it prints the tail of the agent
@@ -19,10 +21,13 @@
 //! `tasks.rs` (task handling, PROTOCOL §4–5), `status.rs` (§6),
 //! `resilience.rs` (restarts of the agent and the broker), `commands.rs`
 //! (§7 remote commands), `operator.rs` (the local `status|tags|tasks` CLI).
+//! `resilience.rs` (restarts of the agent and the broker), `security.rs`
+//! (TLS, logins, ACL, signed tasks, secrets kept out of logs).
 
 mod commands;
 mod harness;
 mod operator;
 mod resilience;
+mod security;
 mod status;
 mod tasks;

@@ -18,6 +18,7 @@ use super::{Broker, TestEnv, BACKEND_ID, POLL_INTERVAL, SHUTDOWN_DEADLINE, TAGS,
 /// The agent's config file (PROTOCOL §9), with the values the tests use.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    pub host: String,
     pub port: u16,
     pub clean_session: bool,
     pub ack_to: String,
@@ -35,11 +36,20 @@ pub struct AgentConfig {
     pub offline: Vec<String>,
     pub seed: u64,
     pub journal: PathBuf,
+    /// Extra `key = value` lines for the `[mqtt]` table (TLS, login).
+    pub mqtt_extra: Vec<String>,
+    /// Extra tables appended to the file (`[security]`).
+    pub extra: String,
+    /// Environment of the agent process besides `RUST_LOG` (`secret_env`).
+    pub env: Vec<(String, String)>,
+    /// `RUST_LOG` of the agent process.
+    pub log_filter: String,
 }
 
 impl AgentConfig {
     pub fn new(env: &TestEnv, broker: &Broker) -> AgentConfig {
         AgentConfig {
+            host: "127.0.0.1".to_owned(),
             port: broker.port(),
             clean_session: true,
             ack_to: BACKEND_ID.to_owned(),
@@ -57,6 +67,10 @@ impl AgentConfig {
             offline: Vec::new(),
             seed: 1,
             journal: env.journal_path(1),
+            mqtt_extra: Vec::new(),
+            extra: String::new(),
+            env: Vec::new(),
+            log_filter: "esl_agent=debug,info".to_owned(),
         }
     }
 
@@ -66,7 +80,7 @@ impl AgentConfig {
         let p = |v: &Path| s(&v.display().to_string());
         format!(
             "[mqtt]\n\
-             host = \"127.0.0.1\"\n\
+             host = {host}\n\
              port = {port}\n\
              group_id = \"GID_test\"\n\
              device_id = \"dev1\"\n\
@@ -76,6 +90,7 @@ impl AgentConfig {
              keepalive_s = {keepalive_s}\n\
              reconnect_min_ms = {reconnect_min_ms}\n\
              reconnect_max_ms = {reconnect_max_ms}\n\
+             {mqtt_extra}\
              \n\
              [store]\n\
              path = {store}\n\
@@ -99,7 +114,15 @@ impl AgentConfig {
              fail_rate = {fail_rate:?}\n\
              offline = {offline}\n\
              seed = {seed}\n\
-             journal = {journal}\n",
+             journal = {journal}\n\
+             {extra}",
+            host = s(&self.host),
+            mqtt_extra = self
+                .mqtt_extra
+                .iter()
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+            extra = self.extra,
             port = self.port,
             clean_session = self.clean_session,
             ack_to = s(&self.ack_to),
@@ -142,7 +165,8 @@ impl Agent {
             .arg("run")
             .arg("--config")
             .arg(&config_path)
-            .env("RUST_LOG", "esl_agent=debug,info")
+            .env("RUST_LOG", &config.log_filter)
+            .envs(config.env.iter().map(|(k, v)| (k, v)))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))

@@ -94,11 +94,24 @@ const BACKEND_REQUEST_CAPACITY: usize = 1024;
 impl Backend {
     /// Connects and waits until the broker confirmed the subscriptions.
     pub async fn connect(broker: &Broker, client_id: &str, clean_session: bool) -> Backend {
+        Backend::connect_as(broker, client_id, clean_session, None).await
+    }
+
+    /// [`Backend::connect`] with a user name and password (secured brokers).
+    pub async fn connect_as(
+        broker: &Broker,
+        client_id: &str,
+        clean_session: bool,
+        login: Option<(&str, &str)>,
+    ) -> Backend {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", broker.port());
         options
             .set_keep_alive(Duration::from_secs(5))
             .set_clean_session(clean_session)
             .set_max_packet_size(1 << 20, 1 << 20);
+        if let Some((user, password)) = login {
+            options.set_credentials(user, password);
+        }
         let (client, eventloop) = AsyncClient::new(options, BACKEND_REQUEST_CAPACITY);
         let (received_tx, received_rx) = mpsc::unbounded_channel();
         let (subacks_tx, subacks_rx) = watch::channel(0);

@@ -13,6 +13,7 @@ use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
 use super::process::{append_log, kill_and_reap, send_signal, wait_exit};
+use super::secure::BrokerSecurity;
 use super::{eventually, TestEnv, AGENT_CLIENT_ID, MOSQUITTO, POLL_INTERVAL, TASK_TOPIC};
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -26,6 +27,8 @@ pub struct BrokerOptions {
 pub struct Broker {
     child: Option<Child>,
     port: u16,
+    /// The second listener of a [`BrokerSecurity`] with TLS.
+    tls_port: Option<u16>,
     conf_path: PathBuf,
     log_path: PathBuf,
 }
@@ -34,17 +37,40 @@ impl Broker {
     /// Starts a broker and waits until it accepts connections. A port taken
     /// between choosing and binding it is retried with another port.
     pub async fn start(env: &TestEnv, options: BrokerOptions) -> Broker {
+        Broker::start_inner(env, options, None).await
+    }
+
+    /// A broker with passwords, an ACL and, if `security` has one, a TLS
+    /// listener on [`Broker::tls_port`] besides the plain one.
+    pub async fn start_secure(
+        env: &TestEnv,
+        options: BrokerOptions,
+        security: &BrokerSecurity,
+    ) -> Broker {
+        Broker::start_inner(env, options, Some(security)).await
+    }
+
+    async fn start_inner(
+        env: &TestEnv,
+        options: BrokerOptions,
+        security: Option<&BrokerSecurity>,
+    ) -> Broker {
         const ATTEMPTS: usize = 5;
         for _ in 0..ATTEMPTS {
             let port = free_port();
+            let tls_port = security.and_then(|s| s.has_tls().then(free_port));
             let mut broker = Broker {
                 child: None,
                 port,
+                tls_port,
                 conf_path: env.path().join("mosquitto.conf"),
                 log_path: env.broker_log(),
             };
-            fs::write(&broker.conf_path, broker_config(env.path(), port, options))
-                .expect("write mosquitto.conf");
+            let mut config = broker_config(env.path(), port, options, security.is_none());
+            if let Some(s) = security {
+                config.push_str(&s.config(env.path(), tls_port));
+            }
+            fs::write(&broker.conf_path, config).expect("write mosquitto.conf");
             match broker.spawn_and_wait().await {
                 Ok(()) => return broker,
                 Err(log) if log.contains("Address already in use") => continue,
@@ -56,6 +82,12 @@ impl Broker {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Port of the TLS listener of a [`Broker::start_secure`] broker.
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port
+            .expect("the broker was started with a TLS listener")
     }
 
     /// Stops the broker with SIGTERM (it saves its persistence file then).
@@ -101,9 +133,11 @@ impl Broker {
                     self.log_since(since)
                 ));
             }
-            // "mosquitto version 2.0.11 running" comes after the listener is open.
+            // "mosquitto version 2.0.11 running" comes after the listeners are open.
+            let listening = |p: u16| TcpStream::connect(("127.0.0.1", p)).is_ok();
             if self.log_since(since).contains(" running")
-                && TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && listening(self.port)
+                && self.tls_port.is_none_or(listening)
             {
                 return Ok(());
             }
@@ -167,14 +201,14 @@ impl Drop for Broker {
     }
 }
 
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind an ephemeral loopback port")
         .port()
 }
 
-fn broker_config(dir: &Path, port: u16, options: BrokerOptions) -> String {
+fn broker_config(dir: &Path, port: u16, options: BrokerOptions, anonymous: bool) -> String {
     let data = dir.join("mosquitto-data");
     fs::create_dir_all(&data).expect("create the broker data dir");
     // Run as root, Mosquitto drops to user `mosquitto`, which cannot write
@@ -187,7 +221,7 @@ fn broker_config(dir: &Path, port: u16, options: BrokerOptions) -> String {
         "# Written by the esl-agent end-to-end harness.\n\
          {user}\
          listener {port} 127.0.0.1\n\
-         allow_anonymous true\n\
+         allow_anonymous {anonymous}\n\
          max_queued_messages 100000\n\
          max_inflight_messages 20\n\
          persistence {persistence}\n\

@@ -41,6 +41,11 @@ impl TestEnv {
         self.path().join("agent.log")
     }
 
+    /// Everything the agent logged so far (all runs).
+    pub fn agent_log_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.agent_log()).unwrap_or_default()).into_owned()
+    }
+
     pub fn broker_log(&self) -> PathBuf {
         self.path().join("mosquitto.log")
     }
