@@ -80,6 +80,9 @@ pub struct Inbound {
 #[derive(Debug)]
 pub enum Query {
     Snapshot(oneshot::Sender<Snapshot>),
+    /// Answered at once: proves the engine loop is turning (the systemd
+    /// watchdog pings only after an answer).
+    Ping(oneshot::Sender<()>),
 }
 
 /// What status reports need to know.
@@ -847,6 +850,9 @@ impl Engine {
                 };
                 // The asker may have given up (shutdown); nothing to do then.
                 let _ = reply.send(snapshot);
+            }
+            Query::Ping(reply) => {
+                let _ = reply.send(());
             }
         }
     }

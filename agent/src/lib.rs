@@ -28,6 +28,9 @@
 //! - [`radio::RadioTask`] — owns the radio backend.
 //! - [`status::StatusTask`] — hello and periodic status reports.
 //! - [`store::Store`] — the only opener of sled.
+//! - [`systemd::SystemdTask`] — only under systemd (`$NOTIFY_SOCKET`):
+//!   READY after the first CONNACK, watchdog pings while the engine answers
+//!   [`engine::Query::Ping`] on `query_tx`, STOPPING at shutdown.
 //!
 //! Shutdown is one [`CancellationToken`] seen by every task. The engine
 //! flushes and releases its last PUBACKs; the link sends them and
@@ -44,6 +47,7 @@ pub mod mqtt;
 pub mod radio;
 pub mod status;
 pub mod store;
+pub mod systemd;
 pub mod wire;
 
 use std::sync::Arc;
@@ -179,6 +183,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         link.run().await;
         "link"
     });
+
+    if let Some(socket) = systemd::NotifySocket::from_env() {
+        let task = systemd::SystemdTask {
+            socket,
+            watchdog: systemd::watchdog_interval_from_env(),
+            link_rx: link_rx.clone(),
+            query_tx: query_tx.clone(),
+            shutdown: shutdown.clone(),
+        };
+        tasks.spawn(async move {
+            task.run().await;
+            "systemd"
+        });
+    }
 
     let status = status::StatusTask {
         agent: identity.client_id.clone(),
