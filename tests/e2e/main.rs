@@ -17,9 +17,15 @@
 //!
 //! Files: `harness.rs` (processes, back end, journal, shared checks),
 //! `tasks.rs` (task handling, PROTOCOL §4–5), `status.rs` (§6),
-//! `resilience.rs` (restarts of the agent and the broker).
+//! `resilience.rs` (restarts of the agent and the broker), `systemd.rs`
+//! (readiness, watchdog and stopping notifications).
+//!
+//! Another agent binary: `ESL_E2E_AGENT_BIN=/path/to/esl-agent` runs that
+//! one instead of the one cargo built, and `ESL_E2E_AGENT_RUNNER=qemu-aarch64`
+//! runs it through an emulator (CI's aarch64 round trip, `.ci/deploy`).
 
 mod harness;
 mod resilience;
 mod status;
+mod systemd;
 mod tasks;

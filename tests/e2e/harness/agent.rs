@@ -35,6 +35,9 @@ pub struct AgentConfig {
     pub offline: Vec<String>,
     pub seed: u64,
     pub journal: PathBuf,
+    /// Extra environment of the agent process (not part of `agent.toml`),
+    /// e.g. `NOTIFY_SOCKET` for the systemd tests.
+    pub process_env: Vec<(String, String)>,
 }
 
 impl AgentConfig {
@@ -57,6 +60,7 @@ impl AgentConfig {
             offline: Vec::new(),
             seed: 1,
             journal: env.journal_path(1),
+            process_env: Vec::new(),
         }
     }
 
@@ -121,6 +125,34 @@ impl AgentConfig {
     }
 }
 
+/// Runs another `esl-agent` binary than the one cargo built for this test,
+/// e.g. the aarch64 cross build or the one a .deb installed.
+pub const AGENT_BIN_VAR: &str = "ESL_E2E_AGENT_BIN";
+/// A program to run the binary with, e.g. `qemu-aarch64`.
+pub const AGENT_RUNNER_VAR: &str = "ESL_E2E_AGENT_RUNNER";
+
+/// The command that starts the agent under test: the binary cargo built
+/// for this test unless [`AGENT_BIN_VAR`] names another, run through
+/// [`AGENT_RUNNER_VAR`] when set.
+fn agent_command() -> Command {
+    let bin = std::env::var_os(AGENT_BIN_VAR)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_esl-agent")));
+    assert!(
+        bin.is_file(),
+        "{AGENT_BIN_VAR}: no agent binary at {}",
+        bin.display()
+    );
+    match std::env::var_os(AGENT_RUNNER_VAR).filter(|r| !r.is_empty()) {
+        Some(runner) => {
+            let mut c = Command::new(runner);
+            c.arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
 /// One `esl-agent run` process. Killed (SIGKILL) on drop if still running.
 pub struct Agent {
     child: Option<Child>,
@@ -138,12 +170,13 @@ impl Agent {
             "===== e2e harness: starting esl-agent (config below) =====\n{}",
             config.to_toml()
         );
-        let child = Command::new(env!("CARGO_BIN_EXE_esl-agent"))
+        let child = agent_command()
             .arg("run")
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "esl_agent=debug,info")
             .env("NO_COLOR", "1")
+            .envs(config.process_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
