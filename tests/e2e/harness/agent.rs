@@ -126,7 +126,8 @@ impl AgentConfig {
 }
 
 /// Runs another `esl-agent` binary than the one cargo built for this test,
-/// e.g. the aarch64 cross build or the one a .deb installed.
+/// e.g. the aarch64 cross build or the one a .deb installed (a relative
+/// path is taken from the workspace root).
 pub const AGENT_BIN_VAR: &str = "ESL_E2E_AGENT_BIN";
 /// A program to run the binary with, e.g. `qemu-aarch64`.
 pub const AGENT_RUNNER_VAR: &str = "ESL_E2E_AGENT_RUNNER";
@@ -135,8 +136,10 @@ pub const AGENT_RUNNER_VAR: &str = "ESL_E2E_AGENT_RUNNER";
 /// for this test unless [`AGENT_BIN_VAR`] names another, run through
 /// [`AGENT_RUNNER_VAR`] when set.
 fn agent_command() -> Command {
+    // cargo runs tests in `agent/`: a relative path means the workspace root.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin = std::env::var_os(AGENT_BIN_VAR)
-        .map(PathBuf::from)
+        .map(|p| workspace.join(p))
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_esl-agent")));
     assert!(
         bin.is_file(),
