@@ -160,6 +160,7 @@ fn status_line(link: LinkState) -> &'static str {
     }
 }
 
+/// The task: its socket, watchdog period and channel ends.
 pub struct SystemdTask {
     pub socket: NotifySocket,
     /// Half of `WatchdogSec`; `None` without a watchdog.
@@ -178,7 +179,7 @@ impl SystemdTask {
         let period = self.watchdog.unwrap_or(Duration::from_secs(86_400));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        info!(socket = %self.socket.name, watchdog = ?self.watchdog, "notifying systemd");
+        info!(socket = %self.socket.name, watchdog_ping_every = ?self.watchdog, "notifying systemd");
         let first = *self.link_rx.borrow_and_update();
         self.on_link(first, &mut ready);
         loop {

@@ -2,7 +2,9 @@
 # Tests the procd init script (packaging/openwrt/esl-agent/files/esl-agent.init)
 # without OpenWrt: procd's shell API and chown/chgrp are stubbed and record
 # their calls; the real esl-agent binary reads a real config. Runs under
-# dash, which is close to OpenWrt's busybox ash.
+# dash, which is close to OpenWrt's busybox ash. Also checks that the
+# package Makefile agrees with the shared config and the workspace version
+# (the Makefile itself needs the SDK to run).
 #
 #   packaging/openwrt/test-init.sh PATH/TO/esl-agent
 set -eu
@@ -75,6 +77,11 @@ grep -qxF 'path = "/var/lib/esl-agent/store"' "$here/../agent.toml" ||
 	fail "packaging/agent.toml lost the store path line the OpenWrt Makefile rewrites"
 grep -qF 's|^path = "/var/lib/esl-agent/store"|path = "/etc/esl-agent/store"|' "$here/esl-agent/Makefile" ||
 	fail "the OpenWrt Makefile no longer rewrites the store path"
+
+# The package version follows the workspace's (the .deb reads it from there).
+cargo_version="$(sed -n '/^\[workspace.package\]/,/^\[/ s/^version *= *"\(.*\)"/\1/p' "$here/../../Cargo.toml")"
+grep -qxF "PKG_VERSION:=$cargo_version" "$here/esl-agent/Makefile" ||
+	fail "PKG_VERSION in the OpenWrt Makefile is not the workspace version $cargo_version"
 
 if [ "$failures" -gt 0 ]; then
 	echo "openwrt init script: $failures failure(s)" >&2

@@ -1,0 +1,29 @@
+# Helpers shared by .ci/deploy and .ci/cross-aarch64 (sourced, not run).
+
+started=$SECONDS
+# step NAME: a heading with the time since the script started.
+step() { printf '\n=== %s: %s (%s, +%d s)\n' "$CI_SCRIPT" "$1" "$(date -u +%H:%M:%S)" $((SECONDS - started)); }
+die() { echo "$CI_SCRIPT: FAILED: $*" >&2; exit 1; }
+# expect "what must hold" command...: runs the command, fails with the text.
+expect() {
+    local what="$1"
+    shift
+    "$@" || die "$what"
+    echo "ok: $what"
+}
+size() { printf '%s: %s bytes (%s KiB)\n' "$1" "$(stat -c %s "$1")" $(($(stat -c %s "$1") / 1024)); }
+# apt_need PACKAGE...: installs those not installed yet (one apt run).
+apt_need() {
+    local need=() p
+    for p in "$@"; do
+        dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+    done
+    if [ ${#need[@]} -gt 0 ]; then
+        echo "installing: ${need[*]}"
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    fi
+}
+# The e2e tests that make a round trip: tasks in, `applied` acks out, also
+# across an agent restart.
+ROUND_TRIP_TESTS=(happy_path_fifty_tasks_over_eight_tags restart_with_pending_tasks_applies_them)
