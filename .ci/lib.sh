@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers shared by .ci/deploy and .ci/cross-aarch64 (sourced, not run).
 
 started=$SECONDS
@@ -26,4 +27,5 @@ apt_need() {
 }
 # The e2e tests that make a round trip: tasks in, `applied` acks out, also
 # across an agent restart.
+# shellcheck disable=SC2034 # used by the scripts that source this file
 ROUND_TRIP_TESTS=(happy_path_fifty_tasks_over_eight_tags restart_with_pending_tasks_applies_them)

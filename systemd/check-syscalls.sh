@@ -35,6 +35,7 @@ wait_for() {
 expand() {
     local item
     for item in "$@"; do
+        # shellcheck disable=SC2046 # one syscall or group name per word
         case "$item" in
         @*) expand $(systemd-analyze syscall-filter "$item" | sed -E 's/^ +//; /^#/d; /^$/d' | tail -n +2) ;;
         *) echo "$item" ;;
