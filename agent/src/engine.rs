@@ -94,6 +94,9 @@ pub enum Query {
         payload: Bytes,
         reply: oneshot::Sender<Vec<u8>>,
     },
+    /// Answered at once: proves the engine loop is turning (the systemd
+    /// watchdog pings only after an answer).
+    Ping(oneshot::Sender<()>),
 }
 
 /// What status reports need to know.
@@ -880,6 +883,10 @@ impl Engine {
                 }
                 Some(q) = self.query_rx.recv() => match q {
                     Query::Snapshot(reply) => self.snapshot(reply, store_fault.clone()),
+                    Query::Ping(reply) => {
+                        // The asker may have given up; nothing to do then.
+                        let _ = reply.send(());
+                    }
                     Query::Command { payload, reply } => {
                         let mut change = Change::new();
                         let result = crate::commands::handle_local(&mut self.state, &payload, now_ms(), &mut change);

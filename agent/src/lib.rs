@@ -30,6 +30,9 @@
 //! - [`control::ControlServer`] — the local Unix socket behind
 //!   `esl-agent status|tags|tasks`; forwards requests to the engine.
 //! - [`store::Store`] — the only opener of sled.
+//! - [`systemd::SystemdTask`] — only under systemd (`$NOTIFY_SOCKET`):
+//!   READY after the first CONNACK, watchdog pings while the engine answers
+//!   [`engine::Query::Ping`] on `query_tx`, STOPPING at shutdown.
 //!
 //! Security (docs/SECURITY.md) is prepared before anything starts
 //! ([`security::Prepared`]): [`tls`] builds the transport, [`auth`] the MQTT
@@ -58,6 +61,7 @@ pub mod security;
 pub mod signing;
 pub mod status;
 pub mod store;
+pub mod systemd;
 pub mod tls;
 pub mod wire;
 
@@ -226,6 +230,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             // The agent's job does not depend on the local CLI: go on without.
             Err(e) => warn!("{e}; `esl-agent status|tags|tasks` will not work"),
         }
+    }
+
+    if let Some(socket) = systemd::NotifySocket::from_env() {
+        let task = systemd::SystemdTask {
+            socket,
+            watchdog: systemd::watchdog_interval_from_env(),
+            link_rx: link_rx.clone(),
+            query_tx: query_tx.clone(),
+            shutdown: shutdown.clone(),
+        };
+        tasks.spawn(async move {
+            task.run().await;
+            "systemd"
+        });
     }
 
     let status = status::StatusTask {

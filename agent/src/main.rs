@@ -93,6 +93,9 @@ fn init_logging(level: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Under systemd (journald) and procd (logd) stderr is no terminal:
+        // colour codes would end up in the log as garbage.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }

@@ -20,9 +20,13 @@
 //! Files: `harness.rs` (processes, back end, journal, shared checks),
 //! `tasks.rs` (task handling, PROTOCOL §4–5), `status.rs` (§6),
 //! `resilience.rs` (restarts of the agent and the broker), `commands.rs`
-//! (§7 remote commands), `operator.rs` (the local `status|tags|tasks` CLI).
-//! `resilience.rs` (restarts of the agent and the broker), `security.rs`
-//! (TLS, logins, ACL, signed tasks, secrets kept out of logs).
+//! (§7 remote commands), `operator.rs` (the local `status|tags|tasks` CLI),
+//! `security.rs` (TLS, logins, ACL, signed tasks, secrets kept out of
+//! logs), `systemd.rs` (readiness, watchdog and stopping notifications).
+//!
+//! Another agent binary: `ESL_E2E_AGENT_BIN=/path/to/esl-agent` runs that
+//! one instead of the one cargo built, and `ESL_E2E_AGENT_RUNNER=qemu-aarch64`
+//! runs it through an emulator (CI's aarch64 round trip, `.ci/deploy`).
 
 mod commands;
 mod harness;
@@ -30,4 +34,5 @@ mod operator;
 mod resilience;
 mod security;
 mod status;
+mod systemd;
 mod tasks;

@@ -144,6 +144,37 @@ impl AgentConfig {
     }
 }
 
+/// Runs another `esl-agent` binary than the one cargo built for this test,
+/// e.g. the aarch64 cross build or the one a .deb installed (a relative
+/// path is taken from the workspace root).
+pub const AGENT_BIN_VAR: &str = "ESL_E2E_AGENT_BIN";
+/// A program to run the binary with, e.g. `qemu-aarch64`.
+pub const AGENT_RUNNER_VAR: &str = "ESL_E2E_AGENT_RUNNER";
+
+/// The command that starts the agent under test: the binary cargo built
+/// for this test unless [`AGENT_BIN_VAR`] names another, run through
+/// [`AGENT_RUNNER_VAR`] when set.
+fn agent_command() -> Command {
+    // cargo runs tests in `agent/`: a relative path means the workspace root.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = std::env::var_os(AGENT_BIN_VAR)
+        .map(|p| workspace.join(p))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_esl-agent")));
+    assert!(
+        bin.is_file(),
+        "{AGENT_BIN_VAR}: no agent binary at {}",
+        bin.display()
+    );
+    match std::env::var_os(AGENT_RUNNER_VAR).filter(|r| !r.is_empty()) {
+        Some(runner) => {
+            let mut c = Command::new(runner);
+            c.arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
 /// One `esl-agent run` process. Killed (SIGKILL) on drop if still running.
 pub struct Agent {
     child: Option<Child>,
@@ -161,7 +192,7 @@ impl Agent {
             "===== e2e harness: starting esl-agent (config below) =====\n{}",
             config.to_toml()
         );
-        let child = Command::new(env!("CARGO_BIN_EXE_esl-agent"))
+        let child = agent_command()
             .arg("run")
             .arg("--config")
             .arg(&config_path)
