@@ -18,7 +18,10 @@
 //! Files: `harness.rs` (processes, back end, journal, shared checks),
 //! `tasks.rs` (task handling, PROTOCOL §4–5), `status.rs` (§6),
 //! `resilience.rs` (restarts of the agent and the broker), `commands.rs`
-//! (§7 remote commands), `operator.rs` (the local `status|tags|tasks` CLI).
+//! (§7 remote commands), `operator.rs` (the local `status|tags|tasks` CLI),
+//! `zigbee.rs` (faults of the ZigBee adapter; the agent drives a fake ZNP
+//! coordinator on a PTY). Scenarios that reach the radio run on both the
+//! simulated and the ZigBee radio (`NAME::sim`, `NAME::zigbee`).
 
 mod commands;
 mod harness;
@@ -26,3 +29,4 @@ mod operator;
 mod resilience;
 mod status;
 mod tasks;
+mod zigbee;
