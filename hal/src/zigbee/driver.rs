@@ -157,23 +157,14 @@ impl Driver {
         });
         let mut backoff = self.cfg.reconnect_min;
         loop {
-            let connected = {
-                let connect = connect(&self.cfg, self.counters.clone());
-                tokio::pin!(connect);
-                loop {
-                    tokio::select! {
-                        biased;
-                        received = self.delivery_rx.recv() => match received {
-                            Some(delivery) => self.state.refuse(delivery, "ZigBee adapter not connected"),
-                            None => return,
-                        },
-                        permit = self.event_tx.reserve(), if !self.state.outgoing.is_empty() => match permit {
-                            Ok(permit) => permit.send(self.state.outgoing.pop_front().expect("checked non-empty")),
-                            Err(_) => return,
-                        },
-                        result = &mut connect => break result,
-                    }
-                }
+            let connect = connect(&self.cfg, self.counters.clone());
+            let away = Away {
+                delivery_rx: &mut self.delivery_rx,
+                event_tx: &self.event_tx,
+                state: &mut self.state,
+            };
+            let Some(connected) = away.serve_until(connect).await else {
+                return;
             };
             match connected {
                 Ok(znp) => {
@@ -201,21 +192,15 @@ impl Driver {
                 }
             }
             // No jitter: one agent, one local device; nobody to stampede.
-            let resume = Instant::now() + backoff;
+            let resume = sleep_until(Instant::now() + backoff);
             backoff = (backoff * 2).min(self.cfg.reconnect_max);
-            loop {
-                tokio::select! {
-                    biased;
-                    received = self.delivery_rx.recv() => match received {
-                        Some(delivery) => self.state.refuse(delivery, "ZigBee adapter not connected"),
-                        None => return,
-                    },
-                    permit = self.event_tx.reserve(), if !self.state.outgoing.is_empty() => match permit {
-                        Ok(permit) => permit.send(self.state.outgoing.pop_front().expect("checked non-empty")),
-                        Err(_) => return,
-                    },
-                    () = sleep_until(resume) => break,
-                }
+            let away = Away {
+                delivery_rx: &mut self.delivery_rx,
+                event_tx: &self.event_tx,
+                state: &mut self.state,
+            };
+            if away.serve_until(resume).await.is_none() {
+                return;
             }
         }
     }
@@ -263,6 +248,36 @@ impl Driver {
                         next_ping = Instant::now() + self.cfg.ping_interval;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// The driver's channel ends and state while no adapter is up (starting,
+/// or waiting to reconnect).
+struct Away<'a> {
+    delivery_rx: &'a mut mpsc::Receiver<Delivery>,
+    event_tx: &'a mpsc::Sender<RadioEvent>,
+    state: &'a mut State,
+}
+
+impl Away<'_> {
+    /// Refuses deliveries and passes events on until `until` is done;
+    /// `None` when the agent dropped its handle meanwhile.
+    async fn serve_until<F: std::future::Future>(self, until: F) -> Option<F::Output> {
+        tokio::pin!(until);
+        loop {
+            tokio::select! {
+                biased;
+                received = self.delivery_rx.recv() => match received {
+                    Some(delivery) => self.state.refuse(delivery, "ZigBee adapter not connected"),
+                    None => return None,
+                },
+                permit = self.event_tx.reserve(), if !self.state.outgoing.is_empty() => match permit {
+                    Ok(permit) => permit.send(self.state.outgoing.pop_front().expect("checked non-empty")),
+                    Err(_) => return None,
+                },
+                output = &mut until => return Some(output),
             }
         }
     }

@@ -217,24 +217,21 @@ async fn dropped_confirm_times_out_retryably_and_the_retry_succeeds() {
 }
 
 #[tokio::test]
-async fn offer_to_a_sleeping_tag_expires_and_may_be_retried() {
-    let mut rig = rig(|c| {
-        c.checkin_interval_ms = 1000;
-        c.awake_ms = 20;
-    });
+async fn offer_to_a_sleeping_tag_expires_retryably() {
+    // Tags that fall asleep right after their check-in: the coordinator
+    // holds the offer until it expires (MAC_TRANSACTION_EXPIRED).
+    let mut rig = rig(|c| c.awake_ms = 0);
     wait_up(&mut rig.radio).await;
-    wait_checkin(&mut rig.radio, "SIM000004").await;
-    // Past its listening window: the coordinator holds the offer until it
-    // expires (MAC_TRANSACTION_EXPIRED).
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    rig.radio
-        .deliver(delivery("SIM000004", "t-s", "cccccccccccccccc"))
-        .await
-        .expect("deliver");
-    let outcome = wait_outcome(&mut rig.radio, "t-s").await;
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000004", "t-s", "cccccccccccccccc"),
+    )
+    .await;
     let failure = outcome.result.expect_err("tag asleep");
     assert!(failure.retryable, "{failure:?}");
     assert!(failure.reason.contains("0xf0"), "{failure:?}");
+    assert!(failure.reason.contains("asleep"), "{failure:?}");
+    assert_eq!(FakeStats::get(&rig.fake.stats().confirms_expired), 1);
 }
 
 #[tokio::test]
@@ -301,7 +298,12 @@ async fn unplug_reports_down_fails_in_flight_and_replug_recovers() {
         .deliver(delivery("SIM000000", "t-u1", "ffffffffffffffff"))
         .await
         .expect("deliver");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stats = rig.fake.stats();
+    let deadline = Instant::now() + PATIENCE;
+    while FakeStats::get(&stats.confirms_ok) == 0 {
+        assert!(Instant::now() < deadline, "the offer never reached the tag");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     rig.fake.unplug().await;
     let reason = wait_down(&mut rig.radio).await;
     assert!(reason.contains("lost"), "{reason}");
@@ -324,7 +326,6 @@ async fn unplug_reports_down_fails_in_flight_and_replug_recovers() {
 
     rig.fake.replug().await.expect("replug");
     wait_up(&mut rig.radio).await;
-    let stats = rig.fake.stats();
     assert_eq!(FakeStats::get(&stats.resets), 2, "start-up ran again");
     let counters = rig.radio.zigbee_counters();
     assert_eq!(counters.get("adapter_losses"), Some(1));
