@@ -3,6 +3,8 @@
 //! talks to it through real Mosquitto. The scenarios both radios share are
 //! in `tasks.rs` and `resilience.rs` (`NAME::zigbee`).
 //!
+//! - content larger than one ZigBee frame (PROTOCOL §4's example task) is
+//!   offered in segments and applied;
 //! - garbled bytes on the serial line are counted (status `counters`) and
 //!   tasks still reach `applied`;
 //! - a data request whose confirm never comes times out and the task is
@@ -14,7 +16,9 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
+
+use esl_hal::zigbee::fake::FakeStats;
 
 use crate::harness::{assert_journal_matches, task, task_ids, AckStatus, Stack, TestRadio};
 
@@ -169,4 +173,26 @@ async fn adapter_unplug_and_replug_keeps_the_agent_and_its_tasks() {
         "the MQTT link never dropped: {status}"
     );
     stack.agent.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_larger_than_a_frame_is_applied_in_segments() {
+    let mut stack = zigbee_stack("zb-segments").await;
+    // PROTOCOL §4's example, and a long one.
+    let mut example = task("t-20261127-000123", "SIM000004", 1);
+    example["content"] = json!({"name": "Milk 1L", "price": "9.90", "currency": "CNY"});
+    let mut long = task("t-zs-long", "SIM000005", 1);
+    long["content"] = json!({"name": "Organic whole milk 1L ".repeat(20), "price": "19.90"});
+    let tasks = [example, long];
+    stack.backend.publish_tasks(&tasks).await;
+    let acks = stack
+        .backend
+        .collect_final_acks(&task_ids(&tasks), Duration::from_secs(20))
+        .await;
+    acks.assert_all(&task_ids(&tasks), AckStatus::Applied);
+    assert_journal_matches(&tasks, &acks, &stack.env.journal());
+    // Two offers, and more requests than offers: they went in segments.
+    let stats = stack.fake().stats();
+    assert_eq!(FakeStats::get(&stats.offers_received), 2);
+    assert!(FakeStats::get(&stats.data_requests) > 8, "{stats:?}");
 }

@@ -11,7 +11,8 @@
 //! - [`CheckIn`] (tag → agent): the tag woke up and listens for a short
 //!   while; it says who it is, its battery, the signal it hears from its
 //!   parent and what it displays now.
-//! - [`Offer`] (agent → tag): new content; `handle` names this attempt.
+//! - [`Offer`] (agent → tag): new content, in one or more segments;
+//!   `handle` names this attempt.
 //! - [`UpdateResult`] (tag → agent): the tag shows the offer now, or could
 //!   not, and whether trying again makes sense.
 
@@ -33,7 +34,7 @@ pub const HASH_LEN: usize = 8;
 /// Largest application payload the agent sends in one AF frame. An APS
 /// frame to a sleepy end device with network security leaves about 80
 /// bytes; anything larger would need APS fragmentation, which sleepy tags
-/// rarely support. Offers above this fail as "content too large".
+/// rarely support. Larger content is split into offer segments instead.
 pub const MAX_APP_PAYLOAD: usize = 80;
 
 pub type ContentHash = [u8; HASH_LEN];
@@ -61,17 +62,75 @@ pub struct CheckIn<'a> {
     pub displayed: Option<ContentHash>,
 }
 
-/// Agent → tag: show this.
+/// Agent → tag: show this. Content that does not fit one frame is split
+/// into segments ([`offer_segments`]), sent one after the other (the next
+/// once the network confirmed the previous); the tag shows the content when
+/// it has them all.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Offer<'a> {
     /// Names this attempt; the tag echoes it in its [`UpdateResult`].
     pub handle: u16,
-    /// The agent's task id, for the tag's display log and service tools.
-    pub task_id: &'a str,
-    /// Hash of `content`; the tag reports it in later check-ins.
+    /// This segment's index, from 0, and the number of segments.
+    pub segment: u8,
+    pub segments: u8,
+    /// Hash of the whole content; the tag reports it in later check-ins.
     pub content_hash: ContentHash,
-    /// Canonical JSON of what to show.
+    /// The agent's task id, for the tag's display log and service tools; in
+    /// segment 0 only (empty in the others, to leave room for content).
+    pub task_id: &'a str,
+    /// This segment's part of the content (canonical JSON of what to show).
     pub content: &'a [u8],
+}
+
+/// Most segments one offer may have (the count is one byte).
+pub const MAX_SEGMENTS: usize = u8::MAX as usize;
+
+/// The frames of one offer: `content` split so that every encoded segment
+/// fits [`MAX_APP_PAYLOAD`]. [`AppError::TooLarge`] when the task id leaves
+/// no room or the content needs more than [`MAX_SEGMENTS`].
+pub fn offer_segments(
+    handle: u16,
+    task_id: &str,
+    content_hash: ContentHash,
+    content: &[u8],
+) -> Result<Vec<Vec<u8>>, AppError> {
+    let offer = |segment: u8, segments: u8, task_id, content| {
+        AppMessage::Offer(Offer {
+            handle,
+            segment,
+            segments,
+            content_hash,
+            task_id,
+            content,
+        })
+    };
+    // Room for content: the limit minus the segment without content. A
+    // content length below 128 takes one varint byte, as the empty one does,
+    // and the room is always below 128.
+    let room = |task_id| -> Result<usize, AppError> {
+        let empty = offer(0, 1, task_id, &[]).encode()?.len();
+        match MAX_APP_PAYLOAD - empty {
+            0 => Err(AppError::TooLarge { len: empty + 1 }),
+            room => Ok(room),
+        }
+    };
+    let first_room = room(task_id)?;
+    let rest_room = room("")?;
+    let rest = content.len().saturating_sub(first_room);
+    let count = 1 + rest.div_ceil(rest_room);
+    if count > MAX_SEGMENTS {
+        return Err(AppError::TooLarge { len: content.len() });
+    }
+    // `count` fits a byte: checked just above.
+    let segments = count as u8;
+    let (first, mut rest) = content.split_at(content.len().min(first_room));
+    let mut out = vec![offer(0, segments, task_id, first).encode()?];
+    for segment in 1..segments {
+        let (part, tail) = rest.split_at(rest.len().min(rest_room));
+        out.push(offer(segment, segments, "", part).encode()?);
+        rest = tail;
+    }
+    Ok(out)
 }
 
 /// Tag → agent: the end of one [`Offer`].
@@ -174,7 +233,7 @@ pub fn hash_to_hex(hash: &ContentHash) -> String {
 
 #[cfg(test)]
 mod tests {
-    use quickcheck::quickcheck;
+    use quickcheck::{quickcheck, TestResult};
 
     use super::*;
 
@@ -201,12 +260,16 @@ mod tests {
         let hash = hash_from_hex("9f86d081884c7d65").expect("hex");
         let offer = AppMessage::Offer(Offer {
             handle: 513,
-            task_id: "t-1",
+            segment: 0,
+            segments: 1,
             content_hash: hash,
+            task_id: "t-1",
             content: br#"{"price":"9.90"}"#,
         });
         let bytes = offer.encode().expect("encode");
-        assert_eq!(bytes.len(), 1 + 1 + 2 + 4 + 8 + 1 + 16, "{bytes:?}");
+        // version, variant, handle (2), segment, segments, hash (8),
+        // task id (1 + 3), content (1 + 16).
+        assert_eq!(bytes.len(), 1 + 1 + 2 + 1 + 1 + 8 + 4 + 17, "{bytes:?}");
         assert_eq!(decode(&bytes), Ok(offer));
         let result = AppMessage::UpdateResult(UpdateResult {
             handle: 513,
@@ -215,6 +278,59 @@ mod tests {
         assert_eq!(result.encode().expect("encode"), [1, 2, 0x81, 0x04, 2]);
     }
 
+    /// Decodes segments and joins their content, checking the framing.
+    fn reassemble(segments: &[Vec<u8>]) -> (String, Vec<u8>) {
+        let mut task = String::new();
+        let mut content = Vec::new();
+        for (i, bytes) in segments.iter().enumerate() {
+            assert!(
+                bytes.len() <= MAX_APP_PAYLOAD,
+                "segment {i}: {} bytes",
+                bytes.len()
+            );
+            let Ok(AppMessage::Offer(offer)) = decode(bytes) else {
+                panic!("segment {i} is no offer")
+            };
+            assert_eq!(usize::from(offer.segment), i);
+            assert_eq!(usize::from(offer.segments), segments.len());
+            assert_eq!(offer.handle, 7);
+            if i == 0 {
+                task = offer.task_id.to_owned();
+            } else {
+                assert_eq!(offer.task_id, "", "task id in segment 0 only");
+            }
+            content.extend_from_slice(offer.content);
+        }
+        (task, content)
+    }
+
+    #[test]
+    fn large_content_is_split_into_segments_that_fit() {
+        // PROTOCOL §4's example task: more than one frame with its task id.
+        let content = br#"{"currency":"CNY","name":"Milk 1L","price":"9.90"}"#;
+        let segments = offer_segments(7, "t-20261127-000123", [1; 8], content).expect("fits");
+        assert_eq!(segments.len(), 2);
+        assert_eq!(
+            reassemble(&segments),
+            ("t-20261127-000123".to_owned(), content.to_vec())
+        );
+
+        let small = offer_segments(7, "t", [1; 8], b"{}").expect("fits");
+        assert_eq!(small.len(), 1);
+        let empty = offer_segments(7, "t", [1; 8], b"").expect("fits");
+        assert_eq!(reassemble(&empty).1, b"");
+
+        let too_long_id = "x".repeat(MAX_APP_PAYLOAD);
+        assert!(matches!(
+            offer_segments(7, &too_long_id, [1; 8], b"{}"),
+            Err(AppError::TooLarge { .. })
+        ));
+        let huge = vec![b'x'; 64 * 1024];
+        assert!(matches!(
+            offer_segments(7, "t", [1; 8], &huge),
+            Err(AppError::TooLarge { .. })
+        ));
+    }
     #[test]
     fn bad_payloads_are_errors() {
         assert_eq!(decode(&[]), Err(AppError::Empty));
@@ -225,8 +341,10 @@ mod tests {
         assert!(matches!(decode(&[1, 2, 1, 0, 7]), Err(AppError::Decode(_))));
         let big = AppMessage::Offer(Offer {
             handle: 1,
-            task_id: "t",
+            segment: 0,
+            segments: 1,
             content_hash: [0; 8],
+            task_id: "t",
             content: &[b'x'; MAX_APP_PAYLOAD],
         });
         assert!(matches!(big.encode(), Err(AppError::TooLarge { .. })));
@@ -249,6 +367,30 @@ mod tests {
     }
 
     quickcheck! {
+        /// Any content up to the segment limit splits into frames that fit
+        /// and join back to the content.
+        fn segments_join_back(task: String, content: Vec<u8>, handle: u16) -> TestResult {
+            if task.len() > 40 {
+                return TestResult::discard();
+            }
+            let segments = offer_segments(handle, &task, [9; 8], &content).expect("fits");
+            let mut joined = Vec::new();
+            for (i, bytes) in segments.iter().enumerate() {
+                let Ok(AppMessage::Offer(offer)) = decode(bytes) else {
+                    return TestResult::failed();
+                };
+                if bytes.len() > MAX_APP_PAYLOAD
+                    || usize::from(offer.segment) != i
+                    || usize::from(offer.segments) != segments.len()
+                    || offer.handle != handle
+                {
+                    return TestResult::failed();
+                }
+                joined.extend_from_slice(offer.content);
+            }
+            TestResult::from_bool(joined == content)
+        }
+
         fn any_bytes_decode_without_panic(bytes: Vec<u8>) -> bool {
             let _ = decode(&bytes);
             true

@@ -12,9 +12,10 @@
 //!    start the coordinator (`ZDO_STARTUP_FROM_APP`, wait for
 //!    `ZDO_STATE_CHANGE_IND` = coordinator) unless it runs, register the ESL
 //!    endpoint (`AF_REGISTER`). Then report `Up`.
-//! 2. **Serve**: a delivery becomes an `AF_DATA_REQUEST`; its
-//!    `AF_DATA_CONFIRM` (matched by transaction id) says whether the network
-//!    delivered it; the tag's `UpdateResult` (matched by handle) ends it. A
+//! 2. **Serve**: a delivery becomes an offer of one or more segments, each
+//!    an `AF_DATA_REQUEST` sent once the previous one's `AF_DATA_CONFIRM`
+//!    (matched by transaction id) says the network delivered it; the tag's
+//!    `UpdateResult` (matched by handle) ends the delivery. A
 //!    quiet adapter is pinged; no answer, a read error or an unexpected
 //!    reset means the adapter is lost.
 //! 3. **Lost**: report `Down`, fail what was in flight (retryable), and
@@ -33,7 +34,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_serial::SerialPortBuilderExt;
 use tracing::{debug, info, warn};
 
-use super::app::{self, AppMessage, Offer, ESL_CLUSTER, ESL_DEVICE_ID, ESL_PROFILE};
+use super::app::{self, AppMessage, ESL_CLUSTER, ESL_DEVICE_ID, ESL_PROFILE};
 use super::frame::FrameType;
 use super::znp::{self, Znp, ZnpError};
 use super::{FlowControl, ZigbeeConfig, ZigbeeCounters};
@@ -70,16 +71,21 @@ struct Address {
 struct InFlight {
     tag_id: TagId,
     task_id: String,
-    nwk: u16,
+    address: Address,
+    /// Encoded offer segments not sent yet, next first.
+    unsent: VecDeque<Vec<u8>>,
     stage: Stage,
+    /// When the current stage times out (unused in [`Stage::Next`]).
     deadline: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
+    /// The next segment is due (the previous one was confirmed).
+    Next,
     /// Waiting for `AF_DATA_CONFIRM` with this transaction id.
     Confirm { trans: u8 },
-    /// The network delivered it; waiting for the tag's result.
+    /// The network delivered every segment; waiting for the tag's result.
     Result,
 }
 
@@ -229,6 +235,9 @@ impl Driver {
                 frame = znp.next_areq() => match frame {
                     Ok(frame) => {
                         if let Err(stop) = self.state.on_areq(&frame) {
+                            return stop;
+                        }
+                        if let Err(stop) = self.state.send_due(&mut znp).await {
                             return stop;
                         }
                     }
@@ -384,6 +393,13 @@ pub(super) async fn start_up<P: AsyncRead + AsyncWrite + Unpin + Send>(
     }
 }
 
+fn retry_later(reason: String) -> DeliveryFailure {
+    DeliveryFailure {
+        retryable: true,
+        reason,
+    }
+}
+
 /// Whether a failed `AF_DATA_CONFIRM` (or `AF_DATA_REQUEST`) status is worth
 /// another attempt, and what it means.
 pub(super) fn confirm_failure(status: u8) -> DeliveryFailure {
@@ -462,7 +478,11 @@ impl State {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.in_flight.values().map(|f| f.deadline).min()
+        self.in_flight
+            .values()
+            .filter(|f| f.stage != Stage::Next)
+            .map(|f| f.deadline)
+            .min()
     }
 
     /// Ends every delivery whose confirm or result is overdue.
@@ -470,7 +490,7 @@ impl State {
         let overdue: Vec<u16> = self
             .in_flight
             .iter()
-            .filter(|(_, f)| f.deadline <= now)
+            .filter(|(_, f)| f.stage != Stage::Next && f.deadline <= now)
             .map(|(handle, _)| *handle)
             .collect();
         for handle in overdue {
@@ -478,6 +498,7 @@ impl State {
                 continue;
             };
             let reason = match flight.stage {
+                Stage::Next => continue,
                 Stage::Confirm { .. } => {
                     ZigbeeCounters::bump(&self.counters.confirm_timeouts);
                     format!("no AF_DATA_CONFIRM within {:?}", self.cfg.confirm_timeout)
@@ -525,7 +546,8 @@ impl State {
         self.next_trans
     }
 
-    /// Sends one offer. `Err` only when the adapter is lost.
+    /// Starts one offer: its first segment goes out now, the others after
+    /// their predecessor's confirm. `Err` only when the adapter is lost.
     async fn deliver<P: AsyncRead + AsyncWrite + Unpin + Send>(
         &mut self,
         znp: &mut Znp<P>,
@@ -548,21 +570,65 @@ impl State {
             return Ok(Answered::No);
         };
         let handle = self.take_handle();
-        let offer = AppMessage::Offer(Offer {
-            handle,
-            task_id: &delivery.task_id,
-            content_hash: hash,
-            content: &delivery.content,
-        });
-        let data = match offer.encode() {
-            Ok(data) => data,
+        let segments = match app::offer_segments(handle, &delivery.task_id, hash, &delivery.content)
+        {
+            Ok(segments) => segments,
             Err(error) => {
-                let reason = format!("content too large for one ZigBee frame: {error}");
+                let reason = format!("content too large for a ZigBee offer: {error}");
                 self.fail(delivery, false, reason);
                 return Ok(Answered::No);
             }
         };
+        debug!(tag_id = %delivery.tag_id, task_id = %delivery.task_id, handle,
+            segments = segments.len(), nwk = format_args!("{:#06x}", address.nwk), "offering");
+        self.in_flight.insert(
+            handle,
+            InFlight {
+                tag_id: delivery.tag_id,
+                task_id: delivery.task_id,
+                address,
+                unsent: segments.into(),
+                stage: Stage::Next,
+                deadline: Instant::now(),
+            },
+        );
+        self.send_next(znp, handle).await
+    }
+
+    /// Sends the next segment of every offer whose previous one was
+    /// confirmed. `Err` only when the adapter is lost.
+    async fn send_due<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        znp: &mut Znp<P>,
+    ) -> Result<(), Stop> {
+        let due: Vec<u16> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.stage == Stage::Next)
+            .map(|(handle, _)| *handle)
+            .collect();
+        for handle in due {
+            self.send_next(znp, handle).await?;
+        }
+        Ok(())
+    }
+
+    /// One `AF_DATA_REQUEST` with offer `handle`'s next segment.
+    async fn send_next<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        znp: &mut Znp<P>,
+        handle: u16,
+    ) -> Result<Answered, Stop> {
         let trans = self.take_trans();
+        let Some(flight) = self.in_flight.get_mut(&handle) else {
+            return Ok(Answered::No);
+        };
+        let Some(data) = flight.unsent.pop_front() else {
+            flight.stage = Stage::Result;
+            flight.deadline = Instant::now() + self.cfg.result_timeout;
+            return Ok(Answered::No);
+        };
+        let address = flight.address;
         let mut request = Vec::with_capacity(10 + data.len());
         request.extend(address.nwk.to_le_bytes());
         request.push(address.endpoint);
@@ -570,48 +636,45 @@ impl State {
         request.extend(ESL_CLUSTER.to_le_bytes());
         // Options: none (the tag's result is our end-to-end acknowledgement).
         request.extend([trans, 0, RADIUS]);
-        // `encode` keeps `data` within MAX_APP_PAYLOAD, far below 255.
+        // Segments fit MAX_APP_PAYLOAD, far below 255.
         request.push(data.len() as u8);
         request.extend(&data);
-        debug!(tag_id = %delivery.tag_id, task_id = %delivery.task_id, handle, trans,
-            nwk = format_args!("{:#06x}", address.nwk), "AF_DATA_REQUEST");
         match znp.request(znp::AF_DATA_REQUEST, request).await {
-            Ok(reply) => match reply.first() {
-                Some(0) => {
-                    self.in_flight.insert(
-                        handle,
-                        InFlight {
-                            tag_id: delivery.tag_id,
-                            task_id: delivery.task_id,
-                            nwk: address.nwk,
-                            stage: Stage::Confirm { trans },
-                            deadline: Instant::now() + self.cfg.confirm_timeout,
-                        },
-                    );
-                    Ok(Answered::Yes)
+            Ok(reply) if reply.first() == Some(&0) => {
+                if let Some(flight) = self.in_flight.get_mut(&handle) {
+                    flight.stage = Stage::Confirm { trans };
+                    flight.deadline = Instant::now() + self.cfg.confirm_timeout;
                 }
-                status => {
-                    let failure = confirm_failure(status.copied().unwrap_or(0xFF));
-                    self.outcome(delivery.tag_id, delivery.task_id, Err(failure));
-                    Ok(Answered::Yes)
-                }
-            },
+                Ok(Answered::Yes)
+            }
+            Ok(reply) => {
+                let failure = confirm_failure(reply.first().copied().unwrap_or(0xFF));
+                self.finish(handle, Err(failure));
+                Ok(Answered::Yes)
+            }
             Err(error) if error.is_link_lost() => {
                 let reason = format!("ZigBee adapter lost: {error}");
-                self.fail(delivery, true, reason.clone());
+                self.finish(handle, Err(retry_later(reason.clone())));
                 Err(Stop::Lost(reason))
             }
             Err(error @ ZnpError::Timeout { .. }) => {
-                self.fail(delivery, true, error.to_string());
+                self.finish(handle, Err(retry_later(error.to_string())));
                 // One missing answer may be noise on the line; two in a row
                 // (this and the ping) mean the adapter hangs.
                 check_alive(znp).await.map(|()| Answered::Yes)
             }
             Err(error) => {
                 // An RPC error is an answer too.
-                self.fail(delivery, true, error.to_string());
+                self.finish(handle, Err(retry_later(error.to_string())));
                 Ok(Answered::Yes)
             }
+        }
+    }
+
+    /// Ends offer `handle` with `result`, if it is still in flight.
+    fn finish(&mut self, handle: u16, result: Result<(), DeliveryFailure>) {
+        if let Some(flight) = self.in_flight.remove(&handle) {
+            self.outcome(flight.tag_id, flight.task_id, result);
         }
     }
 
@@ -647,24 +710,21 @@ impl State {
     fn on_confirm(&mut self, status: u8, trans: u8) {
         let found = self
             .in_flight
-            .iter()
-            .find(|(_, f)| f.stage == Stage::Confirm { trans })
-            .map(|(handle, _)| *handle);
-        let Some(handle) = found else {
+            .iter_mut()
+            .find(|(_, f)| f.stage == Stage::Confirm { trans });
+        let Some((&handle, flight)) = found else {
             ZigbeeCounters::bump(&self.counters.late_replies);
             debug!(trans, status, "AF_DATA_CONFIRM for nothing in flight");
             return;
         };
-        if status == 0 {
-            if let Some(flight) = self.in_flight.get_mut(&handle) {
-                flight.stage = Stage::Result;
-                flight.deadline = Instant::now() + self.cfg.result_timeout;
-            }
-            return;
-        }
-        if let Some(flight) = self.in_flight.remove(&handle) {
-            let failure = confirm_failure(status);
-            self.outcome(flight.tag_id, flight.task_id, Err(failure));
+        if status != 0 {
+            self.finish(handle, Err(confirm_failure(status)));
+        } else if flight.unsent.is_empty() {
+            flight.stage = Stage::Result;
+            flight.deadline = Instant::now() + self.cfg.result_timeout;
+        } else {
+            // `send_due` sends it right after this AREQ.
+            flight.stage = Stage::Next;
         }
     }
 
@@ -735,7 +795,7 @@ impl State {
                     );
                     return;
                 };
-                if flight.nwk != source {
+                if flight.address.nwk != source {
                     self.bad_message(
                         source,
                         &format_args!("result for handle {} from the wrong tag", result.handle),

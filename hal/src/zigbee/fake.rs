@@ -108,6 +108,8 @@ pub struct FakeStats {
     pub data_requests_swallowed: AtomicU64,
     pub confirms_ok: AtomicU64,
     pub confirms_expired: AtomicU64,
+    /// Offers a tag received completely (all segments).
+    pub offers_received: AtomicU64,
     pub checkins_sent: AtomicU64,
     pub results_sent: AtomicU64,
     /// Frames from the host the fake could not decode (must stay 0).
@@ -163,6 +165,7 @@ impl FakeCoordinator {
                     id,
                     nwk: FIRST_NWK + i as u16,
                     awake_until: None,
+                    receiving: None,
                     displayed: None,
                     battery_mv: rng.gen_range(2900..3100),
                     rssi_dbm: rng.gen_range(-90..-40),
@@ -294,9 +297,20 @@ struct FakeTag {
     id: String,
     nwk: u16,
     awake_until: Option<Instant>,
+    /// The offer being received, segment by segment.
+    receiving: Option<Receiving>,
     displayed: Option<app::ContentHash>,
     battery_mv: u16,
     rssi_dbm: i8,
+}
+
+/// An offer a tag has received part of.
+struct Receiving {
+    handle: u16,
+    task_id: String,
+    hash: app::ContentHash,
+    next: u8,
+    content: Vec<u8>,
 }
 
 /// Something the fake does later.
@@ -565,12 +579,42 @@ impl FakeTask {
         let Ok(AppMessage::Offer(offer)) = app::decode(data) else {
             return;
         };
+        let awake_ms = Duration::from_millis(self.cfg.awake_ms);
+        let receiving = &mut self.tags[tag].receiving;
+        if offer.segment == 0 {
+            *receiving = Some(Receiving {
+                handle: offer.handle,
+                task_id: offer.task_id.to_owned(),
+                hash: offer.content_hash,
+                next: 0,
+                content: Vec::new(),
+            });
+        }
+        let Some(r) = receiving
+            .as_mut()
+            .filter(|r| r.handle == offer.handle && r.next == offer.segment)
+        else {
+            // A segment out of order: the tag forgets the offer.
+            *receiving = None;
+            return;
+        };
+        r.content.extend_from_slice(offer.content);
+        r.next += 1;
+        if r.next < offer.segments {
+            // The tag keeps polling while an offer is incomplete.
+            self.tags[tag].awake_until = Some(now + awake_ms);
+            return;
+        }
+        let Some(done) = self.tags[tag].receiving.take() else {
+            return;
+        };
+        bump(&self.stats.offers_received);
         let busy = self.rng.gen_bool(self.cfg.fail_rate.clamp(0.0, 1.0));
         let apply = Action::Apply {
             tag,
-            handle: offer.handle,
-            task_id: offer.task_id.to_owned(),
-            hash: offer.content_hash,
+            handle: done.handle,
+            task_id: done.task_id,
+            hash: done.hash,
             busy,
         };
         self.timers

@@ -277,7 +277,7 @@ async fn bad_hash_and_oversized_content_fail_for_good() {
     assert!(!failure.retryable, "{failure:?}");
 
     let mut big = delivery("SIM000006", "t-big", "eeeeeeeeeeeeeeee");
-    big.content = vec![b'x'; 200];
+    big.content = vec![b'x'; 64 * 1024];
     rig.radio.deliver(big).await.expect("deliver");
     let failure = wait_outcome(&mut rig.radio, "t-big")
         .await
@@ -285,6 +285,25 @@ async fn bad_hash_and_oversized_content_fail_for_good() {
         .expect_err("too large");
     assert!(!failure.retryable, "{failure:?}");
     assert!(failure.reason.contains("too large"), "{failure:?}");
+}
+
+#[tokio::test]
+async fn large_content_goes_in_segments() {
+    let mut rig = rig(|_| {});
+    wait_up(&mut rig.radio).await;
+    let mut big = delivery("SIM000006", "t-20261127-000123", "0123456789abcdef");
+    big.content = format!(r#"{{"name":"{}","price":"9.90"}}"#, "x".repeat(600)).into_bytes();
+    let outcome = deliver_at_checkin(&mut rig.radio, big).await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+    let stats = rig.fake.stats();
+    // 626 bytes at 60-odd per segment.
+    let requests = FakeStats::get(&stats.data_requests);
+    assert!((10..=12).contains(&requests), "{requests} segments");
+    assert_eq!(FakeStats::get(&stats.offers_received), 1);
+    let RadioEvent::CheckIn(after) = wait_checkin(&mut rig.radio, "SIM000006").await else {
+        unreachable!("matched a check-in")
+    };
+    assert_eq!(after.content_hash.as_deref(), Some("0123456789abcdef"));
 }
 
 #[tokio::test]
