@@ -28,6 +28,7 @@
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
@@ -134,20 +135,8 @@ impl Driver {
         delivery_rx: mpsc::Receiver<Delivery>,
         event_tx: mpsc::Sender<RadioEvent>,
     ) -> Driver {
-        // Handles start somewhere random so that a result from before a
-        // restart of the agent is unlikely to match a new offer.
-        let first_handle: u16 = SmallRng::from_entropy().gen();
         Driver {
-            state: State {
-                cfg: cfg.clone(),
-                counters: counters.clone(),
-                outgoing: VecDeque::new(),
-                reported: None,
-                tags: HashMap::new(),
-                in_flight: HashMap::new(),
-                next_handle: first_handle,
-                next_trans: first_handle as u8,
-            },
+            state: State::new(cfg.clone(), counters.clone()),
             cfg,
             counters,
             delivery_rx,
@@ -434,6 +423,22 @@ fn is_tag_id(id: &str) -> bool {
 }
 
 impl State {
+    fn new(cfg: ZigbeeConfig, counters: std::sync::Arc<ZigbeeCounters>) -> State {
+        // Handles start somewhere random so that a result from before a
+        // restart of the agent is unlikely to match a new offer.
+        let first_handle: u16 = SmallRng::from_entropy().gen();
+        State {
+            cfg,
+            counters,
+            outgoing: VecDeque::new(),
+            reported: None,
+            tags: HashMap::new(),
+            in_flight: HashMap::new(),
+            next_handle: first_handle,
+            next_trans: first_handle as u8,
+        }
+    }
+
     fn report(&mut self, state: RadioState) {
         if self.reported.as_ref() != Some(&state) {
             self.reported = Some(state.clone());
@@ -729,8 +734,19 @@ impl State {
     }
 
     fn bad_message(&self, source: u16, why: &dyn std::fmt::Display) {
-        ZigbeeCounters::bump(&self.counters.bad_app_messages);
-        warn!(source = format_args!("{source:#06x}"), %why, "bad ESL message; dropped");
+        let seen = self
+            .counters
+            .bad_app_messages
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        // One broken tag must not flood the log: the 1st, 2nd, 4th… is
+        // logged at warn, the rest at debug; the counter has them all.
+        if seen.is_power_of_two() {
+            warn!(source = format_args!("{source:#06x}"), %why, bad_messages = seen,
+                "bad ESL message; dropped");
+        } else {
+            debug!(source = format_args!("{source:#06x}"), %why, "bad ESL message; dropped");
+        }
     }
 
     fn on_incoming(&mut self, payload: &[u8]) {
@@ -825,7 +841,241 @@ impl State {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::time::advance;
+
+    use super::super::app::{UpdateResult, UpdateStatus};
     use super::*;
+
+    const CONFIRM: Duration = Duration::from_millis(1000);
+    const RESULT: Duration = Duration::from_millis(3000);
+    const TAG_NWK: u16 = 0x1234;
+
+    fn state() -> State {
+        let cfg = ZigbeeConfig {
+            confirm_timeout: CONFIRM,
+            result_timeout: RESULT,
+            ..ZigbeeConfig::default()
+        };
+        State::new(cfg, Arc::new(ZigbeeCounters::default()))
+    }
+
+    /// Puts an offer for `task` in flight, waiting for the confirm of
+    /// transaction `trans`, with `more` segments still to send.
+    fn in_flight(state: &mut State, handle: u16, task: &str, trans: u8, more: usize) {
+        state.in_flight.insert(
+            handle,
+            InFlight {
+                tag_id: "ZB1".to_owned(),
+                task_id: task.to_owned(),
+                address: Address {
+                    nwk: TAG_NWK,
+                    endpoint: 1,
+                },
+                unsent: vec![vec![0u8]; more].into(),
+                stage: Stage::Confirm { trans },
+                deadline: Instant::now() + CONFIRM,
+            },
+        );
+    }
+
+    fn outcomes(state: &mut State) -> Vec<Outcome> {
+        state
+            .outgoing
+            .drain(..)
+            .filter_map(|e| match e {
+                RadioEvent::Outcome(o) => Some(o),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// An `AF_INCOMING_MSG` payload from `nwk` on our endpoint.
+    fn incoming(state: &State, nwk: u16, message: AppMessage<'_>) -> Vec<u8> {
+        let data = message.encode().expect("fits");
+        let mut p = vec![0, 0];
+        p.extend(ESL_CLUSTER.to_le_bytes());
+        p.extend(nwk.to_le_bytes());
+        p.extend([1, state.cfg.endpoint, 0, 180, 0, 0, 0, 0, 0, 0]);
+        p.push(data.len() as u8);
+        p.extend(data);
+        p
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn confirm_timeout_fires_at_its_deadline_not_before() {
+        let mut s = state();
+        in_flight(&mut s, 1, "t1", 7, 0);
+        assert_eq!(s.next_deadline(), Some(Instant::now() + CONFIRM));
+        advance(CONFIRM - Duration::from_millis(1)).await;
+        s.expire(Instant::now());
+        assert!(outcomes(&mut s).is_empty(), "not yet");
+        advance(Duration::from_millis(1)).await;
+        s.expire(Instant::now());
+        let out = outcomes(&mut s);
+        assert_eq!(out.len(), 1);
+        let failure = out[0].result.clone().expect_err("timed out");
+        assert!(
+            failure.retryable && failure.reason.contains("AF_DATA_CONFIRM"),
+            "{failure:?}"
+        );
+        assert_eq!(s.counters.get("confirm_timeouts"), Some(1));
+        assert!(s.in_flight.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn confirm_starts_the_result_wait_and_the_result_ends_it() {
+        let mut s = state();
+        in_flight(&mut s, 1, "t1", 7, 0);
+        advance(Duration::from_millis(500)).await;
+        s.on_confirm(0, 7);
+        assert_eq!(s.in_flight[&1].stage, Stage::Result);
+        // The result wait runs from the confirm, not from the request.
+        assert_eq!(s.next_deadline(), Some(Instant::now() + RESULT));
+        advance(RESULT - Duration::from_millis(1)).await;
+        s.expire(Instant::now());
+        assert!(outcomes(&mut s).is_empty());
+        let result = AppMessage::UpdateResult(UpdateResult {
+            handle: 1,
+            status: UpdateStatus::Applied,
+        });
+        let payload = incoming(&s, TAG_NWK, result);
+        s.on_incoming(&payload);
+        let out = outcomes(&mut s);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].result, Ok(()));
+        assert_eq!(out[0].task_id, "t1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn missing_result_times_out_retryably() {
+        let mut s = state();
+        in_flight(&mut s, 1, "t1", 7, 0);
+        s.on_confirm(0, 7);
+        advance(RESULT).await;
+        s.expire(Instant::now());
+        let failure = outcomes(&mut s)[0].result.clone().expect_err("no result");
+        assert!(
+            failure.retryable && failure.reason.contains("did not report"),
+            "{failure:?}"
+        );
+        assert_eq!(s.counters.get("result_timeouts"), Some(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn confirmed_segment_with_more_to_send_waits_for_no_timer() {
+        let mut s = state();
+        in_flight(&mut s, 1, "t1", 7, 2);
+        s.on_confirm(0, 7);
+        assert_eq!(s.in_flight[&1].stage, Stage::Next);
+        assert_eq!(s.next_deadline(), None, "the next segment is sent at once");
+        advance(RESULT * 10).await;
+        s.expire(Instant::now());
+        assert!(outcomes(&mut s).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_late_and_foreign_replies() {
+        let mut s = state();
+        in_flight(&mut s, 1, "t1", 7, 0);
+        in_flight(&mut s, 2, "t2", 8, 0);
+        // A confirm nobody waits for.
+        s.on_confirm(0, 99);
+        assert_eq!(s.counters.get("late_replies"), Some(1));
+        // A sleeping tag.
+        s.on_confirm(0xF0, 7);
+        let out = outcomes(&mut s);
+        let failure = out[0].result.clone().expect_err("expired");
+        assert!(
+            failure.retryable && failure.reason.contains("0xf0"),
+            "{failure:?}"
+        );
+        // A result for t2 from another address is not t2's.
+        let result = AppMessage::UpdateResult(UpdateResult {
+            handle: 2,
+            status: UpdateStatus::Applied,
+        });
+        let payload = incoming(&s, TAG_NWK + 1, result);
+        s.on_incoming(&payload);
+        assert!(outcomes(&mut s).is_empty());
+        assert_eq!(s.counters.get("bad_app_messages"), Some(1));
+        // A result before its confirm still ends the delivery.
+        let result = AppMessage::UpdateResult(UpdateResult {
+            handle: 2,
+            status: UpdateStatus::Unrenderable,
+        });
+        let payload = incoming(&s, TAG_NWK, result);
+        s.on_incoming(&payload);
+        let failure = outcomes(&mut s)[0]
+            .result
+            .clone()
+            .expect_err("unrenderable");
+        assert!(!failure.retryable, "{failure:?}");
+        assert!(s.in_flight.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adapter_loss_fails_everything_in_flight_once() {
+        let mut s = state();
+        in_flight(&mut s, 1, "t1", 7, 0);
+        in_flight(&mut s, 2, "t2", 8, 3);
+        s.fail_all("adapter lost");
+        let mut out = outcomes(&mut s);
+        out.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        assert_eq!(out.len(), 2);
+        assert!(out
+            .iter()
+            .all(|o| o.result.as_ref().is_err_and(|f| f.retryable)));
+        advance(RESULT * 2).await;
+        s.expire(Instant::now());
+        assert!(outcomes(&mut s).is_empty(), "no second outcome");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn check_in_records_the_address_and_bad_ids_are_counted() {
+        let mut s = state();
+        let good = AppMessage::CheckIn(app::CheckIn {
+            tag_id: "ZB1",
+            battery_mv: Some(2900),
+            rssi_dbm: Some(-70),
+            displayed: Some([0xAB; 8]),
+        });
+        let payload = incoming(&s, TAG_NWK, good);
+        s.on_incoming(&payload);
+        assert_eq!(s.tags["ZB1"].nwk, TAG_NWK);
+        let Some(RadioEvent::CheckIn(c)) = s.outgoing.pop_front() else {
+            panic!("a check-in event")
+        };
+        assert_eq!(c.content_hash.as_deref(), Some("abababababababab"));
+        assert_eq!((c.battery_mv, c.rssi), (Some(2900), Some(-70)));
+        let bad = AppMessage::CheckIn(app::CheckIn {
+            tag_id: "no spaces",
+            battery_mv: None,
+            rssi_dbm: None,
+            displayed: None,
+        });
+        let payload = incoming(&s, TAG_NWK, bad);
+        s.on_incoming(&payload);
+        assert!(s.outgoing.is_empty());
+        assert_eq!(s.counters.get("bad_app_messages"), Some(1));
+        // Garbage in the data, and a length byte longer than the frame.
+        let mut garbage = incoming(
+            &s,
+            TAG_NWK,
+            AppMessage::UpdateResult(UpdateResult {
+                handle: 1,
+                status: UpdateStatus::Busy,
+            }),
+        );
+        let data_at = INCOMING_HEADER;
+        garbage[data_at] = 9;
+        s.on_incoming(&garbage);
+        garbage[INCOMING_HEADER - 1] = 200;
+        s.on_incoming(&garbage);
+        assert_eq!(s.counters.get("bad_app_messages"), Some(3));
+    }
 
     #[test]
     fn confirm_statuses_map_to_retry_or_fail() {

@@ -126,6 +126,8 @@ pub struct Znp<P> {
     areqs: VecDeque<Frame>,
     counters: Arc<ZigbeeCounters>,
     sreq_timeout: Duration,
+    /// Bad frames on this port so far, for sparse logging.
+    bad_frames: u64,
 }
 
 impl<P: AsyncRead + AsyncWrite + Unpin + Send> Znp<P> {
@@ -136,6 +138,7 @@ impl<P: AsyncRead + AsyncWrite + Unpin + Send> Znp<P> {
             areqs: VecDeque::new(),
             counters,
             sreq_timeout,
+            bad_frames: 0,
         }
     }
 
@@ -270,7 +273,7 @@ impl<P: AsyncRead + AsyncWrite + Unpin + Send> Znp<P> {
         }
     }
 
-    fn bad_frame(&self, error: &FrameError) {
+    fn bad_frame(&mut self, error: &FrameError) {
         let c = &self.counters;
         match error {
             FrameError::Garbage { count } => {
@@ -280,7 +283,13 @@ impl<P: AsyncRead + AsyncWrite + Unpin + Send> Znp<P> {
             FrameError::BadFcs { .. } => ZigbeeCounters::bump(&c.bad_fcs_frames),
             FrameError::TooLong { .. } => ZigbeeCounters::bump(&c.oversized_frames),
         }
-        warn!(%error, "bad data from the ZigBee adapter; resynchronising");
+        self.bad_frames += 1;
+        // A noisy line must not flood the router's log: the 1st, 2nd, 4th,
+        // 8th… bad frame is logged; the counters have them all.
+        if self.bad_frames.is_power_of_two() {
+            warn!(%error, bad_frames = self.bad_frames,
+                "bad data from the ZigBee adapter; resynchronising");
+        }
     }
 
     fn keep_areq(&mut self, frame: Frame) {
