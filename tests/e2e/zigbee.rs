@@ -32,6 +32,17 @@ async fn zigbee_stack(name: &str) -> Stack {
     .await
 }
 
+/// Publishes `tasks` and requires every one `applied` and displayed once.
+async fn publish_and_expect_applied(stack: &mut Stack, tasks: &[Value]) {
+    stack.backend.publish_tasks(tasks).await;
+    let acks = stack
+        .backend
+        .collect_final_acks(&task_ids(tasks), Duration::from_secs(20))
+        .await;
+    acks.assert_all(&task_ids(tasks), AckStatus::Applied);
+    assert_journal_matches(tasks, &acks, &stack.env.journal());
+}
+
 fn counter(status: &Value, name: &str) -> u64 {
     status["counters"][name]
         .as_u64()
@@ -50,13 +61,7 @@ async fn garbled_serial_bytes_are_counted_and_tasks_still_apply() {
     let tasks: Vec<Value> = (0..4)
         .map(|i| task(&format!("t-zg-{i}"), &format!("SIM00000{i}"), 1))
         .collect();
-    stack.backend.publish_tasks(&tasks).await;
-    let acks = stack
-        .backend
-        .collect_final_acks(&task_ids(&tasks), Duration::from_secs(20))
-        .await;
-    acks.assert_all(&task_ids(&tasks), AckStatus::Applied);
-    assert_journal_matches(&tasks, &acks, &stack.env.journal());
+    publish_and_expect_applied(&mut stack, &tasks).await;
 
     let status = stack
         .backend
@@ -184,13 +189,7 @@ async fn content_larger_than_a_frame_is_applied_in_segments() {
     let mut long = task("t-zs-long", "SIM000005", 1);
     long["content"] = json!({"name": "Organic whole milk 1L ".repeat(20), "price": "19.90"});
     let tasks = [example, long];
-    stack.backend.publish_tasks(&tasks).await;
-    let acks = stack
-        .backend
-        .collect_final_acks(&task_ids(&tasks), Duration::from_secs(20))
-        .await;
-    acks.assert_all(&task_ids(&tasks), AckStatus::Applied);
-    assert_journal_matches(&tasks, &acks, &stack.env.journal());
+    publish_and_expect_applied(&mut stack, &tasks).await;
     // Two offers, and more requests than offers: they went in segments.
     let stats = stack.fake().stats();
     assert_eq!(FakeStats::get(&stats.offers_received), 2);
