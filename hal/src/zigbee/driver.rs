@@ -105,6 +105,8 @@ enum Stop {
 }
 
 pub(super) struct Driver {
+    /// Also in `state`: this copy is borrowed by the connect future while
+    /// the loop around it changes the state.
     cfg: ZigbeeConfig,
     counters: std::sync::Arc<ZigbeeCounters>,
     delivery_rx: mpsc::Receiver<Delivery>,
@@ -474,10 +476,7 @@ impl State {
     fn fail_all(&mut self, reason: &str) {
         let lost: Vec<InFlight> = self.in_flight.drain().map(|(_, f)| f).collect();
         for flight in lost {
-            let failure = DeliveryFailure {
-                retryable: true,
-                reason: reason.to_owned(),
-            };
+            let failure = retry_later(reason.to_owned());
             self.outcome(flight.tag_id, flight.task_id, Err(failure));
         }
     }
@@ -492,17 +491,14 @@ impl State {
 
     /// Ends every delivery whose confirm or result is overdue.
     fn expire(&mut self, now: Instant) {
-        let overdue: Vec<u16> = self
+        let overdue: Vec<(u16, Stage)> = self
             .in_flight
             .iter()
             .filter(|(_, f)| f.stage != Stage::Next && f.deadline <= now)
-            .map(|(handle, _)| *handle)
+            .map(|(handle, f)| (*handle, f.stage))
             .collect();
-        for handle in overdue {
-            let Some(flight) = self.in_flight.remove(&handle) else {
-                continue;
-            };
-            let reason = match flight.stage {
+        for (handle, stage) in overdue {
+            let reason = match stage {
                 Stage::Next => continue,
                 Stage::Confirm { .. } => {
                     ZigbeeCounters::bump(&self.counters.confirm_timeouts);
@@ -516,11 +512,7 @@ impl State {
                     )
                 }
             };
-            let failure = DeliveryFailure {
-                retryable: true,
-                reason,
-            };
-            self.outcome(flight.tag_id, flight.task_id, Err(failure));
+            self.finish(handle, Err(retry_later(reason)));
         }
     }
 
@@ -820,9 +812,6 @@ impl State {
                 }
                 // A result before its confirm (confirm lost or late) still
                 // ends the delivery: the tag has it.
-                let Some(flight) = self.in_flight.remove(&result.handle) else {
-                    return;
-                };
                 let outcome = match result.status.failure() {
                     None => Ok(()),
                     Some((retryable, reason)) => Err(DeliveryFailure {
@@ -830,7 +819,7 @@ impl State {
                         reason: reason.to_owned(),
                     }),
                 };
-                self.outcome(flight.tag_id, flight.task_id, outcome);
+                self.finish(result.handle, outcome);
             }
             AppMessage::Offer(_) => {
                 self.bad_message(source, &"an offer sent to the agent");
