@@ -15,10 +15,30 @@ use tokio::time::Instant;
 use super::process::{append_log, kill_and_reap, send_signal, wait_exit};
 use super::{Broker, TestEnv, BACKEND_ID, POLL_INTERVAL, SHUTDOWN_DEADLINE, TAGS, TASK_TOPIC};
 
+/// Which radio the agent under test drives. Both serve the same tags
+/// (`SIM000000`…) with the same `tags`, `checkin_interval_ms`, `fail_rate`,
+/// `offline`, `seed` and `journal` settings below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestRadio {
+    /// `radio.kind = "sim"`: the agent simulates the tags itself.
+    Sim,
+    /// `radio.kind = "zigbee"`: the agent opens a PTY on which the test's
+    /// fake ZNP coordinator simulates the tags (`Stack::zigbee`).
+    Zigbee,
+}
+
+/// `[radio.zigbee]` timeouts for the tests: short, so a lost confirm or a
+/// lost adapter shows within a second, yet far above what a PTY round trip
+/// takes on a loaded machine.
+pub const ZIGBEE_CONFIRM_TIMEOUT_MS: u64 = 800;
+
 /// The agent's config file (PROTOCOL §9), with the values the tests use.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub host: String,
+    pub radio: TestRadio,
+    /// Where the fake coordinator's PTY link is (set by `Stack`).
+    pub zigbee_port: PathBuf,
     pub port: u16,
     pub clean_session: bool,
     pub ack_to: String,
@@ -50,6 +70,8 @@ impl AgentConfig {
     pub fn new(env: &TestEnv, broker: &Broker) -> AgentConfig {
         AgentConfig {
             host: "127.0.0.1".to_owned(),
+            radio: TestRadio::Sim,
+            zigbee_port: env.path().join("ttyZB0"),
             port: broker.port(),
             clean_session: true,
             ack_to: BACKEND_ID.to_owned(),
@@ -106,7 +128,16 @@ impl AgentConfig {
              max_payload = {max_payload}\n\
              \n\
              [radio]\n\
-             kind = \"sim\"\n\
+             kind = {radio_kind}\n\
+             \n\
+             [radio.zigbee]\n\
+             port = {zigbee_port}\n\
+             sreq_timeout_ms = 1000\n\
+             confirm_timeout_ms = {confirm_timeout_ms}\n\
+             result_timeout_ms = 2000\n\
+             ping_interval_ms = 500\n\
+             reconnect_min_ms = 100\n\
+             reconnect_max_ms = 500\n\
              \n\
              [radio.sim]\n\
              tags = {tags}\n\
@@ -124,6 +155,12 @@ impl AgentConfig {
                 .collect::<String>(),
             extra = self.extra,
             port = self.port,
+            radio_kind = s(match self.radio {
+                TestRadio::Sim => "sim",
+                TestRadio::Zigbee => "zigbee",
+            }),
+            zigbee_port = p(&self.zigbee_port),
+            confirm_timeout_ms = ZIGBEE_CONFIRM_TIMEOUT_MS,
             clean_session = self.clean_session,
             ack_to = s(&self.ack_to),
             keepalive_s = self.keepalive_s,

@@ -310,6 +310,27 @@ impl Backend {
         Some(status)
     }
 
+    /// The first status report (of any kind) that satisfies `wanted`;
+    /// panics naming `what` and the last report seen after `timeout`.
+    pub async fn expect_status_where(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut wanted: impl FnMut(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            let Some(status) = self.next_status(deadline).await else {
+                panic!("no status report with {what} within {timeout:?}; last report: {last:#?}");
+            };
+            if wanted(&status) {
+                return status;
+            }
+            last = Some(status);
+        }
+    }
+
     /// The next status report of `kind` (`hello`, `periodic`); panics
     /// after `timeout`.
     pub async fn expect_status(&mut self, kind: &str, timeout: Duration) -> Value {
