@@ -14,10 +14,12 @@
 //! loses its hardware reports [`RadioEvent::State`] and keeps going; it never
 //! ends the agent.
 //!
-//! Backends: [`sim`] (simulated tags, PROTOCOL §8).
+//! Backends: [`sim`] (simulated tags, PROTOCOL §8), [`ble`] (ESL Service
+//! over Bluetooth LE; the btleplug glue needs the cargo feature `ble`).
 
 use std::future::Future;
 
+pub mod ble;
 pub mod sim;
 
 /// Identifier of a tag as the back end knows it (`SIM000042`, a MAC, …).
