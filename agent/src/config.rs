@@ -208,6 +208,8 @@ impl Default for LimitsConfig {
 pub enum RadioKind {
     #[default]
     Sim,
+    /// ESL tags over Bluetooth LE (`[radio.ble]`, docs/BLE.md).
+    Ble,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -215,6 +217,8 @@ pub enum RadioKind {
 pub struct RadioConfig {
     pub kind: RadioKind,
     pub sim: SimRadioConfig,
+    /// Validated by `esl_hal::ble::BleConfig::validate` (key names included).
+    pub ble: esl_hal::ble::BleConfig,
 }
 
 /// PROTOCOL §8. Converted to `esl_hal::sim::SimConfig` by the radio task.
@@ -484,6 +488,22 @@ impl Config {
                 "must be between 0.0 and 1.0",
             ));
         }
+        if self.radio.kind == RadioKind::Ble {
+            let ble = &self.radio.ble;
+            ble.validate().map_err(|e| invalid(e.key, e.rule))?;
+            // The engine must not give up on an attempt the radio still makes.
+            let worst = ble.worst_case_attempt();
+            if worst >= std::time::Duration::from_millis(k.delivery_timeout_ms) {
+                return Err(invalid(
+                    "tasks.delivery_timeout_ms",
+                    format!(
+                        "must be more than {} ms, the longest BLE attempt \
+                         ((radio.ble.retries + 1) × radio.ble.session_timeout_ms + backoffs)",
+                        worst.as_millis()
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -577,6 +597,46 @@ mod tests {
             let (key, rule) = rule_for(&text);
             assert_eq!(key, want, "config {text:?}: rule {rule}");
         }
+    }
+
+    #[test]
+    fn ble_radio_config_is_validated_with_key_names() {
+        let ok = Config::from_toml(&with(
+            "",
+            "[radio]\nkind = \"ble\"\n[radio.ble]\ntags = [\"C0:11:22:33:44:55\"]\n[radio.ble.fake]\ntags = 2\n",
+        ))
+        .unwrap();
+        assert_eq!(ok.radio.kind, RadioKind::Ble);
+        assert_eq!(ok.radio.ble.tags, ["C0:11:22:33:44:55"]);
+        assert_eq!(ok.radio.ble.fake.as_ref().map(|f| f.tags), Some(2));
+        // The effective config shows the BLE table and reads back the same.
+        assert_eq!(Config::from_toml(&ok.redacted_toml()).unwrap(), ok);
+
+        let cases = [
+            ("[radio.ble]\nchunk_size = 0", "radio.ble.chunk_size"),
+            (
+                "[radio.ble]\ntags = [\"c0:11:22:33:44:55\"]",
+                "radio.ble.tags",
+            ),
+            (
+                "[radio.ble]\ncontent_characteristic = \"x\"",
+                "radio.ble.content_characteristic",
+            ),
+            (
+                "[radio.ble.fake]\nconnect_fail_rate = 2.0",
+                "radio.ble.fake.connect_fail_rate",
+            ),
+            (
+                "[radio.ble]\nsession_timeout_ms = 20000\nretries = 1",
+                "tasks.delivery_timeout_ms",
+            ),
+        ];
+        for (table, want) in cases {
+            let (key, rule) = rule_for(&with("", &format!("[radio]\nkind = \"ble\"\n{table}")));
+            assert_eq!(key, want, "{table}: {rule}");
+        }
+        // BLE settings are checked only when the BLE radio is used.
+        Config::from_toml(&with("", "[radio.ble]\nchunk_size = 0")).unwrap();
     }
 
     #[test]

@@ -54,6 +54,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use esl_hal::ble::BleRadio;
 use esl_hal::sim::{SimConfig, SimRadio};
 use esl_hal::Radio;
 use tokio::sync::{mpsc, watch, Notify};
@@ -120,6 +121,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     state.set_link(link_rx.clone());
     let mut tasks = JoinSet::new();
+    let radio_channels = (event_tx, delivery_rx, shutdown.clone());
     match config.radio.kind {
         config::RadioKind::Sim => {
             let s = &config.radio.sim;
@@ -134,17 +136,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 apply_ms: s.apply_ms,
             })
             .context("radio.sim")?;
-            state.add_known_tags(radio.known_tags());
-            let task = radio::RadioTask {
-                radio,
-                event_tx,
-                delivery_rx,
-                shutdown: shutdown.clone(),
-            };
-            tasks.spawn(async move {
-                task.run().await;
-                "radio"
-            });
+            spawn_radio(&mut tasks, &mut state, radio, radio_channels);
+        }
+        config::RadioKind::Ble => {
+            let radio = BleRadio::start(config.radio.ble.clone()).context("radio.ble")?;
+            spawn_radio(&mut tasks, &mut state, radio, radio_channels);
         }
     }
 
@@ -230,6 +226,30 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         tasks,
         shutdown,
     })
+}
+
+/// Hands a started backend to the radio task and lists its known tags.
+fn spawn_radio<R: Radio>(
+    tasks: &mut JoinSet<&'static str>,
+    state: &mut engine::State,
+    radio: R,
+    (event_tx, delivery_rx, shutdown): (
+        mpsc::Sender<esl_hal::RadioEvent>,
+        mpsc::Receiver<esl_hal::Delivery>,
+        CancellationToken,
+    ),
+) {
+    state.add_known_tags(radio.known_tags());
+    let task = radio::RadioTask {
+        radio,
+        event_tx,
+        delivery_rx,
+        shutdown,
+    };
+    tasks.spawn(async move {
+        task.run().await;
+        "radio"
+    });
 }
 
 impl Agent {

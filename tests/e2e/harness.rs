@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 pub use acks::{AckLog, AckStatus};
-pub use agent::{Agent, AgentConfig};
+pub use agent::{toml_path, Agent, AgentConfig};
 pub use backend::{publish_task_with, Backend};
 pub use broker::{Broker, BrokerOptions};
 pub use checks::{

@@ -18,8 +18,10 @@
 //! Files: `harness.rs` (processes, back end, journal, shared checks),
 //! `tasks.rs` (task handling, PROTOCOL §4–5), `status.rs` (§6),
 //! `resilience.rs` (restarts of the agent and the broker), `commands.rs`
-//! (§7 remote commands), `operator.rs` (the local `status|tags|tasks` CLI).
+//! (§7 remote commands), `operator.rs` (the local `status|tags|tasks` CLI),
+//! `ble.rs` (the BLE radio on fake ESL tags).
 
+mod ble;
 mod commands;
 mod harness;
 mod operator;

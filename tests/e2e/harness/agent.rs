@@ -35,6 +35,9 @@ pub struct AgentConfig {
     pub offline: Vec<String>,
     pub seed: u64,
     pub journal: PathBuf,
+    /// Replaces the whole `[radio]` section (the simulated tags above) when
+    /// set, e.g. with BLE fake tags.
+    pub radio_toml: Option<String>,
 }
 
 impl AgentConfig {
@@ -57,13 +60,12 @@ impl AgentConfig {
             offline: Vec::new(),
             seed: 1,
             journal: env.journal_path(1),
+            radio_toml: None,
         }
     }
 
     pub fn to_toml(&self) -> String {
-        // JSON strings and arrays of strings are valid TOML basic strings/arrays.
-        let s = |v: &str| Value::from(v).to_string();
-        let p = |v: &Path| s(&v.display().to_string());
+        let (s, p) = (toml_str, toml_path);
         format!(
             "[mqtt]\n\
              host = \"127.0.0.1\"\n\
@@ -90,16 +92,7 @@ impl AgentConfig {
              [limits]\n\
              max_payload = {max_payload}\n\
              \n\
-             [radio]\n\
-             kind = \"sim\"\n\
-             \n\
-             [radio.sim]\n\
-             tags = {tags}\n\
-             checkin_interval_ms = {checkin_interval_ms}\n\
-             fail_rate = {fail_rate:?}\n\
-             offline = {offline}\n\
-             seed = {seed}\n\
-             journal = {journal}\n",
+             {radio}",
             port = self.port,
             clean_session = self.clean_session,
             ack_to = s(&self.ack_to),
@@ -111,14 +104,41 @@ impl AgentConfig {
             max_attempts = self.max_attempts,
             status_interval_s = self.status_interval_s,
             max_payload = self.max_payload,
+            radio = self.radio_toml.clone().unwrap_or_else(|| self.sim_toml()),
+        )
+    }
+
+    /// The `[radio]` section for the simulated tags.
+    fn sim_toml(&self) -> String {
+        format!(
+            "[radio]\n\
+             kind = \"sim\"\n\
+             \n\
+             [radio.sim]\n\
+             tags = {tags}\n\
+             checkin_interval_ms = {checkin_interval_ms}\n\
+             fail_rate = {fail_rate:?}\n\
+             offline = {offline}\n\
+             seed = {seed}\n\
+             journal = {journal}\n",
             tags = self.tags,
             checkin_interval_ms = self.checkin_interval_ms,
             fail_rate = self.fail_rate,
             offline = Value::from(self.offline.clone()),
             seed = self.seed,
-            journal = p(&self.journal),
+            journal = toml_path(&self.journal),
         )
     }
+}
+
+/// A TOML basic string (a JSON string is one).
+pub fn toml_str(v: &str) -> String {
+    Value::from(v).to_string()
+}
+
+/// A path as a TOML basic string.
+pub fn toml_path(v: &Path) -> String {
+    toml_str(&v.display().to_string())
 }
 
 /// One `esl-agent run` process. Killed (SIGKILL) on drop if still running.
