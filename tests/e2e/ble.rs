@@ -171,7 +171,10 @@ async fn ble_tag_that_garbles_content_gets_failed_with_the_reason() {
     let bad = ble_tag(0);
     let mut stack = Stack::start("ble-failed", |c| {
         c.max_attempts = 2;
-        c.radio_toml = Some(ble_radio(&journal_path(&c.store), &[bad.clone()]));
+        c.radio_toml = Some(ble_radio(
+            &journal_path(&c.store),
+            std::slice::from_ref(&bad),
+        ));
     })
     .await;
     let journal = journal_path(&stack.config.store);

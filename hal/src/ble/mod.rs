@@ -1002,7 +1002,7 @@ mod tests {
             ..fake_config(3)
         })
         .expect("start");
-        assert_eq!(radio.known_tags(), [only.clone()]);
+        assert_eq!(radio.known_tags(), std::slice::from_ref(&only));
         let events = events_for(&mut radio, 3000).await;
         let tags: HashSet<&str> = checkins(&events)
             .iter()
