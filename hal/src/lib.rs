@@ -21,6 +21,8 @@ use std::future::Future;
 
 pub mod ble;
 pub mod sim;
+#[cfg(test)]
+mod test_util;
 
 /// Identifier of a tag as the back end knows it (`SIM000042`, a MAC, …).
 pub type TagId = String;

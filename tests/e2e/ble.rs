@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::harness::{
     assert_content_hash_consistent, assert_latest_per_tag_applied, task, task_ids, toml_path,
-    AckStatus, Stack, QUIET,
+    AckStatus, Stack,
 };
 
 const FAKE_TAGS: u32 = 4;
@@ -96,14 +96,8 @@ async fn ble_fake_tags_apply_tasks_end_to_end() {
             )
         })
         .collect();
-    stack.backend.publish_tasks(&tasks).await;
+    let acks = stack.settle(&tasks, Duration::from_secs(60)).await;
     let ids = task_ids(&tasks);
-    let mut acks = stack
-        .backend
-        .collect_final_acks(&ids, Duration::from_secs(60))
-        .await;
-    acks.extend(stack.backend.acks_within(QUIET).await);
-    acks.assert_exactly_one_final_each(&ids);
     assert_latest_per_tag_applied(&tasks, &acks);
     assert_content_hash_consistent(&tasks, &acks);
 
@@ -182,14 +176,7 @@ async fn ble_tag_that_garbles_content_gets_failed_with_the_reason() {
         task("t-ble-bad", &bad, 1),
         task("t-ble-good", &ble_tag(1), 1),
     ];
-    stack.backend.publish_tasks(&tasks).await;
-    let ids = task_ids(&tasks);
-    let mut acks = stack
-        .backend
-        .collect_final_acks(&ids, Duration::from_secs(30))
-        .await;
-    acks.extend(stack.backend.acks_within(QUIET).await);
-    acks.assert_exactly_one_final_each(&ids);
+    let acks = stack.settle(&tasks, Duration::from_secs(30)).await;
 
     let failed = acks.final_ack("t-ble-bad");
     assert_eq!(failed.status(), AckStatus::Failed, "{}", failed.json);

@@ -189,6 +189,18 @@ impl Stack {
         }
     }
 
+    /// Publishes `tasks`, waits up to `timeout` for their final acks, keeps
+    /// listening for [`QUIET`], and checks that each task has exactly one
+    /// final ack. Returns every ack received.
+    pub async fn settle(&mut self, tasks: &[Value], timeout: Duration) -> AckLog {
+        self.backend.publish_tasks(tasks).await;
+        let ids = task_ids(tasks);
+        let mut acks = self.backend.collect_final_acks(&ids, timeout).await;
+        acks.extend(self.backend.acks_within(QUIET).await);
+        acks.assert_exactly_one_final_each(&ids);
+        acks
+    }
+
     /// Starts the next agent run on the same store after
     /// [`Agent::terminate`], with the config changed by `tweak` and a journal
     /// file of its own. Does not wait for the agent to subscribe.

@@ -905,6 +905,7 @@ mod tests {
 
     use super::fake_esl::{fake_address, STRANGER_ADDRESS};
     use super::*;
+    use crate::test_util::events_for;
 
     const CONTENT: &[u8] = br#"{"name":"Milk 1L","price":"9.90"}"#;
 
@@ -928,18 +929,6 @@ mod tests {
             content: CONTENT.to_vec(),
             content_hash: format!("hash-{task}"),
         }
-    }
-
-    /// Every event within `ms` of now, with its time since the start (ms).
-    async fn events_for(radio: &mut BleRadio, ms: u64) -> Vec<(u64, RadioEvent)> {
-        let start = Instant::now();
-        let deadline = start + Duration::from_millis(ms);
-        let mut events = Vec::new();
-        while let Ok(event) = timeout_at(deadline, radio.next_event()).await {
-            let at = (Instant::now() - start).as_millis() as u64;
-            events.push((at, event.expect("radio open")));
-        }
-        events
     }
 
     /// The next outcome, skipping other events; panics after an hour of
