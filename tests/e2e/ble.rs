@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use esl_hal::ble::fake_esl::fake_address as ble_tag;
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -21,11 +22,6 @@ use crate::harness::{
 };
 
 const FAKE_TAGS: u32 = 4;
-
-/// Address of fake tag `i` (as `esl_hal::ble::fake_esl::fake_address`).
-fn ble_tag(i: u32) -> String {
-    format!("F0:00:00:00:00:{i:02X}")
-}
 
 /// The `[radio]` section: BLE on fake tags advertising every 100 ms.
 fn ble_radio(journal: &Path, corrupt: &[String]) -> String {

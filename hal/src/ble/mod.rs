@@ -634,6 +634,9 @@ impl<C: Central> Driver<C> {
                     let now = Instant::now();
                     state.release_retries(now);
                     if scan.is_none() && state.scan_retry.is_some_and(|at| at <= now) {
+                        // Awaited in the loop (at most SCAN_START_TIMEOUT):
+                        // the radio is down meanwhile anyway, and deliveries
+                        // wait in their channel, not lost.
                         state.scan_retry = None;
                         scan = state.start_scan().await;
                     }
@@ -790,7 +793,7 @@ impl<C: Central> DriverState<C> {
         }
         match (done.job, done.result) {
             (Job::Deliver { delivery, .. }, Ok(report)) => {
-                tracing::info!(tag = %tag_id, task = %delivery.task_id, sent = report.transferred,
+                tracing::debug!(tag = %tag_id, task = %delivery.task_id, sent = report.transferred,
                     "BLE delivery confirmed by the tag");
                 self.outgoing.push_back(Pending::Outcome(Outcome {
                     tag_id,
