@@ -296,6 +296,8 @@ pub enum RadioKind {
     Sim,
     /// Z-Stack ZNP coordinator on a serial port (docs/ZIGBEE.md).
     Zigbee,
+    /// ESL tags over Bluetooth LE (`[radio.ble]`, docs/BLE.md).
+    Ble,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -304,6 +306,8 @@ pub struct RadioConfig {
     pub kind: RadioKind,
     pub sim: SimRadioConfig,
     pub zigbee: ZigbeeRadioConfig,
+    /// Validated by `esl_hal::ble::BleConfig::validate` (key names included).
+    pub ble: esl_hal::ble::BleConfig,
 }
 
 /// `[radio.zigbee]`. Defaults come from `esl_hal::zigbee::ZigbeeConfig`, so
@@ -678,6 +682,22 @@ impl Config {
                 "radio.sim.fail_rate",
                 "must be between 0.0 and 1.0",
             ));
+        }
+        if self.radio.kind == RadioKind::Ble {
+            let ble = &self.radio.ble;
+            ble.validate().map_err(|e| invalid(e.key, e.rule))?;
+            // The engine must not give up on an attempt the radio still makes.
+            let worst = ble.worst_case_attempt();
+            if worst >= std::time::Duration::from_millis(k.delivery_timeout_ms) {
+                return Err(invalid(
+                    "tasks.delivery_timeout_ms",
+                    format!(
+                        "must be more than {} ms, the longest BLE attempt \
+                         ((radio.ble.retries + 1) × radio.ble.session_timeout_ms + backoffs)",
+                        worst.as_millis()
+                    ),
+                ));
+            }
         }
         validate_security(&self.security)?;
         if self.radio.kind == RadioKind::Zigbee {
@@ -1126,6 +1146,46 @@ mod tests {
         );
         // The printed config is a valid config again.
         Config::from_toml(&c.redacted_toml()).unwrap();
+    }
+
+    #[test]
+    fn ble_radio_config_is_validated_with_key_names() {
+        let ok = Config::from_toml(&with(
+            "",
+            "[radio]\nkind = \"ble\"\n[radio.ble]\ntags = [\"C0:11:22:33:44:55\"]\n[radio.ble.fake]\ntags = 2\n",
+        ))
+        .unwrap();
+        assert_eq!(ok.radio.kind, RadioKind::Ble);
+        assert_eq!(ok.radio.ble.tags, ["C0:11:22:33:44:55"]);
+        assert_eq!(ok.radio.ble.fake.as_ref().map(|f| f.tags), Some(2));
+        // The effective config shows the BLE table and reads back the same.
+        assert_eq!(Config::from_toml(&ok.redacted_toml()).unwrap(), ok);
+
+        let cases = [
+            ("[radio.ble]\nchunk_size = 0", "radio.ble.chunk_size"),
+            (
+                "[radio.ble]\ntags = [\"c0:11:22:33:44:55\"]",
+                "radio.ble.tags",
+            ),
+            (
+                "[radio.ble]\ncontent_characteristic = \"x\"",
+                "radio.ble.content_characteristic",
+            ),
+            (
+                "[radio.ble.fake]\nconnect_fail_rate = 2.0",
+                "radio.ble.fake.connect_fail_rate",
+            ),
+            (
+                "[radio.ble]\nsession_timeout_ms = 20000\nretries = 1",
+                "tasks.delivery_timeout_ms",
+            ),
+        ];
+        for (table, want) in cases {
+            let (key, rule) = rule_for(&with("", &format!("[radio]\nkind = \"ble\"\n{table}")));
+            assert_eq!(key, want, "{table}: {rule}");
+        }
+        // BLE settings are checked only when the BLE radio is used.
+        Config::from_toml(&with("", "[radio.ble]\nchunk_size = 0")).unwrap();
     }
 
     #[test]

@@ -69,6 +69,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use esl_hal::ble::BleRadio;
 use esl_hal::sim::{SimConfig, SimRadio};
 use esl_hal::zigbee::ZigbeeRadio;
 use esl_hal::{Delivery, Radio, RadioEvent};
@@ -165,6 +166,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config::RadioKind::Zigbee => {
             let backend =
                 ZigbeeRadio::start(config.radio.zigbee.to_hal()).context("radio.zigbee")?;
+            radio.spawn(backend, &mut state, &counters, &mut tasks);
+        }
+        config::RadioKind::Ble => {
+            let backend = BleRadio::start(config.radio.ble.clone()).context("radio.ble")?;
             radio.spawn(backend, &mut state, &counters, &mut tasks);
         }
     }

@@ -15,12 +15,16 @@
 //! ends the agent.
 //!
 //! Backends: [`sim`] (simulated tags, PROTOCOL §8), [`zigbee`] (Z-Stack
-//! ZNP coordinator on a serial port).
+//! ZNP coordinator on a serial port), [`ble`] (ESL Service over Bluetooth LE;
+//! the btleplug glue needs the cargo feature `ble`).
 
 use std::future::Future;
 use std::sync::Arc;
 
+pub mod ble;
 pub mod sim;
+#[cfg(test)]
+mod test_util;
 pub mod zigbee;
 
 /// Identifier of a tag as the back end knows it (`SIM000042`, a MAC, …).

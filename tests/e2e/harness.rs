@@ -44,7 +44,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 pub use acks::{AckLog, AckStatus};
-pub use agent::{Agent, AgentConfig, TestRadio};
+pub use agent::{toml_path, Agent, AgentConfig, TestRadio};
 pub use backend::{publish_task_with, Backend};
 pub use broker::{Broker, BrokerOptions};
 pub use checks::{
@@ -243,6 +243,18 @@ impl Stack {
         self.zigbee
             .as_ref()
             .expect("test bug: this stack runs the simulated radio")
+    }
+
+    /// Publishes `tasks`, waits up to `timeout` for their final acks, keeps
+    /// listening for [`QUIET`], and checks that each task has exactly one
+    /// final ack. Returns every ack received.
+    pub async fn settle(&mut self, tasks: &[Value], timeout: Duration) -> AckLog {
+        self.backend.publish_tasks(tasks).await;
+        let ids = task_ids(tasks);
+        let mut acks = self.backend.collect_final_acks(&ids, timeout).await;
+        acks.extend(self.backend.acks_within(QUIET).await);
+        acks.assert_exactly_one_final_each(&ids);
+        acks
     }
 
     /// Starts the next agent run on the same store after

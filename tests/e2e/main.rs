@@ -24,13 +24,14 @@
 //! `security.rs` (TLS, logins, ACL, signed tasks, secrets kept out of
 //! logs), `systemd.rs` (readiness, watchdog and stopping notifications),
 //! `zigbee.rs` (faults of the ZigBee adapter; the agent drives a fake ZNP
-//! coordinator on a PTY). Scenarios that reach the radio run on both the
+//! coordinator on a PTY), `ble.rs` (the BLE radio on fake ESL tags). Scenarios that reach the radio run on both the
 //! simulated and the ZigBee radio (`NAME::sim`, `NAME::zigbee`).
 //!
 //! Another agent binary: `ESL_E2E_AGENT_BIN=/path/to/esl-agent` runs that
 //! one instead of the one cargo built, and `ESL_E2E_AGENT_RUNNER=qemu-aarch64`
 //! runs it through an emulator (CI's aarch64 round trip, `.ci/deploy`).
 
+mod ble;
 mod commands;
 mod harness;
 mod operator;

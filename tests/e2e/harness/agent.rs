@@ -64,6 +64,9 @@ pub struct AgentConfig {
     pub env: Vec<(String, String)>,
     /// `RUST_LOG` of the agent process.
     pub log_filter: String,
+    /// Replaces the whole `[radio]` section (the simulated tags above) when
+    /// set, e.g. with BLE fake tags.
+    pub radio_toml: Option<String>,
 }
 
 impl AgentConfig {
@@ -93,13 +96,12 @@ impl AgentConfig {
             extra: String::new(),
             env: Vec::new(),
             log_filter: "esl_agent=debug,info".to_owned(),
+            radio_toml: None,
         }
     }
 
     pub fn to_toml(&self) -> String {
-        // JSON strings and arrays of strings are valid TOML basic strings/arrays.
-        let s = |v: &str| Value::from(v).to_string();
-        let p = |v: &Path| s(&v.display().to_string());
+        let (s, p) = (toml_str, toml_path);
         format!(
             "[mqtt]\n\
              host = {host}\n\
@@ -127,7 +129,36 @@ impl AgentConfig {
              [limits]\n\
              max_payload = {max_payload}\n\
              \n\
-             [radio]\n\
+             {radio}\
+             {extra}",
+            host = s(&self.host),
+            mqtt_extra = self
+                .mqtt_extra
+                .iter()
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+            extra = self.extra,
+            port = self.port,
+            clean_session = self.clean_session,
+            ack_to = s(&self.ack_to),
+            keepalive_s = self.keepalive_s,
+            reconnect_min_ms = self.reconnect_min_ms,
+            reconnect_max_ms = self.reconnect_max_ms,
+            store = p(&self.store),
+            default_ttl_ms = self.default_ttl_ms,
+            max_attempts = self.max_attempts,
+            status_interval_s = self.status_interval_s,
+            max_payload = self.max_payload,
+            radio = self.radio_toml.clone().unwrap_or_else(|| self.sim_toml()),
+        )
+    }
+
+    /// The `[radio]` section for the simulated tags.
+    /// The `[radio]` section for [`TestRadio`]: both backends' tables, so
+    /// switching `kind` is all a scenario changes.
+    fn sim_toml(&self) -> String {
+        format!(
+            "[radio]\n\
              kind = {radio_kind}\n\
              \n\
              [radio.zigbee]\n\
@@ -145,38 +176,19 @@ impl AgentConfig {
              fail_rate = {fail_rate:?}\n\
              offline = {offline}\n\
              seed = {seed}\n\
-             journal = {journal}\n\
-             {extra}",
-            host = s(&self.host),
-            mqtt_extra = self
-                .mqtt_extra
-                .iter()
-                .map(|l| format!("{l}\n"))
-                .collect::<String>(),
-            extra = self.extra,
-            port = self.port,
-            radio_kind = s(match self.radio {
+             journal = {journal}\n",
+            radio_kind = toml_str(match self.radio {
                 TestRadio::Sim => "sim",
                 TestRadio::Zigbee => "zigbee",
             }),
-            zigbee_port = p(&self.zigbee_port),
+            zigbee_port = toml_path(&self.zigbee_port),
             confirm_timeout_ms = ZIGBEE_CONFIRM_TIMEOUT_MS,
-            clean_session = self.clean_session,
-            ack_to = s(&self.ack_to),
-            keepalive_s = self.keepalive_s,
-            reconnect_min_ms = self.reconnect_min_ms,
-            reconnect_max_ms = self.reconnect_max_ms,
-            store = p(&self.store),
-            default_ttl_ms = self.default_ttl_ms,
-            max_attempts = self.max_attempts,
-            status_interval_s = self.status_interval_s,
-            max_payload = self.max_payload,
             tags = self.tags,
             checkin_interval_ms = self.checkin_interval_ms,
             fail_rate = self.fail_rate,
             offline = Value::from(self.offline.clone()),
             seed = self.seed,
-            journal = p(&self.journal),
+            journal = toml_path(&self.journal),
         )
     }
 }
@@ -210,6 +222,16 @@ fn agent_command() -> Command {
         }
         None => Command::new(bin),
     }
+}
+
+/// A TOML basic string (a JSON string is one).
+pub fn toml_str(v: &str) -> String {
+    Value::from(v).to_string()
+}
+
+/// A path as a TOML basic string.
+pub fn toml_path(v: &Path) -> String {
+    toml_str(&v.display().to_string())
 }
 
 /// One `esl-agent run` process. Killed (SIGKILL) on drop if still running.
