@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::harness::{Agent, AgentConfig, Backend, Broker, BrokerOptions, TestEnv, BACKEND_ID, TAGS};
+use crate::harness::{
+    Agent, AgentConfig, Backend, Broker, BrokerOptions, TestEnv, BACKEND_ID, TAGS,
+};
 use crate::load::{random_ms, schedule_rng, summarize, Load, LoadSpec};
 
 /// The back end's patience in the clean-session mode: well above the
@@ -79,9 +81,11 @@ impl CrashLoop {
             });
         }
         let last_start = runs.last().expect("one run at least").started;
-        load.wait_for("the last agent run to say hello", Duration::from_secs(30), |l| {
-            l.hello_since(last_start).is_some()
-        })
+        load.wait_for(
+            "the last agent run to say hello",
+            Duration::from_secs(30),
+            |l| l.hello_since(last_start).is_some(),
+        )
         .await;
 
         // Recovery: from a restart to the agent's hello (connected and
@@ -120,7 +124,10 @@ impl CrashLoop {
             summarize(to_hello),
             summarize(to_ack),
         );
-        assert!(figures.tasks > self.kills, "too little load to prove anything");
+        assert!(
+            figures.tasks > self.kills,
+            "too little load to prove anything"
+        );
         // Recovery is measured, not timed; this bound only catches an agent
         // that hangs at start (a stuck store open, a lost CONNACK).
         assert!(

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::harness::{Agent, AgentConfig, Backend, Broker, BrokerOptions, TestEnv, BACKEND_ID, TAGS};
+use crate::harness::{
+    Agent, AgentConfig, Backend, Broker, BrokerOptions, TestEnv, BACKEND_ID, TAGS,
+};
 use crate::load::{summarize, Load, LoadSpec};
 use crate::proxy::{Direction, FaultProxy};
 
@@ -134,6 +136,9 @@ async fn link_faults_and_broker_restart_lose_nothing() {
         summarize(after_drop),
         summarize(after_cut),
     );
-    assert_eq!(figures.retries, 0, "strict mode: the back end never retries");
+    assert_eq!(
+        figures.retries, 0,
+        "strict mode: the back end never retries"
+    );
     agent.terminate().await;
 }

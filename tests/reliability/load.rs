@@ -331,11 +331,18 @@ impl LoadReport {
     }
 
     pub fn figures(&self) -> Figures {
-        let mut per_task: HashMap<&str, usize> = HashMap::new();
+        let mut per_task: HashMap<String, usize> = HashMap::new();
         let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
         let mut final_acks = 0;
         let mut marked_duplicate = 0;
         for ack in self.acks().clone() {
+            // Only the run's own tasks: a hostile run adds acks of others.
+            let Some(id) = ack
+                .task_id()
+                .filter(|id| self.ledger.first_sent.contains_key(*id))
+            else {
+                continue;
+            };
             if !ack.status().is_final() {
                 continue;
             }
@@ -343,16 +350,13 @@ impl LoadReport {
             if ack.duplicate() {
                 marked_duplicate += 1;
             }
-            if let Some(id) = ack.task_id() {
-                if let Some(t) = self.ledger.tasks.iter().find(|t| t["task_id"] == id) {
-                    let id = t["task_id"].as_str().expect("we built it");
-                    let n = per_task.entry(id).or_default();
-                    if *n == 0 {
-                        *by_status.entry(format!("{:?}", ack.status()).to_lowercase()).or_default() += 1;
-                    }
-                    *n += 1;
-                }
+            let n = per_task.entry(id.to_owned()).or_default();
+            if *n == 0 {
+                *by_status
+                    .entry(format!("{:?}", ack.status()).to_lowercase())
+                    .or_default() += 1;
             }
+            *n += 1;
         }
         let mut latencies: Vec<Duration> = self
             .ledger
@@ -410,7 +414,9 @@ pub fn schedule_rng(run: &str) -> rand::rngs::SmallRng {
         .unwrap_or_else(|| crate::harness::now_ms());
     println!("[{run}] schedule seed {seed} (ESL_RELIABILITY_SEED={seed} repeats it)");
     // Runs started in the same millisecond still get different schedules.
-    let salt = run.bytes().fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(b));
+    let salt = run
+        .bytes()
+        .fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(b));
     rand::rngs::SmallRng::seed_from_u64(seed ^ salt)
 }
 
