@@ -411,7 +411,7 @@ pub fn schedule_rng(run: &str) -> rand::rngs::SmallRng {
     let seed = std::env::var("ESL_RELIABILITY_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| crate::harness::now_ms());
+        .unwrap_or_else(crate::harness::now_ms);
     println!("[{run}] schedule seed {seed} (ESL_RELIABILITY_SEED={seed} repeats it)");
     // Runs started in the same millisecond still get different schedules.
     let salt = run

@@ -167,6 +167,7 @@ impl Backend {
     }
 
     /// Publishes arbitrary bytes on `topic`, QoS 1 (commands, foreign topics).
+    #[allow(dead_code)] // used by tests/reliability, not by every harness user
     pub async fn publish_raw_to(&self, topic: &str, payload: impl Into<Vec<u8>>) {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload.into())
@@ -212,6 +213,7 @@ impl Backend {
     }
 
     /// Every command reply (PROTOCOL §7) that arrives within `window`, as JSON.
+    #[allow(dead_code)] // used by tests/reliability, not by every harness user
     pub async fn replies_within(&mut self, window: Duration) -> Vec<Value> {
         let deadline = Instant::now() + window;
         let mut replies = Vec::new();
@@ -224,6 +226,7 @@ impl Backend {
     }
 
     /// Every status report that arrives within `window`.
+    #[allow(dead_code)] // used by tests/reliability, not by every harness user
     pub async fn statuses_within(&mut self, window: Duration) -> Vec<Value> {
         let deadline = Instant::now() + window;
         let mut statuses = Vec::new();
