@@ -110,7 +110,7 @@ impl CrashLoop {
         agent.assert_running();
         report.assert_invariants(&env);
         let figures = report.figures();
-        println!(
+        crate::load::emit(&format!(
             "[{}] clean_session={} kills={} killed_before_hello={} run_time={:?}\n\
              [{}] {figures}\n\
              [{}] recovery restart->hello: {} ; restart->first final ack: {}",
@@ -123,7 +123,7 @@ impl CrashLoop {
             self.name,
             summarize(to_hello),
             summarize(to_ack),
-        );
+        ));
         assert!(
             figures.tasks > self.kills,
             "too little load to prove anything"

@@ -499,7 +499,7 @@ async fn hostile_payloads_in_a_load_run_are_rejected_and_good_tasks_complete() {
         "{status}"
     );
     let figures = report.figures();
-    println!(
+    crate::load::emit(&format!(
         "[hostile] bad tasks={} (rejected acks={}, with task_id null={null_got}) bad commands={} \
          (error replies={}, dropped and counted={}) ; good load: {figures}",
         tasks.len(),
@@ -507,7 +507,7 @@ async fn hostile_payloads_in_a_load_run_are_rejected_and_good_tasks_complete() {
         commands.len(),
         replies.len(),
         commands.iter().filter(|c| c.reply.is_none()).count(),
-    );
+    ));
     assert_eq!(status["agent"], AGENT_CLIENT_ID);
     agent.terminate().await;
 }

@@ -124,7 +124,7 @@ async fn link_faults_and_broker_restart_lose_nothing() {
     agent.assert_running();
     report.assert_invariants(&env);
     let figures = report.figures();
-    println!(
+    crate::load::emit(&format!(
         "[link-faults] {figures}\n\
          [link-faults] connections accepted by the proxy: {} ; run time {:?}\n\
          [link-faults] drop -> hello: {}\n\
@@ -135,7 +135,7 @@ async fn link_faults_and_broker_restart_lose_nothing() {
         report.duration,
         summarize(after_drop),
         summarize(after_cut),
-    );
+    ));
     assert_eq!(
         figures.retries, 0,
         "strict mode: the back end never retries"

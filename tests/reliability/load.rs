@@ -412,7 +412,9 @@ pub fn schedule_rng(run: &str) -> rand::rngs::SmallRng {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(crate::harness::now_ms);
-    println!("[{run}] schedule seed {seed} (ESL_RELIABILITY_SEED={seed} repeats it)");
+    emit(&format!(
+        "[{run}] schedule seed {seed} (ESL_RELIABILITY_SEED={seed} repeats it)"
+    ));
     // Runs started in the same millisecond still get different schedules.
     let salt = run
         .bytes()
@@ -442,4 +444,11 @@ pub fn summarize(mut ds: Vec<Duration>) -> String {
 /// Used by the status check of several runs.
 pub fn status_store_fault(status: &Value) -> Option<String> {
     status["store"]["fault"].as_str().map(str::to_owned)
+}
+
+/// Prints a figures line past libtest's output capture (which only catches
+/// `print!`/`eprint!`), so the figures show in CI's plain `cargo test` too.
+pub fn emit(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{text}");
 }

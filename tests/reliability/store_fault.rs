@@ -87,10 +87,10 @@ fn running_as_root() -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_stops_pubacks_reports_the_fault_and_recovers() {
     if !running_as_root() {
-        println!(
+        crate::load::emit(
             "SKIPPED full_disk_stops_pubacks_reports_the_fault_and_recovers: mounting a tmpfs \
              needs root (CI runs as root); the engine's fault path is covered by \
-             engine::tests::a_store_fault_holds_pubacks_reports_and_recovers_after_reopen"
+             engine::tests::a_store_fault_holds_pubacks_reports_and_recovers_after_reopen",
         );
         return;
     }
@@ -180,7 +180,7 @@ async fn full_disk_stops_pubacks_reports_the_fault_and_recovers() {
     let report = load.finish(Duration::from_secs(60)).await;
     agent.assert_running();
     report.assert_invariants(&env);
-    println!(
+    crate::load::emit(&format!(
         "[store-fault] tmpfs {DISK_MB} MiB, ballast {} KiB; fault reported {detected:?} after the \
          disk filled: {fault:?}\n\
          [store-fault] while full for {FULL_FOR:?}: tasks published {published_during_fault}, \
@@ -190,7 +190,7 @@ async fn full_disk_stops_pubacks_reports_the_fault_and_recovers() {
          [store-fault] {}",
         ballast_bytes / 1024,
         report.figures(),
-    );
+    ));
     assert!(
         published_during_fault > 0,
         "no load during the fault proves nothing"
