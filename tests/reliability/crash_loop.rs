@@ -137,56 +137,48 @@ impl CrashLoop {
     }
 }
 
+impl CrashLoop {
+    /// The CI version: 10 kills, about 15 s.
+    fn short(name: &'static str, clean_session: bool) -> CrashLoop {
+        CrashLoop {
+            name,
+            clean_session,
+            kills: 10,
+            uptime_ms: 50..1500,
+            downtime_ms: 0..300,
+        }
+    }
+
+    /// The proof: 60 kills, about 2 minutes.
+    fn long(name: &'static str, clean_session: bool) -> CrashLoop {
+        CrashLoop {
+            name,
+            clean_session,
+            kills: 60,
+            uptime_ms: 50..3000,
+            downtime_ms: 0..500,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_persistent_session_ci() {
-    CrashLoop {
-        name: "crash-persistent-ci",
-        clean_session: false,
-        kills: 10,
-        uptime_ms: 50..1500,
-        downtime_ms: 0..300,
-    }
-    .run()
-    .await;
+    CrashLoop::short("crash-persistent-ci", false).run().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_clean_session_ci() {
-    CrashLoop {
-        name: "crash-clean-ci",
-        clean_session: true,
-        kills: 10,
-        uptime_ms: 50..1500,
-        downtime_ms: 0..300,
-    }
-    .run()
-    .await;
+    CrashLoop::short("crash-clean-ci", true).run().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long run (about 3 minutes): tests/reliability/prove.sh"]
+#[ignore = "long run (about 2 minutes): tests/reliability/prove.sh"]
 async fn crash_loop_persistent_session_long() {
-    CrashLoop {
-        name: "crash-persistent-long",
-        clean_session: false,
-        kills: 60,
-        uptime_ms: 50..3000,
-        downtime_ms: 0..500,
-    }
-    .run()
-    .await;
+    CrashLoop::long("crash-persistent-long", false).run().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long run (about 3 minutes): tests/reliability/prove.sh"]
+#[ignore = "long run (about 2 minutes): tests/reliability/prove.sh"]
 async fn crash_loop_clean_session_long() {
-    CrashLoop {
-        name: "crash-clean-long",
-        clean_session: true,
-        kills: 60,
-        uptime_ms: 50..3000,
-        downtime_ms: 0..500,
-    }
-    .run()
-    .await;
+    CrashLoop::long("crash-clean-long", true).run().await;
 }
