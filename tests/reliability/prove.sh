@@ -6,7 +6,7 @@
 #
 #   tests/reliability/prove.sh            # fuzz 60 s per target
 #   tests/reliability/prove.sh 300        # fuzz 5 min per target
-#   ESL_PROVE_PROFILE=dev tests/reliability/prove.sh   # skip the slow release build
+#   ESL_PROVE_PROFILE=dev tests/reliability/prove.sh   # skip the release build (~16 min on 2 cores)
 #   ESL_RELIABILITY_SEED=123 tests/reliability/prove.sh   # repeat a schedule
 #
 # Needs Mosquitto (apt-get install mosquitto), root for the full-disk run
