@@ -11,7 +11,9 @@
 //!
 //! Kill moments are drawn from the run's seeded schedule, measured from the
 //! agent's start, so some kills land while it is still opening its store or
-//! connecting. The tags journal every display to one file kept across runs
+//! connecting; every other kill then also waits for the next display on a
+//! tag and strikes right after it, when the tag shows content whose outcome
+//! the agent has most likely not stored yet. The tags journal every display to one file kept across runs
 //! (a real e-paper tag keeps showing its content while the agent restarts),
 //! so "no task displayed twice" is checked over the whole run.
 
@@ -68,9 +70,17 @@ impl CrashLoop {
             started: Instant::now(),
             killed: None,
         }];
-        for _ in 0..self.kills {
+        let mut just_after_display = 0;
+        for k in 0..self.kills {
             let started = runs.last().expect("one run at least").started;
             tokio::time::sleep_until(started + random_ms(&mut rng, self.uptime_ms.clone())).await;
+            // Every other kill waits for a tag to display something and
+            // strikes at once: the tag shows the content, but the agent has
+            // most likely not yet stored that it was applied. Random moments
+            // alone rarely hit that window of a few milliseconds.
+            if k % 2 == 1 && display_then(&config.journal, Duration::from_secs(2)).await {
+                just_after_display += 1;
+            }
             agent.kill();
             runs.last_mut().expect("one run at least").killed = Some(Instant::now());
             tokio::time::sleep(random_ms(&mut rng, self.downtime_ms.clone())).await;
@@ -111,7 +121,7 @@ impl CrashLoop {
         report.assert_invariants(&env);
         let figures = report.figures();
         crate::load::emit(&format!(
-            "[{}] clean_session={} kills={} killed_before_hello={} run_time={:?}\n\
+            "[{}] clean_session={} kills={} (just after a display: {just_after_display}) killed_before_hello={} run_time={:?}\n\
              [{}] {figures}\n\
              [{}] recovery restart->hello: {} ; restart->first final ack: {}",
             self.name,
@@ -135,6 +145,23 @@ impl CrashLoop {
             "an agent run took {max_hello:?} from start to hello"
         );
     }
+}
+
+/// Waits until the tags' journal grows, i.e. a tag displayed new content;
+/// `false` if none did within `timeout`. Spins (yielding) rather than
+/// sleeping: the window it aims at lasts about a millisecond, less than
+/// one timer tick. It spins until the next display, a fraction of a second.
+async fn display_then(journal: &std::path::Path, timeout: Duration) -> bool {
+    let len = || std::fs::metadata(journal).map_or(0, |m| m.len());
+    let before = len();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if len() > before {
+            return true;
+        }
+        tokio::task::yield_now().await;
+    }
+    false
 }
 
 impl CrashLoop {
