@@ -587,6 +587,38 @@ mod tests {
         assert!(decode_task(ok, 65536).is_ok());
     }
 
+    /// Regression (issue 3, found by the `decode_task` fuzz target):
+    /// serde_json's default float parser is not correctly rounded, so the
+    /// canonical form of a content with a long number parsed back to a
+    /// different number, and "the same content, the same hash" (PROTOCOL §5)
+    /// did not hold between the agent and any exact parser, or between two
+    /// passes of the agent's own canonicalisation.
+    #[test]
+    fn canonical_content_is_a_fixed_point_for_long_numbers() {
+        // The fuzzer's number: 115 digits, beyond u64, parsed as a float.
+        let long = format!("11642304000{}00", "5".repeat(102));
+        assert_eq!(long.len(), 115);
+        for number in [
+            long.as_str(),
+            "0.1",
+            "9.90",
+            "1e-7",
+            "2.2250738585072014e-308",
+            "360.00",
+        ] {
+            let payload = format!(
+                r#"{{"v":1,"task_id":"a","tag_id":"T","issued_at":1,"content":{{"x":{number}}}}}"#
+            );
+            let task = decode_task(payload.as_bytes(), 65536).unwrap();
+            let again: Value = serde_json::from_str(&task.content).unwrap();
+            assert_eq!(
+                canonical_json(&again),
+                task.content,
+                "content with {number}"
+            );
+        }
+    }
+
     #[test]
     fn deep_nesting_and_odd_numbers_are_rejected_not_fatal() {
         let deep = format!(
