@@ -112,6 +112,10 @@ fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
 
 const NEXT_OUTBOX_KEY: &[u8] = b"mo";
 
+/// How long opening waits for sled's file lock, and how often it looks.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // postcard into a Vec fails only on allocation failure or for types with
     // unsupported shapes; ours are plain structs and enums.
@@ -239,11 +243,26 @@ impl Store {
     /// Opens sled and derives the outbox counters from what is on disk.
     /// Everything on disk counts as durable: it survived.
     fn open_db(&self) -> Result<(), StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(&self.path)
             .cache_capacity(self.cache_bytes)
-            .flush_every_ms(Some(1000))
-            .open()?;
+            .flush_every_ms(Some(1000));
+        // sled's background threads may hold the file lock of a database
+        // this process just dropped for a moment after the drop (sled's own
+        // tests block on the lock for that reason). Another process holding
+        // it does not let go, and fails after the wait.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                other => break other?,
+            }
+        };
         let next_outbox = match db.get(NEXT_OUTBOX_KEY)? {
             Some(v) => u64_from(NEXT_OUTBOX_KEY, &v)?,
             None => 0,
