@@ -307,6 +307,14 @@ impl Agent {
         }
     }
 
+    /// SIGKILL, as in a crash or a power cut of the process (not of the
+    /// machine: the page cache survives). Returns once the process is reaped.
+    #[allow(dead_code)] // used by tests/reliability, not by every harness user
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("kill() on a running agent");
+        kill_and_reap(&mut child);
+    }
+
     /// Sends SIGTERM and requires a clean exit (status 0) within
     /// [`SHUTDOWN_DEADLINE`] (PROTOCOL §9).
     pub async fn terminate(&mut self) {
