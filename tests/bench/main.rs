@@ -363,6 +363,8 @@ async fn run(size: Size, dir: &std::path::Path) -> anyhow::Result<()> {
     );
     report.set("peak_rss_mib_e2e", agent.peak_rss_kib()? as f64 / 1024.0);
     agent.terminate().await?;
+    // Clients first, so they do not report the broker going away.
+    drop((publisher, acks));
     drop(broker);
 
     report.print(size.json.as_deref())
