@@ -195,9 +195,9 @@ impl State {
         counters: Arc<Counters>,
     ) -> Result<State, StoreError> {
         let mut pending = HashMap::new();
-        for t in store.pending_tasks()? {
+        store.for_each_pending(|t| {
             pending.insert(
-                t.tag_id.clone(),
+                t.tag_id,
                 Pending {
                     task_id: t.task_id,
                     content_hash: t.content_hash,
@@ -205,7 +205,7 @@ impl State {
                     in_flight_until: None,
                 },
             );
-        }
+        })?;
         let tags = store.tags()?.into_iter().collect();
         Ok(State {
             verifier: Verifier::disabled(&identity.client_id),

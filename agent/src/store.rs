@@ -274,14 +274,23 @@ impl Store {
         }
     }
 
-    /// Every pending task, for the engine's start-up.
+    /// Every pending task.
     pub fn pending_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
         let mut out = Vec::new();
+        self.for_each_pending(|t| out.push(t))?;
+        Ok(out)
+    }
+
+    /// Hands every pending task to `f`, one at a time: the engine's start-up
+    /// keeps only a small summary of each, and collecting 100 000 full
+    /// records (content included) first doubled the agent's peak RSS
+    /// (docs/BENCHMARKS.md).
+    pub fn for_each_pending(&self, mut f: impl FnMut(TaskRecord)) -> Result<(), StoreError> {
         for item in self.db.scan_prefix([b'p']) {
             let (k, task_id) = item?;
             let task_id = String::from_utf8_lossy(&task_id).into_owned();
             match self.task(&task_id)? {
-                Some(t) if t.state == TaskState::Pending => out.push(t),
+                Some(t) if t.state == TaskState::Pending => f(t),
                 // An index entry without its pending record cannot be acted
                 // on; report it rather than guess.
                 _ => {
@@ -294,7 +303,7 @@ impl Store {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The last task and content a tag confirmed.

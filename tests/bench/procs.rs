@@ -107,6 +107,7 @@ pub struct AgentSpec {
     pub tags: usize,
     pub checkin_interval_ms: u64,
     pub apply_ms: u64,
+    pub outbox_window: u32,
 }
 
 impl AgentSpec {
@@ -122,7 +123,8 @@ impl AgentSpec {
         format!(
             "[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\ngroup_id = \"GID_bench\"\n\
              device_id = \"{device}\"\nclean_session = {clean}\nack_to = \"{ack_to}\"\n\
-             keepalive_s = 30\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n\n\
+             keepalive_s = 30\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n\
+             outbox_window = {window}\n\n\
              [store]\npath = \"{store}\"\n\n\
              [tasks]\ndefault_ttl_ms = 3600000\n\n\
              [status]\ninterval_s = 3600\n\n\
@@ -139,6 +141,7 @@ impl AgentSpec {
             tags = self.tags,
             checkin = self.checkin_interval_ms,
             apply = self.apply_ms,
+            window = self.outbox_window,
         )
     }
 }
