@@ -282,9 +282,8 @@ impl Store {
     }
 
     /// Hands every pending task to `f`, one at a time: the engine's start-up
-    /// keeps only a small summary of each, and collecting 100 000 full
-    /// records (content included) first doubled the agent's peak RSS
-    /// (docs/BENCHMARKS.md).
+    /// keeps only a small summary of each, so it need not hold every full
+    /// record (content included) at once.
     pub fn for_each_pending(&self, mut f: impl FnMut(TaskRecord)) -> Result<(), StoreError> {
         for item in self.db.scan_prefix([b'p']) {
             let (k, task_id) = item?;
