@@ -12,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
+use esl_hal::zigbee::{FlowControl, ZigbeeConfig};
 use serde::{Deserialize, Serialize};
 
 /// A configuration problem, naming the key and the rule it breaks.
@@ -293,6 +294,10 @@ impl Default for LimitsConfig {
 pub enum RadioKind {
     #[default]
     Sim,
+    /// Z-Stack ZNP coordinator on a serial port (docs/ZIGBEE.md).
+    Zigbee,
+    /// ESL tags over Bluetooth LE (`[radio.ble]`, docs/BLE.md).
+    Ble,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -300,6 +305,73 @@ pub enum RadioKind {
 pub struct RadioConfig {
     pub kind: RadioKind,
     pub sim: SimRadioConfig,
+    pub zigbee: ZigbeeRadioConfig,
+    /// Validated by `esl_hal::ble::BleConfig::validate` (key names included).
+    pub ble: esl_hal::ble::BleConfig,
+}
+
+/// `[radio.zigbee]`. Defaults come from `esl_hal::zigbee::ZigbeeConfig`, so
+/// they live in one place; times are in milliseconds here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZigbeeRadioConfig {
+    /// Serial device of the coordinator stick.
+    pub port: PathBuf,
+    pub baud_rate: u32,
+    /// `"none"`, `"hardware"` (RTS/CTS) or `"software"` (XON/XOFF).
+    pub flow_control: FlowControl,
+    /// The agent's application endpoint on the coordinator.
+    pub endpoint: u8,
+    pub sreq_timeout_ms: u64,
+    pub reset_timeout_ms: u64,
+    pub startup_timeout_ms: u64,
+    pub confirm_timeout_ms: u64,
+    pub result_timeout_ms: u64,
+    pub ping_interval_ms: u64,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for ZigbeeRadioConfig {
+    fn default() -> Self {
+        let d = ZigbeeConfig::default();
+        let ms = |t: std::time::Duration| u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            port: d.port,
+            baud_rate: d.baud_rate,
+            flow_control: d.flow_control,
+            endpoint: d.endpoint,
+            sreq_timeout_ms: ms(d.sreq_timeout),
+            reset_timeout_ms: ms(d.reset_timeout),
+            startup_timeout_ms: ms(d.startup_timeout),
+            confirm_timeout_ms: ms(d.confirm_timeout),
+            result_timeout_ms: ms(d.result_timeout),
+            ping_interval_ms: ms(d.ping_interval),
+            reconnect_min_ms: ms(d.reconnect_min),
+            reconnect_max_ms: ms(d.reconnect_max),
+        }
+    }
+}
+
+impl ZigbeeRadioConfig {
+    /// The backend's settings.
+    pub fn to_hal(&self) -> ZigbeeConfig {
+        use std::time::Duration;
+        ZigbeeConfig {
+            port: self.port.clone(),
+            baud_rate: self.baud_rate,
+            flow_control: self.flow_control,
+            endpoint: self.endpoint,
+            sreq_timeout: Duration::from_millis(self.sreq_timeout_ms),
+            reset_timeout: Duration::from_millis(self.reset_timeout_ms),
+            startup_timeout: Duration::from_millis(self.startup_timeout_ms),
+            confirm_timeout: Duration::from_millis(self.confirm_timeout_ms),
+            result_timeout: Duration::from_millis(self.result_timeout_ms),
+            ping_interval: Duration::from_millis(self.ping_interval_ms),
+            reconnect_min: Duration::from_millis(self.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(self.reconnect_max_ms),
+        }
+    }
 }
 
 /// PROTOCOL §8. Converted to `esl_hal::sim::SimConfig` by the radio task.
@@ -611,7 +683,27 @@ impl Config {
                 "must be between 0.0 and 1.0",
             ));
         }
-        validate_security(&self.security)
+        if self.radio.kind == RadioKind::Ble {
+            let ble = &self.radio.ble;
+            ble.validate().map_err(|e| invalid(e.key, e.rule))?;
+            // The engine must not give up on an attempt the radio still makes.
+            let worst = ble.worst_case_attempt();
+            if worst >= std::time::Duration::from_millis(k.delivery_timeout_ms) {
+                return Err(invalid(
+                    "tasks.delivery_timeout_ms",
+                    format!(
+                        "must be more than {} ms, the longest BLE attempt \
+                         ((radio.ble.retries + 1) × radio.ble.session_timeout_ms + backoffs)",
+                        worst.as_millis()
+                    ),
+                ));
+            }
+        }
+        validate_security(&self.security)?;
+        if self.radio.kind == RadioKind::Zigbee {
+            self.validate_zigbee()?;
+        }
+        Ok(())
     }
 
     /// Settings that are allowed but weaken security, for the start-up log
@@ -632,6 +724,29 @@ impl Config {
             w.push("mqtt.password is inline: keep the config file mode 0600, or move the password to mqtt.secret_file".into());
         }
         w
+    }
+
+    fn validate_zigbee(&self) -> Result<(), ConfigError> {
+        let z = &self.radio.zigbee;
+        if let Err(esl_hal::zigbee::ZigbeeError::InvalidConfig { key, reason }) =
+            z.to_hal().validate()
+        {
+            return Err(invalid(key, reason));
+        }
+        // The engine counts a delivery without an outcome as failed after
+        // its own timeout; the radio must answer before that, or a slow but
+        // successful update is counted as a failure.
+        let radio_wait = z.confirm_timeout_ms.saturating_add(z.result_timeout_ms);
+        if radio_wait >= self.tasks.delivery_timeout_ms {
+            return Err(invalid(
+                "radio.zigbee.result_timeout_ms",
+                format!(
+                    "confirm_timeout_ms + result_timeout_ms ({radio_wait}) must be below tasks.delivery_timeout_ms ({})",
+                    self.tasks.delivery_timeout_ms
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Where the control socket lives (configured, or next to the store).
@@ -975,11 +1090,102 @@ mod tests {
                 with("", "[radio.sim]\nfail_rate = 1.5"),
                 "radio.sim.fail_rate",
             ),
+            (
+                with(
+                    "",
+                    "[radio]\nkind = \"zigbee\"\n[radio.zigbee]\nendpoint = 0",
+                ),
+                "radio.zigbee.endpoint",
+            ),
+            (
+                with(
+                    "",
+                    "[radio]\nkind = \"zigbee\"\n[radio.zigbee]\nport = \"\"",
+                ),
+                "radio.zigbee.port",
+            ),
+            (
+                with(
+                    "",
+                    "[tasks]\ndelivery_timeout_ms = 5000\n[radio]\nkind = \"zigbee\"",
+                ),
+                "radio.zigbee.result_timeout_ms",
+            ),
         ];
         for (text, want) in cases {
             let (key, rule) = rule_for(&text);
             assert_eq!(key, want, "config {text:?}: rule {rule}");
         }
+    }
+
+    #[test]
+    fn zigbee_section_parses_and_converts() {
+        let c = Config::from_toml(&with(
+            "",
+            "[radio]\nkind = \"zigbee\"\n[radio.zigbee]\nport = \"/dev/ttyACM0\"\n\
+             baud_rate = 230400\nflow_control = \"hardware\"\nendpoint = 11\nconfirm_timeout_ms = 9000",
+        ))
+        .unwrap();
+        assert_eq!(c.radio.kind, RadioKind::Zigbee);
+        let z = c.radio.zigbee.to_hal();
+        assert_eq!(z.port, PathBuf::from("/dev/ttyACM0"));
+        assert_eq!(z.baud_rate, 230_400);
+        assert_eq!(z.flow_control, FlowControl::Hardware);
+        assert_eq!(z.endpoint, 11);
+        assert_eq!(z.confirm_timeout, std::time::Duration::from_millis(9000));
+        // Untouched keys keep the backend's defaults.
+        assert_eq!(z.result_timeout, ZigbeeConfig::default().result_timeout);
+        let err = Config::from_toml(&with(
+            "",
+            "[radio]\nkind = \"zigbee\"\n[radio.zigbee]\nflow_control = \"rts\"",
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("flow_control") || err.to_string().contains("rts"),
+            "{err}"
+        );
+        // The printed config is a valid config again.
+        Config::from_toml(&c.redacted_toml()).unwrap();
+    }
+
+    #[test]
+    fn ble_radio_config_is_validated_with_key_names() {
+        let ok = Config::from_toml(&with(
+            "",
+            "[radio]\nkind = \"ble\"\n[radio.ble]\ntags = [\"C0:11:22:33:44:55\"]\n[radio.ble.fake]\ntags = 2\n",
+        ))
+        .unwrap();
+        assert_eq!(ok.radio.kind, RadioKind::Ble);
+        assert_eq!(ok.radio.ble.tags, ["C0:11:22:33:44:55"]);
+        assert_eq!(ok.radio.ble.fake.as_ref().map(|f| f.tags), Some(2));
+        // The effective config shows the BLE table and reads back the same.
+        assert_eq!(Config::from_toml(&ok.redacted_toml()).unwrap(), ok);
+
+        let cases = [
+            ("[radio.ble]\nchunk_size = 0", "radio.ble.chunk_size"),
+            (
+                "[radio.ble]\ntags = [\"c0:11:22:33:44:55\"]",
+                "radio.ble.tags",
+            ),
+            (
+                "[radio.ble]\ncontent_characteristic = \"x\"",
+                "radio.ble.content_characteristic",
+            ),
+            (
+                "[radio.ble.fake]\nconnect_fail_rate = 2.0",
+                "radio.ble.fake.connect_fail_rate",
+            ),
+            (
+                "[radio.ble]\nsession_timeout_ms = 20000\nretries = 1",
+                "tasks.delivery_timeout_ms",
+            ),
+        ];
+        for (table, want) in cases {
+            let (key, rule) = rule_for(&with("", &format!("[radio]\nkind = \"ble\"\n{table}")));
+            assert_eq!(key, want, "{table}: {rule}");
+        }
+        // BLE settings are checked only when the BLE radio is used.
+        Config::from_toml(&with("", "[radio.ble]\nchunk_size = 0")).unwrap();
     }
 
     #[test]

@@ -2,21 +2,33 @@
 //! `agent.status` and the demo summary.
 //!
 //! Plain relaxed atomics: every task may bump them, nothing synchronises on
-//! them, and a report that is a few increments stale is fine.
+//! them, and a report that is a few increments stale is fine. A radio
+//! backend's own counters (bad frames, timeouts) are attached once at start
+//! and listed after these.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use esl_hal::RadioCounters;
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         #[derive(Debug, Default)]
         pub struct Counters {
             $($(#[$doc])* pub $name: AtomicU64,)*
+            /// The radio backend's counters, if it keeps any.
+            radio: OnceLock<Arc<dyn RadioCounters>>,
         }
 
         impl Counters {
-            /// Current values by name, in declaration order.
+            /// Current values by name, in declaration order, then the
+            /// radio's.
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+                let mut all = vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*];
+                if let Some(radio) = self.radio.get() {
+                    all.extend(radio.snapshot());
+                }
+                all
             }
         }
     };
@@ -76,5 +88,11 @@ impl Counters {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Lists `radio`'s counters in every snapshot from now on. One radio per
+    /// agent: a second call changes nothing.
+    pub fn attach_radio(&self, radio: Arc<dyn RadioCounters>) {
+        let _ = self.radio.set(radio);
     }
 }

@@ -348,6 +348,7 @@ fn agent_config(o: &DemoOptions, port: u16, dir: &Path, offline: &[String]) -> C
                 journal: Some(dir.join("tag-journal.jsonl")),
                 ..SimRadioConfig::default()
             },
+            ..RadioConfig::default()
         },
         ..Config::default()
     }

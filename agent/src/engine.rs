@@ -11,8 +11,11 @@
 //! Group commit: the engine takes every inbound message that is already
 //! queued (up to `tasks.batch_max`), applies each one's changes to the store,
 //! then flushes once and only then releases the PUBACKs of the whole batch.
-//! If the flush fails, the PUBACKs are held (the broker keeps the messages),
-//! intake pauses, and the flush is retried until the disk recovers.
+//! If a write or the flush fails, the PUBACKs are held (the broker keeps the
+//! messages), intake and radio events pause, and the status reports the
+//! fault. sled fails every operation after one failed write, so recovery
+//! reopens the store, rebuilds the pending set from disk and applies the
+//! held messages again; only then are their PUBACKs released.
 //!
 //! The decision logic lives in [`State`], which has no channels and takes the
 //! time as an argument, so unit tests drive it directly.
@@ -24,6 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use esl_hal::{CheckIn, Delivery, Outcome, RadioEvent, RadioState};
 use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -50,8 +54,12 @@ pub const QUERY_CAPACITY: usize = 4;
 /// same for every cause (missing, unknown key, mismatch): the log says which.
 pub const BAD_SIGNATURE: &str = "bad signature";
 
-/// How often expiry, delivery time-outs and held flushes are looked at.
+/// How often expiry and delivery time-outs are looked at.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+/// After a store fault, how long between two attempts to reopen the store:
+/// often enough to resume within a second or two of the disk recovering,
+/// rarely enough that a disk that stays full costs little.
+const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 /// How often finished tasks older than `tasks.keep_final_h` are pruned.
 const PRUNE_INTERVAL_MS: u64 = 3600 * 1000;
 /// Finished tasks removed per prune pass, so one pass never stalls intake.
@@ -194,18 +202,7 @@ impl State {
         store: Arc<Store>,
         counters: Arc<Counters>,
     ) -> Result<State, StoreError> {
-        let mut pending = HashMap::new();
-        store.for_each_pending(|t| {
-            pending.insert(
-                t.tag_id,
-                Pending {
-                    task_id: t.task_id,
-                    content_hash: t.content_hash,
-                    expires_at: t.expires_at,
-                    in_flight_until: None,
-                },
-            );
-        })?;
+        let pending = pending_from(&store, &HashMap::new())?;
         let tags = store.tags()?.into_iter().collect();
         Ok(State {
             verifier: Verifier::disabled(&identity.client_id),
@@ -221,6 +218,17 @@ impl State {
                 reason: "starting".into(),
             },
         })
+    }
+
+    /// Rebuilds the pending set from the store after [`Store::reopen`]:
+    /// changes applied after the last good flush may be gone, so the
+    /// in-memory view must follow the disk, not the other way round. A
+    /// delivery in flight for a task that is still pending stays in flight,
+    /// so its tag is not sent the same content again. (The tag table is best
+    /// effort and at least as fresh in memory; it is kept.)
+    pub fn reload(&mut self) -> Result<(), StoreError> {
+        self.pending = pending_from(&self.store, &self.pending)?;
+        Ok(())
     }
 
     pub fn pending_len(&self) -> usize {
@@ -774,6 +782,31 @@ impl State {
     }
 }
 
+/// The pending set as the store has it; in-flight deadlines are taken from
+/// `previous` where it has the same task in flight.
+fn pending_from(
+    store: &Store,
+    previous: &HashMap<String, Pending>,
+) -> Result<HashMap<String, Pending>, StoreError> {
+    let mut pending = HashMap::new();
+    for t in store.pending_tasks()? {
+        let in_flight_until = previous
+            .get(&t.tag_id)
+            .filter(|p| p.task_id == t.task_id)
+            .and_then(|p| p.in_flight_until);
+        pending.insert(
+            t.tag_id.clone(),
+            Pending {
+                task_id: t.task_id,
+                content_hash: t.content_hash,
+                expires_at: t.expires_at,
+                in_flight_until,
+            },
+        );
+    }
+    Ok(pending)
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -795,14 +828,32 @@ pub struct Engine {
     pub shutdown: CancellationToken,
 }
 
+/// A store fault the engine is waiting out: intake and radio events pause,
+/// PUBACKs are held, and the store is reopened until that works.
+struct StoreFault {
+    /// Reported in status (`store.fault`).
+    error: String,
+    next_reopen: Instant,
+}
+
 impl Engine {
     pub async fn run(mut self) -> Result<(), StoreError> {
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut held: VecDeque<AckToken> = VecDeque::new();
+        // Messages taken from the link and not PUBACKed yet: applied and
+        // waiting for the flush that covers them, or (during a store fault)
+        // waiting to be applied again once the store is reopened.
+        let mut held: Vec<Inbound> = Vec::new();
+        // Radio outcomes and state changes a store fault kept from being
+        // recorded, replayed after the reopen: a tag's confirmation must not
+        // be lost. (Check-ins are not kept: the tag checks in again.)
+        let mut radio_held: Vec<RadioEvent> = Vec::new();
+        // PUBACKs of durable messages the link had no room for yet.
+        let mut releasable: VecDeque<AckToken> = VecDeque::new();
+        // Replies to local commands, sent once their changes are durable.
         let mut held_replies: Vec<(oneshot::Sender<Vec<u8>>, Vec<u8>)> = Vec::new();
         let mut unflushed = false;
-        let mut store_fault: Option<String> = None;
+        let mut fault: Option<StoreFault> = None;
         let mut last_prune = now_ms();
         let batch_max = self.state.settings.batch_max;
         info!(
@@ -817,7 +868,7 @@ impl Engine {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => break,
-                Some(first) = self.inbound_rx.recv(), if store_fault.is_none() => {
+                Some(first) = self.inbound_rx.recv(), if fault.is_none() => {
                     let mut batch = vec![first];
                     while batch.len() < batch_max {
                         match self.inbound_rx.try_recv() {
@@ -826,25 +877,17 @@ impl Engine {
                         }
                     }
                     for m in batch {
-                        let mut change = Change::new();
-                        let now = now_ms();
-                        let result = match m.kind {
-                            InboundKind::Task => self.state.on_task(&m.payload, now, &mut change),
-                            InboundKind::Command => crate::commands::handle(&mut self.state, &m.payload, now, &mut change),
-                        };
-                        if let Err(e) = result.and_then(|()| self.store.apply(change).map(drop)) {
-                            // The message is not PUBACKed: the broker (or the
-                            // back end's retry) brings it again.
-                            Counters::bump(&self.counters.store_errors);
-                            warn!(error = %e, "store write failed; message not acknowledged");
-                            store_fault = Some(e.to_string());
-                            continue;
+                        if fault.is_none() {
+                            match self.take(&m) {
+                                Ok(()) => unflushed = true,
+                                // Not PUBACKed: it is applied again after the reopen.
+                                Err(e) => self.store_failed(&mut fault, e, "store write failed"),
+                            }
                         }
-                        held.push_back(m.token);
-                        unflushed = true;
+                        held.push(m);
                     }
                 }
-                Some(first) = self.radio_rx.recv() => {
+                Some(first) = self.radio_rx.recv(), if fault.is_none() => {
                     let mut events = vec![first];
                     while events.len() < RADIO_EVENT_CAPACITY {
                         match self.radio_rx.try_recv() {
@@ -854,21 +897,17 @@ impl Engine {
                     }
                     let mut deliveries = Vec::new();
                     for event in events {
-                        let durable = !matches!(event, RadioEvent::CheckIn(_) | RadioEvent::State(_));
-                        let mut change = Change::new();
-                        let mut these = Vec::new();
-                        let result = self.state.on_radio(event, now_ms(), &mut change, &mut these);
-                        let outbox_before = self.store.outbox_len();
-                        match result.and_then(|()| self.store.apply(change).map(drop)) {
-                            Ok(()) => {
-                                unflushed |= durable || self.store.outbox_len() != outbox_before;
-                                deliveries.extend(these);
+                        if fault.is_none() {
+                            match self.record_radio(event.clone(), &mut deliveries) {
+                                Ok(needs_flush) => {
+                                    unflushed |= needs_flush;
+                                    continue;
+                                }
+                                Err(e) => self.store_failed(&mut fault, e, "store write failed while handling a radio event"),
                             }
-                            Err(e) => {
-                                Counters::bump(&self.counters.store_errors);
-                                warn!(error = %e, "store write failed while handling a radio event");
-                                store_fault = Some(e.to_string());
-                            }
+                        }
+                        if !matches!(event, RadioEvent::CheckIn(_)) {
+                            radio_held.push(event);
                         }
                     }
                     for d in deliveries {
@@ -882,7 +921,7 @@ impl Engine {
                     }
                 }
                 Some(q) = self.query_rx.recv() => match q {
-                    Query::Snapshot(reply) => self.snapshot(reply, store_fault.clone()),
+                    Query::Snapshot(reply) => self.snapshot(reply, fault.as_ref().map(|f| f.error.clone())),
                     Query::Ping(reply) => {
                         // The asker may have given up; nothing to do then.
                         let _ = reply.send(());
@@ -895,26 +934,42 @@ impl Engine {
                                 held_replies.push((reply, json));
                                 unflushed = true;
                             }
-                            Err(e) => {
-                                Counters::bump(&self.counters.store_errors);
-                                warn!(error = %e, "store write failed while handling a local command");
-                                store_fault = Some(e.to_string());
-                            }
+                            Err(e) => self.store_failed(&mut fault, e, "store write failed while handling a local command"),
                         }
                     }
                 },
                 _ = sweep.tick() => {
+                    if let Some(f) = &mut fault {
+                        if Instant::now() < f.next_reopen {
+                            continue;
+                        }
+                        match self.recover(&held, &radio_held).await {
+                            Ok(()) => {
+                                info!(replayed = held.len(), outcomes = radio_held.len(), "store reopened; intake resumes");
+                                fault = None;
+                                radio_held.clear();
+                                // `recover` flushed: what it applied is durable.
+                                unflushed = false;
+                                self.release(&mut held, &mut releasable);
+                            }
+                            Err(e) => {
+                                Counters::bump(&self.counters.store_errors);
+                                debug!(error = %e, "store still unusable; trying again");
+                                f.error = e.to_string();
+                                f.next_reopen = Instant::now() + REOPEN_INTERVAL;
+                            }
+                        }
+                        continue;
+                    }
                     let now = now_ms();
                     let mut change = Change::new();
                     let result = self.state.sweep(now, &mut change);
                     let changed = !change.is_empty();
-                    if let Err(e) = result.and_then(|()| self.store.apply(change).map(drop)) {
-                        Counters::bump(&self.counters.store_errors);
-                        warn!(error = %e, "store write failed during the sweep");
-                        store_fault = Some(e.to_string());
+                    match result.and_then(|()| self.store.apply(change).map(drop)) {
+                        Ok(()) => unflushed |= changed,
+                        Err(e) => self.store_failed(&mut fault, e, "store write failed during the sweep"),
                     }
-                    unflushed |= changed;
-                    if now.saturating_sub(last_prune) >= PRUNE_INTERVAL_MS {
+                    if fault.is_none() && now.saturating_sub(last_prune) >= PRUNE_INTERVAL_MS {
                         last_prune = now;
                         let cutoff = now.saturating_sub(self.state.settings.keep_final_ms);
                         match self.store.prune_final(cutoff, PRUNE_LIMIT) {
@@ -923,47 +978,124 @@ impl Engine {
                             Err(e) => warn!(error = %e, "pruning finished tasks failed"),
                         }
                     }
-                    // Retry a failed flush, and PUBACKs the link had no room for.
-                    if store_fault.is_some() || !held.is_empty() {
-                        unflushed = true;
+                    // PUBACKs the link had no room for at the last flush.
+                    if !releasable.is_empty() {
+                        self.release_pubacks(&mut releasable);
                     }
                 }
             }
-            if unflushed {
+            if unflushed && fault.is_none() {
                 match self.store.flush().await {
                     Ok(_) => {
                         Counters::bump(&self.counters.store_flushes);
-                        if store_fault.take().is_some() {
-                            info!("store writable again; intake resumes");
-                        }
                         unflushed = false;
-                        self.release_pubacks(&mut held);
+                        self.release(&mut held, &mut releasable);
                         for (reply, json) in held_replies.drain(..) {
                             // The caller may have hung up; nothing to do then.
                             let _ = reply.send(json);
                         }
-                        self.outbox_wake.notify_one();
                     }
-                    Err(e) => {
-                        Counters::bump(&self.counters.store_errors);
-                        if store_fault.is_none() {
-                            warn!(error = %e, held = held.len(), "store flush failed; holding PUBACKs and pausing intake");
-                        }
-                        store_fault = Some(e.to_string());
-                    }
+                    Err(e) => self.store_failed(&mut fault, e, "store flush failed"),
                 }
             }
         }
         // Shutdown: make what was taken durable and release its PUBACKs, so
         // the broker does not send those messages again after the restart.
-        match self.store.flush().await {
-            Ok(_) => {
-                self.release_pubacks(&mut held);
+        // After a fault nothing is released: what was held is not on disk.
+        if fault.is_none() {
+            match self.store.flush().await {
+                Ok(_) => {
+                    releasable.extend(held.drain(..).map(|m| m.token));
+                    self.release_pubacks(&mut releasable);
+                }
+                Err(e) => warn!(error = %e, "final store flush failed"),
             }
-            Err(e) => warn!(error = %e, "final store flush failed"),
         }
         info!(pending = self.state.pending_len(), "engine stopped");
         Ok(())
+    }
+
+    /// Decides one inbound message and applies its changes (not flushed).
+    fn take(&mut self, m: &Inbound) -> Result<(), StoreError> {
+        let mut change = Change::new();
+        let now = now_ms();
+        match m.kind {
+            InboundKind::Task => self.state.on_task(&m.payload, now, &mut change)?,
+            InboundKind::Command => {
+                crate::commands::handle(&mut self.state, &m.payload, now, &mut change)?
+            }
+        }
+        self.store.apply(change).map(drop)
+    }
+
+    /// Records one radio event (not flushed); deliveries it starts are added
+    /// to `deliveries`. Returns whether a flush must follow (check-ins and
+    /// radio state are best effort and need none of their own).
+    fn record_radio(
+        &mut self,
+        event: RadioEvent,
+        deliveries: &mut Vec<Delivery>,
+    ) -> Result<bool, StoreError> {
+        let durable = !matches!(event, RadioEvent::CheckIn(_) | RadioEvent::State(_));
+        let mut change = Change::new();
+        let mut these = Vec::new();
+        self.state
+            .on_radio(event, now_ms(), &mut change, &mut these)?;
+        let outbox_before = self.store.outbox_len();
+        self.store.apply(change)?;
+        deliveries.extend(these);
+        Ok(durable || self.store.outbox_len() != outbox_before)
+    }
+
+    /// Enters (or stays in) the store-fault state: intake and radio events
+    /// pause, PUBACKs are held, and the sweep reopens the store.
+    fn store_failed(&self, fault: &mut Option<StoreFault>, e: StoreError, what: &str) {
+        Counters::bump(&self.counters.store_errors);
+        match fault {
+            Some(f) => f.error = e.to_string(),
+            None => {
+                warn!(error = %e, "{what}; holding PUBACKs and pausing intake until the store can be reopened");
+                *fault = Some(StoreFault {
+                    error: e.to_string(),
+                    next_reopen: Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// The way out of a store fault: reopen the store (sled stays failed
+    /// after one failed write), rebuild the pending set from what is on
+    /// disk, apply the held messages and radio outcomes again (duplicates of
+    /// what survived are recognised as such), and flush.
+    async fn recover(
+        &mut self,
+        held: &[Inbound],
+        radio_held: &[RadioEvent],
+    ) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.reopen())
+            .await
+            .map_err(|_| StoreError::Closed)??;
+        self.state.reload()?;
+        for m in held {
+            self.take(m)?;
+        }
+        // Outcomes only finish tasks; they start no deliveries.
+        let mut deliveries = Vec::new();
+        for event in radio_held {
+            self.record_radio(event.clone(), &mut deliveries)?;
+        }
+        self.store.flush().await?;
+        Counters::bump(&self.counters.store_flushes);
+        Ok(())
+    }
+
+    /// Everything held is durable now: hand its PUBACKs to the link and
+    /// wake the link for the acks the flush made publishable.
+    fn release(&mut self, held: &mut Vec<Inbound>, releasable: &mut VecDeque<AckToken>) {
+        releasable.extend(held.drain(..).map(|m| m.token));
+        self.release_pubacks(releasable);
+        self.outbox_wake.notify_one();
     }
 
     /// Hands durable messages' PUBACKs to the link without waiting: if its
@@ -1485,5 +1617,94 @@ mod tests {
         f.state.settings.send_accepted = true;
         f.task(task("t1", "A", 1), NOW);
         assert_eq!(f.statuses().await, vec![("t1".into(), "accepted".into())]);
+    }
+
+    /// Regression (issue 3): sled fails every operation after one failed
+    /// write, so the engine used to retry the flush forever and never
+    /// recovered once the disk had room again. Now it holds PUBACKs, reports
+    /// the fault, reopens the store and resumes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_fault_holds_pubacks_reports_and_recovers_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+        let counters = Arc::new(Counters::default());
+        let state = State::load(settings(), identity(), store.clone(), counters.clone()).unwrap();
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
+        let (_radio_tx, radio_rx) = mpsc::channel(RADIO_EVENT_CAPACITY);
+        let (query_tx, query_rx) = mpsc::channel(QUERY_CAPACITY);
+        let (delivery_tx, _delivery_rx) = mpsc::channel(16);
+        let (puback_tx, mut puback_rx) = mpsc::channel(16);
+        let shutdown = CancellationToken::new();
+        let engine = Engine {
+            state,
+            store: store.clone(),
+            counters: counters.clone(),
+            inbound_rx,
+            radio_rx,
+            query_rx,
+            delivery_tx,
+            puback_tx,
+            outbox_wake: Arc::new(Notify::new()),
+            shutdown: shutdown.clone(),
+        };
+        let running = tokio::spawn(engine.run());
+        let send = |id: &str, pkid: u16| Inbound {
+            kind: InboundKind::Task,
+            payload: {
+                let mut t = task(id, id, 1);
+                t["issued_at"] = now_ms().into();
+                t.to_string().into_bytes().into()
+            },
+            token: AckToken { epoch: 1, pkid },
+        };
+        let fault_of = |query_tx: mpsc::Sender<Query>| async move {
+            let (tx, rx) = oneshot::channel();
+            query_tx.send(Query::Snapshot(tx)).await.unwrap();
+            rx.await.unwrap().store_fault
+        };
+        let within = Duration::from_secs(10);
+
+        inbound_tx.send(send("t1", 1)).await.unwrap();
+        let token = tokio::time::timeout(within, puback_rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(token.map(|t| t.pkid), Some(1));
+
+        // The disk fills: the write fails, and so do the next two reopens.
+        store.inject_fault(2);
+        inbound_tx.send(send("t2", 2)).await.unwrap();
+        let deadline = Instant::now() + within;
+        let fault = loop {
+            if let Some(f) = fault_of(query_tx.clone()).await {
+                break f;
+            }
+            assert!(Instant::now() < deadline, "the fault was never reported");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(fault.contains("no space left"), "{fault}");
+        assert!(
+            puback_rx.try_recv().is_err(),
+            "no PUBACK for a message that is not on disk"
+        );
+
+        // Space returns (the third reopen works): t2 is stored, then PUBACKed.
+        let token = tokio::time::timeout(within, puback_rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(token.map(|t| t.pkid), Some(2));
+        assert_eq!(fault_of(query_tx.clone()).await, None, "fault cleared");
+        assert_eq!(store.task("t2").unwrap().unwrap().state, TaskState::Pending);
+        assert!(Counters::get(&counters.store_errors) >= 3);
+
+        // Intake goes on after the recovery.
+        inbound_tx.send(send("t3", 3)).await.unwrap();
+        let token = tokio::time::timeout(within, puback_rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(token.map(|t| t.pkid), Some(3));
+        shutdown.cancel();
+        running.await.unwrap().unwrap();
+        let reopened = Store::open(dir.path(), 1 << 20);
+        drop(reopened);
     }
 }

@@ -69,8 +69,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use esl_hal::ble::BleRadio;
 use esl_hal::sim::{SimConfig, SimRadio};
-use esl_hal::Radio;
+use esl_hal::zigbee::ZigbeeRadio;
+use esl_hal::{Delivery, Radio, RadioEvent};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -140,10 +142,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     state.set_link(link_rx.clone());
     let mut tasks = JoinSet::new();
+    let radio = RadioWiring {
+        event_tx,
+        delivery_rx,
+        shutdown: shutdown.clone(),
+    };
     match config.radio.kind {
         config::RadioKind::Sim => {
             let s = &config.radio.sim;
-            let radio = SimRadio::start(SimConfig {
+            let backend = SimRadio::start(SimConfig {
                 tags: s.tags,
                 id_prefix: s.id_prefix.clone(),
                 checkin_interval_ms: s.checkin_interval_ms,
@@ -154,17 +161,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 apply_ms: s.apply_ms,
             })
             .context("radio.sim")?;
-            state.add_known_tags(radio.known_tags());
-            let task = radio::RadioTask {
-                radio,
-                event_tx,
-                delivery_rx,
-                shutdown: shutdown.clone(),
-            };
-            tasks.spawn(async move {
-                task.run().await;
-                "radio"
-            });
+            radio.spawn(backend, &mut state, &counters, &mut tasks);
+        }
+        config::RadioKind::Zigbee => {
+            let backend =
+                ZigbeeRadio::start(config.radio.zigbee.to_hal()).context("radio.zigbee")?;
+            radio.spawn(backend, &mut state, &counters, &mut tasks);
+        }
+        config::RadioKind::Ble => {
+            let backend = BleRadio::start(config.radio.ble.clone()).context("radio.ble")?;
+            radio.spawn(backend, &mut state, &counters, &mut tasks);
         }
     }
 
@@ -272,6 +278,41 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         tasks,
         shutdown,
     })
+}
+
+/// The radio task's channel ends, waiting for the backend that
+/// `config.radio.kind` picks.
+struct RadioWiring {
+    event_tx: mpsc::Sender<RadioEvent>,
+    delivery_rx: mpsc::Receiver<Delivery>,
+    shutdown: CancellationToken,
+}
+
+impl RadioWiring {
+    /// Registers what the engine and the counters learn from the backend up
+    /// front, then spawns the radio task that owns it.
+    fn spawn<R: Radio>(
+        self,
+        backend: R,
+        state: &mut engine::State,
+        counters: &Counters,
+        tasks: &mut JoinSet<&'static str>,
+    ) {
+        state.add_known_tags(backend.known_tags());
+        if let Some(radio_counters) = backend.counters() {
+            counters.attach_radio(radio_counters);
+        }
+        let task = radio::RadioTask {
+            radio: backend,
+            event_tx: self.event_tx,
+            delivery_rx: self.delivery_rx,
+            shutdown: self.shutdown,
+        };
+        tasks.spawn(async move {
+            task.run().await;
+            "radio"
+        });
+    }
 }
 
 impl Agent {

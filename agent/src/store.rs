@@ -22,9 +22,17 @@
 //!
 //! The engine is the only writer of `t`, `p`, `s`, `f`, `g`; the MQTT link
 //! only removes `o` entries once the broker PUBACKed them.
+//!
+//! Faults: after one failed write (a full disk, an I/O error) sled refuses
+//! every later operation of that `Db` with the same error, even once the
+//! disk has room again. So recovery is [`Store::reopen`]: drop the `Db`,
+//! open it again from what is on disk (everything flushed before the
+//! fault), and let the engine rebuild its view from that. Between the two,
+//! every call returns [`StoreError::Closed`].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +49,9 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    /// Closed for [`Store::reopen`] and not (yet) open again.
+    #[error("store: closed after a fault, not reopened yet")]
+    Closed,
 }
 
 /// What the store keeps about a task.
@@ -100,6 +111,10 @@ fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
 }
 
 const NEXT_OUTBOX_KEY: &[u8] = b"mo";
+
+/// How long opening waits for sled's file lock, and how often it looks.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // postcard into a Vec fails only on allocation failure or for types with
@@ -186,7 +201,17 @@ impl Change {
 /// Handle to the store. Cheap to share: sled's `Db` is internally
 /// reference-counted and thread-safe.
 pub struct Store {
-    db: sled::Db,
+    path: PathBuf,
+    cache_bytes: u64,
+    /// The open database; `None` between closing and reopening it. Users
+    /// take a clone (sled's `Db` is a reference-counted handle) and never
+    /// hold the lock across an await.
+    db: RwLock<Option<sled::Db>>,
+    /// Test hook: `Some(n)` makes every operation fail the way a poisoned
+    /// sled `Db` does, and the next `n` reopens fail too (the disk is still
+    /// full); the reopen after those clears it.
+    #[cfg(test)]
+    injected_fault: std::sync::Mutex<Option<u32>>,
     next_outbox: AtomicU64,
     /// Outbox entries numbered below this are on disk. The link publishes
     /// only those: an ack must never reach the back end before the state
@@ -201,22 +226,101 @@ impl Store {
     /// `cache_bytes`. The directory is created with mode 0700.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
         create_private_dir(path)?;
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .flush_every_ms(Some(1000))
-            .open()?;
+        let store = Store {
+            path: path.to_owned(),
+            cache_bytes,
+            db: RwLock::new(None),
+            #[cfg(test)]
+            injected_fault: Default::default(),
+            next_outbox: AtomicU64::new(0),
+            durable_outbox: AtomicU64::new(0),
+            outbox_len: AtomicU64::new(0),
+        };
+        store.open_db()?;
+        Ok(store)
+    }
+
+    /// Opens sled and derives the outbox counters from what is on disk.
+    /// Everything on disk counts as durable: it survived.
+    fn open_db(&self) -> Result<(), StoreError> {
+        let config = sled::Config::new()
+            .path(&self.path)
+            .cache_capacity(self.cache_bytes)
+            .flush_every_ms(Some(1000));
+        // sled's background threads may hold the file lock of a database
+        // this process just dropped for a moment after the drop (sled's own
+        // tests block on the lock for that reason). Another process holding
+        // it does not let go, and fails after the wait.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                other => break other?,
+            }
+        };
         let next_outbox = match db.get(NEXT_OUTBOX_KEY)? {
             Some(v) => u64_from(NEXT_OUTBOX_KEY, &v)?,
             None => 0,
         };
         let outbox_len = db.scan_prefix([b'o']).count() as u64;
-        Ok(Store {
-            db,
-            next_outbox: AtomicU64::new(next_outbox),
-            durable_outbox: AtomicU64::new(next_outbox),
-            outbox_len: AtomicU64::new(outbox_len),
-        })
+        self.next_outbox.store(next_outbox, Ordering::SeqCst);
+        self.durable_outbox.store(next_outbox, Ordering::SeqCst);
+        self.outbox_len.store(outbox_len, Ordering::Relaxed);
+        *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db);
+        Ok(())
+    }
+
+    /// The current `Db` handle.
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        #[cfg(test)]
+        if self.injected_fault.lock().unwrap().is_some() {
+            return Err(injected_error());
+        }
+        // A poisoned lock only means another thread panicked while swapping
+        // the handle; the `Option` inside is still a valid state.
+        self.db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(StoreError::Closed)
+    }
+
+    /// Closes the database and opens it again from disk: the way out of a
+    /// fault, since sled keeps failing after one failed write. Changes
+    /// applied but not flushed before the fault may be gone afterwards;
+    /// the caller must rebuild whatever it derived from them. Fails (and
+    /// stays closed; try again later) while the disk is still unusable or
+    /// while another thread still holds the old handle (sled's file lock).
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let old = self.db.write().unwrap_or_else(|e| e.into_inner()).take();
+        // Dropping the last handle stops sled's flusher thread and releases
+        // the file lock that the new open takes.
+        drop(old);
+        #[cfg(test)]
+        {
+            let mut injected = self.injected_fault.lock().unwrap();
+            match *injected {
+                Some(0) => *injected = None,
+                Some(n) => {
+                    *injected = Some(n - 1);
+                    return Err(injected_error());
+                }
+                None => {}
+            }
+        }
+        self.open_db()
+    }
+
+    /// Test hook: every operation fails from now on, as after a failed
+    /// write, until [`Store::reopen`].
+    #[cfg(test)]
+    pub(crate) fn inject_fault(&self, failing_reopens: u32) {
+        *self.injected_fault.lock().unwrap() = Some(failing_reopens);
     }
 
     /// Applies one change atomically (visible at once, durable after the
@@ -241,7 +345,7 @@ impl Store {
                 .batch
                 .insert(NEXT_OUTBOX_KEY, &next.to_be_bytes()[..]);
         }
-        self.db.apply_batch(change.batch)?;
+        self.db()?.apply_batch(change.batch)?;
         self.outbox_len
             .fetch_add(numbers.len() as u64, Ordering::Relaxed);
         Ok(numbers)
@@ -253,14 +357,15 @@ impl Store {
     pub async fn flush(&self) -> Result<usize, StoreError> {
         // Entries applied before this point are covered by the flush below.
         let covered = self.next_outbox.load(Ordering::SeqCst);
-        let bytes = self.db.flush_async().await?;
+        let db = self.db()?;
+        let bytes = db.flush_async().await?;
         self.durable_outbox.fetch_max(covered, Ordering::SeqCst);
         Ok(bytes)
     }
 
     pub fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
         let k = key(b't', task_id.as_bytes());
-        match self.db.get(&k)? {
+        match self.db()?.get(&k)? {
             Some(v) => Ok(Some(decode(&k, &v)?)),
             None => Ok(None),
         }
@@ -268,28 +373,20 @@ impl Store {
 
     pub fn max_seq(&self, tag_id: &str) -> Result<Option<u64>, StoreError> {
         let k = key(b's', tag_id.as_bytes());
-        match self.db.get(&k)? {
+        match self.db()?.get(&k)? {
             Some(v) => Ok(Some(u64_from(&k, &v)?)),
             None => Ok(None),
         }
     }
 
-    /// Every pending task.
+    /// Every pending task, for the engine's start-up.
     pub fn pending_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
         let mut out = Vec::new();
-        self.for_each_pending(|t| out.push(t))?;
-        Ok(out)
-    }
-
-    /// Hands every pending task to `f`, one at a time: the engine's start-up
-    /// keeps only a small summary of each, so it need not hold every full
-    /// record (content included) at once.
-    pub fn for_each_pending(&self, mut f: impl FnMut(TaskRecord)) -> Result<(), StoreError> {
-        for item in self.db.scan_prefix([b'p']) {
+        for item in self.db()?.scan_prefix([b'p']) {
             let (k, task_id) = item?;
             let task_id = String::from_utf8_lossy(&task_id).into_owned();
             match self.task(&task_id)? {
-                Some(t) if t.state == TaskState::Pending => f(t),
+                Some(t) if t.state == TaskState::Pending => out.push(t),
                 // An index entry without its pending record cannot be acted
                 // on; report it rather than guess.
                 _ => {
@@ -302,13 +399,13 @@ impl Store {
                 }
             }
         }
-        Ok(())
+        Ok(out)
     }
 
     /// The last task and content a tag confirmed.
     pub fn last_content(&self, tag_id: &str) -> Result<Option<(String, String)>, StoreError> {
         let k = key(b'c', tag_id.as_bytes());
-        match self.db.get(&k)? {
+        match self.db()?.get(&k)? {
             Some(v) => Ok(Some(decode(&k, &v)?)),
             None => Ok(None),
         }
@@ -317,7 +414,7 @@ impl Store {
     /// Every tag's last check-in, for the engine's start-up.
     pub fn tags(&self) -> Result<Vec<(String, TagRecord)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.db.scan_prefix([b'g']) {
+        for item in self.db()?.scan_prefix([b'g']) {
             let (k, v) = item?;
             let tag_id = String::from_utf8_lossy(&k[1..]).into_owned();
             out.push((tag_id, decode(&k, &v)?));
@@ -341,7 +438,7 @@ impl Store {
             None => vec![b't'],
         };
         let mut out = Vec::new();
-        for item in self.db.range(start..vec![b't' + 1]) {
+        for item in self.db()?.range(start..vec![b't' + 1]) {
             if out.len() >= limit {
                 break;
             }
@@ -368,7 +465,7 @@ impl Store {
         };
         let mut out = Vec::new();
         for item in self
-            .db
+            .db()?
             .range(start..key(b'o', &durable.to_be_bytes()))
             .take(limit)
         {
@@ -383,7 +480,7 @@ impl Store {
     /// removal is lost in a crash, the ack is sent once more, which receivers
     /// tolerate; losing it would not be tolerable.
     pub fn remove_outbox(&self, n: u64) -> Result<bool, StoreError> {
-        let removed = self.db.remove(key(b'o', &n.to_be_bytes()))?.is_some();
+        let removed = self.db()?.remove(key(b'o', &n.to_be_bytes()))?.is_some();
         if removed {
             self.outbox_len.fetch_sub(1, Ordering::Relaxed);
         }
@@ -399,13 +496,14 @@ impl Store {
     pub fn prune_final(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let end = key(b'f', &cutoff_ms.to_be_bytes());
         let mut removed = 0;
-        for item in self.db.range(vec![b'f']..end).take(limit) {
+        let db = self.db()?;
+        for item in db.range(vec![b'f']..end).take(limit) {
             let (k, _) = item?;
             let task_id = &k[9..];
             let mut batch = sled::Batch::default();
             batch.remove(key(b't', task_id));
             batch.remove(k);
-            self.db.apply_batch(batch)?;
+            db.apply_batch(batch)?;
             removed += 1;
         }
         Ok(removed)
@@ -413,8 +511,16 @@ impl Store {
 
     /// On-disk size in bytes, for status reports.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db().and_then(|db| Ok(db.size_on_disk()?)).unwrap_or(0)
     }
+}
+
+#[cfg(test)]
+fn injected_error() -> StoreError {
+    StoreError::Sled(sled::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::StorageFull,
+        "injected fault: no space left on device",
+    )))
 }
 
 fn u64_from(k: &[u8], v: &[u8]) -> Result<u64, StoreError> {
@@ -554,6 +660,28 @@ mod tests {
         let _store = Store::open(&path, 1 << 20).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[tokio::test]
+    async fn reopen_after_a_fault_keeps_what_was_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let mut c = Change::new();
+        c.put_task(&record("t1", "A", TaskState::Pending));
+        c.push_outbox(entry(1));
+        store.apply(c).unwrap();
+        store.flush().await.unwrap();
+        store.inject_fault(1);
+        assert!(store.apply(Change::new()).is_err(), "a faulted store fails");
+        assert!(store.reopen().is_err(), "the disk is still full");
+        assert!(store.task("t1").is_err(), "closed until a reopen works");
+        store.reopen().unwrap();
+        assert!(store.task("t1").unwrap().is_some());
+        assert_eq!(store.outbox_len(), 1);
+        assert_eq!(store.outbox_after(None, 10).unwrap().len(), 1);
+        let mut c = Change::new();
+        c.push_outbox(entry(2));
+        assert_eq!(store.apply(c).unwrap(), vec![1], "numbering continues");
     }
 
     #[tokio::test]

@@ -96,7 +96,7 @@ pub fn parse_object(payload: &[u8], max_payload: usize) -> Result<Map<String, Va
             ))
         }
     };
-    let value: Value = match serde_json::from_str(text) {
+    let value: Value = match parse_strict(text.as_bytes()) {
         Ok(v) => v,
         Err(e) => return reject(format!("payload: not valid JSON ({e})")),
     };
@@ -214,6 +214,95 @@ pub fn task_from_object(obj: &Map<String, Value>) -> Result<Task, Rejection> {
         content_hash,
         reply_to,
     })
+}
+
+/// Parses JSON like `serde_json::from_slice::<Value>`, but refuses an
+/// object with the same key twice, at any depth. RFC 8259 leaves duplicate
+/// keys to the parser, so two parsers may read different `task_id`s (or
+/// contents, and so content hashes) from one message; a hostile sender could
+/// use that to make the agent and the back end disagree. Refused, such a
+/// message gets a `rejected` ack naming the key. Nesting depth stays bounded
+/// by serde_json's recursion limit (128).
+fn parse_strict(bytes: &[u8]) -> Result<Value, serde_json::Error> {
+    serde_json::from_slice::<StrictValue>(bytes).map(|v| v.0)
+}
+
+struct StrictValue(Value);
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+        Ok(n.into())
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+        Ok(n.into())
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
+        // As serde_json's own `Value`: JSON text cannot hold NaN or infinity.
+        Ok(serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_owned()))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        StrictValue::deserialize(d).map(|v| v.0)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut obj = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if obj.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate key {:?}",
+                    truncate(&key, 40)
+                )));
+            }
+            let StrictValue(value) = map.next_value()?;
+            obj.insert(key, value);
+        }
+        Ok(Value::Object(obj))
+    }
 }
 
 fn valid_tag_like(s: &str, max: usize) -> bool {
@@ -493,6 +582,85 @@ mod tests {
         let mut v = good();
         v.as_object_mut().unwrap().remove(key);
         v
+    }
+
+    /// Regression (issue 3): with duplicate keys the last one won, so one
+    /// message could carry two task ids (or two contents) depending on the
+    /// parser that reads it.
+    #[test]
+    fn duplicate_keys_are_rejected_at_any_depth() {
+        let top = br#"{"v":1,"task_id":"a","task_id":"b","tag_id":"T","issued_at":1,"content":{}}"#;
+        let r = decode_task(top, 65536).unwrap_err();
+        assert!(
+            r.detail.contains("duplicate key \"task_id\""),
+            "{}",
+            r.detail
+        );
+        let nested =
+            br#"{"v":1,"task_id":"a","tag_id":"T","issued_at":1,"content":{"p":{"x":1,"x":2}}}"#;
+        let r = decode_task(nested, 65536).unwrap_err();
+        assert!(r.detail.contains("duplicate key \"x\""), "{}", r.detail);
+        let cmd = br#"{"v":1,"method":"agent.status","method":"task.cancel"}"#;
+        let bad = decode_command(cmd, 65536).unwrap_err();
+        assert!(bad.message.contains("duplicate key"), "{}", bad.message);
+        // Equal keys in different objects are fine.
+        let ok = br#"{"v":1,"task_id":"a","tag_id":"T","issued_at":1,"content":{"p":{"v":1},"q":{"v":1}}}"#;
+        assert!(decode_task(ok, 65536).is_ok());
+    }
+
+    /// Regression (issue 3, found by the `decode_task` fuzz target):
+    /// serde_json's default float parser is not correctly rounded, so the
+    /// canonical form of a content with a long number parsed back to a
+    /// different number, and "the same content, the same hash" (PROTOCOL §5)
+    /// did not hold between the agent and any exact parser, or between two
+    /// passes of the agent's own canonicalisation.
+    #[test]
+    fn canonical_content_is_a_fixed_point_for_long_numbers() {
+        // The fuzzer's number: 115 digits, beyond u64, parsed as a float.
+        let long = format!("11642304000{}00", "5".repeat(102));
+        assert_eq!(long.len(), 115);
+        for number in [
+            long.as_str(),
+            "0.1",
+            "9.90",
+            "1e-7",
+            "2.2250738585072014e-308",
+            "360.00",
+        ] {
+            let payload = format!(
+                r#"{{"v":1,"task_id":"a","tag_id":"T","issued_at":1,"content":{{"x":{number}}}}}"#
+            );
+            let task = decode_task(payload.as_bytes(), 65536).unwrap();
+            let again: Value = serde_json::from_str(&task.content).unwrap();
+            assert_eq!(
+                canonical_json(&again),
+                task.content,
+                "content with {number}"
+            );
+        }
+    }
+
+    #[test]
+    fn deep_nesting_and_odd_numbers_are_rejected_not_fatal() {
+        let deep = format!(
+            r#"{{"v":1,"task_id":"a","tag_id":"T","issued_at":1,"content":{{"x":{}1{}}}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        let r = decode_task(deep.as_bytes(), 1 << 20).unwrap_err();
+        assert!(r.detail.starts_with("payload:"), "{}", r.detail);
+        for (field, value) in [
+            ("issued_at", "1e400"),
+            ("issued_at", "18446744073709551616"),
+            ("seq", "-1"),
+            ("ttl_ms", "1.5"),
+        ] {
+            let text = format!(
+                r#"{{"v":1,"task_id":"a","tag_id":"T","issued_at":1,"content":{{}},"{field}":{value}}}"#
+            );
+            let text = text.replacen(r#""issued_at":1,"#, "", usize::from(field == "issued_at"));
+            assert!(decode_task(text.as_bytes(), 65536).is_err(), "{text}");
+        }
     }
 
     #[test]

@@ -14,11 +14,18 @@
 //! loses its hardware reports [`RadioEvent::State`] and keeps going; it never
 //! ends the agent.
 //!
-//! Backends: [`sim`] (simulated tags, PROTOCOL §8).
+//! Backends: [`sim`] (simulated tags, PROTOCOL §8), [`zigbee`] (Z-Stack
+//! ZNP coordinator on a serial port), [`ble`] (ESL Service over Bluetooth LE;
+//! the btleplug glue needs the cargo feature `ble`).
 
 use std::future::Future;
+use std::sync::Arc;
 
+pub mod ble;
 pub mod sim;
+#[cfg(test)]
+mod test_util;
+pub mod zigbee;
 
 /// Identifier of a tag as the back end knows it (`SIM000042`, a MAC, …).
 pub type TagId = String;
@@ -131,6 +138,13 @@ pub trait Radio: Send + 'static {
         Vec::new()
     }
 
+    /// Counters the backend keeps about its own link (bad frames, timeouts),
+    /// which the agent shows next to its own. Radios without any return
+    /// nothing.
+    fn counters(&self) -> Option<Arc<dyn RadioCounters>> {
+        None
+    }
+
     /// Queues content for a tag that has just checked in. Returns once the
     /// request is accepted; the result comes later as one
     /// [`RadioEvent::Outcome`] with the same `task_id`.
@@ -138,4 +152,11 @@ pub trait Radio: Send + 'static {
         &mut self,
         delivery: Delivery,
     ) -> impl Future<Output = Result<(), RadioError>> + Send;
+}
+
+/// Named counters of one backend, readable from any thread at any time.
+/// Names carry the backend's prefix (`zigbee_bad_fcs_frames`) so they never
+/// clash with the agent's own.
+pub trait RadioCounters: Send + Sync + std::fmt::Debug {
+    fn snapshot(&self) -> Vec<(&'static str, u64)>;
 }

@@ -682,9 +682,10 @@ impl SimState {
 mod tests {
     use std::collections::HashMap;
 
-    use tokio::time::{sleep, timeout, timeout_at};
+    use tokio::time::{sleep, timeout};
 
     use super::*;
+    use crate::test_util::events_for;
 
     fn config(tags: u32) -> SimConfig {
         SimConfig {
@@ -704,19 +705,6 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
-    }
-
-    /// Every event until `for_ms` of (paused) time has passed, with its
-    /// arrival in ms since the call.
-    async fn events_for(radio: &mut SimRadio, for_ms: u64) -> Vec<(u64, RadioEvent)> {
-        let start = Instant::now();
-        let deadline = start + ms(for_ms);
-        let mut events = Vec::new();
-        while let Ok(event) = timeout_at(deadline, radio.next_event()).await {
-            let at = (Instant::now() - start).as_millis() as u64;
-            events.push((at, event.expect("radio open")));
-        }
-        events
     }
 
     /// The next outcome, skipping check-ins, with when it arrived.

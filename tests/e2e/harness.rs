@@ -17,6 +17,10 @@
 //! - `process.rs`: signals and bounded waits for child processes.
 //! - `secure.rs`: test PKI, broker logins/ACL/TLS listener, a TLS
 //!   WebSocket front and the task-signing script, for `security.rs`.
+//! - ZigBee: with [`TestRadio::Zigbee`] the stack also owns a fake ZNP
+//!   coordinator (`esl_hal::zigbee::fake`) on a PTY that the agent opens as
+//!   its serial port; it simulates the same tags as the simulator would.
+//!   [`on_every_radio!`] runs a scenario once per radio.
 //!
 //! Waiting is always "until a condition or a deadline", never a bare sleep:
 //! a test must fail when the agent misbehaves, not when the machine is slow.
@@ -35,11 +39,12 @@ mod secure;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use esl_hal::zigbee::fake::{FakeConfig, FakeCoordinator};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
 pub use acks::{AckLog, AckStatus};
-pub use agent::{Agent, AgentConfig};
+pub use agent::{toml_path, Agent, AgentConfig, TestRadio};
 pub use backend::{publish_task_with, Backend};
 pub use broker::{Broker, BrokerOptions};
 pub use checks::{
@@ -71,6 +76,24 @@ pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 const LOG_TAIL_LINES: usize = 150;
 /// How often the polling waits look again.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// A fake ZNP coordinator with the simulated tags `config` describes, its
+/// PTY linked at `config.zigbee_port` and its journal at `config.journal`
+/// (the journal of the first run; the fake keeps it across agent runs).
+fn start_fake_coordinator(config: &AgentConfig) -> FakeCoordinator {
+    let mut fake = FakeConfig::new(&config.zigbee_port);
+    fake.tags = config.tags as u32;
+    fake.checkin_interval_ms = config.checkin_interval_ms;
+    fake.fail_rate = config.fail_rate;
+    fake.offline = config.offline.clone();
+    fake.seed = config.seed;
+    fake.journal = Some(config.journal.clone());
+    // Tags listen long enough after a check-in that a loaded test machine
+    // still gets its offer to them in time; sleeping tags are the unit
+    // tests' subject (hal/src/zigbee/tests.rs).
+    fake.awake_ms = 500;
+    FakeCoordinator::start(fake).expect("start the fake ZigBee coordinator on a PTY")
+}
 
 /// Milliseconds since the Unix epoch, as in `issued_at`.
 pub fn now_ms() -> u64 {
@@ -143,6 +166,9 @@ pub struct Stack {
     pub agent: Agent,
     pub backend: Backend,
     pub broker: Broker,
+    /// The fake ZigBee coordinator, when the agent drives
+    /// [`TestRadio::Zigbee`]. It outlives agent restarts, as a stick does.
+    pub zigbee: Option<FakeCoordinator>,
     /// The config of the current agent run.
     pub config: AgentConfig,
     pub env: TestEnv,
@@ -185,15 +211,50 @@ impl Stack {
         let backend = Backend::connect(&broker, BACKEND_ID, options.backend_clean_session).await;
         let mut config = AgentConfig::new(&env, &broker);
         tweak(&mut config);
+        let zigbee = (config.radio == TestRadio::Zigbee).then(|| start_fake_coordinator(&config));
         let agent = Agent::start_ready(&env, &broker, &config).await;
         Stack {
             agent,
             backend,
             broker,
+            zigbee,
             config,
             env,
             runs: 1,
         }
+    }
+
+    /// [`Stack::start`] on `radio`.
+    pub async fn start_on(
+        radio: TestRadio,
+        name: &str,
+        tweak: impl FnOnce(&mut AgentConfig),
+    ) -> Stack {
+        let name = format!("{name}-{radio:?}").to_lowercase();
+        Stack::start(&name, |c| {
+            c.radio = radio;
+            tweak(c);
+        })
+        .await
+    }
+
+    /// The fake coordinator; panics on a simulated-radio stack.
+    pub fn fake(&self) -> &FakeCoordinator {
+        self.zigbee
+            .as_ref()
+            .expect("test bug: this stack runs the simulated radio")
+    }
+
+    /// Publishes `tasks`, waits up to `timeout` for their final acks, keeps
+    /// listening for [`QUIET`], and checks that each task has exactly one
+    /// final ack. Returns every ack received.
+    pub async fn settle(&mut self, tasks: &[Value], timeout: Duration) -> AckLog {
+        self.backend.publish_tasks(tasks).await;
+        let ids = task_ids(tasks);
+        let mut acks = self.backend.collect_final_acks(&ids, timeout).await;
+        acks.extend(self.backend.acks_within(QUIET).await);
+        acks.assert_exactly_one_final_each(&ids);
+        acks
     }
 
     /// Starts the next agent run on the same store after
@@ -206,4 +267,28 @@ impl Stack {
         tweak(&mut self.config);
         self.agent = Agent::start(&self.env, &self.config);
     }
+}
+
+/// Runs each scenario `async fn NAME(radio: TestRadio)` once per radio, as
+/// the tests `NAME::sim` and `NAME::zigbee`: the ZigBee path must pass the
+/// same end-to-end scenarios as the simulator.
+#[macro_export]
+macro_rules! on_every_radio {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use $crate::harness::TestRadio;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sim() {
+                    super::$name(TestRadio::Sim).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn zigbee() {
+                    super::$name(TestRadio::Zigbee).await
+                }
+            }
+        )*
+    };
 }

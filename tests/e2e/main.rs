@@ -22,12 +22,16 @@
 //! `resilience.rs` (restarts of the agent and the broker), `commands.rs`
 //! (§7 remote commands), `operator.rs` (the local `status|tags|tasks` CLI),
 //! `security.rs` (TLS, logins, ACL, signed tasks, secrets kept out of
-//! logs), `systemd.rs` (readiness, watchdog and stopping notifications).
+//! logs), `systemd.rs` (readiness, watchdog and stopping notifications),
+//! `zigbee.rs` (faults of the ZigBee adapter; the agent drives a fake ZNP
+//! coordinator on a PTY), `ble.rs` (the BLE radio on fake ESL tags). Scenarios that reach the radio run on both the
+//! simulated and the ZigBee radio (`NAME::sim`, `NAME::zigbee`).
 //!
 //! Another agent binary: `ESL_E2E_AGENT_BIN=/path/to/esl-agent` runs that
 //! one instead of the one cargo built, and `ESL_E2E_AGENT_RUNNER=qemu-aarch64`
 //! runs it through an emulator (CI's aarch64 round trip, `.ci/deploy`).
 
+mod ble;
 mod commands;
 mod harness;
 mod operator;
@@ -36,3 +40,4 @@ mod security;
 mod status;
 mod systemd;
 mod tasks;
+mod zigbee;

@@ -2,6 +2,10 @@
 //! agent restarted with pending tasks, the broker restarted while acks wait
 //! in the outbox, and SIGTERM in the middle of a burst of tasks.
 //!
+//! Each scenario runs on both radios (`NAME::sim`, `NAME::zigbee`); with
+//! ZigBee the fake coordinator outlives the agent's restarts, as a stick
+//! plugged into the AP does.
+//!
 //! Acks may legitimately arrive more than once here (at-least-once delivery
 //! across reconnects), so these tests check that every copy agrees, not
 //! that there is exactly one.
@@ -12,8 +16,9 @@ use serde_json::Value;
 
 use crate::harness::{
     assert_journal_matches, assert_latest_per_tag_applied, eventually, publish_task_with, sim_tag,
-    task, task_ids, AckLog, AckStatus, BrokerOptions, Stack, StackOptions, QUIET, TAGS,
+    task, task_ids, AckLog, AckStatus, BrokerOptions, Stack, StackOptions, TestRadio, QUIET, TAGS,
 };
+use crate::on_every_radio;
 
 /// One task per simulated tag.
 fn one_task_per_tag(prefix: &str, seq: u64) -> Vec<Value> {
@@ -22,10 +27,12 @@ fn one_task_per_tag(prefix: &str, seq: u64) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_with_pending_tasks_applies_them() {
+async fn restart_with_pending_tasks_applies_them(radio: TestRadio) {
     // Ten minutes between check-ins: nothing is delivered in the first run.
-    let mut stack = Stack::start("restart-pending", |c| c.checkin_interval_ms = 600_000).await;
+    let mut stack = Stack::start_on(radio, "restart-pending", |c| {
+        c.checkin_interval_ms = 600_000
+    })
+    .await;
     let tasks = one_task_per_tag("t-rp", 1);
     stack.backend.publish_tasks(&tasks).await;
     // PUBACKed means stored (durable first): now a restart must keep them.
@@ -41,6 +48,10 @@ async fn restart_with_pending_tasks_applies_them() {
     // Same store, fast check-ins. The agent's session is clean, so the
     // broker does not redeliver: the tasks can only come from the store.
     stack.start_next_agent(|c| c.checkin_interval_ms = 100);
+    if let Some(fake) = &stack.zigbee {
+        // The stick and its tags outlive the agent: speed them up directly.
+        fake.set_checkin_interval(100).await;
+    }
     let ids = task_ids(&tasks);
     let missing = acks.without_final(&ids);
     acks.extend(
@@ -53,15 +64,16 @@ async fn restart_with_pending_tasks_applies_them() {
     assert_journal_matches(&tasks, &acks, &stack.env.journal());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_restart_outbox_drains_and_nothing_is_lost() {
+async fn broker_restart_outbox_drains_and_nothing_is_lost(radio: TestRadio) {
     // A persisted broker and a persistent back-end session, so acks
     // published while the back end is away wait for it in the broker.
     let options = StackOptions {
         broker: BrokerOptions { persistence: true },
         backend_clean_session: false,
     };
-    let mut stack = Stack::start_with("broker-restart", options, |c| {
+    let name = format!("broker-restart-{radio:?}").to_lowercase();
+    let mut stack = Stack::start_with(&name, options, |c| {
+        c.radio = radio;
         c.checkin_interval_ms = 1000;
     })
     .await;
@@ -122,8 +134,7 @@ async fn broker_restart_outbox_drains_and_nothing_is_lost() {
     assert_journal_matches(&all, &acks, &stack.env.journal());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_mid_burst_loses_nothing_and_applies_nothing_twice() {
+async fn sigterm_mid_burst_loses_nothing_and_applies_nothing_twice(radio: TestRadio) {
     const BURST: usize = 300;
     /// Tasks per publishing step; the pause between steps keeps the burst
     /// flowing long enough to be interrupted.
@@ -132,7 +143,7 @@ async fn sigterm_mid_burst_loses_nothing_and_applies_nothing_twice() {
 
     // A persistent agent session: what the agent did not PUBACK before it
     // stopped, and what arrived while it was down, the broker delivers later.
-    let mut stack = Stack::start("sigterm-burst", |c| c.clean_session = false).await;
+    let mut stack = Stack::start_on(radio, "sigterm-burst", |c| c.clean_session = false).await;
     let tasks: Vec<Value> = (0..BURST)
         .map(|i| {
             task(
@@ -174,3 +185,9 @@ async fn sigterm_mid_burst_loses_nothing_and_applies_nothing_twice() {
     assert_latest_per_tag_applied(&tasks, &acks);
     assert_journal_matches(&tasks, &acks, &stack.env.journal());
 }
+
+on_every_radio!(
+    restart_with_pending_tasks_applies_them,
+    broker_restart_outbox_drains_and_nothing_is_lost,
+    sigterm_mid_burst_loses_nothing_and_applies_nothing_twice,
+);

@@ -1,7 +1,9 @@
 //! Task handling through the whole stack (PROTOCOL §4, §5, §8): the happy
 //! path, every rejection rule, duplicates, expiry, per-tag ordering, offline
 //! tags, a failing radio and `reply_to`. The agent keeps running throughout;
-//! restarts are in `resilience.rs`.
+//! restarts are in `resilience.rs`. Every scenario that reaches the radio
+//! runs on both radios (`on_every_radio!`: `NAME::sim`, `NAME::zigbee`);
+//! rejections never reach it and run on the simulator only.
 
 use std::time::Duration;
 
@@ -9,12 +11,12 @@ use serde_json::{json, Value};
 
 use crate::harness::{
     assert_content_hash_consistent, assert_journal_matches, assert_latest_per_tag_applied, now_ms,
-    sim_tag, task, task_ids, AckStatus, Backend, Stack, QUIET, TAGS,
+    sim_tag, task, task_ids, AckStatus, Backend, Stack, TestRadio, QUIET, TAGS,
 };
+use crate::on_every_radio;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn happy_path_fifty_tasks_over_eight_tags() {
-    let mut stack = Stack::start("happy", |_| {}).await;
+async fn happy_path_fifty_tasks_over_eight_tags(radio: TestRadio) {
+    let mut stack = Stack::start_on(radio, "happy", |_| {}).await;
     // Five distinct contents, so equal contents must share a hash.
     let tasks: Vec<Value> = (0..50)
         .map(|i| {
@@ -299,10 +301,9 @@ async fn every_rejection_kind_is_acked_and_the_agent_keeps_going() {
     assert_eq!(journal.count("t-rej-good"), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicate_task_id_while_pending_and_after_completion() {
+async fn duplicate_task_id_while_pending_and_after_completion(radio: TestRadio) {
     // Slow check-ins keep the task pending while its copy arrives.
-    let mut stack = Stack::start("duplicate", |c| c.checkin_interval_ms = 1500).await;
+    let mut stack = Stack::start_on(radio, "duplicate", |c| c.checkin_interval_ms = 1500).await;
     let t = task("t-dup-1", "SIM000002", 1);
     stack.backend.publish_task(&t).await;
     stack.backend.publish_task(&t).await;
@@ -361,9 +362,8 @@ async fn duplicate_task_id_while_pending_and_after_completion() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_on_arrival() {
-    let mut stack = Stack::start("expired", |_| {}).await;
+async fn expired_on_arrival(radio: TestRadio) {
+    let mut stack = Stack::start_on(radio, "expired", |_| {}).await;
     let two_hours_ago = now_ms() - 2 * 3_600_000;
     let mut short_ttl = task("t-exp-ttl", "SIM000001", 1);
     short_ttl["issued_at"] = json!(two_hours_ago);
@@ -396,10 +396,9 @@ async fn expired_on_arrival() {
     assert!(!journal.contains("t-exp-ttl") && !journal.contains("t-exp-default"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn newer_seq_supersedes_pending_and_older_seq_is_superseded_at_once() {
+async fn newer_seq_supersedes_pending_and_older_seq_is_superseded_at_once(radio: TestRadio) {
     // Slow check-ins: seq 1 is still pending when seq 2 arrives.
-    let mut stack = Stack::start("supersede", |c| c.checkin_interval_ms = 2000).await;
+    let mut stack = Stack::start_on(radio, "supersede", |c| c.checkin_interval_ms = 2000).await;
     let tag = "SIM000004";
     let tasks = [task("t-sup-1", tag, 1), task("t-sup-2", tag, 2)];
     stack.backend.publish_tasks(&tasks).await;
@@ -439,11 +438,11 @@ async fn newer_seq_supersedes_pending_and_older_seq_is_superseded_at_once() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn task_for_offline_tag_expires() {
+async fn task_for_offline_tag_expires(radio: TestRadio) {
     const TTL_MS: u64 = 1500;
     let offline = "SIM000003";
-    let mut stack = Stack::start("offline", |c| c.offline = vec![offline.to_owned()]).await;
+    let mut stack =
+        Stack::start_on(radio, "offline", |c| c.offline = vec![offline.to_owned()]).await;
     let mut never = task("t-off-1", offline, 1);
     never["ttl_ms"] = json!(TTL_MS);
     let issued_at = never["issued_at"].as_u64().expect("task() sets issued_at");
@@ -470,9 +469,8 @@ async fn task_for_offline_tag_expires() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_radio_gives_up_after_max_attempts() {
-    let mut stack = Stack::start("failing", |c| {
+async fn failing_radio_gives_up_after_max_attempts(radio: TestRadio) {
+    let mut stack = Stack::start_on(radio, "failing", |c| {
         c.fail_rate = 1.0;
         c.max_attempts = 2;
     })
@@ -492,9 +490,8 @@ async fn failing_radio_gives_up_after_max_attempts() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ack_goes_to_reply_to_instead_of_ack_to() {
-    let mut stack = Stack::start("reply-to", |_| {}).await;
+async fn ack_goes_to_reply_to_instead_of_ack_to(radio: TestRadio) {
+    let mut stack = Stack::start_on(radio, "reply-to", |_| {}).await;
     let mut other = Backend::connect(&stack.broker, "GID_backend@@@be2", true).await;
     let mut t = task("t-rt-1", "SIM000007", 1);
     t["reply_to"] = json!(other.client_id);
@@ -511,3 +508,13 @@ async fn ack_goes_to_reply_to_instead_of_ack_to() {
         .expect_no_final_ack(QUIET, "the ack belongs to reply_to, not ack_to")
         .await;
 }
+
+on_every_radio!(
+    happy_path_fifty_tasks_over_eight_tags,
+    duplicate_task_id_while_pending_and_after_completion,
+    expired_on_arrival,
+    newer_seq_supersedes_pending_and_older_seq_is_superseded_at_once,
+    task_for_offline_tag_expires,
+    failing_radio_gives_up_after_max_attempts,
+    ack_goes_to_reply_to_instead_of_ack_to,
+);

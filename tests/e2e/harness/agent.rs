@@ -15,10 +15,30 @@ use tokio::time::Instant;
 use super::process::{append_log, kill_and_reap, send_signal, wait_exit};
 use super::{Broker, TestEnv, BACKEND_ID, POLL_INTERVAL, SHUTDOWN_DEADLINE, TAGS, TASK_TOPIC};
 
+/// Which radio the agent under test drives. Both serve the same tags
+/// (`SIM000000`…) with the same `tags`, `checkin_interval_ms`, `fail_rate`,
+/// `offline`, `seed` and `journal` settings below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestRadio {
+    /// `radio.kind = "sim"`: the agent simulates the tags itself.
+    Sim,
+    /// `radio.kind = "zigbee"`: the agent opens a PTY on which the test's
+    /// fake ZNP coordinator simulates the tags (`Stack::zigbee`).
+    Zigbee,
+}
+
+/// `[radio.zigbee]` timeouts for the tests: short, so a lost confirm or a
+/// lost adapter shows within a second, yet far above what a PTY round trip
+/// takes on a loaded machine.
+pub const ZIGBEE_CONFIRM_TIMEOUT_MS: u64 = 800;
+
 /// The agent's config file (PROTOCOL §9), with the values the tests use.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub host: String,
+    pub radio: TestRadio,
+    /// Where the fake coordinator's PTY link is (set by `Stack`).
+    pub zigbee_port: PathBuf,
     pub port: u16,
     pub clean_session: bool,
     pub ack_to: String,
@@ -44,12 +64,17 @@ pub struct AgentConfig {
     pub env: Vec<(String, String)>,
     /// `RUST_LOG` of the agent process.
     pub log_filter: String,
+    /// Replaces the whole `[radio]` section (the simulated tags above) when
+    /// set, e.g. with BLE fake tags.
+    pub radio_toml: Option<String>,
 }
 
 impl AgentConfig {
     pub fn new(env: &TestEnv, broker: &Broker) -> AgentConfig {
         AgentConfig {
             host: "127.0.0.1".to_owned(),
+            radio: TestRadio::Sim,
+            zigbee_port: env.path().join("ttyZB0"),
             port: broker.port(),
             clean_session: true,
             ack_to: BACKEND_ID.to_owned(),
@@ -71,13 +96,12 @@ impl AgentConfig {
             extra: String::new(),
             env: Vec::new(),
             log_filter: "esl_agent=debug,info".to_owned(),
+            radio_toml: None,
         }
     }
 
     pub fn to_toml(&self) -> String {
-        // JSON strings and arrays of strings are valid TOML basic strings/arrays.
-        let s = |v: &str| Value::from(v).to_string();
-        let p = |v: &Path| s(&v.display().to_string());
+        let (s, p) = (toml_str, toml_path);
         format!(
             "[mqtt]\n\
              host = {host}\n\
@@ -105,16 +129,7 @@ impl AgentConfig {
              [limits]\n\
              max_payload = {max_payload}\n\
              \n\
-             [radio]\n\
-             kind = \"sim\"\n\
-             \n\
-             [radio.sim]\n\
-             tags = {tags}\n\
-             checkin_interval_ms = {checkin_interval_ms}\n\
-             fail_rate = {fail_rate:?}\n\
-             offline = {offline}\n\
-             seed = {seed}\n\
-             journal = {journal}\n\
+             {radio}\
              {extra}",
             host = s(&self.host),
             mqtt_extra = self
@@ -134,12 +149,46 @@ impl AgentConfig {
             max_attempts = self.max_attempts,
             status_interval_s = self.status_interval_s,
             max_payload = self.max_payload,
+            radio = self.radio_toml.clone().unwrap_or_else(|| self.sim_toml()),
+        )
+    }
+
+    /// The `[radio]` section for the simulated tags.
+    /// The `[radio]` section for [`TestRadio`]: both backends' tables, so
+    /// switching `kind` is all a scenario changes.
+    fn sim_toml(&self) -> String {
+        format!(
+            "[radio]\n\
+             kind = {radio_kind}\n\
+             \n\
+             [radio.zigbee]\n\
+             port = {zigbee_port}\n\
+             sreq_timeout_ms = 1000\n\
+             confirm_timeout_ms = {confirm_timeout_ms}\n\
+             result_timeout_ms = 2000\n\
+             ping_interval_ms = 500\n\
+             reconnect_min_ms = 100\n\
+             reconnect_max_ms = 500\n\
+             \n\
+             [radio.sim]\n\
+             tags = {tags}\n\
+             checkin_interval_ms = {checkin_interval_ms}\n\
+             fail_rate = {fail_rate:?}\n\
+             offline = {offline}\n\
+             seed = {seed}\n\
+             journal = {journal}\n",
+            radio_kind = toml_str(match self.radio {
+                TestRadio::Sim => "sim",
+                TestRadio::Zigbee => "zigbee",
+            }),
+            zigbee_port = toml_path(&self.zigbee_port),
+            confirm_timeout_ms = ZIGBEE_CONFIRM_TIMEOUT_MS,
             tags = self.tags,
             checkin_interval_ms = self.checkin_interval_ms,
             fail_rate = self.fail_rate,
             offline = Value::from(self.offline.clone()),
             seed = self.seed,
-            journal = p(&self.journal),
+            journal = toml_path(&self.journal),
         )
     }
 }
@@ -173,6 +222,16 @@ fn agent_command() -> Command {
         }
         None => Command::new(bin),
     }
+}
+
+/// A TOML basic string (a JSON string is one).
+pub fn toml_str(v: &str) -> String {
+    Value::from(v).to_string()
+}
+
+/// A path as a TOML basic string.
+pub fn toml_path(v: &Path) -> String {
+    toml_str(&v.display().to_string())
 }
 
 /// One `esl-agent run` process. Killed (SIGKILL) on drop if still running.
@@ -246,6 +305,14 @@ impl Agent {
         if let Some(status) = child.try_wait().expect("try_wait on our agent") {
             panic!("the agent exited unexpectedly with {status}");
         }
+    }
+
+    /// SIGKILL, as in a crash or a power cut of the process (not of the
+    /// machine: the page cache survives). Returns once the process is reaped.
+    #[allow(dead_code)] // used by tests/reliability, not by every harness user
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("kill() on a running agent");
+        kill_and_reap(&mut child);
     }
 
     /// Sends SIGTERM and requires a clean exit (status 0) within

@@ -179,6 +179,15 @@ impl Backend {
             .expect("queue a publish on the back end");
     }
 
+    /// Publishes arbitrary bytes on `topic`, QoS 1 (commands, foreign topics).
+    #[allow(dead_code)] // used by tests/reliability, not by every harness user
+    pub async fn publish_raw_to(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("queue a publish on the back end");
+    }
+
     async fn next_of(&mut self, kind: Kind, deadline: Instant) -> Option<Received> {
         loop {
             if let Some(message) = self.inbox.queue(kind).pop_front() {
@@ -250,6 +259,30 @@ impl Backend {
         acks
     }
 
+    /// Every command reply (PROTOCOL §7) that arrives within `window`, as JSON.
+    #[allow(dead_code)] // used by tests/reliability, not by every harness user
+    pub async fn replies_within(&mut self, window: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + window;
+        let mut replies = Vec::new();
+        while let Some(message) = self.next_of(Kind::Reply, deadline).await {
+            let reply = serde_json::from_slice(&message.payload)
+                .expect("the reply was JSON when it was sorted");
+            replies.push(reply);
+        }
+        replies
+    }
+
+    /// Every status report that arrives within `window`.
+    #[allow(dead_code)] // used by tests/reliability, not by every harness user
+    pub async fn statuses_within(&mut self, window: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + window;
+        let mut statuses = Vec::new();
+        while let Some(status) = self.next_status(deadline).await {
+            statuses.push(status);
+        }
+        statuses
+    }
+
     /// Panics if a final ack arrives within `window`.
     pub async fn expect_no_final_ack(&mut self, window: Duration, why: &str) {
         let unexpected: Vec<Value> = self
@@ -308,6 +341,27 @@ impl Backend {
             "status report without \"type\":\"status\": {status}"
         );
         Some(status)
+    }
+
+    /// The first status report (of any kind) that satisfies `wanted`;
+    /// panics naming `what` and the last report seen after `timeout`.
+    pub async fn expect_status_where(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut wanted: impl FnMut(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            let Some(status) = self.next_status(deadline).await else {
+                panic!("no status report with {what} within {timeout:?}; last report: {last:#?}");
+            };
+            if wanted(&status) {
+                return status;
+            }
+            last = Some(status);
+        }
     }
 
     /// The next status report of `kind` (`hello`, `periodic`); panics

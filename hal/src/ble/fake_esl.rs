@@ -1,0 +1,717 @@
+//! Fake ESL tags on a fake adapter: a [`Central`] whose tags behave like ESL
+//! Service peripherals with the vendor content characteristic, so the whole
+//! BLE radio (driver, sessions, codec) runs without a Bluetooth controller.
+//!
+//! Owns: the fake tags' state (address, stored images, what they display,
+//! battery, signal), their advertising schedule, the fake adapter's power,
+//! and the optional display journal (only this module opens that file).
+//! Must not: be used for anything but tests and demos (`[radio.ble.fake]`);
+//! it checks the AP's side of the protocol, it is not a reference tag.
+//!
+//! What a fake tag does: advertises the ESL Service (0x1857) every
+//! `adv_interval_ms` (±20 %); accepts one link at a time; keeps its ESL
+//! Address and ignores commands for another ESL ID (as a real ESL does: the
+//! AP then times out); stores content sent over the vendor characteristic
+//! only when length and CRC-32 match; answers Display Image with Display
+//! State when it holds the image, Read Sensor Data 0 with its battery in
+//! millivolts, Ping and Update Complete with its Basic State, and everything
+//! it does not know with an Error response. One more device advertises a
+//! non-ESL service, so the radio's own filtering is exercised.
+//!
+//! Knobs for failure tests: `offline` tags neither advertise nor connect,
+//! `corrupt` tags flip a bit of every transfer (the integrity check fails),
+//! `connect_fail_rate` refuses that share of connections, and
+//! [`FakeAir::set_powered`] takes the adapter away.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::distributions::Bernoulli;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tokio::time::{sleep, sleep_until, Instant};
+use uuid::Uuid;
+
+use super::codec::{
+    uuid16, BasicState, Command, ErrorCode, EslAddress, Response, BATTERY_LEVEL_CHARACTERISTIC,
+    CONTROL_POINT_CHARACTERISTIC, ESL_ADDRESS_CHARACTERISTIC, ESL_SERVICE,
+};
+use super::content::{decode_frame, ContentStatus, Frame, TransferState};
+use super::transport::{Advertisement, Central, GattError, Link, Notification, Scan};
+
+/// Address of the one non-ESL device on the fake air.
+pub const STRANGER_ADDRESS: &str = "F0:FF:FF:FF:FF:FF";
+/// Heart Rate service: what the stranger advertises.
+const STRANGER_SERVICE: u16 = 0x180D;
+/// Heart Rate Measurement: the stranger's only characteristic.
+const STRANGER_CHARACTERISTIC: u16 = 0x2A37;
+/// Most fake tags: addresses have three bytes for the index.
+pub const MAX_FAKE_TAGS: u32 = 1 << 24;
+/// The sensor index that reports the battery.
+pub const BATTERY_SENSOR: u8 = 0;
+/// Battery drain per displayed image.
+const MV_PER_UPDATE: u16 = 2;
+/// Battery Level 0 % and 100 % of the fake coin cell.
+const EMPTY_MV: u16 = 2000;
+const FULL_MV: u16 = 3000;
+
+/// `[radio.ble.fake]`: fake tags instead of a Bluetooth controller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FakeConfig {
+    /// Number of fake tags; addresses `F0:00:00:00:00:00`, `…:01`, …
+    pub tags: u32,
+    /// Mean time between two advertisements of one tag (±20 %).
+    pub adv_interval_ms: u64,
+    /// Time each GATT operation takes.
+    pub latency_ms: u64,
+    /// Share of connection attempts refused.
+    pub connect_fail_rate: f64,
+    /// Tags that never advertise and cannot be reached.
+    pub offline: Vec<String>,
+    /// Tags that flip a bit of every content transfer.
+    pub corrupt: Vec<String>,
+    /// RNG seed, so runs repeat.
+    pub seed: u64,
+    /// One JSON line per image a tag displays: `{"tag_id","content_hash","at"}`.
+    pub journal: Option<PathBuf>,
+}
+
+impl Default for FakeConfig {
+    fn default() -> Self {
+        FakeConfig {
+            tags: 4,
+            adv_interval_ms: 1000,
+            latency_ms: 2,
+            connect_fail_rate: 0.0,
+            offline: Vec::new(),
+            corrupt: Vec::new(),
+            seed: 1,
+            journal: None,
+        }
+    }
+}
+
+/// Address of fake tag `index`.
+pub fn fake_address(index: u32) -> String {
+    let [_, a, b, c] = index.to_be_bytes();
+    format!("F0:00:00:{a:02X}:{b:02X}:{c:02X}")
+}
+
+/// Why the fake air could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum FakeError {
+    #[error("invalid radio.ble.fake.{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("fake BLE journal {}: {error}", path.display())]
+    Journal {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// One fake peripheral.
+#[derive(Debug)]
+struct FakeTag {
+    address: String,
+    /// False for the stranger.
+    esl: bool,
+    esl_address: EslAddress,
+    offline: bool,
+    corrupt: bool,
+    base_rssi: i16,
+    battery_mv: u16,
+    /// The transfer in progress: its header and the bytes so far.
+    receiving: Option<(super::content::Begin, Vec<u8>)>,
+    status: ContentStatus,
+    /// Stored images: index → (hash, bytes).
+    images: HashMap<u8, (String, Vec<u8>)>,
+    /// (image index, hash) on the e-paper.
+    displayed: Option<(u8, String)>,
+    linked: bool,
+}
+
+struct World {
+    tags: Vec<FakeTag>,
+    index: HashMap<String, usize>,
+    powered: bool,
+    rng: SmallRng,
+    connect_fail: Bernoulli,
+    active_links: usize,
+    max_active_links: usize,
+    connects: u64,
+    journal: Option<(PathBuf, File)>,
+}
+
+/// The fake adapter and the tags around it. Clones share everything.
+#[derive(Clone)]
+pub struct FakeAir {
+    world: Arc<Mutex<World>>,
+    content_characteristic: Uuid,
+    latency: Duration,
+    adv_interval_ms: u64,
+    seed: u64,
+}
+
+impl FakeAir {
+    /// Builds `cfg.tags` tags that store content on `content_characteristic`
+    /// and start out with the ESL address `address_of` gives them.
+    pub fn new(
+        cfg: &FakeConfig,
+        content_characteristic: Uuid,
+        address_of: impl Fn(&str) -> EslAddress,
+    ) -> Result<FakeAir, FakeError> {
+        let invalid = |key, reason: String| FakeError::Invalid { key, reason };
+        if cfg.tags > MAX_FAKE_TAGS {
+            return Err(invalid("tags", format!("at most {MAX_FAKE_TAGS}")));
+        }
+        if cfg.adv_interval_ms == 0 {
+            return Err(invalid("adv_interval_ms", "must be at least 1".to_owned()));
+        }
+        let connect_fail = Bernoulli::new(cfg.connect_fail_rate).map_err(|_| {
+            invalid(
+                "connect_fail_rate",
+                format!("{} is not a probability in [0, 1]", cfg.connect_fail_rate),
+            )
+        })?;
+        let journal = match &cfg.journal {
+            Some(path) => {
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|error| FakeError::Journal {
+                        path: path.clone(),
+                        error,
+                    })?;
+                Some((path.clone(), file))
+            }
+            None => None,
+        };
+        let mut rng = SmallRng::seed_from_u64(cfg.seed);
+        let mut tags: Vec<FakeTag> = (0..cfg.tags)
+            .map(|i| {
+                let address = fake_address(i);
+                let mut tag = FakeTag::new(
+                    address_of(&address),
+                    rng.gen_range(-90..=-40),
+                    rng.gen_range(2950..=3050),
+                );
+                tag.offline = cfg.offline.contains(&address);
+                tag.corrupt = cfg.corrupt.contains(&address);
+                tag.address = address;
+                tag
+            })
+            .collect();
+        // The stranger: its ESL address is never used.
+        let mut stranger = FakeTag::new(EslAddress::new(0, 0).expect("0/0 is valid"), -60, FULL_MV);
+        stranger.esl = false;
+        stranger.address = STRANGER_ADDRESS.to_owned();
+        tags.push(stranger);
+        let index = tags
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.address.clone(), i))
+            .collect();
+        Ok(FakeAir {
+            world: Arc::new(Mutex::new(World {
+                tags,
+                index,
+                powered: true,
+                rng,
+                connect_fail,
+                active_links: 0,
+                max_active_links: 0,
+                connects: 0,
+                journal,
+            })),
+            content_characteristic,
+            latency: Duration::from_millis(cfg.latency_ms),
+            adv_interval_ms: cfg.adv_interval_ms,
+            seed: cfg.seed,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, World> {
+        // Nothing panics while holding the lock; if it did, the state is
+        // still the best there is.
+        self.world.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The fake tags' addresses (the stranger is not a tag).
+    pub fn tag_ids(&self) -> Vec<String> {
+        let world = self.lock();
+        world
+            .tags
+            .iter()
+            .filter(|t| t.esl)
+            .map(|t| t.address.clone())
+            .collect()
+    }
+
+    /// Hash of what `tag` displays.
+    pub fn displayed(&self, tag: &str) -> Option<String> {
+        let world = self.lock();
+        let i = *world.index.get(tag)?;
+        world.tags[i].displayed.as_ref().map(|(_, h)| h.clone())
+    }
+
+    /// The ESL address `tag` has now.
+    pub fn esl_address(&self, tag: &str) -> Option<EslAddress> {
+        let world = self.lock();
+        world.index.get(tag).map(|&i| world.tags[i].esl_address)
+    }
+
+    pub fn battery_mv(&self, tag: &str) -> Option<u16> {
+        let world = self.lock();
+        world.index.get(tag).map(|&i| world.tags[i].battery_mv)
+    }
+
+    /// Most links open at the same time so far.
+    pub fn max_concurrent_links(&self) -> usize {
+        self.lock().max_active_links
+    }
+
+    /// Links open now.
+    pub fn open_links(&self) -> usize {
+        self.lock().active_links
+    }
+
+    /// Connection attempts so far (refused ones included).
+    pub fn connects(&self) -> u64 {
+        self.lock().connects
+    }
+
+    /// Switches the adapter on or off (off: scans end, links drop).
+    pub fn set_powered(&self, on: bool) {
+        self.lock().powered = on;
+    }
+
+    pub fn set_offline(&self, tag: &str, offline: bool) {
+        let mut world = self.lock();
+        if let Some(&i) = world.index.get(tag) {
+            world.tags[i].offline = offline;
+        }
+    }
+
+    pub fn set_corrupt(&self, tag: &str, corrupt: bool) {
+        let mut world = self.lock();
+        if let Some(&i) = world.index.get(tag) {
+            world.tags[i].corrupt = corrupt;
+        }
+    }
+}
+
+impl Central for FakeAir {
+    type Scan = FakeScan;
+    type Link = FakeLink;
+
+    async fn scan(&self) -> Result<FakeScan, GattError> {
+        let world = self.lock();
+        if !world.powered {
+            return Err(GattError::Adapter("fake adapter powered off".to_owned()));
+        }
+        let mut rng = SmallRng::seed_from_u64(self.seed ^ 0x5CA7);
+        let now = Instant::now();
+        let adverts = (0..world.tags.len())
+            .map(|i| {
+                let first = Duration::from_millis(rng.gen_range(0..self.adv_interval_ms));
+                Reverse((now + first, i))
+            })
+            .collect();
+        Ok(FakeScan {
+            air: self.clone(),
+            adverts,
+            rng,
+        })
+    }
+
+    async fn connect(&self, address: &str) -> Result<FakeLink, GattError> {
+        sleep(self.latency).await;
+        let mut world = self.lock();
+        let world = &mut *world;
+        world.connects += 1;
+        if !world.powered {
+            return Err(GattError::Adapter("fake adapter powered off".to_owned()));
+        }
+        let Some(&i) = world.index.get(address) else {
+            return Err(GattError::UnknownPeer(address.to_owned()));
+        };
+        if world.tags[i].offline {
+            return Err(GattError::Failed(
+                "le-connection-abort-by-local (tag out of range)".to_owned(),
+            ));
+        }
+        if world.rng.sample(world.connect_fail) {
+            return Err(GattError::Failed(
+                "le-connection-abort-by-local (fake refusal)".to_owned(),
+            ));
+        }
+        let tag = &mut world.tags[i];
+        if tag.linked {
+            return Err(GattError::Failed("tag already connected".to_owned()));
+        }
+        tag.linked = true;
+        world.active_links += 1;
+        world.max_active_links = world.max_active_links.max(world.active_links);
+        Ok(FakeLink {
+            air: self.clone(),
+            index: i,
+            open: true,
+            subscribed: false,
+            notifications: VecDeque::new(),
+        })
+    }
+}
+
+/// Advertisements of every fake device, in time order.
+pub struct FakeScan {
+    air: FakeAir,
+    adverts: BinaryHeap<Reverse<(Instant, usize)>>,
+    rng: SmallRng,
+}
+
+impl Scan for FakeScan {
+    async fn next(&mut self) -> Result<Advertisement, GattError> {
+        loop {
+            // There is always the stranger, so the heap is never empty.
+            let Some(&Reverse((due, i))) = self.adverts.peek() else {
+                return std::future::pending().await;
+            };
+            // Cancel-safe: nothing changes before the sleep ends.
+            sleep_until(due).await;
+            self.adverts.pop();
+            let jitter = self.air.adv_interval_ms / 5;
+            let gap = self.air.adv_interval_ms - jitter + self.rng.gen_range(0..=2 * jitter);
+            self.adverts
+                .push(Reverse((due + Duration::from_millis(gap), i)));
+            let noise = self.rng.gen_range(-3..=3);
+            let world = self.air.lock();
+            if !world.powered {
+                return Err(GattError::Adapter("fake adapter powered off".to_owned()));
+            }
+            let tag = &world.tags[i];
+            if tag.offline {
+                continue;
+            }
+            let service = if tag.esl {
+                ESL_SERVICE
+            } else {
+                STRANGER_SERVICE
+            };
+            return Ok(Advertisement {
+                address: tag.address.clone(),
+                rssi: Some(tag.base_rssi + noise),
+                services: vec![uuid16(service)],
+            });
+        }
+    }
+}
+
+/// A link to one fake tag.
+pub struct FakeLink {
+    air: FakeAir,
+    index: usize,
+    open: bool,
+    subscribed: bool,
+    notifications: VecDeque<Notification>,
+}
+
+impl FakeLink {
+    /// Waits the operation's latency, then runs `op` on the tag unless the
+    /// link or the adapter is gone.
+    async fn with_tag<T>(
+        &mut self,
+        op: impl FnOnce(&mut FakeTag, &mut Option<(PathBuf, File)>) -> Result<T, GattError>,
+    ) -> Result<T, GattError> {
+        sleep(self.air.latency).await;
+        if !self.open {
+            return Err(GattError::Disconnected);
+        }
+        let air = self.air.clone();
+        let mut world = air.lock();
+        if !world.powered {
+            drop(world);
+            self.close();
+            return Err(GattError::Disconnected);
+        }
+        let world = &mut *world;
+        op(&mut world.tags[self.index], &mut world.journal)
+    }
+
+    fn close(&mut self) {
+        if std::mem::take(&mut self.open) {
+            let mut world = self.air.lock();
+            world.tags[self.index].linked = false;
+            world.active_links -= 1;
+        }
+    }
+}
+
+impl Drop for FakeLink {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Link for FakeLink {
+    async fn discover(&mut self) -> Result<Vec<Uuid>, GattError> {
+        let content = self.air.content_characteristic;
+        self.with_tag(|tag, _| {
+            Ok(if tag.esl {
+                vec![
+                    uuid16(ESL_ADDRESS_CHARACTERISTIC),
+                    uuid16(CONTROL_POINT_CHARACTERISTIC),
+                    content,
+                    uuid16(BATTERY_LEVEL_CHARACTERISTIC),
+                ]
+            } else {
+                vec![uuid16(STRANGER_CHARACTERISTIC)]
+            })
+        })
+        .await
+    }
+
+    async fn subscribe(&mut self, characteristic: Uuid) -> Result<(), GattError> {
+        self.with_tag(|tag, _| {
+            if tag.esl && characteristic == uuid16(CONTROL_POINT_CHARACTERISTIC) {
+                Ok(())
+            } else {
+                Err(GattError::Failed(
+                    "characteristic does not notify".to_owned(),
+                ))
+            }
+        })
+        .await?;
+        self.subscribed = true;
+        Ok(())
+    }
+
+    async fn write(&mut self, characteristic: Uuid, value: &[u8]) -> Result<(), GattError> {
+        let content = self.air.content_characteristic;
+        let response = self
+            .with_tag(|tag, journal| {
+                if !tag.esl {
+                    Err(att_error("no such characteristic"))
+                } else if characteristic == uuid16(CONTROL_POINT_CHARACTERISTIC) {
+                    Ok(tag.command(value, journal))
+                } else if characteristic == content {
+                    tag.receive(value).map(|()| None)
+                } else if characteristic == uuid16(ESL_ADDRESS_CHARACTERISTIC) {
+                    tag.esl_address = EslAddress::decode(value)
+                        .map_err(|e| att_error(&format!("bad ESL Address: {e}")))?;
+                    Ok(None)
+                } else {
+                    Err(att_error("characteristic not writable"))
+                }
+            })
+            .await?;
+        if let (Some(response), true) = (response, self.subscribed) {
+            self.notifications.push_back(Notification {
+                characteristic,
+                // Responses the fake builds are valid by construction.
+                value: response
+                    .encode()
+                    .map_err(|e| GattError::Failed(e.to_string()))?,
+            });
+        }
+        Ok(())
+    }
+
+    async fn read(&mut self, characteristic: Uuid) -> Result<Vec<u8>, GattError> {
+        let content = self.air.content_characteristic;
+        self.with_tag(|tag, _| {
+            if tag.esl && characteristic == content {
+                tag.status
+                    .encode()
+                    .map_err(|e| GattError::Failed(e.to_string()))
+            } else if tag.esl && characteristic == uuid16(BATTERY_LEVEL_CHARACTERISTIC) {
+                let above = tag.battery_mv.saturating_sub(EMPTY_MV);
+                let percent = (u32::from(above) * 100 / u32::from(FULL_MV - EMPTY_MV)).min(100);
+                Ok(vec![percent as u8])
+            } else {
+                Err(att_error("characteristic not readable"))
+            }
+        })
+        .await
+    }
+
+    async fn notification(&mut self) -> Result<Notification, GattError> {
+        match self.notifications.pop_front() {
+            Some(n) => Ok(n),
+            // Nothing to say: a real tag stays silent too.
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn disconnect(&mut self) -> Result<(), GattError> {
+        sleep(self.air.latency).await;
+        self.close();
+        Ok(())
+    }
+}
+
+fn att_error(what: &str) -> GattError {
+    GattError::Failed(format!("ATT error: {what}"))
+}
+
+impl FakeTag {
+    /// An ESL tag showing nothing yet, not linked.
+    fn new(esl_address: EslAddress, base_rssi: i16, battery_mv: u16) -> FakeTag {
+        FakeTag {
+            address: String::new(),
+            esl: true,
+            esl_address,
+            offline: false,
+            corrupt: false,
+            base_rssi,
+            battery_mv,
+            receiving: None,
+            status: ContentStatus {
+                state: TransferState::Idle,
+                image_index: 0,
+                received: 0,
+                crc32: 0,
+                content_hash: String::new(),
+            },
+            images: HashMap::new(),
+            displayed: None,
+            linked: false,
+        }
+    }
+
+    fn basic_state(&self) -> BasicState {
+        BasicState(BasicState::SYNCHRONIZED)
+    }
+
+    /// Handles a Control Point write; `None` when the ESL stays silent.
+    fn command(&mut self, bytes: &[u8], journal: &mut Option<(PathBuf, File)>) -> Option<Response> {
+        let command = match Command::decode(bytes) {
+            Ok(command) => command,
+            Err(super::codec::CodecError::UnknownOpcode { .. }) => {
+                return Some(Response::Error(ErrorCode::InvalidOpcode))
+            }
+            Err(_) => return Some(Response::Error(ErrorCode::InvalidParameters)),
+        };
+        if command.esl_id() != self.esl_address.esl_id() {
+            // Another ESL's command, or a broadcast: no answer.
+            return None;
+        }
+        Some(match command {
+            Command::Ping { .. } | Command::UpdateComplete { .. } => {
+                Response::BasicState(self.basic_state())
+            }
+            Command::ReadSensorData { sensor_index, .. } if sensor_index == BATTERY_SENSOR => {
+                Response::SensorValue {
+                    sensor_index,
+                    data: self.battery_mv.to_le_bytes().to_vec(),
+                }
+            }
+            Command::DisplayImage {
+                display_index: 0,
+                image_index,
+                ..
+            } => match self.images.get(&image_index) {
+                Some((hash, _)) => {
+                    let hash = hash.clone();
+                    self.display(image_index, hash, journal);
+                    Response::DisplayState {
+                        display_index: 0,
+                        image_index,
+                    }
+                }
+                None => Response::Error(ErrorCode::ImageNotAvailable),
+            },
+            Command::RefreshDisplay {
+                display_index: 0, ..
+            } => match &self.displayed {
+                Some((image_index, _)) => Response::DisplayState {
+                    display_index: 0,
+                    image_index: *image_index,
+                },
+                None => Response::Error(ErrorCode::ImageNotAvailable),
+            },
+            Command::LedControl { led_index: 0, .. } => Response::LedState { led_index: 0 },
+            Command::ReadSensorData { .. }
+            | Command::DisplayImage { .. }
+            | Command::RefreshDisplay { .. }
+            | Command::LedControl { .. } => Response::Error(ErrorCode::InvalidParameters),
+            _ => Response::Error(ErrorCode::InvalidOpcode),
+        })
+    }
+
+    fn display(&mut self, image_index: u8, hash: String, journal: &mut Option<(PathBuf, File)>) {
+        if let Some((path, file)) = journal {
+            let at = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let line = serde_json::json!({
+                "tag_id": self.address,
+                "content_hash": hash,
+                "at": at,
+            });
+            if let Err(error) = writeln!(file, "{line}") {
+                tracing::warn!(path = %path.display(), %error, "cannot append to the fake BLE journal");
+            }
+        }
+        self.battery_mv = self.battery_mv.saturating_sub(MV_PER_UPDATE).max(EMPTY_MV);
+        self.displayed = Some((image_index, hash));
+    }
+
+    /// Handles a write to the content characteristic.
+    fn receive(&mut self, bytes: &[u8]) -> Result<(), GattError> {
+        match decode_frame(bytes).map_err(|e| att_error(&e.to_string()))? {
+            Frame::Begin(begin) => {
+                self.status = ContentStatus {
+                    state: TransferState::Receiving,
+                    image_index: begin.image_index,
+                    received: 0,
+                    crc32: 0,
+                    content_hash: begin.content_hash.clone(),
+                };
+                self.receiving = Some((begin, Vec::new()));
+            }
+            Frame::Data { offset, bytes } => {
+                let Some((_, received)) = &mut self.receiving else {
+                    return Err(att_error("DATA without BEGIN"));
+                };
+                if offset as usize != received.len() {
+                    return Err(att_error(&format!(
+                        "DATA at {offset}, expected {}",
+                        received.len()
+                    )));
+                }
+                let start = received.len();
+                received.extend_from_slice(bytes);
+                if self.corrupt && start == 0 {
+                    received[0] ^= 0x01;
+                }
+                self.status.received = received.len() as u32;
+                self.status.crc32 = crc32fast::hash(received);
+            }
+            Frame::Commit => {
+                let Some((begin, received)) = self.receiving.take() else {
+                    return Err(att_error("COMMIT without BEGIN"));
+                };
+                let intact = received.len() == begin.total_len as usize
+                    && crc32fast::hash(&received) == begin.crc32;
+                self.status.received = received.len() as u32;
+                self.status.crc32 = crc32fast::hash(&received);
+                if intact {
+                    self.status.state = TransferState::Committed;
+                    self.images
+                        .insert(begin.image_index, (begin.content_hash, received));
+                } else {
+                    self.status.state = TransferState::Failed;
+                }
+            }
+        }
+        Ok(())
+    }
+}

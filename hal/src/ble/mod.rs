@@ -1,0 +1,1517 @@
+//! BLE radio: ESL tags over the Bluetooth SIG Electronic Shelf Label Service
+//! (0x1857), reached through a GATT stack behind a small trait.
+//!
+//! Files:
+//! - `codec.rs`: Control Point commands and responses, ESL Address.
+//! - `content.rs`: framing of the vendor content characteristic.
+//! - `transport.rs`: the GATT trait ([`transport::Central`]) and one
+//!   session's sequencing (connect … Display Image … disconnect).
+//! - `btleplug.rs` (cargo feature `ble`): the trait on btleplug / BlueZ.
+//! - `fake_esl.rs`: fake tags on a fake adapter (`[radio.ble.fake]`).
+//! - `fake.rs`: a scripted fake peer for the transport's tests.
+//! - this file: [`BleConfig`], [`BleRadio`] (the [`Radio`]) and its driver.
+//!
+//! The driver task owns the scan, the per-tag bookkeeping and the session
+//! tasks. Channels: [`BleRadio::deliver`] writes `delivery_tx` (bounded,
+//! [`DELIVERY_CAPACITY`]); the driver writes `event_tx` (bounded,
+//! [`EVENT_CAPACITY`]); sessions run in a `JoinSet` of at most
+//! `max_connections` and hand their result back by ending. Like the
+//! simulator, the driver never waits on one thing: it `select!`s over taking
+//! a delivery, a session ending, the next advertisement, its timers and
+//! room in the event channel, with events waiting in its own queue (a tag's
+//! check-in is queued at most once and built when sent). So `deliver` and
+//! `next_event` cannot deadlock each other.
+//!
+//! A check-in is an advertisement of the ESL service from a tag (at most one
+//! per tag per `checkin_interval_ms`). Deliveries queue per tag, at most one
+//! session per tag and `max_connections` in all; a session that fails with a
+//! retryable error is tried again after `retry_backoff_ms` (doubling) up to
+//! `retries` times before the outcome is a failure. Battery comes from the
+//! sessions (and from a poll session every `battery_poll_interval_s`), and
+//! rides on the tag's next check-in.
+
+pub mod codec;
+pub mod content;
+pub mod fake;
+pub mod fake_esl;
+pub mod transport;
+
+#[cfg(feature = "ble")]
+pub mod btleplug;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::{sleep_until, timeout, Instant};
+use uuid::Uuid;
+
+use crate::{
+    CheckIn, Delivery, DeliveryFailure, Outcome, Radio, RadioError, RadioErrorKind, RadioEvent,
+    RadioState, TagId,
+};
+use codec::{uuid16, EslAddress, ESL_SERVICE};
+use fake_esl::{FakeAir, FakeConfig, FakeError};
+use transport::{
+    Advertisement, BatterySource, Central, GattError, Scan, SessionReport, SessionSettings, Step,
+    TransportError,
+};
+
+/// Capacity of the delivery channel. The driver takes from it on every turn
+/// and never waits on anything else first; the engine hands over at most one
+/// delivery per tag that just checked in, so a burst of woken tags fits.
+pub const DELIVERY_CAPACITY: usize = 64;
+
+/// Capacity of the event channel: small on purpose, as in the simulator;
+/// events that do not fit wait in the driver's queue where check-ins are
+/// coalesced and stay fresh.
+pub const EVENT_CAPACITY: usize = 128;
+
+/// Most simultaneous links `max_connections` may ask for. Controllers and
+/// BlueZ handle a handful; more only makes connection attempts collide.
+pub const MAX_CONNECTIONS: usize = 8;
+
+/// Most tags tracked. Only devices advertising the ESL service are tracked;
+/// this bounds memory if a crowd of them passes by.
+const MAX_TRACKED_TAGS: usize = 100_000;
+
+/// Largest content bytes in one DATA write: ATT values are at most 512
+/// bytes, the frame header takes 5.
+pub const MAX_CHUNK: usize = 512 - content::DATA_HEADER_LEN;
+
+/// Largest delay between two retries of one delivery.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
+/// First and largest delay before scanning again after the adapter failed.
+const SCAN_RETRY_MIN: Duration = Duration::from_secs(1);
+const SCAN_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Bound on starting a scan (D-Bus round trips to bluetoothd).
+const SCAN_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Vendor content characteristic used when none is configured. It must
+/// match the tag firmware; this one is the fake tags' and the docs' example.
+pub const DEFAULT_CONTENT_CHARACTERISTIC: &str = "a0e4f2b0-5d3c-4e4b-9a51-7c1e0e5e5101";
+
+/// `[radio.ble]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BleConfig {
+    /// Adapter name (`hci0`); none: the first one BlueZ lists.
+    pub adapter: Option<String>,
+    /// Tag addresses to serve (`C0:11:22:33:44:55`); empty: every device
+    /// that advertises the ESL service. Listed tags appear in status reports
+    /// before they are seen.
+    pub tags: Vec<String>,
+    /// Explicit ESL addresses by tag; other tags get one derived from their
+    /// Bluetooth address.
+    pub addresses: BTreeMap<String, AddressConfig>,
+    /// Write the ESL Address characteristic in every session.
+    pub write_address: bool,
+    /// UUID of the vendor characteristic that takes content.
+    pub content_characteristic: String,
+    pub display_index: u8,
+    /// Image slot the content is stored in and shown from.
+    pub image_index: u8,
+    /// Content bytes per write (1..=507).
+    pub chunk_size: usize,
+    /// Larger content is refused (not retried).
+    pub max_content_bytes: usize,
+    /// Links open at once, 1..=8.
+    pub max_connections: usize,
+    /// Further sessions after a retryable failure, before the outcome.
+    pub retries: u32,
+    /// Delay before the first retry; doubles per retry (at most 30 s).
+    pub retry_backoff_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Each GATT discover, subscribe, read or write.
+    pub gatt_timeout_ms: u64,
+    /// From a Control Point write to its response.
+    pub response_timeout_ms: u64,
+    /// A whole session, connect to disconnect.
+    pub session_timeout_ms: u64,
+    /// At most one check-in per tag this often.
+    pub checkin_interval_ms: u64,
+    /// Read the battery with Read Sensor Data at this index (millivolts,
+    /// little-endian); none: Battery Service Battery Level when present.
+    pub battery_sensor_index: Option<u8>,
+    /// Battery Level 0 % and 100 % in millivolts.
+    pub battery_empty_mv: u16,
+    pub battery_full_mv: u16,
+    /// Connect to a tag without deliveries to read its battery this often;
+    /// 0: only during deliveries.
+    pub battery_poll_interval_s: u64,
+    /// Fake tags instead of a Bluetooth controller (tests, demos).
+    pub fake: Option<FakeConfig>,
+}
+
+/// One tag's ESL address in `[radio.ble.addresses]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddressConfig {
+    pub group_id: u8,
+    pub esl_id: u8,
+}
+
+impl Default for BleConfig {
+    fn default() -> Self {
+        BleConfig {
+            adapter: None,
+            tags: Vec::new(),
+            addresses: BTreeMap::new(),
+            write_address: true,
+            content_characteristic: DEFAULT_CONTENT_CHARACTERISTIC.to_owned(),
+            display_index: 0,
+            image_index: 0,
+            chunk_size: 180,
+            max_content_bytes: 64 * 1024,
+            max_connections: 2,
+            retries: 1,
+            retry_backoff_ms: 500,
+            connect_timeout_ms: 5_000,
+            gatt_timeout_ms: 3_000,
+            response_timeout_ms: 3_000,
+            session_timeout_ms: 10_000,
+            checkin_interval_ms: 1_000,
+            battery_sensor_index: None,
+            battery_empty_mv: 2_000,
+            battery_full_mv: 3_000,
+            battery_poll_interval_s: 6 * 3600,
+            fake: None,
+        }
+    }
+}
+
+/// A `[radio.ble]` value that breaks a rule; `key` is its full name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config key `{key}`: {rule}")]
+pub struct BleConfigError {
+    pub key: &'static str,
+    pub rule: String,
+}
+
+fn rule(key: &'static str, rule: impl Into<String>) -> BleConfigError {
+    BleConfigError {
+        key,
+        rule: rule.into(),
+    }
+}
+
+/// `C0:11:22:33:44:55`: six upper-case hex pairs, as BlueZ prints them.
+pub fn is_bluetooth_address(text: &str) -> bool {
+    text.len() == 17
+        && text.split(':').count() == 6
+        && text.split(':').all(|pair| {
+            pair.len() == 2
+                && pair
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('A'..='F').contains(&c))
+        })
+}
+
+impl BleConfig {
+    /// Checks every `[radio.ble]` rule.
+    pub fn validate(&self) -> Result<(), BleConfigError> {
+        self.content_uuid()?;
+        for tag in &self.tags {
+            if !is_bluetooth_address(tag) {
+                return Err(rule(
+                    "radio.ble.tags",
+                    format!("{tag:?} is not a Bluetooth address like \"C0:11:22:33:44:55\" (upper case)"),
+                ));
+            }
+        }
+        let mut taken: HashMap<EslAddress, &str> = HashMap::new();
+        for (tag, a) in &self.addresses {
+            if !is_bluetooth_address(tag) {
+                return Err(rule(
+                    "radio.ble.addresses",
+                    format!("key {tag:?} is not a Bluetooth address like \"C0:11:22:33:44:55\" (upper case)"),
+                ));
+            }
+            let address = EslAddress::new(a.group_id, a.esl_id)
+                .map_err(|e| rule("radio.ble.addresses", format!("{tag}: {e}")))?;
+            if let Some(other) = taken.insert(address, tag) {
+                return Err(rule(
+                    "radio.ble.addresses",
+                    format!("{other} and {tag} both have {address}"),
+                ));
+            }
+        }
+        if !(1..=MAX_CHUNK).contains(&self.chunk_size) {
+            return Err(rule(
+                "radio.ble.chunk_size",
+                format!("must be between 1 and {MAX_CHUNK}"),
+            ));
+        }
+        if !(1..=16 * 1024 * 1024).contains(&self.max_content_bytes) {
+            return Err(rule(
+                "radio.ble.max_content_bytes",
+                "must be between 1 and 16777216",
+            ));
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.max_connections) {
+            return Err(rule(
+                "radio.ble.max_connections",
+                format!("must be between 1 and {MAX_CONNECTIONS}"),
+            ));
+        }
+        if self.retries > 10 {
+            return Err(rule("radio.ble.retries", "must be at most 10"));
+        }
+        let at_least_1 = [
+            ("radio.ble.connect_timeout_ms", self.connect_timeout_ms),
+            ("radio.ble.gatt_timeout_ms", self.gatt_timeout_ms),
+            ("radio.ble.response_timeout_ms", self.response_timeout_ms),
+            ("radio.ble.session_timeout_ms", self.session_timeout_ms),
+            ("radio.ble.checkin_interval_ms", self.checkin_interval_ms),
+        ];
+        for (key, value) in at_least_1 {
+            if value == 0 {
+                return Err(rule(key, "must be at least 1"));
+            }
+        }
+        if self.battery_empty_mv >= self.battery_full_mv {
+            return Err(rule(
+                "radio.ble.battery_full_mv",
+                "must be more than radio.ble.battery_empty_mv",
+            ));
+        }
+        if let Some(fake) = &self.fake {
+            if fake.tags > fake_esl::MAX_FAKE_TAGS {
+                return Err(rule(
+                    "radio.ble.fake.tags",
+                    format!("must be at most {}", fake_esl::MAX_FAKE_TAGS),
+                ));
+            }
+            if fake.adv_interval_ms == 0 {
+                return Err(rule("radio.ble.fake.adv_interval_ms", "must be at least 1"));
+            }
+            if !(0.0..=1.0).contains(&fake.connect_fail_rate) {
+                return Err(rule(
+                    "radio.ble.fake.connect_fail_rate",
+                    "must be between 0.0 and 1.0",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn content_uuid(&self) -> Result<Uuid, BleConfigError> {
+        Uuid::parse_str(&self.content_characteristic).map_err(|e| {
+            rule(
+                "radio.ble.content_characteristic",
+                format!("{:?} is not a UUID: {e}", self.content_characteristic),
+            )
+        })
+    }
+
+    /// The longest one delivery attempt can take in the driver: every
+    /// session timing out, with the backoffs between them. The engine's
+    /// `tasks.delivery_timeout_ms` must be longer, or it gives up on an
+    /// attempt the radio is still making.
+    pub fn worst_case_attempt(&self) -> Duration {
+        let sessions = Duration::from_millis(self.session_timeout_ms) * (self.retries + 1);
+        let backoffs: Duration = (0..self.retries).map(|n| self.backoff(n)).sum();
+        sessions + backoffs
+    }
+
+    fn backoff(&self, retry: u32) -> Duration {
+        let factor = 1u64 << retry.min(16);
+        Duration::from_millis(self.retry_backoff_ms.saturating_mul(factor)).min(MAX_RETRY_BACKOFF)
+    }
+
+    /// The tag's configured ESL address, or the one derived from its
+    /// Bluetooth address.
+    pub fn address_for(&self, tag: &str) -> EslAddress {
+        self.addresses
+            .get(tag)
+            .and_then(|a| EslAddress::new(a.group_id, a.esl_id).ok())
+            .unwrap_or_else(|| derived_address(tag))
+    }
+
+    fn session_settings(&self) -> Result<SessionSettings, BleConfigError> {
+        Ok(SessionSettings {
+            write_address: self.write_address,
+            content_characteristic: self.content_uuid()?,
+            display_index: self.display_index,
+            image_index: self.image_index,
+            chunk_size: self.chunk_size,
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            gatt_timeout: Duration::from_millis(self.gatt_timeout_ms),
+            response_timeout: Duration::from_millis(self.response_timeout_ms),
+            battery: match self.battery_sensor_index {
+                Some(index) => BatterySource::Sensor(index),
+                None => BatterySource::BatteryLevel {
+                    empty_mv: self.battery_empty_mv,
+                    full_mv: self.battery_full_mv,
+                },
+            },
+        })
+    }
+}
+
+/// An ESL address from a Bluetooth address (FNV-1a): stable across runs and
+/// APs without storing anything. Two tags may share one; that only matters
+/// for broadcast (PAwR) commands, which this radio does not send: every
+/// command goes over the one tag's own link.
+pub fn derived_address(tag: &str) -> EslAddress {
+    let mut hash: u32 = 0x811C_9DC5;
+    for byte in tag.bytes() {
+        hash = (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193);
+    }
+    // esl_id in 0..=254 and group_id in 0..=127 are always valid.
+    EslAddress::new(((hash >> 8) % 128) as u8, (hash % 255) as u8)
+        .expect("derived ESL address is in range")
+}
+
+/// Why the BLE radio could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BleError {
+    #[error(transparent)]
+    Config(#[from] BleConfigError),
+    #[error(transparent)]
+    Fake(#[from] FakeError),
+    #[error(
+        "this build has no Bluetooth support (cargo feature `ble`); \
+         rebuild with `--features ble`, or set [radio.ble.fake] for fake tags"
+    )]
+    NotBuilt,
+    #[error("the BLE radio must be started inside a tokio runtime")]
+    NoRuntime,
+}
+
+/// The BLE radio: the agent's handle on the driver task. Dropping it ends
+/// the driver, which aborts its sessions.
+pub struct BleRadio {
+    delivery_tx: mpsc::Sender<Delivery>,
+    event_rx: mpsc::Receiver<RadioEvent>,
+    known: Vec<TagId>,
+    max_content_bytes: usize,
+    fake: Option<FakeAir>,
+}
+
+impl BleRadio {
+    /// Starts on fake tags when `[radio.ble.fake]` is set, else on the
+    /// Bluetooth adapter (needs the `ble` feature).
+    pub fn start(cfg: BleConfig) -> Result<BleRadio, BleError> {
+        cfg.validate()?;
+        if let Some(fake) = &cfg.fake {
+            let air = FakeAir::new(fake, cfg.content_uuid()?, |tag| cfg.address_for(tag))?;
+            let mut radio = BleRadio::start_with(cfg, air.clone())?;
+            radio.fake = Some(air);
+            return Ok(radio);
+        }
+        #[cfg(feature = "ble")]
+        {
+            let central = btleplug::BtleplugCentral::new(cfg.adapter.clone());
+            BleRadio::start_with(cfg, central)
+        }
+        #[cfg(not(feature = "ble"))]
+        Err(BleError::NotBuilt)
+    }
+
+    /// Starts the driver on any [`Central`].
+    pub fn start_with<C: Central>(cfg: BleConfig, central: C) -> Result<BleRadio, BleError> {
+        cfg.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| BleError::NoRuntime)?;
+        let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_CAPACITY);
+        let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
+        let driver = Driver {
+            delivery_rx,
+            event_tx,
+            state: DriverState {
+                settings: Arc::new(cfg.session_settings()?),
+                central,
+                tags: HashMap::new(),
+                ready: VecDeque::new(),
+                delayed: BinaryHeap::new(),
+                delayed_seq: 0,
+                polls: VecDeque::new(),
+                outgoing: VecDeque::new(),
+                radio_up: true,
+                scan_retry: None,
+                scan_backoff: SCAN_RETRY_MIN,
+                cfg: cfg.clone(),
+            },
+        };
+        runtime.spawn(driver.run());
+        Ok(BleRadio {
+            delivery_tx,
+            event_rx,
+            known: cfg.tags.clone(),
+            max_content_bytes: cfg.max_content_bytes,
+            fake: None,
+        })
+    }
+
+    /// The fake tags, when the radio runs on them.
+    pub fn fake_air(&self) -> Option<&FakeAir> {
+        self.fake.as_ref()
+    }
+}
+
+impl Radio for BleRadio {
+    fn known_tags(&self) -> Vec<TagId> {
+        match &self.fake {
+            Some(air) if self.known.is_empty() => air.tag_ids(),
+            _ => self.known.clone(),
+        }
+    }
+
+    async fn next_event(&mut self) -> Result<RadioEvent, RadioError> {
+        // `recv` is cancel-safe.
+        self.event_rx.recv().await.ok_or_else(driver_stopped)
+    }
+
+    async fn deliver(&mut self, delivery: Delivery) -> Result<(), RadioError> {
+        if delivery.content.len() > self.max_content_bytes {
+            return Err(RadioError::new(
+                RadioErrorKind::InvalidRequest,
+                format!(
+                    "content is {} bytes, radio.ble.max_content_bytes is {}",
+                    delivery.content.len(),
+                    self.max_content_bytes
+                ),
+            ));
+        }
+        self.delivery_tx
+            .send(delivery)
+            .await
+            .map_err(|_| driver_stopped())
+    }
+}
+
+fn driver_stopped() -> RadioError {
+    RadioError::new(RadioErrorKind::Closed, "BLE radio driver stopped")
+}
+
+/// Work for one session.
+#[derive(Debug)]
+enum Job {
+    Deliver { delivery: Delivery, retries: u32 },
+    Poll { tag: TagId },
+}
+
+impl Job {
+    fn tag(&self) -> &str {
+        match self {
+            Job::Deliver { delivery, .. } => &delivery.tag_id,
+            Job::Poll { tag } => tag,
+        }
+    }
+}
+
+/// A job waiting for its retry; ordered by due time, then arrival.
+#[derive(Debug)]
+struct Delayed {
+    due: Instant,
+    seq: u64,
+    job: Job,
+}
+
+impl PartialEq for Delayed {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due, self.seq) == (other.due, other.seq)
+    }
+}
+impl Eq for Delayed {}
+impl PartialOrd for Delayed {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Delayed {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.due, self.seq).cmp(&(other.due, other.seq))
+    }
+}
+
+/// What the driver knows about one tag.
+#[derive(Debug, Default)]
+struct TagState {
+    rssi: Option<i16>,
+    battery_mv: Option<u16>,
+    battery_read_at: Option<Instant>,
+    last_checkin_sent: Option<Instant>,
+    checkin_queued: bool,
+    /// A session with this tag is open.
+    in_session: bool,
+    /// A delivery for this tag waits for its retry.
+    retrying: bool,
+    poll_queued: bool,
+}
+
+/// An event waiting for room in the event channel.
+#[derive(Debug)]
+enum Pending {
+    /// Built when sent, so it carries the tag's latest signal and battery.
+    CheckIn(TagId),
+    Outcome(Outcome),
+    State(RadioState),
+}
+
+/// A session's end.
+struct Done {
+    job: Job,
+    result: Result<SessionReport, TransportError>,
+}
+
+/// The driver task: its state plus its channel ends, kept apart so the loop
+/// can hold a send permit (borrowing `event_tx`) while it updates the state.
+struct Driver<C: Central> {
+    state: DriverState<C>,
+    delivery_rx: mpsc::Receiver<Delivery>,
+    event_tx: mpsc::Sender<RadioEvent>,
+}
+
+/// Everything the driver keeps between turns of its loop.
+struct DriverState<C: Central> {
+    cfg: BleConfig,
+    settings: Arc<SessionSettings>,
+    central: C,
+    tags: HashMap<TagId, TagState>,
+    /// Deliveries waiting for a free link, oldest first.
+    ready: VecDeque<Job>,
+    delayed: BinaryHeap<Reverse<Delayed>>,
+    delayed_seq: u64,
+    /// Battery polls, served only when no delivery waits.
+    polls: VecDeque<TagId>,
+    outgoing: VecDeque<Pending>,
+    /// What the agent was last told.
+    radio_up: bool,
+    /// When to try scanning again after the adapter failed.
+    scan_retry: Option<Instant>,
+    scan_backoff: Duration,
+}
+
+/// The next advertisement, or never while there is no scan.
+async fn next_advertisement<S: Scan>(scan: &mut Option<S>) -> Result<Advertisement, GattError> {
+    match scan {
+        Some(scan) => scan.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl<C: Central> Driver<C> {
+    /// Runs until the [`BleRadio`] is dropped.
+    async fn run(self) {
+        let Driver {
+            mut state,
+            mut delivery_rx,
+            event_tx,
+        } = self;
+        let mut sessions: JoinSet<Done> = JoinSet::new();
+        let mut scan = state.start_scan().await;
+        loop {
+            state.start_sessions(&mut sessions);
+            let wake = state.next_wake();
+            tokio::select! {
+                // Deliveries first: the agent may be waiting in `deliver()`.
+                biased;
+                received = delivery_rx.recv() => match received {
+                    Some(delivery) => state.ready.push_back(Job::Deliver { delivery, retries: 0 }),
+                    None => break,
+                },
+                Some(joined) = sessions.join_next(), if !sessions.is_empty() => match joined {
+                    Ok(done) => state.finish(done),
+                    // Sessions do not panic; if one did, its outcome is lost
+                    // and the engine's delivery timeout covers it.
+                    Err(error) => tracing::error!(%error, "BLE session task failed"),
+                },
+                advertised = next_advertisement(&mut scan) => match advertised {
+                    Ok(advertisement) => state.on_advertisement(advertisement),
+                    Err(error) => {
+                        scan = None;
+                        state.adapter_failed(error);
+                    }
+                },
+                // The placeholder instant is never awaited: the branch is off
+                // when nothing is scheduled.
+                () = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
+                    let now = Instant::now();
+                    state.release_retries(now);
+                    if scan.is_none() && state.scan_retry.is_some_and(|at| at <= now) {
+                        // Awaited in the loop (at most SCAN_START_TIMEOUT):
+                        // the radio is down meanwhile anyway, and deliveries
+                        // wait in their channel, not lost.
+                        state.scan_retry = None;
+                        scan = state.start_scan().await;
+                    }
+                }
+                permit = event_tx.reserve(), if !state.outgoing.is_empty() => match permit {
+                    Ok(permit) => {
+                        if let Some(pending) = state.outgoing.pop_front() {
+                            permit.send(state.event(pending));
+                        }
+                    }
+                    Err(_) => break,
+                },
+            }
+        }
+        sessions.abort_all();
+        tracing::debug!("BLE radio driver stopped");
+    }
+}
+
+impl<C: Central> DriverState<C> {
+    async fn start_scan(&mut self) -> Option<C::Scan> {
+        let result = match timeout(SCAN_START_TIMEOUT, self.central.scan()).await {
+            Ok(result) => result,
+            Err(_) => Err(GattError::Adapter(format!(
+                "starting the scan took more than {SCAN_START_TIMEOUT:?}"
+            ))),
+        };
+        match result {
+            Ok(scan) => {
+                self.scan_backoff = SCAN_RETRY_MIN;
+                if !self.radio_up {
+                    tracing::info!("Bluetooth adapter back; scanning");
+                    self.radio_up = true;
+                    self.outgoing.push_back(Pending::State(RadioState::Up));
+                }
+                Some(scan)
+            }
+            Err(error) => {
+                self.adapter_failed(error);
+                None
+            }
+        }
+    }
+
+    /// Reports the radio down (once) and schedules the next scan attempt.
+    fn adapter_failed(&mut self, error: GattError) {
+        tracing::warn!(%error, retry_in = ?self.scan_backoff, "BLE scan stopped");
+        if self.radio_up {
+            self.radio_up = false;
+            self.outgoing.push_back(Pending::State(RadioState::Down {
+                reason: error.to_string(),
+            }));
+        }
+        self.scan_retry = Some(Instant::now() + self.scan_backoff);
+        self.scan_backoff = (self.scan_backoff * 2).min(SCAN_RETRY_MAX);
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let retry = self.delayed.peek().map(|Reverse(d)| d.due);
+        match (retry, self.scan_retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn release_retries(&mut self, now: Instant) {
+        while self.delayed.peek().is_some_and(|Reverse(d)| d.due <= now) {
+            if let Some(Reverse(delayed)) = self.delayed.pop() {
+                if let Some(tag) = self.tags.get_mut(delayed.job.tag()) {
+                    tag.retrying = false;
+                }
+                // A retry goes before newer deliveries: it is older.
+                self.ready.push_front(delayed.job);
+            }
+        }
+    }
+
+    /// Starts queued jobs while links are free: deliveries first, in order,
+    /// skipping tags that are in a session; then battery polls.
+    fn start_sessions(&mut self, sessions: &mut JoinSet<Done>) {
+        while sessions.len() < self.cfg.max_connections {
+            let free = |tags: &HashMap<TagId, TagState>, tag: &str| {
+                !tags.get(tag).is_some_and(|t| t.in_session)
+            };
+            let job = if let Some(at) = self.ready.iter().position(|j| free(&self.tags, j.tag())) {
+                self.ready.remove(at)
+            } else if self.ready.is_empty() {
+                self.next_poll()
+            } else {
+                None
+            };
+            let Some(job) = job else { break };
+            self.tags
+                .entry(job.tag().to_owned())
+                .or_default()
+                .in_session = true;
+            let central = self.central.clone();
+            let settings = self.settings.clone();
+            let address = self.cfg.address_for(job.tag());
+            let limit = Duration::from_millis(self.cfg.session_timeout_ms);
+            sessions.spawn(async move {
+                let session = async {
+                    match &job {
+                        Job::Deliver { delivery, .. } => {
+                            transport::deliver(
+                                &central,
+                                &delivery.tag_id,
+                                address,
+                                &settings,
+                                &delivery.content,
+                                &delivery.content_hash,
+                            )
+                            .await
+                        }
+                        Job::Poll { tag } => {
+                            transport::poll(&central, tag, address, &settings).await
+                        }
+                    }
+                };
+                let result = match timeout(limit, session).await {
+                    Ok(result) => result,
+                    Err(_) => Err(TransportError::Timeout {
+                        step: Step::Session,
+                        after: limit,
+                    }),
+                };
+                Done { job, result }
+            });
+        }
+    }
+
+    fn next_poll(&mut self) -> Option<Job> {
+        while let Some(tag) = self.polls.pop_front() {
+            let Some(state) = self.tags.get_mut(&tag) else {
+                continue;
+            };
+            state.poll_queued = false;
+            if !state.in_session && !state.retrying {
+                return Some(Job::Poll { tag });
+            }
+        }
+        None
+    }
+
+    fn finish(&mut self, done: Done) {
+        let tag_id = done.job.tag().to_owned();
+        let tag = self.tags.entry(tag_id.clone()).or_default();
+        tag.in_session = false;
+        if let Ok(report) = &done.result {
+            if let Some(mv) = report.battery_mv {
+                tag.battery_mv = Some(mv);
+            }
+            tag.battery_read_at = Some(Instant::now());
+        }
+        match (done.job, done.result) {
+            (Job::Deliver { delivery, .. }, Ok(report)) => {
+                tracing::debug!(tag = %tag_id, task = %delivery.task_id, sent = report.transferred,
+                    "BLE delivery confirmed by the tag");
+                self.outgoing.push_back(Pending::Outcome(Outcome {
+                    tag_id,
+                    task_id: delivery.task_id,
+                    result: Ok(()),
+                }));
+            }
+            (Job::Deliver { delivery, retries }, Err(error)) => {
+                if error.retryable() && retries < self.cfg.retries {
+                    let wait = self.cfg.backoff(retries);
+                    tracing::debug!(tag = %tag_id, task = %delivery.task_id, %error, ?wait,
+                        "BLE session failed; retrying");
+                    tag.retrying = true;
+                    self.delayed_seq += 1;
+                    self.delayed.push(Reverse(Delayed {
+                        due: Instant::now() + wait,
+                        seq: self.delayed_seq,
+                        job: Job::Deliver {
+                            delivery,
+                            retries: retries + 1,
+                        },
+                    }));
+                } else {
+                    tracing::warn!(tag = %tag_id, task = %delivery.task_id, %error,
+                        sessions = retries + 1, "BLE delivery failed");
+                    self.outgoing.push_back(Pending::Outcome(Outcome {
+                        tag_id,
+                        task_id: delivery.task_id,
+                        result: Err(DeliveryFailure {
+                            retryable: error.retryable(),
+                            reason: format!("BLE {error}"),
+                        }),
+                    }));
+                }
+            }
+            (Job::Poll { .. }, Ok(_)) => {}
+            (Job::Poll { .. }, Err(error)) => {
+                tracing::debug!(tag = %tag_id, %error, "BLE battery poll failed");
+            }
+        }
+    }
+
+    fn on_advertisement(&mut self, advertisement: Advertisement) {
+        // Scan filters are advisory on some stacks (and BlueZ replays cached
+        // devices): keep only ESL tags, allowed ones, with a fresh signal.
+        if !advertisement.services.contains(&uuid16(ESL_SERVICE)) {
+            return;
+        }
+        if !self.cfg.tags.is_empty() && !self.cfg.tags.contains(&advertisement.address) {
+            return;
+        }
+        let Some(rssi) = advertisement.rssi else {
+            return;
+        };
+        if !self.tags.contains_key(&advertisement.address) && self.tags.len() >= MAX_TRACKED_TAGS {
+            tracing::warn!(tag = %advertisement.address, "too many BLE tags; ignoring a new one");
+            return;
+        }
+        let now = Instant::now();
+        let checkin_interval = Duration::from_millis(self.cfg.checkin_interval_ms);
+        let poll_interval = Duration::from_secs(self.cfg.battery_poll_interval_s);
+        let tag = self.tags.entry(advertisement.address.clone()).or_default();
+        tag.rssi = Some(rssi);
+        let due = tag
+            .last_checkin_sent
+            .is_none_or(|sent| now.duration_since(sent) >= checkin_interval);
+        if due && !tag.checkin_queued {
+            tag.checkin_queued = true;
+            self.outgoing
+                .push_back(Pending::CheckIn(advertisement.address.clone()));
+        }
+        let battery_stale = tag
+            .battery_read_at
+            .is_none_or(|at| now.duration_since(at) >= poll_interval);
+        if self.cfg.battery_poll_interval_s > 0
+            && battery_stale
+            && !tag.poll_queued
+            && !tag.in_session
+            && !tag.retrying
+        {
+            tag.poll_queued = true;
+            self.polls.push_back(advertisement.address);
+        }
+    }
+
+    fn event(&mut self, pending: Pending) -> RadioEvent {
+        match pending {
+            Pending::Outcome(outcome) => RadioEvent::Outcome(outcome),
+            Pending::State(state) => RadioEvent::State(state),
+            Pending::CheckIn(tag_id) => {
+                let tag = self.tags.entry(tag_id.clone()).or_default();
+                tag.checkin_queued = false;
+                tag.last_checkin_sent = Some(Instant::now());
+                RadioEvent::CheckIn(CheckIn {
+                    tag_id,
+                    battery_mv: tag.battery_mv,
+                    rssi: tag.rssi,
+                    // ESL tags do not advertise what they show; the session
+                    // reads it from the tag before sending anything.
+                    content_hash: None,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use tokio::time::timeout_at;
+
+    use super::fake_esl::{fake_address, STRANGER_ADDRESS};
+    use super::*;
+    use crate::test_util::events_for;
+
+    const CONTENT: &[u8] = br#"{"name":"Milk 1L","price":"9.90"}"#;
+
+    fn fake_config(tags: u32) -> BleConfig {
+        BleConfig {
+            checkin_interval_ms: 500,
+            battery_poll_interval_s: 0,
+            fake: Some(FakeConfig {
+                tags,
+                adv_interval_ms: 200,
+                ..FakeConfig::default()
+            }),
+            ..BleConfig::default()
+        }
+    }
+
+    fn delivery(tag: &str, task: &str) -> Delivery {
+        Delivery {
+            tag_id: tag.to_owned(),
+            task_id: task.to_owned(),
+            content: CONTENT.to_vec(),
+            content_hash: format!("hash-{task}"),
+        }
+    }
+
+    /// The next outcome, skipping other events; panics after an hour of
+    /// (paused) time.
+    async fn next_outcome(radio: &mut BleRadio) -> (Duration, Outcome) {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(3600);
+        loop {
+            match timeout_at(deadline, radio.next_event()).await {
+                Ok(Ok(RadioEvent::Outcome(outcome))) => return (start.elapsed(), outcome),
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => panic!("radio error: {error}"),
+                Err(_) => panic!("no outcome within an hour"),
+            }
+        }
+    }
+
+    fn checkins(events: &[(u64, RadioEvent)]) -> Vec<(u64, &CheckIn)> {
+        events
+            .iter()
+            .filter_map(|(at, e)| match e {
+                RadioEvent::CheckIn(c) => Some((*at, c)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn esl_tags_check_in_with_rssi_and_other_devices_are_filtered() {
+        let mut radio = BleRadio::start(fake_config(3)).expect("start");
+        let events = events_for(&mut radio, 5000).await;
+        let mut by_tag: HashMap<&str, Vec<u64>> = HashMap::new();
+        for (at, checkin) in checkins(&events) {
+            assert!(
+                checkin.rssi.is_some_and(|r| (-93..=-37).contains(&r)),
+                "{checkin:?}"
+            );
+            assert_eq!(checkin.content_hash, None);
+            by_tag.entry(&checkin.tag_id).or_default().push(at);
+        }
+        let mut seen: Vec<&str> = by_tag.keys().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, [fake_address(0), fake_address(1), fake_address(2)]);
+        assert!(!by_tag.contains_key(STRANGER_ADDRESS));
+        for (tag, times) in by_tag {
+            // Advertising every ~200 ms, checking in at most every 500 ms.
+            for gap in times.windows(2).map(|w| w[1] - w[0]) {
+                assert!((500..=800).contains(&gap), "{tag}: gap {gap} ms");
+            }
+            assert!((6..=10).contains(&times.len()), "{tag}: {}", times.len());
+        }
+        assert_eq!(radio.known_tags().len(), 3, "fake tags are known");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_allow_list_limits_the_tags_served() {
+        let only = fake_address(1);
+        let mut radio = BleRadio::start(BleConfig {
+            tags: vec![only.clone()],
+            ..fake_config(3)
+        })
+        .expect("start");
+        assert_eq!(radio.known_tags(), std::slice::from_ref(&only));
+        let events = events_for(&mut radio, 3000).await;
+        let tags: HashSet<&str> = checkins(&events)
+            .iter()
+            .map(|(_, c)| c.tag_id.as_str())
+            .collect();
+        assert_eq!(tags, HashSet::from([only.as_str()]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delivery_is_displayed_and_the_battery_rides_on_the_next_checkin() {
+        let mut radio = BleRadio::start(fake_config(2)).expect("start");
+        let tag = fake_address(1);
+        radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
+        let (_, outcome) = next_outcome(&mut radio).await;
+        assert_eq!(outcome.task_id, "t1");
+        assert_eq!(outcome.result, Ok(()));
+        let air = radio.fake_air().expect("fake").clone();
+        assert_eq!(air.displayed(&tag).as_deref(), Some("hash-t1"));
+        assert_eq!(air.open_links(), 0, "the session disconnected");
+        // The driver wrote the derived ESL address; the fake tag answered
+        // the commands sent to it.
+        assert_eq!(air.esl_address(&tag), Some(derived_address(&tag)));
+
+        let events = events_for(&mut radio, 1500).await;
+        let battery = checkins(&events)
+            .into_iter()
+            .find(|(_, c)| c.tag_id == tag)
+            .and_then(|(_, c)| c.battery_mv)
+            .expect("a check-in with the battery");
+        // Battery Level is read as percent of 2000..=3000 mV.
+        let percent = u32::from(air.battery_mv(&tag).unwrap() - 2000) / 10;
+        assert_eq!(u32::from(battery), 2000 + percent * 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_battery_sensor_gives_millivolts() {
+        let mut radio = BleRadio::start(BleConfig {
+            battery_sensor_index: Some(fake_esl::BATTERY_SENSOR),
+            ..fake_config(1)
+        })
+        .expect("start");
+        let tag = fake_address(0);
+        radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
+        assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
+        let air = radio.fake_air().expect("fake").clone();
+        let events = events_for(&mut radio, 1500).await;
+        let checkin = checkins(&events)
+            .into_iter()
+            .next()
+            .expect("check-in")
+            .1
+            .clone();
+        // Read before Update Complete, after the display drained 2 mV.
+        assert_eq!(checkin.battery_mv, air.battery_mv(&tag));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_are_bounded_by_max_connections() {
+        let mut radio = BleRadio::start(BleConfig {
+            max_connections: 2,
+            ..fake_config(8)
+        })
+        .expect("start");
+        for i in 0..8 {
+            radio
+                .deliver(delivery(&fake_address(i), &format!("t{i}")))
+                .await
+                .expect("deliver");
+        }
+        let mut done = HashSet::new();
+        while done.len() < 8 {
+            let (_, outcome) = next_outcome(&mut radio).await;
+            assert_eq!(outcome.result, Ok(()), "{}", outcome.task_id);
+            assert!(done.insert(outcome.task_id));
+        }
+        let air = radio.fake_air().expect("fake");
+        assert_eq!(air.max_concurrent_links(), 2);
+        for i in 0..8 {
+            assert_eq!(
+                air.displayed(&fake_address(i)).as_deref(),
+                Some(format!("hash-t{i}").as_str())
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_session_per_tag_at_a_time() {
+        let mut radio = BleRadio::start(fake_config(1)).expect("start");
+        let tag = fake_address(0);
+        for task in ["a", "b", "c"] {
+            radio.deliver(delivery(&tag, task)).await.expect("deliver");
+        }
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            let (_, outcome) = next_outcome(&mut radio).await;
+            // A second link to a linked fake tag is refused; none was tried.
+            assert_eq!(outcome.result, Ok(()), "{}", outcome.task_id);
+            order.push(outcome.task_id);
+        }
+        assert_eq!(order, ["a", "b", "c"]);
+        let air = radio.fake_air().expect("fake");
+        assert_eq!(air.max_concurrent_links(), 1);
+        assert_eq!(air.displayed(&tag).as_deref(), Some("hash-c"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_tag_is_retried_with_backoff_then_fails_retryably() {
+        let tag = fake_address(0);
+        let mut radio = BleRadio::start(BleConfig {
+            retries: 3,
+            retry_backoff_ms: 100,
+            fake: Some(FakeConfig {
+                offline: vec![tag.clone()],
+                ..fake_config(1).fake.unwrap()
+            }),
+            ..fake_config(1)
+        })
+        .expect("start");
+        radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
+        let (took, outcome) = next_outcome(&mut radio).await;
+        let failure = outcome.result.expect_err("offline");
+        assert!(failure.retryable);
+        assert!(
+            failure
+                .reason
+                .starts_with("BLE connect: le-connection-abort"),
+            "{}",
+            failure.reason
+        );
+        let air = radio.fake_air().expect("fake");
+        assert_eq!(air.connects(), 4, "one session and three retries");
+        // Backoffs 100 + 200 + 400 ms, plus 4 × 2 ms connect latency.
+        assert!(took >= Duration::from_millis(708), "{took:?}");
+        assert!(took < Duration::from_millis(800), "{took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_connection_is_retried_and_then_succeeds() {
+        // Seeded: with half the connections refused, some deliveries need
+        // a retry; with 10 retries every one gets through.
+        let mut radio = BleRadio::start(BleConfig {
+            retries: 10,
+            retry_backoff_ms: 10,
+            fake: Some(FakeConfig {
+                connect_fail_rate: 0.5,
+                ..fake_config(4).fake.unwrap()
+            }),
+            ..fake_config(4)
+        })
+        .expect("start");
+        for i in 0..4 {
+            radio
+                .deliver(delivery(&fake_address(i), &format!("t{i}")))
+                .await
+                .expect("deliver");
+        }
+        for _ in 0..4 {
+            assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
+        }
+        let connects = radio.fake_air().expect("fake").connects();
+        assert!(
+            connects > 4,
+            "{connects} connects: some were refused and retried"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_corrupting_tag_fails_the_integrity_check() {
+        let tag = fake_address(0);
+        let mut radio = BleRadio::start(BleConfig {
+            fake: Some(FakeConfig {
+                corrupt: vec![tag.clone()],
+                ..fake_config(1).fake.unwrap()
+            }),
+            ..fake_config(1)
+        })
+        .expect("start");
+        radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
+        let failure = next_outcome(&mut radio)
+            .await
+            .1
+            .result
+            .expect_err("corrupt");
+        assert!(failure.retryable);
+        assert!(
+            failure
+                .reason
+                .starts_with("BLE content check failed: sent 33 bytes"),
+            "{}",
+            failure.reason
+        );
+        let air = radio.fake_air().expect("fake");
+        assert_eq!(air.displayed(&tag), None, "nothing shown");
+        assert_eq!(air.connects(), 2, "default: one retry");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tag_with_another_esl_id_times_out() {
+        // The fake tag keeps its derived address; the AP, told not to write
+        // it, addresses another ESL ID: the tag stays silent.
+        let tag = fake_address(0);
+        let derived = derived_address(&tag);
+        let other = EslAddress::new(derived.group_id(), derived.esl_id().wrapping_add(1) % 255)
+            .expect("valid");
+        let mut cfg = BleConfig {
+            write_address: false,
+            retries: 0,
+            ..fake_config(1)
+        };
+        let mut radio = BleRadio::start(cfg.clone()).expect("start");
+        radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
+        assert_eq!(
+            next_outcome(&mut radio).await.1.result,
+            Ok(()),
+            "derived address works"
+        );
+        drop(radio);
+
+        cfg.addresses.insert(
+            tag.clone(),
+            AddressConfig {
+                group_id: other.group_id(),
+                esl_id: other.esl_id(),
+            },
+        );
+        // The fake tags start with the configured address, so start them
+        // with the derived one by hand.
+        let air = FakeAir::new(
+            cfg.fake.as_ref().unwrap(),
+            cfg.content_uuid().unwrap(),
+            derived_address,
+        )
+        .expect("fake air");
+        let mut radio = BleRadio::start_with(cfg, air).expect("start");
+        radio.deliver(delivery(&tag, "t2")).await.expect("deliver");
+        let (took, outcome) = next_outcome(&mut radio).await;
+        let failure = outcome.result.expect_err("silent tag");
+        assert_eq!(failure.reason, "BLE Display Image: no answer within 3s");
+        assert!(took >= Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn content_over_the_limit_is_an_invalid_request() {
+        let mut radio = BleRadio::start(BleConfig {
+            max_content_bytes: 10,
+            ..fake_config(1)
+        })
+        .expect("start");
+        let error = radio
+            .deliver(delivery(&fake_address(0), "t1"))
+            .await
+            .expect_err("too large");
+        assert_eq!(error.kind(), RadioErrorKind::InvalidRequest);
+        assert!(
+            error.to_string().contains("radio.ble.max_content_bytes"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_adapter_is_reported_down_and_up_again() {
+        let mut radio = BleRadio::start(fake_config(1)).expect("start");
+        let air = radio.fake_air().expect("fake").clone();
+        events_for(&mut radio, 1000).await;
+        air.set_powered(false);
+        let events = events_for(&mut radio, 10_000).await;
+        let states: Vec<&RadioState> = events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                RadioEvent::State(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(states.len(), 1, "down once, not once per retry: {states:?}");
+        assert!(
+            matches!(states[0], RadioState::Down { reason } if reason.contains("powered off")),
+            "{states:?}"
+        );
+        assert!(checkins(&events).len() <= 2, "no check-ins while down");
+
+        air.set_powered(true);
+        let events = events_for(&mut radio, 40_000).await;
+        assert!(matches!(
+            events.first(),
+            Some((_, RadioEvent::State(RadioState::Up)))
+        ));
+        assert!(!checkins(&events).is_empty(), "check-ins resume");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tags_without_deliveries_are_polled_for_their_battery() {
+        let mut radio = BleRadio::start(BleConfig {
+            battery_poll_interval_s: 3600,
+            ..fake_config(2)
+        })
+        .expect("start");
+        let events = events_for(&mut radio, 3000).await;
+        let batteries: HashMap<&str, Option<u16>> = checkins(&events)
+            .into_iter()
+            .map(|(_, c)| (c.tag_id.as_str(), c.battery_mv))
+            .collect();
+        assert_eq!(batteries.len(), 2);
+        assert!(batteries.values().all(Option::is_some), "{batteries:?}");
+        let air = radio.fake_air().expect("fake");
+        assert_eq!(air.connects(), 2, "one poll per tag per hour");
+        assert_eq!(
+            air.displayed(&fake_address(0)),
+            None,
+            "a poll shows nothing"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_radio_stops_its_driver_and_sessions() {
+        let mut radio = BleRadio::start(BleConfig {
+            retries: 0,
+            ..fake_config(1)
+        })
+        .expect("start");
+        let air = radio.fake_air().expect("fake").clone();
+        radio
+            .deliver(delivery(&fake_address(0), "t1"))
+            .await
+            .expect("deliver");
+        // Let the session open its link, then drop the radio mid-session.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(air.open_links(), 1);
+        drop(radio);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(air.open_links(), 0, "the aborted session closed its link");
+    }
+
+    #[test]
+    fn config_rules_name_their_keys() {
+        let cases: Vec<(BleConfig, &str)> = vec![
+            (
+                BleConfig {
+                    chunk_size: 508,
+                    ..BleConfig::default()
+                },
+                "radio.ble.chunk_size",
+            ),
+            (
+                BleConfig {
+                    max_connections: 0,
+                    ..BleConfig::default()
+                },
+                "radio.ble.max_connections",
+            ),
+            (
+                BleConfig {
+                    tags: vec!["C0:11:22:33:44".to_owned()],
+                    ..BleConfig::default()
+                },
+                "radio.ble.tags",
+            ),
+            (
+                BleConfig {
+                    addresses: BTreeMap::from([(
+                        "C0:11:22:33:44:55".to_owned(),
+                        AddressConfig {
+                            group_id: 128,
+                            esl_id: 1,
+                        },
+                    )]),
+                    ..BleConfig::default()
+                },
+                "radio.ble.addresses",
+            ),
+            (
+                BleConfig {
+                    addresses: BTreeMap::from([
+                        (
+                            "C0:11:22:33:44:55".to_owned(),
+                            AddressConfig {
+                                group_id: 1,
+                                esl_id: 1,
+                            },
+                        ),
+                        (
+                            "C0:11:22:33:44:56".to_owned(),
+                            AddressConfig {
+                                group_id: 1,
+                                esl_id: 1,
+                            },
+                        ),
+                    ]),
+                    ..BleConfig::default()
+                },
+                "radio.ble.addresses",
+            ),
+            (
+                BleConfig {
+                    battery_empty_mv: 3000,
+                    ..BleConfig::default()
+                },
+                "radio.ble.battery_full_mv",
+            ),
+            (
+                BleConfig {
+                    response_timeout_ms: 0,
+                    ..BleConfig::default()
+                },
+                "radio.ble.response_timeout_ms",
+            ),
+            (
+                BleConfig {
+                    retries: 11,
+                    ..BleConfig::default()
+                },
+                "radio.ble.retries",
+            ),
+        ];
+        for (cfg, key) in cases {
+            let error = cfg.validate().expect_err(key);
+            assert_eq!(error.key, key, "{error}");
+        }
+        BleConfig::default().validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn worst_case_attempt_adds_sessions_and_backoffs() {
+        let cfg = BleConfig {
+            session_timeout_ms: 10_000,
+            retries: 2,
+            retry_backoff_ms: 500,
+            ..BleConfig::default()
+        };
+        assert_eq!(cfg.worst_case_attempt(), Duration::from_millis(31_500));
+        // Defaults fit the engine's default 30 s delivery timeout.
+        assert!(BleConfig::default().worst_case_attempt() < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn addresses_are_configured_or_derived_stably() {
+        let cfg = BleConfig {
+            addresses: BTreeMap::from([(
+                "C0:11:22:33:44:55".to_owned(),
+                AddressConfig {
+                    group_id: 3,
+                    esl_id: 9,
+                },
+            )]),
+            ..BleConfig::default()
+        };
+        assert_eq!(
+            cfg.address_for("C0:11:22:33:44:55"),
+            EslAddress::new(3, 9).unwrap()
+        );
+        let derived = cfg.address_for("C0:11:22:33:44:66");
+        assert_eq!(derived, derived_address("C0:11:22:33:44:66"));
+        assert_ne!(derived.esl_id(), codec::BROADCAST_ESL_ID);
+        // Different tags mostly get different addresses.
+        let distinct: HashSet<EslAddress> = (0..200)
+            .map(|i| derived_address(&fake_address(i)))
+            .collect();
+        assert!(distinct.len() > 190, "{}", distinct.len());
+    }
+
+    #[test]
+    fn bluetooth_addresses() {
+        assert!(is_bluetooth_address("C0:11:22:33:44:55"));
+        for bad in [
+            "c0:11:22:33:44:55",
+            "C0:11:22:33:44",
+            "C0-11-22-33-44-55",
+            "C0:11:22:33:44:5G",
+            "",
+        ] {
+            assert!(!is_bluetooth_address(bad), "{bad}");
+        }
+    }
+
+    #[cfg(not(feature = "ble"))]
+    #[tokio::test]
+    async fn without_the_feature_a_real_adapter_is_a_clear_error() {
+        let error = BleRadio::start(BleConfig::default())
+            .err()
+            .expect("no btleplug in this build");
+        assert!(matches!(error, BleError::NotBuilt));
+        assert!(error.to_string().contains("--features ble"), "{error}");
+    }
+
+    /// The btleplug glue's one path testable without a controller: no
+    /// system D-Bus, no bluetoothd or no adapter makes the radio report
+    /// itself down, and deliveries fail retryably instead of hanging.
+    #[cfg(feature = "ble")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_controller_the_radio_is_down_and_deliveries_fail_retryably() {
+        let controllers = std::fs::read_dir("/sys/class/bluetooth").map_or(0, |d| d.count());
+        if controllers > 0 {
+            eprintln!("this machine has a Bluetooth controller: nothing to check here");
+            return;
+        }
+        let mut radio = BleRadio::start(BleConfig::default()).expect("start");
+        let event = tokio::time::timeout(Duration::from_secs(20), radio.next_event())
+            .await
+            .expect("an event within 20 s")
+            .expect("radio open");
+        let RadioEvent::State(RadioState::Down { reason }) = event else {
+            panic!("expected the radio down, got {event:?}");
+        };
+        eprintln!("radio down: {reason}");
+        assert!(
+            reason.starts_with("Bluetooth adapter unavailable"),
+            "{reason}"
+        );
+        radio
+            .deliver(delivery("C0:11:22:33:44:55", "t1"))
+            .await
+            .expect("deliver");
+        let (_, outcome) = next_outcome(&mut radio).await;
+        let failure = outcome.result.expect_err("no adapter");
+        assert!(failure.retryable, "{failure:?}");
+        assert_eq!(
+            failure.reason,
+            "BLE connect: Bluetooth adapter unavailable: not scanning"
+        );
+    }
+}

@@ -1,0 +1,1099 @@
+//! GATT transport: the small trait a Bluetooth stack must offer
+//! ([`Central`], [`Scan`], [`Link`]) and the sequencing of one session with a
+//! tag on top of it ([`deliver`], [`poll`]).
+//!
+//! Owns: the order of GATT operations, their timeouts, matching each Control
+//! Point command with its response, and the content transfer with its
+//! integrity check. Must not: hold state between sessions, retry (the driver
+//! in `mod.rs` decides that), or know about btleplug (`btleplug.rs`) or the
+//! fakes (`fake.rs`, `fake_esl.rs`) that implement the trait.
+//!
+//! A delivery session:
+//!
+//! ```text
+//! connect → discover → subscribe Control Point → [write ESL Address]
+//! → read content status ── tag already holds it? ──▶ skip transfer
+//! → BEGIN, DATA…, COMMIT → read status: length, CRC-32, hash must match
+//! → Display Image ⇒ Display State (same display and image)   ← confirmed here
+//! → [battery: Read Sensor Data ⇒ Sensor Value, or Battery Level read]
+//! → Update Complete ⇒ Basic State → disconnect
+//! ```
+//!
+//! One command is outstanding at a time, so the first Control Point
+//! notification after a write is its response; a response of the wrong kind
+//! is an error, never skipped. Everything after the Display State confirmed
+//! the image is best effort: the content is on the tag, so a battery read or
+//! Update Complete that fails is logged, not turned into a failed delivery.
+//! Every operation has a timeout, and the link is disconnected on every path.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::timeout;
+use uuid::Uuid;
+
+use super::codec::{
+    uuid16, BasicState, CodecError, Command, ErrorCode, EslAddress, Response,
+    BATTERY_LEVEL_CHARACTERISTIC, CONTROL_POINT_CHARACTERISTIC, ESL_ADDRESS_CHARACTERISTIC,
+};
+use super::content::{self, ContentError, ContentStatus};
+
+/// A tag seen advertising.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Advertisement {
+    /// Bluetooth device address, `C0:11:22:33:44:55`; the tag id.
+    pub address: String,
+    pub rssi: Option<i16>,
+    /// Service UUIDs in the advertisement.
+    pub services: Vec<Uuid>,
+}
+
+/// A value notified by the tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub characteristic: Uuid,
+    pub value: Vec<u8>,
+}
+
+/// A failed GATT operation, as the stack reports it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GattError {
+    /// No usable adapter (none present, powered off, bluetoothd gone). The
+    /// radio is down until a new [`Central::scan`] succeeds.
+    #[error("Bluetooth adapter unavailable: {0}")]
+    Adapter(String),
+    /// The stack has never seen this address advertise.
+    #[error("tag {0} is unknown to the adapter (not seen advertising)")]
+    UnknownPeer(String),
+    /// The link dropped.
+    #[error("link lost")]
+    Disconnected,
+    /// Anything else the stack reports (ATT error, connection refused…).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The Bluetooth stack's central role: scanning and connecting. Cloned into
+/// every session task, so it must be a cheap handle.
+pub trait Central: Clone + Send + Sync + 'static {
+    type Scan: Scan;
+    type Link: Link;
+
+    /// Starts scanning for tags. Called again after the scan failed.
+    fn scan(&self) -> impl Future<Output = Result<Self::Scan, GattError>> + Send;
+
+    /// Connects to the tag with this address.
+    fn connect(&self, address: &str) -> impl Future<Output = Result<Self::Link, GattError>> + Send;
+}
+
+/// A running scan.
+pub trait Scan: Send + 'static {
+    /// The next advertisement. Must be cancel-safe: the driver calls it in
+    /// `select!`. An error ends this scan.
+    fn next(&mut self) -> impl Future<Output = Result<Advertisement, GattError>> + Send;
+}
+
+/// A connection to one tag. Characteristics are named by UUID alone; a tag
+/// carries each of the few this module uses once.
+pub trait Link: Send + 'static {
+    /// Discovers services; returns the UUIDs of every characteristic.
+    fn discover(&mut self) -> impl Future<Output = Result<Vec<Uuid>, GattError>> + Send;
+    /// Enables notifications of a characteristic.
+    fn subscribe(
+        &mut self,
+        characteristic: Uuid,
+    ) -> impl Future<Output = Result<(), GattError>> + Send;
+    /// Writes with response (the tag acknowledges at ATT level).
+    fn write(
+        &mut self,
+        characteristic: Uuid,
+        value: &[u8],
+    ) -> impl Future<Output = Result<(), GattError>> + Send;
+    fn read(
+        &mut self,
+        characteristic: Uuid,
+    ) -> impl Future<Output = Result<Vec<u8>, GattError>> + Send;
+    /// Waits for the next notification of any subscribed characteristic.
+    fn notification(&mut self) -> impl Future<Output = Result<Notification, GattError>> + Send;
+    fn disconnect(&mut self) -> impl Future<Output = Result<(), GattError>> + Send;
+}
+
+/// Where a session was when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Connect,
+    Discover,
+    Subscribe,
+    WriteAddress,
+    ReadStatus,
+    Transfer,
+    Command(&'static str),
+    ReadBattery,
+    /// The whole session (`radio.ble.session_timeout_ms`).
+    Session,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Connect => f.write_str("connect"),
+            Step::Discover => f.write_str("service discovery"),
+            Step::Subscribe => f.write_str("subscribe to the Control Point"),
+            Step::WriteAddress => f.write_str("write ESL Address"),
+            Step::ReadStatus => f.write_str("read content status"),
+            Step::Transfer => f.write_str("content transfer"),
+            Step::Command(name) => f.write_str(name),
+            Step::ReadBattery => f.write_str("read battery"),
+            Step::Session => f.write_str("session"),
+        }
+    }
+}
+
+/// Why a session did not confirm the content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    #[error("{step}: {error}")]
+    Gatt { step: Step, error: GattError },
+    #[error("{step}: no answer within {after:?}")]
+    Timeout { step: Step, after: Duration },
+    #[error("tag has no {0} characteristic")]
+    Missing(&'static str),
+    #[error("{step}: malformed response: {error}")]
+    Malformed { step: Step, error: CodecError },
+    #[error("{step}: tag answered {code}")]
+    Esl { step: Step, code: ErrorCode },
+    #[error("{step}: unexpected response {response}")]
+    Unexpected { step: Step, response: String },
+    #[error("malformed content status: {0}")]
+    Status(ContentError),
+    #[error("content check failed: {0}")]
+    Integrity(String),
+    #[error("content cannot be sent: {0}")]
+    Content(ContentError),
+}
+
+impl TransportError {
+    /// Whether another attempt may succeed: radio trouble and garbled
+    /// answers may pass; a tag without the needed characteristics, an ESL
+    /// error that says "never" or content that cannot be framed will not.
+    pub fn retryable(&self) -> bool {
+        match self {
+            TransportError::Esl { code, .. } => code.retryable(),
+            TransportError::Missing(_) | TransportError::Content(_) => false,
+            TransportError::Gatt { .. }
+            | TransportError::Timeout { .. }
+            | TransportError::Malformed { .. }
+            | TransportError::Unexpected { .. }
+            | TransportError::Status(_)
+            | TransportError::Integrity(_) => true,
+        }
+    }
+
+    /// Whether the adapter itself failed (the radio is down, not the tag).
+    pub fn adapter_down(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Gatt {
+                error: GattError::Adapter(_),
+                ..
+            }
+        )
+    }
+}
+
+/// Where the battery level comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatterySource {
+    /// Read Sensor Data with this sensor index; the Sensor Value's first two
+    /// bytes are millivolts, little-endian.
+    Sensor(u8),
+    /// The Battery Service's Battery Level (percent), when the tag has it,
+    /// mapped linearly onto `empty_mv..=full_mv`.
+    BatteryLevel { empty_mv: u16, full_mv: u16 },
+}
+
+/// How sessions talk to tags; fixed for the radio's life.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionSettings {
+    /// Write the tag's ESL Address after connecting.
+    pub write_address: bool,
+    /// The vendor characteristic that carries content (`content.rs`).
+    pub content_characteristic: Uuid,
+    pub display_index: u8,
+    pub image_index: u8,
+    /// Content bytes per DATA write.
+    pub chunk_size: usize,
+    pub connect_timeout: Duration,
+    /// Each discover, subscribe, read and write.
+    pub gatt_timeout: Duration,
+    /// From a command's write to its response.
+    pub response_timeout: Duration,
+    pub battery: BatterySource,
+}
+
+/// What a session learned besides success.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionReport {
+    pub battery_mv: Option<u16>,
+    /// The Basic State from Update Complete (or Ping), when it came.
+    pub basic_state: Option<BasicState>,
+    /// False when the tag already held the content and nothing was sent.
+    pub transferred: bool,
+}
+
+/// Puts `content` on the tag and has it displayed (see the module docs).
+pub async fn deliver<C: Central>(
+    central: &C,
+    tag: &str,
+    address: EslAddress,
+    settings: &SessionSettings,
+    content: &[u8],
+    content_hash: &str,
+) -> Result<SessionReport, TransportError> {
+    // Framing errors are the request's fault: found before the radio is used.
+    let frames = content::frames(
+        settings.image_index,
+        content,
+        content_hash,
+        settings.chunk_size,
+    )
+    .map_err(TransportError::Content)?;
+    let mut session = Session::open(central, tag, address, settings).await?;
+    let result = session.deliver(frames, content, content_hash).await;
+    session.close().await;
+    result
+}
+
+/// Reads the tag's state and battery without changing what it shows.
+pub async fn poll<C: Central>(
+    central: &C,
+    tag: &str,
+    address: EslAddress,
+    settings: &SessionSettings,
+) -> Result<SessionReport, TransportError> {
+    let mut session = Session::open(central, tag, address, settings).await?;
+    let result = session.poll().await;
+    session.close().await;
+    result
+}
+
+/// Runs `op` under `limit`, naming `step` in both failures.
+async fn within<T>(
+    step: Step,
+    limit: Duration,
+    op: impl Future<Output = Result<T, GattError>>,
+) -> Result<T, TransportError> {
+    match timeout(limit, op).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(TransportError::Gatt { step, error }),
+        Err(_) => Err(TransportError::Timeout { step, after: limit }),
+    }
+}
+
+/// One connected tag.
+struct Session<'a, L: Link> {
+    link: L,
+    tag: &'a str,
+    address: EslAddress,
+    settings: &'a SessionSettings,
+    has_battery_level: bool,
+}
+
+impl<'a, L: Link> Session<'a, L> {
+    /// Connects, discovers, checks the characteristics and subscribes.
+    async fn open<C: Central<Link = L>>(
+        central: &C,
+        tag: &'a str,
+        address: EslAddress,
+        settings: &'a SessionSettings,
+    ) -> Result<Session<'a, L>, TransportError> {
+        let link = within(
+            Step::Connect,
+            settings.connect_timeout,
+            central.connect(tag),
+        )
+        .await?;
+        let mut session = Session {
+            link,
+            tag,
+            address,
+            settings,
+            has_battery_level: false,
+        };
+        match session.prepare().await {
+            Ok(()) => Ok(session),
+            Err(error) => {
+                session.close().await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn prepare(&mut self) -> Result<(), TransportError> {
+        let t = self.settings.gatt_timeout;
+        let characteristics = within(Step::Discover, t, self.link.discover()).await?;
+        let has = |short: u16| characteristics.contains(&uuid16(short));
+        if !has(CONTROL_POINT_CHARACTERISTIC) {
+            return Err(TransportError::Missing("ESL Control Point (0x2BFE)"));
+        }
+        if !characteristics.contains(&self.settings.content_characteristic) {
+            return Err(TransportError::Missing(
+                "vendor content (radio.ble.content_characteristic)",
+            ));
+        }
+        self.has_battery_level = has(BATTERY_LEVEL_CHARACTERISTIC);
+        within(
+            Step::Subscribe,
+            t,
+            self.link.subscribe(uuid16(CONTROL_POINT_CHARACTERISTIC)),
+        )
+        .await?;
+        if self.settings.write_address {
+            if !has(ESL_ADDRESS_CHARACTERISTIC) {
+                return Err(TransportError::Missing("ESL Address (0x2BF6)"));
+            }
+            let value = self.address.encode();
+            within(
+                Step::WriteAddress,
+                t,
+                self.link.write(uuid16(ESL_ADDRESS_CHARACTERISTIC), &value),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn deliver(
+        &mut self,
+        frames: Vec<Vec<u8>>,
+        content: &[u8],
+        content_hash: &str,
+    ) -> Result<SessionReport, TransportError> {
+        let s = self.settings;
+        let mut report = SessionReport::default();
+        let before = self.read_status().await?;
+        if before.holds(s.image_index, content, content_hash) {
+            tracing::debug!(
+                tag = self.tag,
+                "tag already holds the content; not sent again"
+            );
+        } else {
+            for frame in &frames {
+                within(
+                    Step::Transfer,
+                    s.gatt_timeout,
+                    self.link.write(s.content_characteristic, frame),
+                )
+                .await?;
+            }
+            let after = self.read_status().await?;
+            if !after.holds(s.image_index, content, content_hash) {
+                return Err(TransportError::Integrity(format!(
+                    "sent {} bytes (CRC-32 0x{:08X}, hash {content_hash}) to image {}; tag reports \
+                     {:?} with {} bytes (CRC-32 0x{:08X}, hash {}) in image {}",
+                    content.len(),
+                    crc32fast::hash(content),
+                    s.image_index,
+                    after.state,
+                    after.received,
+                    after.crc32,
+                    after.content_hash,
+                    after.image_index
+                )));
+            }
+            report.transferred = true;
+        }
+
+        let show = Command::DisplayImage {
+            esl_id: self.address.esl_id(),
+            display_index: s.display_index,
+            image_index: s.image_index,
+        };
+        match self.command(&show).await? {
+            Response::DisplayState {
+                display_index,
+                image_index,
+            } if display_index == s.display_index && image_index == s.image_index => {}
+            other => return Err(unexpected(&show, &other)),
+        }
+
+        // Confirmed: from here on a failure only costs information.
+        report.battery_mv = self.battery().await;
+        report.basic_state = self.update_complete().await;
+        Ok(report)
+    }
+
+    async fn poll(&mut self) -> Result<SessionReport, TransportError> {
+        let ping = Command::Ping {
+            esl_id: self.address.esl_id(),
+        };
+        let state = match self.command(&ping).await? {
+            Response::BasicState(state) => state,
+            other => return Err(unexpected(&ping, &other)),
+        };
+        let battery_mv = self.battery().await;
+        let basic_state = self.update_complete().await.or(Some(state));
+        Ok(SessionReport {
+            battery_mv,
+            basic_state,
+            transferred: false,
+        })
+    }
+
+    async fn read_status(&mut self) -> Result<ContentStatus, TransportError> {
+        let value = within(
+            Step::ReadStatus,
+            self.settings.gatt_timeout,
+            self.link.read(self.settings.content_characteristic),
+        )
+        .await?;
+        ContentStatus::decode(&value).map_err(TransportError::Status)
+    }
+
+    /// Writes one command and waits for its response. An Error response is
+    /// returned as [`TransportError::Esl`].
+    async fn command(&mut self, command: &Command) -> Result<Response, TransportError> {
+        let step = Step::Command(command.name());
+        // Commands are built here from valid fields; an encoding error
+        // would be a bug, reported like a malformed message.
+        let bytes = command
+            .encode()
+            .map_err(|error| TransportError::Malformed { step, error })?;
+        let cp = uuid16(CONTROL_POINT_CHARACTERISTIC);
+        within(
+            step,
+            self.settings.gatt_timeout,
+            self.link.write(cp, &bytes),
+        )
+        .await?;
+        let limit = self.settings.response_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notification =
+                match tokio::time::timeout_at(deadline, self.link.notification()).await {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(error)) => return Err(TransportError::Gatt { step, error }),
+                    Err(_) => return Err(TransportError::Timeout { step, after: limit }),
+                };
+            if notification.characteristic != cp {
+                // Another subscribed characteristic: not an answer.
+                continue;
+            }
+            return match Response::decode(&notification.value) {
+                Ok(Response::Error(code)) => Err(TransportError::Esl { step, code }),
+                Ok(response) => Ok(response),
+                Err(error) => Err(TransportError::Malformed { step, error }),
+            };
+        }
+    }
+
+    /// Best effort: `None` (and a log line) when the tag cannot tell.
+    async fn battery(&mut self) -> Option<u16> {
+        let result = match self.settings.battery {
+            BatterySource::Sensor(sensor_index) => self.battery_sensor(sensor_index).await,
+            BatterySource::BatteryLevel { empty_mv, full_mv } if self.has_battery_level => {
+                self.battery_level(empty_mv, full_mv).await
+            }
+            BatterySource::BatteryLevel { .. } => return None,
+        };
+        match result {
+            Ok(mv) => Some(mv),
+            Err(error) => {
+                tracing::warn!(tag = self.tag, %error, "cannot read the battery");
+                None
+            }
+        }
+    }
+
+    async fn battery_sensor(&mut self, sensor_index: u8) -> Result<u16, TransportError> {
+        let read = Command::ReadSensorData {
+            esl_id: self.address.esl_id(),
+            sensor_index,
+        };
+        match self.command(&read).await? {
+            Response::SensorValue {
+                sensor_index: index,
+                data,
+            } if index == sensor_index && data.len() >= 2 => {
+                Ok(u16::from_le_bytes([data[0], data[1]]))
+            }
+            other => Err(unexpected(&read, &other)),
+        }
+    }
+
+    async fn battery_level(&mut self, empty_mv: u16, full_mv: u16) -> Result<u16, TransportError> {
+        let value = within(
+            Step::ReadBattery,
+            self.settings.gatt_timeout,
+            self.link.read(uuid16(BATTERY_LEVEL_CHARACTERISTIC)),
+        )
+        .await?;
+        match value.as_slice() {
+            [percent] if *percent <= 100 => Ok(percent_to_mv(*percent, empty_mv, full_mv)),
+            other => Err(TransportError::Unexpected {
+                step: Step::ReadBattery,
+                response: format!("Battery Level {other:02X?} (one byte 0..=100 expected)"),
+            }),
+        }
+    }
+
+    /// Best effort: tells the tag the AP is done; returns its Basic State.
+    async fn update_complete(&mut self) -> Option<BasicState> {
+        let done = Command::UpdateComplete {
+            esl_id: self.address.esl_id(),
+        };
+        match self.command(&done).await {
+            Ok(Response::BasicState(state)) => {
+                if state.service_needed() {
+                    tracing::warn!(tag = self.tag, "tag reports Service Needed");
+                }
+                Some(state)
+            }
+            Ok(other) => {
+                tracing::warn!(tag = self.tag, error = %unexpected(&done, &other), "after the update");
+                None
+            }
+            Err(error) => {
+                tracing::warn!(tag = self.tag, %error, "after the update");
+                None
+            }
+        }
+    }
+
+    /// Disconnects, best effort and bounded: the tag drops the link on its
+    /// own when it goes back to sleep.
+    async fn close(mut self) {
+        if let Err(error) = within(
+            Step::Connect,
+            self.settings.gatt_timeout,
+            self.link.disconnect(),
+        )
+        .await
+        {
+            tracing::debug!(tag = self.tag, %error, "disconnect");
+        }
+    }
+}
+
+fn unexpected(command: &Command, response: &Response) -> TransportError {
+    TransportError::Unexpected {
+        step: Step::Command(command.name()),
+        response: response.to_string(),
+    }
+}
+
+/// Battery Level percent onto a voltage range, rounded down.
+pub fn percent_to_mv(percent: u8, empty_mv: u16, full_mv: u16) -> u16 {
+    let span = u32::from(full_mv.saturating_sub(empty_mv));
+    let above = span * u32::from(percent.min(100)) / 100;
+    // above ≤ span ≤ u16::MAX - empty_mv, so the sum fits.
+    empty_mv.saturating_add(above as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ble::codec::ESL_SERVICE;
+    use crate::ble::content::TransferState;
+    use crate::ble::fake::{Expect, ScriptedCentral};
+
+    const TAG: &str = "C0:11:22:33:44:55";
+    const CONTENT: &[u8] = br#"{"name":"Milk 1L","price":"9.90"}"#;
+    const HASH: &str = "9f86d081884c7d65";
+    const BATTERY_MV: u16 = 2950;
+
+    fn content_char() -> Uuid {
+        Uuid::from_u128(0xA0E4_F2B0_5D3C_4E4B_9A51_7C1E_0E5E_5101)
+    }
+
+    fn address() -> EslAddress {
+        EslAddress::new(1, 7).expect("valid")
+    }
+
+    fn settings() -> SessionSettings {
+        SessionSettings {
+            write_address: true,
+            content_characteristic: content_char(),
+            display_index: 0,
+            image_index: 1,
+            chunk_size: 12,
+            connect_timeout: Duration::from_secs(10),
+            gatt_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(3),
+            battery: BatterySource::Sensor(0),
+        }
+    }
+
+    fn characteristics() -> Vec<Uuid> {
+        vec![
+            uuid16(ESL_ADDRESS_CHARACTERISTIC),
+            uuid16(CONTROL_POINT_CHARACTERISTIC),
+            content_char(),
+        ]
+    }
+
+    /// connect, discover, subscribe, write address.
+    fn opening(discovered: Vec<Uuid>) -> Vec<Expect> {
+        vec![
+            Expect::Connect(Ok(())),
+            Expect::Discover(Ok(discovered)),
+            Expect::Subscribe(uuid16(CONTROL_POINT_CHARACTERISTIC), Ok(())),
+            Expect::write(uuid16(ESL_ADDRESS_CHARACTERISTIC), vec![7, 1]),
+        ]
+    }
+
+    fn status(state: TransferState, content: &[u8], hash: &str) -> Vec<u8> {
+        ContentStatus {
+            state,
+            image_index: 1,
+            received: content.len() as u32,
+            crc32: crc32fast::hash(content),
+            content_hash: hash.to_owned(),
+        }
+        .encode()
+        .expect("status encodes")
+    }
+
+    fn idle() -> Vec<u8> {
+        status(TransferState::Idle, b"", "-")
+    }
+
+    /// The status read, the frame writes and the status read after them.
+    fn transfer(after: Vec<u8>) -> Vec<Expect> {
+        let mut steps = vec![Expect::read(content_char(), idle())];
+        for frame in content::frames(1, CONTENT, HASH, 12).expect("frames") {
+            steps.push(Expect::write(content_char(), frame));
+        }
+        steps.push(Expect::read(content_char(), after));
+        steps
+    }
+
+    fn show() -> Command {
+        Command::DisplayImage {
+            esl_id: 7,
+            display_index: 0,
+            image_index: 1,
+        }
+    }
+
+    fn shown() -> Response {
+        Response::DisplayState {
+            display_index: 0,
+            image_index: 1,
+        }
+    }
+
+    /// Battery sensor, Update Complete, disconnect.
+    fn closing() -> Vec<Expect> {
+        vec![
+            Expect::command(
+                &Command::ReadSensorData {
+                    esl_id: 7,
+                    sensor_index: 0,
+                },
+                &Response::SensorValue {
+                    sensor_index: 0,
+                    data: BATTERY_MV.to_le_bytes().to_vec(),
+                },
+            ),
+            Expect::command(
+                &Command::UpdateComplete { esl_id: 7 },
+                &Response::BasicState(BasicState(BasicState::SYNCHRONIZED)),
+            ),
+            Expect::Disconnect,
+        ]
+    }
+
+    async fn run(central: &ScriptedCentral) -> Result<SessionReport, TransportError> {
+        deliver(central, TAG, address(), &settings(), CONTENT, HASH).await
+    }
+
+    fn script(parts: Vec<Vec<Expect>>) -> ScriptedCentral {
+        ScriptedCentral::new(parts.into_iter().flatten())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delivery_follows_the_whole_sequence() {
+        let central = script(vec![
+            opening(characteristics()),
+            transfer(status(TransferState::Committed, CONTENT, HASH)),
+            vec![Expect::command(&show(), &shown())],
+            closing(),
+        ]);
+        let report = run(&central).await.expect("delivered");
+        central.assert_done();
+        assert_eq!(
+            report,
+            SessionReport {
+                battery_mv: Some(BATTERY_MV),
+                basic_state: Some(BasicState(BasicState::SYNCHRONIZED)),
+                transferred: true,
+            }
+        );
+        // 33 bytes in chunks of 12: BEGIN, 3 DATA, COMMIT.
+        assert_eq!(content::frames(1, CONTENT, HASH, 12).unwrap().len(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn content_the_tag_already_holds_is_not_sent_again() {
+        let central = script(vec![
+            opening(characteristics()),
+            vec![
+                Expect::read(
+                    content_char(),
+                    status(TransferState::Committed, CONTENT, HASH),
+                ),
+                Expect::command(&show(), &shown()),
+            ],
+            closing(),
+        ]);
+        let report = run(&central).await.expect("delivered");
+        central.assert_done();
+        assert!(!report.transferred);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_write_address_the_address_is_not_written() {
+        let mut steps = opening(vec![uuid16(CONTROL_POINT_CHARACTERISTIC), content_char()]);
+        steps.pop();
+        let central = script(vec![
+            steps,
+            transfer(status(TransferState::Committed, CONTENT, HASH)),
+            vec![Expect::command(&show(), &shown())],
+            closing(),
+        ]);
+        let s = SessionSettings {
+            write_address: false,
+            ..settings()
+        };
+        deliver(&central, TAG, address(), &s, CONTENT, HASH)
+            .await
+            .expect("delivered");
+        central.assert_done();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_response_fails_with_its_code() {
+        for (code, retryable) in [
+            (ErrorCode::ImageNotAvailable, true),
+            (ErrorCode::InvalidImageIndex, false),
+            (ErrorCode::InsufficientBattery, false),
+            (ErrorCode::Retry, true),
+        ] {
+            let central = script(vec![
+                opening(characteristics()),
+                transfer(status(TransferState::Committed, CONTENT, HASH)),
+                vec![
+                    Expect::command(&show(), &Response::Error(code)),
+                    Expect::Disconnect,
+                ],
+            ]);
+            let error = run(&central).await.expect_err("ESL error");
+            central.assert_done();
+            assert_eq!(
+                error,
+                TransportError::Esl {
+                    step: Step::Command("Display Image"),
+                    code
+                }
+            );
+            assert_eq!(error.retryable(), retryable, "{code}");
+            assert!(error.to_string().contains(&code.to_string()), "{error}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_malformed_response_is_a_clear_error() {
+        let central = script(vec![
+            opening(characteristics()),
+            transfer(status(TransferState::Committed, CONTENT, HASH)),
+            vec![
+                // Display State cut short: opcode says 2 parameters, 1 came.
+                Expect::command_raw(&show(), vec![0x11, 0x00]),
+                Expect::Disconnect,
+            ],
+        ]);
+        let error = run(&central).await.expect_err("malformed");
+        central.assert_done();
+        assert_eq!(
+            error.to_string(),
+            "Display Image: malformed response: ESL opcode 0x11 needs 3 bytes in all, got 2"
+        );
+        assert!(error.retryable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_of_the_wrong_kind_or_image_is_unexpected() {
+        let wrong = [
+            Response::BasicState(BasicState(0)),
+            Response::DisplayState {
+                display_index: 0,
+                image_index: 2,
+            },
+        ];
+        for response in wrong {
+            let central = script(vec![
+                opening(characteristics()),
+                transfer(status(TransferState::Committed, CONTENT, HASH)),
+                vec![Expect::command(&show(), &response), Expect::Disconnect],
+            ]);
+            let error = run(&central).await.expect_err("unexpected");
+            central.assert_done();
+            assert!(
+                matches!(error, TransportError::Unexpected { .. }),
+                "{error}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_tag_times_out_and_is_disconnected() {
+        let central = script(vec![
+            opening(characteristics()),
+            transfer(status(TransferState::Committed, CONTENT, HASH)),
+            vec![Expect::unanswered(&show()), Expect::Disconnect],
+        ]);
+        let started = tokio::time::Instant::now();
+        let error = run(&central).await.expect_err("timeout");
+        central.assert_done();
+        assert_eq!(
+            error,
+            TransportError::Timeout {
+                step: Step::Command("Display Image"),
+                after: Duration::from_secs(3)
+            }
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        assert!(error.retryable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_gatt_operation_times_out() {
+        let central = script(vec![vec![
+            Expect::Connect(Ok(())),
+            Expect::Hang,
+            Expect::Disconnect,
+        ]]);
+        let error = run(&central).await.expect_err("timeout");
+        central.assert_done();
+        assert_eq!(
+            error,
+            TransportError::Timeout {
+                step: Step::Discover,
+                after: Duration::from_secs(5)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_connect_is_retryable_and_needs_no_disconnect() {
+        let central = script(vec![vec![Expect::Connect(Err(GattError::Failed(
+            "le-connection-abort-by-local".to_owned(),
+        )))]]);
+        let error = run(&central).await.expect_err("connect failed");
+        central.assert_done();
+        assert_eq!(error.to_string(), "connect: le-connection-abort-by-local");
+        assert!(error.retryable());
+        assert!(!error.adapter_down());
+
+        let central = script(vec![vec![Expect::Connect(Err(GattError::Adapter(
+            "no adapter".to_owned(),
+        )))]]);
+        assert!(run(&central).await.expect_err("adapter").adapter_down());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tag_without_the_needed_characteristics_is_not_retried() {
+        let cases = [
+            (
+                vec![uuid16(CONTROL_POINT_CHARACTERISTIC)],
+                "tag has no vendor content (radio.ble.content_characteristic) characteristic",
+            ),
+            (
+                vec![content_char(), uuid16(ESL_SERVICE)],
+                "tag has no ESL Control Point (0x2BFE) characteristic",
+            ),
+        ];
+        for (discovered, message) in cases {
+            let central = script(vec![vec![
+                Expect::Connect(Ok(())),
+                Expect::Discover(Ok(discovered)),
+                Expect::Disconnect,
+            ]]);
+            let error = run(&central).await.expect_err("missing");
+            central.assert_done();
+            assert_eq!(error.to_string(), message);
+            assert!(!error.retryable());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transfer_the_tag_did_not_get_intact_fails_the_integrity_check() {
+        let mut corrupted = CONTENT.to_vec();
+        corrupted[3] ^= 0x01;
+        let central = script(vec![
+            opening(characteristics()),
+            transfer(status(TransferState::Failed, &corrupted, HASH)),
+            vec![Expect::Disconnect],
+        ]);
+        let error = run(&central).await.expect_err("integrity");
+        central.assert_done();
+        let message = error.to_string();
+        assert!(
+            message.starts_with("content check failed: sent 33 bytes"),
+            "{message}"
+        );
+        assert!(message.contains("tag reports Failed"), "{message}");
+        assert!(error.retryable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_malformed_content_status_is_an_error() {
+        let central = script(vec![
+            opening(characteristics()),
+            vec![Expect::read(content_char(), vec![2, 0]), Expect::Disconnect],
+        ]);
+        let error = run(&central).await.expect_err("bad status");
+        central.assert_done();
+        assert!(matches!(error, TransportError::Status(_)), "{error}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_tag_rejects_fails_the_transfer() {
+        let central = script(vec![
+            opening(characteristics()),
+            vec![
+                Expect::read(content_char(), idle()),
+                Expect::Write {
+                    characteristic: content_char(),
+                    value: content::frames(1, CONTENT, HASH, 12).unwrap()[0].clone(),
+                    result: Err(GattError::Failed("ATT error 0x80".to_owned())),
+                    notify: Vec::new(),
+                },
+                Expect::Disconnect,
+            ],
+        ]);
+        let error = run(&central).await.expect_err("rejected");
+        central.assert_done();
+        assert_eq!(error.to_string(), "content transfer: ATT error 0x80");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn battery_level_service_is_the_fallback() {
+        let mut discovered = characteristics();
+        discovered.push(uuid16(BATTERY_LEVEL_CHARACTERISTIC));
+        let central = script(vec![
+            opening(discovered),
+            transfer(status(TransferState::Committed, CONTENT, HASH)),
+            vec![
+                Expect::command(&show(), &shown()),
+                Expect::read(uuid16(BATTERY_LEVEL_CHARACTERISTIC), vec![50]),
+                Expect::command(
+                    &Command::UpdateComplete { esl_id: 7 },
+                    &Response::BasicState(BasicState(0)),
+                ),
+                Expect::Disconnect,
+            ],
+        ]);
+        let s = SessionSettings {
+            battery: BatterySource::BatteryLevel {
+                empty_mv: 2000,
+                full_mv: 3000,
+            },
+            ..settings()
+        };
+        let report = deliver(&central, TAG, address(), &s, CONTENT, HASH)
+            .await
+            .expect("delivered");
+        central.assert_done();
+        assert_eq!(report.battery_mv, Some(2500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_battery_read_after_the_display_does_not_fail_the_delivery() {
+        let central = script(vec![
+            opening(characteristics()),
+            transfer(status(TransferState::Committed, CONTENT, HASH)),
+            vec![
+                Expect::command(&show(), &shown()),
+                Expect::command(
+                    &Command::ReadSensorData {
+                        esl_id: 7,
+                        sensor_index: 0,
+                    },
+                    &Response::Error(ErrorCode::InvalidParameters),
+                ),
+                Expect::unanswered(&Command::UpdateComplete { esl_id: 7 }),
+                Expect::Disconnect,
+            ],
+        ]);
+        let report = run(&central).await.expect("the display was confirmed");
+        central.assert_done();
+        assert_eq!(report.battery_mv, None);
+        assert_eq!(report.basic_state, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn notifications_of_other_characteristics_are_not_answers() {
+        let mut answered = Expect::command(&show(), &shown());
+        if let Expect::Write { notify, .. } = &mut answered {
+            notify.insert(
+                0,
+                Notification {
+                    characteristic: content_char(),
+                    value: vec![0x00, 0x01],
+                },
+            );
+        }
+        let central = script(vec![
+            opening(characteristics()),
+            transfer(status(TransferState::Committed, CONTENT, HASH)),
+            vec![answered],
+            closing(),
+        ]);
+        run(&central).await.expect("delivered");
+        central.assert_done();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn poll_reads_state_and_battery() {
+        let mut steps = opening(characteristics());
+        steps.push(Expect::command(
+            &Command::Ping { esl_id: 7 },
+            &Response::BasicState(BasicState(BasicState::SERVICE_NEEDED)),
+        ));
+        steps.extend(closing());
+        let central = ScriptedCentral::new(steps);
+        let report = poll(&central, TAG, address(), &settings())
+            .await
+            .expect("polled");
+        central.assert_done();
+        assert_eq!(report.battery_mv, Some(BATTERY_MV));
+        assert!(!report.transferred);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn content_that_cannot_be_framed_is_refused_before_connecting() {
+        let central = ScriptedCentral::new([]);
+        let error = deliver(
+            &central,
+            TAG,
+            address(),
+            &settings(),
+            CONTENT,
+            &"h".repeat(40),
+        )
+        .await
+        .expect_err("hash too long");
+        assert!(matches!(error, TransportError::Content(_)));
+        assert!(!error.retryable());
+    }
+
+    #[test]
+    fn battery_percent_maps_onto_the_voltage_range() {
+        assert_eq!(percent_to_mv(0, 2000, 3000), 2000);
+        assert_eq!(percent_to_mv(100, 2000, 3000), 3000);
+        assert_eq!(percent_to_mv(37, 2000, 3000), 2370);
+        assert_eq!(percent_to_mv(250, 2000, 3000), 3000, "clamped");
+    }
+}

@@ -1,0 +1,1089 @@
+//! The ZigBee driver task: owns the serial port and everything in flight on
+//! it. One task for the adapter and all tags.
+//!
+//! Reads `delivery_rx` (offers from the agent) and the adapter's AREQs;
+//! writes `event_tx` (check-ins, outcomes, radio state) through its own
+//! `outgoing` queue, so that it never waits on the agent outside its
+//! `select!` (the agent may be blocked in `deliver` meanwhile).
+//!
+//! Life cycle, forever until the agent drops its handle:
+//! 1. **Connect**: open the port, `SYS_PING`, soft reset and wait for
+//!    `SYS_RESET_IND`, read the device state (`UTIL_GET_DEVICE_INFO`) and
+//!    start the coordinator (`ZDO_STARTUP_FROM_APP`, wait for
+//!    `ZDO_STATE_CHANGE_IND` = coordinator) unless it runs, register the ESL
+//!    endpoint (`AF_REGISTER`). Then report `Up`.
+//! 2. **Serve**: a delivery becomes an offer of one or more segments, each
+//!    an `AF_DATA_REQUEST` sent once the previous one's `AF_DATA_CONFIRM`
+//!    (matched by transaction id) says the network delivered it; the tag's
+//!    `UpdateResult` (matched by handle) ends the delivery. A
+//!    quiet adapter is pinged; no answer, a read error or an unexpected
+//!    reset means the adapter is lost.
+//! 3. **Lost**: report `Down`, fail what was in flight (retryable), and
+//!    while reconnecting with backoff answer new deliveries at once with a
+//!    retryable failure.
+//!
+//! Every delivery gets exactly one outcome: from the tag's result, a confirm
+//! failure, a timeout, or the adapter's loss.
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_serial::SerialPortBuilderExt;
+use tracing::{debug, info, warn};
+
+use super::app::{self, AppMessage, ESL_CLUSTER, ESL_DEVICE_ID, ESL_PROFILE};
+use super::frame::FrameType;
+use super::znp::{self, Znp, ZnpError};
+use super::{FlowControl, ZigbeeConfig, ZigbeeCounters};
+use crate::{CheckIn, Delivery, DeliveryFailure, Outcome, RadioEvent, RadioState, TagId};
+
+/// Events waiting for room in the event channel, at most. Outcomes are never
+/// dropped (the engine waits for one per delivery, and they number at most
+/// the deliveries in flight); check-ins beyond this are dropped and counted:
+/// the tag checks in again at its next wake-up.
+const OUTGOING_LIMIT: usize = 4096;
+/// Hops an offer may travel (Z-Stack's default radius).
+const RADIUS: u8 = 30;
+/// `ZDO_STARTUP_FROM_APP` start delay, ms.
+const STARTUP_DELAY_MS: u16 = 100;
+/// `AF_REGISTER` status when the endpoint is registered already.
+const ZAPS_DUPLICATE_ENTRY: u8 = 0xB8;
+/// Fixed part of `AF_INCOMING_MSG` before the data: group, cluster, source
+/// address, source and destination endpoint, broadcast flag, LQI, security,
+/// timestamp, sequence number, length.
+const INCOMING_HEADER: usize = 17;
+/// Longest tag id accepted in a check-in (PROTOCOL §4 `tag_id`).
+const MAX_TAG_ID: usize = 32;
+
+/// Where a tag answers: its network address and endpoint, from its last
+/// check-in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Address {
+    nwk: u16,
+    endpoint: u8,
+}
+
+/// One delivery between its data request and its outcome.
+#[derive(Debug)]
+struct InFlight {
+    tag_id: TagId,
+    task_id: String,
+    address: Address,
+    /// Encoded offer segments not sent yet, next first.
+    unsent: VecDeque<Vec<u8>>,
+    stage: Stage,
+    /// When the current stage times out (unused in [`Stage::Next`]).
+    deadline: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// The next segment is due (the previous one was confirmed).
+    Next,
+    /// Waiting for `AF_DATA_CONFIRM` with this transaction id.
+    Confirm { trans: u8 },
+    /// The network delivered every segment; waiting for the tag's result.
+    Result,
+}
+
+/// Whether a delivery got an SRSP from the adapter (proof that it lives).
+enum Answered {
+    Yes,
+    No,
+}
+
+/// Why serving the adapter ended.
+enum Stop {
+    /// The agent dropped its handle.
+    Shutdown,
+    /// The adapter is gone or unusable; reconnect.
+    Lost(String),
+}
+
+pub(super) struct Driver {
+    /// Also in `state`: this copy is borrowed by the connect future while
+    /// the loop around it changes the state.
+    cfg: ZigbeeConfig,
+    counters: std::sync::Arc<ZigbeeCounters>,
+    delivery_rx: mpsc::Receiver<Delivery>,
+    event_tx: mpsc::Sender<RadioEvent>,
+    state: State,
+}
+
+/// Everything the driver tracks, apart from its channel ends (so the loop
+/// can hold a send permit while it changes the state).
+struct State {
+    cfg: ZigbeeConfig,
+    counters: std::sync::Arc<ZigbeeCounters>,
+    outgoing: VecDeque<RadioEvent>,
+    /// The last state reported, so a failing reconnect loop does not repeat
+    /// the same `Down`.
+    reported: Option<RadioState>,
+    tags: HashMap<TagId, Address>,
+    /// By handle.
+    in_flight: HashMap<u16, InFlight>,
+    next_handle: u16,
+    next_trans: u8,
+}
+
+impl Driver {
+    pub(super) fn new(
+        cfg: ZigbeeConfig,
+        counters: std::sync::Arc<ZigbeeCounters>,
+        delivery_rx: mpsc::Receiver<Delivery>,
+        event_tx: mpsc::Sender<RadioEvent>,
+    ) -> Driver {
+        Driver {
+            state: State::new(cfg.clone(), counters.clone()),
+            cfg,
+            counters,
+            delivery_rx,
+            event_tx,
+        }
+    }
+
+    /// Runs until the agent drops the [`super::ZigbeeRadio`].
+    pub(super) async fn run(mut self) {
+        let port = self.cfg.port.display().to_string();
+        self.state.report(RadioState::Down {
+            reason: format!("connecting to the ZigBee adapter at {port}"),
+        });
+        let mut backoff = self.cfg.reconnect_min;
+        loop {
+            let connect = connect(&self.cfg, self.counters.clone());
+            let away = Away {
+                delivery_rx: &mut self.delivery_rx,
+                event_tx: &self.event_tx,
+                state: &mut self.state,
+            };
+            let Some(connected) = away.serve_until(connect).await else {
+                return;
+            };
+            match connected {
+                Ok(znp) => {
+                    info!(%port, "ZigBee adapter up");
+                    ZigbeeCounters::bump(&self.counters.adapter_starts);
+                    backoff = self.cfg.reconnect_min;
+                    self.state.report(RadioState::Up);
+                    match self.serve(znp).await {
+                        Stop::Shutdown => return,
+                        Stop::Lost(reason) => {
+                            warn!(%port, %reason, "ZigBee adapter lost; reconnecting");
+                            ZigbeeCounters::bump(&self.counters.adapter_losses);
+                            // Down first: whoever reads the outcomes below
+                            // already knows why they failed.
+                            self.state.report(RadioState::Down {
+                                reason: reason.clone(),
+                            });
+                            self.state.fail_all(&reason);
+                        }
+                    }
+                }
+                Err(reason) => {
+                    debug!(%port, %reason, "ZigBee adapter start-up failed");
+                    self.state.report(RadioState::Down { reason });
+                }
+            }
+            // No jitter: one agent, one local device; nobody to stampede.
+            let resume = sleep_until(Instant::now() + backoff);
+            backoff = (backoff * 2).min(self.cfg.reconnect_max);
+            let away = Away {
+                delivery_rx: &mut self.delivery_rx,
+                event_tx: &self.event_tx,
+                state: &mut self.state,
+            };
+            if away.serve_until(resume).await.is_none() {
+                return;
+            }
+        }
+    }
+
+    /// Serves a started adapter until it is lost or the agent leaves.
+    async fn serve<P: AsyncRead + AsyncWrite + Unpin + Send>(&mut self, mut znp: Znp<P>) -> Stop {
+        let mut next_ping = Instant::now() + self.cfg.ping_interval;
+        loop {
+            let wake = self
+                .state
+                .next_deadline()
+                .map_or(next_ping, |d| d.min(next_ping));
+            tokio::select! {
+                biased;
+                received = self.delivery_rx.recv() => match received {
+                    Some(delivery) => match self.state.deliver(&mut znp, delivery).await {
+                        // The adapter answered: no need to ping it soon.
+                        Ok(Answered::Yes) => next_ping = Instant::now() + self.cfg.ping_interval,
+                        Ok(Answered::No) => {}
+                        Err(stop) => return stop,
+                    },
+                    None => return Stop::Shutdown,
+                },
+                // AREQs do not put the ping off: an adapter whose request
+                // handling hangs may still pass on indications.
+                frame = znp.next_areq() => match frame {
+                    Ok(frame) => {
+                        if let Err(stop) = self.state.on_areq(&frame) {
+                            return stop;
+                        }
+                        if let Err(stop) = self.state.send_due(&mut znp).await {
+                            return stop;
+                        }
+                    }
+                    Err(error) => return Stop::Lost(format!("ZigBee adapter lost: {error}")),
+                },
+                permit = self.event_tx.reserve(), if !self.state.outgoing.is_empty() => match permit {
+                    Ok(permit) => permit.send(self.state.outgoing.pop_front().expect("checked non-empty")),
+                    Err(_) => return Stop::Shutdown,
+                },
+                () = sleep_until(wake) => {
+                    let now = Instant::now();
+                    self.state.expire(now);
+                    if now >= next_ping {
+                        if let Err(stop) = check_alive(&mut znp).await {
+                            return stop;
+                        }
+                        next_ping = Instant::now() + self.cfg.ping_interval;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The driver's channel ends and state while no adapter is up (starting,
+/// or waiting to reconnect).
+struct Away<'a> {
+    delivery_rx: &'a mut mpsc::Receiver<Delivery>,
+    event_tx: &'a mpsc::Sender<RadioEvent>,
+    state: &'a mut State,
+}
+
+impl Away<'_> {
+    /// Refuses deliveries and passes events on until `until` is done;
+    /// `None` when the agent dropped its handle meanwhile.
+    async fn serve_until<F: std::future::Future>(self, until: F) -> Option<F::Output> {
+        tokio::pin!(until);
+        loop {
+            tokio::select! {
+                biased;
+                received = self.delivery_rx.recv() => match received {
+                    Some(delivery) => self.state.refuse(delivery, "ZigBee adapter not connected"),
+                    None => return None,
+                },
+                permit = self.event_tx.reserve(), if !self.state.outgoing.is_empty() => match permit {
+                    Ok(permit) => permit.send(self.state.outgoing.pop_front().expect("checked non-empty")),
+                    Err(_) => return None,
+                },
+                output = &mut until => return Some(output),
+            }
+        }
+    }
+}
+
+/// Pings the adapter; no answer means it is lost.
+async fn check_alive<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+) -> Result<(), Stop> {
+    match znp.request(znp::SYS_PING, vec![]).await {
+        Ok(_) => Ok(()),
+        Err(error) => Err(Stop::Lost(format!(
+            "ZigBee adapter stopped answering: {error}"
+        ))),
+    }
+}
+
+/// Opens the port and runs the start-up sequence.
+async fn connect(
+    cfg: &ZigbeeConfig,
+    counters: std::sync::Arc<ZigbeeCounters>,
+) -> Result<Znp<tokio_serial::SerialStream>, String> {
+    // `validate` checked that the path is UTF-8.
+    let path = cfg.port.to_string_lossy();
+    let flow = match cfg.flow_control {
+        FlowControl::None => tokio_serial::FlowControl::None,
+        FlowControl::Hardware => tokio_serial::FlowControl::Hardware,
+        FlowControl::Software => tokio_serial::FlowControl::Software,
+    };
+    let port = tokio_serial::new(path.as_ref(), cfg.baud_rate)
+        .flow_control(flow)
+        .open_native_async()
+        .map_err(|e| format!("cannot open ZigBee adapter {path}: {e}"))?;
+    let mut znp = Znp::new(port, cfg.sreq_timeout, counters);
+    start_up(&mut znp, cfg)
+        .await
+        .map_err(|e| format!("ZigBee adapter {path} did not start: {e}"))?;
+    Ok(znp)
+}
+
+/// Ping, reset, coordinator state, endpoint registration.
+pub(super) async fn start_up<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    cfg: &ZigbeeConfig,
+) -> Result<(), ZnpError> {
+    znp.request(znp::SYS_PING, vec![]).await?;
+    znp.send_areq(znp::SYS_RESET_REQ, vec![znp::RESET_SOFT])
+        .await?;
+    let reset = znp
+        .wait_areq(znp::SYS_RESET_IND, cfg.reset_timeout, |_| true)
+        .await?;
+    debug!(?reset, "adapter reset");
+
+    let info = znp.request(znp::UTIL_GET_DEVICE_INFO, vec![]).await?;
+    // status, IEEE address (8), short address (2), device type, state.
+    let state = match info.as_slice() {
+        [0, _, _, _, _, _, _, _, _, _, _, _, state, ..] => *state,
+        _ => {
+            return Err(ZnpError::Malformed {
+                name: znp::UTIL_GET_DEVICE_INFO.name,
+                detail: format!("unexpected reply {info:02X?}"),
+            })
+        }
+    };
+    if state != znp::DEV_ZB_COORD {
+        let reply = znp
+            .request(
+                znp::ZDO_STARTUP_FROM_APP,
+                STARTUP_DELAY_MS.to_le_bytes().to_vec(),
+            )
+            .await?;
+        match reply.first() {
+            Some(0) => debug!("coordinator restored its network"),
+            Some(1) => warn!("the adapter formed a NEW network: tags must join it again"),
+            other => {
+                return Err(ZnpError::Malformed {
+                    name: znp::ZDO_STARTUP_FROM_APP.name,
+                    detail: format!("the coordinator did not start (status {other:02X?})"),
+                })
+            }
+        }
+        znp.wait_areq(znp::ZDO_STATE_CHANGE_IND, cfg.startup_timeout, |p| {
+            p.first() == Some(&znp::DEV_ZB_COORD)
+        })
+        .await?;
+    }
+
+    let cluster = ESL_CLUSTER.to_le_bytes();
+    let mut register = vec![cfg.endpoint];
+    register.extend(ESL_PROFILE.to_le_bytes());
+    register.extend(ESL_DEVICE_ID.to_le_bytes());
+    // Device version, latency (none), one input and one output cluster.
+    register.extend([0, 0, 1, cluster[0], cluster[1], 1, cluster[0], cluster[1]]);
+    let reply = znp.request(znp::AF_REGISTER, register).await?;
+    match reply.first() {
+        Some(0) | Some(&ZAPS_DUPLICATE_ENTRY) => Ok(()),
+        other => Err(ZnpError::Malformed {
+            name: znp::AF_REGISTER.name,
+            detail: format!(
+                "endpoint {} not registered (status {other:02X?})",
+                cfg.endpoint
+            ),
+        }),
+    }
+}
+
+fn retry_later(reason: String) -> DeliveryFailure {
+    DeliveryFailure {
+        retryable: true,
+        reason,
+    }
+}
+
+/// Whether a failed `AF_DATA_CONFIRM` (or `AF_DATA_REQUEST`) status is worth
+/// another attempt, and what it means.
+pub(super) fn confirm_failure(status: u8) -> DeliveryFailure {
+    let (retryable, what) = match status {
+        0xF0 => (
+            true,
+            "tag did not poll in time (asleep): MAC transaction expired",
+        ),
+        0xE9 => (true, "no MAC acknowledgement from the tag"),
+        0xE1 => (true, "radio channel busy"),
+        0xF1 => (true, "coordinator's queue for sleeping tags is full"),
+        0x10 | 0x11 => (true, "adapter out of buffers"),
+        0xCD => (true, "no route to the tag"),
+        0xB7 => (true, "no APS acknowledgement from the tag"),
+        0xC8 => (true, "tag unknown to the network (left or not joined)"),
+        0x02 | 0xB3 | 0xC1 | 0xC2 => (false, "the adapter rejected the request as invalid"),
+        0xB6 => (false, "the adapter does not support the request"),
+        _ => (true, "delivery failed"),
+    };
+    DeliveryFailure {
+        retryable,
+        reason: format!("{what} (status {status:#04x})"),
+    }
+}
+
+fn is_tag_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_TAG_ID
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'))
+}
+
+impl State {
+    fn new(cfg: ZigbeeConfig, counters: std::sync::Arc<ZigbeeCounters>) -> State {
+        // Handles start somewhere random so that a result from before a
+        // restart of the agent is unlikely to match a new offer.
+        let first_handle: u16 = SmallRng::from_entropy().gen();
+        State {
+            cfg,
+            counters,
+            outgoing: VecDeque::new(),
+            reported: None,
+            tags: HashMap::new(),
+            in_flight: HashMap::new(),
+            next_handle: first_handle,
+            next_trans: first_handle as u8,
+        }
+    }
+
+    fn report(&mut self, state: RadioState) {
+        if self.reported.as_ref() != Some(&state) {
+            self.reported = Some(state.clone());
+            self.outgoing.push_back(RadioEvent::State(state));
+        }
+    }
+
+    fn outcome(&mut self, tag_id: TagId, task_id: String, result: Result<(), DeliveryFailure>) {
+        if let Err(failure) = &result {
+            debug!(%tag_id, %task_id, reason = %failure.reason, retryable = failure.retryable, "delivery failed");
+        }
+        self.outgoing.push_back(RadioEvent::Outcome(Outcome {
+            tag_id,
+            task_id,
+            result,
+        }));
+    }
+
+    fn fail(&mut self, delivery: Delivery, retryable: bool, reason: impl Into<String>) {
+        let failure = DeliveryFailure {
+            retryable,
+            reason: reason.into(),
+        };
+        self.outcome(delivery.tag_id, delivery.task_id, Err(failure));
+    }
+
+    /// A delivery while the adapter is away: retry at a later check-in.
+    fn refuse(&mut self, delivery: Delivery, reason: &str) {
+        self.fail(delivery, true, reason);
+    }
+
+    /// The adapter is gone: everything in flight failed, retryably.
+    fn fail_all(&mut self, reason: &str) {
+        let lost: Vec<InFlight> = self.in_flight.drain().map(|(_, f)| f).collect();
+        for flight in lost {
+            let failure = retry_later(reason.to_owned());
+            self.outcome(flight.tag_id, flight.task_id, Err(failure));
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.in_flight
+            .values()
+            .filter(|f| f.stage != Stage::Next)
+            .map(|f| f.deadline)
+            .min()
+    }
+
+    /// Ends every delivery whose confirm or result is overdue.
+    fn expire(&mut self, now: Instant) {
+        let overdue: Vec<(u16, Stage)> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.stage != Stage::Next && f.deadline <= now)
+            .map(|(handle, f)| (*handle, f.stage))
+            .collect();
+        for (handle, stage) in overdue {
+            let reason = match stage {
+                Stage::Next => continue,
+                Stage::Confirm { .. } => {
+                    ZigbeeCounters::bump(&self.counters.confirm_timeouts);
+                    format!("no AF_DATA_CONFIRM within {:?}", self.cfg.confirm_timeout)
+                }
+                Stage::Result => {
+                    ZigbeeCounters::bump(&self.counters.result_timeouts);
+                    format!(
+                        "tag did not report the update within {:?}",
+                        self.cfg.result_timeout
+                    )
+                }
+            };
+            self.finish(handle, Err(retry_later(reason)));
+        }
+    }
+
+    fn take_handle(&mut self) -> u16 {
+        while self.in_flight.contains_key(&self.next_handle) {
+            self.next_handle = self.next_handle.wrapping_add(1);
+        }
+        let handle = self.next_handle;
+        self.next_handle = self.next_handle.wrapping_add(1);
+        handle
+    }
+
+    /// A transaction id not awaiting a confirm. With more than 256 offers
+    /// waiting for confirms an id may repeat; the confirm then ends the
+    /// oldest, and the other one times out (retryable).
+    fn take_trans(&mut self) -> u8 {
+        for _ in 0..=u8::MAX {
+            let trans = self.next_trans;
+            self.next_trans = self.next_trans.wrapping_add(1);
+            let busy = self
+                .in_flight
+                .values()
+                .any(|f| f.stage == Stage::Confirm { trans });
+            if !busy {
+                return trans;
+            }
+        }
+        self.next_trans
+    }
+
+    /// Starts one offer: its first segment goes out now, the others after
+    /// their predecessor's confirm. `Err` only when the adapter is lost.
+    async fn deliver<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        znp: &mut Znp<P>,
+        delivery: Delivery,
+    ) -> Result<Answered, Stop> {
+        let Some(hash) = app::hash_from_hex(&delivery.content_hash) else {
+            let reason = format!(
+                "content hash {:?} is not 16 hex digits",
+                delivery.content_hash
+            );
+            self.fail(delivery, false, reason);
+            return Ok(Answered::No);
+        };
+        let Some(address) = self.tags.get(&delivery.tag_id).copied() else {
+            self.fail(
+                delivery,
+                true,
+                "tag not heard since the ZigBee radio started",
+            );
+            return Ok(Answered::No);
+        };
+        let handle = self.take_handle();
+        let segments = match app::offer_segments(handle, &delivery.task_id, hash, &delivery.content)
+        {
+            Ok(segments) => segments,
+            Err(error) => {
+                let reason = format!("content too large for a ZigBee offer: {error}");
+                self.fail(delivery, false, reason);
+                return Ok(Answered::No);
+            }
+        };
+        debug!(tag_id = %delivery.tag_id, task_id = %delivery.task_id, handle,
+            segments = segments.len(), nwk = format_args!("{:#06x}", address.nwk), "offering");
+        self.in_flight.insert(
+            handle,
+            InFlight {
+                tag_id: delivery.tag_id,
+                task_id: delivery.task_id,
+                address,
+                unsent: segments.into(),
+                stage: Stage::Next,
+                deadline: Instant::now(),
+            },
+        );
+        self.send_next(znp, handle).await
+    }
+
+    /// Sends the next segment of every offer whose previous one was
+    /// confirmed. `Err` only when the adapter is lost.
+    async fn send_due<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        znp: &mut Znp<P>,
+    ) -> Result<(), Stop> {
+        let due: Vec<u16> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.stage == Stage::Next)
+            .map(|(handle, _)| *handle)
+            .collect();
+        for handle in due {
+            self.send_next(znp, handle).await?;
+        }
+        Ok(())
+    }
+
+    /// One `AF_DATA_REQUEST` with offer `handle`'s next segment.
+    async fn send_next<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        znp: &mut Znp<P>,
+        handle: u16,
+    ) -> Result<Answered, Stop> {
+        let trans = self.take_trans();
+        let Some(flight) = self.in_flight.get_mut(&handle) else {
+            return Ok(Answered::No);
+        };
+        let Some(data) = flight.unsent.pop_front() else {
+            flight.stage = Stage::Result;
+            flight.deadline = Instant::now() + self.cfg.result_timeout;
+            return Ok(Answered::No);
+        };
+        let address = flight.address;
+        let mut request = Vec::with_capacity(10 + data.len());
+        request.extend(address.nwk.to_le_bytes());
+        request.push(address.endpoint);
+        request.push(self.cfg.endpoint);
+        request.extend(ESL_CLUSTER.to_le_bytes());
+        // Options: none (the tag's result is our end-to-end acknowledgement).
+        request.extend([trans, 0, RADIUS]);
+        // Segments fit MAX_APP_PAYLOAD, far below 255.
+        request.push(data.len() as u8);
+        request.extend(&data);
+        match znp.request(znp::AF_DATA_REQUEST, request).await {
+            Ok(reply) if reply.first() == Some(&0) => {
+                if let Some(flight) = self.in_flight.get_mut(&handle) {
+                    flight.stage = Stage::Confirm { trans };
+                    flight.deadline = Instant::now() + self.cfg.confirm_timeout;
+                }
+                Ok(Answered::Yes)
+            }
+            Ok(reply) => {
+                let failure = confirm_failure(reply.first().copied().unwrap_or(0xFF));
+                self.finish(handle, Err(failure));
+                Ok(Answered::Yes)
+            }
+            Err(error) if error.is_link_lost() => {
+                let reason = format!("ZigBee adapter lost: {error}");
+                self.finish(handle, Err(retry_later(reason.clone())));
+                Err(Stop::Lost(reason))
+            }
+            Err(error @ ZnpError::Timeout { .. }) => {
+                self.finish(handle, Err(retry_later(error.to_string())));
+                // One missing answer may be noise on the line; two in a row
+                // (this and the ping) mean the adapter hangs.
+                check_alive(znp).await.map(|()| Answered::Yes)
+            }
+            Err(error) => {
+                // An RPC error is an answer too.
+                self.finish(handle, Err(retry_later(error.to_string())));
+                Ok(Answered::Yes)
+            }
+        }
+    }
+
+    /// Ends offer `handle` with `result`, if it is still in flight.
+    fn finish(&mut self, handle: u16, result: Result<(), DeliveryFailure>) {
+        if let Some(flight) = self.in_flight.remove(&handle) {
+            self.outcome(flight.tag_id, flight.task_id, result);
+        }
+    }
+
+    /// Acts on one AREQ. `Err` when it shows the adapter restarted or left
+    /// its network.
+    fn on_areq(&mut self, frame: &super::frame::Frame) -> Result<(), Stop> {
+        let payload = frame.payload();
+        if znp::AF_INCOMING_MSG.is(frame, FrameType::Areq) {
+            self.on_incoming(payload);
+        } else if znp::AF_DATA_CONFIRM.is(frame, FrameType::Areq) {
+            match payload {
+                [status, _endpoint, trans, ..] => self.on_confirm(*status, *trans),
+                _ => ZigbeeCounters::bump(&self.counters.unexpected_frames),
+            }
+        } else if znp::SYS_RESET_IND.is(frame, FrameType::Areq) {
+            return Err(Stop::Lost(format!(
+                "the ZigBee adapter reset itself (reason {:02X?})",
+                payload.first()
+            )));
+        } else if znp::ZDO_STATE_CHANGE_IND.is(frame, FrameType::Areq) {
+            if payload.first() != Some(&znp::DEV_ZB_COORD) {
+                return Err(Stop::Lost(format!(
+                    "the coordinator left its network (state {:02X?})",
+                    payload.first()
+                )));
+            }
+        } else {
+            debug!(?frame, "AREQ not used by the ESL backend");
+        }
+        Ok(())
+    }
+
+    fn on_confirm(&mut self, status: u8, trans: u8) {
+        let found = self
+            .in_flight
+            .iter_mut()
+            .find(|(_, f)| f.stage == Stage::Confirm { trans });
+        let Some((&handle, flight)) = found else {
+            ZigbeeCounters::bump(&self.counters.late_replies);
+            debug!(trans, status, "AF_DATA_CONFIRM for nothing in flight");
+            return;
+        };
+        if status != 0 {
+            self.finish(handle, Err(confirm_failure(status)));
+        } else if flight.unsent.is_empty() {
+            flight.stage = Stage::Result;
+            flight.deadline = Instant::now() + self.cfg.result_timeout;
+        } else {
+            // `send_due` sends it right after this AREQ.
+            flight.stage = Stage::Next;
+        }
+    }
+
+    fn bad_message(&self, source: u16, why: &dyn std::fmt::Display) {
+        let seen = self
+            .counters
+            .bad_app_messages
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        // One broken tag must not flood the log: the 1st, 2nd, 4th… is
+        // logged at warn, the rest at debug; the counter has them all.
+        if seen.is_power_of_two() {
+            warn!(source = format_args!("{source:#06x}"), %why, bad_messages = seen,
+                "bad ESL message; dropped");
+        } else {
+            debug!(source = format_args!("{source:#06x}"), %why, "bad ESL message; dropped");
+        }
+    }
+
+    fn on_incoming(&mut self, payload: &[u8]) {
+        if payload.len() < INCOMING_HEADER {
+            ZigbeeCounters::bump(&self.counters.unexpected_frames);
+            return;
+        }
+        let cluster = u16::from_le_bytes([payload[2], payload[3]]);
+        let source = u16::from_le_bytes([payload[4], payload[5]]);
+        let (source_endpoint, endpoint) = (payload[6], payload[7]);
+        let lqi = payload[9];
+        let len = usize::from(payload[16]);
+        if cluster != ESL_CLUSTER || endpoint != self.cfg.endpoint {
+            debug!(cluster, endpoint, "AF message for another application");
+            return;
+        }
+        let Some(data) = payload.get(INCOMING_HEADER..INCOMING_HEADER + len) else {
+            self.bad_message(source, &"AF_INCOMING_MSG shorter than its length byte");
+            return;
+        };
+        let message = match app::decode(data) {
+            Ok(message) => message,
+            Err(error) => {
+                self.bad_message(source, &error);
+                return;
+            }
+        };
+        match message {
+            AppMessage::CheckIn(c) => {
+                if !is_tag_id(c.tag_id) {
+                    self.bad_message(source, &format_args!("invalid tag id {:?}", c.tag_id));
+                    return;
+                }
+                debug!(
+                    tag_id = c.tag_id,
+                    lqi,
+                    nwk = format_args!("{source:#06x}"),
+                    "check-in"
+                );
+                let address = Address {
+                    nwk: source,
+                    endpoint: source_endpoint,
+                };
+                self.tags.insert(c.tag_id.to_owned(), address);
+                if self.outgoing.len() >= OUTGOING_LIMIT {
+                    ZigbeeCounters::bump(&self.counters.checkins_dropped);
+                    return;
+                }
+                self.outgoing.push_back(RadioEvent::CheckIn(CheckIn {
+                    tag_id: c.tag_id.to_owned(),
+                    battery_mv: c.battery_mv,
+                    rssi: c.rssi_dbm.map(i16::from),
+                    content_hash: c.displayed.as_ref().map(app::hash_to_hex),
+                }));
+            }
+            AppMessage::UpdateResult(result) => {
+                let Some(flight) = self.in_flight.get(&result.handle) else {
+                    ZigbeeCounters::bump(&self.counters.late_replies);
+                    debug!(
+                        handle = result.handle,
+                        "update result for nothing in flight"
+                    );
+                    return;
+                };
+                if flight.address.nwk != source {
+                    self.bad_message(
+                        source,
+                        &format_args!("result for handle {} from the wrong tag", result.handle),
+                    );
+                    return;
+                }
+                // A result before its confirm (confirm lost or late) still
+                // ends the delivery: the tag has it.
+                let outcome = match result.status.failure() {
+                    None => Ok(()),
+                    Some((retryable, reason)) => Err(DeliveryFailure {
+                        retryable,
+                        reason: reason.to_owned(),
+                    }),
+                };
+                self.finish(result.handle, outcome);
+            }
+            AppMessage::Offer(_) => {
+                self.bad_message(source, &"an offer sent to the agent");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::time::advance;
+
+    use super::super::app::{UpdateResult, UpdateStatus};
+    use super::*;
+
+    const CONFIRM: Duration = Duration::from_millis(1000);
+    const RESULT: Duration = Duration::from_millis(3000);
+    const TAG_NWK: u16 = 0x1234;
+
+    fn state() -> State {
+        let cfg = ZigbeeConfig {
+            confirm_timeout: CONFIRM,
+            result_timeout: RESULT,
+            ..ZigbeeConfig::default()
+        };
+        State::new(cfg, Arc::new(ZigbeeCounters::default()))
+    }
+
+    /// Puts an offer for `task` in flight, waiting for the confirm of
+    /// transaction `trans`, with `more` segments still to send.
+    fn in_flight(state: &mut State, handle: u16, task: &str, trans: u8, more: usize) {
+        state.in_flight.insert(
+            handle,
+            InFlight {
+                tag_id: "ZB1".to_owned(),
+                task_id: task.to_owned(),
+                address: Address {
+                    nwk: TAG_NWK,
+                    endpoint: 1,
+                },
+                unsent: vec![vec![0u8]; more].into(),
+                stage: Stage::Confirm { trans },
+                deadline: Instant::now() + CONFIRM,
+            },
+        );
+    }
+
+    fn outcomes(state: &mut State) -> Vec<Outcome> {
+        state
+            .outgoing
+            .drain(..)
+            .filter_map(|e| match e {
+                RadioEvent::Outcome(o) => Some(o),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// An `AF_INCOMING_MSG` payload from `nwk` on our endpoint.
+    fn incoming(state: &State, nwk: u16, message: AppMessage<'_>) -> Vec<u8> {
+        let data = message.encode().expect("fits");
+        let mut p = vec![0, 0];
+        p.extend(ESL_CLUSTER.to_le_bytes());
+        p.extend(nwk.to_le_bytes());
+        p.extend([1, state.cfg.endpoint, 0, 180, 0, 0, 0, 0, 0, 0]);
+        p.push(data.len() as u8);
+        p.extend(data);
+        p
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn confirm_timeout_fires_at_its_deadline_not_before() {
+        let mut s = state();
+        in_flight(&mut s, 1, "t1", 7, 0);
+        assert_eq!(s.next_deadline(), Some(Instant::now() + CONFIRM));
+        advance(CONFIRM - Duration::from_millis(1)).await;
+        s.expire(Instant::now());
+        assert!(outcomes(&mut s).is_empty(), "not yet");
+        advance(Duration::from_millis(1)).await;
+        s.expire(Instant::now());
+        let out = outcomes(&mut s);
+        assert_eq!(out.len(), 1);
+        let failure = out[0].result.clone().expect_err("timed out");
+        assert!(
+            failure.retryable && failure.reason.contains("AF_DATA_CONFIRM"),
+            "{failure:?}"
+        );
+        assert_eq!(s.counters.get("confirm_timeouts"), Some(1));
+        assert!(s.in_flight.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn confirm_starts_the_result_wait_and_the_result_ends_it() {
+        let mut s = state();
+        in_flight(&mut s, 1, "t1", 7, 0);
+        advance(Duration::from_millis(500)).await;
+        s.on_confirm(0, 7);
+        assert_eq!(s.in_flight[&1].stage, Stage::Result);
+        // The result wait runs from the confirm, not from the request.
+        assert_eq!(s.next_deadline(), Some(Instant::now() + RESULT));
+        advance(RESULT - Duration::from_millis(1)).await;
+        s.expire(Instant::now());
+        assert!(outcomes(&mut s).is_empty());
+        let result = AppMessage::UpdateResult(UpdateResult {
+            handle: 1,
+            status: UpdateStatus::Applied,
+        });
+        let payload = incoming(&s, TAG_NWK, result);
+        s.on_incoming(&payload);
+        let out = outcomes(&mut s);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].result, Ok(()));
+        assert_eq!(out[0].task_id, "t1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn missing_result_times_out_retryably() {
+        let mut s = state();
+        in_flight(&mut s, 1, "t1", 7, 0);
+        s.on_confirm(0, 7);
+        advance(RESULT).await;
+        s.expire(Instant::now());
+        let failure = outcomes(&mut s)[0].result.clone().expect_err("no result");
+        assert!(
+            failure.retryable && failure.reason.contains("did not report"),
+            "{failure:?}"
+        );
+        assert_eq!(s.counters.get("result_timeouts"), Some(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn confirmed_segment_with_more_to_send_waits_for_no_timer() {
+        let mut s = state();
+        in_flight(&mut s, 1, "t1", 7, 2);
+        s.on_confirm(0, 7);
+        assert_eq!(s.in_flight[&1].stage, Stage::Next);
+        assert_eq!(s.next_deadline(), None, "the next segment is sent at once");
+        advance(RESULT * 10).await;
+        s.expire(Instant::now());
+        assert!(outcomes(&mut s).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_late_and_foreign_replies() {
+        let mut s = state();
+        in_flight(&mut s, 1, "t1", 7, 0);
+        in_flight(&mut s, 2, "t2", 8, 0);
+        // A confirm nobody waits for.
+        s.on_confirm(0, 99);
+        assert_eq!(s.counters.get("late_replies"), Some(1));
+        // A sleeping tag.
+        s.on_confirm(0xF0, 7);
+        let out = outcomes(&mut s);
+        let failure = out[0].result.clone().expect_err("expired");
+        assert!(
+            failure.retryable && failure.reason.contains("0xf0"),
+            "{failure:?}"
+        );
+        // A result for t2 from another address is not t2's.
+        let result = AppMessage::UpdateResult(UpdateResult {
+            handle: 2,
+            status: UpdateStatus::Applied,
+        });
+        let payload = incoming(&s, TAG_NWK + 1, result);
+        s.on_incoming(&payload);
+        assert!(outcomes(&mut s).is_empty());
+        assert_eq!(s.counters.get("bad_app_messages"), Some(1));
+        // A result before its confirm still ends the delivery.
+        let result = AppMessage::UpdateResult(UpdateResult {
+            handle: 2,
+            status: UpdateStatus::Unrenderable,
+        });
+        let payload = incoming(&s, TAG_NWK, result);
+        s.on_incoming(&payload);
+        let failure = outcomes(&mut s)[0]
+            .result
+            .clone()
+            .expect_err("unrenderable");
+        assert!(!failure.retryable, "{failure:?}");
+        assert!(s.in_flight.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adapter_loss_fails_everything_in_flight_once() {
+        let mut s = state();
+        in_flight(&mut s, 1, "t1", 7, 0);
+        in_flight(&mut s, 2, "t2", 8, 3);
+        s.fail_all("adapter lost");
+        let mut out = outcomes(&mut s);
+        out.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        assert_eq!(out.len(), 2);
+        assert!(out
+            .iter()
+            .all(|o| o.result.as_ref().is_err_and(|f| f.retryable)));
+        advance(RESULT * 2).await;
+        s.expire(Instant::now());
+        assert!(outcomes(&mut s).is_empty(), "no second outcome");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn check_in_records_the_address_and_bad_ids_are_counted() {
+        let mut s = state();
+        let good = AppMessage::CheckIn(app::CheckIn {
+            tag_id: "ZB1",
+            battery_mv: Some(2900),
+            rssi_dbm: Some(-70),
+            displayed: Some([0xAB; 8]),
+        });
+        let payload = incoming(&s, TAG_NWK, good);
+        s.on_incoming(&payload);
+        assert_eq!(s.tags["ZB1"].nwk, TAG_NWK);
+        let Some(RadioEvent::CheckIn(c)) = s.outgoing.pop_front() else {
+            panic!("a check-in event")
+        };
+        assert_eq!(c.content_hash.as_deref(), Some("abababababababab"));
+        assert_eq!((c.battery_mv, c.rssi), (Some(2900), Some(-70)));
+        let bad = AppMessage::CheckIn(app::CheckIn {
+            tag_id: "no spaces",
+            battery_mv: None,
+            rssi_dbm: None,
+            displayed: None,
+        });
+        let payload = incoming(&s, TAG_NWK, bad);
+        s.on_incoming(&payload);
+        assert!(s.outgoing.is_empty());
+        assert_eq!(s.counters.get("bad_app_messages"), Some(1));
+        // Garbage in the data, and a length byte longer than the frame.
+        let mut garbage = incoming(
+            &s,
+            TAG_NWK,
+            AppMessage::UpdateResult(UpdateResult {
+                handle: 1,
+                status: UpdateStatus::Busy,
+            }),
+        );
+        let data_at = INCOMING_HEADER;
+        garbage[data_at] = 9;
+        s.on_incoming(&garbage);
+        garbage[INCOMING_HEADER - 1] = 200;
+        s.on_incoming(&garbage);
+        assert_eq!(s.counters.get("bad_app_messages"), Some(3));
+    }
+
+    #[test]
+    fn confirm_statuses_map_to_retry_or_fail() {
+        for status in [0xF0, 0xE9, 0xE1, 0xF1, 0x10, 0x11, 0xCD, 0xB7, 0x01, 0x77] {
+            assert!(confirm_failure(status).retryable, "{status:#04x}");
+        }
+        for status in [0x02, 0xB3, 0xB6, 0xC1, 0xC2] {
+            assert!(!confirm_failure(status).retryable, "{status:#04x}");
+        }
+        let expired = confirm_failure(0xF0);
+        assert!(expired.reason.contains("asleep"), "{}", expired.reason);
+        assert!(expired.reason.contains("0xf0"), "{}", expired.reason);
+    }
+
+    #[test]
+    fn tag_ids_follow_the_task_rule() {
+        assert!(is_tag_id("ZB-0011:22.33_x"));
+        for bad in ["", "a b", "tag/1", &"x".repeat(33), "tägg"] {
+            assert!(!is_tag_id(bad), "{bad:?}");
+        }
+    }
+}

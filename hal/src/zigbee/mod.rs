@@ -1,0 +1,338 @@
+//! ZigBee backend: a TI Z-Stack coordinator (CC2652-class stick, ZNP
+//! firmware) on a serial port, driving ESL tags that are sleepy end devices.
+//!
+//! Layout: [`frame`] (MT framing), [`znp`] (request layer: SREQ/SRSP,
+//! AREQs, timeouts), [`app`] (the ESL messages inside AF frames, postcard),
+//! `driver` (the one task that owns the port: start-up, delivery, adapter
+//! loss and reconnect), this file (config, counters and [`ZigbeeRadio`], the
+//! agent's handle). `fake` (feature `fake`) is a ZNP coordinator with
+//! simulated tags on a pseudo-terminal, for tests.
+//!
+//! Channels: [`ZigbeeRadio::deliver`] writes `delivery_tx` (bounded,
+//! [`DELIVERY_CAPACITY`]); the driver reads it and writes `event_tx`
+//! (bounded, [`EVENT_CAPACITY`]); [`ZigbeeRadio::next_event`] reads
+//! `event_rx`. As in the simulator, the driver never awaits an event send
+//! outside its `select!`, so an agent blocked in `deliver` cannot deadlock
+//! it.
+//!
+//! The adapter may vanish at any time (USB unplugged, firmware hung): the
+//! driver then reports [`RadioState::Down`](crate::RadioState), fails what
+//! was in flight as retryable, answers new deliveries with a retryable
+//! failure, and reopens the port with exponential backoff until start-up
+//! succeeds again. It ends only when the agent drops the [`ZigbeeRadio`].
+
+pub mod app;
+mod driver;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+pub mod frame;
+#[cfg(test)]
+mod pty_tests;
+pub mod znp;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::{Delivery, Radio, RadioCounters, RadioError, RadioErrorKind, RadioEvent};
+
+/// Capacity of the delivery channel. The driver sends one AF_DATA_REQUEST
+/// per delivery (a few ms each on a 115200 baud line) and takes the next at
+/// once, so this only absorbs a burst of tags waking together.
+pub const DELIVERY_CAPACITY: usize = 64;
+/// Capacity of the event channel: a burst of check-ins and outcomes; the
+/// rest waits in the driver's own queue (see `driver`).
+pub const EVENT_CAPACITY: usize = 256;
+
+/// Flow control on the serial line (`radio.zigbee.flow_control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowControl {
+    /// No flow control (most CC2652 sticks at 115200 baud).
+    #[default]
+    None,
+    /// RTS/CTS (CC2530/CC2531 firmware builds that need it).
+    Hardware,
+    /// XON/XOFF.
+    Software,
+}
+
+/// ZigBee backend settings (`[radio.zigbee]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZigbeeConfig {
+    /// Serial device of the coordinator (`/dev/ttyUSB0`, or better a stable
+    /// `/dev/serial/by-id/…` link).
+    pub port: PathBuf,
+    pub baud_rate: u32,
+    pub flow_control: FlowControl,
+    /// Our application endpoint on the coordinator (1..=240).
+    pub endpoint: u8,
+    /// Longest wait for an SRSP.
+    pub sreq_timeout: Duration,
+    /// Longest wait for `SYS_RESET_IND` after a soft reset.
+    pub reset_timeout: Duration,
+    /// Longest wait for the coordinator to come up on its network.
+    pub startup_timeout: Duration,
+    /// Longest wait for `AF_DATA_CONFIRM` after a data request; must cover
+    /// the coordinator's indirect-transmission timeout for sleepy tags
+    /// (7.68 s by default in Z-Stack).
+    pub confirm_timeout: Duration,
+    /// Longest wait for the tag's update result after the confirm (e-paper
+    /// refresh takes seconds).
+    pub result_timeout: Duration,
+    /// A quiet adapter is pinged this often; one that does not answer is
+    /// treated as lost.
+    pub ping_interval: Duration,
+    /// First and largest pause between reconnect attempts.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl Default for ZigbeeConfig {
+    fn default() -> Self {
+        Self {
+            port: PathBuf::from("/dev/ttyUSB0"),
+            baud_rate: 115_200,
+            flow_control: FlowControl::None,
+            endpoint: 32,
+            sreq_timeout: Duration::from_millis(2_000),
+            reset_timeout: Duration::from_millis(10_000),
+            startup_timeout: Duration::from_millis(20_000),
+            confirm_timeout: Duration::from_millis(10_000),
+            result_timeout: Duration::from_millis(10_000),
+            ping_interval: Duration::from_millis(10_000),
+            reconnect_min: Duration::from_millis(1_000),
+            reconnect_max: Duration::from_millis(60_000),
+        }
+    }
+}
+
+/// Why the ZigBee radio could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ZigbeeError {
+    /// A setting is out of range; `key` is its config key
+    /// (`radio.zigbee.endpoint`).
+    #[error("invalid {key}: {reason}")]
+    InvalidConfig { key: &'static str, reason: String },
+    #[error("the ZigBee radio must be started inside a tokio runtime")]
+    NoRuntime,
+}
+
+macro_rules! zigbee_counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// What went wrong on the serial line and the network, since start.
+        /// Shown in the agent's status as `zigbee_<name>`.
+        #[derive(Debug, Default)]
+        pub struct ZigbeeCounters {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        impl RadioCounters for ZigbeeCounters {
+            fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((concat!("zigbee_", stringify!($name)), self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+zigbee_counters! {
+    /// Bytes skipped while looking for a start byte.
+    garbage_bytes,
+    /// Frames dropped for a bad checksum.
+    bad_fcs_frames,
+    /// Frames dropped for a length over 250.
+    oversized_frames,
+    /// Frames of a type the adapter never sends (SREQ, POLL).
+    unexpected_frames,
+    /// SREQs without an SRSP in time.
+    sreq_timeouts,
+    /// SRSPs that matched no outstanding request (late answers).
+    stale_responses,
+    /// RPC-error replies (the adapter could not parse a request).
+    rpc_errors,
+    /// AREQs dropped because the backlog was full.
+    areqs_dropped,
+    /// AF messages on our endpoint that are no valid ESL message.
+    bad_app_messages,
+    /// Deliveries without AF_DATA_CONFIRM in time.
+    confirm_timeouts,
+    /// Deliveries confirmed by the network but not answered by the tag.
+    result_timeouts,
+    /// Confirms and tag results for deliveries no longer in flight.
+    late_replies,
+    /// Check-ins dropped because the agent did not keep up.
+    checkins_dropped,
+    /// Successful start-ups of the adapter, and losses of it.
+    adapter_starts,
+    adapter_losses,
+}
+
+impl ZigbeeCounters {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One counter's value by its short name (`bad_fcs_frames`), for tests.
+    pub fn get(&self, name: &str) -> Option<u64> {
+        let full = format!("zigbee_{name}");
+        self.snapshot()
+            .into_iter()
+            .find(|(n, _)| *n == full)
+            .map(|(_, v)| v)
+    }
+}
+
+/// The agent's handle on the ZigBee driver task. Dropping it ends the task.
+#[derive(Debug)]
+pub struct ZigbeeRadio {
+    delivery_tx: mpsc::Sender<Delivery>,
+    event_rx: mpsc::Receiver<RadioEvent>,
+    counters: Arc<ZigbeeCounters>,
+}
+
+impl ZigbeeRadio {
+    /// Validates `cfg` and spawns the driver on the current tokio runtime.
+    /// Returns at once: the adapter is opened in the background, and its
+    /// absence is a `RadioState::Down`, not an error.
+    pub fn start(cfg: ZigbeeConfig) -> Result<ZigbeeRadio, ZigbeeError> {
+        cfg.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ZigbeeError::NoRuntime)?;
+        let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_CAPACITY);
+        let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
+        let counters = Arc::new(ZigbeeCounters::default());
+        let driver = driver::Driver::new(cfg, counters.clone(), delivery_rx, event_tx);
+        runtime.spawn(driver.run());
+        Ok(ZigbeeRadio {
+            delivery_tx,
+            event_rx,
+            counters,
+        })
+    }
+
+    pub fn zigbee_counters(&self) -> &Arc<ZigbeeCounters> {
+        &self.counters
+    }
+}
+
+impl ZigbeeConfig {
+    /// Checks every setting; the error names the config key.
+    pub fn validate(&self) -> Result<(), ZigbeeError> {
+        let invalid = |key, reason: &str| {
+            Err(ZigbeeError::InvalidConfig {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.port.as_os_str().is_empty() || self.port.to_str().is_none() {
+            return invalid("radio.zigbee.port", "must be a non-empty UTF-8 device path");
+        }
+        if self.baud_rate == 0 {
+            return invalid("radio.zigbee.baud_rate", "must be at least 1");
+        }
+        if !(1..=240).contains(&self.endpoint) {
+            return invalid("radio.zigbee.endpoint", "must be between 1 and 240");
+        }
+        let timeouts = [
+            ("radio.zigbee.sreq_timeout_ms", self.sreq_timeout),
+            ("radio.zigbee.reset_timeout_ms", self.reset_timeout),
+            ("radio.zigbee.startup_timeout_ms", self.startup_timeout),
+            ("radio.zigbee.confirm_timeout_ms", self.confirm_timeout),
+            ("radio.zigbee.result_timeout_ms", self.result_timeout),
+            ("radio.zigbee.ping_interval_ms", self.ping_interval),
+            ("radio.zigbee.reconnect_min_ms", self.reconnect_min),
+        ];
+        for (key, value) in timeouts {
+            if value.is_zero() {
+                return invalid(key, "must be at least 1");
+            }
+        }
+        if self.reconnect_max < self.reconnect_min {
+            return invalid(
+                "radio.zigbee.reconnect_max_ms",
+                "must be at least radio.zigbee.reconnect_min_ms",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Radio for ZigbeeRadio {
+    async fn next_event(&mut self) -> Result<RadioEvent, RadioError> {
+        // `recv` is cancel-safe.
+        self.event_rx.recv().await.ok_or_else(driver_stopped)
+    }
+
+    async fn deliver(&mut self, delivery: Delivery) -> Result<(), RadioError> {
+        self.delivery_tx
+            .send(delivery)
+            .await
+            .map_err(|_| driver_stopped())
+    }
+
+    fn counters(&self) -> Option<Arc<dyn RadioCounters>> {
+        Some(self.counters.clone())
+    }
+}
+
+fn driver_stopped() -> RadioError {
+    RadioError::new(RadioErrorKind::Closed, "ZigBee driver stopped")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_config_names_the_key() {
+        let cases = [
+            (
+                ZigbeeConfig {
+                    endpoint: 0,
+                    ..ZigbeeConfig::default()
+                },
+                "radio.zigbee.endpoint",
+            ),
+            (
+                ZigbeeConfig {
+                    port: PathBuf::new(),
+                    ..ZigbeeConfig::default()
+                },
+                "radio.zigbee.port",
+            ),
+            (
+                ZigbeeConfig {
+                    confirm_timeout: Duration::ZERO,
+                    ..ZigbeeConfig::default()
+                },
+                "radio.zigbee.confirm_timeout_ms",
+            ),
+            (
+                ZigbeeConfig {
+                    reconnect_max: Duration::from_millis(1),
+                    ..ZigbeeConfig::default()
+                },
+                "radio.zigbee.reconnect_max_ms",
+            ),
+        ];
+        for (cfg, key) in cases {
+            let error = cfg.validate().expect_err("invalid");
+            assert!(error.to_string().contains(key), "{error}");
+        }
+        ZigbeeConfig::default()
+            .validate()
+            .expect("defaults are valid");
+    }
+
+    #[test]
+    fn counters_have_prefixed_names() {
+        let counters = ZigbeeCounters::default();
+        ZigbeeCounters::bump(&counters.bad_fcs_frames);
+        let snapshot = counters.snapshot();
+        assert!(snapshot.contains(&("zigbee_bad_fcs_frames", 1)));
+        assert!(snapshot.iter().all(|(name, _)| name.starts_with("zigbee_")));
+        assert_eq!(counters.get("bad_fcs_frames"), Some(1));
+    }
+}

@@ -1,0 +1,494 @@
+//! ZNP request layer over one open port: one SREQ in flight, its SRSP
+//! matched by command, RPC-error replies, timeouts, and the AREQs that
+//! arrive meanwhile kept in order for the driver.
+//!
+//! Owns: the port (any `AsyncRead + AsyncWrite`: a `SerialStream` in the
+//! agent, an in-memory pipe in unit tests) and the frame decoder. Must not:
+//! interpret AREQs (the driver does) or retry anything (the driver decides).
+//! Counts every bad frame in [`ZigbeeCounters`]; never panics on input.
+//!
+//! Why a request blocks its caller: Z-Stack handles one SREQ at a time and
+//! answers it before the next; pipelining would only make matching a late
+//! SRSP ambiguous. An SRSP that arrives after its request timed out is
+//! stale: counted and dropped, never matched to the next request.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{timeout_at, Instant};
+use tracing::{debug, warn};
+
+use super::frame::{subsystem, Frame, FrameDecoder, FrameError, FrameType};
+use super::ZigbeeCounters;
+
+/// AREQs read while waiting for an SRSP and not yet taken by the driver, at
+/// most. A request waits a few milliseconds; in that time a busy network
+/// brings a handful of check-ins and confirms. Beyond this the oldest is
+/// dropped (and counted): the adapter is flooding us or we are stuck.
+pub const AREQ_BACKLOG: usize = 256;
+/// Bytes asked of the port per read: a few frames.
+const READ_CHUNK: usize = 512;
+
+/// One MT command: its name for logs and errors, subsystem and id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Command {
+    pub name: &'static str,
+    pub subsystem: u8,
+    pub id: u8,
+}
+
+impl Command {
+    const fn new(name: &'static str, subsystem: u8, id: u8) -> Command {
+        Command {
+            name,
+            subsystem,
+            id,
+        }
+    }
+
+    /// A frame of `kind` for this command.
+    pub fn frame(&self, kind: FrameType, payload: Vec<u8>) -> Result<Frame, FrameError> {
+        Frame::new(kind, self.subsystem, self.id, payload)
+    }
+
+    /// Whether `frame` is this command as `kind`.
+    pub fn is(&self, frame: &Frame, kind: FrameType) -> bool {
+        frame.is(kind, self.subsystem, self.id)
+    }
+}
+
+pub const SYS_RESET_REQ: Command = Command::new("SYS_RESET_REQ", subsystem::SYS, 0x00);
+pub const SYS_PING: Command = Command::new("SYS_PING", subsystem::SYS, 0x01);
+pub const SYS_RESET_IND: Command = Command::new("SYS_RESET_IND", subsystem::SYS, 0x80);
+pub const UTIL_GET_DEVICE_INFO: Command =
+    Command::new("UTIL_GET_DEVICE_INFO", subsystem::UTIL, 0x00);
+pub const ZDO_STARTUP_FROM_APP: Command =
+    Command::new("ZDO_STARTUP_FROM_APP", subsystem::ZDO, 0x40);
+pub const ZDO_STATE_CHANGE_IND: Command =
+    Command::new("ZDO_STATE_CHANGE_IND", subsystem::ZDO, 0xC0);
+pub const AF_REGISTER: Command = Command::new("AF_REGISTER", subsystem::AF, 0x00);
+pub const AF_DATA_REQUEST: Command = Command::new("AF_DATA_REQUEST", subsystem::AF, 0x01);
+pub const AF_DATA_CONFIRM: Command = Command::new("AF_DATA_CONFIRM", subsystem::AF, 0x80);
+pub const AF_INCOMING_MSG: Command = Command::new("AF_INCOMING_MSG", subsystem::AF, 0x81);
+/// The SRSP Z-Stack sends instead of the real one when it cannot parse a
+/// request: payload `[error code, CMD0, CMD1 of the request]`.
+pub const RPC_ERROR: Command = Command::new("RPC_ERROR", subsystem::RPC_ERROR, 0x00);
+
+/// `SYS_RESET_REQ` type: soft reset (restart the stack, keep the USB link).
+pub const RESET_SOFT: u8 = 1;
+/// `UTIL_GET_DEVICE_INFO` / `ZDO_STATE_CHANGE_IND` state: running as the
+/// network's coordinator.
+pub const DEV_ZB_COORD: u8 = 9;
+
+/// What went wrong talking to the adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum ZnpError {
+    #[error("serial port error: {0}")]
+    Io(#[from] io::Error),
+    /// End of file: the device went away (USB unplugged, PTY closed).
+    #[error("the serial port was closed")]
+    Closed,
+    #[error("no answer to {name} within {timeout:?}")]
+    Timeout {
+        name: &'static str,
+        timeout: Duration,
+    },
+    #[error("the adapter rejected {name}: RPC error {code:#04x} ({})", rpc_error_text(*code))]
+    Rpc { name: &'static str, code: u8 },
+    #[error("{name}: {detail}")]
+    Malformed { name: &'static str, detail: String },
+}
+
+impl ZnpError {
+    /// Whether the port itself is gone (as opposed to one request failing).
+    pub fn is_link_lost(&self) -> bool {
+        matches!(self, ZnpError::Io(_) | ZnpError::Closed)
+    }
+}
+
+fn rpc_error_text(code: u8) -> &'static str {
+    match code {
+        1 => "invalid subsystem",
+        2 => "invalid command id",
+        3 => "invalid parameter",
+        4 => "invalid length",
+        _ => "unknown",
+    }
+}
+
+/// The request layer on one open port.
+pub struct Znp<P> {
+    port: P,
+    decoder: FrameDecoder,
+    areqs: VecDeque<Frame>,
+    counters: Arc<ZigbeeCounters>,
+    sreq_timeout: Duration,
+    /// Bad frames on this port so far, for sparse logging.
+    bad_frames: u64,
+}
+
+impl<P: AsyncRead + AsyncWrite + Unpin + Send> Znp<P> {
+    pub fn new(port: P, sreq_timeout: Duration, counters: Arc<ZigbeeCounters>) -> Znp<P> {
+        Znp {
+            port,
+            decoder: FrameDecoder::new(),
+            areqs: VecDeque::new(),
+            counters,
+            sreq_timeout,
+            bad_frames: 0,
+        }
+    }
+
+    /// Sends an SREQ and returns its SRSP's payload. AREQs that arrive
+    /// meanwhile are kept for [`Znp::next_areq`].
+    pub async fn request(&mut self, cmd: Command, payload: Vec<u8>) -> Result<Vec<u8>, ZnpError> {
+        let frame = cmd
+            .frame(FrameType::Sreq, payload)
+            .map_err(|e| ZnpError::Malformed {
+                name: cmd.name,
+                detail: e.to_string(),
+            })?;
+        self.write(&frame).await?;
+        let deadline = Instant::now() + self.sreq_timeout;
+        loop {
+            let frame = match timeout_at(deadline, self.read_frame()).await {
+                Ok(frame) => frame?,
+                Err(_) => {
+                    ZigbeeCounters::bump(&self.counters.sreq_timeouts);
+                    return Err(ZnpError::Timeout {
+                        name: cmd.name,
+                        timeout: self.sreq_timeout,
+                    });
+                }
+            };
+            match frame.kind() {
+                Some(FrameType::Srsp) if cmd.is(&frame, FrameType::Srsp) => {
+                    return Ok(frame.payload().to_vec());
+                }
+                Some(FrameType::Srsp) if RPC_ERROR.is(&frame, FrameType::Srsp) => {
+                    match frame.payload() {
+                        [code, cmd0, cmd1, ..]
+                            if *cmd1 == cmd.id && cmd0 & 0x1F == cmd.subsystem =>
+                        {
+                            ZigbeeCounters::bump(&self.counters.rpc_errors);
+                            return Err(ZnpError::Rpc {
+                                name: cmd.name,
+                                code: *code,
+                            });
+                        }
+                        _ => self.stale(&frame),
+                    }
+                }
+                Some(FrameType::Srsp) => self.stale(&frame),
+                Some(FrameType::Areq) => self.keep_areq(frame),
+                _ => self.unexpected(&frame),
+            }
+        }
+    }
+
+    /// Sends an AREQ (no response expected, e.g. `SYS_RESET_REQ`).
+    pub async fn send_areq(&mut self, cmd: Command, payload: Vec<u8>) -> Result<(), ZnpError> {
+        let frame = cmd
+            .frame(FrameType::Areq, payload)
+            .map_err(|e| ZnpError::Malformed {
+                name: cmd.name,
+                detail: e.to_string(),
+            })?;
+        self.write(&frame).await
+    }
+
+    /// The next AREQ from the adapter. Cancel-safe: bytes read before the
+    /// future is dropped stay in the decoder, frames in the backlog.
+    pub async fn next_areq(&mut self) -> Result<Frame, ZnpError> {
+        if let Some(frame) = self.areqs.pop_front() {
+            return Ok(frame);
+        }
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.kind() {
+                Some(FrameType::Areq) => return Ok(frame),
+                Some(FrameType::Srsp) => self.stale(&frame),
+                _ => self.unexpected(&frame),
+            }
+        }
+    }
+
+    /// Waits for the AREQ `cmd` whose payload satisfies `wanted`, dropping
+    /// other AREQs (start-up only: before the endpoint is registered there
+    /// is nothing else to act on).
+    pub async fn wait_areq(
+        &mut self,
+        cmd: Command,
+        wait: Duration,
+        mut wanted: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<u8>, ZnpError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match timeout_at(deadline, self.next_areq()).await {
+                Ok(frame) => {
+                    let frame = frame?;
+                    if cmd.is(&frame, FrameType::Areq) && wanted(frame.payload()) {
+                        return Ok(frame.payload().to_vec());
+                    }
+                    debug!(
+                        ?frame,
+                        waiting_for = cmd.name,
+                        "ignoring AREQ during start-up"
+                    );
+                }
+                Err(_) => {
+                    return Err(ZnpError::Timeout {
+                        name: cmd.name,
+                        timeout: wait,
+                    })
+                }
+            }
+        }
+    }
+
+    async fn write(&mut self, frame: &Frame) -> Result<(), ZnpError> {
+        self.port.write_all(&frame.encode()).await?;
+        self.port.flush().await?;
+        Ok(())
+    }
+
+    /// The next good frame; bad ones are counted and skipped.
+    async fn read_frame(&mut self) -> Result<Frame, ZnpError> {
+        let mut chunk = [0u8; READ_CHUNK];
+        loop {
+            while let Some(decoded) = self.decoder.decode() {
+                match decoded {
+                    Ok(frame) => return Ok(frame),
+                    Err(error) => self.bad_frame(&error),
+                }
+            }
+            let n = self.port.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(ZnpError::Closed);
+            }
+            self.decoder.extend(&chunk[..n]);
+        }
+    }
+
+    fn bad_frame(&mut self, error: &FrameError) {
+        let c = &self.counters;
+        match error {
+            FrameError::Garbage { count } => {
+                c.garbage_bytes
+                    .fetch_add(*count as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            FrameError::BadFcs { .. } => ZigbeeCounters::bump(&c.bad_fcs_frames),
+            FrameError::TooLong { .. } => ZigbeeCounters::bump(&c.oversized_frames),
+        }
+        self.bad_frames += 1;
+        // A noisy line must not flood the router's log: the 1st, 2nd, 4th,
+        // 8th… bad frame is logged; the counters have them all.
+        if self.bad_frames.is_power_of_two() {
+            warn!(%error, bad_frames = self.bad_frames,
+                "bad data from the ZigBee adapter; resynchronising");
+        }
+    }
+
+    fn keep_areq(&mut self, frame: Frame) {
+        if self.areqs.len() >= AREQ_BACKLOG {
+            ZigbeeCounters::bump(&self.counters.areqs_dropped);
+            warn!("AREQ backlog full; dropping the oldest");
+            self.areqs.pop_front();
+        }
+        self.areqs.push_back(frame);
+    }
+
+    fn stale(&self, frame: &Frame) {
+        ZigbeeCounters::bump(&self.counters.stale_responses);
+        debug!(
+            ?frame,
+            "SRSP without a matching request (late answer); dropped"
+        );
+    }
+
+    fn unexpected(&self, frame: &Frame) {
+        ZigbeeCounters::bump(&self.counters.unexpected_frames);
+        debug!(?frame, "frame type the adapter should not send; dropped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use tokio::io::{duplex, DuplexStream};
+
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(1);
+
+    fn pair() -> (Znp<DuplexStream>, DuplexStream, Arc<ZigbeeCounters>) {
+        let (host, adapter) = duplex(4096);
+        let counters = Arc::new(ZigbeeCounters::default());
+        (Znp::new(host, TIMEOUT, counters.clone()), adapter, counters)
+    }
+
+    /// Reads one frame the host sent.
+    async fn read_host_frame(adapter: &mut DuplexStream) -> Frame {
+        let mut decoder = FrameDecoder::new();
+        let mut byte = [0u8; 1];
+        loop {
+            if let Some(frame) = decoder.decode() {
+                return frame.expect("the host sends good frames");
+            }
+            adapter.read_exact(&mut byte).await.expect("host frame");
+            decoder.extend(&byte);
+        }
+    }
+
+    async fn send(adapter: &mut DuplexStream, cmd: Command, kind: FrameType, payload: &[u8]) {
+        let frame = cmd.frame(kind, payload.to_vec()).expect("frame");
+        adapter.write_all(&frame.encode()).await.expect("write");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn srsp_is_matched_and_areqs_meanwhile_are_kept_in_order() {
+        let (mut znp, mut adapter, counters) = pair();
+        let fake = async {
+            let request = read_host_frame(&mut adapter).await;
+            assert!(SYS_PING.is(&request, FrameType::Sreq));
+            send(&mut adapter, AF_DATA_CONFIRM, FrameType::Areq, &[0, 1, 7]).await;
+            // A stale answer to some earlier request, then garbage.
+            send(&mut adapter, UTIL_GET_DEVICE_INFO, FrameType::Srsp, &[0]).await;
+            adapter.write_all(&[0x13, 0x37]).await.expect("write");
+            send(&mut adapter, AF_INCOMING_MSG, FrameType::Areq, &[1]).await;
+            send(&mut adapter, SYS_PING, FrameType::Srsp, &[0x59, 0x06]).await;
+            adapter
+        };
+        let (answer, mut adapter) = tokio::join!(znp.request(SYS_PING, vec![]), fake);
+        assert_eq!(answer.expect("pong"), [0x59, 0x06]);
+        let first = znp.next_areq().await.expect("kept AREQ");
+        assert!(AF_DATA_CONFIRM.is(&first, FrameType::Areq));
+        let second = znp.next_areq().await.expect("kept AREQ");
+        assert!(AF_INCOMING_MSG.is(&second, FrameType::Areq));
+        assert_eq!(counters.stale_responses.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.garbage_bytes.load(Ordering::Relaxed), 2);
+
+        // And AREQs straight from the port when nothing is kept.
+        send(&mut adapter, ZDO_STATE_CHANGE_IND, FrameType::Areq, &[9]).await;
+        let third = znp.next_areq().await.expect("AREQ");
+        assert_eq!(third.payload(), [9]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn missing_srsp_times_out_and_a_late_one_is_not_matched_to_the_next_request() {
+        let (mut znp, mut adapter, counters) = pair();
+        let error = znp.request(SYS_PING, vec![]).await.expect_err("no answer");
+        assert!(
+            matches!(
+                error,
+                ZnpError::Timeout {
+                    name: "SYS_PING",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(counters.sreq_timeouts.load(Ordering::Relaxed), 1);
+        // The late SYS_PING SRSP arrives while the host asks for device info.
+        let _ping = read_host_frame(&mut adapter).await;
+        send(&mut adapter, SYS_PING, FrameType::Srsp, &[0x59, 0x06]).await;
+        let fake = async {
+            let request = read_host_frame(&mut adapter).await;
+            assert!(UTIL_GET_DEVICE_INFO.is(&request, FrameType::Sreq));
+            send(
+                &mut adapter,
+                UTIL_GET_DEVICE_INFO,
+                FrameType::Srsp,
+                &[0, 1, 2],
+            )
+            .await;
+        };
+        let (info, ()) = tokio::join!(znp.request(UTIL_GET_DEVICE_INFO, vec![]), fake);
+        assert_eq!(info.expect("info"), [0, 1, 2]);
+        assert_eq!(counters.stale_responses.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rpc_error_fails_the_request_it_names() {
+        let (mut znp, mut adapter, counters) = pair();
+        let fake = async {
+            let request = read_host_frame(&mut adapter).await;
+            // An RPC error about another command is stale, not ours.
+            send(&mut adapter, RPC_ERROR, FrameType::Srsp, &[2, 0x21, 0x02]).await;
+            send(
+                &mut adapter,
+                RPC_ERROR,
+                FrameType::Srsp,
+                &[3, request.cmd0(), request.cmd1()],
+            )
+            .await;
+        };
+        let (answer, ()) = tokio::join!(znp.request(AF_REGISTER, vec![1, 2]), fake);
+        let error = answer.expect_err("rpc error");
+        assert!(
+            matches!(
+                error,
+                ZnpError::Rpc {
+                    name: "AF_REGISTER",
+                    code: 3
+                }
+            ),
+            "{error}"
+        );
+        assert!(error.to_string().contains("invalid parameter"), "{error}");
+        assert_eq!(counters.rpc_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.stale_responses.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closed_port_is_a_lost_link() {
+        let (mut znp, adapter, _) = pair();
+        drop(adapter);
+        let error = znp.next_areq().await.expect_err("closed");
+        assert!(error.is_link_lost(), "{error}");
+        let error = znp.request(SYS_PING, vec![]).await.expect_err("closed");
+        assert!(error.is_link_lost(), "{error}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bad_frames_are_counted_and_skipped() {
+        let (mut znp, mut adapter, counters) = pair();
+        // Bad FCS, over-long LEN, then a good AREQ.
+        adapter
+            .write_all(&[0xFE, 0x00, 0x45, 0xC0, 0x00, 0xFE, 0xFF])
+            .await
+            .expect("write");
+        send(&mut adapter, ZDO_STATE_CHANGE_IND, FrameType::Areq, &[9]).await;
+        let frame = znp.next_areq().await.expect("good frame after bad ones");
+        assert_eq!(frame.payload(), [9]);
+        assert_eq!(counters.bad_fcs_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.oversized_frames.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn areq_backlog_is_bounded() {
+        let (mut znp, mut adapter, counters) = pair();
+        let fake = async {
+            let _ = read_host_frame(&mut adapter).await;
+            for n in 0..AREQ_BACKLOG + 3 {
+                send(
+                    &mut adapter,
+                    AF_INCOMING_MSG,
+                    FrameType::Areq,
+                    &[(n % 256) as u8],
+                )
+                .await;
+            }
+            send(&mut adapter, SYS_PING, FrameType::Srsp, &[0, 0]).await;
+        };
+        let (answer, ()) = tokio::join!(znp.request(SYS_PING, vec![]), fake);
+        answer.expect("pong");
+        assert_eq!(counters.areqs_dropped.load(Ordering::Relaxed), 3);
+        let oldest_kept = znp.next_areq().await.expect("AREQ");
+        assert_eq!(oldest_kept.payload(), [3]);
+    }
+}

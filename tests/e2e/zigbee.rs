@@ -1,0 +1,197 @@
+//! The ZigBee path's own faults, end to end: the agent binary drives the
+//! fake ZNP coordinator (`esl_hal::zigbee::fake`) on a PTY, the back end
+//! talks to it through real Mosquitto. The scenarios both radios share are
+//! in `tasks.rs` and `resilience.rs` (`NAME::zigbee`).
+//!
+//! - content larger than one ZigBee frame (PROTOCOL §4's example task) is
+//!   offered in segments and applied;
+//! - garbled bytes on the serial line are counted (status `counters`) and
+//!   tasks still reach `applied`;
+//! - a data request whose confirm never comes times out and the task is
+//!   applied on the next attempt;
+//! - the adapter unplugged: the status says the radio is down, the MQTT link
+//!   and the store carry on (a task sent meanwhile is stored and waits), and
+//!   after the replug the radio is up again and the task is applied. The
+//!   agent never exits because of the adapter.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use esl_hal::zigbee::fake::FakeStats;
+
+use crate::harness::{assert_journal_matches, task, task_ids, AckStatus, Stack, TestRadio};
+
+/// Status reports every second, so state changes show quickly.
+const STATUS_INTERVAL_S: u64 = 1;
+
+async fn zigbee_stack(name: &str) -> Stack {
+    Stack::start_on(TestRadio::Zigbee, name, |c| {
+        c.status_interval_s = STATUS_INTERVAL_S;
+    })
+    .await
+}
+
+/// Publishes `tasks` and requires every one `applied` and displayed once.
+async fn publish_and_expect_applied(stack: &mut Stack, tasks: &[Value]) {
+    stack.backend.publish_tasks(tasks).await;
+    let acks = stack
+        .backend
+        .collect_final_acks(&task_ids(tasks), Duration::from_secs(20))
+        .await;
+    acks.assert_all(&task_ids(tasks), AckStatus::Applied);
+    assert_journal_matches(tasks, &acks, &stack.env.journal());
+}
+
+fn counter(status: &Value, name: &str) -> u64 {
+    status["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("status counters lack {name}: {}", status["counters"]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbled_serial_bytes_are_counted_and_tasks_still_apply() {
+    let mut stack = zigbee_stack("zb-garbled").await;
+    let fake = stack.fake();
+    // Line noise, a frame with a bad checksum, an impossible length.
+    fake.inject(vec![0x00, 0x13, 0x37, 0x42]).await;
+    fake.inject(vec![0xFE, 0x00, 0x45, 0xC0, 0x00]).await;
+    fake.inject(vec![0xFE, 0xFF, 0x44, 0x81]).await;
+
+    let tasks: Vec<Value> = (0..4)
+        .map(|i| task(&format!("t-zg-{i}"), &format!("SIM00000{i}"), 1))
+        .collect();
+    publish_and_expect_applied(&mut stack, &tasks).await;
+
+    let status = stack
+        .backend
+        .expect_status_where("the bad frames counted", Duration::from_secs(10), |s| {
+            s["counters"]["zigbee_bad_fcs_frames"].as_u64() >= Some(1)
+        })
+        .await;
+    assert_eq!(counter(&status, "zigbee_oversized_frames"), 1, "{status}");
+    assert!(counter(&status, "zigbee_garbage_bytes") >= 4, "{status}");
+    assert_eq!(
+        counter(&status, "zigbee_adapter_losses"),
+        0,
+        "noise is no loss"
+    );
+    assert_eq!(status["radio"]["state"], "up", "{status}");
+    stack.agent.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_confirm_times_out_and_the_retry_applies() {
+    let mut stack = zigbee_stack("zb-dropped-confirm").await;
+    stack.fake().swallow_requests(1).await;
+    let t = task("t-zd-1", "SIM000002", 1);
+    stack.backend.publish_task(&t).await;
+    let acks = stack
+        .backend
+        .collect_final_acks(&task_ids(std::slice::from_ref(&t)), Duration::from_secs(20))
+        .await;
+    let ack = acks.final_ack("t-zd-1");
+    assert_eq!(ack.status(), AckStatus::Applied, "{}", ack.json);
+    assert_eq!(
+        ack.attempts(),
+        2,
+        "the first attempt was lost: {}",
+        ack.json
+    );
+    assert_eq!(stack.env.journal().count("t-zd-1"), 1);
+    let status = stack
+        .backend
+        .expect_status_where(
+            "the confirm timeout counted",
+            Duration::from_secs(10),
+            |s| s["counters"]["zigbee_confirm_timeouts"].as_u64() >= Some(1),
+        )
+        .await;
+    assert_eq!(counter(&status, "zigbee_confirm_timeouts"), 1, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_unplug_and_replug_keeps_the_agent_and_its_tasks() {
+    let mut stack = zigbee_stack("zb-unplug").await;
+    let before = task("t-zu-before", "SIM000001", 1);
+    stack.backend.publish_task(&before).await;
+    stack
+        .backend
+        .collect_final_acks(
+            &task_ids(std::slice::from_ref(&before)),
+            Duration::from_secs(20),
+        )
+        .await
+        .assert_status("t-zu-before", AckStatus::Applied);
+
+    stack.fake().unplug().await;
+    let down = stack
+        .backend
+        .expect_status_where("radio down", Duration::from_secs(10), |s| {
+            s["radio"]["state"] == "down"
+        })
+        .await;
+    let reason = down["radio"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("ZigBee"),
+        "the reason names the adapter: {down}"
+    );
+
+    // The MQTT side carries on: a task sent now is stored (PUBACKed) and
+    // waits for the radio.
+    let during = task("t-zu-during", "SIM000003", 1);
+    stack.backend.publish_task(&during).await;
+    stack
+        .broker
+        .wait_pubacks_from_agent(2, Duration::from_secs(10))
+        .await;
+    stack
+        .backend
+        .expect_no_final_ack(Duration::from_millis(1500), "no radio, no outcome yet")
+        .await;
+    stack.agent.assert_running();
+
+    stack.fake().replug().await.expect("replug");
+    stack
+        .backend
+        .expect_status_where("radio up again", Duration::from_secs(15), |s| {
+            s["radio"]["state"] == "up"
+        })
+        .await;
+    let acks = stack
+        .backend
+        .collect_final_acks(
+            &task_ids(std::slice::from_ref(&during)),
+            Duration::from_secs(20),
+        )
+        .await;
+    acks.assert_status("t-zu-during", AckStatus::Applied);
+    let status = stack
+        .backend
+        .expect_status("periodic", Duration::from_secs(5))
+        .await;
+    assert_eq!(counter(&status, "zigbee_adapter_losses"), 1, "{status}");
+    assert_eq!(counter(&status, "zigbee_adapter_starts"), 2, "{status}");
+    assert_eq!(
+        counter(&status, "mqtt_connects"),
+        1,
+        "the MQTT link never dropped: {status}"
+    );
+    stack.agent.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_larger_than_a_frame_is_applied_in_segments() {
+    let mut stack = zigbee_stack("zb-segments").await;
+    // PROTOCOL §4's example, and a long one.
+    let mut example = task("t-20261127-000123", "SIM000004", 1);
+    example["content"] = json!({"name": "Milk 1L", "price": "9.90", "currency": "CNY"});
+    let mut long = task("t-zs-long", "SIM000005", 1);
+    long["content"] = json!({"name": "Organic whole milk 1L ".repeat(20), "price": "19.90"});
+    let tasks = [example, long];
+    publish_and_expect_applied(&mut stack, &tasks).await;
+    // Two offers, and more requests than offers: they went in segments.
+    let stats = stack.fake().stats();
+    assert_eq!(FakeStats::get(&stats.offers_received), 2);
+    assert!(FakeStats::get(&stats.data_requests) > 8, "{stats:?}");
+}
