@@ -68,6 +68,10 @@ counters! {
     /// MQTT connections made, and connection errors.
     mqtt_connects,
     mqtt_errors,
+    /// PUBACKs for received tasks and commands handed to the MQTT client,
+    /// each after the flush that made its message durable (the benchmark's
+    /// ingest rate, docs/BENCHMARKS.md).
+    mqtt_pubacks,
     /// Acks and replies the broker PUBACKed, and those published again after
     /// a PUBACK timeout.
     outbox_sent,

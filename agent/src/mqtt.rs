@@ -199,6 +199,10 @@ impl Link {
         let mut backoff = self.settings.reconnect_min;
         let mut reconnect_at: Option<Instant> = None;
         let mut stopping_until: Option<Instant> = None;
+        // PUBACKs rumqttc's request channel had no room for, oldest first.
+        // While any wait here, no more are taken from `puback_rx`; they go
+        // out after the next event-loop turn has drained requests.
+        let mut unsent_pubacks: VecDeque<AckToken> = VecDeque::new();
         let mut resend = tokio::time::interval(RESEND_CHECK);
         resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
@@ -217,12 +221,18 @@ impl Link {
                 }
                 // Released PUBACKs go before reading more from the broker: a
                 // broker with a large in-flight window must not starve them.
-                token = self.puback_rx.recv() => match token {
-                    Some(token) => self.release_puback(&client, token, state),
+                token = self.puback_rx.recv(), if unsent_pubacks.is_empty() => match token {
+                    Some(token) => {
+                        unsent_pubacks.push_back(token);
+                        self.release_pubacks(&client, &mut unsent_pubacks, state);
+                    }
                     // The engine has stopped: its last PUBACKs are out.
                     None => break,
                 },
-                event = eventloop.poll(), if reconnect_at.is_none() => match event {
+                event = eventloop.poll(), if reconnect_at.is_none() => {
+                    // The poll drained requests: room for held PUBACKs.
+                    self.release_pubacks(&client, &mut unsent_pubacks, state);
+                    match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         state = LinkState { connected: true, epoch: state.epoch + 1 };
                         backoff = self.settings.reconnect_min;
@@ -286,7 +296,7 @@ impl Link {
                         reconnect_at = Some(Instant::now() + jittered);
                         backoff = (backoff * 2).min(self.settings.reconnect_max);
                     }
-                },
+                }},
                 Some(report) = self.report_rx.recv(), if state.connected => {
                     match client.try_publish(report.topic, QoS::AtLeastOnce, false, report.payload) {
                         Ok(()) => tracker.awaiting_pkid.push_back(None),
@@ -370,21 +380,37 @@ impl Link {
         }
     }
 
-    fn release_puback(&self, client: &AsyncClient, token: AckToken, state: LinkState) {
-        if token.pkid == 0 {
-            return; // QoS 0: nothing to acknowledge.
-        }
-        if !state.connected || token.epoch != state.epoch {
-            debug!(
-                pkid = token.pkid,
-                "PUBACK for an earlier connection dropped; the broker sends the message again"
-            );
-            return;
-        }
-        let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
-        p.pkid = token.pkid;
-        if let Err(e) = client.try_ack(&p) {
-            warn!(error = %e, pkid = token.pkid, "cannot queue PUBACK");
+    /// Queues the held PUBACKs with rumqttc, oldest first, until its
+    /// request channel is full; the rest stay in `unsent` for the next
+    /// round. Dropping one instead would leave the message in the broker's
+    /// in-flight window until the connection ends, and a broker whose window
+    /// is larger than the request channel stalled that way (found by the
+    /// benchmark, docs/BENCHMARKS.md).
+    fn release_pubacks(
+        &self,
+        client: &AsyncClient,
+        unsent: &mut VecDeque<AckToken>,
+        state: LinkState,
+    ) {
+        while let Some(token) = unsent.front().copied() {
+            if token.pkid == 0 {
+                // QoS 0: nothing to acknowledge.
+            } else if !state.connected || token.epoch != state.epoch {
+                debug!(
+                    pkid = token.pkid,
+                    "PUBACK for an earlier connection dropped; the broker sends the message again"
+                );
+            } else {
+                let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
+                p.pkid = token.pkid;
+                // The only error is a full (or closed, when the event loop
+                // is gone) request channel: keep the token and retry.
+                if client.try_ack(&p).is_err() {
+                    return;
+                }
+                Counters::bump(&self.counters.mqtt_pubacks);
+            }
+            unsent.pop_front();
         }
     }
 
