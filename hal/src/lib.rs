@@ -19,7 +19,9 @@
 //! the btleplug glue needs the cargo feature `ble`).
 
 use std::future::Future;
+
 use std::sync::Arc;
+use tokio::sync::mpsc;
 
 pub mod ble;
 pub mod sim;
@@ -159,4 +161,47 @@ pub trait Radio: Send + 'static {
 /// clash with the agent's own.
 pub trait RadioCounters: Send + Sync + std::fmt::Debug {
     fn snapshot(&self) -> Vec<(&'static str, u64)>;
+}
+
+/// The agent's ends of a backend's driver task: events come up one channel,
+/// deliveries go down the other. The backends whose driver runs in a task
+/// of its own (all of them so far) implement [`Radio`] by forwarding here.
+#[derive(Debug)]
+pub(crate) struct DriverChannels {
+    /// Names the driver in the "stopped" error.
+    driver: &'static str,
+    delivery_tx: mpsc::Sender<Delivery>,
+    event_rx: mpsc::Receiver<RadioEvent>,
+}
+
+impl DriverChannels {
+    pub(crate) fn new(
+        driver: &'static str,
+        delivery_tx: mpsc::Sender<Delivery>,
+        event_rx: mpsc::Receiver<RadioEvent>,
+    ) -> Self {
+        DriverChannels {
+            driver,
+            delivery_tx,
+            event_rx,
+        }
+    }
+
+    /// Cancel-safe: a dropped `recv` future never takes a message.
+    pub(crate) async fn next_event(&mut self) -> Result<RadioEvent, RadioError> {
+        let driver = self.driver;
+        self.event_rx.recv().await.ok_or_else(|| stopped(driver))
+    }
+
+    pub(crate) async fn deliver(&mut self, delivery: Delivery) -> Result<(), RadioError> {
+        let driver = self.driver;
+        self.delivery_tx
+            .send(delivery)
+            .await
+            .map_err(|_| stopped(driver))
+    }
+}
+
+fn stopped(driver: &str) -> RadioError {
+    RadioError::new(RadioErrorKind::Closed, format!("{driver} stopped"))
 }

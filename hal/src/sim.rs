@@ -43,7 +43,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
 use crate::{
-    CheckIn, Delivery, DeliveryFailure, Outcome, Radio, RadioError, RadioErrorKind, RadioEvent,
+    CheckIn, Delivery, DeliveryFailure, DriverChannels, Outcome, Radio, RadioError, RadioEvent,
     TagId,
 };
 
@@ -150,8 +150,7 @@ pub enum SimError {
 #[derive(Debug)]
 pub struct SimRadio {
     names: TagNames,
-    delivery_tx: mpsc::Sender<Delivery>,
-    event_rx: mpsc::Receiver<RadioEvent>,
+    channels: DriverChannels,
     malformed_journal_lines: usize,
 }
 
@@ -183,20 +182,12 @@ impl Radio for SimRadio {
     }
 
     async fn next_event(&mut self) -> Result<RadioEvent, RadioError> {
-        // `recv` is cancel-safe: a dropped future never takes a message.
-        self.event_rx.recv().await.ok_or_else(driver_stopped)
+        self.channels.next_event().await
     }
 
     async fn deliver(&mut self, delivery: Delivery) -> Result<(), RadioError> {
-        self.delivery_tx
-            .send(delivery)
-            .await
-            .map_err(|_| driver_stopped())
+        self.channels.deliver(delivery).await
     }
-}
-
-fn driver_stopped() -> RadioError {
-    RadioError::new(RadioErrorKind::Closed, "simulated radio driver stopped")
 }
 
 /// Validates the config, reads the journal and sets up both ends. Split from
@@ -274,8 +265,7 @@ fn build(cfg: SimConfig) -> Result<(SimRadio, Driver), SimError> {
     let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
     let radio = SimRadio {
         names: names.clone(),
-        delivery_tx,
-        event_rx,
+        channels: DriverChannels::new("simulated radio driver", delivery_tx, event_rx),
         malformed_journal_lines,
     };
     let driver = Driver {
@@ -1078,12 +1068,12 @@ mod tests {
         let (mut radio, driver) = build(config(2)).expect("build");
         drop(driver);
         let error = radio.next_event().await.expect_err("no driver");
-        assert_eq!(error.kind(), RadioErrorKind::Closed);
+        assert_eq!(error.kind(), crate::RadioErrorKind::Closed);
         let error = radio
             .deliver(delivery("SIM000000", "t", "h"))
             .await
             .expect_err("no driver");
-        assert_eq!(error.kind(), RadioErrorKind::Closed);
+        assert_eq!(error.kind(), crate::RadioErrorKind::Closed);
     }
 
     #[tokio::test(start_paused = true)]

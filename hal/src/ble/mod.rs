@@ -51,8 +51,8 @@ use tokio::time::{sleep_until, timeout, Instant};
 use uuid::Uuid;
 
 use crate::{
-    CheckIn, Delivery, DeliveryFailure, Outcome, Radio, RadioError, RadioErrorKind, RadioEvent,
-    RadioState, TagId,
+    CheckIn, Delivery, DeliveryFailure, DriverChannels, Outcome, Radio, RadioError, RadioErrorKind,
+    RadioEvent, RadioState, TagId,
 };
 use codec::{uuid16, EslAddress, ESL_SERVICE};
 use fake_esl::{FakeAir, FakeConfig, FakeError};
@@ -386,8 +386,7 @@ pub enum BleError {
 /// The BLE radio: the agent's handle on the driver task. Dropping it ends
 /// the driver, which aborts its sessions.
 pub struct BleRadio {
-    delivery_tx: mpsc::Sender<Delivery>,
-    event_rx: mpsc::Receiver<RadioEvent>,
+    channels: DriverChannels,
     known: Vec<TagId>,
     max_content_bytes: usize,
     fake: Option<FakeAir>,
@@ -439,8 +438,7 @@ impl BleRadio {
         };
         runtime.spawn(driver.run());
         Ok(BleRadio {
-            delivery_tx,
-            event_rx,
+            channels: DriverChannels::new("BLE radio driver", delivery_tx, event_rx),
             known: cfg.tags.clone(),
             max_content_bytes: cfg.max_content_bytes,
             fake: None,
@@ -462,8 +460,7 @@ impl Radio for BleRadio {
     }
 
     async fn next_event(&mut self) -> Result<RadioEvent, RadioError> {
-        // `recv` is cancel-safe.
-        self.event_rx.recv().await.ok_or_else(driver_stopped)
+        self.channels.next_event().await
     }
 
     async fn deliver(&mut self, delivery: Delivery) -> Result<(), RadioError> {
@@ -477,15 +474,8 @@ impl Radio for BleRadio {
                 ),
             ));
         }
-        self.delivery_tx
-            .send(delivery)
-            .await
-            .map_err(|_| driver_stopped())
+        self.channels.deliver(delivery).await
     }
-}
-
-fn driver_stopped() -> RadioError {
-    RadioError::new(RadioErrorKind::Closed, "BLE radio driver stopped")
 }
 
 /// Work for one session.

@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::{Delivery, Radio, RadioCounters, RadioError, RadioErrorKind, RadioEvent};
+use crate::{Delivery, DriverChannels, Radio, RadioCounters, RadioError, RadioEvent};
 
 /// Capacity of the delivery channel. The driver sends one AF_DATA_REQUEST
 /// per delivery (a few ms each on a 115200 baud line) and takes the next at
@@ -188,8 +188,7 @@ impl ZigbeeCounters {
 /// The agent's handle on the ZigBee driver task. Dropping it ends the task.
 #[derive(Debug)]
 pub struct ZigbeeRadio {
-    delivery_tx: mpsc::Sender<Delivery>,
-    event_rx: mpsc::Receiver<RadioEvent>,
+    channels: DriverChannels,
     counters: Arc<ZigbeeCounters>,
 }
 
@@ -206,8 +205,7 @@ impl ZigbeeRadio {
         let driver = driver::Driver::new(cfg, counters.clone(), delivery_rx, event_tx);
         runtime.spawn(driver.run());
         Ok(ZigbeeRadio {
-            delivery_tx,
-            event_rx,
+            channels: DriverChannels::new("ZigBee driver", delivery_tx, event_rx),
             counters,
         })
     }
@@ -261,24 +259,16 @@ impl ZigbeeConfig {
 
 impl Radio for ZigbeeRadio {
     async fn next_event(&mut self) -> Result<RadioEvent, RadioError> {
-        // `recv` is cancel-safe.
-        self.event_rx.recv().await.ok_or_else(driver_stopped)
+        self.channels.next_event().await
     }
 
     async fn deliver(&mut self, delivery: Delivery) -> Result<(), RadioError> {
-        self.delivery_tx
-            .send(delivery)
-            .await
-            .map_err(|_| driver_stopped())
+        self.channels.deliver(delivery).await
     }
 
     fn counters(&self) -> Option<Arc<dyn RadioCounters>> {
         Some(self.counters.clone())
     }
-}
-
-fn driver_stopped() -> RadioError {
-    RadioError::new(RadioErrorKind::Closed, "ZigBee driver stopped")
 }
 
 #[cfg(test)]
