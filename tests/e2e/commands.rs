@@ -41,6 +41,12 @@ fn error_code(reply: &Value) -> &str {
     reply["error"]["code"].as_str().expect("error code")
 }
 
+/// Calls `method` and checks that the reply is the error `code`.
+async fn expect_error(stack: &mut Stack, req_id: &str, method: &str, params: Value, code: &str) {
+    let reply = call(stack, req_id, method, params).await;
+    assert_eq!(error_code(&reply), code, "{method} {req_id}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_method_answers_over_mqtt() {
     let offline = sim_tag(TAGS - 1);
@@ -110,14 +116,14 @@ async fn every_method_answers_over_mqtt() {
     for key in ["battery_mv", "rssi", "last_seen"] {
         assert!(tag[key].is_number(), "{key} in {tag}");
     }
-    let reply = call(
+    expect_error(
         &mut stack,
         "r-tag-unknown",
         "tag.get",
         json!({"tag_id": "NOPE"}),
+        "not_found",
     )
     .await;
-    assert_eq!(error_code(&reply), "not_found");
 
     // tasks.list, filtered.
     let reply = eventually_pending(&mut stack).await;
@@ -134,14 +140,14 @@ async fn every_method_answers_over_mqtt() {
     let tasks = ok(&reply)["tasks"].as_array().unwrap().clone();
     assert_eq!(tasks.len(), 1);
     assert_eq!(tasks[0]["status"], "applied");
-    let reply = call(
+    expect_error(
         &mut stack,
         "r-tasks-bad",
         "tasks.list",
         json!({"state": "weird"}),
+        "bad_params",
     )
     .await;
-    assert_eq!(error_code(&reply), "bad_params");
 
     // tag.refresh: the tag shows its content again at the next check-in.
     let reply = call(
@@ -163,14 +169,14 @@ async fn every_method_answers_over_mqtt() {
         },
     )
     .await;
-    let reply = call(
+    expect_error(
         &mut stack,
         "r-refresh-pending",
         "tag.refresh",
         json!({"tag_id": offline}),
+        "invalid_state",
     )
     .await;
-    assert_eq!(error_code(&reply), "invalid_state");
     let reply = call(
         &mut stack,
         "r-refresh-unknown",
@@ -199,28 +205,40 @@ async fn every_method_answers_over_mqtt() {
         .await;
     assert_eq!(ack.status(), AckStatus::Failed);
     assert_eq!(ack.detail(), Some("cancelled"));
-    let reply = call(
+    expect_error(
         &mut stack,
         "r-cancel-again",
         "task.cancel",
         json!({"task_id": "t-cmd-pending"}),
+        "invalid_state",
     )
     .await;
-    assert_eq!(error_code(&reply), "invalid_state");
-    let reply = call(
+    expect_error(
         &mut stack,
         "r-cancel-unknown",
         "task.cancel",
         json!({"task_id": "nope"}),
+        "not_found",
     )
     .await;
-    assert_eq!(error_code(&reply), "not_found");
-    let reply = call(&mut stack, "r-cancel-params", "task.cancel", json!({})).await;
-    assert_eq!(error_code(&reply), "bad_params");
+    expect_error(
+        &mut stack,
+        "r-cancel-params",
+        "task.cancel",
+        json!({}),
+        "bad_params",
+    )
+    .await;
 
     // Unknown method and malformed request: error replies, never silence.
-    let reply = call(&mut stack, "r-unknown", "agent.reboot", json!({})).await;
-    assert_eq!(error_code(&reply), "unknown_method");
+    expect_error(
+        &mut stack,
+        "r-unknown",
+        "agent.reboot",
+        json!({}),
+        "unknown_method",
+    )
+    .await;
     let mut bad = command("r-bad", "agent.status", json!({}));
     bad["v"] = 2.into();
     stack.backend.publish_command(&bad).await;
