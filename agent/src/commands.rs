@@ -211,12 +211,7 @@ fn dispatch(
 }
 
 fn agent_status(state: &State, _now: u64) -> Value {
-    let counters: serde_json::Map<String, Value> = state
-        .counters()
-        .snapshot()
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.into()))
-        .collect();
+    let counters = state.counters().to_json();
     json!({
         "agent": state.identity().client_id,
         "version": env!("CARGO_PKG_VERSION"),

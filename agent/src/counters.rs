@@ -82,6 +82,17 @@ counters! {
 }
 
 impl Counters {
+    /// The snapshot as a JSON object, as status reports and `agent.status`
+    /// carry it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let map: serde_json::Map<String, serde_json::Value> = self
+            .snapshot()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.into()))
+            .collect();
+        serde_json::Value::Object(map)
+    }
+
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }

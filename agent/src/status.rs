@@ -75,12 +75,7 @@ pub struct ReportHeader<'a> {
 
 /// Splits a snapshot into JSON payloads of at most `max_payload` bytes.
 pub fn build_chunks(h: &ReportHeader<'_>, s: &Snapshot, max_payload: usize) -> Vec<Vec<u8>> {
-    let counters: serde_json::Map<String, Value> = h
-        .counters
-        .snapshot()
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.into()))
-        .collect();
+    let counters = h.counters.to_json();
     let base = |chunk: usize, chunks: usize, tags: &[Value]| {
         json!({
             "v": 1, "type": "status", "kind": h.kind.as_str(), "agent": h.agent,
