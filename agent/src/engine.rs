@@ -162,15 +162,31 @@ impl EngineSettings {
     }
 }
 
-/// A pending task as the scheduler needs it (content stays in the store).
+/// A delivery handed to the radio and not answered yet.
 #[derive(Debug, Clone, PartialEq)]
-struct Pending {
+struct InFlight {
     task_id: String,
-    content_hash: String,
-    expires_at: u64,
-    /// Wall-clock deadline of the delivery in flight, if any.
-    in_flight_until: Option<u64>,
+    /// Wall-clock deadline of the delivery.
+    until: u64,
 }
+
+/// What the engine remembers of a tag between check-ins.
+#[derive(Debug, Clone, Default)]
+struct TagEntry {
+    rec: TagRecord,
+    /// When `rec` was last written to the store; 0 = never (or changed in a
+    /// way that must be written at the next change).
+    saved_at: u64,
+}
+
+/// How often a tag's check-in report (battery, signal, last seen) is
+/// written to the store when nothing else about it changed. The report is
+/// best effort (status shows the live value from memory); writing it at
+/// every check-in cost one store write per check-in.
+const TAG_SAVE_INTERVAL_MS: u64 = 60_000;
+/// Pending tasks the sweep expires per pass (every `SWEEP_INTERVAL`), so a
+/// mass expiry never makes one huge store batch.
+const EXPIRE_LIMIT: usize = 1_000;
 
 /// The engine's decisions, without channels. Every method takes `now` (ms
 /// since the Unix epoch) and records its store writes in the given
@@ -180,8 +196,12 @@ pub struct State {
     identity: Identity,
     store: Arc<Store>,
     counters: Arc<Counters>,
-    pending: HashMap<String, Pending>,
-    tags: HashMap<String, TagRecord>,
+    /// Tags with a pending task. The tasks themselves are only in the
+    /// store (`p`, `x`): memory does not grow with the pending count.
+    pending_count: usize,
+    /// Deliveries in flight, by tag (at most one per tag).
+    in_flight: HashMap<String, InFlight>,
+    tags: HashMap<String, TagEntry>,
     /// Tags whose last content is sent again at their next check-in
     /// (`tag.refresh`). Not persisted: a refresh lost in a restart is
     /// harmless and can be asked for again.
@@ -202,15 +222,23 @@ impl State {
         store: Arc<Store>,
         counters: Arc<Counters>,
     ) -> Result<State, StoreError> {
-        let pending = pending_from(&store, &HashMap::new())?;
-        let tags = store.tags()?.into_iter().collect();
+        let pending_count = store.pending_count()?;
+        let tags = store
+            .tags()?
+            .into_iter()
+            .map(|(id, rec)| {
+                let saved_at = rec.last_seen.unwrap_or_default();
+                (id, TagEntry { rec, saved_at })
+            })
+            .collect();
         Ok(State {
             verifier: Verifier::disabled(&identity.client_id),
             settings,
             identity,
             store,
             counters,
-            pending,
+            pending_count,
+            in_flight: HashMap::new(),
             tags,
             refresh: Default::default(),
             link: None,
@@ -220,19 +248,39 @@ impl State {
         })
     }
 
-    /// Rebuilds the pending set from the store after [`Store::reopen`]:
-    /// changes applied after the last good flush may be gone, so the
-    /// in-memory view must follow the disk, not the other way round. A
-    /// delivery in flight for a task that is still pending stays in flight,
-    /// so its tag is not sent the same content again. (The tag table is best
-    /// effort and at least as fresh in memory; it is kept.)
+    /// Follows the store after [`Store::reopen`]: changes applied after the
+    /// last good flush may be gone, so the in-memory view must follow the
+    /// disk, not the other way round. A delivery in flight for a task that
+    /// is still pending stays in flight, so its tag is not sent the same
+    /// content again. (The tag table is best effort and at least as fresh in
+    /// memory; it is kept, and written again at the next change.)
     pub fn reload(&mut self) -> Result<(), StoreError> {
-        self.pending = pending_from(&self.store, &self.pending)?;
+        self.pending_count = self.store.pending_count()?;
+        let mut in_flight = std::mem::take(&mut self.in_flight);
+        for (tag_id, f) in in_flight.drain() {
+            if self.store.pending_of(&tag_id)?.as_deref() == Some(f.task_id.as_str()) {
+                self.in_flight.insert(tag_id, f);
+            }
+        }
+        for t in self.tags.values_mut() {
+            t.saved_at = 0;
+        }
         Ok(())
     }
 
     pub fn pending_len(&self) -> usize {
-        self.pending.len()
+        self.pending_count
+    }
+
+    /// Writes every tag report that changed since it was last written (at
+    /// shutdown, so a restart shows the last check-ins).
+    pub fn save_tags(&mut self, change: &mut Change) {
+        for (id, t) in &mut self.tags {
+            if t.rec.last_seen.is_some_and(|seen| seen > t.saved_at) {
+                change.put_tag(id, &t.rec);
+                t.saved_at = t.rec.last_seen.unwrap_or_default();
+            }
+        }
     }
 
     /// Installs the signature policy of `[security]` (keys loaded at start).
@@ -277,8 +325,12 @@ impl State {
         }
     }
 
-    /// Makes `rec` final with `status`, queues its ack, and drops it from the
-    /// pending set if it was the tag's pending task.
+    /// Makes `rec` final with `status` and queues its ack. `rec` as read
+    /// from the store in state `Pending` is its tag's pending task (the
+    /// store keeps the two together) and leaves the pending set; a task
+    /// finished on arrival never joined it and must not be read from the
+    /// store in a way that claims it did, so it is passed with
+    /// `stored = false`.
     fn finish(
         &mut self,
         change: &mut Change,
@@ -286,6 +338,7 @@ impl State {
         status: AckStatus,
         detail: Option<String>,
         now: u64,
+        stored: bool,
     ) {
         let counter = match status {
             AckStatus::Applied => &self.counters.tasks_applied,
@@ -299,13 +352,16 @@ impl State {
         debug!(task_id = %rec.task_id, tag_id = %rec.tag_id, status = ?status, detail = ?detail, "task final");
         let ack = self.ack_for(&rec, status, detail.clone(), now);
         self.push_ack(change, &ack);
-        if self
-            .pending
-            .get(&rec.tag_id)
-            .is_some_and(|p| p.task_id == rec.task_id)
-        {
-            self.pending.remove(&rec.tag_id);
-            change.clear_pending(&rec.tag_id);
+        if stored && rec.state == TaskState::Pending {
+            self.pending_count = self.pending_count.saturating_sub(1);
+            change.clear_pending(&rec);
+            if self
+                .in_flight
+                .get(&rec.tag_id)
+                .is_some_and(|f| f.task_id == rec.task_id)
+            {
+                self.in_flight.remove(&rec.tag_id);
+            }
         }
         if status == AckStatus::Applied && !rec.content.is_empty() {
             change.put_last_content(&rec.tag_id, &rec.task_id, &rec.content);
@@ -422,7 +478,7 @@ impl State {
         // Rule 4: expired on arrival.
         if rec.expires_at < now {
             let detail = format!("expired {} ms before it arrived", now - rec.expires_at);
-            self.finish(change, rec, AckStatus::Expired, Some(detail), now);
+            self.finish(change, rec, AckStatus::Expired, Some(detail), now, false);
             return Ok(());
         }
 
@@ -434,30 +490,29 @@ impl State {
                     "seq {} is older than seq {max} already accepted for this tag",
                     rec.seq
                 );
-                self.finish(change, rec, AckStatus::Superseded, Some(detail), now);
+                self.finish(change, rec, AckStatus::Superseded, Some(detail), now, false);
                 return Ok(());
             }
         }
         change.put_max_seq(&rec.tag_id, rec.seq);
-        if let Some(old) = self.pending.get(&rec.tag_id).cloned() {
-            if let Some(old_rec) = self.store.task(&old.task_id)? {
+        if let Some(old_id) = self.store.pending_of(&rec.tag_id)? {
+            if let Some(old_rec) = self.store.task(&old_id)? {
                 let detail = format!("replaced by task {} (seq {})", rec.task_id, rec.seq);
-                self.finish(change, old_rec, AckStatus::Superseded, Some(detail), now);
+                self.finish(
+                    change,
+                    old_rec,
+                    AckStatus::Superseded,
+                    Some(detail),
+                    now,
+                    true,
+                );
             }
         }
 
         // Rule 6: pending until the tag confirms, the radio gives up, or it expires.
         Counters::bump(&self.counters.tasks_accepted);
         debug!(task_id = %rec.task_id, tag_id = %rec.tag_id, seq = rec.seq, "task pending");
-        self.pending.insert(
-            rec.tag_id.clone(),
-            Pending {
-                task_id: rec.task_id.clone(),
-                content_hash: rec.content_hash.clone(),
-                expires_at: rec.expires_at,
-                in_flight_until: None,
-            },
-        );
+        self.pending_count += 1;
         if self.settings.send_accepted {
             let ack = self.ack_for(&rec, AckStatus::Accepted, None, now);
             self.push_ack(change, &ack);
@@ -546,15 +601,23 @@ impl State {
     ) -> Result<(), StoreError> {
         Counters::bump(&self.counters.checkins);
         let tag = self.tags.entry(c.tag_id.clone()).or_default();
-        tag.battery_mv = c.battery_mv.or(tag.battery_mv);
-        tag.rssi = c.rssi.or(tag.rssi);
-        if c.content_hash.is_some() {
-            tag.content_hash = c.content_hash.clone();
+        let t = &mut tag.rec;
+        t.battery_mv = c.battery_mv.or(t.battery_mv);
+        t.rssi = c.rssi.or(t.rssi);
+        if c.content_hash.is_some() && c.content_hash != t.content_hash {
+            t.content_hash = c.content_hash.clone();
+            tag.saved_at = 0;
         }
-        tag.last_seen = Some(now);
-        change.put_tag(&c.tag_id, tag);
+        t.last_seen = Some(now);
+        if now.saturating_sub(tag.saved_at) >= TAG_SAVE_INTERVAL_MS {
+            change.put_tag(&c.tag_id, &tag.rec);
+            tag.saved_at = now;
+        }
 
-        let Some(p) = self.pending.get(&c.tag_id) else {
+        if self.in_flight.contains_key(&c.tag_id) {
+            return Ok(());
+        }
+        let Some(task_id) = self.store.pending_of(&c.tag_id)? else {
             if self.refresh.remove(&c.tag_id) {
                 if let Some((task_id, content)) = self.store.last_content(&c.tag_id)? {
                     debug!(tag_id = %c.tag_id, %task_id, "refreshing the tag's content");
@@ -570,17 +633,14 @@ impl State {
             }
             return Ok(());
         };
-        if p.in_flight_until.is_some() {
-            return Ok(());
-        }
-        let Some(mut rec) = self.store.task(&p.task_id)? else {
+        let Some(mut rec) = self.store.task(&task_id)? else {
             return Ok(());
         };
-        if c.content_hash.as_deref() == Some(p.content_hash.as_str()) {
+        if c.content_hash.as_deref() == Some(rec.content_hash.as_str()) {
             // The tag already shows this content (e.g. it confirmed just
             // before a crash): never apply it a second time.
             debug!(task_id = %rec.task_id, "tag already shows the content");
-            self.finish(change, rec, AckStatus::Applied, None, now);
+            self.finish(change, rec, AckStatus::Applied, None, now, true);
             return Ok(());
         }
         rec.attempts += 1;
@@ -592,9 +652,13 @@ impl State {
             content: rec.content.clone().into_bytes(),
             content_hash: rec.content_hash.clone(),
         });
-        if let Some(p) = self.pending.get_mut(&c.tag_id) {
-            p.in_flight_until = Some(now + self.settings.delivery_timeout_ms);
-        }
+        self.in_flight.insert(
+            c.tag_id.clone(),
+            InFlight {
+                task_id: rec.task_id.clone(),
+                until: now + self.settings.delivery_timeout_ms,
+            },
+        );
         change.put_task(&rec);
         Ok(())
     }
@@ -602,36 +666,35 @@ impl State {
     /// A delivery could not even be handed to the radio: it was never
     /// attempted, so the attempt is not counted against the task.
     pub fn delivery_not_sent(&mut self, tag_id: &str, task_id: &str) {
-        if let Some(p) = self.pending.get_mut(tag_id) {
-            if p.task_id == task_id {
-                p.in_flight_until = None;
-            }
+        if self
+            .in_flight
+            .get(tag_id)
+            .is_some_and(|f| f.task_id == task_id)
+        {
+            self.in_flight.remove(tag_id);
         }
     }
 
     fn on_outcome(&mut self, o: Outcome, now: u64, change: &mut Change) -> Result<(), StoreError> {
-        let current = self
-            .pending
-            .get(&o.tag_id)
-            .is_some_and(|p| p.task_id == o.task_id);
+        let rec = self.store.task(&o.task_id)?;
         if o.result.is_ok() {
-            if let Some(rec) = self.store.task(&o.task_id)? {
+            if let Some(rec) = &rec {
                 let tag = self.tags.entry(o.tag_id.clone()).or_default();
-                tag.content_hash = Some(rec.content_hash.clone());
-                tag.last_seen = Some(now);
-                change.put_tag(&o.tag_id, tag);
+                tag.rec.content_hash = Some(rec.content_hash.clone());
+                tag.rec.last_seen = Some(now);
+                tag.saved_at = now;
+                change.put_tag(&o.tag_id, &tag.rec);
             }
         }
-        if !current {
+        // A task record in state `Pending` is its tag's pending task.
+        let Some(rec) = rec.filter(|r| r.state == TaskState::Pending && r.tag_id == o.tag_id)
+        else {
             // Superseded, cancelled or expired while in flight.
             debug!(task_id = %o.task_id, ok = o.result.is_ok(), "outcome for a task that is no longer pending");
             return Ok(());
-        }
-        let Some(rec) = self.store.task(&o.task_id)? else {
-            return Ok(());
         };
         match o.result {
-            Ok(()) => self.finish(change, rec, AckStatus::Applied, None, now),
+            Ok(()) => self.finish(change, rec, AckStatus::Applied, None, now, true),
             Err(failure) => {
                 Counters::bump(&self.counters.delivery_failures);
                 self.attempt_failed(change, rec, failure.retryable, failure.reason, now)
@@ -650,60 +713,87 @@ impl State {
     ) {
         if !retryable || rec.attempts >= self.settings.max_attempts {
             let detail = format!("{reason} (after {} attempts)", rec.attempts);
-            self.finish(change, rec, AckStatus::Failed, Some(detail), now);
+            self.finish(change, rec, AckStatus::Failed, Some(detail), now, true);
         } else {
             debug!(task_id = %rec.task_id, attempt = rec.attempts, %reason, "attempt failed, retry at next check-in");
-            if let Some(p) = self.pending.get_mut(&rec.tag_id) {
-                p.in_flight_until = None;
-            }
+            self.delivery_not_sent(&rec.tag_id, &rec.task_id);
         }
     }
 
-    /// Expiry and delivery time-outs.
+    /// Delivery time-outs, then expiry (up to `EXPIRE_LIMIT` per pass; the
+    /// rest at the next pass).
     pub fn sweep(&mut self, now: u64, change: &mut Change) -> Result<(), StoreError> {
-        let due: Vec<(String, Pending)> = self
-            .pending
+        let timed_out: Vec<(String, String)> = self
+            .in_flight
             .iter()
-            .filter(|(_, p)| match p.in_flight_until {
-                Some(until) => until <= now,
-                None => p.expires_at < now,
-            })
-            .map(|(t, p)| (t.clone(), p.clone()))
+            .filter(|(_, f)| f.until <= now)
+            .map(|(tag, f)| (tag.clone(), f.task_id.clone()))
             .collect();
-        for (tag_id, p) in due {
-            let Some(rec) = self.store.task(&p.task_id)? else {
-                self.pending.remove(&tag_id);
-                continue;
-            };
-            if p.in_flight_until.is_some() {
-                Counters::bump(&self.counters.delivery_failures);
-                let reason = format!(
-                    "no confirmation from the radio within {} ms",
-                    self.settings.delivery_timeout_ms
-                );
-                self.attempt_failed(change, rec, true, reason, now);
-            } else {
-                let detail = if self.tags.get(&tag_id).and_then(|t| t.last_seen).is_none() {
-                    "the tag never checked in before the task expired".to_owned()
-                } else {
-                    format!("not confirmed by the tag after {} attempts", rec.attempts)
-                };
-                self.finish(change, rec, AckStatus::Expired, Some(detail), now);
+        for (tag_id, task_id) in timed_out {
+            match self.store.task(&task_id)? {
+                Some(rec) if rec.state == TaskState::Pending => {
+                    Counters::bump(&self.counters.delivery_failures);
+                    let reason = format!(
+                        "no confirmation from the radio within {} ms",
+                        self.settings.delivery_timeout_ms
+                    );
+                    self.attempt_failed(change, rec, true, reason, now);
+                }
+                _ => {
+                    self.in_flight.remove(&tag_id);
+                }
             }
+        }
+        for (expires_at, task_id) in self.store.expiring_before(now, EXPIRE_LIMIT)? {
+            let rec = match self.store.task(&task_id)? {
+                Some(rec) if rec.state == TaskState::Pending => rec,
+                // Finished without its index entry going (not expected):
+                // drop the entry, or the sweep would meet it every pass.
+                _ => {
+                    change.drop_expiry(expires_at, &task_id);
+                    continue;
+                }
+            };
+            if self.in_flight.contains_key(&rec.tag_id) {
+                // Its delivery's outcome or time-out decides first.
+                continue;
+            }
+            let seen = self
+                .tags
+                .get(&rec.tag_id)
+                .and_then(|t| t.rec.last_seen)
+                .is_some();
+            let detail = if seen {
+                format!("not confirmed by the tag after {} attempts", rec.attempts)
+            } else {
+                "the tag never checked in before the task expired".to_owned()
+            };
+            self.finish(change, rec, AckStatus::Expired, Some(detail), now, true);
         }
         Ok(())
     }
 
     /// Tags for status and `tags.list`, sorted by id.
     pub fn tag_views(&self, now: u64) -> Vec<TagView> {
-        let mut ids: Vec<&String> = self.tags.keys().chain(self.pending.keys()).collect();
-        ids.sort();
+        // A store error only hides tags that have never checked in.
+        let pending = self.store.pending_tags().unwrap_or_default();
+        let mut ids: Vec<&str> = self
+            .tags
+            .keys()
+            .map(String::as_str)
+            .chain(pending.iter().map(String::as_str))
+            .collect();
+        ids.sort_unstable();
         ids.dedup();
         ids.into_iter().map(|id| self.tag_view(id, now)).collect()
     }
 
     pub fn tag_view(&self, tag_id: &str, now: u64) -> TagView {
-        let t = self.tags.get(tag_id).cloned().unwrap_or_default();
+        let t = self
+            .tags
+            .get(tag_id)
+            .map(|t| t.rec.clone())
+            .unwrap_or_default();
         TagView {
             tag_id: tag_id.to_owned(),
             online: t
@@ -713,7 +803,7 @@ impl State {
             rssi: t.rssi,
             content_hash: t.content_hash,
             last_seen: t.last_seen,
-            pending_task: self.pending.get(tag_id).map(|p| p.task_id.clone()),
+            pending_task: self.store.pending_of(tag_id).ok().flatten(),
         }
     }
 
@@ -774,37 +864,13 @@ impl State {
                     AckStatus::Failed,
                     Some("cancelled".into()),
                     now,
+                    true,
                 );
                 Ok(true)
             }
             _ => Ok(false),
         }
     }
-}
-
-/// The pending set as the store has it; in-flight deadlines are taken from
-/// `previous` where it has the same task in flight.
-fn pending_from(
-    store: &Store,
-    previous: &HashMap<String, Pending>,
-) -> Result<HashMap<String, Pending>, StoreError> {
-    let mut pending = HashMap::new();
-    for t in store.pending_tasks()? {
-        let in_flight_until = previous
-            .get(&t.tag_id)
-            .filter(|p| p.task_id == t.task_id)
-            .and_then(|p| p.in_flight_until);
-        pending.insert(
-            t.tag_id.clone(),
-            Pending {
-                task_id: t.task_id,
-                content_hash: t.content_hash,
-                expires_at: t.expires_at,
-                in_flight_until,
-            },
-        );
-    }
-    Ok(pending)
 }
 
 pub fn now_ms() -> u64 {
@@ -1003,6 +1069,11 @@ impl Engine {
         // the broker does not send those messages again after the restart.
         // After a fault nothing is released: what was held is not on disk.
         if fault.is_none() {
+            let mut change = Change::new();
+            self.state.save_tags(&mut change);
+            if let Err(e) = self.store.apply(change) {
+                warn!(error = %e, "saving the tags' last check-ins failed");
+            }
             match self.store.flush().await {
                 Ok(_) => {
                     releasable.extend(held.drain(..).map(|m| m.token));
@@ -1456,6 +1527,70 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("never checked in"));
+    }
+
+    #[tokio::test]
+    async fn a_mass_expiry_is_spread_over_passes_oldest_first() {
+        let mut f = Fixture::new();
+        let n = EXPIRE_LIMIT + 5;
+        for i in 0..n {
+            let mut t = task(&format!("t{i:05}"), &format!("tag{i:05}"), 1);
+            // Later tasks expire earlier: the sweep must follow expiry, not ids.
+            t["ttl_ms"] = json!(60_000 - i as u64);
+            f.task(t, NOW);
+        }
+        assert_eq!(f.state.pending_len(), n);
+        f.sweep(NOW + 60_001);
+        let first = f.statuses().await;
+        assert_eq!(
+            first.len(),
+            EXPIRE_LIMIT,
+            "one pass expires at most the limit"
+        );
+        assert!(first.iter().all(|(_, s)| s == "expired"));
+        assert_eq!(
+            first[0].0,
+            format!("t{:05}", n - 1),
+            "earliest expiry first"
+        );
+        assert_eq!(f.state.pending_len(), 5);
+        f.sweep(NOW + 60_002);
+        assert_eq!(f.statuses().await.len(), 5, "the rest at the next pass");
+        assert_eq!(f.state.pending_len(), 0);
+        assert!(f.store.expiring_before(u64::MAX, 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn check_in_reports_are_written_when_they_change_or_once_a_minute() {
+        let mut f = Fixture::new();
+        let saved = |f: &Fixture| {
+            f.store
+                .tags()
+                .unwrap()
+                .into_iter()
+                .find(|(id, _)| id == "A")
+                .and_then(|(_, t)| t.last_seen)
+        };
+        f.radio(checkin("A", None), NOW);
+        assert_eq!(saved(&f), Some(NOW), "the first check-in is written");
+        f.radio(checkin("A", None), NOW + 1_000);
+        assert_eq!(saved(&f), Some(NOW), "an unchanged report waits");
+        assert_eq!(
+            f.state.tag_view("A", NOW + 1_000).last_seen,
+            Some(NOW + 1_000),
+            "status shows the live value"
+        );
+        f.radio(checkin("A", Some("beef")), NOW + 2_000);
+        assert_eq!(
+            saved(&f),
+            Some(NOW + 2_000),
+            "new content is written at once"
+        );
+        f.radio(
+            checkin("A", Some("beef")),
+            NOW + 2_000 + TAG_SAVE_INTERVAL_MS,
+        );
+        assert_eq!(saved(&f), Some(NOW + 2_000 + TAG_SAVE_INTERVAL_MS));
     }
 
     #[tokio::test]

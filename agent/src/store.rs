@@ -13,14 +13,22 @@
 //! |--------------------------|----------------|---------------------------------------|
 //! | `t` task_id              | [`TaskRecord`] | every task, pending or final          |
 //! | `p` tag_id               | task_id        | the one pending task of a tag         |
+//! | `x` expires_at task_id   | (empty)        | pending tasks by expiry, for the sweep |
 //! | `s` tag_id               | u64            | highest `seq` accepted for the tag    |
 //! | `f` final_at task_id     | (empty)        | finished tasks by age, for pruning    |
 //! | `o` n                    | [`OutboxEntry`]| ack/reply waiting for the broker      |
 //! | `g` tag_id               | [`TagRecord`]  | last check-in report (best effort)    |
 //! | `c` tag_id               | task_id, content | last content the tag confirmed      |
 //! | `mo`                     | u64            | next outbox number                    |
+//! | `mx`                     | (empty)        | the `x` index is complete             |
 //!
-//! The engine is the only writer of `t`, `p`, `s`, `f`, `g`; the MQTT link
+//! Pending tasks are not mirrored in memory: the engine asks `p` at a
+//! check-in and scans `x` up to now for expiry, so the agent's memory does
+//! not grow with the number of pending tasks. A task record is `Pending`
+//! exactly while `p` names it and its `x` entry exists; [`Change::put_task`]
+//! keeps the three together.
+//!
+//! The engine is the only writer of `t`, `p`, `s`, `x`, `f`, `g`; the MQTT link
 //! only removes `o` entries once the broker PUBACKed them.
 //!
 //! Faults: after one failed write (a full disk, an I/O error) sled refuses
@@ -110,7 +118,19 @@ fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
     k
 }
 
+/// `x` expires_at task_id: orders pending tasks by expiry.
+fn expiry_key(record: &TaskRecord) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + record.task_id.len());
+    k.push(b'x');
+    k.extend_from_slice(&record.expires_at.to_be_bytes());
+    k.extend_from_slice(record.task_id.as_bytes());
+    k
+}
+
 const NEXT_OUTBOX_KEY: &[u8] = b"mo";
+/// Present once every pending task has its `x` entry (stores written before
+/// the index existed get it built at open).
+const EXPIRY_INDEX_KEY: &[u8] = b"mx";
 
 /// How long opening waits for sled's file lock, and how often it looks.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -150,10 +170,13 @@ impl Change {
         self.batch
             .insert(key(b't', record.task_id.as_bytes()), encode(record));
         match &record.state {
-            TaskState::Pending => self.batch.insert(
-                key(b'p', record.tag_id.as_bytes()),
-                record.task_id.as_bytes(),
-            ),
+            TaskState::Pending => {
+                self.batch.insert(
+                    key(b'p', record.tag_id.as_bytes()),
+                    record.task_id.as_bytes(),
+                );
+                self.batch.insert(expiry_key(record), &[][..]);
+            }
             TaskState::Final(f) => {
                 let mut k = f.at.to_be_bytes().to_vec();
                 k.extend_from_slice(record.task_id.as_bytes());
@@ -162,10 +185,25 @@ impl Change {
         }
     }
 
-    /// The tag no longer has a pending task.
-    pub fn clear_pending(&mut self, tag_id: &str) {
+    /// `record`, which was the pending task of its tag, is not any more (it
+    /// is being finished): drops it from the pending index and the expiry
+    /// index. The caller writes the final record with [`Change::put_task`].
+    pub fn clear_pending(&mut self, record: &TaskRecord) {
         self.empty = false;
-        self.batch.remove(key(b'p', tag_id.as_bytes()));
+        self.batch.remove(key(b'p', record.tag_id.as_bytes()));
+        self.batch.remove(expiry_key(record));
+    }
+
+    /// Drops an expiry index entry whose task is no longer pending (found
+    /// by [`Store::expiring_before`]; normally [`Change::clear_pending`]
+    /// removes it with the task).
+    pub fn drop_expiry(&mut self, expires_at: u64, task_id: &str) {
+        self.empty = false;
+        let mut k = Vec::with_capacity(9 + task_id.len());
+        k.push(b'x');
+        k.extend_from_slice(&expires_at.to_be_bytes());
+        k.extend_from_slice(task_id.as_bytes());
+        self.batch.remove(k);
     }
 
     pub fn put_max_seq(&mut self, tag_id: &str, seq: u64) {
@@ -267,6 +305,7 @@ impl Store {
             Some(v) => u64_from(NEXT_OUTBOX_KEY, &v)?,
             None => 0,
         };
+        Self::ensure_expiry_index(&db)?;
         let outbox_len = db.scan_prefix([b'o']).count() as u64;
         self.next_outbox.store(next_outbox, Ordering::SeqCst);
         self.durable_outbox.store(next_outbox, Ordering::SeqCst);
@@ -379,27 +418,90 @@ impl Store {
         }
     }
 
-    /// Every pending task, for the engine's start-up.
-    pub fn pending_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+    /// The id of the tag's pending task, if it has one.
+    pub fn pending_of(&self, tag_id: &str) -> Result<Option<String>, StoreError> {
+        let k = key(b'p', tag_id.as_bytes());
+        match self.db()?.get(&k)? {
+            Some(v) => Ok(Some(string_from(&k, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// How many tags have a pending task (one scan of the `p` keys; for
+    /// start-up and after a reopen).
+    pub fn pending_count(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.db()?.scan_prefix([b'p']) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Every tag that has a pending task, in id order.
+    pub fn pending_tags(&self) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
         for item in self.db()?.scan_prefix([b'p']) {
-            let (k, task_id) = item?;
-            let task_id = String::from_utf8_lossy(&task_id).into_owned();
-            match self.task(&task_id)? {
-                Some(t) if t.state == TaskState::Pending => out.push(t),
-                // An index entry without its pending record cannot be acted
-                // on; report it rather than guess.
-                _ => {
-                    return Err(StoreError::Corrupt {
-                        key: String::from_utf8_lossy(&k).into_owned(),
-                        reason: format!(
-                            "pending index points at {task_id:?}, which is not pending"
-                        ),
-                    })
-                }
-            }
+            let (k, _) = item?;
+            out.push(string_from(&k, &k[1..])?);
         }
         Ok(out)
+    }
+
+    /// Up to `limit` pending tasks that expire before `now`, oldest expiry
+    /// first, as `(expires_at, task_id)`. An index entry whose task is no
+    /// longer pending is the caller's to drop (see [`Change::drop_expiry`]).
+    pub fn expiring_before(
+        &self,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db()?
+            .range(vec![b'x']..key(b'x', &now.to_be_bytes()))
+            .take(limit)
+        {
+            let (k, _) = item?;
+            if k.len() < 9 {
+                return Err(corrupt(&k, "expiry index key shorter than 9 bytes"));
+            }
+            let at = u64_from(&k, &k[1..9])?;
+            out.push((at, string_from(&k, &k[9..])?));
+        }
+        Ok(out)
+    }
+
+    /// Builds the `x` index of a store written before it existed (once; a
+    /// marker key says it is complete). Pending tasks written since always
+    /// have their entry.
+    fn ensure_expiry_index(db: &sled::Db) -> Result<(), StoreError> {
+        if db.contains_key(EXPIRY_INDEX_KEY)? {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for item in db.scan_prefix([b'p']) {
+            let (k, task_id) = item?;
+            let tk = key(b't', &task_id);
+            match db.get(&tk)? {
+                Some(v) => {
+                    let rec: TaskRecord = decode(&tk, &v)?;
+                    if rec.state == TaskState::Pending {
+                        batch.insert(expiry_key(&rec), &[][..]);
+                        continue;
+                    }
+                    return Err(corrupt(
+                        &k,
+                        "pending index points at a task that is not pending",
+                    ));
+                }
+                None => return Err(corrupt(&k, "pending index points at a missing task")),
+            }
+        }
+        batch.insert(EXPIRY_INDEX_KEY, &[][..]);
+        db.apply_batch(batch)?;
+        db.flush()?;
+        Ok(())
     }
 
     /// The last task and content a tag confirmed.
@@ -523,6 +625,17 @@ fn injected_error() -> StoreError {
     )))
 }
 
+fn corrupt(k: &[u8], reason: &str) -> StoreError {
+    StoreError::Corrupt {
+        key: String::from_utf8_lossy(k).into_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+fn string_from(k: &[u8], v: &[u8]) -> Result<String, StoreError> {
+    String::from_utf8(v.to_vec()).map_err(|_| corrupt(k, "not UTF-8"))
+}
+
 fn u64_from(k: &[u8], v: &[u8]) -> Result<u64, StoreError> {
     let bytes: [u8; 8] = v.try_into().map_err(|_| StoreError::Corrupt {
         key: String::from_utf8_lossy(k).into_owned(),
@@ -586,7 +699,8 @@ mod tests {
             store.flush().await.unwrap();
         }
         let store = Store::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(store.pending_tasks().unwrap().len(), 1);
+        assert_eq!(store.pending_count().unwrap(), 1);
+        assert_eq!(store.pending_of("A").unwrap().as_deref(), Some("t1"));
         assert_eq!(store.max_seq("A").unwrap(), Some(7));
         assert_eq!(store.outbox_len(), 1);
         // Numbering continues after a restart, so order is kept.
@@ -623,6 +737,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pending_tasks_are_found_by_expiry_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let mut c = Change::new();
+        for (task, tag, expires_at) in [("t1", "A", 30), ("t2", "B", 10), ("t3", "C", 20)] {
+            let mut r = record(task, tag, TaskState::Pending);
+            r.expires_at = expires_at;
+            c.put_task(&r);
+        }
+        store.apply(c).unwrap();
+        assert_eq!(
+            store.expiring_before(21, 10).unwrap(),
+            vec![(10, "t2".to_owned()), (20, "t3".to_owned())]
+        );
+        assert_eq!(
+            store.expiring_before(20, 10).unwrap().len(),
+            1,
+            "before, not at"
+        );
+        assert_eq!(
+            store.expiring_before(u64::MAX, 2).unwrap().len(),
+            2,
+            "limit"
+        );
+        assert_eq!(store.pending_tags().unwrap(), vec!["A", "B", "C"]);
+    }
+
+    #[tokio::test]
+    async fn a_store_without_the_expiry_index_gets_it_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A store as written before the index existed: `t` and `p` only.
+            let db = sled::open(dir.path()).unwrap();
+            let mut r = record("t1", "A", TaskState::Pending);
+            r.expires_at = 50;
+            db.insert(key(b't', b"t1"), encode(&r)).unwrap();
+            db.insert(key(b'p', b"A"), &b"t1"[..]).unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            store.expiring_before(51, 10).unwrap(),
+            vec![(50, "t1".to_owned())]
+        );
+    }
+
+    #[tokio::test]
     async fn final_tasks_leave_the_pending_index_and_can_be_pruned() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
@@ -639,9 +800,14 @@ mod tests {
                 detail: None,
             }),
         ));
-        c.clear_pending("A");
+        c.clear_pending(&record("t1", "A", TaskState::Pending));
         store.apply(c).unwrap();
-        assert!(store.pending_tasks().unwrap().is_empty());
+        assert_eq!(store.pending_count().unwrap(), 0);
+        assert_eq!(store.pending_of("A").unwrap(), None);
+        assert!(
+            store.expiring_before(u64::MAX, 10).unwrap().is_empty(),
+            "the expiry index entry goes with the pending one"
+        );
         assert!(store.task("t1").unwrap().is_some());
         assert_eq!(
             store.prune_final(100, 10).unwrap(),
