@@ -914,6 +914,9 @@ impl Engine {
         // recorded, replayed after the reopen: a tag's confirmation must not
         // be lost. (Check-ins are not kept: the tag checks in again.)
         let mut radio_held: Vec<RadioEvent> = Vec::new();
+        // Radio outcomes recorded since the last good flush: if that flush
+        // fails they are not on disk and join `radio_held`.
+        let mut radio_unflushed: Vec<RadioEvent> = Vec::new();
         // PUBACKs of durable messages the link had no room for yet.
         let mut releasable: VecDeque<AckToken> = VecDeque::new();
         // Replies to local commands, sent once their changes are durable.
@@ -967,6 +970,9 @@ impl Engine {
                             match self.record_radio(event.clone(), &mut deliveries) {
                                 Ok(needs_flush) => {
                                     unflushed |= needs_flush;
+                                    if matches!(event, RadioEvent::Outcome(_)) {
+                                        radio_unflushed.push(event);
+                                    }
                                     continue;
                                 }
                                 Err(e) => self.store_failed(&mut fault, e, "store write failed while handling a radio event"),
@@ -995,7 +1001,11 @@ impl Engine {
                     Query::Command { payload, reply } => {
                         let mut change = Change::new();
                         let result = crate::commands::handle_local(&mut self.state, &payload, now_ms(), &mut change);
+                        let changed = !change.is_empty();
                         match result.and_then(|json| self.store.apply(change).map(|_| json)) {
+                            // A read-only command (status, listings) needs no
+                            // flush; the caller may have hung up.
+                            Ok(json) if !changed => drop(reply.send(json)),
                             Ok(json) => {
                                 held_replies.push((reply, json));
                                 unflushed = true;
@@ -1055,13 +1065,22 @@ impl Engine {
                     Ok(_) => {
                         Counters::bump(&self.counters.store_flushes);
                         unflushed = false;
+                        radio_unflushed.clear();
                         self.release(&mut held, &mut releasable);
                         for (reply, json) in held_replies.drain(..) {
                             // The caller may have hung up; nothing to do then.
                             let _ = reply.send(json);
                         }
                     }
-                    Err(e) => self.store_failed(&mut fault, e, "store flush failed"),
+                    Err(e) => {
+                        // What the flush should have covered is not on
+                        // disk: outcomes are recorded again after the
+                        // reopen, and local callers get no answer (their
+                        // change is lost; they may ask again).
+                        radio_held.append(&mut radio_unflushed);
+                        held_replies.clear();
+                        self.store_failed(&mut fault, e, "store flush failed");
+                    }
                 }
             }
         }

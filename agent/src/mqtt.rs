@@ -219,6 +219,10 @@ impl Link {
                 _ = tokio::time::sleep_until(reconnect_at.unwrap_or(far_future)), if reconnect_at.is_some() => {
                     reconnect_at = None;
                 }
+                // New acks are stored (at most once per engine flush): ahead
+                // of the busy branches below, or a burst of tasks, which
+                // keeps them ready, holds the acks back until it ends.
+                _ = self.outbox_wake.notified(), if state.connected => self.fill_outbox(&client, &mut tracker),
                 // Released PUBACKs go before reading more from the broker: a
                 // broker with a large in-flight window must not starve them.
                 token = self.puback_rx.recv(), if unsent_pubacks.is_empty() => match token {
@@ -303,7 +307,6 @@ impl Link {
                         Err(e) => debug!(error = %e, "status report not queued"),
                     }
                 }
-                _ = self.outbox_wake.notified(), if state.connected => self.fill_outbox(&client, &mut tracker),
                 _ = resend.tick(), if state.connected => self.resend_overdue(&client, &mut tracker),
             }
         }

@@ -7,6 +7,13 @@
 //! and callers must not PUBACK or publish acks that depend on a change before
 //! that (PROTOCOL §4 rule 1).
 //!
+//! Group commit reaches sled: applied changes are staged in memory (reads
+//! see them at once) and handed to sled as **one** `apply_batch` when the
+//! store is flushed, or before any scan. sled 0.34 writes its log at every
+//! `apply_batch` call (two `pwrite` + `sync_file_range` each, measured), so
+//! one call per task cost more CPU than everything else the agent does per
+//! task; one call per flush costs that once per group (docs/BENCHMARKS.md).
+//!
 //! Key layout (all integers big-endian so that sled's order is numeric):
 //!
 //! | key                      | value          | meaning                               |
@@ -38,9 +45,10 @@
 //! fault), and let the engine rebuild its view from that. Between the two,
 //! every call returns [`StoreError::Closed`].
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -128,6 +136,10 @@ fn expiry_key(record: &TaskRecord) -> Vec<u8> {
 }
 
 const NEXT_OUTBOX_KEY: &[u8] = b"mo";
+/// Staged keys that make [`Store::apply`] commit without waiting for a
+/// flush (changes that need no flush, e.g. check-in reports, would
+/// otherwise pile up in memory).
+const STAGED_MAX: usize = 4096;
 /// Present once every pending task has its `x` entry (stores written before
 /// the index existed get it built at open).
 const EXPIRY_INDEX_KEY: &[u8] = b"mx";
@@ -152,7 +164,8 @@ fn decode<'a, T: Deserialize<'a>>(k: &[u8], bytes: &'a [u8]) -> Result<T, StoreE
 /// Changes to apply atomically. Built by the engine, applied by the store.
 #[derive(Default)]
 pub struct Change {
-    batch: sled::Batch,
+    /// Key → new value (`None` = remove), in the order written.
+    writes: Vec<(Vec<u8>, Option<sled::IVec>)>,
     outbox: Vec<OutboxEntry>,
     empty: bool,
 }
@@ -165,22 +178,31 @@ impl Change {
         }
     }
 
+    fn insert(&mut self, k: Vec<u8>, v: impl Into<sled::IVec>) {
+        self.empty = false;
+        self.writes.push((k, Some(v.into())));
+    }
+
+    fn remove(&mut self, k: Vec<u8>) {
+        self.empty = false;
+        self.writes.push((k, None));
+    }
+
     pub fn put_task(&mut self, record: &TaskRecord) {
         self.empty = false;
-        self.batch
-            .insert(key(b't', record.task_id.as_bytes()), encode(record));
+        self.insert(key(b't', record.task_id.as_bytes()), encode(record));
         match &record.state {
             TaskState::Pending => {
-                self.batch.insert(
+                self.insert(
                     key(b'p', record.tag_id.as_bytes()),
                     record.task_id.as_bytes(),
                 );
-                self.batch.insert(expiry_key(record), &[][..]);
+                self.insert(expiry_key(record), &[][..]);
             }
             TaskState::Final(f) => {
                 let mut k = f.at.to_be_bytes().to_vec();
                 k.extend_from_slice(record.task_id.as_bytes());
-                self.batch.insert(key(b'f', &k), &[][..]);
+                self.insert(key(b'f', &k), &[][..]);
             }
         }
     }
@@ -190,8 +212,8 @@ impl Change {
     /// index. The caller writes the final record with [`Change::put_task`].
     pub fn clear_pending(&mut self, record: &TaskRecord) {
         self.empty = false;
-        self.batch.remove(key(b'p', record.tag_id.as_bytes()));
-        self.batch.remove(expiry_key(record));
+        self.remove(key(b'p', record.tag_id.as_bytes()));
+        self.remove(expiry_key(record));
     }
 
     /// Drops an expiry index entry whose task is no longer pending (found
@@ -203,25 +225,24 @@ impl Change {
         k.push(b'x');
         k.extend_from_slice(&expires_at.to_be_bytes());
         k.extend_from_slice(task_id.as_bytes());
-        self.batch.remove(k);
+        self.remove(k);
     }
 
     pub fn put_max_seq(&mut self, tag_id: &str, seq: u64) {
         self.empty = false;
-        self.batch
-            .insert(key(b's', tag_id.as_bytes()), &seq.to_be_bytes()[..]);
+        self.insert(key(b's', tag_id.as_bytes()), &seq.to_be_bytes()[..]);
     }
 
     pub fn put_tag(&mut self, tag_id: &str, tag: &TagRecord) {
         self.empty = false;
-        self.batch.insert(key(b'g', tag_id.as_bytes()), encode(tag));
+        self.insert(key(b'g', tag_id.as_bytes()), encode(tag));
     }
 
     /// Remembers what a tag displays, for `tag.refresh`.
     pub fn put_last_content(&mut self, tag_id: &str, task_id: &str, content: &str) {
         self.empty = false;
         let value = encode(&(task_id, content));
-        self.batch.insert(key(b'c', tag_id.as_bytes()), value);
+        self.insert(key(b'c', tag_id.as_bytes()), value);
     }
 
     /// Queues a message for the broker; it gets its outbox number in
@@ -250,6 +271,9 @@ pub struct Store {
     /// full); the reopen after those clears it.
     #[cfg(test)]
     injected_fault: std::sync::Mutex<Option<u32>>,
+    /// Changes applied since the last commit: read before sled, committed
+    /// as one batch by [`Store::flush`] (or before a scan, or when large).
+    staged: Mutex<HashMap<Vec<u8>, Option<sled::IVec>>>,
     next_outbox: AtomicU64,
     /// Outbox entries numbered below this are on disk. The link publishes
     /// only those: an ack must never reach the back end before the state
@@ -270,6 +294,7 @@ impl Store {
             db: RwLock::new(None),
             #[cfg(test)]
             injected_fault: Default::default(),
+            staged: Mutex::new(HashMap::new()),
             next_outbox: AtomicU64::new(0),
             durable_outbox: AtomicU64::new(0),
             outbox_len: AtomicU64::new(0),
@@ -337,6 +362,8 @@ impl Store {
     /// while another thread still holds the old handle (sled's file lock).
     pub fn reopen(&self) -> Result<(), StoreError> {
         let old = self.db.write().unwrap_or_else(|e| e.into_inner()).take();
+        // Not on disk, so gone with the fault like any unflushed change.
+        self.staged_map().clear();
         // Dropping the last handle stops sled's flusher thread and releases
         // the file lock that the new open takes.
         drop(old);
@@ -362,9 +389,18 @@ impl Store {
         *self.injected_fault.lock().unwrap() = Some(failing_reopens);
     }
 
-    /// Applies one change atomically (visible at once, durable after the
-    /// next [`Store::flush`]). Returns the outbox numbers it assigned.
+    fn staged_map(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Option<sled::IVec>>> {
+        // Poisoned only if a thread panicked while holding it; the map is
+        // still consistent (every operation on it is a single insert/take).
+        self.staged.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies one change (visible to this store's reads at once, handed to
+    /// sled with the others at the next commit, durable after the next
+    /// [`Store::flush`]). Returns the outbox numbers it assigned.
     pub fn apply(&self, mut change: Change) -> Result<Vec<u64>, StoreError> {
+        // A closed store takes nothing (the caller holds its messages).
+        self.db()?;
         let mut numbers = Vec::with_capacity(change.outbox.len());
         if !change.outbox.is_empty() {
             // Only the engine applies changes, so numbers are handed out by
@@ -372,22 +408,58 @@ impl Store {
             let first = self
                 .next_outbox
                 .fetch_add(change.outbox.len() as u64, Ordering::SeqCst);
-            for (i, entry) in change.outbox.iter().enumerate() {
+            for (i, entry) in std::mem::take(&mut change.outbox).iter().enumerate() {
                 let n = first + i as u64;
-                change
-                    .batch
-                    .insert(key(b'o', &n.to_be_bytes()), encode(entry));
+                change.insert(key(b'o', &n.to_be_bytes()), encode(entry));
                 numbers.push(n);
             }
-            let next = first + change.outbox.len() as u64;
-            change
-                .batch
-                .insert(NEXT_OUTBOX_KEY, &next.to_be_bytes()[..]);
+            let next = first + numbers.len() as u64;
+            change.insert(NEXT_OUTBOX_KEY.to_vec(), &next.to_be_bytes()[..]);
         }
-        self.db()?.apply_batch(change.batch)?;
+        let large = {
+            let mut staged = self.staged_map();
+            staged.extend(change.writes);
+            staged.len() >= STAGED_MAX
+        };
         self.outbox_len
             .fetch_add(numbers.len() as u64, Ordering::Relaxed);
+        if large {
+            self.commit()?;
+        }
         Ok(numbers)
+    }
+
+    /// Hands the staged changes to sled as one atomic batch (not flushed).
+    fn commit(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let staged = std::mem::take(&mut *self.staged_map());
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in staged {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// One key: the staged value if there is one, else sled's.
+    fn get(&self, k: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
+        if let Some(v) = self.staged_map().get(k) {
+            return Ok(v.clone());
+        }
+        Ok(self.db()?.get(k)?)
+    }
+
+    /// The database for a scan, with everything staged committed first (so
+    /// the scan sees it).
+    fn scan_db(&self) -> Result<sled::Db, StoreError> {
+        self.commit()?;
+        self.db()
     }
 
     /// Makes every applied change durable (survives a process crash; see
@@ -396,6 +468,7 @@ impl Store {
     pub async fn flush(&self) -> Result<usize, StoreError> {
         // Entries applied before this point are covered by the flush below.
         let covered = self.next_outbox.load(Ordering::SeqCst);
+        self.commit()?;
         let db = self.db()?;
         let bytes = db.flush_async().await?;
         self.durable_outbox.fetch_max(covered, Ordering::SeqCst);
@@ -404,7 +477,7 @@ impl Store {
 
     pub fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
         let k = key(b't', task_id.as_bytes());
-        match self.db()?.get(&k)? {
+        match self.get(&k)? {
             Some(v) => Ok(Some(decode(&k, &v)?)),
             None => Ok(None),
         }
@@ -412,7 +485,7 @@ impl Store {
 
     pub fn max_seq(&self, tag_id: &str) -> Result<Option<u64>, StoreError> {
         let k = key(b's', tag_id.as_bytes());
-        match self.db()?.get(&k)? {
+        match self.get(&k)? {
             Some(v) => Ok(Some(u64_from(&k, &v)?)),
             None => Ok(None),
         }
@@ -421,7 +494,7 @@ impl Store {
     /// The id of the tag's pending task, if it has one.
     pub fn pending_of(&self, tag_id: &str) -> Result<Option<String>, StoreError> {
         let k = key(b'p', tag_id.as_bytes());
-        match self.db()?.get(&k)? {
+        match self.get(&k)? {
             Some(v) => Ok(Some(string_from(&k, &v)?)),
             None => Ok(None),
         }
@@ -431,7 +504,7 @@ impl Store {
     /// start-up and after a reopen).
     pub fn pending_count(&self) -> Result<usize, StoreError> {
         let mut n = 0;
-        for item in self.db()?.scan_prefix([b'p']) {
+        for item in self.scan_db()?.scan_prefix([b'p']) {
             item?;
             n += 1;
         }
@@ -441,7 +514,7 @@ impl Store {
     /// Every tag that has a pending task, in id order.
     pub fn pending_tags(&self) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
-        for item in self.db()?.scan_prefix([b'p']) {
+        for item in self.scan_db()?.scan_prefix([b'p']) {
             let (k, _) = item?;
             out.push(string_from(&k, &k[1..])?);
         }
@@ -458,7 +531,7 @@ impl Store {
     ) -> Result<Vec<(u64, String)>, StoreError> {
         let mut out = Vec::new();
         for item in self
-            .db()?
+            .scan_db()?
             .range(vec![b'x']..key(b'x', &now.to_be_bytes()))
             .take(limit)
         {
@@ -507,7 +580,7 @@ impl Store {
     /// The last task and content a tag confirmed.
     pub fn last_content(&self, tag_id: &str) -> Result<Option<(String, String)>, StoreError> {
         let k = key(b'c', tag_id.as_bytes());
-        match self.db()?.get(&k)? {
+        match self.get(&k)? {
             Some(v) => Ok(Some(decode(&k, &v)?)),
             None => Ok(None),
         }
@@ -516,7 +589,7 @@ impl Store {
     /// Every tag's last check-in, for the engine's start-up.
     pub fn tags(&self) -> Result<Vec<(String, TagRecord)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.db()?.scan_prefix([b'g']) {
+        for item in self.scan_db()?.scan_prefix([b'g']) {
             let (k, v) = item?;
             let tag_id = String::from_utf8_lossy(&k[1..]).into_owned();
             out.push((tag_id, decode(&k, &v)?));
@@ -540,7 +613,7 @@ impl Store {
             None => vec![b't'],
         };
         let mut out = Vec::new();
-        for item in self.db()?.range(start..vec![b't' + 1]) {
+        for item in self.scan_db()?.range(start..vec![b't' + 1]) {
             if out.len() >= limit {
                 break;
             }
@@ -598,15 +671,17 @@ impl Store {
     pub fn prune_final(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let end = key(b'f', &cutoff_ms.to_be_bytes());
         let mut removed = 0;
-        let db = self.db()?;
+        let db = self.scan_db()?;
+        // One batch for the pass (sled writes its log once per batch).
+        let mut batch = sled::Batch::default();
         for item in db.range(vec![b'f']..end).take(limit) {
             let (k, _) = item?;
-            let task_id = &k[9..];
-            let mut batch = sled::Batch::default();
-            batch.remove(key(b't', task_id));
+            batch.remove(key(b't', &k[9..]));
             batch.remove(k);
-            db.apply_batch(batch)?;
             removed += 1;
+        }
+        if removed > 0 {
+            db.apply_batch(batch)?;
         }
         Ok(removed)
     }
@@ -734,6 +809,42 @@ mod tests {
         );
         assert_eq!(store.outbox_len(), 4);
         assert_eq!(store.outbox_after(None, 1).unwrap()[0].0, 1);
+    }
+
+    #[tokio::test]
+    async fn applied_changes_are_read_at_once_and_reach_sled_in_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        for (task, tag) in [("t1", "A"), ("t2", "B")] {
+            let mut c = Change::new();
+            c.put_task(&record(task, tag, TaskState::Pending));
+            store.apply(c).unwrap();
+        }
+        let in_sled = |k: &[u8]| store.db().unwrap().get(k).unwrap().is_some();
+        assert!(
+            store.task("t1").unwrap().is_some(),
+            "visible before the flush"
+        );
+        assert!(!in_sled(b"tt1"), "staged, not handed to sled one by one");
+        let mut c = Change::new();
+        c.clear_pending(&record("t1", "A", TaskState::Pending));
+        store.apply(c).unwrap();
+        assert_eq!(
+            store.pending_of("A").unwrap(),
+            None,
+            "a staged removal hides the key"
+        );
+        store.flush().await.unwrap();
+        assert!(in_sled(b"tt1") && in_sled(b"tt2") && in_sled(b"pB"));
+        assert!(!in_sled(b"pA"));
+        assert!(store.staged_map().is_empty());
+        // A staged change is not durable: a reopen (after a fault) drops it.
+        let mut c = Change::new();
+        c.put_task(&record("t3", "C", TaskState::Pending));
+        store.apply(c).unwrap();
+        store.reopen().unwrap();
+        assert!(store.task("t3").unwrap().is_none());
+        assert!(store.task("t2").unwrap().is_some());
     }
 
     #[tokio::test]
