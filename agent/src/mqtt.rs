@@ -168,6 +168,9 @@ struct OutboxTracker {
     sent_at: BTreeMap<u64, Instant>,
     /// Highest outbox number published on this connection.
     cursor: Option<u64>,
+    /// rumqttc's request channel was full at the last fill: fill again once
+    /// the event loop has drained it (no PUBACK or wake may come to do it).
+    blocked: bool,
 }
 
 pub struct Link {
@@ -234,8 +237,12 @@ impl Link {
                     None => break,
                 },
                 event = eventloop.poll(), if reconnect_at.is_none() => {
-                    // The poll drained requests: room for held PUBACKs.
+                    // The poll drained requests: room for held PUBACKs and
+                    // for acks that did not fit before.
                     self.release_pubacks(&client, &mut unsent_pubacks, state);
+                    if tracker.blocked && state.connected {
+                        self.fill_outbox(&client, &mut tracker);
+                    }
                     match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         state = LinkState { connected: true, epoch: state.epoch + 1 };
@@ -419,6 +426,7 @@ impl Link {
 
     /// Publishes outbox entries, oldest first, until the window is full.
     fn fill_outbox(&self, client: &AsyncClient, tracker: &mut OutboxTracker) {
+        tracker.blocked = false;
         loop {
             let room = self.settings.window.saturating_sub(tracker.sent_at.len());
             if room == 0 {
@@ -438,7 +446,8 @@ impl Link {
                 if let Err(e) =
                     client.try_publish(entry.topic, QoS::AtLeastOnce, false, entry.payload)
                 {
-                    debug!(error = %e, "outbox publish not queued; retried later");
+                    debug!(error = %e, "outbox publish not queued; retried after the next event-loop turn");
+                    tracker.blocked = true;
                     return;
                 }
                 tracker.awaiting_pkid.push_back(Some(n));

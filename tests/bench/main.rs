@@ -79,7 +79,7 @@ impl Size {
             rate_secs: 1,
             e2e_tags: 50,
             checkin_ms: 10,
-            saturation: 1_000,
+            saturation: 3_000,
             inflight: 1000,
             outbox_window: 32,
             json: None,
