@@ -483,7 +483,10 @@ impl State {
         }
 
         // Rule 5: per-tag order.
-        let max_seq = self.store.max_seq(&rec.tag_id)?;
+        let (max_seq, pending) = match self.store.tag_slot(&rec.tag_id)? {
+            Some((seq, pending)) => (Some(seq), pending),
+            None => (None, None),
+        };
         if let Some(max) = max_seq {
             if rec.seq < max {
                 let detail = format!(
@@ -494,8 +497,8 @@ impl State {
                 return Ok(());
             }
         }
-        change.put_max_seq(&rec.tag_id, rec.seq);
-        if let Some(old_id) = self.store.pending_of(&rec.tag_id)? {
+        // `put_task` below records `rec.seq` as the tag's highest seq.
+        if let Some(old_id) = pending {
             if let Some(old_rec) = self.store.task(&old_id)? {
                 let detail = format!("replaced by task {} (seq {})", rec.task_id, rec.seq);
                 self.finish(

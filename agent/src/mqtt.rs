@@ -45,7 +45,7 @@ use crate::config::MqttConfig;
 use crate::counters::Counters;
 use crate::engine::{AckToken, Inbound, InboundKind};
 use crate::identity::Identity;
-use crate::store::Store;
+use crate::store::{OutboxEntry, Store};
 use crate::tls::LinkTransport;
 
 /// rumqttc's request channel: PUBACKs we release plus our publishes. The
@@ -166,11 +166,13 @@ struct OutboxTracker {
     by_pkid: HashMap<u16, u64>,
     /// Outbox number → when it was (last) published.
     sent_at: BTreeMap<u64, Instant>,
-    /// Highest outbox number published on this connection.
+    /// Highest outbox number read from the store on this connection.
     cursor: Option<u64>,
-    /// rumqttc's request channel was full at the last fill: fill again once
-    /// the event loop has drained it (no PUBACK or wake may come to do it).
-    blocked: bool,
+    /// Read from the store but not taken by rumqttc yet (its request channel
+    /// was full): published first at the next fill, which the event loop's
+    /// next turn triggers (no PUBACK or wake may come to do it). Kept here so
+    /// a retry costs one `try_publish`, not another store read.
+    read: VecDeque<(u64, OutboxEntry)>,
 }
 
 pub struct Link {
@@ -240,7 +242,7 @@ impl Link {
                     // The poll drained requests: room for held PUBACKs and
                     // for acks that did not fit before.
                     self.release_pubacks(&client, &mut unsent_pubacks, state);
-                    if tracker.blocked && state.connected {
+                    if !tracker.read.is_empty() && state.connected {
                         self.fill_outbox(&client, &mut tracker);
                     }
                     match event {
@@ -426,8 +428,22 @@ impl Link {
 
     /// Publishes outbox entries, oldest first, until the window is full.
     fn fill_outbox(&self, client: &AsyncClient, tracker: &mut OutboxTracker) {
-        tracker.blocked = false;
         loop {
+            while let Some((n, entry)) = tracker.read.front() {
+                if let Err(e) = client.try_publish(
+                    entry.topic.clone(),
+                    QoS::AtLeastOnce,
+                    false,
+                    entry.payload.clone(),
+                ) {
+                    debug!(error = %e, "outbox publish not queued; retried after the next event-loop turn");
+                    return;
+                }
+                let n = *n;
+                tracker.read.pop_front();
+                tracker.awaiting_pkid.push_back(Some(n));
+                tracker.sent_at.insert(n, Instant::now());
+            }
             let room = self.settings.window.saturating_sub(tracker.sent_at.len());
             if room == 0 {
                 return;
@@ -439,21 +455,11 @@ impl Link {
                     return;
                 }
             };
-            if entries.is_empty() {
+            let Some((last, _)) = entries.last() else {
                 return;
-            }
-            for (n, entry) in entries {
-                if let Err(e) =
-                    client.try_publish(entry.topic, QoS::AtLeastOnce, false, entry.payload)
-                {
-                    debug!(error = %e, "outbox publish not queued; retried after the next event-loop turn");
-                    tracker.blocked = true;
-                    return;
-                }
-                tracker.awaiting_pkid.push_back(Some(n));
-                tracker.sent_at.insert(n, Instant::now());
-                tracker.cursor = Some(n);
-            }
+            };
+            tracker.cursor = Some(*last);
+            tracker.read.extend(entries);
         }
     }
 

@@ -65,6 +65,8 @@ struct Size {
     inflight: u32,
     /// The agent's `mqtt.outbox_window` (unacked acks in flight).
     outbox_window: u32,
+    /// The agent's `store.cache_mb` (sled's page cache).
+    cache_mb: u64,
     json: Option<PathBuf>,
     keep: bool,
 }
@@ -82,6 +84,7 @@ impl Size {
             saturation: 3_000,
             inflight: 1000,
             outbox_window: 32,
+            cache_mb: 4,
             json: None,
             keep: false,
         }
@@ -105,7 +108,7 @@ impl Size {
 
     /// `--full`, then overrides: `--tasks N --pending N --tags N --rate N
     /// --rate-secs N --e2e-tags N --checkin-ms N --saturation N --inflight N
-    /// --outbox-window N --json FILE --keep`. A bare word is a test-name filter (as `cargo
+    /// --outbox-window N --cache-mb N --json FILE --keep`. A bare word is a test-name filter (as `cargo
     /// test NAME` passes it): `Ok(None)` when it does not match "bench".
     fn parse(args: &[String]) -> Result<Option<Size>, String> {
         let mut size = if args.iter().any(|a| a == "--full") {
@@ -133,6 +136,7 @@ impl Size {
                 "--saturation" => size.saturation = value(a)? as usize,
                 "--inflight" => size.inflight = value(a)? as u32,
                 "--outbox-window" => size.outbox_window = value(a)? as u32,
+                "--cache-mb" => size.cache_mb = value(a)?,
                 "--json" => size.json = Some(it.next().ok_or("--json needs a file")?.into()),
                 // libtest flags cargo may pass (`--nocapture`, `--quiet`…).
                 flag if flag.starts_with("--") => {}
@@ -233,6 +237,7 @@ async fn run(size: Size, dir: &std::path::Path) -> anyhow::Result<()> {
         checkin_interval_ms: 600_000,
         apply_ms: 0,
         outbox_window: size.outbox_window,
+        cache_mb: size.cache_mb,
     };
     let topic = "esl_task/p2p/GID_bench@@@ap1";
     let mut agent = AgentProc::start(&bin, &spec)?;
@@ -392,7 +397,7 @@ fn size_json(s: &Size) -> serde_json::Value {
         "burst": s.burst, "pending": s.pending, "radio_tags": s.radio_tags,
         "rate": s.rate, "rate_secs": s.rate_secs, "e2e_tags": s.e2e_tags,
         "checkin_ms": s.checkin_ms, "saturation": s.saturation, "broker_inflight": s.inflight,
-        "outbox_window": s.outbox_window,
+        "outbox_window": s.outbox_window, "cache_mb": s.cache_mb,
     })
 }
 

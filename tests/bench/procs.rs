@@ -108,6 +108,7 @@ pub struct AgentSpec {
     pub checkin_interval_ms: u64,
     pub apply_ms: u64,
     pub outbox_window: u32,
+    pub cache_mb: u64,
 }
 
 impl AgentSpec {
@@ -125,7 +126,7 @@ impl AgentSpec {
              device_id = \"{device}\"\nclean_session = {clean}\nack_to = \"{ack_to}\"\n\
              keepalive_s = 30\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n\
              outbox_window = {window}\n\n\
-             [store]\npath = \"{store}\"\n\n\
+             [store]\npath = \"{store}\"\ncache_mb = {cache_mb}\n\n\
              [tasks]\ndefault_ttl_ms = 3600000\n\n\
              [status]\ninterval_s = 3600\n\n\
              [log]\nlevel = \"warn\"\n\n\
@@ -142,6 +143,7 @@ impl AgentSpec {
             checkin = self.checkin_interval_ms,
             apply = self.apply_ms,
             window = self.outbox_window,
+            cache_mb = self.cache_mb,
         )
     }
 }
