@@ -266,11 +266,8 @@ fn tags_list(state: &State, params: &Value, now: u64) -> MethodResult {
     let after = str_param(params, "after")?;
     let limit = limit_param(params)?;
     let tags: Vec<TagView> = state
-        .tag_views(now)
-        .into_iter()
-        .filter(|t| after.is_none_or(|a| t.tag_id.as_str() > a))
-        .take(limit + 1)
-        .collect();
+        .tag_views_after(after, limit.saturating_add(1), now)
+        .map_err(|e| error(ErrorCode::Internal, format!("reading the store: {e}")))?;
     let more_after_limit = tags.len() > limit;
     let tags = &tags[..tags.len().min(limit)];
     Ok(fit_page(tags, state.settings().max_payload, |page| {

@@ -776,19 +776,38 @@ impl State {
         Ok(())
     }
 
-    /// Tags for status and `tags.list`, sorted by id.
-    pub fn tag_views(&self, now: u64) -> Vec<TagView> {
-        // A store error only hides tags that have never checked in.
-        let pending = self.store.pending_tags().unwrap_or_default();
+    /// The tags the agent has heard of (the radio knows them or they
+    /// checked in), sorted by id: the status report's tag records. Tags
+    /// named only by pending tasks have no readings to report (they may be
+    /// out of this AP's range); they count in the pending queue and
+    /// `tags.list` shows them.
+    pub fn known_tag_views(&self, now: u64) -> Vec<TagView> {
+        let mut ids: Vec<&str> = self.tags.keys().map(String::as_str).collect();
+        ids.sort_unstable();
+        ids.into_iter().map(|id| self.tag_view(id, now)).collect()
+    }
+
+    /// Up to `limit` tags, known or with a pending task, whose id is after
+    /// `after`, sorted by id (`tags.list`). Reads only what the page needs,
+    /// however many tags have pending tasks.
+    pub fn tag_views_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        now: u64,
+    ) -> Result<Vec<TagView>, StoreError> {
+        let pending = self.store.pending_tags_after(after, limit)?;
         let mut ids: Vec<&str> = self
             .tags
             .keys()
             .map(String::as_str)
+            .filter(|id| after.is_none_or(|a| *id > a))
             .chain(pending.iter().map(String::as_str))
             .collect();
         ids.sort_unstable();
         ids.dedup();
-        ids.into_iter().map(|id| self.tag_view(id, now)).collect()
+        ids.truncate(limit);
+        Ok(ids.into_iter().map(|id| self.tag_view(id, now)).collect())
     }
 
     pub fn tag_view(&self, tag_id: &str, now: u64) -> TagView {
@@ -1216,7 +1235,7 @@ impl Engine {
             outbox: self.store.outbox_len(),
             radio: self.state.radio.clone(),
             store_fault,
-            tags: self.state.tag_views(now_ms()),
+            tags: self.state.known_tag_views(now_ms()),
         };
         // The asker may have given up (shutdown); nothing to do then.
         let _ = reply.send(snapshot);
@@ -1580,6 +1599,27 @@ mod tests {
         assert_eq!(f.statuses().await.len(), 5, "the rest at the next pass");
         assert_eq!(f.state.pending_len(), 0);
         assert!(f.store.expiring_before(u64::MAX, 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn tags_named_only_by_pending_tasks_are_listed_but_not_in_status() {
+        let mut f = Fixture::new();
+        f.state.add_known_tags(vec!["B".into(), "D".into()]);
+        for (i, tag) in ["A", "C", "D"].iter().enumerate() {
+            f.task(task(&format!("t{i}"), tag, 1), NOW);
+        }
+        let ids = |v: Vec<TagView>| v.into_iter().map(|t| t.tag_id).collect::<Vec<_>>();
+        assert_eq!(ids(f.state.known_tag_views(NOW)), ["B", "D"]);
+        assert_eq!(
+            ids(f.state.tag_views_after(None, 3, NOW).unwrap()),
+            ["A", "B", "C"]
+        );
+        assert_eq!(
+            ids(f.state.tag_views_after(Some("C"), 3, NOW).unwrap()),
+            ["D"]
+        );
+        let d = f.state.tag_view("D", NOW);
+        assert_eq!(d.pending_task.as_deref(), Some("t2"));
     }
 
     #[tokio::test]

@@ -21,7 +21,11 @@
 //! ```
 //! `report` numbers the reports of one process; `chunk`/`chunks` say which
 //! part of that report a message is. Everything but `tags` repeats in every
-//! chunk so each chunk stands alone.
+//! chunk so each chunk stands alone. `tags` lists the tags the agent has
+//! heard of (the radio knows them, or they checked in); a tag named only by
+//! a pending task has no readings and is counted in `queues.pending` (the
+//! `tags.list` command shows it too). This keeps a report's size tied to the
+//! store's real tags, not to how many tasks the back end queued.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -534,10 +534,26 @@ impl Store {
         Ok(n)
     }
 
-    /// Every tag that has a pending task, in id order.
-    pub fn pending_tags(&self) -> Result<Vec<String>, StoreError> {
+    /// Up to `limit` tags with a pending task whose id is after `after`, in
+    /// id order.
+    pub fn pending_tags_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let start = match after {
+            Some(id) => {
+                let mut k = key(b'p', id.as_bytes());
+                k.push(0);
+                k
+            }
+            None => vec![b'p'],
+        };
         let mut out = Vec::new();
-        for item in self.scan_db()?.scan_prefix([b'p']) {
+        for item in self.scan_db()?.range(start..vec![b'p' + 1]) {
+            if out.len() >= limit {
+                break;
+            }
             let (k, v) = item?;
             if v.len() > 8 {
                 out.push(string_from(&k, &k[1..])?);
@@ -928,7 +944,11 @@ mod tests {
             2,
             "limit"
         );
-        assert_eq!(store.pending_tags().unwrap(), vec!["A", "B", "C"]);
+        assert_eq!(
+            store.pending_tags_after(None, 10).unwrap(),
+            vec!["A", "B", "C"]
+        );
+        assert_eq!(store.pending_tags_after(Some("A"), 1).unwrap(), vec!["B"]);
     }
 
     #[tokio::test]
