@@ -916,6 +916,17 @@ pub struct Engine {
     pub shutdown: CancellationToken,
 }
 
+/// A flush running in the background and what it releases when it ends.
+struct FlushRun {
+    done: tokio::task::JoinHandle<Result<(), StoreError>>,
+    /// Messages whose PUBACKs wait for this flush.
+    held: Vec<Inbound>,
+    /// Local command replies that wait for it.
+    replies: Vec<(oneshot::Sender<Vec<u8>>, Vec<u8>)>,
+    /// Radio outcomes it makes durable (recorded again if it fails).
+    outcomes: Vec<RadioEvent>,
+}
+
 /// A store fault the engine is waiting out: intake and radio events pause,
 /// PUBACKs are held, and the store is reopened until that works.
 struct StoreFault {
@@ -944,6 +955,10 @@ impl Engine {
         // Replies to local commands, sent once their changes are durable.
         let mut held_replies: Vec<(oneshot::Sender<Vec<u8>>, Vec<u8>)> = Vec::new();
         let mut unflushed = false;
+        // The flush in progress and what waits for it. While sled writes
+        // and syncs, the engine goes on taking messages (staged for the next
+        // flush): disk latency overlaps with work instead of adding to it.
+        let mut flushing: Option<FlushRun> = None;
         let mut fault: Option<StoreFault> = None;
         let mut last_prune = now_ms();
         let batch_max = self.state.settings.batch_max;
@@ -959,6 +974,32 @@ impl Engine {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => break,
+                result = async { (&mut flushing.as_mut().expect("guarded").done).await }, if flushing.is_some() => {
+                    let run = flushing.take().expect("guarded");
+                    match result.unwrap_or(Err(StoreError::Closed)) {
+                        Ok(()) => {
+                            Counters::bump(&self.counters.store_flushes);
+                            let mut done = run.held;
+                            self.release(&mut done, &mut releasable);
+                            for (reply, json) in run.replies {
+                                // The caller may have hung up; nothing to do then.
+                                let _ = reply.send(json);
+                            }
+                        }
+                        Err(e) => {
+                            // Not on disk: its messages are applied again after
+                            // the reopen (before those taken since), outcomes
+                            // recorded again, local callers get no answer.
+                            let mut replay = run.held;
+                            replay.append(&mut held);
+                            held = replay;
+                            radio_held.extend(run.outcomes);
+                            radio_held.append(&mut radio_unflushed);
+                            held_replies.clear();
+                            self.store_failed(&mut fault, e, "store flush failed");
+                        }
+                    }
+                }
                 Some(first) = self.inbound_rx.recv(), if fault.is_none() => {
                     let mut batch = vec![first];
                     while batch.len() < batch_max {
@@ -1038,7 +1079,9 @@ impl Engine {
                 },
                 _ = sweep.tick() => {
                     if let Some(f) = &mut fault {
-                        if Instant::now() < f.next_reopen {
+                        // A flush still running holds the old database (and
+                        // its file lock); reopen once it has ended.
+                        if Instant::now() < f.next_reopen || flushing.is_some() {
                             continue;
                         }
                         match self.recover(&held, &radio_held).await {
@@ -1082,17 +1125,16 @@ impl Engine {
                     }
                 }
             }
-            if unflushed && fault.is_none() {
-                match self.store.flush().await {
-                    Ok(_) => {
-                        Counters::bump(&self.counters.store_flushes);
+            if unflushed && fault.is_none() && flushing.is_none() {
+                match self.store.begin_flush() {
+                    Ok(flush) => {
                         unflushed = false;
-                        radio_unflushed.clear();
-                        self.release(&mut held, &mut releasable);
-                        for (reply, json) in held_replies.drain(..) {
-                            // The caller may have hung up; nothing to do then.
-                            let _ = reply.send(json);
-                        }
+                        flushing = Some(FlushRun {
+                            done: tokio::spawn(flush),
+                            held: std::mem::take(&mut held),
+                            replies: std::mem::take(&mut held_replies),
+                            outcomes: std::mem::take(&mut radio_unflushed),
+                        });
                     }
                     Err(e) => {
                         // What the flush should have covered is not on
@@ -1103,6 +1145,25 @@ impl Engine {
                         held_replies.clear();
                         self.store_failed(&mut fault, e, "store flush failed");
                     }
+                }
+            }
+        }
+        // A flush in progress ends first; what it covered is released.
+        if let Some(run) = flushing.take() {
+            match run.done.await.unwrap_or(Err(StoreError::Closed)) {
+                Ok(()) => {
+                    releasable.extend(run.held.into_iter().map(|m| m.token));
+                    for (reply, json) in run.replies {
+                        let _ = reply.send(json);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "store flush failed at shutdown");
+                    Counters::bump(&self.counters.store_errors);
+                    fault.get_or_insert(StoreFault {
+                        error: e.to_string(),
+                        next_reopen: Instant::now(),
+                    });
                 }
             }
         }

@@ -52,7 +52,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -485,14 +485,30 @@ impl Store {
     /// Makes every applied change durable (survives a process crash; see
     /// docs for power loss). One flush covers any number of changes: this is
     /// the group commit.
-    pub async fn flush(&self) -> Result<usize, StoreError> {
+    pub async fn flush(self: &Arc<Self>) -> Result<(), StoreError> {
+        self.begin_flush()?.await
+    }
+
+    /// [`Store::flush`] in two steps: hands what is staged to sled now (so
+    /// later reads and changes may go on at once) and returns the wait for
+    /// the disk, which may run on another task. Changes applied after this
+    /// call are not covered by it.
+    pub fn begin_flush(
+        self: &Arc<Self>,
+    ) -> Result<
+        impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
+        StoreError,
+    > {
         // Entries applied before this point are covered by the flush below.
         let covered = self.next_outbox.load(Ordering::SeqCst);
         self.commit()?;
         let db = self.db()?;
-        let bytes = db.flush_async().await?;
-        self.durable_outbox.fetch_max(covered, Ordering::SeqCst);
-        Ok(bytes)
+        let store = Arc::clone(self);
+        Ok(async move {
+            db.flush_async().await?;
+            store.durable_outbox.fetch_max(covered, Ordering::SeqCst);
+            Ok(())
+        })
     }
 
     pub fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
@@ -824,7 +840,7 @@ mod tests {
     async fn changes_survive_reopen_after_flush() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
             let mut c = Change::new();
             let mut r = record("t1", "A", TaskState::Pending);
             r.seq = 7;
@@ -833,7 +849,7 @@ mod tests {
             assert_eq!(store.apply(c).unwrap(), vec![0]);
             store.flush().await.unwrap();
         }
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
         assert_eq!(store.pending_count().unwrap(), 1);
         assert_eq!(store.pending_of("A").unwrap().as_deref(), Some("t1"));
         assert_eq!(store.max_seq("A").unwrap(), Some(7));
@@ -847,7 +863,7 @@ mod tests {
     #[tokio::test]
     async fn outbox_is_read_oldest_first_and_removed_by_number() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
         for n in 0..5 {
             let mut c = Change::new();
             c.push_outbox(entry(n));
@@ -874,7 +890,7 @@ mod tests {
     #[tokio::test]
     async fn applied_changes_are_read_at_once_and_reach_sled_in_one_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
         for (task, tag) in [("t1", "A"), ("t2", "B")] {
             let mut c = Change::new();
             c.put_task(&record(task, tag, TaskState::Pending));
@@ -922,7 +938,7 @@ mod tests {
     #[tokio::test]
     async fn pending_tasks_are_found_by_expiry_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
         let mut c = Change::new();
         for (task, tag, expires_at) in [("t1", "A", 30), ("t2", "B", 10), ("t3", "C", 20)] {
             let mut r = record(task, tag, TaskState::Pending);
@@ -966,7 +982,7 @@ mod tests {
             db.insert(key(b's', b"B"), &9u64.to_be_bytes()[..]).unwrap();
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
         assert_eq!(
             store.expiring_before(51, 10).unwrap(),
             vec![(50, "t1".to_owned())]
@@ -984,7 +1000,7 @@ mod tests {
         assert!(store.db().unwrap().scan_prefix([b's']).next().is_none());
         drop(store);
         // Opening again changes nothing.
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
         assert_eq!(
             store.tag_slot("A").unwrap(),
             Some((4, Some("t1".to_owned())))
@@ -994,7 +1010,7 @@ mod tests {
     #[tokio::test]
     async fn final_tasks_leave_the_pending_index_and_can_be_pruned() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
         let mut c = Change::new();
         c.put_task(&record("t1", "A", TaskState::Pending));
         store.apply(c).unwrap();
@@ -1039,7 +1055,7 @@ mod tests {
     #[tokio::test]
     async fn reopen_after_a_fault_keeps_what_was_flushed() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
         let mut c = Change::new();
         c.put_task(&record("t1", "A", TaskState::Pending));
         c.push_outbox(entry(1));
