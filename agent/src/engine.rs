@@ -14,8 +14,14 @@
 //! If a write or the flush fails, the PUBACKs are held (the broker keeps the
 //! messages), intake and radio events pause, and the status reports the
 //! fault. sled fails every operation after one failed write, so recovery
-//! reopens the store, rebuilds the pending set from disk and applies the
-//! held messages again; only then are their PUBACKs released.
+//! reopens the store, follows what is on disk and applies the held messages
+//! again; only then are their PUBACKs released.
+//!
+//! The flush is pipelined: it runs as its own task while the engine takes
+//! and stages the next messages; what it covered is released when it ends.
+//! Pending tasks live only in the store (the engine reads a tag's record at
+//! its check-in and the expiry index in the sweep), so memory does not grow
+//! with the pending count.
 //!
 //! The decision logic lives in [`State`], which has no channels and takes the
 //! time as an argument, so unit tests drive it directly.
