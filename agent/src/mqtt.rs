@@ -316,7 +316,12 @@ impl Link {
                         Err(e) => debug!(error = %e, "status report not queued"),
                     }
                 }
-                _ = resend.tick(), if state.connected => self.resend_overdue(&client, &mut tracker),
+                _ = resend.tick(), if state.connected => {
+                    self.resend_overdue(&client, &mut tracker);
+                    // Backstop: acks stored without a wake reaching the fill
+                    // (none is known) wait at most one tick.
+                    self.fill_outbox(&client, &mut tracker);
+                }
             }
         }
         if state.connected {
