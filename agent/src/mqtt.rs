@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use rand::Rng;
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, NetworkOptions, Outgoing,
-    Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions,
+    Outgoing, Packet, PubAck, Publish, QoS, Request, SubscribeFilter, SubscribeReasonCode,
 };
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
@@ -62,6 +62,9 @@ const INCOMING_PACKET_FLOOR: usize = 2 * 1024 * 1024;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How often outbox messages are checked for a missing PUBACK.
 const RESEND_CHECK: Duration = Duration::from_secs(1);
+/// PUBACKs written per flush at most (the engine releases a flush's worth,
+/// typically 100–200, at once).
+const PUBACK_BATCH: usize = 1024;
 
 /// Connection state, published on a watch channel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -204,10 +207,6 @@ impl Link {
         let mut backoff = self.settings.reconnect_min;
         let mut reconnect_at: Option<Instant> = None;
         let mut stopping_until: Option<Instant> = None;
-        // PUBACKs rumqttc's request channel had no room for, oldest first.
-        // While any wait here, no more are taken from `puback_rx`; they go
-        // out after the next event-loop turn has drained requests.
-        let mut unsent_pubacks: VecDeque<AckToken> = VecDeque::new();
         let mut resend = tokio::time::interval(RESEND_CHECK);
         resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
@@ -230,18 +229,23 @@ impl Link {
                 _ = self.outbox_wake.notified(), if state.connected => self.fill_outbox(&client, &mut tracker),
                 // Released PUBACKs go before reading more from the broker: a
                 // broker with a large in-flight window must not starve them.
-                token = self.puback_rx.recv(), if unsent_pubacks.is_empty() => match token {
-                    Some(token) => {
-                        unsent_pubacks.push_back(token);
-                        self.release_pubacks(&client, &mut unsent_pubacks, state);
+                token = self.puback_rx.recv() => match token {
+                    Some(first) => {
+                        let mut tokens = vec![first];
+                        while tokens.len() < PUBACK_BATCH {
+                            match self.puback_rx.try_recv() {
+                                Ok(t) => tokens.push(t),
+                                Err(_) => break,
+                            }
+                        }
+                        self.write_pubacks(&mut eventloop, tokens, state).await;
                     }
                     // The engine has stopped: its last PUBACKs are out.
                     None => break,
                 },
                 event = eventloop.poll(), if reconnect_at.is_none() => {
-                    // The poll drained requests: room for held PUBACKs and
-                    // for acks that did not fit before.
-                    self.release_pubacks(&client, &mut unsent_pubacks, state);
+                    // The poll drained requests: room for acks that did not
+                    // fit before.
                     if !tracker.read.is_empty() && state.connected {
                         self.fill_outbox(&client, &mut tracker);
                     }
@@ -397,37 +401,80 @@ impl Link {
         }
     }
 
-    /// Queues the held PUBACKs with rumqttc, oldest first, until its
-    /// request channel is full; the rest stay in `unsent` for the next
-    /// round. Dropping one instead would leave the message in the broker's
-    /// in-flight window until the connection ends, and a broker whose window
-    /// is larger than the request channel stalled that way (found by the
-    /// benchmark, docs/BENCHMARKS.md).
-    fn release_pubacks(
+    /// Writes released PUBACKs straight into the connection, all of a batch
+    /// before one flush. Through rumqttc's request channel they went out one
+    /// per event-loop turn, and its loop hands out up to ten buffered
+    /// incoming messages before it looks at a request: under a burst the
+    /// PUBACKs fell behind, the broker's window stayed full and ingest sat
+    /// at ~10 600 tasks/s with the agent half idle (docs/BENCHMARKS.md).
+    /// This uses the event loop's public `state` (which turns the request
+    /// into the packet, as rumqttc's own loop does) and `network`. A PUBACK
+    /// needs no packet id or flow control of its own. Tokens of an earlier
+    /// connection are dropped: that connection's packet ids mean nothing on
+    /// this one, and the broker sends the message again.
+    async fn write_pubacks(
         &self,
-        client: &AsyncClient,
-        unsent: &mut VecDeque<AckToken>,
+        eventloop: &mut EventLoop,
+        tokens: Vec<AckToken>,
         state: LinkState,
     ) {
-        while let Some(token) = unsent.front().copied() {
+        let Some(network) = eventloop.network.as_mut().filter(|_| state.connected) else {
+            debug!(
+                count = tokens.len(),
+                "PUBACKs for a closed connection dropped; the broker sends those messages again"
+            );
+            return;
+        };
+        let mut written = 0;
+        for token in tokens {
             if token.pkid == 0 {
                 // QoS 0: nothing to acknowledge.
-            } else if !state.connected || token.epoch != state.epoch {
+                continue;
+            }
+            if token.epoch != state.epoch {
                 debug!(
                     pkid = token.pkid,
                     "PUBACK for an earlier connection dropped; the broker sends the message again"
                 );
-            } else {
-                let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
-                p.pkid = token.pkid;
-                // The only error is a full (or closed, when the event loop
-                // is gone) request channel: keep the token and retry.
-                if client.try_ack(&p).is_err() {
-                    return;
-                }
-                Counters::bump(&self.counters.mqtt_pubacks);
+                continue;
             }
-            unsent.pop_front();
+            let request = Request::PubAck(PubAck::new(token.pkid));
+            let packet = match eventloop.state.handle_outgoing_packet(request) {
+                Ok(Some(packet)) => packet,
+                Ok(None) => continue,
+                Err(e) => {
+                    debug!(error = %e, pkid = token.pkid, "PUBACK not written");
+                    continue;
+                }
+            };
+            // rumqttc notes an `Outgoing::PubAck` event for its user; this
+            // link does not read those, so it does not let them pile up.
+            if matches!(
+                eventloop.state.events.back(),
+                Some(Event::Outgoing(Outgoing::PubAck(_)))
+            ) {
+                eventloop.state.events.pop_back();
+            }
+            if let Err(e) = network.write(packet).await {
+                // The connection is failing; the next poll reports it.
+                debug!(error = %e, "cannot write PUBACK");
+                return;
+            }
+            written += 1;
+        }
+        if written == 0 {
+            return;
+        }
+        match tokio::time::timeout(self.settings.connect_timeout, network.flush()).await {
+            Ok(Ok(())) => {
+                for _ in 0..written {
+                    Counters::bump(&self.counters.mqtt_pubacks);
+                }
+            }
+            // Left in the buffer: rumqttc's next flush sends it, or the
+            // connection fails and the broker sends the messages again.
+            Ok(Err(e)) => debug!(error = %e, "cannot flush PUBACKs"),
+            Err(_) => debug!("flushing PUBACKs timed out"),
         }
     }
 
