@@ -9,7 +9,10 @@
 //! Invariants:
 //! - Incoming QoS 1 messages are PUBACKed only when the engine says so, and
 //!   only on the connection they arrived on (`AckToken::epoch`): a packet id
-//!   from an earlier connection means something else on the new one.
+//!   from an earlier connection means something else on the new one. The
+//!   PUBACKs of a released batch are written into the connection directly
+//!   with one flush (`Link::write_pubacks`): rumqttc's request channel
+//!   would send them one per event-loop turn, behind the incoming burst.
 //! - The outbox in the store is the only source of acks and replies. After
 //!   every CONNACK the link drops whatever rumqttc kept from the previous
 //!   connection and re-reads the outbox oldest first. Within a connection,
@@ -48,12 +51,13 @@ use crate::identity::Identity;
 use crate::store::{OutboxEntry, Store};
 use crate::tls::LinkTransport;
 
-/// rumqttc's request channel: PUBACKs we release plus our publishes. The
-/// outbox window and one status report bound what we put in at once, far
-/// below this.
+/// rumqttc's request channel: our publishes, subscriptions, and the rare
+/// PUBACK of a message on an unexpected topic (released PUBACKs are written
+/// directly, see `Link::write_pubacks`). The outbox window and one status
+/// report bound what we put in at once, far below this.
 pub const REQUEST_CAPACITY: usize = 1024;
-/// PUBACKs released by the engine and not yet handed to rumqttc: one group
-/// commit's worth.
+/// PUBACKs released by the engine and not yet written: one group commit's
+/// worth.
 pub const PUBACK_CAPACITY: usize = 1024;
 /// Smallest incoming packet limit: a 1 MiB hostile payload is rejected, not
 /// fatal to the connection.
