@@ -558,14 +558,7 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let start = match after {
-            Some(id) => {
-                let mut k = key(b'p', id.as_bytes());
-                k.push(0);
-                k
-            }
-            None => vec![b'p'],
-        };
+        let start = start_after(b'p', after);
         let mut out = Vec::new();
         for item in self.scan_db()?.range(start..vec![b'p' + 1]) {
             if out.len() >= limit {
@@ -680,14 +673,7 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, StoreError> {
-        let start = match after {
-            Some(id) => {
-                let mut k = key(b't', id.as_bytes());
-                k.push(0);
-                k
-            }
-            None => vec![b't'],
-        };
+        let start = start_after(b't', after);
         let mut out = Vec::new();
         for item in self.scan_db()?.range(start..vec![b't' + 1]) {
             if out.len() >= limit {
@@ -795,6 +781,19 @@ fn segment_size_of(path: &Path) -> usize {
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(SEGMENT_SIZE)
+}
+
+/// The first key of `prefix` after the id `after` (the whole prefix for
+/// `None`), for paged range reads.
+fn start_after(prefix: u8, after: Option<&str>) -> Vec<u8> {
+    match after {
+        Some(id) => {
+            let mut k = key(prefix, id.as_bytes());
+            k.push(0);
+            k
+        }
+        None => vec![prefix],
+    }
 }
 
 fn corrupt(k: &[u8], reason: &str) -> StoreError {
