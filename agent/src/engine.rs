@@ -999,8 +999,10 @@ impl Engine {
                             let mut replay = run.held;
                             replay.append(&mut held);
                             held = replay;
-                            radio_held.extend(run.outcomes);
-                            radio_held.append(&mut radio_unflushed);
+                            let mut outcomes = run.outcomes;
+                            outcomes.append(&mut radio_held);
+                            outcomes.append(&mut radio_unflushed);
+                            radio_held = outcomes;
                             held_replies.clear();
                             self.store_failed(&mut fault, e, "store flush failed");
                         }
@@ -1130,6 +1132,15 @@ impl Engine {
                         self.release_pubacks(&mut releasable);
                     }
                 }
+            }
+            if fault.is_some() {
+                // Whatever was recorded since the last good flush is not on
+                // disk, and the reopen drops what was staged, whichever step
+                // failed: outcomes are recorded again after it, and local
+                // callers get no answer (their change is lost; they may ask
+                // again) rather than one the disk does not back.
+                radio_held.append(&mut radio_unflushed);
+                held_replies.clear();
             }
             if unflushed && fault.is_none() && flushing.is_none() {
                 match self.store.begin_flush() {

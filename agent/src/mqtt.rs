@@ -261,6 +261,16 @@ impl Link {
                         info!(epoch = state.epoch, session_present = ack.session_present, "connected to broker");
                         // The outbox, not rumqttc, replays unacked messages.
                         eventloop.pending.clear();
+                        // Events rumqttc read on the previous connection but
+                        // had not handed out yet (its `clean` keeps them):
+                        // a message among them would be stamped with this
+                        // connection's epoch, and its PUBACK would carry an
+                        // old packet id that here means another, newer
+                        // message, acknowledging it before it is stored.
+                        // The broker (or the back end's retry) brings them
+                        // again, and old `Outgoing::Publish` events would
+                        // shift the outbox's packet-id mapping.
+                        eventloop.state.events.clear();
                         tracker = OutboxTracker::default();
                         if self.settings.p2p_subscribe {
                             let topics = [&self.identity.task_topic, &self.identity.cmd_topic]
@@ -429,56 +439,57 @@ impl Link {
             );
             return;
         };
-        let mut written = 0;
-        for token in tokens {
-            if token.pkid == 0 {
-                // QoS 0: nothing to acknowledge.
-                continue;
-            }
-            if token.epoch != state.epoch {
-                debug!(
-                    pkid = token.pkid,
-                    "PUBACK for an earlier connection dropped; the broker sends the message again"
-                );
-                continue;
-            }
-            let request = Request::PubAck(PubAck::new(token.pkid));
-            let packet = match eventloop.state.handle_outgoing_packet(request) {
-                Ok(Some(packet)) => packet,
-                Ok(None) => continue,
-                Err(e) => {
-                    debug!(error = %e, pkid = token.pkid, "PUBACK not written");
+        let write = async {
+            let mut written = 0;
+            for token in tokens {
+                if token.pkid == 0 {
+                    // QoS 0: nothing to acknowledge.
                     continue;
                 }
-            };
-            // rumqttc notes an `Outgoing::PubAck` event for its user; this
-            // link does not read those, so it does not let them pile up.
-            if matches!(
-                eventloop.state.events.back(),
-                Some(Event::Outgoing(Outgoing::PubAck(_)))
-            ) {
-                eventloop.state.events.pop_back();
+                if token.epoch != state.epoch {
+                    debug!(
+                        pkid = token.pkid,
+                        "PUBACK for an earlier connection dropped; the broker sends the message again"
+                    );
+                    continue;
+                }
+                let request = Request::PubAck(PubAck::new(token.pkid));
+                let packet = match eventloop.state.handle_outgoing_packet(request) {
+                    Ok(Some(packet)) => packet,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        debug!(error = %e, pkid = token.pkid, "PUBACK not written");
+                        continue;
+                    }
+                };
+                // rumqttc notes an `Outgoing::PubAck` event for its user; this
+                // link does not read those, so it does not let them pile up.
+                if matches!(
+                    eventloop.state.events.back(),
+                    Some(Event::Outgoing(Outgoing::PubAck(_)))
+                ) {
+                    eventloop.state.events.pop_back();
+                }
+                network.write(packet).await?;
+                written += 1;
             }
-            if let Err(e) = network.write(packet).await {
-                // The connection is failing; the next poll reports it.
-                debug!(error = %e, "cannot write PUBACK");
-                return;
+            if written > 0 {
+                network.flush().await?;
             }
-            written += 1;
-        }
-        if written == 0 {
-            return;
-        }
-        match tokio::time::timeout(self.settings.connect_timeout, network.flush()).await {
-            Ok(Ok(())) => {
+            Ok::<_, rumqttc::StateError>(written)
+        };
+        // A peer that stops reading must not freeze the link (shutdown,
+        // keepalive): what did not go stays in the buffer for rumqttc's next
+        // flush, or the connection fails and the broker sends the messages
+        // again.
+        match tokio::time::timeout(self.settings.connect_timeout, write).await {
+            Ok(Ok(written)) => {
                 for _ in 0..written {
                     Counters::bump(&self.counters.mqtt_pubacks);
                 }
             }
-            // Left in the buffer: rumqttc's next flush sends it, or the
-            // connection fails and the broker sends the messages again.
-            Ok(Err(e)) => debug!(error = %e, "cannot flush PUBACKs"),
-            Err(_) => debug!("flushing PUBACKs timed out"),
+            Ok(Err(e)) => debug!(error = %e, "cannot write PUBACKs; the connection is failing"),
+            Err(_) => debug!("writing PUBACKs timed out"),
         }
     }
 
