@@ -983,27 +983,19 @@ impl Engine {
                 result = async { (&mut flushing.as_mut().expect("guarded").done).await }, if flushing.is_some() => {
                     let run = flushing.take().expect("guarded");
                     match result.unwrap_or(Err(StoreError::Closed)) {
-                        Ok(()) => {
-                            Counters::bump(&self.counters.store_flushes);
-                            let mut done = run.held;
-                            self.release(&mut done, &mut releasable);
-                            for (reply, json) in run.replies {
-                                // The caller may have hung up; nothing to do then.
-                                let _ = reply.send(json);
-                            }
-                        }
+                        Ok(()) => self.flushed(run, &mut releasable),
                         Err(e) => {
                             // Not on disk: its messages are applied again after
-                            // the reopen (before those taken since), outcomes
-                            // recorded again, local callers get no answer.
+                            // the reopen (before those taken since), its
+                            // outcomes recorded again (before the newer ones,
+                            // which the fault handling below adds), its local
+                            // callers get no answer.
                             let mut replay = run.held;
                             replay.append(&mut held);
                             held = replay;
                             let mut outcomes = run.outcomes;
                             outcomes.append(&mut radio_held);
-                            outcomes.append(&mut radio_unflushed);
                             radio_held = outcomes;
-                            held_replies.clear();
                             self.store_failed(&mut fault, e, "store flush failed");
                         }
                     }
@@ -1133,15 +1125,6 @@ impl Engine {
                     }
                 }
             }
-            if fault.is_some() {
-                // Whatever was recorded since the last good flush is not on
-                // disk, and the reopen drops what was staged, whichever step
-                // failed: outcomes are recorded again after it, and local
-                // callers get no answer (their change is lost; they may ask
-                // again) rather than one the disk does not back.
-                radio_held.append(&mut radio_unflushed);
-                held_replies.clear();
-            }
             if unflushed && fault.is_none() && flushing.is_none() {
                 match self.store.begin_flush() {
                     Ok(flush) => {
@@ -1153,27 +1136,23 @@ impl Engine {
                             outcomes: std::mem::take(&mut radio_unflushed),
                         });
                     }
-                    Err(e) => {
-                        // What the flush should have covered is not on
-                        // disk: outcomes are recorded again after the
-                        // reopen, and local callers get no answer (their
-                        // change is lost; they may ask again).
-                        radio_held.append(&mut radio_unflushed);
-                        held_replies.clear();
-                        self.store_failed(&mut fault, e, "store flush failed");
-                    }
+                    Err(e) => self.store_failed(&mut fault, e, "store flush failed"),
                 }
+            }
+            if fault.is_some() {
+                // Whatever was recorded since the last good flush is not on
+                // disk, and the reopen drops what was staged, whichever step
+                // failed: outcomes are recorded again after it, and local
+                // callers get no answer (their change is lost; they may ask
+                // again) rather than one the disk does not back.
+                radio_held.append(&mut radio_unflushed);
+                held_replies.clear();
             }
         }
         // A flush in progress ends first; what it covered is released.
-        if let Some(run) = flushing.take() {
-            match run.done.await.unwrap_or(Err(StoreError::Closed)) {
-                Ok(()) => {
-                    releasable.extend(run.held.into_iter().map(|m| m.token));
-                    for (reply, json) in run.replies {
-                        let _ = reply.send(json);
-                    }
-                }
+        if let Some(mut run) = flushing.take() {
+            match (&mut run.done).await.unwrap_or(Err(StoreError::Closed)) {
+                Ok(()) => self.flushed(run, &mut releasable),
                 Err(e) => {
                     warn!(error = %e, "store flush failed at shutdown");
                     Counters::bump(&self.counters.store_errors);
@@ -1278,6 +1257,17 @@ impl Engine {
         self.store.flush().await?;
         Counters::bump(&self.counters.store_flushes);
         Ok(())
+    }
+
+    /// A flush ended well: what it covered is released.
+    fn flushed(&mut self, run: FlushRun, releasable: &mut VecDeque<AckToken>) {
+        Counters::bump(&self.counters.store_flushes);
+        let mut held = run.held;
+        self.release(&mut held, releasable);
+        for (reply, json) in run.replies {
+            // The caller may have hung up; nothing to do then.
+            let _ = reply.send(json);
+        }
     }
 
     /// Everything held is durable now: hand its PUBACKs to the link and

@@ -149,11 +149,11 @@ fn slot_from(k: &[u8], v: &[u8]) -> Result<(u64, Option<String>), StoreError> {
 }
 
 /// `x` expires_at task_id: orders pending tasks by expiry.
-fn expiry_key(record: &TaskRecord) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9 + record.task_id.len());
+fn expiry_key(expires_at: u64, task_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + task_id.len());
     k.push(b'x');
-    k.extend_from_slice(&record.expires_at.to_be_bytes());
-    k.extend_from_slice(record.task_id.as_bytes());
+    k.extend_from_slice(&expires_at.to_be_bytes());
+    k.extend_from_slice(task_id.as_bytes());
     k
 }
 
@@ -189,29 +189,22 @@ pub struct Change {
     /// Key → new value (`None` = remove), in the order written.
     writes: Vec<(Vec<u8>, Option<sled::IVec>)>,
     outbox: Vec<OutboxEntry>,
-    empty: bool,
 }
 
 impl Change {
     pub fn new() -> Self {
-        Change {
-            empty: true,
-            ..Default::default()
-        }
+        Change::default()
     }
 
     fn insert(&mut self, k: Vec<u8>, v: impl Into<sled::IVec>) {
-        self.empty = false;
         self.writes.push((k, Some(v.into())));
     }
 
     fn remove(&mut self, k: Vec<u8>) {
-        self.empty = false;
         self.writes.push((k, None));
     }
 
     pub fn put_task(&mut self, record: &TaskRecord) {
-        self.empty = false;
         self.insert(key(b't', record.task_id.as_bytes()), encode(record));
         match &record.state {
             TaskState::Pending => {
@@ -219,7 +212,7 @@ impl Change {
                     key(b'p', record.tag_id.as_bytes()),
                     tag_slot(record.seq, &record.task_id),
                 );
-                self.insert(expiry_key(record), &[][..]);
+                self.insert(expiry_key(record.expires_at, &record.task_id), &[][..]);
             }
             TaskState::Final(f) => {
                 let mut k = f.at.to_be_bytes().to_vec();
@@ -238,29 +231,22 @@ impl Change {
             key(b'p', record.tag_id.as_bytes()),
             tag_slot(record.seq, ""),
         );
-        self.remove(expiry_key(record));
+        self.remove(expiry_key(record.expires_at, &record.task_id));
     }
 
     /// Drops an expiry index entry whose task is no longer pending (found
     /// by [`Store::expiring_before`]; normally [`Change::clear_pending`]
     /// removes it with the task).
     pub fn drop_expiry(&mut self, expires_at: u64, task_id: &str) {
-        self.empty = false;
-        let mut k = Vec::with_capacity(9 + task_id.len());
-        k.push(b'x');
-        k.extend_from_slice(&expires_at.to_be_bytes());
-        k.extend_from_slice(task_id.as_bytes());
-        self.remove(k);
+        self.remove(expiry_key(expires_at, task_id));
     }
 
     pub fn put_tag(&mut self, tag_id: &str, tag: &TagRecord) {
-        self.empty = false;
         self.insert(key(b'g', tag_id.as_bytes()), encode(tag));
     }
 
     /// Remembers what a tag displays, for `tag.refresh`.
     pub fn put_last_content(&mut self, tag_id: &str, task_id: &str, content: &str) {
-        self.empty = false;
         let value = encode(&(task_id, content));
         self.insert(key(b'c', tag_id.as_bytes()), value);
     }
@@ -268,12 +254,11 @@ impl Change {
     /// Queues a message for the broker; it gets its outbox number in
     /// [`Store::apply`].
     pub fn push_outbox(&mut self, entry: OutboxEntry) {
-        self.empty = false;
         self.outbox.push(entry);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.empty
+        self.writes.is_empty() && self.outbox.is_empty()
     }
 }
 
@@ -529,10 +514,6 @@ impl Store {
         }
     }
 
-    pub fn max_seq(&self, tag_id: &str) -> Result<Option<u64>, StoreError> {
-        Ok(self.tag_slot(tag_id)?.map(|(seq, _)| seq))
-    }
-
     /// The id of the tag's pending task, if it has one.
     pub fn pending_of(&self, tag_id: &str) -> Result<Option<String>, StoreError> {
         Ok(self.tag_slot(tag_id)?.and_then(|(_, task)| task))
@@ -630,7 +611,7 @@ impl Store {
                     "pending index points at a task that is not pending",
                 ));
             }
-            batch.insert(expiry_key(&rec), &[][..]);
+            batch.insert(expiry_key(rec.expires_at, &rec.task_id), &[][..]);
             let slot = tags.entry(k[1..].to_vec()).or_default();
             slot.0 = slot.0.max(rec.seq);
             slot.1 = task_id.to_vec();
@@ -872,8 +853,10 @@ mod tests {
         }
         let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
         assert_eq!(store.pending_count().unwrap(), 1);
-        assert_eq!(store.pending_of("A").unwrap().as_deref(), Some("t1"));
-        assert_eq!(store.max_seq("A").unwrap(), Some(7));
+        assert_eq!(
+            store.tag_slot("A").unwrap(),
+            Some((7, Some("t1".to_owned())))
+        );
         assert_eq!(store.outbox_len(), 1);
         // Numbering continues after a restart, so order is kept.
         let mut c = Change::new();
@@ -935,7 +918,7 @@ mod tests {
         assert!(in_sled(b"tt1") && in_sled(b"tt2") && in_sled(b"pB"));
         assert_eq!(store.tag_slot("A").unwrap(), Some((1, None)));
         assert!(store.staged_map().is_empty());
-        let x_b = expiry_key(&record("t2", "B", TaskState::Pending));
+        let x_b = expiry_key(10, "t2");
         let mut c = Change::new();
         c.clear_pending(&record("t2", "B", TaskState::Pending));
         store.apply(c).unwrap();
