@@ -675,7 +675,7 @@ mod tests {
     use tokio::time::{sleep, timeout};
 
     use super::*;
-    use crate::test_util::events_for;
+    use crate::test_util::{checkins, events_for};
 
     fn config(tags: u32) -> SimConfig {
         SimConfig {
@@ -708,16 +708,6 @@ mod tests {
                 return (Instant::now(), outcome);
             }
         }
-    }
-
-    fn checkins(events: &[(u64, RadioEvent)]) -> Vec<(u64, &CheckIn)> {
-        events
-            .iter()
-            .filter_map(|(at, event)| match event {
-                RadioEvent::CheckIn(checkin) => Some((*at, checkin)),
-                _ => None,
-            })
-            .collect()
     }
 
     /// What each tag that checked in last reported displaying.

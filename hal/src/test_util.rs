@@ -3,7 +3,7 @@
 
 use tokio::time::{timeout_at, Duration, Instant};
 
-use crate::{Radio, RadioEvent};
+use crate::{CheckIn, Radio, RadioEvent};
 
 /// Every event until `for_ms` of (paused) time has passed, each with its
 /// arrival in ms since the call.
@@ -16,4 +16,15 @@ pub(crate) async fn events_for<R: Radio>(radio: &mut R, for_ms: u64) -> Vec<(u64
         events.push((at, event.expect("radio open")));
     }
     events
+}
+
+/// The check-ins among `events`, with their arrival times.
+pub(crate) fn checkins(events: &[(u64, RadioEvent)]) -> Vec<(u64, &CheckIn)> {
+    events
+        .iter()
+        .filter_map(|(at, event)| match event {
+            RadioEvent::CheckIn(checkin) => Some((*at, checkin)),
+            _ => None,
+        })
+        .collect()
 }

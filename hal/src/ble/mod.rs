@@ -898,7 +898,7 @@ mod tests {
 
     use super::fake_esl::{fake_address, STRANGER_ADDRESS};
     use super::*;
-    use crate::test_util::events_for;
+    use crate::test_util::{checkins, events_for};
 
     const CONTENT: &[u8] = br#"{"name":"Milk 1L","price":"9.90"}"#;
 
@@ -937,16 +937,6 @@ mod tests {
                 Err(_) => panic!("no outcome within an hour"),
             }
         }
-    }
-
-    fn checkins(events: &[(u64, RadioEvent)]) -> Vec<(u64, &CheckIn)> {
-        events
-            .iter()
-            .filter_map(|(at, e)| match e {
-                RadioEvent::CheckIn(c) => Some((*at, c)),
-                _ => None,
-            })
-            .collect()
     }
 
     #[tokio::test(start_paused = true)]
