@@ -1114,16 +1114,9 @@ fn migrate(conn: &mut Connection, dir: &Path) -> Result<(), StoreError> {
 /// does not stall on it. Errors are left for the next round (a full disk
 /// shows in the writer's own calls).
 fn run_checkpointer(db: &Path, signal: &CheckpointSignal) {
-    let Ok(conn) = Connection::open(db) else {
-        return;
-    };
-    let setup = conn.execute_batch(&format!(
-        "PRAGMA cache_size = -{SMALL_CACHE_KIB}; PRAGMA mmap_size = 0;
-         PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0;"
-    ));
-    if setup.is_err() {
-        return;
-    }
+    // Opened (again) when needed: a connection that could not be opened at
+    // one moment (a full disk) must not end checkpoints for good.
+    let mut conn: Option<Connection> = None;
     let wal = wal_path(db);
     let mut last_checkpoint_len = 0;
     loop {
@@ -1140,11 +1133,28 @@ fn run_checkpointer(db: &Path, signal: &CheckpointSignal) {
         };
         let len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
         let quiet = !woken && len > 0 && len != last_checkpoint_len;
-        if len >= CHECKPOINT_WAL_BYTES || quiet {
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        if len < CHECKPOINT_WAL_BYTES && !quiet {
+            continue;
+        }
+        if conn.is_none() {
+            conn = Connection::open(db)
+                .and_then(|c| {
+                    c.execute_batch(&format!(
+                        "PRAGMA cache_size = -{SMALL_CACHE_KIB}; PRAGMA mmap_size = 0;
+                         PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0;"
+                    ))?;
+                    Ok(c)
+                })
+                .map_err(|e| tracing::debug!(error = %e, "checkpoint connection failed"))
+                .ok();
+        }
+        let Some(c) = &conn else { continue };
+        match c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) => last_checkpoint_len = len,
+            Err(e) => {
                 tracing::debug!(error = %e, "WAL checkpoint failed; trying again later");
+                conn = None;
             }
-            last_checkpoint_len = len;
         }
     }
 }
@@ -1602,6 +1612,33 @@ mod tests {
             after <= before * 2,
             "{before} -> {flooded} -> {after} pages"
         );
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_thread_copies_a_large_wal_into_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let db_len = || std::fs::metadata(dir.path().join(DB_FILE)).unwrap().len();
+        let mut c = Change::new();
+        for _ in 0..6000 {
+            c.push_outbox(OutboxEntry {
+                topic: "esl_ack/p2p/GID_b@@@b".into(),
+                payload: vec![7; 1000],
+            });
+        }
+        store.apply(c).unwrap();
+        store.flush().await.unwrap();
+        // COMMIT never checkpoints (wal_autocheckpoint is off): until the
+        // store's own thread runs, the pages are in the WAL only.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while db_len() < CHECKPOINT_WAL_BYTES {
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint: database file {} bytes",
+                db_len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]
