@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use esl_agent::cli;
 use esl_agent::identity::Identity;
+use esl_agent::report;
 use esl_agent::Config;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -143,6 +144,10 @@ fn main() -> ExitCode {
         }
         #[cfg(feature = "demo")]
         Command::Demo(options) => {
+            // The demo prints while it runs; its sockets are TCP, which
+            // Rust and mio write with MSG_NOSIGNAL, so only stdout can
+            // raise SIGPIPE.
+            quiet_on_closed_stdout();
             // rumqttd logs routine disconnects as errors; the demo's summary
             // reports what matters, --verbose shows everything.
             init_logging(if options.verbose {
@@ -154,7 +159,7 @@ fn main() -> ExitCode {
                 match esl_agent::demo::run(options).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
-                        eprintln!("esl-agent demo: {e:#}");
+                        eprintln!("esl-agent demo: {}", report::chain(e.as_ref()));
                         ExitCode::FAILURE
                     }
                 }
@@ -191,6 +196,7 @@ fn operate(
     let result = cli::Client::connect(&socket).and_then(|mut client| f(&mut client));
     match result {
         Ok((json, table)) => {
+            quiet_on_closed_stdout();
             if target.json {
                 println!("{json:#}");
             } else {
@@ -209,6 +215,10 @@ fn operate(
     }
 }
 
+/// Validates everything `run` would check before connecting, files
+/// included (CA, client key, secrets): "is valid" is printed only when all
+/// of it passed, and any problem exits with [`EXIT_CONFIG`] and prints
+/// nothing on stdout.
 fn check_config(path: &std::path::Path) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
@@ -224,32 +234,47 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    println!("# {} is valid", path.display());
-    println!("# client id:    {}", identity.client_id);
-    println!("# task topic:   {}", identity.task_topic);
-    println!("# command topic:{}", identity.cmd_topic);
-    println!("# status topic: {}", identity.status_topic);
-    println!(
-        "# ack topic:    {}",
-        identity.reply_topic(&config.mqtt.ack_to)
-    );
     // Reads every CA, key and secret file, so their problems show here too.
-    match esl_agent::security::Prepared::load(&config, &identity) {
-        Ok(security) => {
-            for (what, value) in security.summary() {
-                println!("# {what:<13} {value}");
-            }
-        }
+    let security = match esl_agent::security::Prepared::load(&config, &identity) {
+        Ok(s) => s,
         Err(e) => {
-            eprintln!("esl-agent: {e:#}");
+            eprintln!("esl-agent: {}", report::chain(e.as_ref()));
             return ExitCode::from(EXIT_CONFIG);
         }
+    };
+    let mut out = format!("# {} is valid\n", path.display());
+    out += &format!("# client id:    {}\n", identity.client_id);
+    out += &format!("# task topic:   {}\n", identity.task_topic);
+    out += &format!("# command topic:{}\n", identity.cmd_topic);
+    out += &format!("# status topic: {}\n", identity.status_topic);
+    out += &format!(
+        "# ack topic:    {}\n",
+        identity.reply_topic(&config.mqtt.ack_to)
+    );
+    for (what, value) in security.summary() {
+        out += &format!("# {what:<13} {value}\n");
     }
     for w in identity.warnings.iter().chain(&config.warnings()) {
-        println!("# warning: {w}");
+        out += &format!("# warning: {w}\n");
     }
-    print!("{}", config.redacted_toml());
+    out += &config.redacted_toml();
+    quiet_on_closed_stdout();
+    print!("{out}");
     ExitCode::SUCCESS
+}
+
+/// Printing to a closed pipe (`esl-agent check-config | head`) ends the
+/// process quietly, the way `cat` or `ls` end, instead of a panic in
+/// `print!`. Rust ignores SIGPIPE, so this restores the default action.
+/// Never for `run`, and for the operator commands only after their last
+/// write to the control socket (a Unix socket write would raise it too).
+fn quiet_on_closed_stdout() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: SIG_DFL installs no handler code; nothing in this process
+    // relies on SIGPIPE being ignored from here on (only stdout is written).
+    if let Err(e) = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) } {
+        eprintln!("esl-agent: cannot restore SIGPIPE: {e}");
+    }
 }
 
 /// glibc gives every thread that allocates an arena of its own (up to 8
@@ -276,7 +301,7 @@ async fn run(config: Config) -> ExitCode {
     let agent = match esl_agent::start(config, shutdown.clone()).await {
         Ok(a) => a,
         Err(e) => {
-            tracing::error!("cannot start: {e:#}");
+            tracing::error!("cannot start: {}", report::chain(e.as_ref()));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -286,7 +311,7 @@ async fn run(config: Config) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", report::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
