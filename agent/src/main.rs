@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use esl_agent::cli;
 use esl_agent::identity::Identity;
 use esl_agent::report;
@@ -16,7 +16,12 @@ use tracing_subscriber::EnvFilter;
 #[command(
     name = "esl-agent",
     version,
-    about = "Edge agent for electronic shelf label access points"
+    about = "Edge agent for electronic shelf label access points",
+    long_about = "Edge agent for electronic shelf label access points: receives price-change \
+tasks over MQTT, stores them durably, delivers them to the tags through a radio backend and \
+acks every task to the back end. Exit codes: 0 success, 1 runtime failure, 2 config or \
+start-up problem, 3 (status, tags, tasks) no agent running. Documentation: \
+/usr/share/doc/esl-agent/ (README, INSTALL, CONFIG, PROTOCOL, COMMANDS, SECURITY, ZIGBEE, BLE)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -27,11 +32,13 @@ struct Cli {
 enum Command {
     /// Run the agent in the foreground until SIGTERM or SIGINT.
     Run {
+        /// The config file (TOML; docs/CONFIG.md).
         #[arg(long, short, default_value = "/etc/esl-agent/agent.toml")]
         config: PathBuf,
     },
     /// Validate a config file and print the effective config (secrets redacted).
     CheckConfig {
+        /// The config file (TOML; docs/CONFIG.md).
         #[arg(long, short, default_value = "/etc/esl-agent/agent.toml")]
         config: PathBuf,
     },
@@ -65,6 +72,13 @@ enum Command {
     /// Run broker, agent, simulated tags and back end on this machine and show what happens.
     #[cfg(feature = "demo")]
     Demo(esl_agent::demo::DemoOptions),
+    /// Write the man pages (esl-agent.1, esl-agent-SUBCOMMAND.1) generated
+    /// from these definitions into DIR; used by packaging/deb/build-deb.sh.
+    #[command(hide = true)]
+    Man {
+        /// Directory to write the pages into (must exist).
+        dir: PathBuf,
+    },
 }
 
 /// Where the operator commands find the running agent.
@@ -105,6 +119,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { config } => check_config(&config),
+        Command::Man { dir } => match write_man_pages(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("esl-agent man: {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        },
         Command::Status { target } => operate(&target, |client| {
             let status = client.call("agent.status", serde_json::json!({}))?;
             Ok((status.clone(), cli::render_status(&status)))
@@ -261,6 +282,30 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     quiet_on_closed_stdout();
     print!("{out}");
     ExitCode::SUCCESS
+}
+
+/// `esl-agent.1` and one page per visible subcommand (`esl-agent-run.1`,
+/// …, the way git splits its pages), from the same clap definitions as
+/// `--help`, so the pages cannot drift from the binary they ship with.
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    let cli = Cli::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cli.clone()).render(&mut page)?;
+    std::fs::write(dir.join("esl-agent.1"), page)?;
+    for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("esl-agent-{}", sub.get_name());
+        // The page's NAME and SYNOPSIS show `esl-agent-run`; the binary
+        // name keeps them readable as the command typed.
+        let sub = sub
+            .clone()
+            .name(&name)
+            .bin_name(format!("esl-agent {}", sub.get_name()))
+            .version(env!("CARGO_PKG_VERSION"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(sub).render(&mut page)?;
+        std::fs::write(dir.join(format!("{name}.1")), page)?;
+    }
+    Ok(())
 }
 
 /// Printing to a closed pipe (`esl-agent check-config | head`) ends the

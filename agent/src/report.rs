@@ -67,7 +67,7 @@ where
         format!(
             ": permission denied: the agent's user (uid {}) cannot write to {}{owner}. \
              The package's postinst makes /var/lib/esl-agent for the esl-agent user; \
-             otherwise run `install -d -o esl-agent -g esl-agent -m 0700 {}`",
+             otherwise run `install -d -o esl-agent -g esl-agent -m 0750 {}`",
             // SAFETY: geteuid has no preconditions and cannot fail.
             unsafe { libc::geteuid() },
             dir.display(),
