@@ -33,6 +33,7 @@
 
 mod ble;
 mod commands;
+mod docs;
 mod harness;
 mod operator;
 mod resilience;
