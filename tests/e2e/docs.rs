@@ -611,3 +611,60 @@ fn commands_md_lists_every_counter() {
         "docs/COMMANDS.md lacks the counters {missing:?}"
     );
 }
+
+/// Issue 19 item 3: an agent whose user may not create its store says
+/// "permission denied", names the directory and the fix, does not blame a
+/// lock, and prints the OS error once. As root (CI) the agent runs as
+/// `nobody` (root may write anywhere); otherwise as the current user, on a
+/// directory without write permission.
+#[test]
+fn a_store_directory_the_user_cannot_write_is_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+    mode(dir.path(), 0o755).expect("chmod");
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let locked = dir.path().join("lib");
+    std::fs::create_dir(&locked).expect("mkdir");
+    // Root's directory, or one the current user made read-only.
+    mode(&locked, if root { 0o755 } else { 0o555 }).expect("chmod");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt]\nhost = \"127.0.0.1\"\nport = 1\ngroup_id = \"GID_esl\"\ndevice_id = \"ap-1\"\n\
+             [store]\npath = {:?}\n",
+            locked.join("esl-agent/store").display().to_string()
+        ),
+    )
+    .expect("write config");
+    mode(&config, 0o644).expect("chmod");
+    let mut command = if root {
+        // The build dir may not be reachable for nobody: a copy is.
+        let bin = dir.path().join("esl-agent");
+        std::fs::copy(env!("CARGO_BIN_EXE_esl-agent"), &bin).expect("copy the binary");
+        mode(&bin, 0o755).expect("chmod");
+        let mut c = Command::new("runuser");
+        c.args(["-u", "nobody", "--"]).arg(bin);
+        c
+    } else {
+        agent_bin()
+    };
+    let out = command
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run the agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("permission denied") && stderr.contains(&locked.display().to_string()),
+        "{stderr}"
+    );
+    assert!(stderr.contains("install -d -o esl-agent"), "{stderr}");
+    assert!(!stderr.contains("another agent"), "{stderr}");
+    let os = std::io::Error::from_raw_os_error(13).to_string();
+    assert_eq!(stderr.matches(&os).count(), 1, "{stderr}");
+}
