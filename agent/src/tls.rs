@@ -379,6 +379,19 @@ mod tests {
         let trust = Trust::system_bundle(&[missing.clone(), ca.clone()]).unwrap();
         assert_eq!(trust, Trust::SystemBundle(ca.clone()));
         client_config(&trust, None).unwrap();
+        // rumqttc always gets the finished rustls config, never its own
+        // builder (`TlsConfiguration::Simple`, the only user of its old
+        // rustls-webpki and rustls-pemfile: docs/SECURITY.md §6).
+        let m = mqtt(&format!(
+            "host = \"b.example\"\nca_file = {:?}",
+            ca.display().to_string()
+        ));
+        let t = LinkTransport::from_config(&m).unwrap();
+        assert!(
+            matches!(t.transport, Transport::Tls(TlsConfiguration::Rustls(_))),
+            "not a rustls config"
+        );
+        assert!(t.trust.unwrap().contains("(mqtt.ca_file)"));
         assert!(trust.describe().contains("system CA bundle"));
 
         let err = Trust::system_bundle(std::slice::from_ref(&missing))
