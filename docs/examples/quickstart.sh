@@ -29,8 +29,10 @@ esl-agent check-config --config agent.toml
 
 # 2. The back end's subscriptions, kept by the broker (-c: persistent
 #    session) so nothing is missed between the commands below: acks, and
-#    the agent's status reports.
+#    the agent's status reports (first without -c, which drops reports an
+#    earlier run may have left queued).
 mosquitto_sub -p "$BROKER_PORT" -q 1 -c -i 'GID_backend@@@pricing-1' -t 'esl_ack/p2p/GID_backend@@@pricing-1' -E
+mosquitto_sub -p "$BROKER_PORT" -q 1 -i 'GID_backend@@@watch' -t 'esl_status/GID_esl@@@ap-first' -E
 mosquitto_sub -p "$BROKER_PORT" -q 1 -c -i 'GID_backend@@@watch' -t 'esl_status/GID_esl@@@ap-first' -E
 
 # 3. Start the agent and wait for its "hello" status report: it has
