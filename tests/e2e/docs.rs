@@ -668,3 +668,58 @@ fn a_store_directory_the_user_cannot_write_is_named() {
     let os = std::io::Error::from_raw_os_error(13).to_string();
     assert_eq!(stderr.matches(&os).count(), 1, "{stderr}");
 }
+
+/// Issue 19 item 1: docs/PROTOCOL.md's examples are what the agent reads
+/// and writes: the task and command decode, each ack example has exactly
+/// the fields of the agent's ack type, and the `applied` ack carries the
+/// hash of the task example's content.
+#[test]
+fn protocol_md_examples_match_the_wire_types() {
+    use esl_agent::wire;
+    let doc = read(&repo().join("docs/PROTOCOL.md"));
+    let mut task_hash = None;
+    let (mut tasks, mut acks, mut commands) = (0, 0, 0);
+    let mut applied_hash = None;
+    for (line, block) in blocks(&doc, "json") {
+        // Examples with `…` in place of values are illustrations only.
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(&block) else {
+            continue;
+        };
+        match value["type"].as_str() {
+            None if value.get("method").is_some() => {
+                wire::decode_command(block.as_bytes(), 65_536)
+                    .unwrap_or_else(|e| panic!("PROTOCOL.md:{line}: command refused: {e:?}"));
+                commands += 1;
+            }
+            None => {
+                let task = wire::decode_task(block.as_bytes(), 65_536)
+                    .unwrap_or_else(|e| panic!("PROTOCOL.md:{line}: task refused: {e:?}"));
+                task_hash = Some(task.content_hash);
+                tasks += 1;
+            }
+            Some("ack") => {
+                let ack: wire::Ack = serde_json::from_value(value.clone())
+                    .unwrap_or_else(|e| panic!("PROTOCOL.md:{line}: not an ack: {e}"));
+                let again: serde_json::Value =
+                    serde_json::from_slice(&ack.to_json()).expect("the ack's JSON");
+                assert_eq!(
+                    again, value,
+                    "PROTOCOL.md:{line}: fields differ from the agent's ack"
+                );
+                if value["status"] == "applied" {
+                    applied_hash = ack.content_hash.clone();
+                }
+                acks += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        tasks >= 1 && acks >= 2 && commands >= 1,
+        "{tasks} tasks, {acks} acks, {commands} commands"
+    );
+    assert_eq!(
+        applied_hash, task_hash,
+        "the applied ack shows the task example's content hash"
+    );
+}
