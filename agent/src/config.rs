@@ -77,8 +77,9 @@ pub struct MqttConfig {
     /// TLS on or off. Unset: on, except for a loopback host. Plain TCP to
     /// another host needs an explicit `false` (and logs a warning).
     pub tls: Option<bool>,
-    /// The broker's CA certificate(s), PEM. Required with TLS: OpenWrt has no
-    /// system CA bundle, and a private CA should not be mixed with it anyway.
+    /// The broker's CA certificate(s), PEM. Unset with TLS on: the system's
+    /// CA bundle (`tls::SYSTEM_CA_BUNDLES`); a private broker CA belongs
+    /// here rather than in the system bundle.
     pub ca_file: Option<PathBuf>,
     /// Client certificate chain and private key (PEM) for mutual TLS.
     pub client_cert_file: Option<PathBuf>,
@@ -774,18 +775,9 @@ impl Config {
 
 fn validate_transport(m: &MqttConfig) -> Result<(), ConfigError> {
     let tls = m.uses_tls();
-    if tls && m.ca_file.is_none() {
-        let rule = if m.tls.is_none() {
-            format!(
-                "is required: {:?} is not a loopback host, so the link uses TLS and needs the broker's CA certificate (PEM). \
-                 To send everything in clear text instead, set mqtt.tls = false",
-                m.host
-            )
-        } else {
-            "is required with mqtt.tls = true: the broker's CA certificate (PEM); there is no system CA bundle to fall back on".into()
-        };
-        return Err(invalid("mqtt.ca_file", rule));
-    }
+    // Without `ca_file` the link trusts the system's CA bundle; whether one
+    // exists is a file-system question, answered by `tls` at start-up and
+    // by `check-config`.
     if !tls {
         for (key, set) in [
             ("mqtt.ca_file", m.ca_file.is_some()),
@@ -1205,9 +1197,9 @@ mod tests {
 
     #[test]
     fn tls_is_the_default_for_a_remote_broker() {
-        let (key, rule) = rule_for(&with("host = \"broker.example.com\"", ""));
-        assert_eq!(key, "mqtt.ca_file");
-        assert!(rule.contains("mqtt.tls = false"), "{rule}");
+        // Without ca_file: valid, the system CA bundle is used (issue 14).
+        let c = Config::from_toml(&with("host = \"broker.example.com\"", "")).unwrap();
+        assert!(c.mqtt.uses_tls() && c.mqtt.ca_file.is_none());
         for host in ["localhost", "127.0.0.1", "::1", "[::1]", "127.1.2.3"] {
             let c = Config::from_toml(&with(&format!("host = {host:?}"), "")).unwrap();
             assert!(!c.mqtt.uses_tls(), "{host}");
@@ -1227,7 +1219,6 @@ mod tests {
     #[test]
     fn security_keys_are_checked_and_named() {
         let cases = [
-            (with("tls = true", ""), "mqtt.ca_file"),
             (with("ca_file = \"/ca.pem\"", ""), "mqtt.ca_file"),
             (
                 with("tls = true\nca_file = \"/ca.pem\"\nclient_cert_file = \"/c.pem\"", ""),

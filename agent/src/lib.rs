@@ -58,6 +58,7 @@ pub mod engine;
 pub mod identity;
 pub mod mqtt;
 pub mod radio;
+pub mod report;
 pub mod secrets;
 pub mod security;
 pub mod signing;
@@ -112,10 +113,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     }
     let store_path = config.store.path.clone();
     let cache = config.store.cache_mb * 1024 * 1024;
-    let store = tokio::task::spawn_blocking(move || Store::open(&store_path, cache))
+    let store = match tokio::task::spawn_blocking(move || Store::open(&store_path, cache))
         .await
         .context("store open task")?
-        .with_context(|| format!("cannot open the store at {}", config.store.path.display()))?;
+    {
+        Ok(store) => store,
+        Err(e) => return Err(report::store_open_error(&config.store.path, e)),
+    };
     let store = Arc::new(store);
     let counters = Arc::new(Counters::default());
 
