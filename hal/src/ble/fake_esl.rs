@@ -9,14 +9,25 @@
 //! it checks the AP's side of the protocol, it is not a reference tag.
 //!
 //! What a fake tag does: advertises the ESL Service (0x1857) every
-//! `adv_interval_ms` (±20 %); accepts one link at a time; keeps its ESL
-//! Address and ignores commands for another ESL ID (as a real ESL does: the
-//! AP then times out); stores content sent over the vendor characteristic
-//! only when length and CRC-32 match; answers Display Image with Display
-//! State when it holds the image, Read Sensor Data 0 with its battery in
-//! millivolts, Ping and Update Complete with its Basic State, and everything
-//! it does not know with an Error response. One more device advertises a
-//! non-ESL service, so the radio's own filtering is exercised.
+//! `adv_interval_ms` (±20 %); accepts one link at a time; starts
+//! Unassociated (no ESL address, no keys). It becomes configured only when
+//! an AP wrote ESL Address, AP Sync Key Material (24 bytes), ESL Response
+//! Key Material (24 bytes) and Current Absolute Time (4 bytes) and then sent
+//! Update Complete; a link that ends before that sends it back to
+//! Unassociated, which forgets its address and keys, deletes its images and
+//! blanks the display (Nordic's `esl.c`: link loss while configuring, and
+//! `bt_esl_unassociate`). A configured tag that gets no session for 60
+//! minutes falls back to Unassociated too (ESL Service Unsynchronized state;
+//! the fake never synchronises, as this radio cannot send PAwR). It answers
+//! a command for another ESL ID, or any command while it has no address,
+//! with Invalid Parameter(s) (both public tags do: Nordic `esl.c`, Silicon
+//! Labs `esl_tag_opcodes.c`); stores content sent over the vendor
+//! characteristic only when length and CRC-32 match; answers Display Image
+//! with Display State when it holds the image, Read Sensor Data 0 with its
+//! Present Input Voltage (1/64 V, as its Sensor Information says), Ping and
+//! Update Complete with its Basic State, and everything it does not know
+//! with an Error response. One more device advertises a non-ESL service, so
+//! the radio's own filtering is exercised.
 //!
 //! Knobs for failure tests: `offline` tags neither advertise nor connect,
 //! `corrupt` tags flip a bit of every transfer (the integrity check fails),
@@ -43,7 +54,14 @@ use super::codec::{
     CONTROL_POINT_CHARACTERISTIC, ESL_ADDRESS_CHARACTERISTIC, ESL_SERVICE,
 };
 use super::content::{decode_frame, ContentStatus, Frame, TransferState};
+use super::provision::{
+    encode_displays, encode_leds, encode_sensors, DisplayInfo, DisplayType, LedType, SensorType,
+    TagInfo, ABSOLUTE_TIME_CHARACTERISTIC, AP_SYNC_KEY_CHARACTERISTIC, DISPLAY_INFO_CHARACTERISTIC,
+    IMAGE_INFO_CHARACTERISTIC, KEY_MATERIAL_LEN, LED_INFO_CHARACTERISTIC, PRESENT_INPUT_VOLTAGE,
+    RESPONSE_KEY_CHARACTERISTIC, SENSOR_INFO_CHARACTERISTIC,
+};
 use super::transport::{Advertisement, Central, GattError, Link, Notification, Scan};
+use super::UNASSOCIATED_FALLBACK_S;
 
 /// Address of the one non-ESL device on the fake air.
 pub const STRANGER_ADDRESS: &str = "F0:FF:FF:FF:FF:FF";
@@ -53,8 +71,26 @@ const STRANGER_SERVICE: u16 = 0x180D;
 const STRANGER_CHARACTERISTIC: u16 = 0x2A37;
 /// Most fake tags: addresses have three bytes for the index.
 pub const MAX_FAKE_TAGS: u32 = 1 << 24;
-/// The sensor index that reports the battery.
+/// The sensor index that reports the battery (Present Input Voltage).
 pub const BATTERY_SENSOR: u8 = 0;
+/// Largest image index of a fake tag: two image slots.
+pub const MAX_IMAGE_INDEX: u8 = 1;
+
+/// What every fake tag says about itself in its Information
+/// characteristics: one 2.9" black/white display, two image slots, a
+/// voltage sensor, one RGB LED.
+pub fn fake_tag_info() -> TagInfo {
+    TagInfo {
+        displays: vec![DisplayInfo {
+            width: 296,
+            height: 128,
+            display_type: DisplayType::BlackWhite,
+        }],
+        max_image_index: Some(MAX_IMAGE_INDEX),
+        sensors: vec![SensorType::MeshProperty(PRESENT_INPUT_VOLTAGE)],
+        leds: vec![LedType::Srgb { color: 0x3F }],
+    }
+}
 /// Battery drain per displayed image.
 const MV_PER_UPDATE: u16 = 2;
 /// Battery Level 0 % and 100 % of the fake coin cell.
@@ -116,13 +152,27 @@ pub enum FakeError {
     },
 }
 
+/// What an AP has written while configuring the tag.
+#[derive(Debug, Default, Clone, Copy)]
+struct Provisioned {
+    ap_sync_key: bool,
+    response_key: bool,
+    absolute_time: bool,
+}
+
 /// One fake peripheral.
 #[derive(Debug)]
 struct FakeTag {
     address: String,
     /// False for the stranger.
     esl: bool,
-    esl_address: EslAddress,
+    /// None while Unassociated.
+    esl_address: Option<EslAddress>,
+    provisioned: Provisioned,
+    /// Configured: all four writes and Update Complete happened.
+    configured: bool,
+    /// When the last link to a configured tag ended: its fall-back timer.
+    idle_since: Option<Instant>,
     offline: bool,
     corrupt: bool,
     base_rssi: i16,
@@ -162,11 +212,7 @@ pub struct FakeAir {
 impl FakeAir {
     /// Builds `cfg.tags` tags that store content on `content_characteristic`
     /// and start out with the ESL address `address_of` gives them.
-    pub fn new(
-        cfg: &FakeConfig,
-        content_characteristic: Uuid,
-        address_of: impl Fn(&str) -> EslAddress,
-    ) -> Result<FakeAir, FakeError> {
+    pub fn new(cfg: &FakeConfig, content_characteristic: Uuid) -> Result<FakeAir, FakeError> {
         let invalid = |key, reason: String| FakeError::Invalid { key, reason };
         if cfg.tags > MAX_FAKE_TAGS {
             return Err(invalid("tags", format!("at most {MAX_FAKE_TAGS}")));
@@ -198,11 +244,7 @@ impl FakeAir {
         let mut tags: Vec<FakeTag> = (0..cfg.tags)
             .map(|i| {
                 let address = fake_address(i);
-                let mut tag = FakeTag::new(
-                    address_of(&address),
-                    rng.gen_range(-90..=-40),
-                    rng.gen_range(2950..=3050),
-                );
+                let mut tag = FakeTag::new(rng.gen_range(-90..=-40), rng.gen_range(2950..=3050));
                 tag.offline = cfg.offline.contains(&address);
                 tag.corrupt = cfg.corrupt.contains(&address);
                 tag.address = address;
@@ -210,7 +252,7 @@ impl FakeAir {
             })
             .collect();
         // The stranger: its ESL address is never used.
-        let mut stranger = FakeTag::new(EslAddress::new(0, 0).expect("0/0 is valid"), -60, FULL_MV);
+        let mut stranger = FakeTag::new(-60, FULL_MV);
         stranger.esl = false;
         stranger.address = STRANGER_ADDRESS.to_owned();
         tags.push(stranger);
@@ -257,15 +299,40 @@ impl FakeAir {
 
     /// Hash of what `tag` displays.
     pub fn displayed(&self, tag: &str) -> Option<String> {
-        let world = self.lock();
+        let mut world = self.lock();
         let i = *world.index.get(tag)?;
-        world.tags[i].displayed.as_ref().map(|(_, h)| h.clone())
+        let tag = &mut world.tags[i];
+        tag.settle(Instant::now());
+        tag.displayed.as_ref().map(|(_, h)| h.clone())
     }
 
-    /// The ESL address `tag` has now.
+    /// The ESL address `tag` has now (none while Unassociated).
     pub fn esl_address(&self, tag: &str) -> Option<EslAddress> {
-        let world = self.lock();
-        world.index.get(tag).map(|&i| world.tags[i].esl_address)
+        let mut world = self.lock();
+        let i = *world.index.get(tag)?;
+        let tag = &mut world.tags[i];
+        tag.settle(Instant::now());
+        tag.esl_address
+    }
+
+    /// Whether `tag` is configured now (not Unassociated).
+    pub fn configured(&self, tag: &str) -> bool {
+        let mut world = self.lock();
+        let Some(&i) = world.index.get(tag) else {
+            return false;
+        };
+        let tag = &mut world.tags[i];
+        tag.settle(Instant::now());
+        tag.configured
+    }
+
+    /// Sends `tag` back to Unassociated, as its own 60-minute fall-back or
+    /// an Unassociate command from another AP would.
+    pub fn unassociate(&self, tag: &str) {
+        let mut world = self.lock();
+        if let Some(&i) = world.index.get(tag) {
+            world.tags[i].unassociate();
+        }
     }
 
     pub fn battery_mv(&self, tag: &str) -> Option<u16> {
@@ -442,13 +509,17 @@ impl FakeLink {
             return Err(GattError::Disconnected);
         }
         let world = &mut *world;
-        op(&mut world.tags[self.index], &mut world.journal)
+        let tag = &mut world.tags[self.index];
+        tag.settle(Instant::now());
+        op(tag, &mut world.journal)
     }
 
     fn close(&mut self) {
         if std::mem::take(&mut self.open) {
             let mut world = self.air.lock();
-            world.tags[self.index].linked = false;
+            let tag = &mut world.tags[self.index];
+            tag.linked = false;
+            tag.link_ended(Instant::now());
             world.active_links -= 1;
         }
     }
@@ -467,6 +538,13 @@ impl Link for FakeLink {
             Ok(if tag.esl {
                 vec![
                     uuid16(ESL_ADDRESS_CHARACTERISTIC),
+                    uuid16(AP_SYNC_KEY_CHARACTERISTIC),
+                    uuid16(RESPONSE_KEY_CHARACTERISTIC),
+                    uuid16(ABSOLUTE_TIME_CHARACTERISTIC),
+                    uuid16(DISPLAY_INFO_CHARACTERISTIC),
+                    uuid16(IMAGE_INFO_CHARACTERISTIC),
+                    uuid16(SENSOR_INFO_CHARACTERISTIC),
+                    uuid16(LED_INFO_CHARACTERISTIC),
                     uuid16(CONTROL_POINT_CHARACTERISTIC),
                     content,
                     uuid16(BATTERY_LEVEL_CHARACTERISTIC),
@@ -504,8 +582,21 @@ impl Link for FakeLink {
                 } else if characteristic == content {
                     tag.receive(value).map(|()| None)
                 } else if characteristic == uuid16(ESL_ADDRESS_CHARACTERISTIC) {
-                    tag.esl_address = EslAddress::decode(value)
-                        .map_err(|e| att_error(&format!("bad ESL Address: {e}")))?;
+                    tag.esl_address = Some(
+                        EslAddress::decode(value)
+                            .map_err(|e| att_error(&format!("bad ESL Address: {e}")))?,
+                    );
+                    Ok(None)
+                } else if let Some(slot) = tag.provisioning_slot(characteristic) {
+                    let len = if characteristic == uuid16(ABSOLUTE_TIME_CHARACTERISTIC) {
+                        4
+                    } else {
+                        KEY_MATERIAL_LEN
+                    };
+                    if value.len() != len {
+                        return Err(att_error("invalid attribute value length"));
+                    }
+                    *slot = true;
                     Ok(None)
                 } else {
                     Err(att_error("characteristic not writable"))
@@ -531,6 +622,8 @@ impl Link for FakeLink {
                 tag.status
                     .encode()
                     .map_err(|e| GattError::Failed(e.to_string()))
+            } else if let Some(value) = tag.info_value(characteristic) {
+                Ok(value)
             } else if tag.esl && characteristic == uuid16(BATTERY_LEVEL_CHARACTERISTIC) {
                 let above = tag.battery_mv.saturating_sub(EMPTY_MV);
                 let percent = (u32::from(above) * 100 / u32::from(FULL_MV - EMPTY_MV)).min(100);
@@ -562,12 +655,15 @@ fn att_error(what: &str) -> GattError {
 }
 
 impl FakeTag {
-    /// An ESL tag showing nothing yet, not linked.
-    fn new(esl_address: EslAddress, base_rssi: i16, battery_mv: u16) -> FakeTag {
+    /// An unassociated ESL tag showing nothing yet, not linked.
+    fn new(base_rssi: i16, battery_mv: u16) -> FakeTag {
         FakeTag {
             address: String::new(),
             esl: true,
-            esl_address,
+            esl_address: None,
+            provisioned: Provisioned::default(),
+            configured: false,
+            idle_since: None,
             offline: false,
             corrupt: false,
             base_rssi,
@@ -587,7 +683,92 @@ impl FakeTag {
     }
 
     fn basic_state(&self) -> BasicState {
-        BasicState(BasicState::SYNCHRONIZED)
+        // Never synchronised: this radio sends no PAwR.
+        BasicState(0)
+    }
+
+    /// The configuring write this characteristic records, if it is one.
+    fn provisioning_slot(&mut self, characteristic: Uuid) -> Option<&mut bool> {
+        if !self.esl {
+            return None;
+        }
+        let p = &mut self.provisioned;
+        [
+            (AP_SYNC_KEY_CHARACTERISTIC, &mut p.ap_sync_key),
+            (RESPONSE_KEY_CHARACTERISTIC, &mut p.response_key),
+            (ABSOLUTE_TIME_CHARACTERISTIC, &mut p.absolute_time),
+        ]
+        .into_iter()
+        .find(|(short, _)| uuid16(*short) == characteristic)
+        .map(|(_, slot)| slot)
+    }
+
+    /// The value of an Information characteristic.
+    fn info_value(&self, characteristic: Uuid) -> Option<Vec<u8>> {
+        if !self.esl {
+            return None;
+        }
+        let info = fake_tag_info();
+        let short = [
+            DISPLAY_INFO_CHARACTERISTIC,
+            IMAGE_INFO_CHARACTERISTIC,
+            SENSOR_INFO_CHARACTERISTIC,
+            LED_INFO_CHARACTERISTIC,
+        ]
+        .into_iter()
+        .find(|s| uuid16(*s) == characteristic)?;
+        Some(match short {
+            DISPLAY_INFO_CHARACTERISTIC => encode_displays(&info.displays),
+            IMAGE_INFO_CHARACTERISTIC => vec![MAX_IMAGE_INDEX],
+            SENSOR_INFO_CHARACTERISTIC => encode_sensors(&info.sensors),
+            _ => encode_leds(&info.leds),
+        })
+    }
+
+    /// Whether the ESL Address and all three configuring writes are there.
+    fn fully_provisioned(&self) -> bool {
+        let p = self.provisioned;
+        self.esl_address.is_some() && p.ap_sync_key && p.response_key && p.absolute_time
+    }
+
+    /// Applies the 60-minute fall-back of a configured tag nobody updated.
+    fn settle(&mut self, now: Instant) {
+        let fallback = Duration::from_secs(UNASSOCIATED_FALLBACK_S);
+        if self
+            .idle_since
+            .is_some_and(|since| now.duration_since(since) >= fallback)
+        {
+            self.unassociate();
+        }
+    }
+
+    /// A link ended: an unfinished configuration is lost, a configured tag
+    /// starts its fall-back timer.
+    fn link_ended(&mut self, now: Instant) {
+        if self.configured {
+            self.idle_since = Some(now);
+        } else if self.esl {
+            self.unassociate();
+        }
+    }
+
+    /// Back to the Unassociated state: address, keys, images and what is
+    /// shown are gone.
+    fn unassociate(&mut self) {
+        self.esl_address = None;
+        self.provisioned = Provisioned::default();
+        self.configured = false;
+        self.idle_since = None;
+        self.images.clear();
+        self.displayed = None;
+        self.receiving = None;
+        self.status = ContentStatus {
+            state: TransferState::Idle,
+            image_index: 0,
+            received: 0,
+            crc32: 0,
+            content_hash: String::new(),
+        };
     }
 
     /// Handles a Control Point write; `None` when the ESL stays silent.
@@ -599,18 +780,24 @@ impl FakeTag {
             }
             Err(_) => return Some(Response::Error(ErrorCode::InvalidParameters)),
         };
-        if command.esl_id() != self.esl_address.esl_id() {
-            // Another ESL's command, or a broadcast: no answer.
-            return None;
+        if self.esl_address.map(EslAddress::esl_id) != Some(command.esl_id()) {
+            // Another ESL's ID over the Control Point (or no address yet).
+            return Some(Response::Error(ErrorCode::InvalidParameters));
         }
         Some(match command {
-            Command::Ping { .. } | Command::UpdateComplete { .. } => {
+            Command::Ping { .. } => Response::BasicState(self.basic_state()),
+            Command::UpdateComplete { .. } => {
+                if self.fully_provisioned() {
+                    self.configured = true;
+                }
                 Response::BasicState(self.basic_state())
             }
             Command::ReadSensorData { sensor_index, .. } if sensor_index == BATTERY_SENSOR => {
+                // GATT Voltage: 1/64 V.
+                let raw = (u32::from(self.battery_mv) * 64 / 1000) as u16;
                 Response::SensorValue {
                     sensor_index,
-                    data: self.battery_mv.to_le_bytes().to_vec(),
+                    data: raw.to_le_bytes().to_vec(),
                 }
             }
             Command::DisplayImage {

@@ -34,6 +34,7 @@ pub mod codec;
 pub mod content;
 pub mod fake;
 pub mod fake_esl;
+pub mod provision;
 pub mod transport;
 
 #[cfg(feature = "ble")]
@@ -41,7 +42,7 @@ pub mod btleplug;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -56,9 +57,10 @@ use crate::{
 };
 use codec::{uuid16, EslAddress, ESL_SERVICE};
 use fake_esl::{FakeAir, FakeConfig, FakeError};
+use provision::{KeyMaterial, TagInfo};
 use transport::{
-    Advertisement, BatterySource, Central, GattError, Scan, SessionReport, SessionSettings, Step,
-    TransportError,
+    Advertisement, BatterySource, Central, GattError, Provisioning, Scan, SessionPlan,
+    SessionReport, SessionSettings, Step, TransportError,
 };
 
 /// Capacity of the delivery channel. The driver takes from it on every turn
@@ -90,6 +92,10 @@ const SCAN_RETRY_MIN: Duration = Duration::from_secs(1);
 const SCAN_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Bound on starting a scan (D-Bus round trips to bluetoothd).
 const SCAN_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Seconds an unsynchronised ESL waits before it drops back to Unassociated
+/// (ESL Service, Unsynchronized state: 60 minutes).
+pub const UNASSOCIATED_FALLBACK_S: u64 = 3600;
 
 /// Vendor content characteristic used when none is configured. It must
 /// match the tag firmware; this one is the fake tags' and the docs' example.
@@ -143,6 +149,13 @@ pub struct BleConfig {
     /// Connect to a tag without deliveries to read its battery this often;
     /// 0: only during deliveries.
     pub battery_poll_interval_s: u64,
+    /// Configure a tag again (address, keys, time, Information) when its
+    /// last session is this old. An ESL that is not synchronised falls back
+    /// to Unassociated after 60 minutes without an update (ESL Service
+    /// Unsynchronized state; Nordic's `BT_ESL_UNASSOCIATED_TIMEOUT`, 3600 s),
+    /// and this radio cannot keep tags synchronised (no PAwR on BlueZ), so
+    /// this must stay below 3600 s.
+    pub reconfigure_after_s: u64,
     /// Fake tags instead of a Bluetooth controller (tests, demos).
     pub fake: Option<FakeConfig>,
 }
@@ -179,6 +192,7 @@ impl Default for BleConfig {
             battery_empty_mv: 2_000,
             battery_full_mv: 3_000,
             battery_poll_interval_s: 6 * 3600,
+            reconfigure_after_s: 50 * 60,
             fake: None,
         }
     }
@@ -273,6 +287,15 @@ impl BleConfig {
                 return Err(rule(key, "must be at least 1"));
             }
         }
+        if !(1..UNASSOCIATED_FALLBACK_S).contains(&self.reconfigure_after_s) {
+            return Err(rule(
+                "radio.ble.reconfigure_after_s",
+                format!(
+                    "must be between 1 and {} (tags fall back to Unassociated after {UNASSOCIATED_FALLBACK_S} s)",
+                    UNASSOCIATED_FALLBACK_S - 1
+                ),
+            ));
+        }
         if self.battery_empty_mv >= self.battery_full_mv {
             return Err(rule(
                 "radio.ble.battery_full_mv",
@@ -353,6 +376,12 @@ impl BleConfig {
     }
 }
 
+/// Milliseconds since `epoch` on the AP's ESL clock (wraps after 49 days,
+/// as the 32-bit ESL absolute time does).
+fn absolute_time(epoch: Instant, now: Instant) -> u32 {
+    now.duration_since(epoch).as_millis() as u32
+}
+
 /// An ESL address from a Bluetooth address (FNV-1a): stable across runs and
 /// APs without storing anything. Two tags may share one; that only matters
 /// for broadcast (PAwR) commands, which this radio does not send: every
@@ -387,6 +416,8 @@ pub enum BleError {
 /// the driver, which aborts its sessions.
 pub struct BleRadio {
     channels: DriverChannels,
+    /// What each configured tag reported about itself (driver writes).
+    infos: Arc<Mutex<HashMap<TagId, TagInfo>>>,
     known: Vec<TagId>,
     max_content_bytes: usize,
     fake: Option<FakeAir>,
@@ -398,7 +429,7 @@ impl BleRadio {
     pub fn start(cfg: BleConfig) -> Result<BleRadio, BleError> {
         cfg.validate()?;
         if let Some(fake) = &cfg.fake {
-            let air = FakeAir::new(fake, cfg.content_uuid()?, |tag| cfg.address_for(tag))?;
+            let air = FakeAir::new(fake, cfg.content_uuid()?)?;
             let mut radio = BleRadio::start_with(cfg, air.clone())?;
             radio.fake = Some(air);
             return Ok(radio);
@@ -418,6 +449,7 @@ impl BleRadio {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| BleError::NoRuntime)?;
         let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_CAPACITY);
         let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
+        let infos = Arc::new(Mutex::new(HashMap::new()));
         let driver = Driver {
             delivery_rx,
             event_tx,
@@ -433,12 +465,16 @@ impl BleRadio {
                 radio_up: true,
                 scan_retry: None,
                 scan_backoff: SCAN_RETRY_MIN,
+                ap_sync_key: KeyMaterial::generate(),
+                epoch: Instant::now(),
+                infos: infos.clone(),
                 cfg: cfg.clone(),
             },
         };
         runtime.spawn(driver.run());
         Ok(BleRadio {
             channels: DriverChannels::new("BLE radio driver", delivery_tx, event_rx),
+            infos,
             known: cfg.tags.clone(),
             max_content_bytes: cfg.max_content_bytes,
             fake: None,
@@ -449,6 +485,24 @@ impl BleRadio {
     pub fn fake_air(&self) -> Option<&FakeAir> {
         self.fake.as_ref()
     }
+
+    /// What `tag` reported about itself (displays, image slots, sensors,
+    /// LEDs) when it was last configured; `None` before that.
+    pub fn tag_info(&self, tag: &str) -> Option<TagInfo> {
+        lock(&self.infos).get(tag).cloned()
+    }
+
+    /// [`BleRadio::tag_info`] of every configured tag.
+    pub fn tag_infos(&self) -> HashMap<TagId, TagInfo> {
+        lock(&self.infos).clone()
+    }
+}
+
+/// The info map's lock; nothing panics while holding it.
+fn lock(
+    infos: &Mutex<HashMap<TagId, TagInfo>>,
+) -> std::sync::MutexGuard<'_, HashMap<TagId, TagInfo>> {
+    infos.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Radio for BleRadio {
@@ -532,6 +586,15 @@ struct TagState {
     /// A delivery for this tag waits for its retry.
     retrying: bool,
     poll_queued: bool,
+    /// From the last configuring session.
+    info: Option<TagInfo>,
+    /// This tag's ESL Response Key material (a secret; never logged).
+    response_key: Option<KeyMaterial>,
+    /// End of the last successful session: the tag's fall-back timer
+    /// started then.
+    updated_at: Option<Instant>,
+    /// The tag showed it lost its configuration: configure next time.
+    reconfigure: bool,
 }
 
 /// An event waiting for room in the event channel.
@@ -575,6 +638,11 @@ struct DriverState<C: Central> {
     /// When to try scanning again after the adapter failed.
     scan_retry: Option<Instant>,
     scan_backoff: Duration,
+    /// This AP's sync key material, written to every tag it configures.
+    ap_sync_key: KeyMaterial,
+    /// Zero of the AP's ESL absolute time.
+    epoch: Instant,
+    infos: Arc<Mutex<HashMap<TagId, TagInfo>>>,
 }
 
 /// The next advertisement, or never while there is no scan.
@@ -727,6 +795,7 @@ impl<C: Central> DriverState<C> {
             let settings = self.settings.clone();
             let address = self.cfg.address_for(job.tag());
             let limit = Duration::from_millis(self.cfg.session_timeout_ms);
+            let plan = self.plan(job.tag());
             sessions.spawn(async move {
                 let session = async {
                     match &job {
@@ -736,13 +805,14 @@ impl<C: Central> DriverState<C> {
                                 &delivery.tag_id,
                                 address,
                                 &settings,
+                                &plan,
                                 &delivery.content,
                                 &delivery.content_hash,
                             )
                             .await
                         }
                         Job::Poll { tag } => {
-                            transport::poll(&central, tag, address, &settings).await
+                            transport::poll(&central, tag, address, &settings, &plan).await
                         }
                     }
                 };
@@ -755,6 +825,29 @@ impl<C: Central> DriverState<C> {
                 };
                 Done { job, result }
             });
+        }
+    }
+
+    /// Whether the next session with `tag` configures it, and with what.
+    fn plan(&mut self, tag: &str) -> SessionPlan {
+        let now = Instant::now();
+        let stale = Duration::from_secs(self.cfg.reconfigure_after_s);
+        let state = self.tags.entry(tag.to_owned()).or_default();
+        let due = state.reconfigure
+            || state
+                .updated_at
+                .is_none_or(|at| now.duration_since(at) >= stale);
+        let configure = due.then(|| Provisioning {
+            ap_sync_key: self.ap_sync_key.clone(),
+            response_key: state
+                .response_key
+                .get_or_insert_with(KeyMaterial::generate)
+                .clone(),
+            absolute_time: absolute_time(self.epoch, now),
+        });
+        SessionPlan {
+            configure,
+            info: state.info.clone(),
         }
     }
 
@@ -775,11 +868,24 @@ impl<C: Central> DriverState<C> {
         let tag_id = done.job.tag().to_owned();
         let tag = self.tags.entry(tag_id.clone()).or_default();
         tag.in_session = false;
-        if let Ok(report) = &done.result {
-            if let Some(mv) = report.battery_mv {
-                tag.battery_mv = Some(mv);
+        match &done.result {
+            Ok(report) => {
+                if let Some(mv) = report.battery_mv {
+                    tag.battery_mv = Some(mv);
+                }
+                tag.battery_read_at = Some(Instant::now());
+                tag.updated_at = Some(Instant::now());
+                if let Some(info) = &report.info {
+                    tag.reconfigure = false;
+                    tag.info = Some(info.clone());
+                    lock(&self.infos).insert(tag_id.clone(), info.clone());
+                }
             }
-            tag.battery_read_at = Some(Instant::now());
+            Err(error) if error.needs_configuring() => {
+                tracing::info!(tag = %tag_id, %error, "BLE tag lost its configuration; configuring it again");
+                tag.reconfigure = true;
+            }
+            Err(_) => {}
         }
         match (done.job, done.result) {
             (Job::Deliver { delivery, .. }, Ok(report)) => {
@@ -1004,18 +1110,33 @@ mod tests {
             .find(|(_, c)| c.tag_id == tag)
             .and_then(|(_, c)| c.battery_mv)
             .expect("a check-in with the battery");
-        // Battery Level is read as percent of 2000..=3000 mV.
-        let percent = u32::from(air.battery_mv(&tag).unwrap() - 2000) / 10;
-        assert_eq!(u32::from(battery), 2000 + percent * 10);
+        // The voltage sensor, in 1/64 V steps (see the test below).
+        assert!(air.battery_mv(&tag).unwrap() - battery < 16, "{battery}");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_battery_sensor_gives_millivolts() {
-        let mut radio = BleRadio::start(BleConfig {
-            battery_sensor_index: Some(fake_esl::BATTERY_SENSOR),
-            ..fake_config(1)
-        })
-        .expect("start");
+    async fn a_first_session_configures_the_tag_and_keeps_its_information() {
+        let mut radio = BleRadio::start(fake_config(1)).expect("start");
+        let tag = fake_address(0);
+        let air = radio.fake_air().expect("fake").clone();
+        assert!(!air.configured(&tag), "fake tags start Unassociated");
+        assert_eq!(radio.tag_info(&tag), None);
+        radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
+        assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
+        // Configured: the link has ended and the tag still shows the image
+        // (an unconfigured tag falls back to Unassociated and blanks).
+        assert_eq!(air.open_links(), 0);
+        assert!(air.configured(&tag));
+        assert_eq!(air.displayed(&tag).as_deref(), Some("hash-t1"));
+        assert_eq!(radio.tag_info(&tag), Some(fake_esl::fake_tag_info()));
+        assert_eq!(radio.tag_infos().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_battery_comes_from_the_voltage_sensor_the_tag_lists() {
+        // No battery_sensor_index: the Sensor Information names sensor 0 as
+        // Present Input Voltage (1/64 V), preferred to Battery Level.
+        let mut radio = BleRadio::start(fake_config(1)).expect("start");
         let tag = fake_address(0);
         radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
         assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
@@ -1027,8 +1148,9 @@ mod tests {
             .expect("check-in")
             .1
             .clone();
-        // Read before Update Complete, after the display drained 2 mV.
-        assert_eq!(checkin.battery_mv, air.battery_mv(&tag));
+        let mv = u32::from(air.battery_mv(&tag).unwrap());
+        let quantised = (mv * 64 / 1000 * 1000 / 64) as u16;
+        assert_eq!(checkin.battery_mv, Some(quantised));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1169,51 +1291,6 @@ mod tests {
         let air = radio.fake_air().expect("fake");
         assert_eq!(air.displayed(&tag), None, "nothing shown");
         assert_eq!(air.connects(), 2, "default: one retry");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_tag_with_another_esl_id_times_out() {
-        // The fake tag keeps its derived address; the AP, told not to write
-        // it, addresses another ESL ID: the tag stays silent.
-        let tag = fake_address(0);
-        let derived = derived_address(&tag);
-        let other = EslAddress::new(derived.group_id(), derived.esl_id().wrapping_add(1) % 255)
-            .expect("valid");
-        let mut cfg = BleConfig {
-            write_address: false,
-            retries: 0,
-            ..fake_config(1)
-        };
-        let mut radio = BleRadio::start(cfg.clone()).expect("start");
-        radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
-        assert_eq!(
-            next_outcome(&mut radio).await.1.result,
-            Ok(()),
-            "derived address works"
-        );
-        drop(radio);
-
-        cfg.addresses.insert(
-            tag.clone(),
-            AddressConfig {
-                group_id: other.group_id(),
-                esl_id: other.esl_id(),
-            },
-        );
-        // The fake tags start with the configured address, so start them
-        // with the derived one by hand.
-        let air = FakeAir::new(
-            cfg.fake.as_ref().unwrap(),
-            cfg.content_uuid().unwrap(),
-            derived_address,
-        )
-        .expect("fake air");
-        let mut radio = BleRadio::start_with(cfg, air).expect("start");
-        radio.deliver(delivery(&tag, "t2")).await.expect("deliver");
-        let (took, outcome) = next_outcome(&mut radio).await;
-        let failure = outcome.result.expect_err("silent tag");
-        assert_eq!(failure.reason, "BLE Display Image: no answer within 3s");
-        assert!(took >= Duration::from_secs(3));
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,6 +12,8 @@
 //!
 //! ```text
 //! connect → discover → subscribe Control Point → [write ESL Address]
+//! → [configure: AP Sync Key, Response Key, Absolute Time; read Display,
+//!    Image, Sensor and LED Information]
 //! → read content status ── tag already holds it? ──▶ skip transfer
 //! → BEGIN, DATA…, COMMIT → read status: length, CRC-32, hash must match
 //! → Display Image ⇒ Display State (same display and image)   ← confirmed here
@@ -37,6 +39,11 @@ use super::codec::{
     BATTERY_LEVEL_CHARACTERISTIC, CONTROL_POINT_CHARACTERISTIC, ESL_ADDRESS_CHARACTERISTIC,
 };
 use super::content::{self, ContentError, ContentStatus};
+use super::provision::{
+    self, InfoError, KeyMaterial, TagInfo, ABSOLUTE_TIME_CHARACTERISTIC,
+    AP_SYNC_KEY_CHARACTERISTIC, DISPLAY_INFO_CHARACTERISTIC, IMAGE_INFO_CHARACTERISTIC,
+    LED_INFO_CHARACTERISTIC, RESPONSE_KEY_CHARACTERISTIC, SENSOR_INFO_CHARACTERISTIC,
+};
 
 /// A tag seen advertising.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,6 +132,10 @@ pub enum Step {
     Discover,
     Subscribe,
     WriteAddress,
+    /// Writing key material or the absolute time.
+    Configure(&'static str),
+    /// Reading an Information characteristic.
+    ReadInfo(&'static str),
     ReadStatus,
     Transfer,
     Command(&'static str),
@@ -140,6 +151,8 @@ impl std::fmt::Display for Step {
             Step::Discover => f.write_str("service discovery"),
             Step::Subscribe => f.write_str("subscribe to the Control Point"),
             Step::WriteAddress => f.write_str("write ESL Address"),
+            Step::Configure(what) => write!(f, "write {what}"),
+            Step::ReadInfo(what) => write!(f, "read {what}"),
             Step::ReadStatus => f.write_str("read content status"),
             Step::Transfer => f.write_str("content transfer"),
             Step::Command(name) => f.write_str(name),
@@ -170,6 +183,8 @@ pub enum TransportError {
     Integrity(String),
     #[error("content cannot be sent: {0}")]
     Content(ContentError),
+    #[error("malformed {0}")]
+    Info(InfoError),
 }
 
 impl TransportError {
@@ -179,7 +194,9 @@ impl TransportError {
     pub fn retryable(&self) -> bool {
         match self {
             TransportError::Esl { code, .. } => code.retryable(),
-            TransportError::Missing(_) | TransportError::Content(_) => false,
+            TransportError::Missing(_) | TransportError::Content(_) | TransportError::Info(_) => {
+                false
+            }
             TransportError::Gatt { .. }
             | TransportError::Timeout { .. }
             | TransportError::Malformed { .. }
@@ -187,6 +204,12 @@ impl TransportError {
             | TransportError::Status(_)
             | TransportError::Integrity(_) => true,
         }
+    }
+
+    /// Whether the tag showed it lost its configuration (its ESL address
+    /// and keys): the next session must configure it again.
+    pub fn needs_configuring(&self) -> bool {
+        false
     }
 
     /// Whether the adapter itself failed (the radio is down, not the tag).
@@ -205,10 +228,12 @@ impl TransportError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatterySource {
     /// Read Sensor Data with this sensor index; the Sensor Value's first two
-    /// bytes are millivolts, little-endian.
+    /// bytes are millivolts, little-endian (a vendor sensor, configured).
     Sensor(u8),
-    /// The Battery Service's Battery Level (percent), when the tag has it,
-    /// mapped linearly onto `empty_mv..=full_mv`.
+    /// The sensor the tag's Sensor Information lists as Present Input
+    /// Voltage (1/64 V); without one, the Battery Service's Battery Level
+    /// (percent), when the tag has it, mapped linearly onto
+    /// `empty_mv..=full_mv`.
     BatteryLevel { empty_mv: u16, full_mv: u16 },
 }
 
@@ -231,9 +256,32 @@ pub struct SessionSettings {
     pub battery: BatterySource,
 }
 
+/// What the AP gives a tag when it configures it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provisioning {
+    /// The AP's own key for its periodic advertising (same for every tag).
+    pub ap_sync_key: KeyMaterial,
+    /// This tag's key for its responses.
+    pub response_key: KeyMaterial,
+    /// Milliseconds on the AP's ESL clock.
+    pub absolute_time: u32,
+}
+
+/// What the driver decided for one session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionPlan {
+    /// Configure the tag (write address, keys and time, read the
+    /// Information characteristics) before anything else.
+    pub configure: Option<Provisioning>,
+    /// What the tag told an earlier configuring session.
+    pub info: Option<TagInfo>,
+}
+
 /// What a session learned besides success.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionReport {
+    /// The Information read while configuring (only then).
+    pub info: Option<TagInfo>,
     pub battery_mv: Option<u16>,
     /// The Basic State from Update Complete (or Ping), when it came.
     pub basic_state: Option<BasicState>,
@@ -247,6 +295,7 @@ pub async fn deliver<C: Central>(
     tag: &str,
     address: EslAddress,
     settings: &SessionSettings,
+    plan: &SessionPlan,
     content: &[u8],
     content_hash: &str,
 ) -> Result<SessionReport, TransportError> {
@@ -258,7 +307,7 @@ pub async fn deliver<C: Central>(
         settings.chunk_size,
     )
     .map_err(TransportError::Content)?;
-    let mut session = Session::open(central, tag, address, settings).await?;
+    let mut session = Session::open(central, tag, address, settings, plan).await?;
     let result = session.deliver(frames, content, content_hash).await;
     session.close().await;
     result
@@ -270,8 +319,9 @@ pub async fn poll<C: Central>(
     tag: &str,
     address: EslAddress,
     settings: &SessionSettings,
+    plan: &SessionPlan,
 ) -> Result<SessionReport, TransportError> {
-    let mut session = Session::open(central, tag, address, settings).await?;
+    let mut session = Session::open(central, tag, address, settings, plan).await?;
     let result = session.poll().await;
     session.close().await;
     result
@@ -296,7 +346,12 @@ struct Session<'a, L: Link> {
     tag: &'a str,
     address: EslAddress,
     settings: &'a SessionSettings,
+    plan: &'a SessionPlan,
     has_battery_level: bool,
+    /// Read in this session, or known from an earlier one.
+    info: Option<TagInfo>,
+    /// Read in this session.
+    fresh_info: Option<TagInfo>,
 }
 
 impl<'a, L: Link> Session<'a, L> {
@@ -306,6 +361,7 @@ impl<'a, L: Link> Session<'a, L> {
         tag: &'a str,
         address: EslAddress,
         settings: &'a SessionSettings,
+        plan: &'a SessionPlan,
     ) -> Result<Session<'a, L>, TransportError> {
         let link = within(
             Step::Connect,
@@ -318,7 +374,10 @@ impl<'a, L: Link> Session<'a, L> {
             tag,
             address,
             settings,
+            plan,
             has_battery_level: false,
+            info: plan.info.clone(),
+            fresh_info: None,
         };
         match session.prepare().await {
             Ok(()) => Ok(session),
@@ -348,7 +407,7 @@ impl<'a, L: Link> Session<'a, L> {
             self.link.subscribe(uuid16(CONTROL_POINT_CHARACTERISTIC)),
         )
         .await?;
-        if self.settings.write_address {
+        if self.settings.write_address || self.plan.configure.is_some() {
             if !has(ESL_ADDRESS_CHARACTERISTIC) {
                 return Err(TransportError::Missing("ESL Address (0x2BF6)"));
             }
@@ -360,7 +419,114 @@ impl<'a, L: Link> Session<'a, L> {
             )
             .await?;
         }
+        if let Some(provisioning) = &self.plan.configure {
+            self.configure(&characteristics, provisioning).await?;
+        }
         Ok(())
+    }
+
+    /// The configuring procedure after the ESL Address: key material and
+    /// time (all three mandatory), then every Information characteristic
+    /// the tag has. Values are secrets: never logged.
+    async fn configure(
+        &mut self,
+        characteristics: &[Uuid],
+        provisioning: &Provisioning,
+    ) -> Result<(), TransportError> {
+        let t = self.settings.gatt_timeout;
+        let time = provisioning.absolute_time.to_le_bytes();
+        let writes: [(u16, &'static str, &'static str, &[u8]); 3] = [
+            (
+                AP_SYNC_KEY_CHARACTERISTIC,
+                "AP Sync Key Material",
+                "AP Sync Key Material (0x2BF7)",
+                provisioning.ap_sync_key.expose(),
+            ),
+            (
+                RESPONSE_KEY_CHARACTERISTIC,
+                "ESL Response Key Material",
+                "ESL Response Key Material (0x2BF8)",
+                provisioning.response_key.expose(),
+            ),
+            (
+                ABSOLUTE_TIME_CHARACTERISTIC,
+                "Current Absolute Time",
+                "ESL Current Absolute Time (0x2BF9)",
+                &time,
+            ),
+        ];
+        for (short, name, missing, value) in writes {
+            if !characteristics.contains(&uuid16(short)) {
+                return Err(TransportError::Missing(missing));
+            }
+            within(
+                Step::Configure(name),
+                t,
+                self.link.write(uuid16(short), value),
+            )
+            .await?;
+        }
+        let mut info = TagInfo::default();
+        if let Some(bytes) = self
+            .read_info(
+                characteristics,
+                DISPLAY_INFO_CHARACTERISTIC,
+                "Display Information",
+            )
+            .await?
+        {
+            info.displays = provision::decode_displays(&bytes).map_err(TransportError::Info)?;
+        }
+        if let Some(bytes) = self
+            .read_info(
+                characteristics,
+                IMAGE_INFO_CHARACTERISTIC,
+                "Image Information",
+            )
+            .await?
+        {
+            info.max_image_index =
+                Some(provision::decode_max_image_index(&bytes).map_err(TransportError::Info)?);
+        }
+        if let Some(bytes) = self
+            .read_info(
+                characteristics,
+                SENSOR_INFO_CHARACTERISTIC,
+                "Sensor Information",
+            )
+            .await?
+        {
+            info.sensors = provision::decode_sensors(&bytes).map_err(TransportError::Info)?;
+        }
+        if let Some(bytes) = self
+            .read_info(characteristics, LED_INFO_CHARACTERISTIC, "LED Information")
+            .await?
+        {
+            info.leds = provision::decode_leds(&bytes);
+        }
+        self.info = Some(info.clone());
+        self.fresh_info = Some(info);
+        Ok(())
+    }
+
+    /// Reads an Information characteristic; `None` when the tag has none
+    /// (a tag without sensors or LEDs leaves those out).
+    async fn read_info(
+        &mut self,
+        characteristics: &[Uuid],
+        short: u16,
+        name: &'static str,
+    ) -> Result<Option<Vec<u8>>, TransportError> {
+        if !characteristics.contains(&uuid16(short)) {
+            return Ok(None);
+        }
+        within(
+            Step::ReadInfo(name),
+            self.settings.gatt_timeout,
+            self.link.read(uuid16(short)),
+        )
+        .await
+        .map(Some)
     }
 
     async fn deliver(
@@ -370,7 +536,10 @@ impl<'a, L: Link> Session<'a, L> {
         content_hash: &str,
     ) -> Result<SessionReport, TransportError> {
         let s = self.settings;
-        let mut report = SessionReport::default();
+        let mut report = SessionReport {
+            info: self.fresh_info.clone(),
+            ..SessionReport::default()
+        };
         let before = self.read_status().await?;
         if before.holds(s.image_index, content, content_hash) {
             tracing::debug!(
@@ -434,6 +603,7 @@ impl<'a, L: Link> Session<'a, L> {
         let battery_mv = self.battery().await;
         let basic_state = self.update_complete().await.or(Some(state));
         Ok(SessionReport {
+            info: self.fresh_info.clone(),
             battery_mv,
             basic_state,
             transferred: false,
@@ -489,12 +659,22 @@ impl<'a, L: Link> Session<'a, L> {
 
     /// Best effort: `None` (and a log line) when the tag cannot tell.
     async fn battery(&mut self) -> Option<u16> {
-        let result = match self.settings.battery {
-            BatterySource::Sensor(sensor_index) => self.battery_sensor(sensor_index).await,
-            BatterySource::BatteryLevel { empty_mv, full_mv } if self.has_battery_level => {
+        let voltage_sensor = self.info.as_ref().and_then(TagInfo::voltage_sensor);
+        let result = match (self.settings.battery, voltage_sensor) {
+            (BatterySource::Sensor(sensor_index), _) => {
+                self.battery_sensor(sensor_index, |data| {
+                    (data.len() >= 2).then(|| u16::from_le_bytes([data[0], data[1]]))
+                })
+                .await
+            }
+            (BatterySource::BatteryLevel { .. }, Some(sensor_index)) => {
+                self.battery_sensor(sensor_index, provision::voltage_mv)
+                    .await
+            }
+            (BatterySource::BatteryLevel { empty_mv, full_mv }, None) if self.has_battery_level => {
                 self.battery_level(empty_mv, full_mv).await
             }
-            BatterySource::BatteryLevel { .. } => return None,
+            (BatterySource::BatteryLevel { .. }, None) => return None,
         };
         match result {
             Ok(mv) => Some(mv),
@@ -505,19 +685,23 @@ impl<'a, L: Link> Session<'a, L> {
         }
     }
 
-    async fn battery_sensor(&mut self, sensor_index: u8) -> Result<u16, TransportError> {
+    /// Read Sensor Data, the value turned into millivolts by `mv`.
+    async fn battery_sensor(
+        &mut self,
+        sensor_index: u8,
+        mv: impl FnOnce(&[u8]) -> Option<u16>,
+    ) -> Result<u16, TransportError> {
         let read = Command::ReadSensorData {
             esl_id: self.address.esl_id(),
             sensor_index,
         };
-        match self.command(&read).await? {
+        let response = self.command(&read).await?;
+        match &response {
             Response::SensorValue {
                 sensor_index: index,
                 data,
-            } if index == sensor_index && data.len() >= 2 => {
-                Ok(u16::from_le_bytes([data[0], data[1]]))
-            }
-            other => Err(unexpected(&read, &other)),
+            } if *index == sensor_index => mv(data).ok_or_else(|| unexpected(&read, &response)),
+            other => Err(unexpected(&read, other)),
         }
     }
 
@@ -596,6 +780,11 @@ mod tests {
     use crate::ble::codec::ESL_SERVICE;
     use crate::ble::content::TransferState;
     use crate::ble::fake::{Expect, ScriptedCentral};
+    use crate::ble::provision::{
+        ABSOLUTE_TIME_CHARACTERISTIC, AP_SYNC_KEY_CHARACTERISTIC, DISPLAY_INFO_CHARACTERISTIC,
+        IMAGE_INFO_CHARACTERISTIC, LED_INFO_CHARACTERISTIC, RESPONSE_KEY_CHARACTERISTIC,
+        SENSOR_INFO_CHARACTERISTIC,
+    };
 
     const TAG: &str = "C0:11:22:33:44:55";
     const CONTENT: &[u8] = br#"{"name":"Milk 1L","price":"9.90"}"#;
@@ -705,7 +894,16 @@ mod tests {
     }
 
     async fn run(central: &ScriptedCentral) -> Result<SessionReport, TransportError> {
-        deliver(central, TAG, address(), &settings(), CONTENT, HASH).await
+        deliver(
+            central,
+            TAG,
+            address(),
+            &settings(),
+            &SessionPlan::default(),
+            CONTENT,
+            HASH,
+        )
+        .await
     }
 
     fn script(parts: Vec<Vec<Expect>>) -> ScriptedCentral {
@@ -725,6 +923,7 @@ mod tests {
         assert_eq!(
             report,
             SessionReport {
+                info: None,
                 battery_mv: Some(BATTERY_MV),
                 basic_state: Some(BasicState(BasicState::SYNCHRONIZED)),
                 transferred: true,
@@ -732,6 +931,126 @@ mod tests {
         );
         // 33 bytes in chunks of 12: BEGIN, 3 DATA, COMMIT.
         assert_eq!(content::frames(1, CONTENT, HASH, 12).unwrap().len(), 5);
+    }
+
+    fn provisioning() -> Provisioning {
+        Provisioning {
+            ap_sync_key: KeyMaterial::from_bytes([0xA5; 24]),
+            response_key: KeyMaterial::from_bytes([0x5A; 24]),
+            absolute_time: 0x0102_0304,
+        }
+    }
+
+    /// What a configuring session writes and reads after the ESL Address,
+    /// for a tag with every Information characteristic.
+    fn configuring(info: &TagInfo) -> Vec<Expect> {
+        vec![
+            Expect::write(uuid16(AP_SYNC_KEY_CHARACTERISTIC), vec![0xA5; 24]),
+            Expect::write(uuid16(RESPONSE_KEY_CHARACTERISTIC), vec![0x5A; 24]),
+            Expect::write(uuid16(ABSOLUTE_TIME_CHARACTERISTIC), vec![4, 3, 2, 1]),
+            Expect::read(
+                uuid16(DISPLAY_INFO_CHARACTERISTIC),
+                provision::encode_displays(&info.displays),
+            ),
+            Expect::read(uuid16(IMAGE_INFO_CHARACTERISTIC), vec![1]),
+            Expect::read(
+                uuid16(SENSOR_INFO_CHARACTERISTIC),
+                provision::encode_sensors(&info.sensors),
+            ),
+            Expect::read(
+                uuid16(LED_INFO_CHARACTERISTIC),
+                provision::encode_leds(&info.leds),
+            ),
+        ]
+    }
+
+    fn all_characteristics() -> Vec<Uuid> {
+        let mut all = characteristics();
+        all.extend(
+            [
+                AP_SYNC_KEY_CHARACTERISTIC,
+                RESPONSE_KEY_CHARACTERISTIC,
+                ABSOLUTE_TIME_CHARACTERISTIC,
+                DISPLAY_INFO_CHARACTERISTIC,
+                IMAGE_INFO_CHARACTERISTIC,
+                SENSOR_INFO_CHARACTERISTIC,
+                LED_INFO_CHARACTERISTIC,
+            ]
+            .map(uuid16),
+        );
+        all
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn configuring_writes_keys_and_time_then_reads_the_information() {
+        let info = crate::ble::fake_esl::fake_tag_info();
+        let central = script(vec![
+            opening(all_characteristics()),
+            configuring(&info),
+            transfer(status(TransferState::Committed, CONTENT, HASH)),
+            vec![Expect::command(&show(), &shown())],
+            // The Sensor Information lists Present Input Voltage at index
+            // 0: read in 1/64 V even though battery is BatteryLevel.
+            vec![
+                Expect::command(
+                    &Command::ReadSensorData {
+                        esl_id: 7,
+                        sensor_index: 0,
+                    },
+                    &Response::SensorValue {
+                        sensor_index: 0,
+                        data: 192u16.to_le_bytes().to_vec(),
+                    },
+                ),
+                Expect::command(
+                    &Command::UpdateComplete { esl_id: 7 },
+                    &Response::BasicState(BasicState(0)),
+                ),
+                Expect::Disconnect,
+            ],
+        ]);
+        let plan = SessionPlan {
+            configure: Some(provisioning()),
+            info: None,
+        };
+        let s = SessionSettings {
+            write_address: false,
+            battery: BatterySource::BatteryLevel {
+                empty_mv: 2000,
+                full_mv: 3000,
+            },
+            ..settings()
+        };
+        let report = deliver(&central, TAG, address(), &s, &plan, CONTENT, HASH)
+            .await
+            .expect("delivered");
+        central.assert_done();
+        assert_eq!(report.info, Some(info));
+        assert_eq!(report.battery_mv, Some(3000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tag_without_key_material_characteristics_cannot_be_configured() {
+        let central = script(vec![vec![
+            Expect::Connect(Ok(())),
+            Expect::Discover(Ok(characteristics())),
+            Expect::Subscribe(uuid16(CONTROL_POINT_CHARACTERISTIC), Ok(())),
+            Expect::write(uuid16(ESL_ADDRESS_CHARACTERISTIC), vec![7, 1]),
+            Expect::Disconnect,
+        ]]);
+        let plan = SessionPlan {
+            configure: Some(provisioning()),
+            info: None,
+        };
+        let error = deliver(&central, TAG, address(), &settings(), &plan, CONTENT, HASH)
+            .await
+            .expect_err("missing");
+        central.assert_done();
+        assert_eq!(
+            error.to_string(),
+            "tag has no AP Sync Key Material (0x2BF7) characteristic"
+        );
+        assert!(!error.retryable());
     }
 
     #[tokio::test(start_paused = true)]
@@ -766,9 +1085,17 @@ mod tests {
             write_address: false,
             ..settings()
         };
-        deliver(&central, TAG, address(), &s, CONTENT, HASH)
-            .await
-            .expect("delivered");
+        deliver(
+            &central,
+            TAG,
+            address(),
+            &s,
+            &SessionPlan::default(),
+            CONTENT,
+            HASH,
+        )
+        .await
+        .expect("delivered");
         central.assert_done();
     }
 
@@ -1002,9 +1329,17 @@ mod tests {
             },
             ..settings()
         };
-        let report = deliver(&central, TAG, address(), &s, CONTENT, HASH)
-            .await
-            .expect("delivered");
+        let report = deliver(
+            &central,
+            TAG,
+            address(),
+            &s,
+            &SessionPlan::default(),
+            CONTENT,
+            HASH,
+        )
+        .await
+        .expect("delivered");
         central.assert_done();
         assert_eq!(report.battery_mv, Some(2500));
     }
@@ -1064,9 +1399,15 @@ mod tests {
         ));
         steps.extend(closing());
         let central = ScriptedCentral::new(steps);
-        let report = poll(&central, TAG, address(), &settings())
-            .await
-            .expect("polled");
+        let report = poll(
+            &central,
+            TAG,
+            address(),
+            &settings(),
+            &SessionPlan::default(),
+        )
+        .await
+        .expect("polled");
         central.assert_done();
         assert_eq!(report.battery_mv, Some(BATTERY_MV));
         assert!(!report.transferred);
@@ -1080,6 +1421,7 @@ mod tests {
             TAG,
             address(),
             &settings(),
+            &SessionPlan::default(),
             CONTENT,
             &"h".repeat(40),
         )
