@@ -113,6 +113,10 @@ pub struct FakeConfig {
     pub offline: Vec<String>,
     /// Tags that flip a bit of every content transfer.
     pub corrupt: Vec<String>,
+    /// Tags that behave like Silicon Labs' ESL tag where it differs from
+    /// Nordic's (the others): no response to a successful Update Complete,
+    /// Invalid State to an Update Complete before configuration.
+    pub silabs: Vec<String>,
     /// RNG seed, so runs repeat.
     pub seed: u64,
     /// One JSON line per image a tag displays: `{"tag_id","content_hash","at"}`.
@@ -128,6 +132,7 @@ impl Default for FakeConfig {
             connect_fail_rate: 0.0,
             offline: Vec::new(),
             corrupt: Vec::new(),
+            silabs: Vec::new(),
             seed: 1,
             journal: None,
         }
@@ -150,6 +155,18 @@ pub enum FakeError {
         path: PathBuf,
         error: std::io::Error,
     },
+}
+
+/// Whose public tag implementation a fake tag follows where the two differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vendor {
+    /// nRF Connect SDK `subsys/bluetooth/services/esl/esl.c`: Update
+    /// Complete is always answered with the Basic State.
+    Nordic,
+    /// Gecko SDK `app/bluetooth/common/esl_tag_core/src/esl_tag_opcodes.c`:
+    /// a successful Update Complete builds no response; before the tag is
+    /// configured it is answered with Invalid State.
+    SiliconLabs,
 }
 
 /// What an AP has written while configuring the tag.
@@ -175,6 +192,7 @@ struct FakeTag {
     idle_since: Option<Instant>,
     offline: bool,
     corrupt: bool,
+    vendor: Vendor,
     base_rssi: i16,
     battery_mv: u16,
     /// The transfer in progress: its header and the bytes so far.
@@ -247,6 +265,9 @@ impl FakeAir {
                 let mut tag = FakeTag::new(rng.gen_range(-90..=-40), rng.gen_range(2950..=3050));
                 tag.offline = cfg.offline.contains(&address);
                 tag.corrupt = cfg.corrupt.contains(&address);
+                if cfg.silabs.contains(&address) {
+                    tag.vendor = Vendor::SiliconLabs;
+                }
                 tag.address = address;
                 tag
             })
@@ -666,6 +687,7 @@ impl FakeTag {
             idle_since: None,
             offline: false,
             corrupt: false,
+            vendor: Vendor::Nordic,
             base_rssi,
             battery_mv,
             receiving: None,
@@ -787,10 +809,15 @@ impl FakeTag {
         Some(match command {
             Command::Ping { .. } => Response::BasicState(self.basic_state()),
             Command::UpdateComplete { .. } => {
-                if self.fully_provisioned() {
+                let complete = self.fully_provisioned();
+                if complete {
                     self.configured = true;
                 }
-                Response::BasicState(self.basic_state())
+                match (self.vendor, complete) {
+                    (Vendor::Nordic, _) => Response::BasicState(self.basic_state()),
+                    (Vendor::SiliconLabs, true) => return None,
+                    (Vendor::SiliconLabs, false) => Response::Error(ErrorCode::InvalidState),
+                }
             }
             Command::ReadSensorData { sensor_index, .. } if sensor_index == BATTERY_SENSOR => {
                 // GATT Voltage: 1/64 V.

@@ -136,6 +136,10 @@ pub struct BleConfig {
     pub gatt_timeout_ms: u64,
     /// From a Control Point write to its response.
     pub response_timeout_ms: u64,
+    /// How long Update Complete waits for an answer. Some tags (Silicon
+    /// Labs' ESL tag) send none on success, so silence after this is
+    /// success; an Error response comes at once.
+    pub update_complete_timeout_ms: u64,
     /// A whole session, connect to disconnect.
     pub session_timeout_ms: u64,
     /// At most one check-in per tag this often.
@@ -186,6 +190,7 @@ impl Default for BleConfig {
             connect_timeout_ms: 5_000,
             gatt_timeout_ms: 3_000,
             response_timeout_ms: 3_000,
+            update_complete_timeout_ms: 300,
             session_timeout_ms: 10_000,
             checkin_interval_ms: 1_000,
             battery_sensor_index: None,
@@ -279,6 +284,10 @@ impl BleConfig {
             ("radio.ble.connect_timeout_ms", self.connect_timeout_ms),
             ("radio.ble.gatt_timeout_ms", self.gatt_timeout_ms),
             ("radio.ble.response_timeout_ms", self.response_timeout_ms),
+            (
+                "radio.ble.update_complete_timeout_ms",
+                self.update_complete_timeout_ms,
+            ),
             ("radio.ble.session_timeout_ms", self.session_timeout_ms),
             ("radio.ble.checkin_interval_ms", self.checkin_interval_ms),
         ];
@@ -365,6 +374,7 @@ impl BleConfig {
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             gatt_timeout: Duration::from_millis(self.gatt_timeout_ms),
             response_timeout: Duration::from_millis(self.response_timeout_ms),
+            update_complete_timeout: Duration::from_millis(self.update_complete_timeout_ms),
             battery: match self.battery_sensor_index {
                 Some(index) => BatterySource::Sensor(index),
                 None => BatterySource::BatteryLevel {
@@ -1130,6 +1140,66 @@ mod tests {
         assert_eq!(air.displayed(&tag).as_deref(), Some("hash-t1"));
         assert_eq!(radio.tag_info(&tag), Some(fake_esl::fake_tag_info()));
         assert_eq!(radio.tag_infos().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silabs_tag_is_done_without_waiting_for_an_update_complete_answer() {
+        let tag = fake_address(0);
+        let mut cfg = fake_config(1);
+        if let Some(fake) = &mut cfg.fake {
+            fake.silabs = vec![tag.clone()];
+        }
+        let mut radio = BleRadio::start(cfg).expect("start");
+        radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
+        let (took, outcome) = next_outcome(&mut radio).await;
+        assert_eq!(outcome.result, Ok(()));
+        // The tag answers nothing to a successful Update Complete; the
+        // session does not wait the 3 s response time-out for it.
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        let air = radio.fake_air().expect("fake");
+        assert!(air.configured(&tag));
+        assert_eq!(air.displayed(&tag).as_deref(), Some("hash-t1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tag_that_lost_its_address_is_configured_again_and_retried() {
+        let tag = fake_address(0);
+        let mut radio = BleRadio::start(BleConfig {
+            write_address: false,
+            retries: 1,
+            ..fake_config(1)
+        })
+        .expect("start");
+        radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
+        assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
+        let air = radio.fake_air().expect("fake").clone();
+        // Unassociated by another AP (or its own fall-back): no ESL ID.
+        air.unassociate(&tag);
+        radio.deliver(delivery(&tag, "t2")).await.expect("deliver");
+        // Invalid Parameter(s) to Display Image: stale ID, configure, retry.
+        assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
+        assert!(air.configured(&tag));
+        assert_eq!(air.displayed(&tag).as_deref(), Some("hash-t2"));
+        assert_eq!(air.esl_address(&tag), Some(derived_address(&tag)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tag_idle_for_an_hour_is_configured_again() {
+        let tag = fake_address(0);
+        let mut radio = BleRadio::start(fake_config(1)).expect("start");
+        radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
+        assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
+        let air = radio.fake_air().expect("fake").clone();
+        // Never synchronised, the tag falls back to Unassociated after 60
+        // minutes without a session.
+        events_for(&mut radio, 61 * 60 * 1000).await;
+        assert!(!air.configured(&tag));
+        assert_eq!(air.displayed(&tag), None);
+        radio.deliver(delivery(&tag, "t2")).await.expect("deliver");
+        assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
+        // Configured again, so the image outlives the link.
+        assert!(air.configured(&tag));
+        assert_eq!(air.displayed(&tag).as_deref(), Some("hash-t2"));
     }
 
     #[tokio::test(start_paused = true)]

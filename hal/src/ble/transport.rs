@@ -45,6 +45,9 @@ use super::provision::{
     LED_INFO_CHARACTERISTIC, RESPONSE_KEY_CHARACTERISTIC, SENSOR_INFO_CHARACTERISTIC,
 };
 
+/// [`Command::name`] of Update Complete.
+const UPDATE_COMPLETE: &str = "Update Complete";
+
 /// A tag seen advertising.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Advertisement {
@@ -185,6 +188,10 @@ pub enum TransportError {
     Content(ContentError),
     #[error("malformed {0}")]
     Info(InfoError),
+    /// Invalid Parameter(s) to the first command of a session that did not
+    /// write the address: the tag no longer has the ESL ID this AP gave it.
+    #[error("{step}: tag answered {code}: it no longer has its ESL address (configuring it again)", code = ErrorCode::InvalidParameters)]
+    StaleAddress { step: Step },
 }
 
 impl TransportError {
@@ -202,14 +209,21 @@ impl TransportError {
             | TransportError::Malformed { .. }
             | TransportError::Unexpected { .. }
             | TransportError::Status(_)
-            | TransportError::Integrity(_) => true,
+            | TransportError::Integrity(_)
+            | TransportError::StaleAddress { .. } => true,
         }
     }
 
     /// Whether the tag showed it lost its configuration (its ESL address
     /// and keys): the next session must configure it again.
     pub fn needs_configuring(&self) -> bool {
-        false
+        match self {
+            TransportError::StaleAddress { .. } => true,
+            TransportError::Esl { step, code } => {
+                *step == Step::Command(UPDATE_COMPLETE) && *code == ErrorCode::InvalidState
+            }
+            _ => false,
+        }
     }
 
     /// Whether the adapter itself failed (the radio is down, not the tag).
@@ -253,6 +267,8 @@ pub struct SessionSettings {
     pub gatt_timeout: Duration,
     /// From a command's write to its response.
     pub response_timeout: Duration,
+    /// Update Complete's wait: silence after it is success.
+    pub update_complete_timeout: Duration,
     pub battery: BatterySource,
 }
 
@@ -352,6 +368,8 @@ struct Session<'a, L: Link> {
     info: Option<TagInfo>,
     /// Read in this session.
     fresh_info: Option<TagInfo>,
+    /// The tag answered a command of this session (so it knows its ID).
+    answered: bool,
 }
 
 impl<'a, L: Link> Session<'a, L> {
@@ -378,6 +396,7 @@ impl<'a, L: Link> Session<'a, L> {
             has_battery_level: false,
             info: plan.info.clone(),
             fresh_info: None,
+            answered: false,
         };
         match session.prepare().await {
             Ok(()) => Ok(session),
@@ -586,9 +605,11 @@ impl<'a, L: Link> Session<'a, L> {
             other => return Err(unexpected(&show, &other)),
         }
 
-        // Confirmed: from here on a failure only costs information.
+        // Confirmed: from here on a failure only costs information, except
+        // a tag that says it is not configured: it drops the image when
+        // the link ends.
         report.battery_mv = self.battery().await;
-        report.basic_state = self.update_complete().await;
+        report.basic_state = self.update_complete().await?;
         Ok(report)
     }
 
@@ -601,7 +622,7 @@ impl<'a, L: Link> Session<'a, L> {
             other => return Err(unexpected(&ping, &other)),
         };
         let battery_mv = self.battery().await;
-        let basic_state = self.update_complete().await.or(Some(state));
+        let basic_state = self.update_complete().await?.or(Some(state));
         Ok(SessionReport {
             info: self.fresh_info.clone(),
             battery_mv,
@@ -623,6 +644,44 @@ impl<'a, L: Link> Session<'a, L> {
     /// Writes one command and waits for its response. An Error response is
     /// returned as [`TransportError::Esl`].
     async fn command(&mut self, command: &Command) -> Result<Response, TransportError> {
+        let limit = self.settings.response_timeout;
+        self.command_within(command, limit).await
+    }
+
+    /// [`Session::command`] with its own response time-out. Invalid
+    /// Parameter(s) to the first command of a session that did not
+    /// configure the tag is [`TransportError::StaleAddress`].
+    async fn command_within(
+        &mut self,
+        command: &Command,
+        limit: Duration,
+    ) -> Result<Response, TransportError> {
+        let result = self.exchange(command, limit).await;
+        match result {
+            Err(TransportError::Esl {
+                step,
+                code: ErrorCode::InvalidParameters,
+            }) if !self.answered && self.plan.configure.is_none() => {
+                Err(TransportError::StaleAddress { step })
+            }
+            Ok(response) => {
+                self.answered = true;
+                Ok(response)
+            }
+            Err(error) => {
+                if matches!(error, TransportError::Esl { .. }) {
+                    self.answered = true;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn exchange(
+        &mut self,
+        command: &Command,
+        limit: Duration,
+    ) -> Result<Response, TransportError> {
         let step = Step::Command(command.name());
         // Commands are built here from valid fields; an encoding error
         // would be a bug, reported like a malformed message.
@@ -636,7 +695,6 @@ impl<'a, L: Link> Session<'a, L> {
             self.link.write(cp, &bytes),
         )
         .await?;
-        let limit = self.settings.response_timeout;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let notification =
@@ -721,25 +779,33 @@ impl<'a, L: Link> Session<'a, L> {
         }
     }
 
-    /// Best effort: tells the tag the AP is done; returns its Basic State.
-    async fn update_complete(&mut self) -> Option<BasicState> {
+    /// Tells the tag the AP is done; returns its Basic State when it sends
+    /// one. Some tags answer a successful Update Complete with nothing
+    /// (Silicon Labs' `esl_tag_opcodes.c`), so silence for
+    /// `update_complete_timeout` is success, not a wait of the full
+    /// response time-out. Best effort, except Invalid State: the tag is not
+    /// configured and forgets everything when the link ends.
+    async fn update_complete(&mut self) -> Result<Option<BasicState>, TransportError> {
         let done = Command::UpdateComplete {
             esl_id: self.address.esl_id(),
         };
-        match self.command(&done).await {
+        let limit = self.settings.update_complete_timeout;
+        match self.command_within(&done, limit).await {
             Ok(Response::BasicState(state)) => {
                 if state.service_needed() {
                     tracing::warn!(tag = self.tag, "tag reports Service Needed");
                 }
-                Some(state)
+                Ok(Some(state))
             }
             Ok(other) => {
                 tracing::warn!(tag = self.tag, error = %unexpected(&done, &other), "after the update");
-                None
+                Ok(None)
             }
+            Err(TransportError::Timeout { .. }) => Ok(None),
+            Err(error) if error.needs_configuring() => Err(error),
             Err(error) => {
                 tracing::warn!(tag = self.tag, %error, "after the update");
-                None
+                Ok(None)
             }
         }
     }
@@ -809,6 +875,7 @@ mod tests {
             connect_timeout: Duration::from_secs(10),
             gatt_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(3),
+            update_complete_timeout: Duration::from_millis(300),
             battery: BatterySource::Sensor(0),
         }
     }
@@ -1051,6 +1118,96 @@ mod tests {
             "tag has no AP Sync Key Material (0x2BF7) characteristic"
         );
         assert!(!error.retryable());
+    }
+
+    /// Delivery up to the confirmed Display State, then the battery read.
+    fn through_battery() -> Vec<Vec<Expect>> {
+        let mut closing = closing();
+        closing.truncate(1);
+        vec![
+            opening(characteristics()),
+            transfer(status(TransferState::Committed, CONTENT, HASH)),
+            vec![Expect::command(&show(), &shown())],
+            closing,
+        ]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_update_complete_is_success_without_the_full_response_timeout() {
+        let mut parts = through_battery();
+        parts.push(vec![
+            Expect::unanswered(&Command::UpdateComplete { esl_id: 7 }),
+            Expect::Disconnect,
+        ]);
+        let central = script(parts);
+        let started = tokio::time::Instant::now();
+        let report = run(&central).await.expect("delivered");
+        central.assert_done();
+        assert_eq!(report.basic_state, None);
+        // Only Update Complete's own wait; every scripted step is instant.
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn update_complete_answered_invalid_state_fails_and_asks_for_configuring() {
+        let mut parts = through_battery();
+        parts.push(vec![
+            Expect::command(
+                &Command::UpdateComplete { esl_id: 7 },
+                &Response::Error(ErrorCode::InvalidState),
+            ),
+            Expect::Disconnect,
+        ]);
+        let central = script(parts);
+        let error = run(&central).await.expect_err("not configured");
+        central.assert_done();
+        assert!(error.needs_configuring(), "{error}");
+        assert!(error.retryable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalid_parameters_to_the_first_command_means_a_stale_address() {
+        let central = script(vec![
+            opening(characteristics()),
+            transfer(status(TransferState::Committed, CONTENT, HASH)),
+            vec![
+                Expect::command(&show(), &Response::Error(ErrorCode::InvalidParameters)),
+                Expect::Disconnect,
+            ],
+        ]);
+        let error = run(&central).await.expect_err("stale");
+        central.assert_done();
+        assert_eq!(
+            error,
+            TransportError::StaleAddress {
+                step: Step::Command("Display Image")
+            }
+        );
+        assert!(error.retryable());
+        assert!(error.needs_configuring());
+
+        // Right after configuring, the ID is fresh: Invalid Parameter(s)
+        // is the tag's real answer, not retried.
+        let central = script(vec![
+            opening(all_characteristics()),
+            configuring(&crate::ble::fake_esl::fake_tag_info()),
+            transfer(status(TransferState::Committed, CONTENT, HASH)),
+            vec![
+                Expect::command(&show(), &Response::Error(ErrorCode::InvalidParameters)),
+                Expect::Disconnect,
+            ],
+        ]);
+        let plan = SessionPlan {
+            configure: Some(provisioning()),
+            info: None,
+        };
+        let error = deliver(&central, TAG, address(), &settings(), &plan, CONTENT, HASH)
+            .await
+            .expect_err("invalid");
+        central.assert_done();
+        assert!(matches!(error, TransportError::Esl { .. }), "{error}");
+        assert!(!error.retryable());
+        assert!(!error.needs_configuring());
     }
 
     #[tokio::test(start_paused = true)]
