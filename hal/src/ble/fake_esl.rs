@@ -54,13 +54,19 @@ use super::codec::{
     CONTROL_POINT_CHARACTERISTIC, ESL_ADDRESS_CHARACTERISTIC, ESL_SERVICE,
 };
 use super::content::{decode_frame, ContentStatus, Frame, TransferState};
+use super::ots::{
+    self, OacpRequest, OacpResponse, OacpResult, OlcpResult, OACP_CHARACTERISTIC,
+    OBJECT_ID_CHARACTERISTIC, OBJECT_SIZE_CHARACTERISTIC, OLCP_CHARACTERISTIC, OTS_PSM,
+};
 use super::provision::{
     encode_displays, encode_leds, encode_sensors, DisplayInfo, DisplayType, LedType, SensorType,
     TagInfo, ABSOLUTE_TIME_CHARACTERISTIC, AP_SYNC_KEY_CHARACTERISTIC, DISPLAY_INFO_CHARACTERISTIC,
     IMAGE_INFO_CHARACTERISTIC, KEY_MATERIAL_LEN, LED_INFO_CHARACTERISTIC, PRESENT_INPUT_VOLTAGE,
     RESPONSE_KEY_CHARACTERISTIC, SENSOR_INFO_CHARACTERISTIC,
 };
-use super::transport::{Advertisement, Central, GattError, Link, Notification, Scan};
+use super::transport::{
+    Advertisement, Central, GattError, Link, Notification, ObjectChannel, Scan,
+};
 use super::UNASSOCIATED_FALLBACK_S;
 
 /// Address of the one non-ESL device on the fake air.
@@ -113,6 +119,9 @@ pub struct FakeConfig {
     pub offline: Vec<String>,
     /// Tags that flip a bit of every content transfer.
     pub corrupt: Vec<String>,
+    /// Stock tags: Object Transfer Service only, no vendor content
+    /// characteristic (the others have both).
+    pub ots_only: Vec<String>,
     /// Tags that behave like Silicon Labs' ESL tag where it differs from
     /// Nordic's (the others): no response to a successful Update Complete,
     /// Invalid State to an Update Complete before configuration.
@@ -133,10 +142,21 @@ impl Default for FakeConfig {
             offline: Vec::new(),
             corrupt: Vec::new(),
             silabs: Vec::new(),
+            ots_only: Vec::new(),
             seed: 1,
             journal: None,
         }
     }
+}
+
+/// Bytes an image object of a fake tag can hold: one full-screen image.
+fn object_capacity() -> usize {
+    fake_tag_info().displays[0].image_bytes().unwrap_or(0)
+}
+
+/// What [`FakeAir::displayed`] reports for an image written through OTS.
+pub fn ots_hash(bitmap: &[u8]) -> String {
+    format!("ots-crc32-{:08X}", crc32fast::hash(bitmap))
 }
 
 /// Address of fake tag `index`.
@@ -169,6 +189,15 @@ pub enum Vendor {
     SiliconLabs,
 }
 
+/// An accepted OACP Write waiting for its bytes on the channel.
+#[derive(Debug)]
+struct WriteOp {
+    image_index: u8,
+    offset: usize,
+    length: usize,
+    received: Vec<u8>,
+}
+
 /// What an AP has written while configuring the tag.
 #[derive(Debug, Default, Clone, Copy)]
 struct Provisioned {
@@ -198,8 +227,16 @@ struct FakeTag {
     /// The transfer in progress: its header and the bytes so far.
     receiving: Option<(super::content::Begin, Vec<u8>)>,
     status: ContentStatus,
-    /// Stored images: index → (hash, bytes).
+    /// Stored images: index → (hash, bytes). An image written through OTS
+    /// is object 0x100 + index; its "hash" is `ots-crc32-XXXXXXXX`.
     images: HashMap<u8, (String, Vec<u8>)>,
+    /// Has the vendor content characteristic (besides OTS).
+    vendor_content: bool,
+    /// OTS state of the current link: the selected image object, whether
+    /// the object channel is open, the OACP Write in progress.
+    ots_selected: Option<u8>,
+    channel_open: bool,
+    write_op: Option<WriteOp>,
     /// (image index, hash) on the e-paper.
     displayed: Option<(u8, String)>,
     linked: bool,
@@ -265,6 +302,7 @@ impl FakeAir {
                 let mut tag = FakeTag::new(rng.gen_range(-90..=-40), rng.gen_range(2950..=3050));
                 tag.offline = cfg.offline.contains(&address);
                 tag.corrupt = cfg.corrupt.contains(&address);
+                tag.vendor_content = !cfg.ots_only.contains(&address);
                 if cfg.silabs.contains(&address) {
                     tag.vendor = Vendor::SiliconLabs;
                 }
@@ -452,7 +490,7 @@ impl Central for FakeAir {
             air: self.clone(),
             index: i,
             open: true,
-            subscribed: false,
+            subscribed: Vec::new(),
             notifications: VecDeque::new(),
         })
     }
@@ -507,7 +545,8 @@ pub struct FakeLink {
     air: FakeAir,
     index: usize,
     open: bool,
-    subscribed: bool,
+    /// Characteristics whose notifications / indications are on.
+    subscribed: Vec<Uuid>,
     notifications: VecDeque<Notification>,
 }
 
@@ -552,7 +591,57 @@ impl Drop for FakeLink {
     }
 }
 
+/// The OTS object channel of one fake link.
+pub struct FakeChannel {
+    air: FakeAir,
+    index: usize,
+    open: bool,
+}
+
+impl ObjectChannel for FakeChannel {
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), GattError> {
+        sleep(self.air.latency).await;
+        let mut world = self.air.lock();
+        let tag = &mut world.tags[self.index];
+        if !self.open || !tag.channel_open {
+            return Err(GattError::Disconnected);
+        }
+        tag.receive_object(bytes)
+    }
+
+    async fn close(&mut self) -> Result<(), GattError> {
+        if std::mem::take(&mut self.open) {
+            let mut world = self.air.lock();
+            let tag = &mut world.tags[self.index];
+            tag.channel_open = false;
+            // The OTS server aborts a write whose channel closed.
+            tag.write_op = None;
+        }
+        Ok(())
+    }
+}
+
 impl Link for FakeLink {
+    type Channel = FakeChannel;
+
+    async fn open_channel(&mut self, psm: u16) -> Result<FakeChannel, GattError> {
+        self.with_tag(|tag, _| {
+            if !tag.esl || psm != OTS_PSM {
+                return Err(GattError::Failed(format!(
+                    "L2CAP connection refused: PSM 0x{psm:04X} not supported"
+                )));
+            }
+            tag.channel_open = true;
+            Ok(())
+        })
+        .await?;
+        Ok(FakeChannel {
+            air: self.air.clone(),
+            index: self.index,
+            open: true,
+        })
+    }
+
     async fn discover(&mut self) -> Result<Vec<Uuid>, GattError> {
         let content = self.air.content_characteristic;
         self.with_tag(|tag, _| {
@@ -567,9 +656,15 @@ impl Link for FakeLink {
                     uuid16(SENSOR_INFO_CHARACTERISTIC),
                     uuid16(LED_INFO_CHARACTERISTIC),
                     uuid16(CONTROL_POINT_CHARACTERISTIC),
-                    content,
+                    uuid16(OACP_CHARACTERISTIC),
+                    uuid16(OLCP_CHARACTERISTIC),
+                    uuid16(OBJECT_ID_CHARACTERISTIC),
+                    uuid16(OBJECT_SIZE_CHARACTERISTIC),
                     uuid16(BATTERY_LEVEL_CHARACTERISTIC),
                 ]
+                .into_iter()
+                .chain(tag.vendor_content.then_some(content))
+                .collect()
             } else {
                 vec![uuid16(STRANGER_CHARACTERISTIC)]
             })
@@ -579,7 +674,12 @@ impl Link for FakeLink {
 
     async fn subscribe(&mut self, characteristic: Uuid) -> Result<(), GattError> {
         self.with_tag(|tag, _| {
-            if tag.esl && characteristic == uuid16(CONTROL_POINT_CHARACTERISTIC) {
+            let indicating = [
+                CONTROL_POINT_CHARACTERISTIC,
+                OACP_CHARACTERISTIC,
+                OLCP_CHARACTERISTIC,
+            ];
+            if tag.esl && indicating.map(uuid16).contains(&characteristic) {
                 Ok(())
             } else {
                 Err(GattError::Failed(
@@ -588,19 +688,38 @@ impl Link for FakeLink {
             }
         })
         .await?;
-        self.subscribed = true;
+        self.subscribed.push(characteristic);
         Ok(())
     }
 
     async fn write(&mut self, characteristic: Uuid, value: &[u8]) -> Result<(), GattError> {
         let content = self.air.content_characteristic;
+        let indications_on = self.subscribed.contains(&characteristic);
         let response = self
             .with_tag(|tag, journal| {
                 if !tag.esl {
                     Err(att_error("no such characteristic"))
                 } else if characteristic == uuid16(CONTROL_POINT_CHARACTERISTIC) {
-                    Ok(tag.command(value, journal))
-                } else if characteristic == content {
+                    // Responses the fake builds are valid by construction.
+                    tag.command(value, journal)
+                        .map(|r| r.encode().map_err(|e| GattError::Failed(e.to_string())))
+                        .transpose()
+                } else if characteristic == uuid16(OACP_CHARACTERISTIC)
+                    || characteristic == uuid16(OLCP_CHARACTERISTIC)
+                {
+                    if !indications_on {
+                        // An OTS server refuses control point writes whose
+                        // indications are off.
+                        return Err(att_error(
+                            "Client Characteristic Configuration improperly configured",
+                        ));
+                    }
+                    if characteristic == uuid16(OACP_CHARACTERISTIC) {
+                        Ok(Some(tag.oacp(value)))
+                    } else {
+                        tag.olcp(value).map(Some)
+                    }
+                } else if tag.vendor_content && characteristic == content {
                     tag.receive(value).map(|()| None)
                 } else if characteristic == uuid16(ESL_ADDRESS_CHARACTERISTIC) {
                     tag.esl_address = Some(
@@ -624,13 +743,10 @@ impl Link for FakeLink {
                 }
             })
             .await?;
-        if let (Some(response), true) = (response, self.subscribed) {
+        if let (Some(value), true) = (response, indications_on) {
             self.notifications.push_back(Notification {
                 characteristic,
-                // Responses the fake builds are valid by construction.
-                value: response
-                    .encode()
-                    .map_err(|e| GattError::Failed(e.to_string()))?,
+                value,
             });
         }
         Ok(())
@@ -639,12 +755,26 @@ impl Link for FakeLink {
     async fn read(&mut self, characteristic: Uuid) -> Result<Vec<u8>, GattError> {
         let content = self.air.content_characteristic;
         self.with_tag(|tag, _| {
-            if tag.esl && characteristic == content {
+            if tag.esl && tag.vendor_content && characteristic == content {
                 tag.status
                     .encode()
                     .map_err(|e| GattError::Failed(e.to_string()))
             } else if let Some(value) = tag.info_value(characteristic) {
                 Ok(value)
+            } else if tag.esl && characteristic == uuid16(OBJECT_SIZE_CHARACTERISTIC) {
+                let index = tag
+                    .ots_selected
+                    .ok_or_else(|| att_error("no object selected"))?;
+                let current = tag.images.get(&index).map_or(0, |(_, b)| b.len());
+                Ok(ots::encode_object_size(
+                    current as u32,
+                    object_capacity() as u32,
+                ))
+            } else if tag.esl && characteristic == uuid16(OBJECT_ID_CHARACTERISTIC) {
+                let index = tag
+                    .ots_selected
+                    .ok_or_else(|| att_error("no object selected"))?;
+                Ok(ots::image_object_id(index).to_le_bytes()[..6].to_vec())
             } else if tag.esl && characteristic == uuid16(BATTERY_LEVEL_CHARACTERISTIC) {
                 let above = tag.battery_mv.saturating_sub(EMPTY_MV);
                 let percent = (u32::from(above) * 100 / u32::from(FULL_MV - EMPTY_MV)).min(100);
@@ -699,6 +829,10 @@ impl FakeTag {
                 content_hash: String::new(),
             },
             images: HashMap::new(),
+            vendor_content: true,
+            ots_selected: None,
+            channel_open: false,
+            write_op: None,
             displayed: None,
             linked: false,
         }
@@ -767,6 +901,9 @@ impl FakeTag {
     /// A link ended: an unfinished configuration is lost, a configured tag
     /// starts its fall-back timer.
     fn link_ended(&mut self, now: Instant) {
+        self.ots_selected = None;
+        self.channel_open = false;
+        self.write_op = None;
         if self.configured {
             self.idle_since = Some(now);
         } else if self.esl {
@@ -878,6 +1015,124 @@ impl FakeTag {
         self.displayed = Some((image_index, hash));
     }
 
+    /// Handles an OACP write; returns the indication.
+    fn oacp(&mut self, value: &[u8]) -> Vec<u8> {
+        let respond = |request: u8, result: OacpResult, checksum: Option<u32>| {
+            OacpResponse {
+                request,
+                result,
+                checksum,
+            }
+            .encode()
+        };
+        let request = match OacpRequest::decode(value) {
+            Ok(request) => request,
+            Err(_) => {
+                return respond(
+                    value.first().copied().unwrap_or(0),
+                    OacpResult::OpcodeNotSupported,
+                    None,
+                )
+            }
+        };
+        let op = request.opcode();
+        let Some(index) = self.ots_selected else {
+            return respond(op, OacpResult::InvalidObject, None);
+        };
+        let current = self.images.get(&index).map_or(0, |(_, b)| b.len());
+        match request {
+            OacpRequest::Write {
+                offset,
+                length,
+                truncate,
+            } => {
+                let (offset, length) = (offset as usize, length as usize);
+                let result = if !self.channel_open {
+                    OacpResult::ChannelUnavailable
+                } else if truncate {
+                    OacpResult::ProcedureNotPermitted
+                } else if offset > current || offset + length > object_capacity() {
+                    OacpResult::InvalidParameter
+                } else if self.write_op.is_some() {
+                    OacpResult::ObjectLocked
+                } else {
+                    self.write_op = Some(WriteOp {
+                        image_index: index,
+                        offset,
+                        length,
+                        received: Vec::new(),
+                    });
+                    OacpResult::Success
+                };
+                respond(op, result, None)
+            }
+            OacpRequest::CalculateChecksum { offset, length } => {
+                let (offset, length) = (offset as usize, length as usize);
+                match self.images.get(&index) {
+                    Some((_, bytes)) if offset + length <= bytes.len() => respond(
+                        op,
+                        OacpResult::Success,
+                        Some(crc32fast::hash(&bytes[offset..offset + length])),
+                    ),
+                    _ => respond(op, OacpResult::InvalidParameter, None),
+                }
+            }
+        }
+    }
+
+    /// Handles an OLCP write (Go To only); returns the indication.
+    fn olcp(&mut self, value: &[u8]) -> Result<Vec<u8>, GattError> {
+        let id = ots::decode_go_to(value).map_err(|e| att_error(&e.to_string()))?;
+        let first = ots::image_object_id(0);
+        let result = match id.checked_sub(first).and_then(|i| u8::try_from(i).ok()) {
+            Some(index) if index <= MAX_IMAGE_INDEX => {
+                self.ots_selected = Some(index);
+                OlcpResult::Success
+            }
+            _ => OlcpResult::ObjectIdNotFound,
+        };
+        Ok(ots::encode_go_to_response(result))
+    }
+
+    /// Object bytes from the channel for the accepted OACP Write.
+    fn receive_object(&mut self, bytes: &[u8]) -> Result<(), GattError> {
+        let Some(op) = &mut self.write_op else {
+            return Err(GattError::Failed(
+                "object channel data without an OACP Write".to_owned(),
+            ));
+        };
+        let start = op.received.len();
+        if start + bytes.len() > op.length {
+            return Err(GattError::Failed(format!(
+                "{} object bytes, the OACP Write announced {}",
+                start + bytes.len(),
+                op.length
+            )));
+        }
+        op.received.extend_from_slice(bytes);
+        if self.corrupt && start == 0 && !op.received.is_empty() {
+            op.received[0] ^= 0x01;
+        }
+        if op.received.len() == op.length {
+            let Some(op) = self.write_op.take() else {
+                return Ok(());
+            };
+            let mut object = self
+                .images
+                .remove(&op.image_index)
+                .map(|(_, b)| b)
+                .unwrap_or_default();
+            let end = op.offset + op.length;
+            if object.len() < end {
+                object.resize(end, 0);
+            }
+            object[op.offset..end].copy_from_slice(&op.received);
+            let hash = ots_hash(&object);
+            self.images.insert(op.image_index, (hash, object));
+        }
+        Ok(())
+    }
+
     /// Handles a write to the content characteristic.
     fn receive(&mut self, bytes: &[u8]) -> Result<(), GattError> {
         match decode_frame(bytes).map_err(|e| att_error(&e.to_string()))? {
@@ -927,5 +1182,71 @@ impl FakeTag {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn linked() -> (FakeAir, FakeLink) {
+        let cfg = FakeConfig {
+            tags: 1,
+            ..FakeConfig::default()
+        };
+        let air = FakeAir::new(&cfg, Uuid::nil()).expect("air");
+        let link = air.connect(&fake_address(0)).await.expect("link");
+        (air, link)
+    }
+
+    async fn oacp_write(link: &mut FakeLink, length: u32) -> OacpResponse {
+        let request = OacpRequest::Write {
+            offset: 0,
+            length,
+            truncate: false,
+        };
+        let oacp = uuid16(OACP_CHARACTERISTIC);
+        link.write(oacp, &request.encode()).await.expect("written");
+        let answer = link.notification().await.expect("indication");
+        assert_eq!(answer.characteristic, oacp);
+        OacpResponse::decode(&answer.value).expect("response")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ots_control_points_need_their_indications_on() {
+        let (_air, mut link) = linked().await;
+        let error = link
+            .write(uuid16(OLCP_CHARACTERISTIC), &ots::encode_go_to(0x100))
+            .await
+            .expect_err("indications off");
+        assert!(
+            error.to_string().contains("improperly configured"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_oacp_write_needs_the_object_channel_open_first() {
+        let (_air, mut link) = linked().await;
+        for short in [OACP_CHARACTERISTIC, OLCP_CHARACTERISTIC] {
+            link.subscribe(uuid16(short)).await.expect("subscribed");
+        }
+        link.write(uuid16(OLCP_CHARACTERISTIC), &ots::encode_go_to(0x101))
+            .await
+            .expect("go to");
+        let selected = link.notification().await.expect("indication");
+        assert_eq!(
+            ots::decode_go_to_response(&selected.value),
+            Ok(OlcpResult::Success)
+        );
+        assert_eq!(
+            oacp_write(&mut link, 16).await.result,
+            OacpResult::ChannelUnavailable
+        );
+        let mut channel = link.open_channel(OTS_PSM).await.expect("channel");
+        assert_eq!(oacp_write(&mut link, 16).await.result, OacpResult::Success);
+        channel.send(&[7; 16]).await.expect("sent");
+        // More than the Write announced is refused.
+        assert!(channel.send(&[7]).await.is_err());
     }
 }

@@ -34,6 +34,7 @@ pub mod codec;
 pub mod content;
 pub mod fake;
 pub mod fake_esl;
+pub mod ots;
 pub mod provision;
 pub mod transport;
 
@@ -1200,6 +1201,106 @@ mod tests {
         // Configured again, so the image outlives the link.
         assert!(air.configured(&tag));
         assert_eq!(air.displayed(&tag).as_deref(), Some("hash-t2"));
+    }
+
+    fn image_delivery(tag: &str, task: &str, bitmap: &[u8]) -> Delivery {
+        use base64::Engine as _;
+        let content = serde_json::json!({"ble_image": {
+            "display": 0,
+            "image": 1,
+            "bitmap": base64::engine::general_purpose::STANDARD.encode(bitmap),
+        }});
+        Delivery {
+            tag_id: tag.to_owned(),
+            task_id: task.to_owned(),
+            content: content.to_string().into_bytes(),
+            content_hash: format!("hash-{task}"),
+        }
+    }
+
+    fn stock_tags(tags: u32, cfg: impl FnOnce(&mut FakeConfig)) -> BleConfig {
+        let mut ble = fake_config(tags);
+        if let Some(fake) = &mut ble.fake {
+            fake.ots_only = (0..tags).map(fake_address).collect();
+            cfg(fake);
+        }
+        ble
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stock_tag_gets_its_image_over_ots() {
+        let tag = fake_address(0);
+        let mut radio = BleRadio::start(stock_tags(1, |_| {})).expect("start");
+        let bitmap: Vec<u8> = (0..4736).map(|i| (i * 7 % 256) as u8).collect();
+        radio
+            .deliver(image_delivery(&tag, "t1", &bitmap))
+            .await
+            .expect("deliver");
+        assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
+        let air = radio.fake_air().expect("fake");
+        assert_eq!(
+            air.displayed(&tag),
+            Some(fake_esl::ots_hash(&bitmap)),
+            "the tag shows exactly the bytes sent"
+        );
+        assert!(air.configured(&tag));
+
+        // Content without an image has no way onto a stock tag.
+        radio.deliver(delivery(&tag, "t2")).await.expect("deliver");
+        let failure = next_outcome(&mut radio)
+            .await
+            .1
+            .result
+            .expect_err("no vendor path");
+        assert!(!failure.retryable);
+        assert!(
+            failure.reason.contains("vendor content"),
+            "{}",
+            failure.reason
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stock_tag_that_garbles_the_object_fails_its_checksum() {
+        let tag = fake_address(0);
+        let corrupt = tag.clone();
+        let mut radio = BleRadio::start(BleConfig {
+            retries: 0,
+            ..stock_tags(1, |f| f.corrupt = vec![corrupt])
+        })
+        .expect("start");
+        radio
+            .deliver(image_delivery(&tag, "t1", &vec![0x55; 4736]))
+            .await
+            .expect("deliver");
+        let failure = next_outcome(&mut radio)
+            .await
+            .1
+            .result
+            .expect_err("garbled");
+        assert!(failure.retryable);
+        assert!(
+            failure.reason.contains("tag computes CRC-32"),
+            "{}",
+            failure.reason
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_image_of_the_wrong_size_fails_for_good_naming_the_expected_size() {
+        let tag = fake_address(0);
+        let mut radio = BleRadio::start(stock_tags(1, |_| {})).expect("start");
+        radio
+            .deliver(image_delivery(&tag, "t1", &[0; 10]))
+            .await
+            .expect("deliver");
+        let failure = next_outcome(&mut radio).await.1.result.expect_err("misfit");
+        assert!(!failure.retryable);
+        assert_eq!(
+            failure.reason,
+            "BLE image does not fit the tag: bitmap is 10 bytes; display 0 (296x128, \
+             BlackWhite) takes 4736 bytes"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,8 +14,15 @@
 //! connect → discover → subscribe Control Point → [write ESL Address]
 //! → [configure: AP Sync Key, Response Key, Absolute Time; read Display,
 //!    Image, Sensor and LED Information]
-//! → read content status ── tag already holds it? ──▶ skip transfer
-//! → BEGIN, DATA…, COMMIT → read status: length, CRC-32, hash must match
+//! → image (content has `ble_image`), through OTS:
+//!      check it against Display/Image Information → OLCP Go To object
+//!      0x100 + image → [Object Size and OACP Calculate Checksum say the
+//!      tag holds it already? ──▶ skip] → open L2CAP channel (PSM 0x0025)
+//!      → OACP Write → object bytes on the channel → OACP Calculate
+//!      Checksum must equal the CRC-32 sent
+//!   or content for the vendor characteristic (tags that have it):
+//!      read content status ── tag already holds it? ──▶ skip transfer
+//!      → BEGIN, DATA…, COMMIT → read status: length, CRC-32, hash must match
 //! → Display Image ⇒ Display State (same display and image)   ← confirmed here
 //! → [battery: Read Sensor Data ⇒ Sensor Value, or Battery Level read]
 //! → Update Complete ⇒ Basic State → disconnect
@@ -38,7 +45,11 @@ use super::codec::{
     uuid16, BasicState, CodecError, Command, ErrorCode, EslAddress, Response,
     BATTERY_LEVEL_CHARACTERISTIC, CONTROL_POINT_CHARACTERISTIC, ESL_ADDRESS_CHARACTERISTIC,
 };
-use super::content::{self, ContentError, ContentStatus};
+use super::content::{self, ContentError, ContentStatus, ImageContent};
+use super::ots::{
+    self, OacpRequest, OacpResponse, OacpResult, OlcpResult, OACP_CHARACTERISTIC,
+    OBJECT_SIZE_CHARACTERISTIC, OLCP_CHARACTERISTIC, OTS_PSM,
+};
 use super::provision::{
     self, InfoError, KeyMaterial, TagInfo, ABSOLUTE_TIME_CHARACTERISTIC,
     AP_SYNC_KEY_CHARACTERISTIC, DISPLAY_INFO_CHARACTERISTIC, IMAGE_INFO_CHARACTERISTIC,
@@ -103,9 +114,24 @@ pub trait Scan: Send + 'static {
     fn next(&mut self) -> impl Future<Output = Result<Advertisement, GattError>> + Send;
 }
 
+/// An L2CAP LE credit-based channel to a tag (OTS object data).
+pub trait ObjectChannel: Send + 'static {
+    /// Sends `bytes` in order; the stack cuts them into SDUs within the
+    /// peer's MTU and waits for credits.
+    fn send(&mut self, bytes: &[u8]) -> impl Future<Output = Result<(), GattError>> + Send;
+    fn close(&mut self) -> impl Future<Output = Result<(), GattError>> + Send;
+}
+
 /// A connection to one tag. Characteristics are named by UUID alone; a tag
 /// carries each of the few this module uses once.
 pub trait Link: Send + 'static {
+    type Channel: ObjectChannel;
+
+    /// Opens an L2CAP LE credit-based channel on `psm` (OTS: 0x0025).
+    fn open_channel(
+        &mut self,
+        psm: u16,
+    ) -> impl Future<Output = Result<Self::Channel, GattError>> + Send;
     /// Discovers services; returns the UUIDs of every characteristic.
     fn discover(&mut self) -> impl Future<Output = Result<Vec<Uuid>, GattError>> + Send;
     /// Enables notifications of a characteristic.
@@ -139,6 +165,8 @@ pub enum Step {
     Configure(&'static str),
     /// Reading an Information characteristic.
     ReadInfo(&'static str),
+    /// An Object Transfer Service procedure.
+    Ots(&'static str),
     ReadStatus,
     Transfer,
     Command(&'static str),
@@ -156,6 +184,7 @@ impl std::fmt::Display for Step {
             Step::WriteAddress => f.write_str("write ESL Address"),
             Step::Configure(what) => write!(f, "write {what}"),
             Step::ReadInfo(what) => write!(f, "read {what}"),
+            Step::Ots(what) => f.write_str(what),
             Step::ReadStatus => f.write_str("read content status"),
             Step::Transfer => f.write_str("content transfer"),
             Step::Command(name) => f.write_str(name),
@@ -192,6 +221,15 @@ pub enum TransportError {
     /// write the address: the tag no longer has the ESL ID this AP gave it.
     #[error("{step}: tag answered {code}: it no longer has its ESL address (configuring it again)", code = ErrorCode::InvalidParameters)]
     StaleAddress { step: Step },
+    #[error("{step}: tag answered {result}")]
+    Oacp { step: Step, result: OacpResult },
+    #[error("OLCP Go To image object: tag answered {0}")]
+    Olcp(OlcpResult),
+    #[error("{step}: malformed answer: {error}")]
+    OtsMalformed { step: Step, error: ots::OtsError },
+    /// The image does not fit the tag's Display / Image Information.
+    #[error("image does not fit the tag: {0}")]
+    Image(String),
 }
 
 impl TransportError {
@@ -201,16 +239,20 @@ impl TransportError {
     pub fn retryable(&self) -> bool {
         match self {
             TransportError::Esl { code, .. } => code.retryable(),
-            TransportError::Missing(_) | TransportError::Content(_) | TransportError::Info(_) => {
-                false
-            }
+            TransportError::Oacp { result, .. } => result.retryable(),
+            TransportError::Olcp(result) => *result == OlcpResult::OperationFailed,
+            TransportError::Missing(_)
+            | TransportError::Content(_)
+            | TransportError::Info(_)
+            | TransportError::Image(_) => false,
             TransportError::Gatt { .. }
             | TransportError::Timeout { .. }
             | TransportError::Malformed { .. }
             | TransportError::Unexpected { .. }
             | TransportError::Status(_)
             | TransportError::Integrity(_)
-            | TransportError::StaleAddress { .. } => true,
+            | TransportError::StaleAddress { .. }
+            | TransportError::OtsMalformed { .. } => true,
         }
     }
 
@@ -315,18 +357,39 @@ pub async fn deliver<C: Central>(
     content: &[u8],
     content_hash: &str,
 ) -> Result<SessionReport, TransportError> {
-    // Framing errors are the request's fault: found before the radio is used.
-    let frames = content::frames(
-        settings.image_index,
-        content,
-        content_hash,
-        settings.chunk_size,
-    )
-    .map_err(TransportError::Content)?;
-    let mut session = Session::open(central, tag, address, settings, plan).await?;
-    let result = session.deliver(frames, content, content_hash).await;
+    // Content errors are the request's fault: found before the radio is used.
+    let image = ImageContent::from_content(content).map_err(TransportError::Content)?;
+    let frames = match &image {
+        Some(_) => Vec::new(),
+        None => content::frames(
+            settings.image_index,
+            content,
+            content_hash,
+            settings.chunk_size,
+        )
+        .map_err(TransportError::Content)?,
+    };
+    let path = if image.is_some() {
+        Path::Ots
+    } else {
+        Path::Vendor
+    };
+    let mut session = Session::open(central, tag, address, settings, plan, Some(path)).await?;
+    let result = match &image {
+        Some(image) => session.deliver_image(image).await,
+        None => session.deliver(frames, content, content_hash).await,
+    };
     session.close().await;
     result
+}
+
+/// How content reaches the tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// The standard Object Transfer Service.
+    Ots,
+    /// The vendor content characteristic (`content.rs`).
+    Vendor,
 }
 
 /// Reads the tag's state and battery without changing what it shows.
@@ -337,7 +400,7 @@ pub async fn poll<C: Central>(
     settings: &SessionSettings,
     plan: &SessionPlan,
 ) -> Result<SessionReport, TransportError> {
-    let mut session = Session::open(central, tag, address, settings, plan).await?;
+    let mut session = Session::open(central, tag, address, settings, plan, None).await?;
     let result = session.poll().await;
     session.close().await;
     result
@@ -370,6 +433,9 @@ struct Session<'a, L: Link> {
     fresh_info: Option<TagInfo>,
     /// The tag answered a command of this session (so it knows its ID).
     answered: bool,
+    /// How content goes to the tag; `None` for a poll.
+    path: Option<Path>,
+    characteristics: Vec<Uuid>,
 }
 
 impl<'a, L: Link> Session<'a, L> {
@@ -380,6 +446,7 @@ impl<'a, L: Link> Session<'a, L> {
         address: EslAddress,
         settings: &'a SessionSettings,
         plan: &'a SessionPlan,
+        path: Option<Path>,
     ) -> Result<Session<'a, L>, TransportError> {
         let link = within(
             Step::Connect,
@@ -397,6 +464,8 @@ impl<'a, L: Link> Session<'a, L> {
             info: plan.info.clone(),
             fresh_info: None,
             answered: false,
+            path,
+            characteristics: Vec::new(),
         };
         match session.prepare().await {
             Ok(()) => Ok(session),
@@ -414,10 +483,21 @@ impl<'a, L: Link> Session<'a, L> {
         if !has(CONTROL_POINT_CHARACTERISTIC) {
             return Err(TransportError::Missing("ESL Control Point (0x2BFE)"));
         }
-        if !characteristics.contains(&self.settings.content_characteristic) {
-            return Err(TransportError::Missing(
-                "vendor content (radio.ble.content_characteristic)",
-            ));
+        let ots = has(OACP_CHARACTERISTIC) && has(OLCP_CHARACTERISTIC);
+        match self.path {
+            Some(Path::Ots) if !ots => {
+                return Err(TransportError::Missing(
+                    "Object Transfer Service (0x1825: OACP 0x2AC5, OLCP 0x2AC6)",
+                ))
+            }
+            Some(Path::Vendor)
+                if !characteristics.contains(&self.settings.content_characteristic) =>
+            {
+                return Err(TransportError::Missing(
+                    "vendor content (radio.ble.content_characteristic)",
+                ));
+            }
+            _ => {}
         }
         self.has_battery_level = has(BATTERY_LEVEL_CHARACTERISTIC);
         within(
@@ -426,6 +506,11 @@ impl<'a, L: Link> Session<'a, L> {
             self.link.subscribe(uuid16(CONTROL_POINT_CHARACTERISTIC)),
         )
         .await?;
+        if self.path == Some(Path::Ots) {
+            for short in [OACP_CHARACTERISTIC, OLCP_CHARACTERISTIC] {
+                within(Step::Subscribe, t, self.link.subscribe(uuid16(short))).await?;
+            }
+        }
         if self.settings.write_address || self.plan.configure.is_some() {
             if !has(ESL_ADDRESS_CHARACTERISTIC) {
                 return Err(TransportError::Missing("ESL Address (0x2BF6)"));
@@ -441,6 +526,7 @@ impl<'a, L: Link> Session<'a, L> {
         if let Some(provisioning) = &self.plan.configure {
             self.configure(&characteristics, provisioning).await?;
         }
+        self.characteristics = characteristics;
         Ok(())
     }
 
@@ -591,17 +677,236 @@ impl<'a, L: Link> Session<'a, L> {
             }
             report.transferred = true;
         }
+        self.show(s.display_index, s.image_index, report).await
+    }
 
+    /// Puts an image into its OTS object (see the module docs) and shows it.
+    async fn deliver_image(
+        &mut self,
+        image: &ImageContent,
+    ) -> Result<SessionReport, TransportError> {
+        self.check_fits(image)?;
+        let report = SessionReport {
+            info: self.fresh_info.clone(),
+            transferred: self.store_object(image).await?,
+            ..SessionReport::default()
+        };
+        self.show(image.display_index, image.image_index, report)
+            .await
+    }
+
+    /// The image against the tag's Display and Image Information.
+    fn check_fits(&self, image: &ImageContent) -> Result<(), TransportError> {
+        let Some(info) = &self.info else {
+            return Err(TransportError::Image(
+                "the tag's Display Information is unknown (not configured yet)".to_owned(),
+            ));
+        };
+        let misfit = |reason: String| Err(TransportError::Image(reason));
+        let Some(display) = info.displays.get(usize::from(image.display_index)) else {
+            return misfit(format!(
+                "display {} does not exist; the tag has {} display(s)",
+                image.display_index,
+                info.displays.len()
+            ));
+        };
+        match info.max_image_index {
+            Some(max) if image.image_index <= max => {}
+            Some(max) => {
+                return misfit(format!(
+                    "image slot {} does not exist; the tag has slots 0..={max}",
+                    image.image_index
+                ))
+            }
+            None => return misfit("the tag has no image slots".to_owned()),
+        }
+        let Some(expected) = display.image_bytes() else {
+            return misfit(format!(
+                "display {} has display type 0x{:02X}, which has no known format",
+                image.display_index,
+                display.display_type.to_byte()
+            ));
+        };
+        if image.bitmap.len() != expected {
+            return misfit(format!(
+                "bitmap is {} bytes; display {} ({}x{}, {:?}) takes {expected} bytes",
+                image.bitmap.len(),
+                image.display_index,
+                display.width,
+                display.height,
+                display.display_type
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes the image into object 0x100 + image index unless the object
+    /// already holds exactly these bytes; returns whether it sent them.
+    async fn store_object(&mut self, image: &ImageContent) -> Result<bool, TransportError> {
+        let t = self.settings.gatt_timeout;
+        let object_id = ots::image_object_id(image.image_index);
+        let go_to = ots::encode_go_to(object_id);
+        let step = Step::Ots("OLCP Go To");
+        let answer = self.request(OLCP_CHARACTERISTIC, &go_to, step).await?;
+        match ots::decode_go_to_response(&answer) {
+            Ok(OlcpResult::Success) => {}
+            Ok(result) => return Err(TransportError::Olcp(result)),
+            Err(error) => return Err(TransportError::OtsMalformed { step, error }),
+        }
+        // Checked by check_fits: an image is at most 65535² × 24 bits.
+        let length = u32::try_from(image.bitmap.len()).map_err(|_| {
+            TransportError::Image(format!("{} bytes is too large", image.bitmap.len()))
+        })?;
+        let crc = crc32fast::hash(&image.bitmap);
+        // A retry after a lost confirmation, or the same image again: the
+        // tag's own checksum says whether it is already there.
+        if self
+            .characteristics
+            .contains(&uuid16(OBJECT_SIZE_CHARACTERISTIC))
+        {
+            let step = Step::Ots("read Object Size");
+            let size = within(step, t, self.link.read(uuid16(OBJECT_SIZE_CHARACTERISTIC))).await?;
+            let (current, _) = ots::decode_object_size(&size)
+                .map_err(|error| TransportError::OtsMalformed { step, error })?;
+            if current == length && self.checksum(length).await? == crc {
+                tracing::debug!(tag = self.tag, object_id, "tag already holds the image");
+                return Ok(false);
+            }
+        }
+        let step = Step::Ots("open the OTS object channel");
+        let mut channel = within(
+            step,
+            self.settings.connect_timeout,
+            self.link.open_channel(OTS_PSM),
+        )
+        .await?;
+        let sent = self.write_object(&mut channel, &image.bitmap, length).await;
+        if let Err(error) = within(step, t, channel.close()).await {
+            tracing::debug!(tag = self.tag, %error, "closing the object channel");
+        }
+        sent?;
+        let computed = self.checksum(length).await?;
+        if computed != crc {
+            return Err(TransportError::Integrity(format!(
+                "sent {length} bytes (CRC-32 0x{crc:08X}) to image object 0x{object_id:X}; tag \
+                 computes CRC-32 0x{computed:08X}"
+            )));
+        }
+        Ok(true)
+    }
+
+    /// OACP Write, then the bytes on the channel (open before the Write,
+    /// as the OTS server requires).
+    async fn write_object(
+        &mut self,
+        channel: &mut L::Channel,
+        bytes: &[u8],
+        length: u32,
+    ) -> Result<(), TransportError> {
+        self.oacp(OacpRequest::Write {
+            offset: 0,
+            length,
+            truncate: false,
+        })
+        .await?;
+        // Each 4 KiB gets one GATT time-out: L2CAP moves a few KiB/s at worst.
+        let blocks = u32::try_from(bytes.len() / 4096 + 1).unwrap_or(u32::MAX);
+        within(
+            Step::Ots("object transfer"),
+            self.settings.gatt_timeout.saturating_mul(blocks),
+            channel.send(bytes),
+        )
+        .await
+    }
+
+    /// OACP Calculate Checksum over the first `length` bytes.
+    async fn checksum(&mut self, length: u32) -> Result<u32, TransportError> {
+        let request = OacpRequest::CalculateChecksum { offset: 0, length };
+        let response = self.oacp(request).await?;
+        response.checksum.ok_or(TransportError::OtsMalformed {
+            step: Step::Ots(request.name()),
+            error: ots::OtsError::Malformed {
+                what: "OACP response",
+                reason: "Calculate Checksum succeeded without a checksum".to_owned(),
+            },
+        })
+    }
+
+    /// One OACP procedure; anything but Success is an error.
+    async fn oacp(&mut self, request: OacpRequest) -> Result<OacpResponse, TransportError> {
+        let step = Step::Ots(request.name());
+        let answer = self
+            .request(OACP_CHARACTERISTIC, &request.encode(), step)
+            .await?;
+        let response = OacpResponse::decode(&answer)
+            .map_err(|error| TransportError::OtsMalformed { step, error })?;
+        if response.request != request.opcode() {
+            return Err(TransportError::Unexpected {
+                step,
+                response: format!("OACP response to opcode 0x{:02X}", response.request),
+            });
+        }
+        match response.result {
+            OacpResult::Success => Ok(response),
+            result => Err(TransportError::Oacp { step, result }),
+        }
+    }
+
+    /// Writes `value` to a control point and waits for its indication.
+    async fn request(
+        &mut self,
+        short: u16,
+        value: &[u8],
+        step: Step,
+    ) -> Result<Vec<u8>, TransportError> {
+        let characteristic = uuid16(short);
+        within(
+            step,
+            self.settings.gatt_timeout,
+            self.link.write(characteristic, value),
+        )
+        .await?;
+        let limit = self.settings.response_timeout;
+        self.answer(characteristic, step, limit).await
+    }
+
+    /// The next value the tag notifies or indicates on `characteristic`;
+    /// others are skipped (not answers).
+    async fn answer(
+        &mut self,
+        characteristic: Uuid,
+        step: Step,
+        limit: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, self.link.notification()).await {
+                Ok(Ok(n)) if n.characteristic == characteristic => return Ok(n.value),
+                Ok(Ok(_)) => continue,
+                Ok(Err(error)) => return Err(TransportError::Gatt { step, error }),
+                Err(_) => return Err(TransportError::Timeout { step, after: limit }),
+            }
+        }
+    }
+
+    /// Display Image, confirmed by its Display State; then the battery and
+    /// Update Complete.
+    async fn show(
+        &mut self,
+        display: u8,
+        image: u8,
+        mut report: SessionReport,
+    ) -> Result<SessionReport, TransportError> {
         let show = Command::DisplayImage {
             esl_id: self.address.esl_id(),
-            display_index: s.display_index,
-            image_index: s.image_index,
+            display_index: display,
+            image_index: image,
         };
         match self.command(&show).await? {
             Response::DisplayState {
                 display_index,
                 image_index,
-            } if display_index == s.display_index && image_index == s.image_index => {}
+            } if display_index == display && image_index == image => {}
             other => return Err(unexpected(&show, &other)),
         }
 
@@ -695,23 +1000,11 @@ impl<'a, L: Link> Session<'a, L> {
             self.link.write(cp, &bytes),
         )
         .await?;
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let notification =
-                match tokio::time::timeout_at(deadline, self.link.notification()).await {
-                    Ok(Ok(n)) => n,
-                    Ok(Err(error)) => return Err(TransportError::Gatt { step, error }),
-                    Err(_) => return Err(TransportError::Timeout { step, after: limit }),
-                };
-            if notification.characteristic != cp {
-                // Another subscribed characteristic: not an answer.
-                continue;
-            }
-            return match Response::decode(&notification.value) {
-                Ok(Response::Error(code)) => Err(TransportError::Esl { step, code }),
-                Ok(response) => Ok(response),
-                Err(error) => Err(TransportError::Malformed { step, error }),
-            };
+        let value = self.answer(cp, step, limit).await?;
+        match Response::decode(&value) {
+            Ok(Response::Error(code)) => Err(TransportError::Esl { step, code }),
+            Ok(response) => Ok(response),
+            Err(error) => Err(TransportError::Malformed { step, error }),
         }
     }
 
@@ -846,6 +1139,7 @@ mod tests {
     use crate::ble::codec::ESL_SERVICE;
     use crate::ble::content::TransferState;
     use crate::ble::fake::{Expect, ScriptedCentral};
+    use crate::ble::ots::OBJECT_SIZE_CHARACTERISTIC;
     use crate::ble::provision::{
         ABSOLUTE_TIME_CHARACTERISTIC, AP_SYNC_KEY_CHARACTERISTIC, DISPLAY_INFO_CHARACTERISTIC,
         IMAGE_INFO_CHARACTERISTIC, LED_INFO_CHARACTERISTIC, RESPONSE_KEY_CHARACTERISTIC,
@@ -1208,6 +1502,262 @@ mod tests {
         assert!(matches!(error, TransportError::Esl { .. }), "{error}");
         assert!(!error.retryable());
         assert!(!error.needs_configuring());
+    }
+
+    fn ots_characteristics() -> Vec<Uuid> {
+        let mut all = characteristics();
+        all.extend(
+            [
+                OACP_CHARACTERISTIC,
+                OLCP_CHARACTERISTIC,
+                ots::OBJECT_ID_CHARACTERISTIC,
+                OBJECT_SIZE_CHARACTERISTIC,
+            ]
+            .map(uuid16),
+        );
+        all
+    }
+
+    /// A full-screen image for the fake tag's 296x128 black/white display.
+    fn bitmap() -> Vec<u8> {
+        (0..296 * 128 / 8).map(|i| (i % 251) as u8).collect()
+    }
+
+    fn image_content(display: u8, image: u8, bitmap: &[u8]) -> Vec<u8> {
+        use base64::Engine as _;
+        serde_json::json!({"ble_image": {
+            "display": display,
+            "image": image,
+            "bitmap": base64::engine::general_purpose::STANDARD.encode(bitmap),
+        }})
+        .to_string()
+        .into_bytes()
+    }
+
+    fn known_info() -> SessionPlan {
+        SessionPlan {
+            configure: None,
+            info: Some(crate::ble::fake_esl::fake_tag_info()),
+        }
+    }
+
+    /// Connect … write address for an OTS delivery.
+    fn ots_opening() -> Vec<Expect> {
+        vec![
+            Expect::Connect(Ok(())),
+            Expect::Discover(Ok(ots_characteristics())),
+            Expect::Subscribe(uuid16(CONTROL_POINT_CHARACTERISTIC), Ok(())),
+            Expect::Subscribe(uuid16(OACP_CHARACTERISTIC), Ok(())),
+            Expect::Subscribe(uuid16(OLCP_CHARACTERISTIC), Ok(())),
+            Expect::write(uuid16(ESL_ADDRESS_CHARACTERISTIC), vec![7, 1]),
+        ]
+    }
+
+    fn oacp(request: OacpRequest, result: OacpResult, checksum: Option<u32>) -> Expect {
+        Expect::indicate(
+            uuid16(OACP_CHARACTERISTIC),
+            request.encode(),
+            OacpResponse {
+                request: request.opcode(),
+                result,
+                checksum,
+            }
+            .encode(),
+        )
+    }
+
+    /// Go To object 0x101 and the Object Size read.
+    fn select(current: u32) -> Vec<Expect> {
+        vec![
+            Expect::indicate(
+                uuid16(OLCP_CHARACTERISTIC),
+                ots::encode_go_to(0x101),
+                ots::encode_go_to_response(OlcpResult::Success),
+            ),
+            Expect::read(
+                uuid16(OBJECT_SIZE_CHARACTERISTIC),
+                ots::encode_object_size(current, 4736),
+            ),
+        ]
+    }
+
+    /// Channel, Write, bytes, close, Calculate Checksum answered `crc`.
+    fn object_write(bitmap: &[u8], crc: u32) -> Vec<Expect> {
+        let length = bitmap.len() as u32;
+        vec![
+            Expect::OpenChannel(OTS_PSM, Ok(())),
+            oacp(
+                OacpRequest::Write {
+                    offset: 0,
+                    length,
+                    truncate: false,
+                },
+                OacpResult::Success,
+                None,
+            ),
+            Expect::Send(bitmap.to_vec(), Ok(())),
+            Expect::CloseChannel,
+            oacp(
+                OacpRequest::CalculateChecksum { offset: 0, length },
+                OacpResult::Success,
+                Some(crc),
+            ),
+        ]
+    }
+
+    async fn run_image(
+        central: &ScriptedCentral,
+        content: &[u8],
+    ) -> Result<SessionReport, TransportError> {
+        deliver(
+            central,
+            TAG,
+            address(),
+            &settings(),
+            &known_info(),
+            content,
+            HASH,
+        )
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_image_goes_through_ots_and_is_checked_by_its_checksum() {
+        let bitmap = bitmap();
+        let central = script(vec![
+            ots_opening(),
+            select(0),
+            object_write(&bitmap, crc32fast::hash(&bitmap)),
+            vec![Expect::command(&show(), &shown())],
+            closing(),
+        ]);
+        let report = run_image(&central, &image_content(0, 1, &bitmap))
+            .await
+            .expect("delivered");
+        central.assert_done();
+        assert!(report.transferred);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_image_the_tag_already_holds_is_not_sent_again() {
+        let bitmap = bitmap();
+        let length = bitmap.len() as u32;
+        let mut held = select(length);
+        held.push(oacp(
+            OacpRequest::CalculateChecksum { offset: 0, length },
+            OacpResult::Success,
+            Some(crc32fast::hash(&bitmap)),
+        ));
+        let central = script(vec![
+            ots_opening(),
+            held,
+            vec![Expect::command(&show(), &shown())],
+            closing(),
+        ]);
+        let report = run_image(&central, &image_content(0, 1, &bitmap))
+            .await
+            .expect("delivered");
+        central.assert_done();
+        assert!(!report.transferred);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_checksum_that_differs_after_the_transfer_is_an_integrity_error() {
+        let bitmap = bitmap();
+        let central = script(vec![
+            ots_opening(),
+            select(0),
+            object_write(&bitmap, 0xDEAD_BEEF),
+            vec![Expect::Disconnect],
+        ]);
+        let error = run_image(&central, &image_content(0, 1, &bitmap))
+            .await
+            .expect_err("integrity");
+        central.assert_done();
+        assert!(
+            error.to_string().contains("tag computes CRC-32 0xDEADBEEF"),
+            "{error}"
+        );
+        assert!(error.retryable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_oacp_write_the_tag_refuses_fails_with_its_result() {
+        let bitmap = bitmap();
+        let central = script(vec![
+            ots_opening(),
+            select(0),
+            vec![
+                Expect::OpenChannel(OTS_PSM, Ok(())),
+                oacp(
+                    OacpRequest::Write {
+                        offset: 0,
+                        length: bitmap.len() as u32,
+                        truncate: false,
+                    },
+                    OacpResult::ChannelUnavailable,
+                    None,
+                ),
+                Expect::CloseChannel,
+                Expect::Disconnect,
+            ],
+        ]);
+        let error = run_image(&central, &image_content(0, 1, &bitmap))
+            .await
+            .expect_err("refused");
+        central.assert_done();
+        assert_eq!(
+            error.to_string(),
+            "OACP Write: tag answered Channel Unavailable (0x06)"
+        );
+        assert!(error.retryable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_image_that_does_not_fit_the_display_is_refused_naming_the_expected_size() {
+        let cases = [
+            (
+                image_content(0, 1, &[0; 100]),
+                "image does not fit the tag: bitmap is 100 bytes; display 0 (296x128, \
+                 BlackWhite) takes 4736 bytes",
+            ),
+            (
+                image_content(0, 2, &bitmap()),
+                "image does not fit the tag: image slot 2 does not exist; the tag has slots 0..=1",
+            ),
+            (
+                image_content(1, 0, &bitmap()),
+                "image does not fit the tag: display 1 does not exist; the tag has 1 display(s)",
+            ),
+        ];
+        for (content, message) in cases {
+            let mut steps = ots_opening();
+            steps.push(Expect::Disconnect);
+            let central = ScriptedCentral::new(steps);
+            let error = run_image(&central, &content).await.expect_err("misfit");
+            central.assert_done();
+            assert_eq!(error.to_string(), message);
+            assert!(!error.retryable());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_vendor_path_is_used_only_for_content_without_an_image() {
+        // An image for a tag without OTS (vendor characteristic only).
+        let central = script(vec![vec![
+            Expect::Connect(Ok(())),
+            Expect::Discover(Ok(characteristics())),
+            Expect::Disconnect,
+        ]]);
+        let error = run_image(&central, &image_content(0, 1, &bitmap()))
+            .await
+            .expect_err("no OTS");
+        central.assert_done();
+        assert_eq!(
+            error.to_string(),
+            "tag has no Object Transfer Service (0x1825: OACP 0x2AC5, OLCP 0x2AC6) characteristic"
+        );
+        assert!(!error.retryable());
     }
 
     #[tokio::test(start_paused = true)]
