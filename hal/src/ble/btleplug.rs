@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use super::codec::{uuid16, ESL_SERVICE};
 use super::transport::{
-    Advertisement, Central, GattError, Link, Notification, ObjectChannel, Scan,
+    Advertisement, Central, GattError, Link, Notification, ObjectChannel, Pairing, Scan,
 };
 
 type Events = Pin<Box<dyn Stream<Item = CentralEvent> + Send>>;
@@ -85,6 +85,13 @@ fn failed(error: btleplug::Error) -> GattError {
 impl Central for BtleplugCentral {
     type Scan = BtleplugScan;
     type Link = BtleplugLink;
+
+    async fn remove_bond(&self, address: &str) -> Result<(), GattError> {
+        Err(GattError::Failed(format!(
+            "the btleplug backend cannot remove bonds: run `bluetoothctl remove {address}` \
+             and pair the tag again"
+        )))
+    }
 
     async fn scan(&self) -> Result<BtleplugScan, GattError> {
         let adapter = self.find_adapter().await?;
@@ -198,6 +205,14 @@ impl ObjectChannel for NoChannel {
 
 impl Link for BtleplugLink {
     type Channel = NoChannel;
+
+    /// btleplug has no pairing API. BlueZ raises the security of a bonded
+    /// link by itself when the tag answers Insufficient Encryption, so a
+    /// tag bonded beforehand (`bluetoothctl pair`) works; a new tag does
+    /// not get bonded by this backend.
+    async fn pair(&mut self) -> Result<Pairing, GattError> {
+        Ok(Pairing::Existing)
+    }
 
     async fn open_channel(&mut self, psm: u16) -> Result<NoChannel, GattError> {
         Err(GattError::Failed(format!(

@@ -17,12 +17,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use uuid::Uuid;
 
 use super::codec::{uuid16, Command, Response, CONTROL_POINT_CHARACTERISTIC};
-use super::transport::{Central, GattError, Link, Notification, ObjectChannel, Scan};
+use super::transport::{Central, GattError, Link, Notification, ObjectChannel, Pairing, Scan};
 
 /// One expected call and the fake's answer.
 #[derive(Debug, Clone)]
 pub enum Expect {
     Connect(Result<(), GattError>),
+    Pair(Result<Pairing, GattError>),
+    RemoveBond,
     Discover(Result<Vec<Uuid>, GattError>),
     Subscribe(Uuid, Result<(), GattError>),
     /// A write of exactly `value`; after it the fake notifies `notify`.
@@ -199,6 +201,15 @@ impl Central for ScriptedCentral {
     type Scan = NoScan;
     type Link = ScriptedLink;
 
+    async fn remove_bond(&self, address: &str) -> Result<(), GattError> {
+        let next = self.take(format!("remove_bond({address})"), |step| match step {
+            Expect::RemoveBond => Ok(()),
+            other => Err(other),
+        });
+        answer(next).await;
+        Ok(())
+    }
+
     async fn scan(&self) -> Result<NoScan, GattError> {
         Ok(NoScan)
     }
@@ -252,6 +263,14 @@ impl ObjectChannel for ScriptedChannel {
 
 impl Link for ScriptedLink {
     type Channel = ScriptedChannel;
+
+    async fn pair(&mut self) -> Result<Pairing, GattError> {
+        let next = self.central.take("pair()".to_owned(), |step| match step {
+            Expect::Pair(result) => Ok(result),
+            other => Err(other),
+        });
+        answer(next).await
+    }
 
     async fn open_channel(&mut self, psm: u16) -> Result<ScriptedChannel, GattError> {
         let next = self

@@ -65,7 +65,7 @@ use super::provision::{
     RESPONSE_KEY_CHARACTERISTIC, SENSOR_INFO_CHARACTERISTIC,
 };
 use super::transport::{
-    Advertisement, Central, GattError, Link, Notification, ObjectChannel, Scan,
+    Advertisement, Central, GattError, Link, Notification, ObjectChannel, Pairing, Scan,
 };
 use super::UNASSOCIATED_FALLBACK_S;
 
@@ -219,6 +219,8 @@ struct FakeTag {
     configured: bool,
     /// When the last link to a configured tag ended: its fall-back timer.
     idle_since: Option<Instant>,
+    /// The tag side's bond (one AP at a time).
+    bond: Option<u64>,
     offline: bool,
     corrupt: bool,
     vendor: Vendor,
@@ -252,6 +254,9 @@ struct World {
     max_active_links: usize,
     connects: u64,
     journal: Option<(PathBuf, File)>,
+    /// The AP side's bonds: tag address → bond id.
+    ap_bonds: HashMap<String, u64>,
+    next_bond: u64,
 }
 
 /// The fake adapter and the tags around it. Clones share everything.
@@ -331,6 +336,8 @@ impl FakeAir {
                 max_active_links: 0,
                 connects: 0,
                 journal,
+                ap_bonds: HashMap::new(),
+                next_bond: 1,
             })),
             content_characteristic,
             latency: Duration::from_millis(cfg.latency_ms),
@@ -438,6 +445,11 @@ impl Central for FakeAir {
     type Scan = FakeScan;
     type Link = FakeLink;
 
+    async fn remove_bond(&self, address: &str) -> Result<(), GattError> {
+        self.lock().ap_bonds.remove(address);
+        Ok(())
+    }
+
     async fn scan(&self) -> Result<FakeScan, GattError> {
         let world = self.lock();
         if !world.powered {
@@ -490,6 +502,7 @@ impl Central for FakeAir {
             air: self.clone(),
             index: i,
             open: true,
+            encrypted: false,
             subscribed: Vec::new(),
             notifications: VecDeque::new(),
         })
@@ -547,6 +560,8 @@ pub struct FakeLink {
     open: bool,
     /// Characteristics whose notifications / indications are on.
     subscribed: Vec<Uuid>,
+    /// [`Link::pair`] succeeded on this link.
+    encrypted: bool,
     notifications: VecDeque<Notification>,
 }
 
@@ -621,8 +636,56 @@ impl ObjectChannel for FakeChannel {
     }
 }
 
+/// Whether a characteristic needs an encrypted link: every ESL and OTS
+/// characteristic (Nordic's ESL service requires encryption by default,
+/// `BT_ESL_DEFAULT_PERM_RW_ENCRYPT`).
+fn protected(characteristic: Uuid) -> bool {
+    let esl = (ESL_ADDRESS_CHARACTERISTIC..=CONTROL_POINT_CHARACTERISTIC).map(uuid16);
+    let ots = [
+        OACP_CHARACTERISTIC,
+        OLCP_CHARACTERISTIC,
+        OBJECT_ID_CHARACTERISTIC,
+        OBJECT_SIZE_CHARACTERISTIC,
+    ]
+    .map(uuid16);
+    esl.chain(ots).any(|c| c == characteristic)
+}
+
+impl FakeLink {
+    /// Insufficient Encryption for a protected characteristic on a plain
+    /// link.
+    fn require_encryption(&self, characteristic: Uuid) -> Result<(), GattError> {
+        if protected(characteristic) && !self.encrypted {
+            return Err(GattError::NotEncrypted);
+        }
+        Ok(())
+    }
+}
+
 impl Link for FakeLink {
     type Channel = FakeChannel;
+
+    async fn pair(&mut self) -> Result<Pairing, GattError> {
+        sleep(self.air.latency).await;
+        let mut world = self.air.lock();
+        let world = &mut *world;
+        let tag = &mut world.tags[self.index];
+        let address = tag.address.clone();
+        let pairing = match world.ap_bonds.get(&address) {
+            Some(&bond) if tag.bond == Some(bond) => Pairing::Existing,
+            // We have a bond, the tag has not: encryption fails.
+            Some(_) => return Err(GattError::BondLost),
+            None => {
+                let bond = world.next_bond;
+                world.next_bond += 1;
+                world.ap_bonds.insert(address, bond);
+                tag.bond = Some(bond);
+                Pairing::New
+            }
+        };
+        self.encrypted = true;
+        Ok(pairing)
+    }
 
     async fn open_channel(&mut self, psm: u16) -> Result<FakeChannel, GattError> {
         self.with_tag(|tag, _| {
@@ -673,6 +736,7 @@ impl Link for FakeLink {
     }
 
     async fn subscribe(&mut self, characteristic: Uuid) -> Result<(), GattError> {
+        self.require_encryption(characteristic)?;
         self.with_tag(|tag, _| {
             let indicating = [
                 CONTROL_POINT_CHARACTERISTIC,
@@ -693,6 +757,7 @@ impl Link for FakeLink {
     }
 
     async fn write(&mut self, characteristic: Uuid, value: &[u8]) -> Result<(), GattError> {
+        self.require_encryption(characteristic)?;
         let content = self.air.content_characteristic;
         let indications_on = self.subscribed.contains(&characteristic);
         let response = self
@@ -753,6 +818,7 @@ impl Link for FakeLink {
     }
 
     async fn read(&mut self, characteristic: Uuid) -> Result<Vec<u8>, GattError> {
+        self.require_encryption(characteristic)?;
         let content = self.air.content_characteristic;
         self.with_tag(|tag, _| {
             if tag.esl && tag.vendor_content && characteristic == content {
@@ -815,6 +881,7 @@ impl FakeTag {
             provisioned: Provisioned::default(),
             configured: false,
             idle_since: None,
+            bond: None,
             offline: false,
             corrupt: false,
             vendor: Vendor::Nordic,
@@ -907,13 +974,24 @@ impl FakeTag {
         if self.configured {
             self.idle_since = Some(now);
         } else if self.esl {
-            self.unassociate();
+            self.forget_configuration();
         }
     }
 
-    /// Back to the Unassociated state: address, keys, images and what is
-    /// shown are gone.
+    /// Back to the Unassociated state by the 60-minute fall-back or an
+    /// Unassociate command: the configuration is gone, and a Nordic tag
+    /// deletes its bonds too.
     fn unassociate(&mut self) {
+        if self.vendor == Vendor::Nordic {
+            // `bt_esl_unassociate` unpairs every peer.
+            self.bond = None;
+        }
+        self.forget_configuration();
+    }
+
+    /// Address, keys, images and what is shown are gone; the bond stays
+    /// (a link lost while configuring, Nordic's `disconnected()`).
+    fn forget_configuration(&mut self) {
         self.esl_address = None;
         self.provisioned = Provisioned::default();
         self.configured = false;
@@ -1195,7 +1273,8 @@ mod tests {
             ..FakeConfig::default()
         };
         let air = FakeAir::new(&cfg, Uuid::nil()).expect("air");
-        let link = air.connect(&fake_address(0)).await.expect("link");
+        let mut link = air.connect(&fake_address(0)).await.expect("link");
+        assert_eq!(link.pair().await, Ok(Pairing::New));
         (air, link)
     }
 
@@ -1223,6 +1302,43 @@ mod tests {
             error.to_string().contains("improperly configured"),
             "{error}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn esl_characteristics_need_an_encrypted_link() {
+        let cfg = FakeConfig {
+            tags: 1,
+            ..FakeConfig::default()
+        };
+        let air = FakeAir::new(&cfg, Uuid::nil()).expect("air");
+        let mut link = air.connect(&fake_address(0)).await.expect("link");
+        let address = uuid16(ESL_ADDRESS_CHARACTERISTIC);
+        assert_eq!(
+            link.write(address, &[1, 0]).await,
+            Err(GattError::NotEncrypted)
+        );
+        assert_eq!(
+            link.subscribe(uuid16(CONTROL_POINT_CHARACTERISTIC)).await,
+            Err(GattError::NotEncrypted)
+        );
+        assert_eq!(
+            link.read(uuid16(DISPLAY_INFO_CHARACTERISTIC)).await,
+            Err(GattError::NotEncrypted)
+        );
+        assert_eq!(link.pair().await, Ok(Pairing::New));
+        link.write(address, &[1, 0]).await.expect("encrypted");
+        link.disconnect().await.expect("closed");
+
+        // Bonded: the next link encrypts with the bond. A Nordic tag that
+        // falls back to Unassociated deletes it: encryption then fails.
+        let mut link = air.connect(&fake_address(0)).await.expect("link");
+        assert_eq!(link.pair().await, Ok(Pairing::Existing));
+        link.disconnect().await.expect("closed");
+        air.unassociate(&fake_address(0));
+        let mut link = air.connect(&fake_address(0)).await.expect("link");
+        assert_eq!(link.pair().await, Err(GattError::BondLost));
+        air.remove_bond(&fake_address(0)).await.expect("removed");
+        assert_eq!(link.pair().await, Ok(Pairing::New));
     }
 
     #[tokio::test(start_paused = true)]

@@ -1165,12 +1165,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_tag_that_lost_its_address_is_configured_again_and_retried() {
         let tag = fake_address(0);
-        let mut radio = BleRadio::start(BleConfig {
+        let mut cfg = BleConfig {
             write_address: false,
             retries: 1,
             ..fake_config(1)
-        })
-        .expect("start");
+        };
+        if let Some(fake) = &mut cfg.fake {
+            // Keeps its bond when unassociated: the stale ID shows first.
+            fake.silabs = vec![tag.clone()];
+        }
+        let mut radio = BleRadio::start(cfg).expect("start");
         radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
         assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
         let air = radio.fake_air().expect("fake").clone();
@@ -1182,6 +1186,27 @@ mod tests {
         assert!(air.configured(&tag));
         assert_eq!(air.displayed(&tag).as_deref(), Some("hash-t2"));
         assert_eq!(air.esl_address(&tag), Some(derived_address(&tag)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tag_that_deleted_its_bond_is_bonded_and_configured_again() {
+        let tag = fake_address(0);
+        let mut radio = BleRadio::start(BleConfig {
+            retries: 1,
+            ..fake_config(1)
+        })
+        .expect("start");
+        radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
+        assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
+        let air = radio.fake_air().expect("fake").clone();
+        // A Nordic tag deletes its bonds when it falls back to Unassociated.
+        air.unassociate(&tag);
+        radio.deliver(delivery(&tag, "t2")).await.expect("deliver");
+        // Encryption fails (key missing): our bond is removed, the retry
+        // pairs anew and configures the tag.
+        assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
+        assert!(air.configured(&tag));
+        assert_eq!(air.displayed(&tag).as_deref(), Some("hash-t2"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -89,9 +89,26 @@ pub enum GattError {
     /// The link dropped.
     #[error("link lost")]
     Disconnected,
+    /// The tag refused an operation on a link that is not encrypted (ATT
+    /// Insufficient Encryption / Authentication).
+    #[error("the tag requires an encrypted link")]
+    NotEncrypted,
+    /// Encrypting with the stored bond failed because the tag no longer
+    /// has it (HCI PIN or Key Missing): the tag dropped its bond.
+    #[error("the tag no longer has our bond (key missing)")]
+    BondLost,
     /// Anything else the stack reports (ATT error, connection refused…).
     #[error("{0}")]
     Failed(String),
+}
+
+/// How [`Link::pair`] secured the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pairing {
+    /// Encrypted with the bond both sides already had.
+    Existing,
+    /// Paired and bonded now (LE Secure Connections where the tag can).
+    New,
 }
 
 /// The Bluetooth stack's central role: scanning and connecting. Cloned into
@@ -105,6 +122,10 @@ pub trait Central: Clone + Send + Sync + 'static {
 
     /// Connects to the tag with this address.
     fn connect(&self, address: &str) -> impl Future<Output = Result<Self::Link, GattError>> + Send;
+
+    /// Deletes this side's bond with the tag, so the next
+    /// [`Link::pair`] pairs afresh (the re-bond path).
+    fn remove_bond(&self, address: &str) -> impl Future<Output = Result<(), GattError>> + Send;
 }
 
 /// A running scan.
@@ -126,6 +147,10 @@ pub trait ObjectChannel: Send + 'static {
 /// carries each of the few this module uses once.
 pub trait Link: Send + 'static {
     type Channel: ObjectChannel;
+
+    /// Encrypts the link: with the existing bond, or by pairing and
+    /// bonding first. ESL tags refuse their characteristics on a plain link.
+    fn pair(&mut self) -> impl Future<Output = Result<Pairing, GattError>> + Send;
 
     /// Opens an L2CAP LE credit-based channel on `psm` (OTS: 0x0025).
     fn open_channel(
@@ -158,6 +183,8 @@ pub trait Link: Send + 'static {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Connect,
+    /// Encrypting the link (pairing and bonding when needed).
+    Pair,
     Discover,
     Subscribe,
     WriteAddress,
@@ -179,6 +206,7 @@ impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Step::Connect => f.write_str("connect"),
+            Step::Pair => f.write_str("pair/encrypt"),
             Step::Discover => f.write_str("service discovery"),
             Step::Subscribe => f.write_str("subscribe to the Control Point"),
             Step::WriteAddress => f.write_str("write ESL Address"),
@@ -221,6 +249,11 @@ pub enum TransportError {
     /// write the address: the tag no longer has the ESL ID this AP gave it.
     #[error("{step}: tag answered {code}: it no longer has its ESL address (configuring it again)", code = ErrorCode::InvalidParameters)]
     StaleAddress { step: Step },
+    /// The tag lost its bond (it fell back to Unassociated, which deletes
+    /// it on some tags); this side's bond is removed, the next session
+    /// pairs and configures afresh.
+    #[error("pair/encrypt: the tag lost its bond; bond removed, pairing and configuring again")]
+    BondLost,
     #[error("{step}: tag answered {result}")]
     Oacp { step: Step, result: OacpResult },
     #[error("OLCP Go To image object: tag answered {0}")]
@@ -252,6 +285,7 @@ impl TransportError {
             | TransportError::Status(_)
             | TransportError::Integrity(_)
             | TransportError::StaleAddress { .. }
+            | TransportError::BondLost
             | TransportError::OtsMalformed { .. } => true,
         }
     }
@@ -260,7 +294,7 @@ impl TransportError {
     /// and keys): the next session must configure it again.
     pub fn needs_configuring(&self) -> bool {
         match self {
-            TransportError::StaleAddress { .. } => true,
+            TransportError::StaleAddress { .. } | TransportError::BondLost => true,
             TransportError::Esl { step, code } => {
                 *step == Step::Command(UPDATE_COMPLETE) && *code == ErrorCode::InvalidState
             }
@@ -467,12 +501,41 @@ impl<'a, L: Link> Session<'a, L> {
             path,
             characteristics: Vec::new(),
         };
+        match session.secure(central).await {
+            Ok(()) => {}
+            Err(error) => {
+                session.close().await;
+                return Err(error);
+            }
+        }
         match session.prepare().await {
             Ok(()) => Ok(session),
             Err(error) => {
                 session.close().await;
                 Err(error)
             }
+        }
+    }
+
+    /// Encrypts the link before any ESL characteristic is touched. A tag
+    /// that lost its bond: remove ours, so the next session pairs anew.
+    async fn secure<C: Central<Link = L>>(&mut self, central: &C) -> Result<(), TransportError> {
+        let t = self.settings.connect_timeout;
+        match within(Step::Pair, t, self.link.pair()).await {
+            Ok(Pairing::Existing) => Ok(()),
+            Ok(Pairing::New) => {
+                tracing::info!(tag = self.tag, "bonded with the tag");
+                Ok(())
+            }
+            Err(TransportError::Gatt {
+                error: GattError::BondLost,
+                ..
+            }) => {
+                tracing::warn!(tag = self.tag, "the tag lost its bond; removing ours");
+                within(Step::Pair, t, central.remove_bond(self.tag)).await?;
+                Err(TransportError::BondLost)
+            }
+            Err(error) => Err(error),
         }
     }
 
@@ -1186,6 +1249,7 @@ mod tests {
     fn opening(discovered: Vec<Uuid>) -> Vec<Expect> {
         vec![
             Expect::Connect(Ok(())),
+            Expect::Pair(Ok(Pairing::Existing)),
             Expect::Discover(Ok(discovered)),
             Expect::Subscribe(uuid16(CONTROL_POINT_CHARACTERISTIC), Ok(())),
             Expect::write(uuid16(ESL_ADDRESS_CHARACTERISTIC), vec![7, 1]),
@@ -1394,6 +1458,7 @@ mod tests {
     async fn a_tag_without_key_material_characteristics_cannot_be_configured() {
         let central = script(vec![vec![
             Expect::Connect(Ok(())),
+            Expect::Pair(Ok(Pairing::Existing)),
             Expect::Discover(Ok(characteristics())),
             Expect::Subscribe(uuid16(CONTROL_POINT_CHARACTERISTIC), Ok(())),
             Expect::write(uuid16(ESL_ADDRESS_CHARACTERISTIC), vec![7, 1]),
@@ -1545,6 +1610,7 @@ mod tests {
     fn ots_opening() -> Vec<Expect> {
         vec![
             Expect::Connect(Ok(())),
+            Expect::Pair(Ok(Pairing::Existing)),
             Expect::Discover(Ok(ots_characteristics())),
             Expect::Subscribe(uuid16(CONTROL_POINT_CHARACTERISTIC), Ok(())),
             Expect::Subscribe(uuid16(OACP_CHARACTERISTIC), Ok(())),
@@ -1746,6 +1812,7 @@ mod tests {
         // An image for a tag without OTS (vendor characteristic only).
         let central = script(vec![vec![
             Expect::Connect(Ok(())),
+            Expect::Pair(Ok(Pairing::Existing)),
             Expect::Discover(Ok(characteristics())),
             Expect::Disconnect,
         ]]);
@@ -1758,6 +1825,21 @@ mod tests {
             "tag has no Object Transfer Service (0x1825: OACP 0x2AC5, OLCP 0x2AC6) characteristic"
         );
         assert!(!error.retryable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tag_that_lost_its_bond_has_ours_removed_and_is_configured_again() {
+        let central = script(vec![vec![
+            Expect::Connect(Ok(())),
+            Expect::Pair(Err(GattError::BondLost)),
+            Expect::RemoveBond,
+            Expect::Disconnect,
+        ]]);
+        let error = run(&central).await.expect_err("bond lost");
+        central.assert_done();
+        assert_eq!(error, TransportError::BondLost);
+        assert!(error.retryable());
+        assert!(error.needs_configuring());
     }
 
     #[tokio::test(start_paused = true)]
@@ -1905,6 +1987,7 @@ mod tests {
     async fn a_hung_gatt_operation_times_out() {
         let central = script(vec![vec![
             Expect::Connect(Ok(())),
+            Expect::Pair(Ok(Pairing::Existing)),
             Expect::Hang,
             Expect::Disconnect,
         ]]);
@@ -1951,6 +2034,7 @@ mod tests {
         for (discovered, message) in cases {
             let central = script(vec![vec![
                 Expect::Connect(Ok(())),
+                Expect::Pair(Ok(Pairing::Existing)),
                 Expect::Discover(Ok(discovered)),
                 Expect::Disconnect,
             ]]);
