@@ -199,11 +199,11 @@ struct WriteOp {
 }
 
 /// What an AP has written while configuring the tag.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct Provisioned {
-    ap_sync_key: bool,
-    response_key: bool,
-    absolute_time: bool,
+    ap_sync_key: Option<Vec<u8>>,
+    response_key: Option<Vec<u8>>,
+    absolute_time: Option<Vec<u8>>,
 }
 
 /// One fake peripheral.
@@ -390,6 +390,14 @@ impl FakeAir {
         let tag = &mut world.tags[i];
         tag.settle(Instant::now());
         tag.configured
+    }
+
+    /// The AP Sync and Response Key material `tag` was given (test
+    /// support: a real tag never reveals it).
+    pub fn keys(&self, tag: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+        let world = self.lock();
+        let p = &world.tags[*world.index.get(tag)?].provisioned;
+        Some((p.ap_sync_key.clone()?, p.response_key.clone()?))
     }
 
     /// Sends `tag` back to Unassociated, as its own 60-minute fall-back or
@@ -801,7 +809,7 @@ impl Link for FakeLink {
                     if value.len() != len {
                         return Err(att_error("invalid attribute value length"));
                     }
-                    *slot = true;
+                    *slot = Some(value.to_vec());
                     Ok(None)
                 } else {
                     Err(att_error("characteristic not writable"))
@@ -911,7 +919,7 @@ impl FakeTag {
     }
 
     /// The configuring write this characteristic records, if it is one.
-    fn provisioning_slot(&mut self, characteristic: Uuid) -> Option<&mut bool> {
+    fn provisioning_slot(&mut self, characteristic: Uuid) -> Option<&mut Option<Vec<u8>>> {
         if !self.esl {
             return None;
         }
@@ -950,8 +958,11 @@ impl FakeTag {
 
     /// Whether the ESL Address and all three configuring writes are there.
     fn fully_provisioned(&self) -> bool {
-        let p = self.provisioned;
-        self.esl_address.is_some() && p.ap_sync_key && p.response_key && p.absolute_time
+        let p = &self.provisioned;
+        self.esl_address.is_some()
+            && p.ap_sync_key.is_some()
+            && p.response_key.is_some()
+            && p.absolute_time.is_some()
     }
 
     /// Applies the 60-minute fall-back of a configured tag nobody updated.

@@ -58,7 +58,7 @@ use crate::{
 };
 use codec::{uuid16, EslAddress, ESL_SERVICE};
 use fake_esl::{FakeAir, FakeConfig, FakeError};
-use provision::{KeyMaterial, TagInfo};
+use provision::{KeyMaterial, MemoryStore, ProvisionStore, TagInfo, TagRecord};
 use transport::{
     Advertisement, BatterySource, Central, GattError, Provisioning, Scan, SessionPlan,
     SessionReport, SessionSettings, Step, TransportError,
@@ -438,29 +438,55 @@ impl BleRadio {
     /// Starts on fake tags when `[radio.ble.fake]` is set, else on the
     /// Bluetooth adapter (needs the `ble` feature).
     pub fn start(cfg: BleConfig) -> Result<BleRadio, BleError> {
+        BleRadio::start_persisted(cfg, MemoryStore::default())
+    }
+
+    /// [`BleRadio::start`], keeping key material, Information and bond
+    /// state in `store` (the agent's store, across restarts).
+    pub fn start_persisted(
+        cfg: BleConfig,
+        store: impl ProvisionStore,
+    ) -> Result<BleRadio, BleError> {
         cfg.validate()?;
         if let Some(fake) = &cfg.fake {
             let air = FakeAir::new(fake, cfg.content_uuid()?)?;
-            let mut radio = BleRadio::start_with(cfg, air.clone())?;
+            let mut radio = BleRadio::start_with_store(cfg, air.clone(), store)?;
             radio.fake = Some(air);
             return Ok(radio);
         }
         #[cfg(feature = "ble")]
         {
             let central = btleplug::BtleplugCentral::new(cfg.adapter.clone());
-            BleRadio::start_with(cfg, central)
+            BleRadio::start_with_store(cfg, central, store)
         }
         #[cfg(not(feature = "ble"))]
-        Err(BleError::NotBuilt)
+        {
+            drop(store);
+            Err(BleError::NotBuilt)
+        }
     }
 
     /// Starts the driver on any [`Central`].
     pub fn start_with<C: Central>(cfg: BleConfig, central: C) -> Result<BleRadio, BleError> {
+        BleRadio::start_with_store(cfg, central, MemoryStore::default())
+    }
+
+    /// [`BleRadio::start_with`] and a [`ProvisionStore`].
+    pub fn start_with_store<C: Central>(
+        cfg: BleConfig,
+        central: C,
+        mut store: impl ProvisionStore,
+    ) -> Result<BleRadio, BleError> {
         cfg.validate()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| BleError::NoRuntime)?;
         let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_CAPACITY);
         let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
         let infos = Arc::new(Mutex::new(HashMap::new()));
+        let ap_sync_key = store.ap_sync_key().unwrap_or_else(|| {
+            let key = KeyMaterial::generate();
+            store.set_ap_sync_key(&key);
+            key
+        });
         let driver = Driver {
             delivery_rx,
             event_tx,
@@ -476,7 +502,8 @@ impl BleRadio {
                 radio_up: true,
                 scan_retry: None,
                 scan_backoff: SCAN_RETRY_MIN,
-                ap_sync_key: KeyMaterial::generate(),
+                ap_sync_key,
+                store: Box::new(store),
                 epoch: Instant::now(),
                 infos: infos.clone(),
                 cfg: cfg.clone(),
@@ -653,6 +680,8 @@ struct DriverState<C: Central> {
     ap_sync_key: KeyMaterial,
     /// Zero of the AP's ESL absolute time.
     epoch: Instant,
+    /// Key material, Information and bond state across restarts.
+    store: Box<dyn ProvisionStore>,
     infos: Arc<Mutex<HashMap<TagId, TagInfo>>>,
 }
 
@@ -844,6 +873,13 @@ impl<C: Central> DriverState<C> {
         let now = Instant::now();
         let stale = Duration::from_secs(self.cfg.reconfigure_after_s);
         let state = self.tags.entry(tag.to_owned()).or_default();
+        if state.response_key.is_none() {
+            // First session since start: what an earlier run kept.
+            if let Some(record) = self.store.tag(tag) {
+                state.response_key = Some(record.response_key);
+                state.info = record.info;
+            }
+        }
         let due = state.reconfigure
             || state
                 .updated_at
@@ -890,6 +926,24 @@ impl<C: Central> DriverState<C> {
                     tag.reconfigure = false;
                     tag.info = Some(info.clone());
                     lock(&self.infos).insert(tag_id.clone(), info.clone());
+                    if let Some(response_key) = &tag.response_key {
+                        self.store.set_tag(
+                            &tag_id,
+                            &TagRecord {
+                                response_key: response_key.clone(),
+                                info: Some(info.clone()),
+                                bonded: true,
+                            },
+                        );
+                    }
+                }
+            }
+            Err(TransportError::BondLost) => {
+                tracing::info!(tag = %tag_id, "BLE tag lost its bond; pairing and configuring it again");
+                tag.reconfigure = true;
+                if let Some(mut record) = self.store.tag(&tag_id) {
+                    record.bonded = false;
+                    self.store.set_tag(&tag_id, &record);
                 }
             }
             Err(error) if error.needs_configuring() => {
@@ -1207,6 +1261,35 @@ mod tests {
         assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
         assert!(air.configured(&tag));
         assert_eq!(air.displayed(&tag).as_deref(), Some("hash-t2"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn key_material_and_information_are_kept_in_the_store_across_restarts() {
+        let tag = fake_address(0);
+        let cfg = fake_config(1);
+        let air =
+            FakeAir::new(cfg.fake.as_ref().unwrap(), cfg.content_uuid().unwrap()).expect("air");
+        let mut store = MemoryStore::default();
+        let mut radio =
+            BleRadio::start_with_store(cfg.clone(), air.clone(), store.clone()).expect("start");
+        radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
+        assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
+        drop(radio);
+        let ap_key = store.ap_sync_key().expect("AP key saved");
+        let record = store.tag(&tag).expect("tag record saved");
+        assert!(record.bonded);
+        assert_eq!(record.info, Some(fake_esl::fake_tag_info()));
+        let given = air.keys(&tag).expect("configured");
+        assert_eq!(given.0, ap_key.expose().to_vec());
+        assert_eq!(given.1, record.response_key.expose().to_vec());
+
+        // A restart configures the tag again (its fall-back timer is
+        // unknown), with the same key material.
+        let mut radio = BleRadio::start_with_store(cfg, air.clone(), store.clone()).expect("start");
+        radio.deliver(delivery(&tag, "t2")).await.expect("deliver");
+        assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
+        assert_eq!(air.keys(&tag), Some(given));
+        assert_eq!(store.ap_sync_key(), Some(ap_key));
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,6 +2,10 @@
 //! learns back: key material, absolute time, and the four Information
 //! characteristics (Display, Image, Sensor, LED).
 //!
+//! Also [`ProvisionStore`], the interface through which the radio keeps key
+//! material, Information and bond state across restarts (the agent's store
+//! implements it; [`MemoryStore`] keeps them for the process's life).
+//!
 //! Owns: the byte layouts of AP Sync Key Material (0x2BF7), ESL Response Key
 //! Material (0x2BF8), ESL Current Absolute Time (0x2BF9), Display / Image /
 //! Sensor / LED Information (0x2BFA–0x2BFD), and [`TagInfo`], the per-tag
@@ -24,7 +28,9 @@
 //!   uint16 LE in 1/64 V, 0xFFFF unknown: Silicon Labs Gecko SDK
 //!   `app/bluetooth/example_host/bt_host_esl_ap/ap_sensor.py` (the AP side).
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -78,6 +84,67 @@ impl KeyMaterial {
 impl fmt::Debug for KeyMaterial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("KeyMaterial(<secret>)")
+    }
+}
+
+/// What the radio keeps about one tag across restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRecord {
+    /// The tag's ESL Response Key material (a secret).
+    pub response_key: KeyMaterial,
+    /// From the last configuring session.
+    pub info: Option<TagInfo>,
+    /// This AP holds a bond with the tag. The bond's keys themselves stay
+    /// with the Bluetooth stack (BlueZ keeps them under /var/lib/bluetooth).
+    pub bonded: bool,
+}
+
+/// Persistence for the radio's secrets and per-tag records. Called from the
+/// radio's driver task, so implementations must be quick (an in-memory
+/// cache written through to disk is the intended shape) and must never log
+/// the key material.
+pub trait ProvisionStore: Send + 'static {
+    /// This AP's sync key material, if one was saved.
+    fn ap_sync_key(&mut self) -> Option<KeyMaterial>;
+    fn set_ap_sync_key(&mut self, key: &KeyMaterial);
+    fn tag(&mut self, tag: &str) -> Option<TagRecord>;
+    fn set_tag(&mut self, tag: &str, record: &TagRecord);
+}
+
+/// A [`ProvisionStore`] in memory; clones share it (tests look inside).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<MemoryRecords>>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryRecords {
+    ap_sync_key: Option<KeyMaterial>,
+    tags: HashMap<String, TagRecord>,
+}
+
+impl MemoryStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryRecords> {
+        // Nothing panics while holding it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl ProvisionStore for MemoryStore {
+    fn ap_sync_key(&mut self) -> Option<KeyMaterial> {
+        self.lock().ap_sync_key.clone()
+    }
+
+    fn set_ap_sync_key(&mut self, key: &KeyMaterial) {
+        self.lock().ap_sync_key = Some(key.clone());
+    }
+
+    fn tag(&mut self, tag: &str) -> Option<TagRecord> {
+        self.lock().tags.get(tag).cloned()
+    }
+
+    fn set_tag(&mut self, tag: &str, record: &TagRecord) {
+        self.lock().tags.insert(tag.to_owned(), record.clone());
     }
 }
 
