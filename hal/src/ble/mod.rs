@@ -3,9 +3,16 @@
 //!
 //! Files:
 //! - `codec.rs`: Control Point commands and responses, ESL Address.
-//! - `content.rs`: framing of the vendor content characteristic.
-//! - `transport.rs`: the GATT trait ([`transport::Central`]) and one
-//!   session's sequencing (connect … Display Image … disconnect).
+//! - `provision.rs`: key material, absolute time, the Information
+//!   characteristics, [`provision::TagInfo`] and the
+//!   [`provision::ProvisionStore`] interface.
+//! - `ots.rs`: the Object Transfer Service codec (images).
+//! - `content.rs`: framing of the vendor content characteristic, and the
+//!   `ble_image` a task's content carries for OTS.
+//! - `transport.rs`: the GATT trait ([`transport::Central`], with pairing
+//!   and the L2CAP object channel) and one session's sequencing (connect,
+//!   encrypt, configure, OTS or vendor transfer, Display Image, Update
+//!   Complete, disconnect).
 //! - `btleplug.rs` (cargo feature `ble`): the trait on btleplug / BlueZ.
 //! - `fake_esl.rs`: fake tags on a fake adapter (`[radio.ble.fake]`).
 //! - `fake.rs`: a scripted fake peer for the transport's tests.
@@ -29,6 +36,12 @@
 //! `retries` times before the outcome is a failure. Battery comes from the
 //! sessions (and from a poll session every `battery_poll_interval_s`), and
 //! rides on the tag's next check-in.
+//!
+//! The driver decides per session whether to configure the tag (first
+//! session, a tag that showed it lost its configuration or bond, or one
+//! whose last session is older than `reconfigure_after_s`), keeps each
+//! tag's Response Key material and Information, and exposes the latter
+//! through [`BleRadio::tag_info`].
 
 pub mod codec;
 pub mod content;
@@ -1666,6 +1679,20 @@ mod tests {
     #[test]
     fn config_rules_name_their_keys() {
         let cases: Vec<(BleConfig, &str)> = vec![
+            (
+                BleConfig {
+                    reconfigure_after_s: UNASSOCIATED_FALLBACK_S,
+                    ..BleConfig::default()
+                },
+                "radio.ble.reconfigure_after_s",
+            ),
+            (
+                BleConfig {
+                    update_complete_timeout_ms: 0,
+                    ..BleConfig::default()
+                },
+                "radio.ble.update_complete_timeout_ms",
+            ),
             (
                 BleConfig {
                     chunk_size: 508,
