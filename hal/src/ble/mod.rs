@@ -581,6 +581,20 @@ impl Radio for BleRadio {
     }
 
     async fn deliver(&mut self, delivery: Delivery) -> Result<(), RadioError> {
+        // An image that cannot fit a tag whose Information is known is
+        // refused at once (the session checks again after configuring).
+        let invalid = |reason: String| RadioError::new(RadioErrorKind::InvalidRequest, reason);
+        match content::ImageContent::from_content(&delivery.content) {
+            Err(error) => return Err(invalid(error.to_string())),
+            Ok(Some(image)) => {
+                if let Some(info) = self.tag_info(&delivery.tag_id) {
+                    transport::image_fits(&info, &image).map_err(|reason| {
+                        invalid(format!("image does not fit the tag: {reason}"))
+                    })?;
+                }
+            }
+            Ok(None) => {}
+        }
         if delivery.content.len() > self.max_content_bytes {
             return Err(RadioError::new(
                 RadioErrorKind::InvalidRequest,
@@ -1434,6 +1448,34 @@ mod tests {
             "BLE image does not fit the tag: bitmap is 10 bytes; display 0 (296x128, \
              BlackWhite) takes 4736 bytes"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_image_that_cannot_fit_a_known_tag_is_refused_at_once() {
+        let tag = fake_address(0);
+        let mut radio = BleRadio::start(stock_tags(1, |_| {})).expect("start");
+        radio
+            .deliver(image_delivery(&tag, "t1", &[0; 4736]))
+            .await
+            .expect("deliver");
+        assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
+        // The tag's Information is known now: no session for a misfit.
+        let connects = radio.fake_air().expect("fake").connects();
+        let error = radio
+            .deliver(image_delivery(&tag, "t2", &[0; 100]))
+            .await
+            .expect_err("refused");
+        assert_eq!(error.kind(), RadioErrorKind::InvalidRequest);
+        assert!(error.to_string().contains("takes 4736 bytes"), "{error}");
+        let error = radio
+            .deliver(Delivery {
+                content: br#"{"ble_image":{"display":0,"image":0,"bitmap":"!"}}"#.to_vec(),
+                ..delivery(&tag, "t3")
+            })
+            .await
+            .expect_err("not base64");
+        assert_eq!(error.kind(), RadioErrorKind::InvalidRequest);
+        assert_eq!(radio.fake_air().expect("fake").connects(), connects);
     }
 
     #[tokio::test(start_paused = true)]

@@ -440,6 +440,47 @@ pub async fn poll<C: Central>(
     result
 }
 
+/// Whether `image` fits a tag with this Information: the display and the
+/// image slot exist and the bitmap has exactly the display's size. The
+/// error says why, naming the expected size.
+pub fn image_fits(info: &TagInfo, image: &ImageContent) -> Result<(), String> {
+    let Some(display) = info.displays.get(usize::from(image.display_index)) else {
+        return Err(format!(
+            "display {} does not exist; the tag has {} display(s)",
+            image.display_index,
+            info.displays.len()
+        ));
+    };
+    match info.max_image_index {
+        Some(max) if image.image_index <= max => {}
+        Some(max) => {
+            return Err(format!(
+                "image slot {} does not exist; the tag has slots 0..={max}",
+                image.image_index
+            ))
+        }
+        None => return Err("the tag has no image slots".to_owned()),
+    }
+    let Some(expected) = display.image_bytes() else {
+        return Err(format!(
+            "display {} has display type 0x{:02X}, which has no known format",
+            image.display_index,
+            display.display_type.to_byte()
+        ));
+    };
+    if image.bitmap.len() != expected {
+        return Err(format!(
+            "bitmap is {} bytes; display {} ({}x{}, {:?}) takes {expected} bytes",
+            image.bitmap.len(),
+            image.display_index,
+            display.width,
+            display.height,
+            display.display_type
+        ));
+    }
+    Ok(())
+}
+
 /// Runs `op` under `limit`, naming `step` in both failures.
 async fn within<T>(
     step: Step,
@@ -765,42 +806,7 @@ impl<'a, L: Link> Session<'a, L> {
                 "the tag's Display Information is unknown (not configured yet)".to_owned(),
             ));
         };
-        let misfit = |reason: String| Err(TransportError::Image(reason));
-        let Some(display) = info.displays.get(usize::from(image.display_index)) else {
-            return misfit(format!(
-                "display {} does not exist; the tag has {} display(s)",
-                image.display_index,
-                info.displays.len()
-            ));
-        };
-        match info.max_image_index {
-            Some(max) if image.image_index <= max => {}
-            Some(max) => {
-                return misfit(format!(
-                    "image slot {} does not exist; the tag has slots 0..={max}",
-                    image.image_index
-                ))
-            }
-            None => return misfit("the tag has no image slots".to_owned()),
-        }
-        let Some(expected) = display.image_bytes() else {
-            return misfit(format!(
-                "display {} has display type 0x{:02X}, which has no known format",
-                image.display_index,
-                display.display_type.to_byte()
-            ));
-        };
-        if image.bitmap.len() != expected {
-            return misfit(format!(
-                "bitmap is {} bytes; display {} ({}x{}, {:?}) takes {expected} bytes",
-                image.bitmap.len(),
-                image.display_index,
-                display.width,
-                display.height,
-                display.display_type
-            ));
-        }
-        Ok(())
+        image_fits(info, image).map_err(TransportError::Image)
     }
 
     /// Writes the image into object 0x100 + image index unless the object
