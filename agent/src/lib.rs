@@ -170,7 +170,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             radio.spawn(backend, &mut state, &counters, &mut tasks);
         }
         config::RadioKind::Ble => {
-            let backend = BleRadio::start(config.radio.ble.clone()).context("radio.ble")?;
+            // Key material, tag Information and bonds survive restarts in
+            // the store directory (store::BleKeys).
+            let keys = store::BleKeys::open(&config.store.path).context("radio.ble keys")?;
+            let backend =
+                BleRadio::start_persisted(config.radio.ble.clone(), keys).context("radio.ble")?;
             radio.spawn(backend, &mut state, &counters, &mut tasks);
         }
     }

@@ -304,7 +304,7 @@ impl TagInfo {
 
 pub fn decode_displays(bytes: &[u8]) -> Result<Vec<DisplayInfo>, InfoError> {
     const WHAT: &str = "Display Information";
-    if bytes.len() % DISPLAY_RECORD_LEN != 0 {
+    if !bytes.len().is_multiple_of(DISPLAY_RECORD_LEN) {
         return Err(malformed(
             WHAT,
             format!("{} bytes, not a multiple of 5", bytes.len()),
