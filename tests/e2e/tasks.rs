@@ -74,8 +74,9 @@ enum AckTaskId {
     Null,
     /// The message has a valid `task_id`: the ack carries it.
     Echo(String),
-    /// The `task_id` itself is invalid, or the message too large to read:
-    /// echoing it or `null` are both fine.
+    /// The message could not be read as an object (too large, bad UTF-8), or
+    /// its `task_id` is longer than 256 characters: echoing it or `null` are
+    /// both fine.
     NullOr(String),
 }
 
@@ -108,6 +109,11 @@ impl BadInput {
     ) -> BadInput {
         let own_id = format!("t-rej-{}", what.replace(' ', "-"));
         let task_id = match (key, &value) {
+            // PROTOCOL §4 rule 2: a string of at most 256 characters is
+            // echoed even when it breaks the id rule (issue 14 item 2).
+            ("task_id", Some(Value::String(bad))) if bad.chars().count() <= 256 => {
+                AckTaskId::Echo(bad.clone())
+            }
             ("task_id", Some(Value::String(bad))) => AckTaskId::NullOr(bad.clone()),
             ("task_id", _) => AckTaskId::Null,
             _ => AckTaskId::Echo(own_id.clone()),
