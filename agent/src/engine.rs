@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::limiter::ReplyLimiter;
 use crate::counters::Counters;
 use crate::identity::Identity;
 use crate::signing::{Purpose, SignatureError, Verdict, Verifier};
@@ -149,6 +150,12 @@ pub struct EngineSettings {
     pub ack_to: String,
     /// Remote methods the agent answers (`security.allowed_methods`).
     pub allowed_methods: Vec<String>,
+    /// Patterns a command's `reply_to` must match
+    /// (`Config::reply_to_patterns`).
+    pub reply_to_allowed: Vec<String>,
+    /// State-changing methods allowed from unsigned commands
+    /// (`security.allow_unsigned_methods`).
+    pub allow_unsigned_methods: Vec<String>,
 }
 
 impl EngineSettings {
@@ -164,6 +171,8 @@ impl EngineSettings {
             offline_after_ms: c.status.offline_after_s.saturating_mul(1000),
             ack_to: c.mqtt.ack_to.clone(),
             allowed_methods: c.security.allowed_methods.clone(),
+            reply_to_allowed: c.reply_to_patterns(),
+            allow_unsigned_methods: c.security.allow_unsigned_methods.clone(),
         }
     }
 }
@@ -218,6 +227,8 @@ pub struct State {
     /// Signature check of tasks and commands; checks nothing until
     /// [`State::set_verifier`].
     verifier: Verifier,
+    /// Bounds replies, rejection acks and repeated acks (issue 14).
+    limiter: ReplyLimiter,
 }
 
 impl State {
@@ -239,6 +250,7 @@ impl State {
             .collect();
         Ok(State {
             verifier: Verifier::disabled(&identity.client_id),
+            limiter: ReplyLimiter::default(),
             settings,
             identity,
             store,
@@ -296,6 +308,16 @@ impl State {
 
     pub fn verifier(&self) -> &Verifier {
         &self.verifier
+    }
+
+    /// Whether one more reply, rejection ack or repeated ack may go into
+    /// the outbox now ([`ReplyLimiter`]); a refusal is counted here.
+    pub fn admit_limited(&mut self, now: u64, what: &str) -> bool {
+        let admitted = self.limiter.admit(now, self.store.outbox_len(), what);
+        if !admitted {
+            Counters::bump(&self.counters.replies_dropped);
+        }
+        admitted
     }
 
     /// The client id acks go to for `reply_to`, if its topic fits.
@@ -435,9 +457,11 @@ impl State {
             match &existing.state {
                 TaskState::Final(f) => {
                     debug!(task_id = %task.task_id, status = ?f.status, "duplicate of a finished task: ack again");
-                    let mut ack = self.ack_for(&existing, f.status, f.detail.clone(), f.at);
-                    ack.duplicate = true;
-                    self.push_ack(change, &ack);
+                    if self.admit_limited(now, "duplicate ack") {
+                        let mut ack = self.ack_for(&existing, f.status, f.detail.clone(), f.at);
+                        ack.duplicate = true;
+                        self.push_ack(change, &ack);
+                    }
                 }
                 TaskState::Pending => {
                     debug!(task_id = %task.task_id, "duplicate of a pending task: ignored");
@@ -551,13 +575,17 @@ impl State {
         };
         let mut ack = self.rejection_ack(rejection, now);
         ack.unverified_task_id = claimed;
-        self.push_ack(change, &ack);
+        if self.admit_limited(now, "rejected ack") {
+            self.push_ack(change, &ack);
+        }
     }
 
     fn reject(&mut self, change: &mut Change, r: wire::Rejection, now: u64) {
         debug!(task_id = ?r.task_id, detail = %r.detail, "task rejected");
         let ack = self.rejection_ack(r, now);
-        self.push_ack(change, &ack);
+        if self.admit_limited(now, "rejected ack") {
+            self.push_ack(change, &ack);
+        }
     }
 
     fn rejection_ack(&self, r: wire::Rejection, now: u64) -> Ack {
@@ -1341,6 +1369,8 @@ mod tests {
                 .iter()
                 .map(|m| (*m).to_owned())
                 .collect(),
+            reply_to_allowed: vec!["GID_backend@@@*".into()],
+            allow_unsigned_methods: Vec::new(),
         }
     }
 

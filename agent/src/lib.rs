@@ -24,7 +24,8 @@
 //! - [`engine::Engine`] — decides every task's fate (PROTOCOL §4), schedules
 //!   deliveries at check-ins, retries, expires; group-commits to the store and
 //!   releases PUBACKs only after the flush; answers commands
-//!   ([`commands`]).
+//!   ([`commands`]); [`limiter`] bounds the replies and rejection acks
+//!   strangers can make it publish.
 //! - [`radio::RadioTask`] — owns the radio backend.
 //! - [`status::StatusTask`] — hello and periodic status reports.
 //! - [`control::ControlServer`] — the local Unix socket behind
@@ -54,6 +55,7 @@ pub mod counters;
 pub mod demo;
 pub mod engine;
 pub mod identity;
+pub mod limiter;
 pub mod mqtt;
 pub mod radio;
 pub mod secrets;
