@@ -107,6 +107,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         warn!("{w}");
     }
     let security = security::Prepared::load(&config, &identity)?;
+    if config.control.enabled {
+        // Before anything starts: a file that is not a socket at
+        // `control.socket` is a config error, never replaced.
+        control::check_path(&config.control_socket())?;
+    }
     for (what, value) in security.summary() {
         info!("{what}: {value}");
     }
