@@ -602,7 +602,10 @@ mod tests {
         assert!(matches_pattern("GID_backend@@@*", "GID_backend@@@be1"));
         assert!(matches_pattern("GID_backend@@@*", "GID_backend@@@"));
         assert!(!matches_pattern("GID_backend@@@*", "GID_backendx@@@be1"));
-        assert!(!matches_pattern("GID_backend@@@*", "GID_victim@@@GID_backend@@@"));
+        assert!(!matches_pattern(
+            "GID_backend@@@*",
+            "GID_victim@@@GID_backend@@@"
+        ));
         assert!(matches_pattern("GID_a@@@c1", "GID_a@@@c1"));
         assert!(!matches_pattern("GID_a@@@c1", "GID_a@@@c12"));
         assert!(matches_pattern("GID_*@@@*-ops", "GID_x@@@y-ops"));
@@ -618,15 +621,25 @@ mod tests {
         let mut r = request("tags.list");
         r["reply_to"] = "GID_victim@@@v1".into();
         assert!(f.command(r).await.is_empty(), "another group: silence");
-        assert_eq!(Counters::get(&f.state.counters().commands_reply_to_refused), 1);
-        assert_eq!(f.command(request("tags.list")).await.len(), 1, "ack_to's group");
+        assert_eq!(
+            Counters::get(&f.state.counters().commands_reply_to_refused),
+            1
+        );
+        assert_eq!(
+            f.command(request("tags.list")).await.len(),
+            1,
+            "ack_to's group"
+        );
 
         let mut f = fixture("[security]\nreply_to_allowed = [\"GID_console@@@c*\"]\n");
         let mut r = request("agent.status");
         r["reply_to"] = "GID_console@@@c1".into();
         assert_eq!(f.command(r).await.len(), 1);
         assert!(f.command(request("agent.status")).await.is_empty());
-        assert_eq!(Counters::get(&f.state.counters().commands_reply_to_refused), 1);
+        assert_eq!(
+            Counters::get(&f.state.counters().commands_reply_to_refused),
+            1
+        );
     }
 
     fn signed_by(f: &mut Fixture, require: bool) -> impl Fn(Value) -> Value {
@@ -710,7 +723,10 @@ mod tests {
         f.store.flush().await.unwrap();
         assert_eq!(f.store.outbox_len() - before, crate::limiter::BURST);
         assert_eq!(Counters::get(&f.state.counters().replies_dropped), 300);
-        assert_eq!(Counters::get(&f.state.counters().tasks_bad_signature), crate::limiter::BURST + 300);
+        assert_eq!(
+            Counters::get(&f.state.counters().tasks_bad_signature),
+            crate::limiter::BURST + 300
+        );
     }
 
     #[tokio::test]

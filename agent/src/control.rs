@@ -276,9 +276,14 @@ mod tests {
     }
 
     fn serve_at(path: &Path, reply_size: usize, read: Duration, write: Duration) {
-        let server = ControlServer::bind(path, 65536, fake_engine(reply_size), CancellationToken::new())
-            .unwrap()
-            .with_timeouts(read, write);
+        let server = ControlServer::bind(
+            path,
+            65536,
+            fake_engine(reply_size),
+            CancellationToken::new(),
+        )
+        .unwrap()
+        .with_timeouts(read, write);
         tokio::spawn(server.run());
     }
 
@@ -338,7 +343,12 @@ mod tests {
     async fn clients_that_never_read_are_dropped_after_the_write_timeout() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.sock");
-        serve_at(&path, 60_000, Duration::from_secs(60), Duration::from_secs(1));
+        serve_at(
+            &path,
+            60_000,
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        );
         let mut stuck = Vec::new();
         for _ in 0..MAX_CLIENTS {
             let mut s = UnixStream::connect(&path).await.unwrap();

@@ -38,9 +38,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::limiter::ReplyLimiter;
 use crate::counters::Counters;
 use crate::identity::Identity;
+use crate::limiter::ReplyLimiter;
 use crate::signing::{Purpose, SignatureError, Verdict, Verifier};
 use crate::store::{
     Change, FinalState, OutboxEntry, Store, StoreError, TagRecord, TaskRecord, TaskState,
@@ -97,6 +97,9 @@ pub struct Inbound {
     pub kind: InboundKind,
     pub payload: Bytes,
     pub token: AckToken,
+    /// The message was over the link's size limit and was discarded unread
+    /// (`oversize`); this is its payload size, and `payload` is empty.
+    pub oversized: Option<usize>,
 }
 
 /// A question to the engine from another task.
@@ -552,6 +555,33 @@ impl State {
         }
         change.put_task(&rec);
         Ok(())
+    }
+
+    /// A message the link discarded unread for its size (PROTOCOL §4 rule
+    /// 2): a task is acked `rejected` (`task_id` null, the detail names the
+    /// size and the limit); a command cannot be answered (its `req_id` is
+    /// unknown) and is counted as bad.
+    pub fn on_oversized(&mut self, kind: InboundKind, size: usize, now: u64, change: &mut Change) {
+        match kind {
+            InboundKind::Task => {
+                Counters::bump(&self.counters.tasks_received);
+                let rejection = wire::Rejection {
+                    task_id: None,
+                    tag_id: None,
+                    reply_to: None,
+                    detail: format!(
+                        "payload: {size} bytes is over the limit of {} bytes (limits.max_payload); discarded unread",
+                        self.settings.max_payload
+                    ),
+                };
+                self.reject(change, rejection, now);
+            }
+            InboundKind::Command => {
+                Counters::bump(&self.counters.commands_received);
+                Counters::bump(&self.counters.commands_bad);
+                debug!(size, "oversized command discarded");
+            }
+        }
     }
 
     /// A task whose signature failed: `rejected`, detail `bad signature`,
@@ -1216,9 +1246,10 @@ impl Engine {
     fn take(&mut self, m: &Inbound) -> Result<(), StoreError> {
         let mut change = Change::new();
         let now = now_ms();
-        match m.kind {
-            InboundKind::Task => self.state.on_task(&m.payload, now, &mut change)?,
-            InboundKind::Command => {
+        match (m.kind, m.oversized) {
+            (kind, Some(size)) => self.state.on_oversized(kind, size, now, &mut change),
+            (InboundKind::Task, None) => self.state.on_task(&m.payload, now, &mut change)?,
+            (InboundKind::Command, None) => {
                 crate::commands::handle(&mut self.state, &m.payload, now, &mut change)?
             }
         }
@@ -1951,6 +1982,7 @@ mod tests {
                 t.to_string().into_bytes().into()
             },
             token: AckToken { epoch: 1, pkid },
+            oversized: None,
         };
         let fault_of = |query_tx: mpsc::Sender<Query>| async move {
             let (tx, rx) = oneshot::channel();

@@ -21,6 +21,9 @@
 //!   incoming tasks and commands to the engine, sends PUBACKs the engine
 //!   released, publishes the outbox (oldest first, windowed) and status
 //!   reports, reconnects with backoff.
+//!   It reaches the broker through [`broker_io`] (a private Unix socket
+//!   whose other end opens TCP/TLS/wss), where [`oversize`] turns any
+//!   PUBLISH over the size limit into a small stand-in.
 //! - [`engine::Engine`] — decides every task's fate (PROTOCOL §4), schedules
 //!   deliveries at check-ins, retries, expires; group-commits to the store and
 //!   releases PUBACKs only after the flush; answers commands
@@ -46,6 +49,7 @@
 //! disconnects; [`Agent::wait`] joins everything within a deadline.
 
 pub mod auth;
+pub mod broker_io;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -57,6 +61,7 @@ pub mod engine;
 pub mod identity;
 pub mod limiter;
 pub mod mqtt;
+pub mod oversize;
 pub mod radio;
 pub mod secrets;
 pub mod security;
@@ -200,15 +205,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         "engine"
     });
 
+    let broker = mqtt::BrokerSocket::new(
+        security.transport.clone(),
+        &config.mqtt,
+        config.limits.max_payload,
+    );
     let link = mqtt::Link {
         url: security.transport.url.clone(),
         options: mqtt::mqtt_options(
             &config.mqtt,
             &identity,
             config.limits.max_payload,
-            security.transport,
+            &broker,
             security.credentials,
         ),
+        broker,
         settings: mqtt::LinkSettings::from_config(&config.mqtt),
         login: security.login,
         identity: identity.clone(),

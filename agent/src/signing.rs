@@ -205,7 +205,9 @@ impl Verifier {
         // Lower case only, as documented: one signature has one spelling, so
         // `sig` itself is canonical (hex::decode would take upper case too).
         if tag_hex.len() != HMAC_HEX_LEN
-            || !tag_hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            || !tag_hex
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
         {
             return Err(SignatureError::Malformed(
                 "`hmac` must be 64 lowercase hex digits",
@@ -638,7 +640,11 @@ mod tests {
             add_signature(&mut m, KEY, Purpose::Task, CLIENT, "k1");
             v.check(Purpose::Task, &m)
         };
-        for safe in [json!(9007199254740991u64), json!(-9007199254740991i64), json!(1.5)] {
+        for safe in [
+            json!(9007199254740991u64),
+            json!(-9007199254740991i64),
+            json!(1.5),
+        ] {
             assert!(at(safe.clone(), false).is_ok(), "{safe}");
             assert!(at(safe.clone(), true).is_ok(), "{safe}");
         }
@@ -650,7 +656,10 @@ mod tests {
         ] {
             for nested in [false, true] {
                 assert!(
-                    matches!(at(unsafe_n.clone(), nested), Err(SignatureError::UnsafeNumber(_))),
+                    matches!(
+                        at(unsafe_n.clone(), nested),
+                        Err(SignatureError::UnsafeNumber(_))
+                    ),
                     "{unsafe_n} nested={nested}"
                 );
             }
@@ -672,7 +681,9 @@ mod tests {
         m["sig"]["hmac"] = upper.into();
         assert_eq!(
             v.check(Purpose::Task, &m),
-            Err(SignatureError::Malformed("`hmac` must be 64 lowercase hex digits"))
+            Err(SignatureError::Malformed(
+                "`hmac` must be 64 lowercase hex digits"
+            ))
         );
     }
 

@@ -768,7 +768,10 @@ mod tests {
         // Another field's rejection echoes a rule-breaking id as well.
         let mut v = with("task_id", "has space".into());
         v.as_object_mut().unwrap().remove("issued_at");
-        assert_eq!(decode(&v).unwrap_err().task_id.as_deref(), Some("has space"));
+        assert_eq!(
+            decode(&v).unwrap_err().task_id.as_deref(),
+            Some("has space")
+        );
     }
 
     #[test]

@@ -378,6 +378,10 @@ async fn default_command_security_and_replies_to_ack_to() {
     stack.backend.publish_command(&victim).await;
     // Commands run in order: the next reply shows the refusal counted.
     let reply = call(&mut stack, "r-after", "agent.status", json!({})).await;
-    assert_eq!(ok(&reply)["counters"]["commands_reply_to_refused"], 1, "{reply}");
+    assert_eq!(
+        ok(&reply)["counters"]["commands_reply_to_refused"],
+        1,
+        "{reply}"
+    );
     stack.agent.assert_running();
 }
