@@ -32,6 +32,7 @@ use async_tungstenite::tungstenite;
 use rumqttc::{ConnectionError, TlsConfiguration, Transport};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -62,6 +63,9 @@ pub struct BrokerSocket {
     name: String,
     /// Why the last broker connection could not be opened.
     error: Arc<Mutex<Option<ConnectionError>>>,
+    /// Pumps running (an aborted one may end after its successor started),
+    /// for a clean end: [`BrokerSocket::wait_idle`].
+    pumping: Arc<watch::Sender<usize>>,
 }
 
 impl BrokerSocket {
@@ -81,7 +85,15 @@ impl BrokerSocket {
             marker,
             name,
             error: Arc::default(),
+            pumping: Arc::new(watch::Sender::new(0)),
         }
+    }
+
+    /// Waits until no pump runs (rumqttc closed its side and what it wrote
+    /// went to the broker), at most `within`.
+    pub async fn wait_idle(&self, within: Duration) {
+        let mut idle = self.pumping.subscribe();
+        let _ = tokio::time::timeout(within, idle.wait_for(|running| *running == 0)).await;
     }
 
     /// The "host" rumqttc connects to with `Transport::Unix`.
@@ -123,6 +135,7 @@ impl BrokerSocket {
         let limit = self.limit;
         let marker = self.marker.clone();
         let error = self.error.clone();
+        let pumping = self.pumping.clone();
         Ok(AbortOnDrop(tokio::spawn(async move {
             let mut pump: Option<AbortOnDrop> = None;
             loop {
@@ -150,7 +163,9 @@ impl BrokerSocket {
                 }
                 let opener = opener.clone();
                 let (marker, error) = (marker.clone(), error.clone());
+                let running = Running::start(pumping.clone());
                 pump = Some(AbortOnDrop(tokio::spawn(async move {
+                    let _running = running;
                     match opener.open().await {
                         Ok(broker) => run_pump(unix, broker, limit, marker, &error).await,
                         Err(e) => {
@@ -164,6 +179,22 @@ impl BrokerSocket {
                 })));
             }
         })))
+    }
+}
+
+/// Counts a pump as running until dropped (also when it is aborted).
+struct Running(Arc<watch::Sender<usize>>);
+
+impl Running {
+    fn start(count: Arc<watch::Sender<usize>>) -> Running {
+        count.send_modify(|n| *n += 1);
+        Running(count)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

@@ -371,6 +371,10 @@ impl Link {
                 })
                 .await;
             }
+            // rumqttc's side closes; the pump forwards what it wrote (the
+            // DISCONNECT) and closes the broker's side before it is dropped.
+            drop(eventloop);
+            self.broker.wait_idle(Duration::from_millis(500)).await;
         }
         self.link_tx.send_replace(LinkState {
             connected: false,

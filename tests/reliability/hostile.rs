@@ -282,10 +282,12 @@ fn bad_commands() -> Vec<BadCommand> {
             "bad_params",
             false,
         ),
+        // Unsigned, a state-changing method is refused before its params
+        // are read (issue 14 item 4).
         with_reply(
             "task.cancel id number",
             json!({"v": 1, "method": "task.cancel", "params": {"task_id": 5}}),
-            "bad_params",
+            "forbidden",
             false,
         ),
         with_reply(
