@@ -152,7 +152,12 @@ impl ControlServer {
                             // Best effort and never blocking: a fresh
                             // socket's buffer takes one short line. The CLI
                             // reads it even after its own write failed.
-                            let _ = stream.try_write(BUSY_REPLY.as_bytes());
+                            // Written by the plain syscall: tokio's
+                            // `try_write` refuses until the reactor has
+                            // seen the new socket writable.
+                            if let Ok(mut refused) = stream.into_std() {
+                                let _ = std::io::Write::write(&mut refused, BUSY_REPLY.as_bytes());
+                            }
                             continue;
                         };
                         let query_tx = self.query_tx.clone();
@@ -317,7 +322,8 @@ mod tests {
     async fn silent_clients_are_dropped_and_a_refused_cli_hears_busy() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.sock");
-        serve_at(&path, 10, Duration::from_secs(3), Duration::from_secs(3));
+        // The read time-out leaves the busy check below ample time.
+        serve_at(&path, 10, Duration::from_secs(5), Duration::from_secs(5));
         let mut silent = Vec::new();
         for _ in 0..MAX_CLIENTS {
             silent.push(UnixStream::connect(&path).await.unwrap());
@@ -326,7 +332,7 @@ mod tests {
             Err(e @ CliError::Busy { .. }) => assert!(e.to_string().contains("busy"), "{e}"),
             other => panic!("wanted a busy refusal, got {other:?}"),
         }
-        assert!(served_within(&path, Duration::from_secs(10)).await);
+        assert!(served_within(&path, Duration::from_secs(15)).await);
         for mut s in silent {
             let mut buf = [0u8; 16];
             let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
