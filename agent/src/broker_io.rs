@@ -14,7 +14,8 @@
 //! - Only this process may use the socket: a connection from any other
 //!   process id (`SO_PEERCRED`) is closed at once, so no local user can
 //!   borrow the agent's TLS session or client certificate. An abstract
-//!   socket has no file to clean up or to protect.
+//!   socket has no file to clean up or to protect (abstract sockets are
+//!   Linux's; the agent runs on Linux only).
 //! - One broker connection at a time: a new connection from rumqttc ends the
 //!   previous pump. When either side closes, both do.
 //! - Why a connection failed (TLS, DNS, WebSocket) is kept for the link
