@@ -60,7 +60,7 @@ counters! {
     /// Commands whose `reply_to` is outside `security.reply_to_allowed`:
     /// run, but not answered.
     commands_reply_to_refused,
-    /// Command replies, `rejected` acks and repeated acks dropped by the
+    /// Command replies and `rejected` acks dropped by the
     /// limit on them (`limiter`): over the rate, or the outbox share full.
     replies_dropped,
     /// PUBLISH packets over the link's size limit, read and discarded

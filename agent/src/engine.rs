@@ -230,7 +230,7 @@ pub struct State {
     /// Signature check of tasks and commands; checks nothing until
     /// [`State::set_verifier`].
     verifier: Verifier,
-    /// Bounds replies, rejection acks and repeated acks (issue 14).
+    /// Bounds command replies and rejection acks (issue 14).
     limiter: ReplyLimiter,
 }
 
@@ -313,7 +313,7 @@ impl State {
         &self.verifier
     }
 
-    /// Whether one more reply, rejection ack or repeated ack may go into
+    /// Whether one more command reply or rejection ack may go into
     /// the outbox now ([`ReplyLimiter`]); a refusal is counted here.
     pub fn admit_limited(&mut self, now: u64, what: &str) -> bool {
         let admitted = self.limiter.admit(now, self.store.outbox_len(), what);
@@ -460,11 +460,9 @@ impl State {
             match &existing.state {
                 TaskState::Final(f) => {
                     debug!(task_id = %task.task_id, status = ?f.status, "duplicate of a finished task: ack again");
-                    if self.admit_limited(now, "duplicate ack") {
-                        let mut ack = self.ack_for(&existing, f.status, f.detail.clone(), f.at);
-                        ack.duplicate = true;
-                        self.push_ack(change, &ack);
-                    }
+                    let mut ack = self.ack_for(&existing, f.status, f.detail.clone(), f.at);
+                    ack.duplicate = true;
+                    self.push_ack(change, &ack);
                 }
                 TaskState::Pending => {
                     debug!(task_id = %task.task_id, "duplicate of a pending task: ignored");
