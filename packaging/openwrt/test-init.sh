@@ -1,7 +1,9 @@
 #!/bin/sh
 # Tests the procd init script (packaging/openwrt/esl-agent/files/esl-agent.init)
-# without OpenWrt: procd's shell API and chown/chgrp are stubbed and record
-# their calls; the real esl-agent binary reads a real config. Runs under
+# without OpenWrt: procd's shell API, chown/chgrp/logger and the store
+# owner are stubbed and record their calls; the real esl-agent binary reads
+# a real config. Covers the runtime directory of the control socket and the
+# refusal of a store owned by another user. Runs under
 # dash, which is close to OpenWrt's busybox ash. Also checks that the
 # package Makefile agrees with the shared config and the workspace version
 # (the Makefile itself needs the SDK to run).

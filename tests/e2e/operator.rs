@@ -1,5 +1,7 @@
 //! The operator's CLI (`esl-agent status|tags|tasks`) against a running
-//! agent over its control socket, and what it says when no agent runs.
+//! agent over its control socket, what it says when no agent runs, and
+//! that the agent never replaces a file at `control.socket` that is not a
+//! socket.
 
 use std::process::{Command, Output};
 use std::time::Duration;

@@ -1,5 +1,6 @@
 //! Task handling through the whole stack (PROTOCOL §4, §5, §8): the happy
-//! path, every rejection rule, duplicates, expiry, per-tag ordering, offline
+//! path, every rejection rule (also a message far over the size limit on a
+//! persistent session), duplicates, expiry, per-tag ordering, offline
 //! tags, a failing radio and `reply_to`. The agent keeps running throughout;
 //! restarts are in `resilience.rs`. Every scenario that reaches the radio
 //! runs on both radios (`on_every_radio!`: `NAME::sim`, `NAME::zigbee`);
