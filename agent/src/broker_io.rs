@@ -322,3 +322,61 @@ impl Opener {
         Ok(ws_stream_tungstenite::WsStream::new(socket))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// The link socket bridges this process to the broker, and nobody else:
+    /// another local process gets its connection closed at once and no
+    /// broker connection (it could borrow a client certificate).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_this_process_may_use_the_link_socket() {
+        let broker = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut m = MqttConfig {
+            host: "127.0.0.1".into(),
+            ..MqttConfig::default()
+        };
+        m.port = broker.local_addr().unwrap().port();
+        let transport = LinkTransport {
+            transport: Transport::Tcp,
+            broker_addr: m.host.clone(),
+            url: String::new(),
+        };
+        let socket = BrokerSocket::new(transport, &m, 65536);
+        let _running = socket.spawn().unwrap();
+
+        let name = &socket.rumqttc_addr()[1..];
+        // Closed at once: EOF, a reset or a broken pipe; bridged: the
+        // broker never answers and the read times out.
+        let script = format!(
+            "import socket\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(5)\n\
+             s.connect(b'\\0{name}')\n\
+             try:\n    s.sendall(b'x')\n    print(len(s.recv(16)))\n\
+             except (ConnectionResetError, BrokenPipeError):\n    print(0)\n\
+             except socket.timeout:\n    print('bridged')\n"
+        );
+        let out = tokio::process::Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .await
+            .expect("python3 runs");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "0\n",
+            "closed at once: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        // This process: bridged; the broker's first connection is ours.
+        let mut ours = UnixStream::connect(socket.rumqttc_addr()).await.unwrap();
+        ours.write_all(b"hello").await.unwrap();
+        let (mut conn, _) = broker.accept().await.unwrap();
+        let mut got = [0u8; 5];
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+    }
+}
