@@ -453,6 +453,16 @@ pub struct SecurityConfig {
     pub signing_keys: Vec<SigningKeyConfig>,
     /// Remote methods the agent answers; others get a `forbidden` error.
     pub allowed_methods: Vec<String>,
+    /// Client ids a command's `reply_to` may name (PROTOCOL §7), as
+    /// patterns where `*` stands for any run of characters
+    /// (`GID_backend@@@*`). Unset: every client id in the group of
+    /// `mqtt.ack_to`. Others get no reply (`commands_reply_to_refused`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_to_allowed: Option<Vec<String>>,
+    /// Methods that change state (`task.cancel`, `tag.refresh`) which run
+    /// from unsigned commands too. Empty (the default): only from commands
+    /// with a valid signature.
+    pub allow_unsigned_methods: Vec<String>,
 }
 
 impl Default for SecurityConfig {
@@ -465,6 +475,8 @@ impl Default for SecurityConfig {
                 .iter()
                 .map(|m| (*m).to_owned())
                 .collect(),
+            reply_to_allowed: None,
+            allow_unsigned_methods: Vec::new(),
         }
     }
 }
@@ -751,6 +763,22 @@ impl Config {
         Ok(())
     }
 
+    /// The `reply_to` patterns in force: `security.reply_to_allowed`, or
+    /// every client id in the group of `mqtt.ack_to`.
+    pub fn reply_to_patterns(&self) -> Vec<String> {
+        match &self.security.reply_to_allowed {
+            Some(p) => p.clone(),
+            None => {
+                let group = self
+                    .mqtt
+                    .ack_to
+                    .split_once("@@@")
+                    .map_or(self.mqtt.ack_to.as_str(), |(g, _)| g);
+                vec![format!("{group}@@@*")]
+            }
+        }
+    }
+
     /// Where the control socket lives (configured, or next to the store).
     pub fn control_socket(&self) -> PathBuf {
         match &self.control.socket {
@@ -1011,6 +1039,30 @@ fn validate_security(s: &SecurityConfig) -> Result<(), ConfigError> {
                 format!(
                     "{m:?} is not a method of this agent; known: {}",
                     crate::commands::METHODS.join(", ")
+                ),
+            ));
+        }
+    }
+    for m in &s.allow_unsigned_methods {
+        if !crate::commands::MUTATING.contains(&m.as_str()) {
+            return Err(invalid(
+                "security.allow_unsigned_methods",
+                format!(
+                    "{m:?} is not a method that changes state; those are: {}",
+                    crate::commands::MUTATING.join(", ")
+                ),
+            ));
+        }
+    }
+    for p in s.reply_to_allowed.iter().flatten() {
+        let ok = !p.is_empty()
+            && p.len() <= crate::wire::MAX_CLIENT_ID
+            && p.chars().all(|c| is_id_char(c) || c == '@' || c == '*');
+        if !ok {
+            return Err(invalid(
+                "security.reply_to_allowed",
+                format!(
+                    "{p:?} must be a client-id pattern of letters, digits, '_', '-', '@' and '*' (any run of characters), at most 64 characters"
                 ),
             ));
         }

@@ -1,8 +1,9 @@
 //! The MQTT link's transport: plain TCP, TLS, or MQTT over (secure)
-//! WebSocket, built once from the config for `mqtt::mqtt_options`.
+//! WebSocket, built once from the config for `broker_io`, which opens the
+//! link's connections with it.
 //!
-//! TLS is rustls with the ring provider, handed to rumqttc as a finished
-//! `ClientConfig` (never through rumqttc's own builders, which look for a
+//! TLS is rustls with the ring provider, used as a finished `ClientConfig`
+//! (never through rumqttc's own builders, which look for a
 //! process-wide provider and panic unless exactly one is compiled in; see
 //! LIBRARY-NOTES). Rules:
 //! - Only TLS 1.2 and 1.3.
