@@ -345,6 +345,7 @@ mod tests {
             transport: Transport::Tcp,
             broker_addr: m.host.clone(),
             url: String::new(),
+            trust: None,
         };
         let socket = BrokerSocket::new(transport, &m, 65536);
         let _running = socket.spawn().unwrap();
