@@ -170,7 +170,9 @@ impl BrokerSocket {
                     match opener.open().await {
                         Ok(broker) => run_pump(unix, broker, limit, marker, &error).await,
                         Err(e) => {
-                            debug!(error = %e, "cannot open the broker connection");
+                            // Not logged here: the link logs it, explained
+                            // (tls::explain), when rumqttc's connect fails.
+                            debug!("cannot open the broker connection");
                             if let Ok(mut slot) = error.lock() {
                                 *slot = Some(e);
                             }
