@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use esl_hal::zigbee::{FlowControl, ZigbeeConfig};
+use esl_hal::zigbee::{FlowControl, NetworkMismatch, ZigbeeConfig};
 use serde::{Deserialize, Serialize};
 
 /// A configuration problem, naming the key and the rule it breaks.
@@ -322,6 +322,23 @@ pub struct ZigbeeRadioConfig {
     pub flow_control: FlowControl,
     /// The agent's application endpoint on the coordinator.
     pub endpoint: u8,
+    /// The agent's saved network (Open Coordinator Backup JSON, 0600);
+    /// default: `zigbee-network.json` next to the store.
+    pub network_file: Option<PathBuf>,
+    /// Channels a new network may use.
+    pub channels: Vec<u8>,
+    /// PAN id and extended PAN id (16 hex digits) of a new network; random
+    /// when absent.
+    pub pan_id: Option<u16>,
+    pub extended_pan_id: Option<String>,
+    /// `"report"`, `"restore"`, `"adopt"` or `"form"` (docs/ZIGBEE.md).
+    pub on_network_mismatch: NetworkMismatch,
+    /// `[dtr, rts]` states at open; `[]` leaves the lines alone.
+    pub bootloader_pins: Vec<[bool; 2]>,
+    pub bootloader_skip_byte: bool,
+    pub probe_timeout_ms: u64,
+    /// Data requests in flight at once; default by firmware.
+    pub max_in_flight: Option<usize>,
     pub sreq_timeout_ms: u64,
     pub reset_timeout_ms: u64,
     pub startup_timeout_ms: u64,
@@ -341,6 +358,20 @@ impl Default for ZigbeeRadioConfig {
             baud_rate: d.baud_rate,
             flow_control: d.flow_control,
             endpoint: d.endpoint,
+            network_file: None,
+            channels: d.channels,
+            pan_id: d.pan_id,
+            extended_pan_id: None,
+            on_network_mismatch: d.on_network_mismatch,
+            bootloader_pins: d
+                .bootloader
+                .pin_states
+                .iter()
+                .map(|&(dtr, rts)| [dtr, rts])
+                .collect(),
+            bootloader_skip_byte: d.bootloader.skip_byte,
+            probe_timeout_ms: ms(d.bootloader.probe_timeout),
+            max_in_flight: d.max_in_flight,
             sreq_timeout_ms: ms(d.sreq_timeout),
             reset_timeout_ms: ms(d.reset_timeout),
             startup_timeout_ms: ms(d.startup_timeout),
@@ -357,11 +388,27 @@ impl ZigbeeRadioConfig {
     /// The backend's settings.
     pub fn to_hal(&self) -> ZigbeeConfig {
         use std::time::Duration;
+        let d = ZigbeeConfig::default();
         ZigbeeConfig {
             port: self.port.clone(),
             baud_rate: self.baud_rate,
             flow_control: self.flow_control,
             endpoint: self.endpoint,
+            network_file: self.network_file.clone().unwrap_or(d.network_file),
+            channels: self.channels.clone(),
+            pan_id: self.pan_id,
+            // Checked by `validate_zigbee`.
+            extended_pan_id: self
+                .extended_pan_id
+                .as_deref()
+                .and_then(parse_extended_pan_id),
+            on_network_mismatch: self.on_network_mismatch,
+            bootloader: esl_hal::zigbee::firmware::BootloaderSkip {
+                pin_states: self.bootloader_pins.iter().map(|[d, r]| (*d, *r)).collect(),
+                skip_byte: self.bootloader_skip_byte,
+                probe_timeout: Duration::from_millis(self.probe_timeout_ms),
+            },
+            max_in_flight: self.max_in_flight,
             sreq_timeout: Duration::from_millis(self.sreq_timeout_ms),
             reset_timeout: Duration::from_millis(self.reset_timeout_ms),
             startup_timeout: Duration::from_millis(self.startup_timeout_ms),
@@ -372,6 +419,13 @@ impl ZigbeeRadioConfig {
             reconnect_max: Duration::from_millis(self.reconnect_max_ms),
         }
     }
+}
+
+/// 16 hex digits, as in Open Coordinator Backups.
+fn parse_extended_pan_id(text: &str) -> Option<u64> {
+    (text.len() == 16)
+        .then(|| u64::from_str_radix(text, 16).ok())
+        .flatten()
 }
 
 /// PROTOCOL §8. Converted to `esl_hal::sim::SimConfig` by the radio task.
@@ -510,10 +564,14 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
             message: e.to_string().trim_end().to_owned(),
         })?;
+        if config.radio.zigbee.network_file.is_none() {
+            config.radio.zigbee.network_file =
+                Some(config.store.path.with_file_name("zigbee-network.json"));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -728,6 +786,14 @@ impl Config {
 
     fn validate_zigbee(&self) -> Result<(), ConfigError> {
         let z = &self.radio.zigbee;
+        if let Some(ext) = &z.extended_pan_id {
+            if parse_extended_pan_id(ext).is_none() {
+                return Err(invalid(
+                    "radio.zigbee.extended_pan_id",
+                    format!("{ext:?} is not 16 hex digits"),
+                ));
+            }
+        }
         if let Err(esl_hal::zigbee::ZigbeeError::InvalidConfig { key, reason }) =
             z.to_hal().validate()
         {

@@ -7,11 +7,11 @@
 //! `select!` (the agent may be blocked in `deliver` meanwhile).
 //!
 //! Life cycle, forever until the agent drops its handle:
-//! 1. **Connect**: open the port, `SYS_PING`, soft reset and wait for
-//!    `SYS_RESET_IND`, read the device state (`UTIL_GET_DEVICE_INFO`) and
-//!    start the coordinator (`ZDO_STARTUP_FROM_APP`, wait for
-//!    `ZDO_STATE_CHANGE_IND` = coordinator) unless it runs, register the ESL
-//!    endpoint (`AF_REGISTER`). Then report `Up`.
+//! 1. **Connect**: open the port, toggle DTR/RTS, and run the start-up
+//!    in `commission` (probe past the bootloader, firmware detection,
+//!    stale-safe soft reset, the agent's own network — formed, resumed,
+//!    restored or adopted — the sleepy-tag NV settings, coordinator start,
+//!    `AF_REGISTER` of the ESL endpoint). Then report `Up`.
 //! 2. **Serve**: a delivery becomes an offer of one or more segments, each
 //!    an `AF_DATA_REQUEST` sent once the previous one's `AF_DATA_CONFIRM`
 //!    (matched by transaction id) says the network delivered it; the tag's
@@ -35,7 +35,9 @@ use tokio::time::{sleep_until, Instant};
 use tokio_serial::SerialPortBuilderExt;
 use tracing::{debug, info, warn};
 
-use super::app::{self, AppMessage, ESL_CLUSTER, ESL_DEVICE_ID, ESL_PROFILE};
+use super::app::{self, AppMessage, ESL_CLUSTER};
+use super::commission::{self, Started};
+use super::firmware;
 use super::frame::FrameType;
 use super::znp::{self, Znp, ZnpError};
 use super::{FlowControl, ZigbeeConfig, ZigbeeCounters};
@@ -48,10 +50,6 @@ use crate::{CheckIn, Delivery, DeliveryFailure, Outcome, RadioEvent, RadioState,
 const OUTGOING_LIMIT: usize = 4096;
 /// Hops an offer may travel (Z-Stack's default radius).
 const RADIUS: u8 = 30;
-/// `ZDO_STARTUP_FROM_APP` start delay, ms.
-const STARTUP_DELAY_MS: u16 = 100;
-/// `AF_REGISTER` status when the endpoint is registered already.
-const ZAPS_DUPLICATE_ENTRY: u8 = 0xB8;
 /// Fixed part of `AF_INCOMING_MSG` before the data: group, cluster, source
 /// address, source and destination endpoint, broadcast flag, LQI, security,
 /// timestamp, sequence number, length.
@@ -164,7 +162,7 @@ impl Driver {
                 return;
             };
             match connected {
-                Ok(znp) => {
+                Ok((znp, _started)) => {
                     info!(%port, "ZigBee adapter up");
                     ZigbeeCounters::bump(&self.counters.adapter_starts);
                     backoff = self.cfg.reconnect_min;
@@ -299,7 +297,7 @@ async fn check_alive<P: AsyncRead + AsyncWrite + Unpin + Send>(
 async fn connect(
     cfg: &ZigbeeConfig,
     counters: std::sync::Arc<ZigbeeCounters>,
-) -> Result<Znp<tokio_serial::SerialStream>, String> {
+) -> Result<(Znp<tokio_serial::SerialStream>, Started), String> {
     // `validate` checked that the path is UTF-8.
     let path = cfg.port.to_string_lossy();
     let flow = match cfg.flow_control {
@@ -312,76 +310,15 @@ async fn connect(
         .open_native_async()
         .map_err(|e| format!("cannot open ZigBee adapter {path}: {e}"))?;
     let mut znp = Znp::new(port, cfg.sreq_timeout, counters);
-    start_up(&mut znp, cfg)
+    firmware::toggle_pins(znp.port_mut(), &cfg.bootloader).await;
+    let started = commission::start_up(&mut znp, cfg)
         .await
         .map_err(|e| format!("ZigBee adapter {path} did not start: {e}"))?;
-    Ok(znp)
-}
-
-/// Ping, reset, coordinator state, endpoint registration.
-pub(super) async fn start_up<P: AsyncRead + AsyncWrite + Unpin + Send>(
-    znp: &mut Znp<P>,
-    cfg: &ZigbeeConfig,
-) -> Result<(), ZnpError> {
-    znp.request(znp::SYS_PING, vec![]).await?;
-    znp.send_areq(znp::SYS_RESET_REQ, vec![znp::RESET_SOFT])
-        .await?;
-    let reset = znp
-        .wait_areq(znp::SYS_RESET_IND, cfg.reset_timeout, |_| true)
-        .await?;
-    debug!(?reset, "adapter reset");
-
-    let info = znp.request(znp::UTIL_GET_DEVICE_INFO, vec![]).await?;
-    // status, IEEE address (8), short address (2), device type, state.
-    let state = match info.as_slice() {
-        [0, _, _, _, _, _, _, _, _, _, _, _, state, ..] => *state,
-        _ => {
-            return Err(ZnpError::Malformed {
-                name: znp::UTIL_GET_DEVICE_INFO.name,
-                detail: format!("unexpected reply {info:02X?}"),
-            })
-        }
-    };
-    if state != znp::DEV_ZB_COORD {
-        let reply = znp
-            .request(
-                znp::ZDO_STARTUP_FROM_APP,
-                STARTUP_DELAY_MS.to_le_bytes().to_vec(),
-            )
-            .await?;
-        match reply.first() {
-            Some(0) => debug!("coordinator restored its network"),
-            Some(1) => warn!("the adapter formed a NEW network: tags must join it again"),
-            other => {
-                return Err(ZnpError::Malformed {
-                    name: znp::ZDO_STARTUP_FROM_APP.name,
-                    detail: format!("the coordinator did not start (status {other:02X?})"),
-                })
-            }
-        }
-        znp.wait_areq(znp::ZDO_STATE_CHANGE_IND, cfg.startup_timeout, |p| {
-            p.first() == Some(&znp::DEV_ZB_COORD)
-        })
-        .await?;
-    }
-
-    let cluster = ESL_CLUSTER.to_le_bytes();
-    let mut register = vec![cfg.endpoint];
-    register.extend(ESL_PROFILE.to_le_bytes());
-    register.extend(ESL_DEVICE_ID.to_le_bytes());
-    // Device version, latency (none), one input and one output cluster.
-    register.extend([0, 0, 1, cluster[0], cluster[1], 1, cluster[0], cluster[1]]);
-    let reply = znp.request(znp::AF_REGISTER, register).await?;
-    match reply.first() {
-        Some(0) | Some(&ZAPS_DUPLICATE_ENTRY) => Ok(()),
-        other => Err(ZnpError::Malformed {
-            name: znp::AF_REGISTER.name,
-            detail: format!(
-                "endpoint {} not registered (status {other:02X?})",
-                cfg.endpoint
-            ),
-        }),
-    }
+    info!(firmware = %started.firmware, outcome = ?started.outcome,
+        channel = started.network.channel,
+        pan_id = format_args!("{:#06x}", started.network.pan_id),
+        "ZigBee coordinator on the agent's network");
+    Ok((znp, started))
 }
 
 fn retry_later(reason: String) -> DeliveryFailure {

@@ -2,9 +2,12 @@
 //! firmware) on a serial port, driving ESL tags that are sleepy end devices.
 //!
 //! Layout: [`frame`] (MT framing), [`znp`] (request layer: SREQ/SRSP,
-//! AREQs, timeouts), [`app`] (the ESL messages inside AF frames, postcard),
-//! `driver` (the one task that owns the port: start-up, delivery, adapter
-//! loss and reconnect), this file (config, counters and [`ZigbeeRadio`], the
+//! AREQs, timeouts), [`firmware`] (bootloader skip, probe, Z-Stack version),
+//! [`nv`] (NV items, the stick's stored network), [`backup`] (the saved
+//! network as Open Coordinator Backup JSON), [`commission`] (start-up:
+//! forming, resuming, restoring or adopting the network), [`app`] (the ESL
+//! messages inside AF frames, postcard), `driver` (the one task that owns
+//! the port: connect, delivery, adapter loss and reconnect), this file (config, counters and [`ZigbeeRadio`], the
 //! agent's handle). `fake` (feature `fake`) is a ZNP coordinator with
 //! simulated tags on a pseudo-terminal, for tests.
 //!
@@ -22,10 +25,14 @@
 //! succeeds again. It ends only when the agent drops the [`ZigbeeRadio`].
 
 pub mod app;
+pub mod backup;
+pub mod commission;
 mod driver;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+pub mod firmware;
 pub mod frame;
+pub mod nv;
 #[cfg(test)]
 mod pty_tests;
 pub mod znp;
@@ -60,6 +67,35 @@ pub enum FlowControl {
     Software,
 }
 
+/// What the start-up does when the stick's network is not the saved one
+/// (`radio.zigbee.on_network_mismatch`; docs/ZIGBEE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMismatch {
+    /// Report the radio down with the reason and the remedies; touch
+    /// nothing.
+    #[default]
+    Report,
+    /// Write the saved network to the stick (a replaced or reset stick).
+    Restore,
+    /// Take the stick's network as the agent's and save it.
+    Adopt,
+    /// Form a new network (every tag must join again); the old saved
+    /// network is kept as `….json.old`.
+    Form,
+}
+
+impl NetworkMismatch {
+    pub fn name(self) -> &'static str {
+        match self {
+            NetworkMismatch::Report => "report",
+            NetworkMismatch::Restore => "restore",
+            NetworkMismatch::Adopt => "adopt",
+            NetworkMismatch::Form => "form",
+        }
+    }
+}
+
 /// ZigBee backend settings (`[radio.zigbee]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ZigbeeConfig {
@@ -72,9 +108,27 @@ pub struct ZigbeeConfig {
     pub endpoint: u8,
     /// Longest wait for an SRSP.
     pub sreq_timeout: Duration,
+    /// DTR/RTS states at open, the bootloader-skip byte and how long to
+    /// probe for the stick.
+    pub bootloader: firmware::BootloaderSkip,
+    /// Where the agent's network is saved (Open Coordinator Backup JSON,
+    /// mode 0600: it holds the network key).
+    pub network_file: PathBuf,
+    /// Channels a new network may use (11..=26); the stick picks the
+    /// quietest.
+    pub channels: Vec<u8>,
+    /// PAN id and extended PAN id of a new network; random when `None`.
+    pub pan_id: Option<u16>,
+    pub extended_pan_id: Option<u64>,
+    pub on_network_mismatch: NetworkMismatch,
+    /// Data requests in flight at once; `None`: by firmware (16 on Z-Stack
+    /// 3.x.0 sticks, 4 on older ones).
+    pub max_in_flight: Option<usize>,
     /// Longest wait for `SYS_RESET_IND` after a soft reset.
     pub reset_timeout: Duration,
-    /// Longest wait for the coordinator to come up on its network.
+    /// Longest wait for the coordinator to come up on its network, and for
+    /// each commissioning step (`ZDO_STARTUP_FROM_APP`, BDB formation):
+    /// real sticks take seconds (zigbee-herdsman allows 40 s).
     pub startup_timeout: Duration,
     /// Longest wait for `AF_DATA_CONFIRM` after a data request; must cover
     /// the coordinator's indirect-transmission timeout for sleepy tags
@@ -98,9 +152,16 @@ impl Default for ZigbeeConfig {
             baud_rate: 115_200,
             flow_control: FlowControl::None,
             endpoint: 32,
+            bootloader: firmware::BootloaderSkip::default(),
+            network_file: PathBuf::from("/var/lib/esl-agent/zigbee-network.json"),
+            channels: vec![11, 15, 20, 25],
+            pan_id: None,
+            extended_pan_id: None,
+            on_network_mismatch: NetworkMismatch::Report,
+            max_in_flight: None,
             sreq_timeout: Duration::from_millis(2_000),
             reset_timeout: Duration::from_millis(10_000),
-            startup_timeout: Duration::from_millis(20_000),
+            startup_timeout: Duration::from_millis(40_000),
             confirm_timeout: Duration::from_millis(10_000),
             result_timeout: Duration::from_millis(10_000),
             ping_interval: Duration::from_millis(10_000),
@@ -233,9 +294,40 @@ impl ZigbeeConfig {
         if !(1..=240).contains(&self.endpoint) {
             return invalid("radio.zigbee.endpoint", "must be between 1 and 240");
         }
+        if self.network_file.as_os_str().is_empty() {
+            return invalid("radio.zigbee.network_file", "must be a file path");
+        }
+        if self.channels.is_empty() || self.channels.iter().any(|c| !(11..=26).contains(c)) {
+            return invalid(
+                "radio.zigbee.channels",
+                "must list at least one channel, each in 11..=26",
+            );
+        }
+        if self.pan_id.is_some_and(|p| p == 0 || p > 0xFFF6) {
+            return invalid("radio.zigbee.pan_id", "must be between 0x0001 and 0xFFF6");
+        }
+        if self
+            .extended_pan_id
+            .is_some_and(|e| e == 0 || e == u64::MAX)
+        {
+            return invalid(
+                "radio.zigbee.extended_pan_id",
+                "must not be all zeros or all ones",
+            );
+        }
+        if self.max_in_flight == Some(0) {
+            return invalid("radio.zigbee.max_in_flight", "must be at least 1");
+        }
+        if self.bootloader.pin_states.len() > 16 {
+            return invalid("radio.zigbee.bootloader_pins", "at most 16 DTR/RTS states");
+        }
         let timeouts = [
             ("radio.zigbee.sreq_timeout_ms", self.sreq_timeout),
             ("radio.zigbee.reset_timeout_ms", self.reset_timeout),
+            (
+                "radio.zigbee.probe_timeout_ms",
+                self.bootloader.probe_timeout,
+            ),
             ("radio.zigbee.startup_timeout_ms", self.startup_timeout),
             ("radio.zigbee.confirm_timeout_ms", self.confirm_timeout),
             ("radio.zigbee.result_timeout_ms", self.result_timeout),

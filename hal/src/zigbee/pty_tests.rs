@@ -9,17 +9,22 @@ use std::time::Duration;
 
 use tokio::time::{timeout_at, Instant};
 
-use super::fake::{FakeConfig, FakeCoordinator, FakeStats};
-use super::{ZigbeeConfig, ZigbeeRadio};
+use super::backup::NetworkBackup;
+use super::fake::{FakeConfig, FakeCoordinator, FakeFirmware, FakeNetwork, FakeStats};
+use super::nv::id as nvid;
+use super::{NetworkMismatch, ZigbeeConfig, ZigbeeRadio};
 use crate::{Delivery, Outcome, Radio, RadioEvent, RadioState};
 
 /// Longest wait for anything in these tests; far above what each step
 /// needs (tens of ms) so a loaded CI machine does not fail them.
 const PATIENCE: Duration = Duration::from_secs(20);
 
+/// The radio's settings for a fake at `port`; the network is saved next to
+/// it.
 fn radio_config(port: &Path) -> ZigbeeConfig {
     ZigbeeConfig {
         port: port.to_owned(),
+        network_file: port.with_file_name("zigbee-network.json"),
         sreq_timeout: Duration::from_millis(500),
         reset_timeout: Duration::from_millis(2000),
         startup_timeout: Duration::from_millis(2000),
@@ -39,12 +44,21 @@ struct Rig {
 }
 
 fn rig(tweak: impl FnOnce(&mut FakeConfig)) -> Rig {
+    rig_with(tweak, |_| {})
+}
+
+fn rig_with(
+    tweak: impl FnOnce(&mut FakeConfig),
+    tweak_radio: impl FnOnce(&mut ZigbeeConfig),
+) -> Rig {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = FakeConfig::new(dir.path().join("ttyZB0"));
     cfg.journal = Some(dir.path().join("journal.jsonl"));
     tweak(&mut cfg);
     let fake = FakeCoordinator::start(cfg).expect("fake coordinator");
-    let radio = ZigbeeRadio::start(radio_config(fake.port())).expect("radio");
+    let mut radio_cfg = radio_config(fake.port());
+    tweak_radio(&mut radio_cfg);
+    let radio = ZigbeeRadio::start(radio_cfg).expect("radio");
     Rig {
         radio,
         fake,
@@ -132,8 +146,10 @@ async fn start_up_check_in_and_delivery() {
     let mut rig = rig(|_| {});
     wait_up(&mut rig.radio).await;
     let stats = rig.fake.stats();
-    assert_eq!(FakeStats::get(&stats.resets), 1, "one soft reset");
-    assert_eq!(FakeStats::get(&stats.startups), 1, "coordinator started");
+    // The start-up's reset, and the one that clears a blank stick before
+    // it forms the agent's network.
+    assert_eq!(FakeStats::get(&stats.resets), 2, "two soft resets");
+    assert_eq!(FakeStats::get(&stats.formations), 1, "network formed");
     assert_eq!(
         FakeStats::get(&stats.registrations),
         1,
@@ -345,7 +361,12 @@ async fn unplug_reports_down_fails_in_flight_and_replug_recovers() {
 
     rig.fake.replug().await.expect("replug");
     wait_up(&mut rig.radio).await;
-    assert_eq!(FakeStats::get(&stats.resets), 2, "start-up ran again");
+    assert_eq!(FakeStats::get(&stats.resets), 3, "start-up ran again");
+    assert_eq!(
+        FakeStats::get(&stats.formations),
+        1,
+        "and resumed the network"
+    );
     let counters = rig.radio.zigbee_counters();
     assert_eq!(counters.get("adapter_losses"), Some(1));
     assert_eq!(counters.get("adapter_starts"), Some(2));
@@ -381,4 +402,189 @@ async fn missing_device_is_down_until_it_appears() {
     assert!(matches!(reason, RadioEvent::State(RadioState::Down { .. })));
     let _fake = FakeCoordinator::start(FakeConfig::new(&port)).expect("fake");
     wait_up(&mut radio).await;
+}
+
+/// The fake's network as the agent saved it.
+fn saved_network(radio_cfg: &ZigbeeConfig) -> FakeNetwork {
+    let backup = NetworkBackup::load(&radio_cfg.network_file)
+        .expect("readable")
+        .expect("saved");
+    let net = backup.to_network().expect("valid");
+    FakeNetwork {
+        channel: net.channel,
+        pan_id: net.pan_id,
+        extended_pan_id: net.extended_pan_id,
+        network_key: net.network_key,
+    }
+}
+
+fn foreign_network() -> FakeNetwork {
+    FakeNetwork {
+        channel: 25,
+        pan_id: 0x0BAD,
+        extended_pan_id: 0x0123_4567_89AB_CDEF,
+        network_key: [0x42; 16],
+    }
+}
+
+#[tokio::test]
+async fn blank_stick_gets_the_configured_network_saved_privately_and_a_restart_resumes_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let tweak_radio = |c: &mut ZigbeeConfig| {
+        c.channels = vec![20, 25];
+        c.pan_id = Some(0x1A62);
+    };
+    let mut rig = rig_with(|_| {}, tweak_radio);
+    wait_up(&mut rig.radio).await;
+    let mut cfg = radio_config(rig.fake.port());
+    tweak_radio(&mut cfg);
+    let on_stick = rig.fake.network().await.expect("formed");
+    assert_eq!(
+        on_stick,
+        saved_network(&cfg),
+        "the file is the stick's network"
+    );
+    assert_eq!((on_stick.channel, on_stick.pan_id), (20, 0x1A62));
+    assert_ne!(
+        on_stick.network_key,
+        [
+            0x01, 0x03, 0x05, 0x07, 0x09, 0x0B, 0x0D, 0x0F, 0x00, 0x02, 0x04, 0x06, 0x08, 0x0A,
+            0x0C, 0x0D
+        ],
+        "not the firmware's default key"
+    );
+    let mode = std::fs::metadata(&cfg.network_file)
+        .expect("saved")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the network key is a secret");
+    // What sleepy tags need.
+    assert_eq!(
+        rig.fake.nv_item(nvid::NWK_CHILD_AGE_ENABLE).await,
+        Some(vec![0])
+    );
+    assert_eq!(
+        rig.fake.nv_item(nvid::CONCENTRATOR_ENABLE).await,
+        Some(vec![1])
+    );
+    assert_eq!(rig.fake.nv_item(nvid::ZDO_DIRECT_CB).await, Some(vec![1]));
+    assert_eq!(
+        rig.fake.nv_item(nvid::HAS_CONFIGURED_ZSTACK3).await,
+        Some(vec![0x55])
+    );
+
+    // The agent restarts: same network, not formed again.
+    drop(rig.radio);
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    wait_up(&mut radio).await;
+    assert_eq!(FakeStats::get(&rig.fake.stats().formations), 1);
+    assert_eq!(rig.fake.network().await, Some(on_stick));
+}
+
+#[tokio::test]
+async fn stick_formed_by_someone_else_is_down_with_the_remedy_until_adopted() {
+    let mut rig = rig(|c| c.network = Some(foreign_network()));
+    let reason = wait_down_matching(&mut rig.radio, "did not form").await;
+    assert!(
+        reason.contains("on_network_mismatch = \"adopt\""),
+        "{reason}"
+    );
+    assert!(reason.contains("0x0bad"), "{reason}");
+    assert!(!reason.contains("4242"), "no key in the reason: {reason}");
+    assert_eq!(
+        FakeStats::get(&rig.fake.stats().formations),
+        0,
+        "not re-formed"
+    );
+    assert_eq!(rig.fake.network().await, Some(foreign_network()));
+    drop(rig.radio);
+
+    let mut cfg = radio_config(rig.fake.port());
+    cfg.on_network_mismatch = NetworkMismatch::Adopt;
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    wait_up(&mut radio).await;
+    assert_eq!(saved_network(&cfg), foreign_network());
+    assert_eq!(FakeStats::get(&rig.fake.stats().formations), 0);
+}
+
+#[tokio::test]
+async fn replaced_stick_is_down_until_the_saved_network_is_restored_to_it() {
+    // The agent forms its network on a first stick…
+    let first = rig(|_| {});
+    let mut first_radio = first.radio;
+    wait_up(&mut first_radio).await;
+    let cfg = radio_config(first.fake.port());
+    let ours = saved_network(&cfg);
+    drop(first_radio);
+    drop(first.fake);
+    // The old fake's task removes its link as it ends; wait for that, or
+    // it could remove the new one's.
+    let deadline = Instant::now() + PATIENCE;
+    while cfg.port.symlink_metadata().is_ok() {
+        assert!(Instant::now() < deadline, "the old fake never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // …which is replaced by a blank one (a 1.2 CC2531, to cover its
+    // start-up answers too).
+    let mut fake_cfg = FakeConfig::new(&cfg.port);
+    fake_cfg.firmware = FakeFirmware::ZStack12;
+    let fake = FakeCoordinator::start(fake_cfg).expect("fake");
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    let reason = wait_down_matching(&mut radio, "no network").await;
+    assert!(reason.contains("\"restore\""), "{reason}");
+    assert_eq!(fake.network().await, None, "left blank");
+    drop(radio);
+
+    let mut restoring = cfg.clone();
+    restoring.on_network_mismatch = NetworkMismatch::Restore;
+    let mut radio = ZigbeeRadio::start(restoring).expect("radio");
+    wait_up(&mut radio).await;
+    assert_eq!(
+        fake.network().await,
+        Some(ours.clone()),
+        "our network on the new stick"
+    );
+    assert_eq!(saved_network(&cfg), ours, "the saved network unchanged");
+    assert_eq!(
+        radio.zigbee_counters().get("rpc_errors"),
+        Some(0),
+        "no BDB on 1.2"
+    );
+}
+
+#[tokio::test]
+async fn stick_in_its_bootloader_is_woken_and_its_power_up_indication_is_not_the_reset_answer() {
+    // The stick leaves its bootloader on the skip byte and says hello with
+    // a SYS_RESET_IND while the agent still probes; the agent's own reset
+    // must wait for the next one, or its next request reaches a rebooting
+    // chip.
+    let mut rig = rig(|c| {
+        c.in_bootloader = true;
+        c.reboot_ms = 300;
+    });
+    wait_up(&mut rig.radio).await;
+    let stats = rig.fake.stats();
+    assert_eq!(FakeStats::get(&stats.bootloader_exits), 1);
+    // At most the probe's ping right after the skip byte is lost.
+    assert!(FakeStats::get(&stats.frames_while_rebooting) <= 1);
+    assert_eq!(
+        FakeStats::get(&stats.resets),
+        2,
+        "started at the first attempt"
+    );
+    assert_eq!(rig.radio.zigbee_counters().get("adapter_starts"), Some(1));
+}
+
+async fn wait_down_matching(radio: &mut ZigbeeRadio, text: &str) -> String {
+    match wait_for(
+        radio,
+        &format!("down: {text}"),
+        |e| matches!(e, RadioEvent::State(RadioState::Down { reason }) if reason.contains(text)),
+    )
+    .await
+    {
+        RadioEvent::State(RadioState::Down { reason }) => reason,
+        _ => unreachable!("matched Down above"),
+    }
 }
