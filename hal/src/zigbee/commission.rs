@@ -73,18 +73,57 @@ pub struct Started {
     pub outcome: NetworkOutcome,
 }
 
+/// Finds the stick, knows its firmware and resets it: what every use of
+/// the port starts with.
+async fn wake<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    cfg: &ZigbeeConfig,
+) -> Result<Firmware, StartError> {
+    let capabilities = firmware::probe(znp, &cfg.bootloader).await?;
+    let firmware = firmware::detect(znp, capabilities).await?;
+    info!(%firmware, capabilities = format_args!("{capabilities:#06x}"), "ZigBee firmware");
+    let reset = znp.reset(cfg.reset_timeout).await?;
+    debug!(?reset, "adapter reset");
+    Ok(firmware)
+}
+
+/// A backup of the network on the stick at `cfg.port` (the agent must not
+/// hold the port: it is opened exclusively). `None` when the stick has no
+/// network.
+pub async fn backup_stick(cfg: &ZigbeeConfig) -> Result<Option<NetworkBackup>, String> {
+    let counters = std::sync::Arc::new(super::ZigbeeCounters::default());
+    let mut znp = super::driver::open_port(cfg, counters).await?;
+    let fw = wake(&mut znp, cfg).await.map_err(|e| e.to_string())?;
+    let network = nv::read_network(&mut znp, fw.stack)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(network.map(|n| NetworkBackup::from_network(&n, &fw.to_string())))
+}
+
+/// Writes `backup`'s network to the stick at `cfg.port` (replacing what it
+/// has) and saves it as the agent's network (`cfg.network_file`), so the
+/// agent's next start resumes it. The agent must not hold the port.
+pub async fn restore_stick(cfg: &ZigbeeConfig, backup: &NetworkBackup) -> Result<(), String> {
+    let saved = backup.to_network()?;
+    let counters = std::sync::Arc::new(super::ZigbeeCounters::default());
+    let mut znp = super::driver::open_port(cfg, counters).await?;
+    let fw = wake(&mut znp, cfg).await.map_err(|e| e.to_string())?;
+    restore(&mut znp, cfg, &fw, &saved)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Keep what the backup holds beyond the network (devices, metadata).
+    keep_previous(cfg);
+    backup.save(&cfg.network_file).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// The whole start-up on an open port (after the DTR/RTS toggling, which
 /// needs the real serial port).
 pub async fn start_up<P: AsyncRead + AsyncWrite + Unpin + Send>(
     znp: &mut Znp<P>,
     cfg: &ZigbeeConfig,
 ) -> Result<Started, StartError> {
-    let capabilities = firmware::probe(znp, &cfg.bootloader).await?;
-    let firmware = firmware::detect(znp, capabilities).await?;
-    info!(%firmware, capabilities = format_args!("{capabilities:#06x}"), "ZigBee firmware");
-    let reset = znp.reset(cfg.reset_timeout).await?;
-    debug!(?reset, "adapter reset");
-
+    let firmware = wake(znp, cfg).await?;
     let (network, outcome) = own_network(znp, cfg, &firmware).await?;
     register_endpoint(znp, cfg).await?;
     Ok(Started {

@@ -293,11 +293,11 @@ async fn check_alive<P: AsyncRead + AsyncWrite + Unpin + Send>(
     }
 }
 
-/// Opens the port and runs the start-up sequence.
-async fn connect(
+/// Opens the port (exclusively) and toggles DTR/RTS as configured.
+pub(super) async fn open_port(
     cfg: &ZigbeeConfig,
     counters: std::sync::Arc<ZigbeeCounters>,
-) -> Result<(Znp<tokio_serial::SerialStream>, Started), String> {
+) -> Result<Znp<tokio_serial::SerialStream>, String> {
     // `validate` checked that the path is UTF-8.
     let path = cfg.port.to_string_lossy();
     let flow = match cfg.flow_control {
@@ -311,6 +311,16 @@ async fn connect(
         .map_err(|e| format!("cannot open ZigBee adapter {path}: {e}"))?;
     let mut znp = Znp::new(port, cfg.sreq_timeout, counters);
     firmware::toggle_pins(znp.port_mut(), &cfg.bootloader).await;
+    Ok(znp)
+}
+
+/// Opens the port and runs the start-up sequence.
+async fn connect(
+    cfg: &ZigbeeConfig,
+    counters: std::sync::Arc<ZigbeeCounters>,
+) -> Result<(Znp<tokio_serial::SerialStream>, Started), String> {
+    let path = cfg.port.to_string_lossy();
+    let mut znp = open_port(cfg, counters).await?;
     let started = commission::start_up(&mut znp, cfg)
         .await
         .map_err(|e| format!("ZigBee adapter {path} did not start: {e}"))?;

@@ -588,3 +588,53 @@ async fn wait_down_matching(radio: &mut ZigbeeRadio, text: &str) -> String {
         _ => unreachable!("matched Down above"),
     }
 }
+
+#[tokio::test]
+async fn backup_of_one_stick_restored_to_a_blank_one_is_resumed_by_the_agent() {
+    use super::commission::{backup_stick, restore_stick};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = dir.path().join("ttyZB0");
+    let cfg = radio_config(&port);
+    // A stick someone else formed (Zigbee2MQTT, say): back it up.
+    let mut old = FakeConfig::new(&port);
+    old.network = Some(foreign_network());
+    let old = FakeCoordinator::start(old).expect("fake");
+    let mut backup = backup_stick(&cfg)
+        .await
+        .expect("backup")
+        .expect("a network");
+    let json = serde_json::to_value(&backup).expect("json");
+    assert_eq!(json["metadata"]["format"], "zigpy/open-coordinator-backup");
+    assert_eq!(json["pan_id"], "0bad");
+    assert_eq!(json["extended_pan_id"], "0123456789abcdef");
+    assert_eq!(json["channel"], 25);
+    assert_eq!(json["network_key"]["key"], "42".repeat(16));
+    drop(old);
+    // As if it came from another stick.
+    backup.coordinator_ieee = "00124b00aabbccdd".to_owned();
+    let deadline = Instant::now() + PATIENCE;
+    while port.symlink_metadata().is_ok() {
+        assert!(Instant::now() < deadline, "the old fake never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // A blank stick gets it; the agent then resumes it as its own.
+    let blank = FakeCoordinator::start(FakeConfig::new(&port)).expect("fake");
+    assert_eq!(backup_stick(&cfg).await.expect("read"), None, "blank");
+    restore_stick(&cfg, &backup).await.expect("restored");
+    assert_eq!(blank.network().await, Some(foreign_network()));
+    assert_eq!(
+        blank.nv_item(nvid::EXTADDR).await,
+        Some(0x00124B00_AABBCCDDu64.to_le_bytes().to_vec()),
+        "the coordinator address from the backup"
+    );
+    let formations = FakeStats::get(&blank.stats().formations);
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    wait_up(&mut radio).await;
+    assert_eq!(
+        FakeStats::get(&blank.stats().formations),
+        formations,
+        "resumed, not formed"
+    );
+    assert_eq!(saved_network(&cfg), foreign_network());
+}
