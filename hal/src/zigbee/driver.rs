@@ -54,6 +54,14 @@ const RADIUS: u8 = 30;
 /// address, source and destination endpoint, broadcast flag, LQI, security,
 /// timestamp, sequence number, length.
 const INCOMING_HEADER: usize = 17;
+/// Confirm status: no route to the destination.
+const NWK_NO_ROUTE: u8 = 0xCD;
+/// Fixed part of `AF_INCOMING_MSG_EXT` before the data.
+const INCOMING_EXT_HEADER: usize = 27;
+/// Address mode of a 16-bit network address.
+const ADDR_MODE_16BIT: u8 = 2;
+/// `ZDO_EXT_ROUTE_DISC` options: a plain route discovery.
+const ROUTE_DISC_OPTIONS: u8 = 0;
 /// Longest tag id accepted in a check-in (PROTOCOL §4 `tag_id`).
 const MAX_TAG_ID: usize = 32;
 
@@ -73,6 +81,11 @@ struct InFlight {
     address: Address,
     /// Encoded offer segments not sent yet, next first.
     unsent: VecDeque<Vec<u8>>,
+    /// The segment waiting for its confirm, to send again after a route
+    /// discovery.
+    sent: Option<Vec<u8>>,
+    /// A route discovery was done for this delivery (once only).
+    rediscovered: bool,
     stage: Stage,
     /// When the current stage times out (unused in [`Stage::Next`]).
     deadline: Instant,
@@ -82,10 +95,20 @@ struct InFlight {
 enum Stage {
     /// The next segment is due (the previous one was confirmed).
     Next,
+    /// The last segment found no route: discover one, then send it again.
+    Rediscover,
     /// Waiting for `AF_DATA_CONFIRM` with this transaction id.
     Confirm { trans: u8 },
     /// The network delivered every segment; waiting for the tag's result.
     Result,
+}
+
+impl Stage {
+    /// Whether the stage waits for something with a deadline (the others
+    /// are acted on at once by `send_due`).
+    fn has_deadline(self) -> bool {
+        matches!(self, Stage::Confirm { .. } | Stage::Result)
+    }
 }
 
 /// Whether a delivery got an SRSP from the adapter (proof that it lives).
@@ -126,6 +149,9 @@ struct State {
     in_flight: HashMap<u16, InFlight>,
     next_handle: u16,
     next_trans: u8,
+    /// Deliveries in flight at once, at most (by firmware, or
+    /// `radio.zigbee.max_in_flight`); more wait in the delivery channel.
+    max_in_flight: usize,
 }
 
 impl Driver {
@@ -162,7 +188,11 @@ impl Driver {
                 return;
             };
             match connected {
-                Ok((znp, _started)) => {
+                Ok((znp, started)) => {
+                    self.state.max_in_flight = self
+                        .cfg
+                        .max_in_flight
+                        .unwrap_or_else(|| started.firmware.stack.max_in_flight());
                     info!(%port, "ZigBee adapter up");
                     ZigbeeCounters::bump(&self.counters.adapter_starts);
                     backoff = self.cfg.reconnect_min;
@@ -210,7 +240,11 @@ impl Driver {
                 .map_or(next_ping, |d| d.min(next_ping));
             tokio::select! {
                 biased;
-                received = self.delivery_rx.recv() => match received {
+                // Beyond the cap, deliveries wait in the channel (and the
+                // agent in `deliver`): the adapter's buffers for frames to
+                // sleeping tags are small.
+                received = self.delivery_rx.recv(),
+                    if self.state.in_flight.len() < self.state.max_in_flight => match received {
                     Some(delivery) => match self.state.deliver(&mut znp, delivery).await {
                         // The adapter answered: no need to ping it soon.
                         Ok(Answered::Yes) => next_ping = Instant::now() + self.cfg.ping_interval,
@@ -385,6 +419,7 @@ impl State {
             in_flight: HashMap::new(),
             next_handle: first_handle,
             next_trans: first_handle as u8,
+            max_in_flight: 1,
         }
     }
 
@@ -431,7 +466,7 @@ impl State {
     fn next_deadline(&self) -> Option<Instant> {
         self.in_flight
             .values()
-            .filter(|f| f.stage != Stage::Next)
+            .filter(|f| f.stage.has_deadline())
             .map(|f| f.deadline)
             .min()
     }
@@ -441,12 +476,12 @@ impl State {
         let overdue: Vec<(u16, Stage)> = self
             .in_flight
             .iter()
-            .filter(|(_, f)| f.stage != Stage::Next && f.deadline <= now)
+            .filter(|(_, f)| f.stage.has_deadline() && f.deadline <= now)
             .map(|(handle, f)| (*handle, f.stage))
             .collect();
         for (handle, stage) in overdue {
             let reason = match stage {
-                Stage::Next => continue,
+                Stage::Next | Stage::Rediscover => continue,
                 Stage::Confirm { .. } => {
                     ZigbeeCounters::bump(&self.counters.confirm_timeouts);
                     format!("no AF_DATA_CONFIRM within {:?}", self.cfg.confirm_timeout)
@@ -532,6 +567,8 @@ impl State {
                 task_id: delivery.task_id,
                 address,
                 unsent: segments.into(),
+                sent: None,
+                rediscovered: false,
                 stage: Stage::Next,
                 deadline: Instant::now(),
             },
@@ -545,16 +582,56 @@ impl State {
         &mut self,
         znp: &mut Znp<P>,
     ) -> Result<(), Stop> {
-        let due: Vec<u16> = self
+        let due: Vec<(u16, Stage)> = self
             .in_flight
             .iter()
-            .filter(|(_, f)| f.stage == Stage::Next)
-            .map(|(handle, _)| *handle)
+            .filter(|(_, f)| !f.stage.has_deadline())
+            .map(|(handle, f)| (*handle, f.stage))
             .collect();
-        for handle in due {
+        for (handle, stage) in due {
+            if stage == Stage::Rediscover {
+                self.rediscover(znp, handle).await?;
+            }
             self.send_next(znp, handle).await?;
         }
         Ok(())
+    }
+
+    /// `ZDO_EXT_ROUTE_DISC` to offer `handle`'s tag, and its last segment
+    /// queued again: what zigbee-herdsman does on NWK_NO_ROUTE
+    /// (`zStackAdapter.ts`, `discoverRoute`). Only an adapter loss is an
+    /// error; a refused discovery still lets the segment go once more.
+    async fn rediscover<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        znp: &mut Znp<P>,
+        handle: u16,
+    ) -> Result<(), Stop> {
+        let Some(flight) = self.in_flight.get_mut(&handle) else {
+            return Ok(());
+        };
+        flight.rediscovered = true;
+        flight.stage = Stage::Next;
+        if let Some(segment) = flight.sent.take() {
+            flight.unsent.push_front(segment);
+        }
+        let nwk = flight.address.nwk;
+        let mut request = nwk.to_le_bytes().to_vec();
+        request.extend([ROUTE_DISC_OPTIONS, RADIUS]);
+        ZigbeeCounters::bump(&self.counters.route_discoveries);
+        debug!(
+            nwk = format_args!("{nwk:#06x}"),
+            "no route to the tag: discovering one"
+        );
+        match znp.request(znp::ZDO_EXT_ROUTE_DISC, request).await {
+            Ok(_) => Ok(()),
+            Err(error) if error.is_link_lost() => {
+                Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))
+            }
+            Err(error) => {
+                debug!(%error, "route discovery refused; sending again anyway");
+                Ok(())
+            }
+        }
     }
 
     /// One `AF_DATA_REQUEST` with offer `handle`'s next segment.
@@ -572,6 +649,7 @@ impl State {
             flight.deadline = Instant::now() + self.cfg.result_timeout;
             return Ok(Answered::No);
         };
+        flight.sent = Some(data.clone());
         let address = flight.address;
         let mut request = Vec::with_capacity(10 + data.len());
         request.extend(address.nwk.to_le_bytes());
@@ -628,6 +706,8 @@ impl State {
         let payload = frame.payload();
         if znp::AF_INCOMING_MSG.is(frame, FrameType::Areq) {
             self.on_incoming(payload);
+        } else if znp::AF_INCOMING_MSG_EXT.is(frame, FrameType::Areq) {
+            self.on_incoming_ext(payload);
         } else if znp::AF_DATA_CONFIRM.is(frame, FrameType::Areq) {
             match payload {
                 [status, _endpoint, trans, ..] => self.on_confirm(*status, *trans),
@@ -661,7 +741,10 @@ impl State {
             debug!(trans, status, "AF_DATA_CONFIRM for nothing in flight");
             return;
         };
-        if status != 0 {
+        if status == NWK_NO_ROUTE && !flight.rediscovered {
+            // `send_due` discovers a route and sends the segment again.
+            flight.stage = Stage::Rediscover;
+        } else if status != 0 {
             self.finish(handle, Err(confirm_failure(status)));
         } else if flight.unsent.is_empty() {
             flight.stage = Stage::Result;
@@ -688,6 +771,9 @@ impl State {
         }
     }
 
+    /// An `AF_INCOMING_MSG`: group, cluster, source address (16-bit),
+    /// source and destination endpoint, broadcast flag, LQI, security,
+    /// timestamp, sequence number, length (one byte), data.
     fn on_incoming(&mut self, payload: &[u8]) {
         if payload.len() < INCOMING_HEADER {
             ZigbeeCounters::bump(&self.counters.unexpected_frames);
@@ -706,6 +792,49 @@ impl State {
             self.bad_message(source, &"AF_INCOMING_MSG shorter than its length byte");
             return;
         };
+        self.on_app_data(source, source_endpoint, lqi, data);
+    }
+
+    /// An `AF_INCOMING_MSG_EXT` (layout checked against zigbee-herdsman
+    /// `definition.ts` `incomingMsgExt` and zigpy-znp `commands/af.py`):
+    /// group, cluster, address mode, source address (8 bytes; a 16-bit one
+    /// in the first two), source endpoint, source PAN, destination
+    /// endpoint, broadcast flag, LQI, security, timestamp, sequence number,
+    /// length (two bytes), data.
+    fn on_incoming_ext(&mut self, payload: &[u8]) {
+        if payload.len() < INCOMING_EXT_HEADER {
+            ZigbeeCounters::bump(&self.counters.unexpected_frames);
+            return;
+        }
+        let cluster = u16::from_le_bytes([payload[2], payload[3]]);
+        let mode = payload[4];
+        let source = u16::from_le_bytes([payload[5], payload[6]]);
+        let (source_endpoint, endpoint) = (payload[13], payload[16]);
+        let lqi = payload[18];
+        let len = usize::from(u16::from_le_bytes([payload[25], payload[26]]));
+        if cluster != ESL_CLUSTER || endpoint != self.cfg.endpoint {
+            debug!(cluster, endpoint, "AF message for another application");
+            return;
+        }
+        if mode != ADDR_MODE_16BIT {
+            self.bad_message(
+                source,
+                &format_args!(
+                    "AF_INCOMING_MSG_EXT with address mode {mode}: no network address to answer"
+                ),
+            );
+            return;
+        }
+        // Z-Stack leaves out data too long for one MT frame (to be fetched
+        // with AF_DATA_RETRIEVE); ESL messages are far shorter.
+        let Some(data) = payload.get(INCOMING_EXT_HEADER..INCOMING_EXT_HEADER + len) else {
+            self.bad_message(source, &"AF_INCOMING_MSG_EXT without its data");
+            return;
+        };
+        self.on_app_data(source, source_endpoint, lqi, data);
+    }
+
+    fn on_app_data(&mut self, source: u16, source_endpoint: u8, lqi: u8, data: &[u8]) {
         let message = match app::decode(data) {
             Ok(message) => message,
             Err(error) => {
@@ -811,6 +940,8 @@ mod tests {
                     endpoint: 1,
                 },
                 unsent: vec![vec![0u8]; more].into(),
+                sent: Some(vec![0u8]),
+                rediscovered: false,
                 stage: Stage::Confirm { trans },
                 deadline: Instant::now() + CONFIRM,
             },
@@ -1011,6 +1142,67 @@ mod tests {
         garbage[INCOMING_HEADER - 1] = 200;
         s.on_incoming(&garbage);
         assert_eq!(s.counters.get("bad_app_messages"), Some(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_route_asks_for_a_route_discovery_once_then_fails() {
+        let mut s = state();
+        in_flight(&mut s, 1, "t1", 7, 0);
+        s.on_confirm(0xCD, 7);
+        assert_eq!(s.in_flight[&1].stage, Stage::Rediscover);
+        assert!(outcomes(&mut s).is_empty(), "not failed yet");
+        assert_eq!(s.next_deadline(), None, "acted on at once");
+        // After the discovery the segment went again and found no route
+        // again: now it fails, retryably.
+        let flight = s.in_flight.get_mut(&1).expect("in flight");
+        flight.rediscovered = true;
+        flight.stage = Stage::Confirm { trans: 8 };
+        s.on_confirm(0xCD, 8);
+        let failure = outcomes(&mut s)[0].result.clone().expect_err("no route");
+        assert!(
+            failure.retryable && failure.reason.contains("route"),
+            "{failure:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn extended_incoming_messages_are_read_like_short_ones() {
+        let mut s = state();
+        let check_in = AppMessage::CheckIn(app::CheckIn {
+            tag_id: "ZB7",
+            battery_mv: None,
+            rssi_dbm: None,
+            displayed: None,
+        });
+        let data = check_in.encode().expect("fits");
+        let mut p = vec![0, 0];
+        p.extend(ESL_CLUSTER.to_le_bytes());
+        p.push(ADDR_MODE_16BIT);
+        p.extend(TAG_NWK.to_le_bytes());
+        p.extend([0; 6]);
+        p.push(1); // source endpoint
+        p.extend([0x62, 0x1A]); // source PAN
+        p.push(s.cfg.endpoint);
+        p.extend([0, 200, 0, 0, 0, 0, 0, 0]); // broadcast, LQI, security, time, seq
+        p.extend((data.len() as u16).to_le_bytes());
+        p.extend(&data);
+        let frame = znp::AF_INCOMING_MSG_EXT
+            .frame(FrameType::Areq, p.clone())
+            .expect("fits");
+        assert!(s.on_areq(&frame).is_ok());
+        assert_eq!(s.tags["ZB7"].nwk, TAG_NWK);
+        assert!(
+            matches!(s.outgoing.pop_front(), Some(RadioEvent::CheckIn(c)) if c.tag_id == "ZB7")
+        );
+        // A 64-bit source cannot be answered; data left out is refused.
+        let mut ieee = p.clone();
+        ieee[4] = 3;
+        s.on_incoming_ext(&ieee);
+        let mut cut = p;
+        cut.truncate(INCOMING_EXT_HEADER + 2);
+        s.on_incoming_ext(&cut);
+        assert!(s.outgoing.is_empty());
+        assert_eq!(s.counters.get("bad_app_messages"), Some(2));
     }
 
     #[test]

@@ -146,6 +146,9 @@ pub struct FakeConfig {
     /// Time the stick takes to reboot (reset, bootloader exit); frames that
     /// arrive meanwhile are lost, as on a real chip.
     pub reboot_ms: u64,
+    /// Tags the coordinator has no route to (confirm 0xCD) until a
+    /// `ZDO_EXT_ROUTE_DISC` names them.
+    pub unrouted: Vec<String>,
 }
 
 impl FakeConfig {
@@ -167,6 +170,7 @@ impl FakeConfig {
             network: None,
             in_bootloader: false,
             reboot_ms: 5,
+            unrouted: Vec::new(),
         }
     }
 }
@@ -197,6 +201,9 @@ pub struct FakeStats {
     /// Networks formed (BDB formation, or a 1.2 start-up without one).
     pub formations: AtomicU64,
     pub nv_writes: AtomicU64,
+    pub route_discoveries: AtomicU64,
+    /// Most offers tags were receiving or rendering at the same time.
+    pub max_offers_at_once: AtomicU64,
 }
 
 impl FakeStats {
@@ -266,6 +273,8 @@ impl FakeCoordinator {
             in_bootloader: cfg.in_bootloader,
             rebooting_until: None,
             bdb_channels: 0,
+            routed: std::collections::HashSet::new(),
+            offers_at_once: 0,
             nv,
             cfg,
             pty: Some(pty),
@@ -469,6 +478,10 @@ struct FakeTask {
     rebooting_until: Option<Instant>,
     /// `APP_CNF_BDB_SET_CHANNEL`'s primary mask.
     bdb_channels: u32,
+    /// Network addresses a route discovery was asked for.
+    routed: std::collections::HashSet<u16>,
+    /// Offers tags are receiving or rendering now.
+    offers_at_once: u64,
     nv: HashMap<u16, Vec<u8>>,
     pty: Option<Pty>,
     decoder: FrameDecoder,
@@ -731,6 +744,12 @@ impl FakeTask {
                 .expect("fits");
             self.timers.add(now + STEP, Action::Send(note));
             self.timers.add(now + STEP, Action::NetworkUp);
+        } else if znp::ZDO_EXT_ROUTE_DISC.is(&frame, FrameType::Sreq) {
+            if let [lo, hi, ..] = payload.as_slice() {
+                bump(&self.stats.route_discoveries);
+                self.routed.insert(u16::from_le_bytes([*lo, *hi]));
+            }
+            self.send(znp::ZDO_EXT_ROUTE_DISC, FrameType::Srsp, vec![0]);
         } else if znp::UTIL_GET_DEVICE_INFO.is(&frame, FrameType::Sreq) {
             let state = if self.running { znp::DEV_ZB_COORD } else { 0 };
             let mut info = vec![0];
@@ -846,6 +865,10 @@ impl FakeTask {
             self.timers.add(now + STEP, Action::Send(confirm(0xCD)));
             return;
         };
+        if self.cfg.unrouted.contains(&self.tags[tag].id) && !self.routed.contains(&nwk) {
+            self.timers.add(now + STEP, Action::Send(confirm(0xCD)));
+            return;
+        }
         let awake = self.tags[tag].awake_until.is_some_and(|until| now <= until);
         if !awake {
             bump(&self.stats.confirms_expired);
@@ -863,6 +886,12 @@ impl FakeTask {
         let awake_ms = Duration::from_millis(self.cfg.awake_ms);
         let receiving = &mut self.tags[tag].receiving;
         if offer.segment == 0 {
+            if receiving.is_none() {
+                self.offers_at_once += 1;
+                self.stats
+                    .max_offers_at_once
+                    .fetch_max(self.offers_at_once, Ordering::Relaxed);
+            }
             *receiving = Some(Receiving {
                 handle: offer.handle,
                 task_id: offer.task_id.to_owned(),
@@ -876,7 +905,9 @@ impl FakeTask {
             .filter(|r| r.handle == offer.handle && r.next == offer.segment)
         else {
             // A segment out of order: the tag forgets the offer.
-            *receiving = None;
+            if receiving.take().is_some() {
+                self.offers_at_once = self.offers_at_once.saturating_sub(1);
+            }
             return;
         };
         r.content.extend_from_slice(offer.content);
@@ -943,6 +974,7 @@ impl FakeTask {
                 hash,
                 busy,
             } => {
+                self.offers_at_once = self.offers_at_once.saturating_sub(1);
                 let status = if busy {
                     UpdateStatus::Busy
                 } else {

@@ -224,6 +224,8 @@ zigbee_counters! {
     result_timeouts,
     /// Confirms and tag results for deliveries no longer in flight.
     late_replies,
+    /// Route discoveries after a "no route" confirm (0xCD).
+    route_discoveries,
     /// Check-ins dropped because the agent did not keep up.
     checkins_dropped,
     /// Successful start-ups of the adapter, and losses of it.

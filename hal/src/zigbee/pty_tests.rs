@@ -638,3 +638,56 @@ async fn backup_of_one_stick_restored_to_a_blank_one_is_resumed_by_the_agent() {
     );
     assert_eq!(saved_network(&cfg), foreign_network());
 }
+
+#[tokio::test]
+async fn deliveries_in_flight_are_capped() {
+    // Tags that stay awake and take a while to render: without a cap every
+    // offer would be at the adapter at once.
+    let mut rig = rig_with(
+        |c| {
+            c.awake_ms = 20_000;
+            c.apply_ms = 150;
+        },
+        |r| {
+            r.max_in_flight = Some(2);
+            r.result_timeout = Duration::from_secs(5);
+        },
+    );
+    wait_up(&mut rig.radio).await;
+    let tags: Vec<String> = (0..6).map(|i| format!("SIM{i:06}")).collect();
+    for tag in &tags {
+        wait_checkin(&mut rig.radio, tag).await;
+    }
+    for (i, tag) in tags.iter().enumerate() {
+        rig.radio
+            .deliver(delivery(tag, &format!("t-cap{i}"), "0011223344556677"))
+            .await
+            .expect("deliver");
+    }
+    for i in 0..tags.len() {
+        let outcome = wait_outcome(&mut rig.radio, &format!("t-cap{i}")).await;
+        assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+    }
+    let at_once = FakeStats::get(&rig.fake.stats().max_offers_at_once);
+    assert_eq!(at_once, 2, "two offers at a time");
+}
+
+#[tokio::test]
+async fn no_route_is_answered_with_a_route_discovery_and_the_offer_goes_again() {
+    let mut rig = rig(|c| {
+        c.unrouted = vec!["SIM000003".to_owned()];
+        c.awake_ms = 2_000;
+    });
+    wait_up(&mut rig.radio).await;
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000003", "t-route", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+    assert_eq!(FakeStats::get(&rig.fake.stats().route_discoveries), 1);
+    assert_eq!(
+        rig.radio.zigbee_counters().get("route_discoveries"),
+        Some(1)
+    );
+}

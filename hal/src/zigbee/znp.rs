@@ -82,7 +82,7 @@ pub const APP_CNF_BDB_COMMISSIONING_NOTIFICATION: Command = Command::new(
     subsystem::APP_CNF,
     0x80,
 );
-pub const ZDO_EXT_NWK_INFO: Command = Command::new("ZDO_EXT_NWK_INFO", subsystem::ZDO, 0x50);
+pub const ZDO_EXT_ROUTE_DISC: Command = Command::new("ZDO_EXT_ROUTE_DISC", subsystem::ZDO, 0x45);
 pub const UTIL_GET_DEVICE_INFO: Command =
     Command::new("UTIL_GET_DEVICE_INFO", subsystem::UTIL, 0x00);
 pub const ZDO_STARTUP_FROM_APP: Command =
