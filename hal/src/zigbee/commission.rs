@@ -32,6 +32,10 @@ const STARTUP_DELAY_MS: u16 = 100;
 const ZAPS_DUPLICATE_ENTRY: u8 = 0xB8;
 /// `APP_CNF_BDB_START_COMMISSIONING` mode: network formation.
 const BDB_FORMATION: u8 = 0x04;
+/// Address mode of a broadcast.
+const ADDR_MODE_BROADCAST: u8 = 0x0F;
+/// Broadcast address of the coordinator and all routers.
+const BROADCAST_ROUTERS: u16 = 0xFFFC;
 /// How often the NIB is read while it settles after a formation.
 const SETTLE_POLL: std::time::Duration = std::time::Duration::from_millis(1000);
 
@@ -126,6 +130,8 @@ pub async fn start_up<P: AsyncRead + AsyncWrite + Unpin + Send>(
     let firmware = wake(znp, cfg).await?;
     let (network, outcome) = own_network(znp, cfg, &firmware).await?;
     register_endpoint(znp, cfg).await?;
+    // Joining is closed until an operator opens it.
+    permit_join(znp, 0).await?;
     Ok(Started {
         firmware,
         network,
@@ -484,6 +490,27 @@ async fn expect_ok<P: AsyncRead + AsyncWrite + Unpin + Send>(
             "{} failed (status {other:02X?})",
             cmd.name
         ))),
+    }
+}
+
+/// `ZDO_MGMT_PERMIT_JOIN_REQ` to the coordinator and all routers
+/// (broadcast 0xFFFC, address mode 0x0F), trust-centre significance 1 (as
+/// zigbee-herdsman `zStackAdapter.ts` `permitJoin` and zigpy-znp
+/// `commands/zdo.py` `MgmtPermitJoinReq`).
+pub async fn permit_join<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    seconds: u8,
+) -> Result<(), ZnpError> {
+    let mut request = vec![ADDR_MODE_BROADCAST];
+    request.extend(BROADCAST_ROUTERS.to_le_bytes());
+    request.extend([seconds, 1]);
+    let reply = znp.request(znp::ZDO_MGMT_PERMIT_JOIN_REQ, request).await?;
+    match reply.first() {
+        Some(0) => Ok(()),
+        other => Err(ZnpError::Malformed {
+            name: znp::ZDO_MGMT_PERMIT_JOIN_REQ.name,
+            detail: format!("refused (status {other:02X?})"),
+        }),
     }
 }
 

@@ -40,7 +40,7 @@ use super::commission::{self, Started};
 use super::firmware;
 use super::frame::FrameType;
 use super::znp::{self, Znp, ZnpError};
-use super::{FlowControl, ZigbeeConfig, ZigbeeCounters};
+use super::{FlowControl, NetworkCommand, ZigbeeConfig, ZigbeeCounters};
 use crate::{CheckIn, Delivery, DeliveryFailure, Outcome, RadioEvent, RadioState, TagId};
 
 /// Events waiting for room in the event channel, at most. Outcomes are never
@@ -132,6 +132,7 @@ pub(super) struct Driver {
     counters: std::sync::Arc<ZigbeeCounters>,
     delivery_rx: mpsc::Receiver<Delivery>,
     event_tx: mpsc::Sender<RadioEvent>,
+    command_rx: mpsc::Receiver<NetworkCommand>,
     state: State,
 }
 
@@ -160,6 +161,7 @@ impl Driver {
         counters: std::sync::Arc<ZigbeeCounters>,
         delivery_rx: mpsc::Receiver<Delivery>,
         event_tx: mpsc::Sender<RadioEvent>,
+        command_rx: mpsc::Receiver<NetworkCommand>,
     ) -> Driver {
         Driver {
             state: State::new(cfg.clone(), counters.clone()),
@@ -167,6 +169,7 @@ impl Driver {
             counters,
             delivery_rx,
             event_tx,
+            command_rx,
         }
     }
 
@@ -181,6 +184,7 @@ impl Driver {
             let connect = connect(&self.cfg, self.counters.clone());
             let away = Away {
                 delivery_rx: &mut self.delivery_rx,
+                command_rx: &mut self.command_rx,
                 event_tx: &self.event_tx,
                 state: &mut self.state,
             };
@@ -221,6 +225,7 @@ impl Driver {
             backoff = (backoff * 2).min(self.cfg.reconnect_max);
             let away = Away {
                 delivery_rx: &mut self.delivery_rx,
+                command_rx: &mut self.command_rx,
                 event_tx: &self.event_tx,
                 state: &mut self.state,
             };
@@ -252,6 +257,23 @@ impl Driver {
                         Err(stop) => return stop,
                     },
                     None => return Stop::Shutdown,
+                },
+                Some(command) = self.command_rx.recv() => match command {
+                    NetworkCommand::PermitJoin { seconds, reply } => {
+                        match commission::permit_join(&mut znp, seconds).await {
+                            Ok(()) => {
+                                info!(seconds, "ZigBee network open for joining");
+                                let _ = reply.send(Ok(()));
+                            }
+                            Err(error) if error.is_link_lost() => {
+                                let _ = reply.send(Err(error.to_string()));
+                                return Stop::Lost(format!("ZigBee adapter lost: {error}"));
+                            }
+                            Err(error) => {
+                                let _ = reply.send(Err(error.to_string()));
+                            }
+                        }
+                    }
                 },
                 // AREQs do not put the ping off: an adapter whose request
                 // handling hangs may still pass on indications.
@@ -289,6 +311,7 @@ impl Driver {
 /// or waiting to reconnect).
 struct Away<'a> {
     delivery_rx: &'a mut mpsc::Receiver<Delivery>,
+    command_rx: &'a mut mpsc::Receiver<NetworkCommand>,
     event_tx: &'a mpsc::Sender<RadioEvent>,
     state: &'a mut State,
 }
@@ -304,6 +327,11 @@ impl Away<'_> {
                 received = self.delivery_rx.recv() => match received {
                     Some(delivery) => self.state.refuse(delivery, "ZigBee adapter not connected"),
                     None => return None,
+                },
+                Some(command) = self.command_rx.recv() => match command {
+                    NetworkCommand::PermitJoin { reply, .. } => {
+                        let _ = reply.send(Err("ZigBee adapter not connected".to_owned()));
+                    }
                 },
                 permit = self.event_tx.reserve(), if !self.state.outgoing.is_empty() => match permit {
                     Ok(permit) => permit.send(self.state.outgoing.pop_front().expect("checked non-empty")),
@@ -718,6 +746,22 @@ impl State {
                 "the ZigBee adapter reset itself (reason {:02X?})",
                 payload.first()
             )));
+        } else if znp::ZDO_END_DEVICE_ANNCE_IND.is(frame, FrameType::Areq) {
+            // source, network address, IEEE address, capabilities.
+            if let [_, _, lo, hi, ieee @ ..] = payload {
+                ZigbeeCounters::bump(&self.counters.device_announces);
+                let ieee: Vec<String> = ieee
+                    .iter()
+                    .take(8)
+                    .rev()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                info!(
+                    nwk = format_args!("{:#06x}", u16::from_le_bytes([*lo, *hi])),
+                    ieee = ieee.concat(),
+                    "device joined or rejoined the network"
+                );
+            }
         } else if znp::ZDO_STATE_CHANGE_IND.is(frame, FrameType::Areq) {
             if payload.first() != Some(&znp::DEV_ZB_COORD) {
                 return Err(Stop::Lost(format!(

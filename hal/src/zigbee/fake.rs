@@ -202,6 +202,9 @@ pub struct FakeStats {
     pub formations: AtomicU64,
     pub nv_writes: AtomicU64,
     pub route_discoveries: AtomicU64,
+    pub permit_join_requests: AtomicU64,
+    /// Seconds of the last permit-join request (u64::MAX: none yet).
+    pub last_permit_join_s: AtomicU64,
     /// Most offers tags were receiving or rendering at the same time.
     pub max_offers_at_once: AtomicU64,
 }
@@ -264,6 +267,7 @@ impl FakeCoordinator {
             .collect();
         let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
         let stats = Arc::new(FakeStats::default());
+        stats.last_permit_join_s.store(u64::MAX, Ordering::Relaxed);
         let link = cfg.link.clone();
         let mut nv = default_nv();
         if let Some(network) = &cfg.network {
@@ -744,6 +748,19 @@ impl FakeTask {
                 .expect("fits");
             self.timers.add(now + STEP, Action::Send(note));
             self.timers.add(now + STEP, Action::NetworkUp);
+        } else if znp::ZDO_MGMT_PERMIT_JOIN_REQ.is(&frame, FrameType::Sreq) {
+            // Address mode, destination, duration, TC significance.
+            let status = match payload.as_slice() {
+                [_, _, _, seconds, _] => {
+                    bump(&self.stats.permit_join_requests);
+                    self.stats
+                        .last_permit_join_s
+                        .store(u64::from(*seconds), Ordering::Relaxed);
+                    0
+                }
+                _ => 0x02,
+            };
+            self.send(znp::ZDO_MGMT_PERMIT_JOIN_REQ, FrameType::Srsp, vec![status]);
         } else if znp::ZDO_EXT_ROUTE_DISC.is(&frame, FrameType::Sreq) {
             if let [lo, hi, ..] = payload.as_slice() {
                 bump(&self.stats.route_discoveries);

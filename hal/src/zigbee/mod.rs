@@ -54,6 +54,22 @@ pub const DELIVERY_CAPACITY: usize = 64;
 /// rest waits in the driver's own queue (see `driver`).
 pub const EVENT_CAPACITY: usize = 256;
 
+/// Capacity of the network-command channel (permit-join): an operator's
+/// commands, one at a time.
+pub const COMMAND_CAPACITY: usize = 4;
+/// Longest permit-join in seconds (255 would mean "for ever" in ZigBee,
+/// which the agent never asks for).
+pub const MAX_PERMIT_JOIN_S: u8 = 254;
+
+/// A network-management command for the driver, answered on `reply`.
+#[derive(Debug)]
+pub(crate) enum NetworkCommand {
+    PermitJoin {
+        seconds: u8,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+}
+
 /// Flow control on the serial line (`radio.zigbee.flow_control`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -224,6 +240,8 @@ zigbee_counters! {
     result_timeouts,
     /// Confirms and tag results for deliveries no longer in flight.
     late_replies,
+    /// Device announces (a device joined or rejoined).
+    device_announces,
     /// Route discoveries after a "no route" confirm (0xCD).
     route_discoveries,
     /// Check-ins dropped because the agent did not keep up.
@@ -253,6 +271,7 @@ impl ZigbeeCounters {
 pub struct ZigbeeRadio {
     channels: DriverChannels,
     counters: Arc<ZigbeeCounters>,
+    command_tx: mpsc::Sender<NetworkCommand>,
 }
 
 impl ZigbeeRadio {
@@ -264,13 +283,35 @@ impl ZigbeeRadio {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ZigbeeError::NoRuntime)?;
         let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_CAPACITY);
         let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
+        let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
         let counters = Arc::new(ZigbeeCounters::default());
-        let driver = driver::Driver::new(cfg, counters.clone(), delivery_rx, event_tx);
+        let driver = driver::Driver::new(cfg, counters.clone(), delivery_rx, event_tx, command_rx);
         runtime.spawn(driver.run());
         Ok(ZigbeeRadio {
             channels: DriverChannels::new("ZigBee driver", delivery_tx, event_rx),
             counters,
+            command_tx,
         })
+    }
+
+    /// Opens the network for joining for `seconds` (0 closes it), at the
+    /// coordinator and every router (`ZDO_MGMT_PERMIT_JOIN_REQ` broadcast).
+    /// Fails when the adapter is not up, or `seconds` is over
+    /// [`MAX_PERMIT_JOIN_S`].
+    pub async fn permit_join(&self, seconds: u8) -> Result<(), String> {
+        if seconds > MAX_PERMIT_JOIN_S {
+            return Err(format!(
+                "permit-join of {seconds} s: at most {MAX_PERMIT_JOIN_S}"
+            ));
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.command_tx
+            .send(NetworkCommand::PermitJoin { seconds, reply })
+            .await
+            .map_err(|_| "the ZigBee driver has stopped".to_owned())?;
+        answer
+            .await
+            .map_err(|_| "the ZigBee driver has stopped".to_owned())?
     }
 
     pub fn zigbee_counters(&self) -> &Arc<ZigbeeCounters> {

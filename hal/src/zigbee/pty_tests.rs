@@ -691,3 +691,32 @@ async fn no_route_is_answered_with_a_route_discovery_and_the_offer_goes_again() 
         Some(1)
     );
 }
+
+#[tokio::test]
+async fn joining_is_closed_at_start_and_opened_on_request() {
+    let mut rig = rig(|_| {});
+    wait_up(&mut rig.radio).await;
+    let stats = rig.fake.stats();
+    assert_eq!(
+        FakeStats::get(&stats.last_permit_join_s),
+        0,
+        "closed at start"
+    );
+    rig.radio.permit_join(120).await.expect("opened");
+    assert_eq!(FakeStats::get(&stats.last_permit_join_s), 120);
+    let error = rig.radio.permit_join(255).await.expect_err("too long");
+    assert!(error.contains("254"), "{error}");
+    // Deliveries still work after it.
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000001", "t-pj", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+
+    rig.fake.unplug().await;
+    wait_down(&mut rig.radio).await;
+    let error = rig.radio.permit_join(60).await.expect_err("no adapter");
+    assert!(error.contains("not connected"), "{error}");
+    assert_eq!(FakeStats::get(&stats.permit_join_requests), 2);
+}

@@ -82,6 +82,10 @@ pub const APP_CNF_BDB_COMMISSIONING_NOTIFICATION: Command = Command::new(
     subsystem::APP_CNF,
     0x80,
 );
+pub const ZDO_MGMT_PERMIT_JOIN_REQ: Command =
+    Command::new("ZDO_MGMT_PERMIT_JOIN_REQ", subsystem::ZDO, 0x36);
+pub const ZDO_END_DEVICE_ANNCE_IND: Command =
+    Command::new("ZDO_END_DEVICE_ANNCE_IND", subsystem::ZDO, 0xC1);
 pub const ZDO_EXT_ROUTE_DISC: Command = Command::new("ZDO_EXT_ROUTE_DISC", subsystem::ZDO, 0x45);
 pub const UTIL_GET_DEVICE_INFO: Command =
     Command::new("UTIL_GET_DEVICE_INFO", subsystem::UTIL, 0x00);
