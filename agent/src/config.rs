@@ -333,6 +333,8 @@ pub struct ZigbeeRadioConfig {
     pub extended_pan_id: Option<String>,
     /// `"report"`, `"restore"`, `"adopt"` or `"form"` (docs/ZIGBEE.md).
     pub on_network_mismatch: NetworkMismatch,
+    /// Refresh of the network file from the stick; 0: never.
+    pub backup_interval_ms: u64,
     /// `[dtr, rts]` states at open; `[]` leaves the lines alone.
     pub bootloader_pins: Vec<[bool; 2]>,
     pub bootloader_skip_byte: bool,
@@ -363,6 +365,7 @@ impl Default for ZigbeeRadioConfig {
             pan_id: d.pan_id,
             extended_pan_id: None,
             on_network_mismatch: d.on_network_mismatch,
+            backup_interval_ms: ms(d.backup_interval),
             bootloader_pins: d
                 .bootloader
                 .pin_states
@@ -403,6 +406,7 @@ impl ZigbeeRadioConfig {
                 .as_deref()
                 .and_then(parse_extended_pan_id),
             on_network_mismatch: self.on_network_mismatch,
+            backup_interval: Duration::from_millis(self.backup_interval_ms),
             bootloader: esl_hal::zigbee::firmware::BootloaderSkip {
                 pin_states: self.bootloader_pins.iter().map(|[d, r]| (*d, *r)).collect(),
                 skip_byte: self.bootloader_skip_byte,

@@ -136,8 +136,7 @@ impl NetworkBackup {
             network_key: NetworkKey {
                 key: hex(&network.network_key),
                 sequence_number: network.key_sequence,
-                // Not read from the stick yet (docs/ZIGBEE.md, "not done").
-                frame_counter: 0,
+                frame_counter: network.frame_counter,
             },
             devices: Vec::new(),
         }
@@ -192,7 +191,20 @@ impl NetworkBackup {
             key_sequence: self.network_key.sequence_number,
             coordinator_ieee,
             tclk_seed,
+            frame_counter: self.network_key.frame_counter,
         })
+    }
+
+    /// This backup with `network`'s values (the same network, later: the
+    /// channel, update id, key sequence, frame counter may have moved);
+    /// devices and other fields read from elsewhere are kept.
+    pub fn updated(&self, network: &StickNetwork, firmware: &str) -> NetworkBackup {
+        let fresh = NetworkBackup::from_network(network, firmware);
+        NetworkBackup {
+            devices: self.devices.clone(),
+            stack_specific: fresh.stack_specific.or_else(|| self.stack_specific.clone()),
+            ..fresh
+        }
     }
 
     /// Reads `path`; `Ok(None)` when it does not exist.
@@ -278,6 +290,7 @@ mod tests {
             key_sequence: 0,
             coordinator_ieee: 0x00124B0011223344,
             tclk_seed: Some([0x5A; 16]),
+            frame_counter: 123_456,
         }
     }
 
@@ -305,7 +318,7 @@ mod tests {
         let net = backup.to_network().expect("valid");
         assert_eq!(net, network());
         assert_eq!(backup.devices.len(), 1, "devices kept");
-        assert_eq!(backup.network_key.frame_counter, 123_456);
+        assert_eq!(net.frame_counter, 123_456);
     }
 
     #[test]

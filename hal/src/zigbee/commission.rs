@@ -32,6 +32,9 @@ const STARTUP_DELAY_MS: u16 = 100;
 const ZAPS_DUPLICATE_ENTRY: u8 = 0xB8;
 /// `APP_CNF_BDB_START_COMMISSIONING` mode: network formation.
 const BDB_FORMATION: u8 = 0x04;
+/// Added to a restored network's frame counter: frames the old stick may
+/// have sent after its last backup (an hour of a busy network is far less).
+pub const FRAME_COUNTER_MARGIN: u32 = 10_000;
 /// Address mode of a broadcast.
 const ADDR_MODE_BROADCAST: u8 = 0x0F;
 /// Broadcast address of the coordinator and all routers.
@@ -222,8 +225,17 @@ async fn own_network<P: AsyncRead + AsyncWrite + Unpin + Send>(
     }
 }
 
-fn save(cfg: &ZigbeeConfig, network: &StickNetwork, fw: &Firmware) -> Result<(), StartError> {
-    NetworkBackup::from_network(network, &fw.to_string()).save(&cfg.network_file)?;
+/// Saves `network` as the agent's; a saved file of the same network is
+/// updated (its devices kept), another one replaced.
+pub fn save(cfg: &ZigbeeConfig, network: &StickNetwork, fw: &Firmware) -> Result<(), StartError> {
+    let firmware = fw.to_string();
+    let backup = match NetworkBackup::load(&cfg.network_file) {
+        Ok(Some(old)) if old.to_network().is_ok_and(|o| o.same_network(network)) => {
+            old.updated(network, &firmware)
+        }
+        _ => NetworkBackup::from_network(network, &firmware),
+    };
+    backup.save(&cfg.network_file)?;
     info!(file = %cfg.network_file.display(), "saved the ZigBee network (Open Coordinator Backup)");
     Ok(())
 }
@@ -353,8 +365,9 @@ pub async fn form<P: AsyncRead + AsyncWrite + Unpin + Send>(
 
 /// Writes a saved network to the stick: forms it with the saved channel,
 /// PAN ids and key, then the saved key sequence number, coordinator
-/// address and (Z-Stack 3) link-key seed, and restarts. The frame counter
-/// and the device tables are not restored (docs/ZIGBEE.md).
+/// address, (Z-Stack 3) link-key seed, and the frame counter (plus
+/// [`FRAME_COUNTER_MARGIN`]), and restarts. The device tables are not
+/// restored (docs/ZIGBEE.md).
 pub async fn restore<P: AsyncRead + AsyncWrite + Unpin + Send>(
     znp: &mut Znp<P>,
     cfg: &ZigbeeConfig,
@@ -379,6 +392,11 @@ pub async fn restore<P: AsyncRead + AsyncWrite + Unpin + Send>(
     if saved.coordinator_ieee != 0 {
         nv::write(znp, nv::id::EXTADDR, &saved.coordinator_ieee.to_le_bytes()).await?;
     }
+    // Joined devices drop frames whose counter is not above the last one
+    // they saw: start above the saved one, with a margin for the frames
+    // sent after the backup was taken.
+    let counter = saved.frame_counter.saturating_add(FRAME_COUNTER_MARGIN);
+    nv::write_frame_counter(znp, fw.stack, saved.extended_pan_id, counter).await?;
     znp.reset(cfg.reset_timeout).await?;
     start_stored(znp, cfg, fw).await?;
     let network = nv::read_network(znp, fw.stack).await?.ok_or_else(|| {

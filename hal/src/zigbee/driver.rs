@@ -39,6 +39,7 @@ use super::app::{self, AppMessage, ESL_CLUSTER};
 use super::commission::{self, Started};
 use super::firmware;
 use super::frame::FrameType;
+use super::nv;
 use super::znp::{self, Znp, ZnpError};
 use super::{FlowControl, NetworkCommand, ZigbeeConfig, ZigbeeCounters};
 use crate::{CheckIn, Delivery, DeliveryFailure, Outcome, RadioEvent, RadioState, TagId};
@@ -201,7 +202,7 @@ impl Driver {
                     ZigbeeCounters::bump(&self.counters.adapter_starts);
                     backoff = self.cfg.reconnect_min;
                     self.state.report(RadioState::Up);
-                    match self.serve(znp).await {
+                    match self.serve(znp, &started).await {
                         Stop::Shutdown => return,
                         Stop::Lost(reason) => {
                             warn!(%port, %reason, "ZigBee adapter lost; reconnecting");
@@ -236,13 +237,18 @@ impl Driver {
     }
 
     /// Serves a started adapter until it is lost or the agent leaves.
-    async fn serve<P: AsyncRead + AsyncWrite + Unpin + Send>(&mut self, mut znp: Znp<P>) -> Stop {
+    async fn serve<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        mut znp: Znp<P>,
+        started: &Started,
+    ) -> Stop {
         let mut next_ping = Instant::now() + self.cfg.ping_interval;
+        // `None`: scheduled backups are off.
+        let mut next_backup = (!self.cfg.backup_interval.is_zero())
+            .then(|| Instant::now() + self.cfg.backup_interval);
         loop {
-            let wake = self
-                .state
-                .next_deadline()
-                .map_or(next_ping, |d| d.min(next_ping));
+            let timers = next_backup.map_or(next_ping, |b| b.min(next_ping));
+            let wake = self.state.next_deadline().map_or(timers, |d| d.min(timers));
             tokio::select! {
                 biased;
                 // Beyond the cap, deliveries wait in the channel (and the
@@ -301,6 +307,12 @@ impl Driver {
                         }
                         next_ping = Instant::now() + self.cfg.ping_interval;
                     }
+                    if next_backup.is_some_and(|at| now >= at) {
+                        if let Err(stop) = scheduled_backup(&self.cfg, &mut znp, started).await {
+                            return stop;
+                        }
+                        next_backup = Some(Instant::now() + self.cfg.backup_interval);
+                    }
                 }
             }
         }
@@ -339,6 +351,39 @@ impl Away<'_> {
                 },
                 output = &mut until => return Some(output),
             }
+        }
+    }
+}
+
+/// The scheduled backup: the stick's network, read again (the frame
+/// counter and channel move), saved over the network file. A stick
+/// that shows another network is not saved: the next start decides.
+async fn scheduled_backup<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    cfg: &ZigbeeConfig,
+    znp: &mut Znp<P>,
+    started: &Started,
+) -> Result<(), Stop> {
+    match nv::read_network(znp, started.firmware.stack).await {
+        Ok(Some(network)) if network.same_network(&started.network) => {
+            match commission::save(cfg, &network, &started.firmware) {
+                Ok(()) => debug!(
+                    frame_counter = network.frame_counter,
+                    "scheduled ZigBee backup"
+                ),
+                Err(error) => warn!(%error, "scheduled ZigBee backup failed"),
+            }
+            Ok(())
+        }
+        Ok(_) => {
+            warn!("the stick no longer shows the agent's network; scheduled backup skipped");
+            Ok(())
+        }
+        Err(error) if error.is_link_lost() => {
+            Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))
+        }
+        Err(error) => {
+            warn!(%error, "scheduled ZigBee backup: cannot read the network");
+            Ok(())
         }
     }
 }

@@ -224,6 +224,7 @@ enum Control {
     CheckinInterval(u64),
     Network(oneshot::Sender<Option<FakeNetwork>>),
     NvItem(u16, oneshot::Sender<Option<Vec<u8>>>),
+    FrameCounter(oneshot::Sender<Option<u32>>),
 }
 
 /// Handle on the fake's task. Dropping it stops the task and closes the PTY.
@@ -270,8 +271,9 @@ impl FakeCoordinator {
         stats.last_permit_join_s.store(u64::MAX, Ordering::Relaxed);
         let link = cfg.link.clone();
         let mut nv = default_nv();
+        let mut ex_nv = HashMap::new();
         if let Some(network) = &cfg.network {
-            store_network(&mut nv, cfg.firmware, network);
+            store_network(&mut nv, &mut ex_nv, cfg.firmware, network);
         }
         let task = FakeTask {
             in_bootloader: cfg.in_bootloader,
@@ -280,6 +282,7 @@ impl FakeCoordinator {
             routed: std::collections::HashSet::new(),
             offers_at_once: 0,
             nv,
+            ex_nv,
             cfg,
             pty: Some(pty),
             decoder: FrameDecoder::new(),
@@ -356,6 +359,13 @@ impl FakeCoordinator {
     pub async fn network(&self) -> Option<FakeNetwork> {
         let (tx, rx) = oneshot::channel();
         self.control(Control::Network(tx)).await;
+        rx.await.expect("the fake answers")
+    }
+
+    /// The network frame counter the stick would send with next.
+    pub async fn frame_counter(&self) -> Option<u32> {
+        let (tx, rx) = oneshot::channel();
+        self.control(Control::FrameCounter(tx)).await;
         rx.await.expect("the fake answers")
     }
 
@@ -487,6 +497,8 @@ struct FakeTask {
     /// Offers tags are receiving or rendering now.
     offers_at_once: u64,
     nv: HashMap<u16, Vec<u8>>,
+    /// Extended NV (Z-Stack 3.30+) of system ZSTACK, by item and sub id.
+    ex_nv: HashMap<(u16, u16), Vec<u8>>,
     pty: Option<Pty>,
     decoder: FrameDecoder,
     /// The coordinator runs on its network (device state 9).
@@ -563,6 +575,9 @@ impl FakeTask {
             Control::SwallowRequests(n) => self.swallow = n,
             Control::Network(reply) => {
                 let _ = reply.send(read_network(&self.nv));
+            }
+            Control::FrameCounter(reply) => {
+                let _ = reply.send(self.frame_counter());
             }
             Control::NvItem(item, reply) => {
                 let _ = reply.send(self.nv.get(&item).cloned());
@@ -641,6 +656,7 @@ impl FakeTask {
                 for item in NETWORK_STATE_ITEMS {
                     self.nv.remove(&item);
                 }
+                self.ex_nv.clear();
             }
             if option.is_some_and(|o| o & 0x01 != 0) {
                 let defaults = default_nv();
@@ -708,6 +724,53 @@ impl FakeTask {
                 _ => 0x02,
             };
             self.send(znp::SYS_OSAL_NV_WRITE, FrameType::Srsp, vec![status]);
+        } else if znp::SYS_NV_READ.is(&frame, FrameType::Sreq) && !z12 {
+            let reply = match payload.as_slice() {
+                [1, il, ih, sl, sh, ol, oh, len] => {
+                    let key = (
+                        u16::from_le_bytes([*il, *ih]),
+                        u16::from_le_bytes([*sl, *sh]),
+                    );
+                    match self.ex_nv.get(&key) {
+                        Some(value) => {
+                            let at = usize::from(u16::from_le_bytes([*ol, *oh]));
+                            let rest = value.get(at..).unwrap_or(&[]);
+                            let rest = &rest[..rest.len().min(usize::from(*len))];
+                            let mut r = vec![0, rest.len() as u8];
+                            r.extend(rest);
+                            r
+                        }
+                        None => vec![NV_ITEM_UNINIT, 0],
+                    }
+                }
+                _ => vec![0x02, 0],
+            };
+            self.send(znp::SYS_NV_READ, FrameType::Srsp, reply);
+        } else if znp::SYS_NV_WRITE.is(&frame, FrameType::Sreq) && !z12 {
+            let status = match payload.as_slice() {
+                [1, il, ih, sl, sh, ol, oh, len, value @ ..]
+                    if value.len() == usize::from(*len) =>
+                {
+                    let key = (
+                        u16::from_le_bytes([*il, *ih]),
+                        u16::from_le_bytes([*sl, *sh]),
+                    );
+                    match self.ex_nv.get_mut(&key) {
+                        Some(item) => {
+                            bump(&self.stats.nv_writes);
+                            let at = usize::from(u16::from_le_bytes([*ol, *oh]));
+                            if item.len() < at + value.len() {
+                                item.resize(at + value.len(), 0);
+                            }
+                            item[at..at + value.len()].copy_from_slice(value);
+                            0
+                        }
+                        None => NV_ITEM_UNINIT,
+                    }
+                }
+                _ => 0x02,
+            };
+            self.send(znp::SYS_NV_WRITE, FrameType::Srsp, vec![status]);
         } else if znp::SYS_OSAL_NV_ITEM_INIT.is(&frame, FrameType::Sreq) {
             let status = match payload.as_slice() {
                 [lo, hi, _, _, init_len, value @ ..] if value.len() == usize::from(*init_len) => {
@@ -852,11 +915,41 @@ impl FakeTask {
             extended_pan_id,
             network_key,
         };
-        store_network(&mut self.nv, self.cfg.firmware, &network);
+        store_network(&mut self.nv, &mut self.ex_nv, self.cfg.firmware, &network);
+    }
+
+    /// The network frame counter's bytes: the network's own entry (3.30+)
+    /// or `NWKKEY`'s tail (1.2).
+    fn frame_counter_mut(&mut self) -> Option<&mut [u8]> {
+        let ext = read_network(&self.nv)?.extended_pan_id;
+        match self.cfg.firmware {
+            FakeFirmware::ZStack3x => self
+                .ex_nv
+                .iter_mut()
+                .find(|((item, _), e)| {
+                    *item == nvid::EX_NWK_SEC_MATERIAL_TABLE
+                        && e.get(4..12) == Some(&ext.to_le_bytes()[..])
+                })
+                .map(|(_, e)| &mut e[..4]),
+            FakeFirmware::ZStack12 => self
+                .nv
+                .get_mut(&nvid::NWKKEY)
+                .and_then(|k| k.get_mut(17..21)),
+        }
+    }
+
+    fn frame_counter(&mut self) -> Option<u32> {
+        let bytes = self.frame_counter_mut()?;
+        Some(u32::from_le_bytes(bytes.try_into().ok()?))
     }
 
     fn on_data_request(&mut self, payload: &[u8], now: Instant) {
         bump(&self.stats.data_requests);
+        // Every frame the coordinator sends counts.
+        if let Some(counter) = self.frame_counter_mut() {
+            let next = u32::from_le_bytes([counter[0], counter[1], counter[2], counter[3]]) + 1;
+            counter.copy_from_slice(&next.to_le_bytes());
+        }
         // dst(2) dst_ep src_ep cluster(2) trans options radius len data
         if payload.len() < 10 || payload.len() < 10 + usize::from(payload[9]) || !self.running {
             self.send(znp::AF_DATA_REQUEST, FrameType::Srsp, vec![0x02]);
@@ -1063,8 +1156,9 @@ const NV_ITEM_UNINIT: u8 = 0x09;
 const NV_OPER_FAILED: u8 = 0x0A;
 
 /// Items a "clear network state" start-up option removes.
-const NETWORK_STATE_ITEMS: [u16; 5] = [
+const NETWORK_STATE_ITEMS: [u16; 6] = [
     nvid::NIB,
+    nvid::NWKKEY,
     nvid::NWK_ACTIVE_KEY_INFO,
     nvid::BDBNODEISONANETWORK,
     nvid::HAS_CONFIGURED_ZSTACK3,
@@ -1117,7 +1211,35 @@ fn default_nv() -> HashMap<u16, Vec<u8>> {
 }
 
 /// Stores `network` as the firmware would after forming it.
-fn store_network(nv: &mut HashMap<u16, Vec<u8>>, firmware: FakeFirmware, network: &FakeNetwork) {
+fn store_network(
+    nv: &mut HashMap<u16, Vec<u8>>,
+    ex_nv: &mut HashMap<(u16, u16), Vec<u8>>,
+    firmware: FakeFirmware,
+    network: &FakeNetwork,
+) {
+    // The frame counter: Z-Stack 3.30+ keeps it in the security-material
+    // table (a global entry, then the network's), 1.2 after the key in
+    // NWKKEY.
+    let entry = |counter: u32, ext: u64| {
+        let mut e = counter.to_le_bytes().to_vec();
+        e.extend(ext.to_le_bytes());
+        e
+    };
+    match firmware {
+        FakeFirmware::ZStack3x => {
+            ex_nv.insert((nvid::EX_NWK_SEC_MATERIAL_TABLE, 0), entry(7, u64::MAX));
+            ex_nv.insert(
+                (nvid::EX_NWK_SEC_MATERIAL_TABLE, 1),
+                entry(0, network.extended_pan_id),
+            );
+        }
+        FakeFirmware::ZStack12 => {
+            let mut item = vec![0];
+            item.extend(network.network_key);
+            item.extend(0u32.to_le_bytes());
+            nv.insert(nvid::NWKKEY, item);
+        }
+    }
     let nib = Nib {
         security_level: 5,
         channel: network.channel,

@@ -137,6 +137,9 @@ pub struct ZigbeeConfig {
     pub pan_id: Option<u16>,
     pub extended_pan_id: Option<u64>,
     pub on_network_mismatch: NetworkMismatch,
+    /// How often the network file is refreshed from the stick (frame
+    /// counter, channel) while it runs; zero: never.
+    pub backup_interval: Duration,
     /// Data requests in flight at once; `None`: by firmware (16 on Z-Stack
     /// 3.x.0 sticks, 4 on older ones).
     pub max_in_flight: Option<usize>,
@@ -174,6 +177,7 @@ impl Default for ZigbeeConfig {
             pan_id: None,
             extended_pan_id: None,
             on_network_mismatch: NetworkMismatch::Report,
+            backup_interval: Duration::from_secs(3600),
             max_in_flight: None,
             sreq_timeout: Duration::from_millis(2_000),
             reset_timeout: Duration::from_millis(10_000),

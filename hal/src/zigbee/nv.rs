@@ -44,7 +44,28 @@ pub mod id {
     /// Z-Stack 3: seed of the per-device trust-centre link keys.
     pub const TCLK_SEED: u16 = 0x0101;
     pub const HAS_CONFIGURED_ZSTACK1: u16 = 0x0F00;
+    /// Z-Stack 3.0.x: network security material (frame counter and
+    /// extended PAN id), one entry per item from here…
+    pub const LEGACY_NWK_SEC_MATERIAL_TABLE_START: u16 = 0x0075;
+    /// …to here.
+    pub const LEGACY_NWK_SEC_MATERIAL_TABLE_END: u16 = 0x0080;
+    /// Z-Stack 1.2: the active key and its frame counter.
+    pub const NWKKEY: u16 = 0x0082;
+    /// Z-Stack 3.30+ (extended NV, system ZSTACK): the security material
+    /// table, one entry per sub id (zigpy-znp `ExNvIds`).
+    pub const EX_NWK_SEC_MATERIAL_TABLE: u16 = 0x0007;
 }
+
+/// Extended NV system id of Z-Stack's items (zigpy-znp `NvSysIds.ZSTACK`).
+pub const NV_SYS_ZSTACK: u8 = 1;
+/// A security-material entry: frame counter (4), extended PAN id (8).
+const SEC_MATERIAL_LEN: usize = 12;
+/// Entries of the 3.30+ security-material table read at most (zigpy-znp
+/// calls the tables "quite small (4 values)").
+const SEC_MATERIAL_MAX: u16 = 16;
+/// Offset of the frame counter in Z-Stack 1.2's `NWKKEY` item: after the
+/// active key descriptor (sequence number, 16-byte key).
+const NWKKEY_COUNTER_AT: usize = 17;
 
 /// Value both hosts write to the "has configured" item after forming.
 pub const CONFIGURED: u8 = 0x55;
@@ -165,6 +186,8 @@ pub struct StickNetwork {
     pub coordinator_ieee: u64,
     /// Z-Stack 3 only.
     pub tclk_seed: Option<[u8; 16]>,
+    /// The coordinator's outgoing network frame counter; 0 when unknown.
+    pub frame_counter: u32,
 }
 
 /// Never prints the key.
@@ -361,7 +384,11 @@ pub async fn read_network<P: AsyncRead + AsyncWrite + Unpin + Send>(
             .await?
             .and_then(|seed| <[u8; 16]>::try_from(seed.get(..16)?).ok()),
     };
+    let frame_counter = read_frame_counter(znp, stack, nib.extended_pan_id)
+        .await?
+        .unwrap_or(0);
     Ok(Some(StickNetwork {
+        frame_counter,
         channel: nib.channel,
         channel_mask: nib.channel_list,
         pan_id: nib.pan_id,
@@ -373,6 +400,163 @@ pub async fn read_network<P: AsyncRead + AsyncWrite + Unpin + Send>(
         coordinator_ieee: ieee,
         tclk_seed,
     }))
+}
+
+/// Where the network frame counter lives.
+enum CounterAt {
+    /// An OSAL item, at this offset.
+    Osal { item: u16, offset: u8 },
+    /// An extended-NV security-material entry (offset 0).
+    Ex { sub: u16 },
+}
+
+/// Finds the frame counter of the network `ext_pan_id` (or the global
+/// entry, extended PAN id all ones), as zigpy-znp `znp/security.py`
+/// `read_nwk_frame_counter` does.
+async fn find_counter<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    stack: ZStack,
+    ext_pan_id: u64,
+) -> Result<Option<(CounterAt, u32)>, ZnpError> {
+    let counter_of = |entry: &[u8]| -> Option<(u32, u64)> {
+        let counter = u32::from_le_bytes(entry.get(..4)?.try_into().ok()?);
+        let ext = u64::from_le_bytes(entry.get(4..12)?.try_into().ok()?);
+        Some((counter, ext))
+    };
+    let mut global = None;
+    match stack {
+        ZStack::V1_2 => {
+            let at = NWKKEY_COUNTER_AT;
+            let found = read(znp, id::NWKKEY)
+                .await?
+                .and_then(|item| Some(u32::from_le_bytes(item.get(at..at + 4)?.try_into().ok()?)));
+            return Ok(found.map(|counter| {
+                (
+                    CounterAt::Osal {
+                        item: id::NWKKEY,
+                        offset: at as u8,
+                    },
+                    counter,
+                )
+            }));
+        }
+        ZStack::V3_0 => {
+            for item in
+                id::LEGACY_NWK_SEC_MATERIAL_TABLE_START..=id::LEGACY_NWK_SEC_MATERIAL_TABLE_END
+            {
+                let Some(entry) = read(znp, item).await? else {
+                    break;
+                };
+                match counter_of(&entry) {
+                    Some((counter, ext)) if ext == ext_pan_id => {
+                        return Ok(Some((CounterAt::Osal { item, offset: 0 }, counter)))
+                    }
+                    Some((counter, u64::MAX)) => {
+                        global = Some((CounterAt::Osal { item, offset: 0 }, counter))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        ZStack::V3x => {
+            for sub in 0..SEC_MATERIAL_MAX {
+                let Some(entry) = ex_read(znp, id::EX_NWK_SEC_MATERIAL_TABLE, sub).await? else {
+                    break;
+                };
+                match counter_of(&entry) {
+                    Some((counter, ext)) if ext == ext_pan_id => {
+                        return Ok(Some((CounterAt::Ex { sub }, counter)))
+                    }
+                    Some((counter, u64::MAX)) => global = Some((CounterAt::Ex { sub }, counter)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(global)
+}
+
+/// The network frame counter of `ext_pan_id`; `None` when the stick has no
+/// entry for it.
+pub async fn read_frame_counter<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    stack: ZStack,
+    ext_pan_id: u64,
+) -> Result<Option<u32>, ZnpError> {
+    Ok(find_counter(znp, stack, ext_pan_id)
+        .await?
+        .map(|(_, counter)| counter))
+}
+
+/// Sets the network frame counter of `ext_pan_id` (which must be the
+/// stick's network: the entry exists once it is formed).
+pub async fn write_frame_counter<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    stack: ZStack,
+    ext_pan_id: u64,
+    counter: u32,
+) -> Result<(), ZnpError> {
+    let Some((at, _)) = find_counter(znp, stack, ext_pan_id).await? else {
+        return Err(ZnpError::Malformed {
+            name: znp::SYS_OSAL_NV_WRITE.name,
+            detail: "no security material for the network: cannot set its frame counter".into(),
+        });
+    };
+    let value = counter.to_le_bytes();
+    match at {
+        CounterAt::Osal { item, offset } => {
+            let mut request = item.to_le_bytes().to_vec();
+            request.extend([offset, value.len() as u8]);
+            request.extend(value);
+            let reply = znp.request(znp::SYS_OSAL_NV_WRITE, request).await?;
+            match reply.first() {
+                Some(0) => Ok(()),
+                other => Err(nv_failed(znp::SYS_OSAL_NV_WRITE.name, item, other)),
+            }
+        }
+        CounterAt::Ex { sub } => {
+            let mut request = vec![NV_SYS_ZSTACK];
+            request.extend(id::EX_NWK_SEC_MATERIAL_TABLE.to_le_bytes());
+            request.extend(sub.to_le_bytes());
+            request.extend(0u16.to_le_bytes());
+            request.push(value.len() as u8);
+            request.extend(value);
+            let reply = znp.request(znp::SYS_NV_WRITE, request).await?;
+            match reply.first() {
+                Some(0) => Ok(()),
+                other => Err(nv_failed(
+                    znp::SYS_NV_WRITE.name,
+                    id::EX_NWK_SEC_MATERIAL_TABLE,
+                    other,
+                )),
+            }
+        }
+    }
+}
+
+/// One extended-NV security-material entry; `None` past the table's end.
+async fn ex_read<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    item: u16,
+    sub: u16,
+) -> Result<Option<Vec<u8>>, ZnpError> {
+    let mut request = vec![NV_SYS_ZSTACK];
+    request.extend(item.to_le_bytes());
+    request.extend(sub.to_le_bytes());
+    request.extend(0u16.to_le_bytes());
+    request.push(SEC_MATERIAL_LEN as u8);
+    let reply = match znp.request(znp::SYS_NV_READ, request).await {
+        Ok(reply) => reply,
+        // A 3.0 build mistaken for 3.30+: no extended NV.
+        Err(ZnpError::Rpc { .. }) => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    match reply.as_slice() {
+        [0, len, value @ ..] if value.len() >= usize::from(*len) => {
+            Ok(Some(value[..usize::from(*len)].to_vec()))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Channel list as a bit mask (`CHANLIST`, `APP_CNF_BDB_SET_CHANNEL`).
@@ -452,6 +636,7 @@ mod tests {
             key_sequence: 0,
             coordinator_ieee: 3,
             tclk_seed: None,
+            frame_counter: 0,
         };
         let shown = format!("{net:?}");
         assert!(!shown.to_lowercase().contains("abab"), "{shown}");

@@ -545,6 +545,11 @@ async fn replaced_stick_is_down_until_the_saved_network_is_restored_to_it() {
         Some(ours.clone()),
         "our network on the new stick"
     );
+    assert_eq!(
+        fake.frame_counter().await,
+        Some(super::commission::FRAME_COUNTER_MARGIN),
+        "the 1.2 counter (in NWKKEY) above the saved one"
+    );
     assert_eq!(saved_network(&cfg), ours, "the saved network unchanged");
     assert_eq!(
         radio.zigbee_counters().get("rpc_errors"),
@@ -609,9 +614,12 @@ async fn backup_of_one_stick_restored_to_a_blank_one_is_resumed_by_the_agent() {
     assert_eq!(json["extended_pan_id"], "0123456789abcdef");
     assert_eq!(json["channel"], 25);
     assert_eq!(json["network_key"]["key"], "42".repeat(16));
+    // The network's own counter, not the stick's global entry (7).
+    assert_eq!(json["network_key"]["frame_counter"], 0);
     drop(old);
-    // As if it came from another stick.
+    // As if it came from another stick that sent 5000 frames.
     backup.coordinator_ieee = "00124b00aabbccdd".to_owned();
+    backup.network_key.frame_counter = 5_000;
     let deadline = Instant::now() + PATIENCE;
     while port.symlink_metadata().is_ok() {
         assert!(Instant::now() < deadline, "the old fake never ended");
@@ -627,6 +635,11 @@ async fn backup_of_one_stick_restored_to_a_blank_one_is_resumed_by_the_agent() {
         blank.nv_item(nvid::EXTADDR).await,
         Some(0x00124B00_AABBCCDDu64.to_le_bytes().to_vec()),
         "the coordinator address from the backup"
+    );
+    assert_eq!(
+        blank.frame_counter().await,
+        Some(5_000 + super::commission::FRAME_COUNTER_MARGIN),
+        "frames go out above the old stick's counter"
     );
     let formations = FakeStats::get(&blank.stats().formations);
     let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
@@ -719,4 +732,32 @@ async fn joining_is_closed_at_start_and_opened_on_request() {
     let error = rig.radio.permit_join(60).await.expect_err("no adapter");
     assert!(error.contains("not connected"), "{error}");
     assert_eq!(FakeStats::get(&stats.permit_join_requests), 2);
+}
+
+#[tokio::test]
+async fn scheduled_backups_keep_the_frame_counter_current() {
+    let mut rig = rig_with(|_| {}, |r| r.backup_interval = Duration::from_millis(100));
+    wait_up(&mut rig.radio).await;
+    let cfg = radio_config(rig.fake.port());
+    let file_counter = || {
+        NetworkBackup::load(&cfg.network_file)
+            .expect("readable")
+            .expect("saved")
+            .network_key
+            .frame_counter
+    };
+    assert_eq!(file_counter(), 0, "just formed");
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000002", "t-bk", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+    let sent = rig.fake.frame_counter().await.expect("a counter");
+    assert!(sent > 0);
+    let deadline = Instant::now() + PATIENCE;
+    while file_counter() < sent {
+        assert!(Instant::now() < deadline, "no backup with counter {sent}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

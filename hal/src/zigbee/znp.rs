@@ -73,6 +73,9 @@ pub const SYS_OSAL_NV_READ: Command = Command::new("SYS_OSAL_NV_READ", subsystem
 pub const SYS_OSAL_NV_WRITE: Command = Command::new("SYS_OSAL_NV_WRITE", subsystem::SYS, 0x09);
 pub const SYS_OSAL_NV_DELETE: Command = Command::new("SYS_OSAL_NV_DELETE", subsystem::SYS, 0x12);
 pub const SYS_OSAL_NV_LENGTH: Command = Command::new("SYS_OSAL_NV_LENGTH", subsystem::SYS, 0x13);
+/// The extended NV API of Z-Stack 3.30+ (system id, item id, sub id).
+pub const SYS_NV_READ: Command = Command::new("SYS_NV_READ", subsystem::SYS, 0x33);
+pub const SYS_NV_WRITE: Command = Command::new("SYS_NV_WRITE", subsystem::SYS, 0x34);
 pub const APP_CNF_BDB_START_COMMISSIONING: Command =
     Command::new("APP_CNF_BDB_START_COMMISSIONING", subsystem::APP_CNF, 0x05);
 pub const APP_CNF_BDB_SET_CHANNEL: Command =
