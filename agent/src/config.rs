@@ -1219,6 +1219,41 @@ mod tests {
     }
 
     #[test]
+    fn zigbee_network_keys_parse_and_the_network_file_sits_next_to_the_store() {
+        let c = Config::from_toml(&with(
+            "",
+            "[radio]\nkind = \"zigbee\"\n[radio.zigbee]\nchannels = [15, 20]\npan_id = 6754\n\
+             extended_pan_id = \"00124b0012345678\"\non_network_mismatch = \"restore\"\n\
+             bootloader_pins = []\nbootloader_skip_byte = false\nmax_in_flight = 8",
+        ))
+        .unwrap();
+        let z = c.radio.zigbee.to_hal();
+        assert_eq!(z.channels, [15, 20]);
+        assert_eq!(z.pan_id, Some(0x1A62));
+        assert_eq!(z.extended_pan_id, Some(0x0012_4B00_1234_5678));
+        assert_eq!(z.on_network_mismatch, NetworkMismatch::Restore);
+        assert!(z.bootloader.pin_states.is_empty() && !z.bootloader.skip_byte);
+        assert_eq!(z.max_in_flight, Some(8));
+        assert_eq!(
+            z.network_file,
+            c.store.path.with_file_name("zigbee-network.json")
+        );
+        Config::from_toml(&c.redacted_toml()).unwrap();
+        for (toml, key) in [
+            ("extended_pan_id = \"12\"", "radio.zigbee.extended_pan_id"),
+            ("channels = [27]", "radio.zigbee.channels"),
+            ("pan_id = 65535", "radio.zigbee.pan_id"),
+        ] {
+            let err = Config::from_toml(&with(
+                "",
+                &format!("[radio]\nkind = \"zigbee\"\n[radio.zigbee]\n{toml}"),
+            ))
+            .unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
     fn ble_radio_config_is_validated_with_key_names() {
         let ok = Config::from_toml(&with(
             "",
