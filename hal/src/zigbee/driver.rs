@@ -1,7 +1,8 @@
 //! The ZigBee driver task: owns the serial port and everything in flight on
 //! it. One task for the adapter and all tags.
 //!
-//! Reads `delivery_rx` (offers from the agent) and the adapter's AREQs;
+//! Reads `delivery_rx` (offers from the agent), `command_rx` (permit-join)
+//! and the adapter's AREQs;
 //! writes `event_tx` (check-ins, outcomes, radio state) through its own
 //! `outgoing` queue, so that it never waits on the agent outside its
 //! `select!` (the agent may be blocked in `deliver` meanwhile).

@@ -7,16 +7,18 @@
 //! network as Open Coordinator Backup JSON), [`commission`] (start-up:
 //! forming, resuming, restoring or adopting the network), [`app`] (the ESL
 //! messages inside AF frames, postcard), `driver` (the one task that owns
-//! the port: connect, delivery, adapter loss and reconnect), this file (config, counters and [`ZigbeeRadio`], the
-//! agent's handle). `fake` (feature `fake`) is a ZNP coordinator with
-//! simulated tags on a pseudo-terminal, for tests.
+//! the port: connect, delivery, adapter loss and reconnect), this file
+//! (config, counters and [`ZigbeeRadio`], the agent's handle). `fake`
+//! (feature `fake`) is a ZNP coordinator with simulated tags on a
+//! pseudo-terminal, for tests.
 //!
 //! Channels: [`ZigbeeRadio::deliver`] writes `delivery_tx` (bounded,
 //! [`DELIVERY_CAPACITY`]); the driver reads it and writes `event_tx`
 //! (bounded, [`EVENT_CAPACITY`]); [`ZigbeeRadio::next_event`] reads
-//! `event_rx`. As in the simulator, the driver never awaits an event send
-//! outside its `select!`, so an agent blocked in `deliver` cannot deadlock
-//! it.
+//! `event_rx`; [`ZigbeeRadio::permit_join`] writes `command_tx` (bounded,
+//! [`COMMAND_CAPACITY`]) with a oneshot for the answer. As in the
+//! simulator, the driver never awaits an event send outside its `select!`,
+//! so an agent blocked in `deliver` cannot deadlock it.
 //!
 //! The adapter may vanish at any time (USB unplugged, firmware hung): the
 //! driver then reports [`RadioState::Down`](crate::RadioState), fails what
