@@ -113,6 +113,37 @@ pub const RESET_SOFT: u8 = 1;
 /// network's coordinator.
 pub const DEV_ZB_COORD: u8 = 9;
 
+/// A frame for the log: NV item reads and writes carry key material (the
+/// network key, the link-key seed), so their payload is left out.
+pub struct Logged<'a>(pub &'a Frame);
+
+impl std::fmt::Debug for Logged<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nv = [
+            SYS_OSAL_NV_READ,
+            SYS_OSAL_NV_WRITE,
+            SYS_OSAL_NV_ITEM_INIT,
+            SYS_NV_READ,
+            SYS_NV_WRITE,
+        ];
+        let frame = self.0;
+        if nv
+            .iter()
+            .any(|cmd| frame.subsystem() == cmd.subsystem && frame.cmd1() == cmd.id)
+        {
+            write!(
+                f,
+                "Frame({:02X} {:02X} [{} bytes of NV data])",
+                frame.cmd0(),
+                frame.cmd1(),
+                frame.payload().len()
+            )
+        } else {
+            frame.fmt(f)
+        }
+    }
+}
+
 /// What went wrong talking to the adapter.
 #[derive(Debug, thiserror::Error)]
 pub enum ZnpError {
@@ -324,7 +355,7 @@ impl<P: AsyncRead + AsyncWrite + Unpin + Send> Znp<P> {
                         return Ok(frame.payload().to_vec());
                     }
                     debug!(
-                        ?frame,
+                        frame = ?Logged(&frame),
                         waiting_for = cmd.name,
                         "ignoring AREQ during start-up"
                     );
@@ -394,14 +425,14 @@ impl<P: AsyncRead + AsyncWrite + Unpin + Send> Znp<P> {
     fn stale(&self, frame: &Frame) {
         ZigbeeCounters::bump(&self.counters.stale_responses);
         debug!(
-            ?frame,
+            frame = ?Logged(frame),
             "SRSP without a matching request (late answer); dropped"
         );
     }
 
     fn unexpected(&self, frame: &Frame) {
         ZigbeeCounters::bump(&self.counters.unexpected_frames);
-        debug!(?frame, "frame type the adapter should not send; dropped");
+        debug!(frame = ?Logged(frame), "frame type the adapter should not send; dropped");
     }
 }
 
@@ -616,5 +647,22 @@ mod tests {
         };
         let (reset, ()) = tokio::join!(znp.reset(Duration::from_secs(5)), stick);
         assert_eq!(reset.expect("reset"), [0x00]);
+    }
+
+    #[test]
+    fn nv_payloads_are_not_logged() {
+        let key = [0xAB; 16];
+        let mut reply = vec![0, 17, 0];
+        reply.extend(key);
+        let nv = SYS_OSAL_NV_READ
+            .frame(FrameType::Srsp, reply)
+            .expect("frame");
+        let shown = format!("{:?}", Logged(&nv));
+        assert!(!shown.contains("AB"), "{shown}");
+        assert!(shown.contains("19 bytes of NV data"), "{shown}");
+        let ping = SYS_PING
+            .frame(FrameType::Srsp, vec![0x59, 0x06])
+            .expect("frame");
+        assert!(format!("{:?}", Logged(&ping)).contains("59 06"));
     }
 }
