@@ -599,7 +599,7 @@ mod tests {
     }
 
     #[test]
-    fn packed_nib_offsets_match_a_cc2531_dump() {
+    fn packed_nib_offsets_follow_the_herdsman_struct() {
         // Channel 11, PAN 0x1A62, extended PAN DD..DD, channel list 0x800
         // (channel 11), key loaded: the fields at the offsets herdsman's
         // struct puts them on an 8-bit target.
