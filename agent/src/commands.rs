@@ -32,19 +32,20 @@ use crate::wire::{self, ErrorCode, Reply, ReplyError};
 
 /// Every method the agent implements (PROTOCOL §7), in the order of the
 /// unknown-method message; `security.allowed_methods` is a subset.
-pub const METHODS: [&str; 6] = [
+pub const METHODS: [&str; 7] = [
     "agent.status",
     "tags.list",
     "tag.get",
     "tasks.list",
     "task.cancel",
     "tag.refresh",
+    "network.permit_join",
 ];
 
 /// Methods that change state: run only from signed commands unless
 /// `security.allow_unsigned_methods` names them. Every new method that
 /// changes anything belongs here.
-pub const MUTATING: [&str; 2] = ["task.cancel", "tag.refresh"];
+pub const MUTATING: [&str; 3] = ["task.cancel", "tag.refresh", "network.permit_join"];
 
 /// Page size of listings when the request names none.
 const DEFAULT_LIMIT: usize = 50;
@@ -277,11 +278,44 @@ fn dispatch(
         "tasks.list" => tasks_list(state, params)?,
         "task.cancel" => task_cancel(state, params, now, change)?,
         "tag.refresh" => tag_refresh(state, params, now)?,
+        "network.permit_join" => permit_join(state, params),
         other => Err(error(
             ErrorCode::UnknownMethod,
             format!("unknown method {other:?}; known: {}", METHODS.join(", ")),
         )),
     })
+}
+
+/// Longest permit-join the ZigBee standard allows in one request (255 means
+/// "until closed", which the agent does not offer: a network left open lets
+/// any device join).
+const MAX_PERMIT_JOIN_S: u64 = 254;
+
+/// `network.permit_join {"seconds": N}`: asks the radio task to open the
+/// network for joining (0 closes it). The reply says the request was
+/// handed to the radio; the radio's own answer is logged (the engine does
+/// not wait for the radio, whose adapter may be slow or restarting).
+fn permit_join(state: &State, params: &Value) -> MethodResult {
+    let seconds = match params.get("seconds").and_then(Value::as_u64) {
+        Some(s) if s <= MAX_PERMIT_JOIN_S => s as u8,
+        _ => {
+            return Err(error(
+                ErrorCode::BadParams,
+                format!("params.seconds must be a whole number from 0 to {MAX_PERMIT_JOIN_S}"),
+            ))
+        }
+    };
+    let Some(tx) = state.radio_control() else {
+        return Err(error(ErrorCode::InvalidState, "no radio is running"));
+    };
+    let (reply, _answer) = tokio::sync::oneshot::channel();
+    match tx.try_send(crate::radio::RadioControl::PermitJoin { seconds, reply }) {
+        Ok(()) => Ok(json!({"requested": true, "seconds": seconds})),
+        Err(_) => Err(error(
+            ErrorCode::InvalidState,
+            "the radio is busy with earlier requests; try again in a moment",
+        )),
+    }
 }
 
 fn agent_status(state: &State, _now: u64) -> Value {
@@ -693,6 +727,41 @@ mod tests {
         assert_eq!(replies[0].1["error"]["code"], "not_found", "{replies:?}");
         let replies = f.command(refresh).await;
         assert_eq!(replies[0].1["error"]["code"], "forbidden", "{replies:?}");
+    }
+
+    /// Issue 15: `network.permit_join` reaches the radio task's control
+    /// channel, only from a signed command (or one the config allows
+    /// unsigned), with its seconds checked.
+    #[tokio::test]
+    async fn permit_join_is_a_signed_request_handed_to_the_radio() {
+        let permit = |seconds: Value| {
+            json!({"v": 1, "req_id": "r-1", "method": "network.permit_join",
+                "params": {"seconds": seconds}, "reply_to": "GID_backend@@@c1"})
+        };
+        let mut f = fixture("");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        f.state.set_radio_control(tx);
+        let replies = f.command(permit(json!(120))).await;
+        assert_eq!(replies[0].1["error"]["code"], "forbidden", "{replies:?}");
+        assert!(rx.try_recv().is_err(), "nothing reaches the radio unsigned");
+
+        let mut f = fixture("[security]\nallow_unsigned_methods = [\"network.permit_join\"]\n");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        f.state.set_radio_control(tx);
+        for bad in [json!(255), json!(-1), json!("60"), json!(null)] {
+            let replies = f.command(permit(bad.clone())).await;
+            assert_eq!(
+                replies[0].1["error"]["code"], "bad_params",
+                "{bad}: {replies:?}"
+            );
+        }
+        assert!(rx.try_recv().is_err());
+        let replies = f.command(permit(json!(120))).await;
+        assert_eq!(replies[0].1["result"]["seconds"], 120, "{replies:?}");
+        match rx.try_recv() {
+            Ok(crate::radio::RadioControl::PermitJoin { seconds, .. }) => assert_eq!(seconds, 120),
+            other => panic!("the radio got {other:?}"),
+        }
     }
 
     /// Issue 14 item 4: a command flood (or a forged-task flood with

@@ -241,6 +241,9 @@ pub struct State {
     verifier: Verifier,
     /// Bounds command replies and rejection acks (issue 14).
     limiter: ReplyLimiter,
+    /// Requests to the radio task (`network.permit_join`); `None` until
+    /// [`State::set_radio_control`] (tests without a radio).
+    radio_control: Option<mpsc::Sender<crate::radio::RadioControl>>,
 }
 
 impl State {
@@ -272,6 +275,7 @@ impl State {
             tags,
             refresh: Default::default(),
             link: None,
+            radio_control: None,
             radio: RadioState::Down {
                 reason: "starting".into(),
             },
@@ -898,6 +902,15 @@ impl State {
 
     pub fn radio_state(&self) -> &RadioState {
         &self.radio
+    }
+
+    /// The radio task's control channel, for `network.permit_join`.
+    pub fn set_radio_control(&mut self, tx: mpsc::Sender<crate::radio::RadioControl>) {
+        self.radio_control = Some(tx);
+    }
+
+    pub fn radio_control(&self) -> Option<&mpsc::Sender<crate::radio::RadioControl>> {
+        self.radio_control.as_ref()
     }
 
     pub fn set_link(&mut self, link: tokio::sync::watch::Receiver<crate::mqtt::LinkState>) {

@@ -154,10 +154,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     state.set_verifier(security.verifier);
 
     state.set_link(link_rx.clone());
+    let (control_tx, control_rx) = mpsc::channel(radio::CONTROL_CAPACITY);
+    state.set_radio_control(control_tx);
     let mut tasks = JoinSet::new();
     let radio = RadioWiring {
         event_tx,
         delivery_rx,
+        control_rx,
         shutdown: shutdown.clone(),
     };
     match config.radio.kind {
@@ -308,6 +311,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 struct RadioWiring {
     event_tx: mpsc::Sender<RadioEvent>,
     delivery_rx: mpsc::Receiver<Delivery>,
+    control_rx: mpsc::Receiver<radio::RadioControl>,
     shutdown: CancellationToken,
 }
 
@@ -329,6 +333,7 @@ impl RadioWiring {
             radio: backend,
             event_tx: self.event_tx,
             delivery_rx: self.delivery_rx,
+            control_rx: self.control_rx,
             shutdown: self.shutdown,
         };
         tasks.spawn(async move {

@@ -69,6 +69,9 @@ enum Command {
         #[arg(long, default_value_t = 1_000)]
         limit: usize,
     },
+    /// ZigBee network operations on the running agent.
+    #[command(subcommand)]
+    Zigbee(ZigbeeCommand),
     /// Run broker, agent, simulated tags and back end on this machine and show what happens.
     #[cfg(feature = "demo")]
     Demo(esl_agent::demo::DemoOptions),
@@ -78,6 +81,17 @@ enum Command {
     Man {
         /// Directory to write the pages into (must exist).
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ZigbeeCommand {
+    /// Open the network for new tags to join for SECONDS (at most 254; 0 closes it).
+    PermitJoin {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// How long joining stays open.
+        seconds: u64,
     },
 }
 
@@ -151,6 +165,23 @@ fn main() -> ExitCode {
             let table = cli::render_tasks(&tasks, esl_agent::engine::now_ms());
             Ok((serde_json::Value::Array(tasks), table))
         }),
+        Command::Zigbee(ZigbeeCommand::PermitJoin { target, seconds }) => {
+            operate(&target, |client| {
+                let answer = client.call(
+                    "network.permit_join",
+                    serde_json::json!({"seconds": seconds}),
+                )?;
+                let text = if seconds == 0 {
+                    "asked the radio to close the network for joining".to_owned()
+                } else {
+                    format!(
+                        "asked the radio to open the network for joining for {seconds} s \
+                         (the agent's log says when it is open)"
+                    )
+                };
+                Ok((answer, text))
+            })
+        }
         Command::Run { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,

@@ -12,7 +12,9 @@
 //! - the adapter unplugged: the status says the radio is down, the MQTT link
 //!   and the store carry on (a task sent meanwhile is stored and waits), and
 //!   after the replug the radio is up again and the task is applied. The
-//!   agent never exits because of the adapter.
+//!   agent never exits because of the adapter;
+//! - `network.permit_join` over MQTT and `esl-agent zigbee permit-join`
+//!   on the control socket open (and close) the coordinator's network.
 
 use std::time::Duration;
 
@@ -20,7 +22,9 @@ use serde_json::{json, Value};
 
 use esl_hal::zigbee::fake::FakeStats;
 
-use crate::harness::{assert_journal_matches, task, task_ids, AckStatus, Stack, TestRadio};
+use crate::harness::{
+    assert_journal_matches, eventually, task, task_ids, AckStatus, Stack, TestRadio,
+};
 
 /// Status reports every second, so state changes show quickly.
 const STATUS_INTERVAL_S: u64 = 1;
@@ -201,4 +205,69 @@ async fn content_larger_than_a_frame_is_applied_in_segments() {
     let stats = stack.fake().stats();
     assert_eq!(FakeStats::get(&stats.offers_received), 2);
     assert!(FakeStats::get(&stats.data_requests) > 8, "{stats:?}");
+}
+
+/// Issue 15: joining is opened by a (signed, or explicitly allowed)
+/// `network.permit_join` command and by the local CLI, and reaches the
+/// coordinator as a permit-join request for that many seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permit_join_over_mqtt_and_the_cli_reaches_the_coordinator() {
+    let mut stack = Stack::start_on(TestRadio::Zigbee, "zb-permit-join", |c| {
+        c.status_interval_s = STATUS_INTERVAL_S;
+        c.extra = "[security]\nallow_unsigned_methods = [\"network.permit_join\"]\n".into();
+    })
+    .await;
+    fn last(stack: &Stack) -> u64 {
+        FakeStats::get(&stack.fake().stats().last_permit_join_s)
+    }
+    fn requests(stack: &Stack) -> u64 {
+        FakeStats::get(&stack.fake().stats().permit_join_requests)
+    }
+    eventually(
+        "the agent to close joining at start",
+        Duration::from_secs(10),
+        || (last(&stack) == 0).then_some(()),
+    )
+    .await;
+    stack
+        .backend
+        .publish_command(
+            &json!({"v": 1, "req_id": "pj-1", "method": "network.permit_join",
+            "params": {"seconds": 120}, "reply_to": "GID_backend@@@be1"}),
+        )
+        .await;
+    let reply = stack
+        .backend
+        .expect_reply("pj-1", Duration::from_secs(10))
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    eventually(
+        "the coordinator to be asked for 120 s of joining",
+        Duration::from_secs(10),
+        || (last(&stack) == 120).then_some(()),
+    )
+    .await;
+    // The operator closes it again on the AP.
+    let config = stack.env.path().join("agent.toml");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_esl-agent"))
+            .args(["zigbee", "permit-join", "0", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run the esl-agent binary")
+    })
+    .await
+    .expect("CLI thread");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(
+        "the coordinator to be asked to close joining",
+        Duration::from_secs(10),
+        || (last(&stack) == 0).then_some(()),
+    )
+    .await;
+    assert!(requests(&stack) >= 3, "close at start, open, close");
 }

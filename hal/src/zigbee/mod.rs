@@ -46,7 +46,9 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::{Delivery, DriverChannels, Radio, RadioCounters, RadioError, RadioEvent};
+use crate::{
+    Delivery, DriverChannels, Radio, RadioCounters, RadioError, RadioErrorKind, RadioEvent,
+};
 
 /// Capacity of the delivery channel. The driver sends one AF_DATA_REQUEST
 /// per delivery (a few ms each on a 115200 baud line) and takes the next at
@@ -409,6 +411,17 @@ impl Radio for ZigbeeRadio {
 
     fn counters(&self) -> Option<Arc<dyn RadioCounters>> {
         Some(self.counters.clone())
+    }
+
+    async fn permit_join(&mut self, seconds: u8) -> Result<(), RadioError> {
+        let kind = if seconds > MAX_PERMIT_JOIN_S {
+            RadioErrorKind::InvalidRequest
+        } else {
+            RadioErrorKind::Unavailable
+        };
+        ZigbeeRadio::permit_join(self, seconds)
+            .await
+            .map_err(|e| RadioError::new(kind, e))
     }
 }
 
