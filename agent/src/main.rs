@@ -93,6 +93,22 @@ enum ZigbeeCommand {
         /// How long joining stays open.
         seconds: u64,
     },
+    /// Read the network on the stick into FILE (Open Coordinator Backup JSON,
+    /// mode 0600: it holds the network key). Stop the agent first.
+    Backup {
+        /// The agent's config file (radio.zigbee: port, time-outs).
+        #[arg(long, short, default_value = "/etc/esl-agent/agent.toml")]
+        config: PathBuf,
+        file: PathBuf,
+    },
+    /// Write the network in FILE (Open Coordinator Backup JSON, also from
+    /// zigpy-znp or Zigbee2MQTT) to the stick and make it the agent's
+    /// network. Stop the agent first.
+    Restore {
+        #[arg(long, short, default_value = "/etc/esl-agent/agent.toml")]
+        config: PathBuf,
+        file: PathBuf,
+    },
 }
 
 /// Where the operator commands find the running agent.
@@ -180,6 +196,31 @@ fn main() -> ExitCode {
                     )
                 };
                 Ok((answer, text))
+            })
+        }
+        Command::Zigbee(ZigbeeCommand::Backup { config, file }) => {
+            zigbee_offline(&config, |cfg| async move {
+                let backup = esl_hal::zigbee::commission::backup_stick(&cfg)
+                    .await?
+                    .ok_or("the stick has no network to back up (blank or factory reset)")?;
+                backup.save(&file).map_err(|e| e.to_string())?;
+                Ok(format!(
+                    "backed up the stick's network to {}",
+                    file.display()
+                ))
+            })
+        }
+        Command::Zigbee(ZigbeeCommand::Restore { config, file }) => {
+            zigbee_offline(&config, |cfg| async move {
+                let backup = esl_hal::zigbee::backup::NetworkBackup::load(&file)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("{}: no such backup", file.display()))?;
+                esl_hal::zigbee::commission::restore_stick(&cfg, &backup).await?;
+                Ok(format!(
+                    "restored {} to the stick; the agent's network file is {}",
+                    file.display(),
+                    cfg.network_file.display()
+                ))
             })
         }
         Command::Run { config } => {
@@ -271,6 +312,50 @@ fn operate(
 /// included (CA, client key, secrets): "is valid" is printed only when all
 /// of it passed, and any problem exits with [`EXIT_CONFIG`] and prints
 /// nothing on stdout.
+/// Runs a ZigBee stick operation that needs the serial port to itself (the
+/// agent stopped): backup, restore. Exit 2 for a config problem, 1 when the
+/// stick operation fails.
+fn zigbee_offline<F, Fut>(path: &std::path::Path, op: F) -> ExitCode
+where
+    F: FnOnce(esl_hal::zigbee::ZigbeeConfig) -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>>,
+{
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("esl-agent: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if config.radio.kind != esl_agent::config::RadioKind::Zigbee {
+        eprintln!(
+            "esl-agent: {}: radio.kind is not \"zigbee\"",
+            path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("esl-agent: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(op(config.radio.zigbee.to_hal())) {
+        Ok(done) => {
+            println!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("esl-agent: {e} (is the agent stopped? it holds the port while it runs)");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn check_config(path: &std::path::Path) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,

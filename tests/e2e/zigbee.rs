@@ -271,3 +271,105 @@ async fn permit_join_over_mqtt_and_the_cli_reaches_the_coordinator() {
     .await;
     assert!(requests(&stack) >= 3, "close at start, open, close");
 }
+
+/// Issue 15: `esl-agent zigbee backup FILE` reads the network of a stick
+/// someone else formed into an Open Coordinator Backup (0600: it holds the
+/// key), and `esl-agent zigbee restore FILE` writes it to a blank stick,
+/// which then has that network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_restore_commands_move_a_network_to_a_blank_stick() {
+    use esl_hal::zigbee::fake::{FakeConfig, FakeCoordinator, FakeNetwork};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = dir.path().join("ttyZB0");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt]\nhost = \"127.0.0.1\"\nport = 1\ngroup_id = \"GID_esl\"\ndevice_id = \"ap-1\"\n\
+             [store]\npath = {:?}\n[radio]\nkind = \"zigbee\"\n[radio.zigbee]\nport = {:?}\n",
+            dir.path().join("store").display().to_string(),
+            port.display().to_string(),
+        ),
+    )
+    .expect("write config");
+    let cli = |args: Vec<String>| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_esl-agent"))
+                .args(&args)
+                .arg("--config")
+                .arg(&config)
+                .output()
+                .expect("run the esl-agent binary")
+        })
+    };
+    let network = FakeNetwork {
+        channel: 25,
+        pan_id: 0x0BAD,
+        extended_pan_id: 0x0123_4567_89AB_CDEF,
+        network_key: [0x42; 16],
+    };
+    let mut formed = FakeConfig::new(&port);
+    formed.network = Some(network.clone());
+    let old = FakeCoordinator::start(formed).expect("fake");
+    let file = dir.path().join("backup.json");
+    let out = cli(vec![
+        "zigbee".into(),
+        "backup".into(),
+        file.display().to_string(),
+    ])
+    .await
+    .expect("CLI thread");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let backup: Value =
+        serde_json::from_slice(&std::fs::read(&file).expect("backup written")).expect("JSON");
+    assert_eq!(
+        backup["metadata"]["format"],
+        "zigpy/open-coordinator-backup"
+    );
+    assert_eq!(backup["pan_id"], "0bad");
+    assert_eq!(backup["channel"], 25);
+    let mode = std::fs::metadata(&file).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the backup holds the network key");
+    drop(old);
+    eventually("the old fake to end", Duration::from_secs(10), || {
+        port.symlink_metadata().is_err().then_some(())
+    })
+    .await;
+
+    let blank = FakeCoordinator::start(FakeConfig::new(&port)).expect("fake");
+    let out = cli(vec![
+        "zigbee".into(),
+        "restore".into(),
+        file.display().to_string(),
+    ])
+    .await
+    .expect("CLI thread");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(blank.network().await, Some(network));
+    // A blank stick has nothing to back up: said, and exit 1.
+    drop(blank);
+    eventually("the fake to end", Duration::from_secs(10), || {
+        port.symlink_metadata().is_err().then_some(())
+    })
+    .await;
+    let _blank = FakeCoordinator::start(FakeConfig::new(&port)).expect("fake");
+    let out = cli(vec![
+        "zigbee".into(),
+        "backup".into(),
+        dir.path().join("b2.json").display().to_string(),
+    ])
+    .await
+    .expect("CLI thread");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no network"));
+}
