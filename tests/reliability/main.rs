@@ -42,5 +42,6 @@ mod crash_loop;
 mod hostile;
 mod link_faults;
 mod load;
+mod powerfs;
 mod proxy;
 mod store_fault;

@@ -80,7 +80,7 @@ fn fill(path: &Path) -> u64 {
     written
 }
 
-fn running_as_root() -> bool {
+pub fn running_as_root() -> bool {
     fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
