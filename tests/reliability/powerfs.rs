@@ -46,8 +46,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, FopenFlags,
     Generation, INodeNo, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
 };
 use rand::Rng;
 
@@ -69,8 +69,7 @@ struct FileData {
 impl FileData {
     fn mark_dirty(&mut self, offset: u64, len: u64) {
         if len > 0 {
-            self.dirty
-                .extend(offset / PAGE..=(offset + len - 1) / PAGE);
+            self.dirty.extend(offset / PAGE..=(offset + len - 1) / PAGE);
         }
     }
 
@@ -189,7 +188,13 @@ impl Disk {
         self.dir(parent)?.get(name).copied().ok_or(Errno::ENOENT)
     }
 
-    fn add(&mut self, parent: u64, name: &OsStr, mode: u32, content: Content) -> Result<u64, Errno> {
+    fn add(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        content: Content,
+    ) -> Result<u64, Errno> {
         if self.dir(parent)?.contains_key(name) {
             return Err(Errno::EEXIST);
         }
@@ -593,7 +598,16 @@ impl fuser::Filesystem for Served {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         // A roomy disk: 1 GiB free in 4 KiB blocks.
-        reply.statfs(1 << 18, 1 << 18, 1 << 18, 1 << 20, 1 << 20, PAGE as u32, 255, PAGE as u32);
+        reply.statfs(
+            1 << 18,
+            1 << 18,
+            1 << 18,
+            1 << 20,
+            1 << 20,
+            PAGE as u32,
+            255,
+            PAGE as u32,
+        );
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -613,9 +627,13 @@ impl fuser::Filesystem for Served {
         let mut disk = self.disk();
         match disk.add(parent.0, name, mode, Content::File(FileData::default())) {
             Ok(ino) => match disk.attr(ino) {
-                Some(attr) => {
-                    reply.created(&TTL, &attr, Generation(0), FileHandle(0), FopenFlags::empty())
-                }
+                Some(attr) => reply.created(
+                    &TTL,
+                    &attr,
+                    Generation(0),
+                    FileHandle(0),
+                    FopenFlags::empty(),
+                ),
                 None => reply.error(Errno::EIO),
             },
             Err(e) => reply.error(e),
@@ -735,7 +753,9 @@ mod tests {
         let mut synced = File::create(root.join("d/synced")).expect("create");
         synced.write_all(&[1u8; 5000]).expect("write");
         synced.sync_data().expect("fdatasync");
-        synced.write_all_at(&[2u8; 10], 0).expect("overwrite, unsynced");
+        synced
+            .write_all_at(&[2u8; 10], 0)
+            .expect("overwrite, unsynced");
         synced.write_all(&[3u8; 100]).expect("append, unsynced");
         drop(synced);
         let mut volatile = File::create(root.join("volatile")).expect("create");
@@ -746,7 +766,10 @@ mod tests {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
         let report = fs.cut(&mut rng, 0.0).expect("cut and remount");
         assert_eq!(report.survived_pages, 0);
-        assert_eq!(fs::read(root.join("d/synced")).expect("read"), vec![1u8; 5000]);
+        assert_eq!(
+            fs::read(root.join("d/synced")).expect("read"),
+            vec![1u8; 5000]
+        );
         assert_eq!(fs::read(root.join("volatile")).expect("name survives"), b"");
 
         let f = OpenOptions::new()
