@@ -158,7 +158,7 @@ fn token_password(key: &'static str, token: &str) -> Result<Secret, AuthError> {
         return Ok(Secret::new(format!("R|{token}|W|{token}")));
     }
     let parts: Vec<&str> = token.split('|').collect();
-    let pairs_ok = parts.len() % 2 == 0
+    let pairs_ok = parts.len().is_multiple_of(2)
         && parts
             .chunks(2)
             .all(|p| matches!(p[0], "R" | "W") && !p[1].is_empty());

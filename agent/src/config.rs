@@ -213,7 +213,8 @@ impl Default for TopicsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub path: PathBuf,
-    /// sled page cache. sled's default (1 GiB) is far too much for a router.
+    /// SQLite page cache of the store's writing connection (the link's and
+    /// the checkpointer's connections have 256 KiB each).
     pub cache_mb: u64,
 }
 

@@ -14,7 +14,7 @@
 //! broker ⇄ mqtt::Link ──inbound_tx──▶ engine::Engine ──delivery_tx──▶ radio::RadioTask ⇄ backend
 //!              ▲  ▲ ◀──puback_tx, outbox_wake──┘  ▲  ▲ ◀──────────event_tx───────┘
 //!              │  └──report_tx── status::StatusTask ─query_tx─┘  │
-//!              └── link_tx (watch) ──▶ status                    └── store::Store (sled)
+//!              └── link_tx (watch) ──▶ status                    └── store::Store (SQLite)
 //! ```
 //!
 //! - [`mqtt::Link`] — the only user of the rumqttc event loop. Routes
@@ -29,7 +29,9 @@
 //! - [`status::StatusTask`] — hello and periodic status reports.
 //! - [`control::ControlServer`] — the local Unix socket behind
 //!   `esl-agent status|tags|tasks`; forwards requests to the engine.
-//! - [`store::Store`] — the only opener of sled.
+//! - [`store::Store`] — the only opener of the SQLite database; its
+//!   checkpoint thread copies the WAL into the database file off the
+//!   engine's path.
 //! - [`systemd::SystemdTask`] — only under systemd (`$NOTIFY_SOCKET`):
 //!   READY after the first CONNACK, watchdog pings while the engine answers
 //!   [`engine::Query::Ping`] on `query_tx`, STOPPING at shutdown.
@@ -113,12 +115,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path, cache))
         .await
         .context("store open task")?
-        .with_context(|| {
-            format!(
-                "cannot open the store at {} (is another agent running on it?)",
-                config.store.path.display()
-            )
-        })?;
+        .with_context(|| format!("cannot open the store at {}", config.store.path.display()))?;
     let store = Arc::new(store);
     let counters = Arc::new(Counters::default());
 

@@ -253,7 +253,7 @@ fn check_config(path: &std::path::Path) -> ExitCode {
 }
 
 /// glibc gives every thread that allocates an arena of its own (up to 8
-/// per core), and each keeps what its thread freed. sled's I/O threads and
+/// per core), and each keeps what its thread freed. The store's threads and
 /// tokio's workers then hold several partly used arenas. One arena lowered
 /// the peak RSS of the benchmark's agents by 3–9 MiB at no measurable CPU
 /// cost (docs/BENCHMARKS.md). `MALLOC_ARENA_MAX` in the environment still

@@ -1,77 +1,144 @@
-//! The durable store: the only module that opens sled.
+//! The durable store: the only module that opens the database (SQLite,
+//! through rusqlite).
 //!
-//! One sled tree, keys prefixed by record kind, so that everything one
-//! message changes (task record, pending index, highest seq, outbox entry)
-//! goes in one atomic `apply_batch`. Writers build a [`Change`] and
-//! [`Store::apply`] it; nothing is durable until [`Store::flush`] returns,
-//! and callers must not PUBACK or publish acks that depend on a change before
-//! that (PROTOCOL §4 rule 1).
+//! Writers build a [`Change`] and [`Store::apply`] it; nothing is durable
+//! until [`Store::flush`] returns, and callers must not PUBACK or publish
+//! acks that depend on a change before that (PROTOCOL §4 rule 1).
 //!
-//! Group commit reaches sled: applied changes are staged in memory (reads
-//! see them at once) and handed to sled as **one** `apply_batch` when the
-//! store is flushed, or before any scan. sled 0.34 writes its log at every
-//! `apply_batch` call (two `pwrite` + `sync_file_range` each, measured), so
-//! one call per task cost more CPU than everything else the agent does per
-//! task; one call per flush costs that once per group (docs/BENCHMARKS.md).
+//! # Why SQLite, not sled
 //!
-//! Key layout (all integers big-endian so that sled's order is numeric):
+//! The design card named sled. sled 0.34.7 cannot hold the agent's central
+//! promise (a PUBACKed task survives a power cut): its flush is `pwrite` +
+//! `sync_file_range`, never `fsync`, so a power-cut test lost 29 % of the
+//! PUBACKed tasks; and after one torn unsynced page it reopened *empty* or
+//! panicked at every open (issue 13; figures in docs/RELIABILITY.md).
+//! SQLite in WAL mode with `synchronous = FULL` fsyncs the log at every
+//! commit and recovers from a torn log by its checksums.
 //!
-//! | key                      | value          | meaning                               |
-//! |--------------------------|----------------|---------------------------------------|
-//! | `t` task_id              | [`TaskRecord`] | every task, pending or final          |
-//! | `p` tag_id               | seq, task_id   | highest `seq` accepted for the tag, and its pending task (empty id: none) |
-//! | `x` expires_at task_id   | (empty)        | pending tasks by expiry, for the sweep |
-//! | `f` final_at task_id     | (empty)        | finished tasks by age, for pruning    |
-//! | `o` n                    | [`OutboxEntry`]| ack/reply waiting for the broker      |
-//! | `g` tag_id               | [`TagRecord`]  | last check-in report (best effort)    |
-//! | `c` tag_id               | task_id, content | last content the tag confirmed      |
-//! | `mo`                     | u64            | next outbox number                    |
-//! | `mv`                     | u64            | layout version (2)                    |
+//! # Group commit
 //!
-//! Pending tasks are not mirrored in memory: the engine asks `p` at a
-//! check-in and scans `x` up to now for expiry, so the agent's memory does
-//! not grow with the number of pending tasks. A task record is `Pending`
-//! exactly while `p` names it and its `x` entry exists; [`Change::put_task`]
-//! keeps the three together. The pending task of a tag is always the one
-//! accepted last, so one `p` value holds both the highest seq and the
-//! pending task: one insert per task fewer (each costs sled ~8 µs).
+//! One connection writes ([`Writer`]). The first change after a commit
+//! opens a transaction (`BEGIN IMMEDIATE`); every later change joins it, and
+//! the engine's own reads go through the same connection, so they see what
+//! was applied at once. [`Store::begin_flush`] commits the transaction on a
+//! blocking thread: `COMMIT` returns once the WAL is fsync'd (`synchronous =
+//! FULL`), and only then does the returned future resolve. The engine does
+//! not touch the store while a flush runs (it would wait for the
+//! connection); messages queue in its channel meanwhile and form the next,
+//! larger group.
 //!
-//! Layout 1 (before `mv`) kept the seq under its own `s` key and had no `x`
-//! index; opening such a store converts it once.
+//! A second connection ([`Store::outbox_after`], [`Store::remove_outbox`])
+//! serves the MQTT link. It sees only committed rows, so the link can never
+//! publish an ack whose state change is not on disk; the outbox numbers
+//! below `durable_outbox` are those a finished flush covered. The link's
+//! removals (the broker PUBACKed an ack) wait in memory and are deleted in
+//! the next commit: if a crash loses them the ack is sent once more, which
+//! receivers tolerate.
 //!
-//! The engine is the only writer of `t`, `p`, `x`, `f`, `g`; the MQTT link
-//! only removes `o` entries once the broker PUBACKed them.
+//! A third connection, owned by the checkpoint thread, copies the WAL into
+//! the database file off the engine's path (`wal_autocheckpoint` is off, so
+//! no `COMMIT` pays for a checkpoint). Space freed by pruning and by
+//! delivered acks goes back to the file system by `incremental_vacuum`
+//! ([`Store::reclaim`]); the WAL is cut back to `JOURNAL_SIZE_LIMIT` when it
+//! restarts.
 //!
-//! Faults: after one failed write (a full disk, an I/O error) sled refuses
-//! every later operation of that `Db` with the same error, even once the
-//! disk has room again. So recovery is [`Store::reopen`]: drop the `Db`,
-//! open it again from what is on disk (everything flushed before the
-//! fault), and let the engine rebuild its view from that. Between the two,
-//! every call returns [`StoreError::Closed`].
+//! # Schema (version 1, `PRAGMA user_version`)
+//!
+//! | table | key | meaning |
+//! |---|---|---|
+//! | `tasks` | `task_id` (unique index; rows in arrival order) | every task, pending or final; `status` is `pending` or the final ack status |
+//! | `tags` | `tag_id` | highest `seq` accepted for the tag, and its pending task (NULL: none) |
+//! | `tag_reports` | `tag_id` | last check-in report (best effort) |
+//! | `tag_content` | `tag_id` | last content the tag confirmed, for `tag.refresh` |
+//! | `outbox` | `n` | ack or reply waiting for the broker's PUBACK |
+//! | `meta` | `key` | `next_outbox`: the next outbox number |
+//!
+//! Pending tasks are not mirrored in memory: the engine asks `tags` at a
+//! check-in and the partial index `tasks_expiry` for expiry, so the agent's
+//! memory does not grow with the number of pending tasks. A task is pending
+//! exactly while its `status` is `pending` and `tags.pending_task` names it;
+//! [`Change::put_task`] and [`Change::clear_pending`] keep the two together.
+//! Integers are SQLite's signed 64 bits: u64 values are stored bit for bit,
+//! except `expires_at`, which is capped at `i64::MAX` so that the expiry
+//! index stays in time order (both mean "never" in practice).
+//!
+//! Migrations run forward at open, one transaction each ([`MIGRATIONS`]); a
+//! store from a newer agent is refused, and so is a leftover sled store.
+//!
+//! # Faults
+//!
+//! After a failed write (a full disk, an I/O error) SQLite may have rolled
+//! the open transaction back on its own. So, as the engine's model expects,
+//! the first error marks the store faulted: every later call fails until
+//! [`Store::reopen`], which closes the connections, opens them again from
+//! what is on disk (everything committed before the fault), and lets the
+//! engine rebuild its view. Between the two, calls return
+//! [`StoreError::Closed`] or the fault.
 
-use std::collections::HashMap;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use crate::wire::AckStatus;
 
+/// The database file inside `store.path` (with `-wal` and `-shm` beside it).
+pub const DB_FILE: &str = "store.sqlite3";
+/// Held with `flock` while an agent has the store open.
+const LOCK_FILE: &str = "lock";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store: {0}")]
-    Sled(#[from] sled::Error),
+    /// SQLite's own error (no `#[source]`: its text is already here, and an
+    /// error chain would print it twice).
+    #[error("store database: {0}")]
+    Sql(rusqlite::Error),
     #[error("store record {key}: cannot decode ({reason})")]
     Corrupt { key: String, reason: String },
-    #[error("store directory {path}: {source}")]
-    Dir {
+    #[error("{}", dir_message(path, cause))]
+    Dir { path: String, cause: std::io::Error },
+    #[error("store {path} is in use by another esl-agent process (it holds {path}/{LOCK_FILE})")]
+    Locked { path: String },
+    #[error(
+        "store {path} has schema version {found}, newer than this agent's {supported}: \
+         it was written by a newer esl-agent. Run that version, or move the store away \
+         to start with an empty one"
+    )]
+    Newer {
         path: String,
-        source: std::io::Error,
+        found: i64,
+        supported: i64,
     },
+    #[error(
+        "{path} holds a store of an earlier esl-agent (sled), which this version does not \
+         read (it keeps its store in SQLite). Move it away (`mv {path} {path}.sled`) or \
+         delete it, then start again; tasks still pending in it are not carried over"
+    )]
+    Sled { path: String },
     /// Closed for [`Store::reopen`] and not (yet) open again.
     #[error("store: closed after a fault, not reopened yet")]
     Closed,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sql(e)
+    }
+}
+
+fn dir_message(path: &str, cause: &std::io::Error) -> String {
+    if cause.kind() == std::io::ErrorKind::PermissionDenied {
+        format!(
+            "store directory {path}: permission denied (the agent's user must own it and \
+             its parent must let that user in)"
+        )
+    } else {
+        format!("store directory {path}: {cause}")
+    }
 }
 
 /// What the store keeps about a task.
@@ -123,71 +190,97 @@ pub struct TagRecord {
     pub last_seen: Option<u64>,
 }
 
-fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + rest.len());
-    k.push(prefix);
-    k.extend_from_slice(rest);
-    k
-}
+/// The schema's migrations, in order: entry `i` takes a store from version
+/// `i` to `i + 1`. Version 0 is an empty file. Add a migration at the end;
+/// never change one that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first SQLite layout.
+    "CREATE TABLE tasks (
+        id           INTEGER PRIMARY KEY,
+        task_id      TEXT NOT NULL,
+        tag_id       TEXT NOT NULL,
+        seq          INTEGER NOT NULL,
+        issued_at    INTEGER NOT NULL,
+        expires_at   INTEGER NOT NULL,
+        accepted_at  INTEGER NOT NULL,
+        content      TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        ack_target   TEXT NOT NULL,
+        attempts     INTEGER NOT NULL,
+        status       TEXT NOT NULL,
+        final_at     INTEGER,
+        detail       TEXT
+    );
+    CREATE UNIQUE INDEX tasks_by_id ON tasks (task_id);
+    CREATE INDEX tasks_expiry ON tasks (expires_at) WHERE status = 'pending';
+    CREATE INDEX tasks_final ON tasks (final_at) WHERE final_at IS NOT NULL;
+    CREATE TABLE tags (
+        tag_id       TEXT PRIMARY KEY,
+        max_seq      INTEGER NOT NULL,
+        pending_task TEXT
+    ) WITHOUT ROWID;
+    CREATE TABLE tag_reports (
+        tag_id       TEXT PRIMARY KEY,
+        battery_mv   INTEGER,
+        rssi         INTEGER,
+        content_hash TEXT,
+        last_seen    INTEGER
+    ) WITHOUT ROWID;
+    CREATE TABLE tag_content (
+        tag_id  TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        content TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE outbox (
+        n       INTEGER PRIMARY KEY,
+        topic   TEXT NOT NULL,
+        payload BLOB NOT NULL
+    );
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;",
+];
 
-/// The `p` value: highest seq, then the pending task's id (may be empty).
-fn tag_slot(seq: u64, task_id: &str) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + task_id.len());
-    v.extend_from_slice(&seq.to_be_bytes());
-    v.extend_from_slice(task_id.as_bytes());
-    v
-}
+/// The schema version this agent writes.
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-/// A `p` value back: (highest seq, pending task id if any).
-fn slot_from(k: &[u8], v: &[u8]) -> Result<(u64, Option<String>), StoreError> {
-    if v.len() < 8 {
-        return Err(corrupt(k, "tag record shorter than 8 bytes"));
-    }
-    let seq = u64_from(k, &v[..8])?;
-    let task = (v.len() > 8).then(|| string_from(k, &v[8..])).transpose()?;
-    Ok((seq, task))
-}
+/// The WAL is checkpointed into the database file once it holds this much
+/// (or when the store has been quiet for `CHECKPOINT_IDLE`). Larger means
+/// fewer database writes for pages that change often (each checkpoint
+/// writes a page once however many commits changed it), at the cost of WAL
+/// space and a longer recovery scan at open.
+const CHECKPOINT_WAL_BYTES: u64 = 4 << 20;
+const CHECKPOINT_IDLE: Duration = Duration::from_secs(5);
+/// When the WAL restarts after a checkpoint it is truncated to this size,
+/// so a burst does not leave a large file behind.
+const JOURNAL_SIZE_LIMIT: i64 = 1 << 20;
+/// Page cache of the link's and the checkpointer's connections (KiB).
+const SMALL_CACHE_KIB: i64 = 256;
+/// How long the writer waits for a lock held by someone else (an operator's
+/// `sqlite3` shell that started a write, say) before the call fails.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Changes or outbox removals older than this are committed even when no
+/// task asks for a flush (check-in reports, PUBACKed acks): see
+/// [`Store::wants_commit`].
+const IDLE_COMMIT: Duration = Duration::from_secs(1);
+/// Free pages are given back ([`Store::reclaim`]) once there are at least
+/// this many and they are a quarter of the file.
+const RECLAIM_MIN_PAGES: i64 = 64;
 
-/// `x` expires_at task_id: orders pending tasks by expiry.
-fn expiry_key(expires_at: u64, task_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9 + task_id.len());
-    k.push(b'x');
-    k.extend_from_slice(&expires_at.to_be_bytes());
-    k.extend_from_slice(task_id.as_bytes());
-    k
-}
-
-const NEXT_OUTBOX_KEY: &[u8] = b"mo";
-/// Staged keys that make [`Store::apply`] commit without waiting for a
-/// flush (changes that need no flush, e.g. check-in reports, would
-/// otherwise pile up in memory).
-const STAGED_MAX: usize = 4096;
-/// Layout version; see the module docs.
-const VERSION_KEY: &[u8] = b"mv";
-const VERSION: u64 = 2;
-
-/// How long opening waits for sled's file lock, and how often it looks.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
-
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // postcard into a Vec fails only on allocation failure or for types with
-    // unsupported shapes; ours are plain structs and enums.
-    postcard::to_allocvec(value).expect("store records encode")
-}
-
-fn decode<'a, T: Deserialize<'a>>(k: &[u8], bytes: &'a [u8]) -> Result<T, StoreError> {
-    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
-        key: String::from_utf8_lossy(k).into_owned(),
-        reason: e.to_string(),
-    })
+/// One change: the operations a decision makes, applied in order.
+#[derive(Debug)]
+enum Op {
+    PutTask(TaskRecord),
+    ClearPending { tag_id: String, seq: u64 },
+    PutTag(String, TagRecord),
+    PutLastContent(String, String, String),
 }
 
 /// Changes to apply atomically. Built by the engine, applied by the store.
 #[derive(Default)]
 pub struct Change {
-    /// Key → new value (`None` = remove), in the order written.
-    writes: Vec<(Vec<u8>, Option<sled::IVec>)>,
+    ops: Vec<Op>,
     outbox: Vec<OutboxEntry>,
 }
 
@@ -196,59 +289,34 @@ impl Change {
         Change::default()
     }
 
-    fn insert(&mut self, k: Vec<u8>, v: impl Into<sled::IVec>) {
-        self.writes.push((k, Some(v.into())));
-    }
-
-    fn remove(&mut self, k: Vec<u8>) {
-        self.writes.push((k, None));
-    }
-
+    /// Writes the task; a pending one also becomes its tag's pending task
+    /// and raises the tag's highest seq to its own.
     pub fn put_task(&mut self, record: &TaskRecord) {
-        self.insert(key(b't', record.task_id.as_bytes()), encode(record));
-        match &record.state {
-            TaskState::Pending => {
-                self.insert(
-                    key(b'p', record.tag_id.as_bytes()),
-                    tag_slot(record.seq, &record.task_id),
-                );
-                self.insert(expiry_key(record.expires_at, &record.task_id), &[][..]);
-            }
-            TaskState::Final(f) => {
-                let mut k = f.at.to_be_bytes().to_vec();
-                k.extend_from_slice(record.task_id.as_bytes());
-                self.insert(key(b'f', &k), &[][..]);
-            }
-        }
+        self.ops.push(Op::PutTask(record.clone()));
     }
 
     /// `record`, which was the pending task of its tag, is not any more (it
-    /// is being finished): the tag keeps its seq and has no pending task,
-    /// and the expiry index entry goes. The caller writes the final record
-    /// with [`Change::put_task`].
+    /// is being finished): the tag keeps its seq and has no pending task.
+    /// The caller writes the final record with [`Change::put_task`], which
+    /// also takes it out of the expiry index.
     pub fn clear_pending(&mut self, record: &TaskRecord) {
-        self.insert(
-            key(b'p', record.tag_id.as_bytes()),
-            tag_slot(record.seq, ""),
-        );
-        self.remove(expiry_key(record.expires_at, &record.task_id));
-    }
-
-    /// Drops an expiry index entry whose task is no longer pending (found
-    /// by [`Store::expiring_before`]; normally [`Change::clear_pending`]
-    /// removes it with the task).
-    pub fn drop_expiry(&mut self, expires_at: u64, task_id: &str) {
-        self.remove(expiry_key(expires_at, task_id));
+        self.ops.push(Op::ClearPending {
+            tag_id: record.tag_id.clone(),
+            seq: record.seq,
+        });
     }
 
     pub fn put_tag(&mut self, tag_id: &str, tag: &TagRecord) {
-        self.insert(key(b'g', tag_id.as_bytes()), encode(tag));
+        self.ops.push(Op::PutTag(tag_id.to_owned(), tag.clone()));
     }
 
     /// Remembers what a tag displays, for `tag.refresh`.
     pub fn put_last_content(&mut self, tag_id: &str, task_id: &str, content: &str) {
-        let value = encode(&(task_id, content));
-        self.insert(key(b'c', tag_id.as_bytes()), value);
+        self.ops.push(Op::PutLastContent(
+            tag_id.to_owned(),
+            task_id.to_owned(),
+            content.to_owned(),
+        ));
     }
 
     /// Queues a message for the broker; it gets its outbox number in
@@ -258,27 +326,152 @@ impl Change {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.writes.is_empty() && self.outbox.is_empty()
+        self.ops.is_empty() && self.outbox.is_empty()
     }
 }
 
-/// Handle to the store. Cheap to share: sled's `Db` is internally
-/// reference-counted and thread-safe.
+/// The writing connection and its open transaction.
+struct Writer {
+    conn: Connection,
+    /// When the open transaction began (`None`: no transaction open).
+    open_since: Option<Instant>,
+    /// The `next_outbox` value the database holds (as of the open
+    /// transaction).
+    saved_next_outbox: u64,
+}
+
+impl Writer {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        if self.open_since.is_none() {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.open_since = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    fn exec(&self, op: &Op) -> Result<(), StoreError> {
+        match op {
+            Op::PutTask(r) => {
+                let (status, final_at, detail) = match &r.state {
+                    TaskState::Pending => ("pending", None, None),
+                    TaskState::Final(f) => (
+                        status_str(&f.status),
+                        Some(f.at as i64),
+                        f.detail.as_deref(),
+                    ),
+                };
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO tasks (task_id, tag_id, seq, issued_at, expires_at,
+                             accepted_at, content, content_hash, ack_target, attempts,
+                             status, final_at, detail)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                         ON CONFLICT (task_id) DO UPDATE SET tag_id = excluded.tag_id,
+                             seq = excluded.seq, issued_at = excluded.issued_at,
+                             expires_at = excluded.expires_at,
+                             accepted_at = excluded.accepted_at, content = excluded.content,
+                             content_hash = excluded.content_hash,
+                             ack_target = excluded.ack_target, attempts = excluded.attempts,
+                             status = excluded.status, final_at = excluded.final_at,
+                             detail = excluded.detail",
+                    )?
+                    .execute(params![
+                        r.task_id,
+                        r.tag_id,
+                        r.seq as i64,
+                        r.issued_at as i64,
+                        expiry_value(r.expires_at),
+                        r.accepted_at as i64,
+                        r.content,
+                        r.content_hash,
+                        r.ack_target,
+                        r.attempts,
+                        status,
+                        final_at,
+                        detail,
+                    ])?;
+                if r.state == TaskState::Pending {
+                    self.put_slot(&r.tag_id, r.seq, Some(&r.task_id))?;
+                }
+            }
+            Op::ClearPending { tag_id, seq } => self.put_slot(tag_id, *seq, None)?,
+            Op::PutTag(tag_id, t) => {
+                self.conn
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO tag_reports
+                             (tag_id, battery_mv, rssi, content_hash, last_seen)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?
+                    .execute(params![
+                        tag_id,
+                        t.battery_mv,
+                        t.rssi,
+                        t.content_hash,
+                        t.last_seen.map(|s| s as i64),
+                    ])?;
+            }
+            Op::PutLastContent(tag_id, task_id, content) => {
+                self.conn
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO tag_content (tag_id, task_id, content)
+                         VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![tag_id, task_id, content])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn put_slot(&self, tag_id: &str, seq: u64, task_id: Option<&str>) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO tags (tag_id, max_seq, pending_task) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![tag_id, seq as i64, task_id])?;
+        Ok(())
+    }
+}
+
+/// The checkpoint thread's handle: a wake-up flag and a stop flag.
+#[derive(Default)]
+struct CheckpointSignal {
+    state: Mutex<(bool, bool)>,
+    cond: Condvar,
+}
+
+impl CheckpointSignal {
+    fn wake(&self) {
+        lock(&self.state).0 = true;
+        self.cond.notify_one();
+    }
+
+    fn stop(&self) {
+        lock(&self.state).1 = true;
+        self.cond.notify_one();
+    }
+}
+
+/// Handle to the store. Shared by the engine (writes and its reads), the
+/// link (outbox) and the status task (size).
 pub struct Store {
-    path: PathBuf,
-    cache_bytes: u64,
-    /// The open database; `None` between closing and reopening it. Users
-    /// take a clone (sled's `Db` is a reference-counted handle) and never
-    /// hold the lock across an await.
-    db: RwLock<Option<sled::Db>>,
-    /// Test hook: `Some(n)` makes every operation fail the way a poisoned
-    /// sled `Db` does, and the next `n` reopens fail too (the disk is still
-    /// full); the reopen after those clears it.
+    dir: PathBuf,
+    cache_kib: i64,
+    /// `flock`ed for as long as the store exists: one agent per store.
+    _lock: nix::fcntl::Flock<std::fs::File>,
+    /// The engine's connection; `None` between closing and reopening it.
+    writer: Mutex<Option<Writer>>,
+    /// The link's connection (committed rows only).
+    reader: Mutex<Option<Connection>>,
+    /// Set by the first failed operation; cleared by [`Store::reopen`].
+    faulted: AtomicBool,
+    /// Test hook: `Some(n)` makes every operation fail the way a full disk
+    /// does, and the next `n` reopens fail too; the reopen after those
+    /// clears it.
     #[cfg(test)]
-    injected_fault: std::sync::Mutex<Option<u32>>,
-    /// Changes applied since the last commit: read before sled, committed
-    /// as one batch by [`Store::flush`] (or before a scan, or when large).
-    staged: Mutex<HashMap<Vec<u8>, Option<sled::IVec>>>,
+    injected_fault: Mutex<Option<u32>>,
+    /// Outbox entries the broker has PUBACKed, deleted at the next commit,
+    /// and when the oldest of them came.
+    removals: Mutex<(BTreeSet<u64>, Option<Instant>)>,
     next_outbox: AtomicU64,
     /// Outbox entries numbered below this are on disk. The link publishes
     /// only those: an ack must never reach the back end before the state
@@ -286,96 +479,171 @@ pub struct Store {
     /// after the back end saw its ack).
     durable_outbox: AtomicU64,
     outbox_len: AtomicU64,
+    checkpoint: Arc<CheckpointSignal>,
+    checkpointer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked
+/// (every critical section here is a single assignment or a complete SQL
+/// call).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path` with a page cache of
-    /// `cache_bytes`. The directory is created with mode 0700.
+    /// Opens (or creates) the store in the directory `path` with a page
+    /// cache of `cache_bytes`. The directory is created with mode 0700.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
         create_private_dir(path)?;
-        let store = Store {
-            path: path.to_owned(),
-            cache_bytes,
-            db: RwLock::new(None),
+        let dir_err = |cause| StoreError::Dir {
+            path: path.display().to_string(),
+            cause,
+        };
+        if !path.join(DB_FILE).exists() && ["conf", "db"].iter().all(|f| path.join(f).exists()) {
+            return Err(StoreError::Sled {
+                path: path.display().to_string(),
+            });
+        }
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path.join(LOCK_FILE))
+            .map_err(dir_err)?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| match errno {
+                nix::errno::Errno::EWOULDBLOCK => StoreError::Locked {
+                    path: path.display().to_string(),
+                },
+                other => dir_err(std::io::Error::from(other)),
+            })?;
+        let checkpoint = Arc::new(CheckpointSignal::default());
+        let mut store = Store {
+            dir: path.to_owned(),
+            cache_kib: (cache_bytes / 1024).max(64) as i64,
+            _lock: lock,
+            writer: Mutex::new(None),
+            reader: Mutex::new(None),
+            faulted: AtomicBool::new(false),
             #[cfg(test)]
             injected_fault: Default::default(),
-            staged: Mutex::new(HashMap::new()),
+            removals: Default::default(),
             next_outbox: AtomicU64::new(0),
             durable_outbox: AtomicU64::new(0),
             outbox_len: AtomicU64::new(0),
+            checkpoint: checkpoint.clone(),
+            checkpointer: None,
         };
         store.open_db()?;
+        let db = store.db_path();
+        store.checkpointer = Some(
+            std::thread::Builder::new()
+                .name("store-checkpoint".into())
+                .spawn(move || run_checkpointer(&db, &checkpoint))
+                .map_err(dir_err)?,
+        );
         Ok(store)
     }
 
-    /// Opens sled and derives the outbox counters from what is on disk.
-    /// Everything on disk counts as durable: it survived.
+    fn db_path(&self) -> PathBuf {
+        self.dir.join(DB_FILE)
+    }
+
+    /// Opens both connections, migrates the schema, and derives the outbox
+    /// counters from what is on disk. Everything on disk counts as durable:
+    /// it survived.
     fn open_db(&self) -> Result<(), StoreError> {
-        let config = sled::Config::new()
-            .path(&self.path)
-            .segment_size(segment_size_of(&self.path))
-            .cache_capacity(self.cache_bytes)
-            .flush_every_ms(Some(1000));
-        // sled's background threads may hold the file lock of a database
-        // this process just dropped for a moment after the drop (sled's own
-        // tests block on the lock for that reason). Another process holding
-        // it does not let go, and fails after the wait.
-        let deadline = std::time::Instant::now() + LOCK_WAIT;
-        let db = loop {
-            match config.open() {
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(LOCK_RETRY);
-                }
-                other => break other?,
-            }
-        };
-        let next_outbox = match db.get(NEXT_OUTBOX_KEY)? {
-            Some(v) => u64_from(NEXT_OUTBOX_KEY, &v)?,
-            None => 0,
-        };
-        Self::upgrade(&db)?;
-        let outbox_len = db.scan_prefix([b'o']).count() as u64;
+        let mut conn = Connection::open(self.db_path())?;
+        configure(&conn, self.cache_kib)?;
+        migrate(&mut conn, &self.dir)?;
+        let next_outbox: u64 = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'next_outbox'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(|v| v as u64)
+            .unwrap_or(0);
+        let outbox_len: u64 = conn.query_row("SELECT count(*) FROM outbox", [], |r| {
+            r.get::<_, i64>(0).map(|n| n as u64)
+        })?;
+        // Read-write at the file level (a read-only connection to a WAL
+        // database needs extra care), but it never writes: `query_only`.
+        let reader = Connection::open_with_flags(
+            self.db_path(),
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.execute_batch(&format!(
+            "PRAGMA cache_size = -{SMALL_CACHE_KIB}; PRAGMA mmap_size = 0; PRAGMA query_only = 1;"
+        ))?;
         self.next_outbox.store(next_outbox, Ordering::SeqCst);
         self.durable_outbox.store(next_outbox, Ordering::SeqCst);
         self.outbox_len.store(outbox_len, Ordering::Relaxed);
-        *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db);
+        *lock(&self.removals) = Default::default();
+        *lock(&self.reader) = Some(reader);
+        *lock(&self.writer) = Some(Writer {
+            conn,
+            open_since: None,
+            saved_next_outbox: next_outbox,
+        });
+        self.faulted.store(false, Ordering::SeqCst);
         Ok(())
     }
 
-    /// The current `Db` handle.
-    fn db(&self) -> Result<sled::Db, StoreError> {
+    /// The writer, unless the store is closed or faulted.
+    fn writer(&self) -> Result<MutexGuard<'_, Option<Writer>>, StoreError> {
+        self.check_open()?;
+        let w = lock(&self.writer);
+        if w.is_none() {
+            return Err(StoreError::Closed);
+        }
+        Ok(w)
+    }
+
+    fn check_open(&self) -> Result<(), StoreError> {
         #[cfg(test)]
-        if self.injected_fault.lock().unwrap().is_some() {
+        if lock(&self.injected_fault).is_some() {
             return Err(injected_error());
         }
-        // A poisoned lock only means another thread panicked while swapping
-        // the handle; the `Option` inside is still a valid state.
-        self.db
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or(StoreError::Closed)
+        if self.faulted.load(Ordering::SeqCst) {
+            return Err(StoreError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Passes a result through; an error of a write marks the store
+    /// faulted (SQLite may have rolled the transaction back by itself).
+    fn guard<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if result.is_err() {
+            self.faulted.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    /// Runs a read on the writer connection (which sees applied changes).
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let w = self.writer()?;
+        let w = w.as_ref().expect("writer() checked it is open");
+        f(&w.conn)
     }
 
     /// Closes the database and opens it again from disk: the way out of a
-    /// fault, since sled keeps failing after one failed write. Changes
-    /// applied but not flushed before the fault may be gone afterwards;
-    /// the caller must rebuild whatever it derived from them. Fails (and
-    /// stays closed; try again later) while the disk is still unusable or
-    /// while another thread still holds the old handle (sled's file lock).
+    /// fault. Changes applied but not flushed before the fault are gone
+    /// afterwards; the caller must rebuild whatever it derived from them.
+    /// Fails (and stays closed; try again later) while the disk is still
+    /// unusable.
     pub fn reopen(&self) -> Result<(), StoreError> {
-        let old = self.db.write().unwrap_or_else(|e| e.into_inner()).take();
-        // Not on disk, so gone with the fault like any unflushed change.
-        self.staged_map().clear();
-        // Dropping the last handle stops sled's flusher thread and releases
-        // the file lock that the new open takes.
-        drop(old);
+        self.faulted.store(true, Ordering::SeqCst);
+        // Dropping the writer rolls back its open transaction.
+        drop(lock(&self.writer).take());
+        drop(lock(&self.reader).take());
         #[cfg(test)]
         {
-            let mut injected = self.injected_fault.lock().unwrap();
+            let mut injected = lock(&self.injected_fault);
             match *injected {
                 Some(0) => *injected = None,
                 Some(n) => {
@@ -392,126 +660,155 @@ impl Store {
     /// write, until [`Store::reopen`].
     #[cfg(test)]
     pub(crate) fn inject_fault(&self, failing_reopens: u32) {
-        *self.injected_fault.lock().unwrap() = Some(failing_reopens);
+        *lock(&self.injected_fault) = Some(failing_reopens);
     }
 
-    fn staged_map(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Option<sled::IVec>>> {
-        // Poisoned only if a thread panicked while holding it; the map is
-        // still consistent (every operation on it is a single insert/take).
-        self.staged.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Applies one change (visible to this store's reads at once, handed to
-    /// sled with the others at the next commit, durable after the next
-    /// [`Store::flush`]). Returns the outbox numbers it assigned.
-    pub fn apply(&self, mut change: Change) -> Result<Vec<u64>, StoreError> {
-        // A closed store takes nothing (the caller holds its messages).
-        self.db()?;
-        let mut numbers = Vec::with_capacity(change.outbox.len());
-        if !change.outbox.is_empty() {
-            // Only the engine applies changes, so numbers are handed out by
-            // one task; the atomic makes that cheap to share, not racy.
-            let first = self
-                .next_outbox
-                .fetch_add(change.outbox.len() as u64, Ordering::SeqCst);
-            for (i, entry) in std::mem::take(&mut change.outbox).iter().enumerate() {
-                let n = first + i as u64;
-                change.insert(key(b'o', &n.to_be_bytes()), encode(entry));
-                numbers.push(n);
+    /// Applies one change (visible to the engine's reads at once, durable
+    /// after the next [`Store::flush`]). Returns the outbox numbers it
+    /// assigned.
+    pub fn apply(&self, change: Change) -> Result<Vec<u64>, StoreError> {
+        let mut w = self.writer()?;
+        let w = w.as_mut().expect("writer() checked it is open");
+        let result = (|| {
+            w.begin()?;
+            for op in &change.ops {
+                w.exec(op)?;
             }
-            let next = first + numbers.len() as u64;
-            change.insert(NEXT_OUTBOX_KEY.to_vec(), &next.to_be_bytes()[..]);
-        }
-        let large = {
-            let mut staged = self.staged_map();
-            staged.extend(change.writes);
-            staged.len() >= STAGED_MAX
-        };
-        self.outbox_len
-            .fetch_add(numbers.len() as u64, Ordering::Relaxed);
-        if large {
-            self.commit()?;
-        }
-        Ok(numbers)
-    }
-
-    /// Hands the staged changes to sled as one atomic batch (not flushed).
-    fn commit(&self) -> Result<(), StoreError> {
-        let db = self.db()?;
-        let staged = std::mem::take(&mut *self.staged_map());
-        if staged.is_empty() {
-            return Ok(());
-        }
-        let mut batch = sled::Batch::default();
-        for (k, v) in staged {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
+            let mut numbers = Vec::with_capacity(change.outbox.len());
+            if !change.outbox.is_empty() {
+                // Only the engine applies changes, so numbers are handed out
+                // by one task; the atomic makes them cheap to share.
+                let first = self
+                    .next_outbox
+                    .fetch_add(change.outbox.len() as u64, Ordering::SeqCst);
+                let mut insert = w
+                    .conn
+                    .prepare_cached("INSERT INTO outbox (n, topic, payload) VALUES (?1, ?2, ?3)")?;
+                for (i, entry) in change.outbox.iter().enumerate() {
+                    let n = first + i as u64;
+                    insert.execute(params![n as i64, entry.topic, entry.payload])?;
+                    numbers.push(n);
+                }
+                self.outbox_len
+                    .fetch_add(numbers.len() as u64, Ordering::Relaxed);
             }
-        }
-        db.apply_batch(batch)?;
-        Ok(())
+            Ok(numbers)
+        })();
+        self.guard(result)
     }
 
-    /// One key: the staged value if there is one, else sled's.
-    fn get(&self, k: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
-        if let Some(v) = self.staged_map().get(k) {
-            return Ok(v.clone());
-        }
-        Ok(self.db()?.get(k)?)
-    }
-
-    /// The database for a scan, with everything staged committed first (so
-    /// the scan sees it).
-    fn scan_db(&self) -> Result<sled::Db, StoreError> {
-        self.commit()?;
-        self.db()
-    }
-
-    /// Makes every applied change durable (survives a process crash; see
-    /// docs for power loss). One flush covers any number of changes: this is
-    /// the group commit.
+    /// Makes every applied change durable: survives a process crash and a
+    /// power cut. One flush covers any number of changes: this is the group
+    /// commit.
     pub async fn flush(self: &Arc<Self>) -> Result<(), StoreError> {
         self.begin_flush()?.await
     }
 
-    /// [`Store::flush`] in two steps: hands what is staged to sled now (so
-    /// later reads and changes may go on at once) and returns the wait for
-    /// the disk, which may run on another task. Changes applied after this
-    /// call are not covered by it.
+    /// [`Store::flush`] as a future that may run on another task. The
+    /// commit (and its fsync) runs on a blocking thread and holds the
+    /// writer: the caller must not apply or read until it has ended (the
+    /// engine does not), or it waits for the disk.
     pub fn begin_flush(
         self: &Arc<Self>,
     ) -> Result<
         impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
         StoreError,
     > {
-        // Entries applied before this point are covered by the flush below.
-        let covered = self.next_outbox.load(Ordering::SeqCst);
-        self.commit()?;
-        let db = self.db()?;
+        self.check_open()?;
         let store = Arc::clone(self);
         Ok(async move {
-            db.flush_async().await?;
-            store.durable_outbox.fetch_max(covered, Ordering::SeqCst);
-            Ok(())
+            tokio::task::spawn_blocking(move || store.commit())
+                .await
+                .map_err(|_| StoreError::Closed)?
         })
     }
 
-    pub fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        let k = key(b't', task_id.as_bytes());
-        match self.get(&k)? {
-            Some(v) => Ok(Some(decode(&k, &v)?)),
-            None => Ok(None),
+    /// Commits the open transaction, with the outbox removals and the next
+    /// outbox number, and waits for the disk (`synchronous = FULL`).
+    fn commit(&self) -> Result<(), StoreError> {
+        let mut guard = self.writer()?;
+        let w = guard.as_mut().expect("writer() checked it is open");
+        // Entries applied before this point are covered by this commit.
+        let covered = self.next_outbox.load(Ordering::SeqCst);
+        let removals: Vec<u64> = lock(&self.removals).0.iter().copied().collect();
+        let result = (|| {
+            if !removals.is_empty() || covered != w.saved_next_outbox {
+                w.begin()?;
+            }
+            if w.open_since.is_none() {
+                return Ok(());
+            }
+            let mut delete = w.conn.prepare_cached("DELETE FROM outbox WHERE n = ?1")?;
+            for n in &removals {
+                delete.execute([*n as i64])?;
+            }
+            drop(delete);
+            if covered != w.saved_next_outbox {
+                w.conn
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_outbox', ?1)",
+                    )?
+                    .execute([covered as i64])?;
+            }
+            w.conn.execute_batch("COMMIT")?;
+            w.open_since = None;
+            w.saved_next_outbox = covered;
+            Ok(())
+        })();
+        let result = self.guard(result);
+        if result.is_ok() {
+            let mut pending = lock(&self.removals);
+            for n in &removals {
+                pending.0.remove(n);
+            }
+            if pending.0.is_empty() {
+                pending.1 = None;
+            }
+            drop(pending);
+            self.durable_outbox.fetch_max(covered, Ordering::SeqCst);
+            self.checkpoint.wake();
         }
+        result
+    }
+
+    /// Whether something has waited for a commit longer than
+    /// [`IDLE_COMMIT`]: changes that asked for no flush (check-in reports)
+    /// or outbox removals. The engine flushes then, so neither waits for
+    /// the next task.
+    pub fn wants_commit(&self) -> bool {
+        let due = |since: Option<Instant>| since.is_some_and(|t| t.elapsed() >= IDLE_COMMIT);
+        if due(lock(&self.removals).1) {
+            return true;
+        }
+        lock(&self.writer)
+            .as_ref()
+            .is_some_and(|w| due(w.open_since))
+    }
+
+    pub fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT task_id, tag_id, seq, issued_at, expires_at, accepted_at, content,
+                        content_hash, ack_target, attempts, status, final_at, detail
+                 FROM tasks WHERE task_id = ?1",
+            )?
+            .query_row([task_id], task_from_row)
+            .optional()?
+            .transpose()
+        })
     }
 
     /// The tag's highest accepted seq and its pending task, if any.
     pub fn tag_slot(&self, tag_id: &str) -> Result<Option<(u64, Option<String>)>, StoreError> {
-        let k = key(b'p', tag_id.as_bytes());
-        match self.get(&k)? {
-            Some(v) => Ok(Some(slot_from(&k, &v)?)),
-            None => Ok(None),
-        }
+        self.read(|c| {
+            Ok(
+                c.prepare_cached("SELECT max_seq, pending_task FROM tags WHERE tag_id = ?1")?
+                    .query_row([tag_id], |r| {
+                        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Option<String>>(1)?))
+                    })
+                    .optional()?,
+            )
+        })
     }
 
     /// The id of the tag's pending task, if it has one.
@@ -519,17 +816,15 @@ impl Store {
         Ok(self.tag_slot(tag_id)?.and_then(|(_, task)| task))
     }
 
-    /// How many tags have a pending task (one scan of the `p` keys; for
-    /// start-up and after a reopen).
+    /// How many tags have a pending task (for start-up and after a reopen).
     pub fn pending_count(&self) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for item in self.scan_db()?.scan_prefix([b'p']) {
-            let (_, v) = item?;
-            if v.len() > 8 {
-                n += 1;
-            }
-        }
-        Ok(n)
+        self.read(|c| {
+            Ok(c.query_row(
+                "SELECT count(*) FROM tasks WHERE status = 'pending'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )? as usize)
+        })
     }
 
     /// Up to `limit` tags with a pending task whose id is after `after`, in
@@ -539,112 +834,67 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let start = start_after(b'p', after);
-        let mut out = Vec::new();
-        for item in self.scan_db()?.range(start..vec![b'p' + 1]) {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = item?;
-            if v.len() > 8 {
-                out.push(string_from(&k, &k[1..])?);
-            }
-        }
-        Ok(out)
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT tag_id FROM tags WHERE pending_task IS NOT NULL AND tag_id > ?1
+                 ORDER BY tag_id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after.unwrap_or(""), limit as i64], |r| r.get(0))?;
+            Ok(rows.collect::<Result<Vec<String>, _>>()?)
+        })
     }
 
     /// Up to `limit` pending tasks that expire before `now`, oldest expiry
-    /// first, as `(expires_at, task_id)`. An index entry whose task is no
-    /// longer pending is the caller's to drop (see [`Change::drop_expiry`]).
+    /// first, as `(expires_at, task_id)`.
     pub fn expiring_before(
         &self,
         now: u64,
         limit: usize,
     ) -> Result<Vec<(u64, String)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self
-            .scan_db()?
-            .range(vec![b'x']..key(b'x', &now.to_be_bytes()))
-            .take(limit)
-        {
-            let (k, _) = item?;
-            if k.len() < 9 {
-                return Err(corrupt(&k, "expiry index key shorter than 9 bytes"));
-            }
-            let at = u64_from(&k, &k[1..9])?;
-            out.push((at, string_from(&k, &k[9..])?));
-        }
-        Ok(out)
-    }
-
-    /// Converts a layout-1 store (see the module docs) in one batch: the
-    /// `s` seq moves into the `p` value and every pending task gets its `x`
-    /// entry. A store at the current layout is left alone; a newer one is
-    /// refused (a downgrade would misread it).
-    fn upgrade(db: &sled::Db) -> Result<(), StoreError> {
-        if let Some(v) = db.get(VERSION_KEY)? {
-            return match u64_from(VERSION_KEY, &v)? {
-                VERSION => Ok(()),
-                other => Err(corrupt(
-                    VERSION_KEY,
-                    &format!("store layout {other}; this agent reads layout {VERSION} (newer agent's store?)"),
-                )),
-            };
-        }
-        let mut batch = sled::Batch::default();
-        let mut tags: HashMap<Vec<u8>, (u64, Vec<u8>)> = HashMap::new();
-        for item in db.scan_prefix([b's']) {
-            let (k, v) = item?;
-            tags.entry(k[1..].to_vec()).or_default().0 = u64_from(&k, &v)?;
-            batch.remove(k);
-        }
-        for item in db.scan_prefix([b'p']) {
-            let (k, task_id) = item?;
-            let tk = key(b't', &task_id);
-            let rec: TaskRecord = match db.get(&tk)? {
-                Some(v) => decode(&tk, &v)?,
-                None => return Err(corrupt(&k, "pending index points at a missing task")),
-            };
-            if rec.state != TaskState::Pending {
-                return Err(corrupt(
-                    &k,
-                    "pending index points at a task that is not pending",
-                ));
-            }
-            batch.insert(expiry_key(rec.expires_at, &rec.task_id), &[][..]);
-            let slot = tags.entry(k[1..].to_vec()).or_default();
-            slot.0 = slot.0.max(rec.seq);
-            slot.1 = task_id.to_vec();
-        }
-        for (tag, (seq, task_id)) in tags {
-            let mut v = seq.to_be_bytes().to_vec();
-            v.extend_from_slice(&task_id);
-            batch.insert(key(b'p', &tag), v);
-        }
-        batch.insert(VERSION_KEY, &VERSION.to_be_bytes()[..]);
-        db.apply_batch(batch)?;
-        db.flush()?;
-        Ok(())
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT expires_at, task_id FROM tasks
+                 WHERE status = 'pending' AND expires_at < ?1
+                 ORDER BY expires_at LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![expiry_value(now), limit as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
     }
 
     /// The last task and content a tag confirmed.
     pub fn last_content(&self, tag_id: &str) -> Result<Option<(String, String)>, StoreError> {
-        let k = key(b'c', tag_id.as_bytes());
-        match self.get(&k)? {
-            Some(v) => Ok(Some(decode(&k, &v)?)),
-            None => Ok(None),
-        }
+        self.read(|c| {
+            Ok(
+                c.prepare_cached("SELECT task_id, content FROM tag_content WHERE tag_id = ?1")?
+                    .query_row([tag_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?,
+            )
+        })
     }
 
     /// Every tag's last check-in, for the engine's start-up.
     pub fn tags(&self) -> Result<Vec<(String, TagRecord)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.scan_db()?.scan_prefix([b'g']) {
-            let (k, v) = item?;
-            let tag_id = String::from_utf8_lossy(&k[1..]).into_owned();
-            out.push((tag_id, decode(&k, &v)?));
-        }
-        Ok(out)
+        self.read(|c| {
+            let mut stmt = c.prepare(
+                "SELECT tag_id, battery_mv, rssi, content_hash, last_seen FROM tag_reports
+                 ORDER BY tag_id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    TagRecord {
+                        battery_mv: r.get(1)?,
+                        rssi: r.get(2)?,
+                        content_hash: r.get(3)?,
+                        last_seen: r.get::<_, Option<i64>>(4)?.map(|s| s as u64),
+                    },
+                ))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
     }
 
     /// Up to `limit` tasks whose id is greater than `after`, in id order
@@ -654,153 +904,351 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, StoreError> {
-        let start = start_after(b't', after);
-        let mut out = Vec::new();
-        for item in self.scan_db()?.range(start..vec![b't' + 1]) {
-            if out.len() >= limit {
-                break;
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT task_id, tag_id, seq, issued_at, expires_at, accepted_at, content,
+                        content_hash, ack_target, attempts, status, final_at, detail
+                 FROM tasks WHERE task_id > ?1 ORDER BY task_id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after.unwrap_or(""), limit as i64], task_from_row)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(row??);
             }
-            let (k, v) = item?;
-            out.push(decode(&k, &v)?);
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Up to `limit` durable outbox entries numbered above `after`, oldest
-    /// first.
+    /// first (the link's connection: committed rows only).
     pub fn outbox_after(
         &self,
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+        self.check_open()?;
         let durable = self.durable_outbox.load(Ordering::SeqCst);
         let start = match after {
             Some(n) => match n.checked_add(1) {
-                Some(n) => key(b'o', &n.to_be_bytes()),
+                Some(n) => n,
                 None => return Ok(Vec::new()),
             },
-            None => vec![b'o'],
+            None => 0,
         };
+        // Entries the broker already has are skipped; ask for that many more.
+        let removed = lock(&self.removals).0.clone();
+        let reader = lock(&self.reader);
+        let reader = reader.as_ref().ok_or(StoreError::Closed)?;
+        let mut stmt = reader.prepare_cached(
+            "SELECT n, topic, payload FROM outbox WHERE n >= ?1 AND n < ?2 ORDER BY n LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![start as i64, durable as i64, (limit + removed.len()) as i64],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    OutboxEntry {
+                        topic: r.get(1)?,
+                        payload: r.get(2)?,
+                    },
+                ))
+            },
+        )?;
         let mut out = Vec::new();
-        for item in self
-            .db()?
-            .range(start..key(b'o', &durable.to_be_bytes()))
-            .take(limit)
-        {
-            let (k, v) = item?;
-            let n = u64_from(&k, &k[1..])?;
-            out.push((n, decode(&k, &v)?));
+        for row in rows {
+            let (n, entry) = row?;
+            if !removed.contains(&n) {
+                out.push((n, entry));
+                if out.len() == limit {
+                    break;
+                }
+            }
         }
         Ok(out)
     }
 
-    /// The broker has the message: forget it. Not flushed on purpose: if the
-    /// removal is lost in a crash, the ack is sent once more, which receivers
-    /// tolerate; losing it would not be tolerable.
+    /// The broker has the message: forget it (deleted at the next commit).
+    /// Not flushed on purpose: if the removal is lost in a crash, the ack is
+    /// sent once more, which receivers tolerate.
     pub fn remove_outbox(&self, n: u64) -> Result<bool, StoreError> {
-        let removed = self.db()?.remove(key(b'o', &n.to_be_bytes()))?.is_some();
-        if removed {
-            self.outbox_len.fetch_sub(1, Ordering::Relaxed);
+        self.check_open()?;
+        let exists = {
+            let guard = lock(&self.reader);
+            let reader = guard.as_ref().ok_or(StoreError::Closed)?;
+            let found = reader
+                .prepare_cached("SELECT 1 FROM outbox WHERE n = ?1")?
+                .query_row([n as i64], |_| Ok(()))
+                .optional()?;
+            found.is_some()
+        };
+        if !exists {
+            return Ok(false);
         }
-        Ok(removed)
+        let mut removals = lock(&self.removals);
+        if !removals.0.insert(n) {
+            return Ok(false);
+        }
+        removals.1.get_or_insert_with(Instant::now);
+        self.outbox_len.fetch_sub(1, Ordering::Relaxed);
+        Ok(true)
     }
 
     pub fn outbox_len(&self) -> u64 {
         self.outbox_len.load(Ordering::Relaxed)
     }
 
-    /// Forgets finished tasks that became final before `cutoff_ms`. Returns
-    /// how many were removed.
+    /// Forgets finished tasks that became final before `cutoff_ms` (at most
+    /// `limit`, oldest first; in the open transaction). Returns how many
+    /// were removed.
     pub fn prune_final(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        let end = key(b'f', &cutoff_ms.to_be_bytes());
-        let mut removed = 0;
-        let db = self.scan_db()?;
-        // One batch for the pass (sled writes its log once per batch).
-        let mut batch = sled::Batch::default();
-        for item in db.range(vec![b'f']..end).take(limit) {
-            let (k, _) = item?;
-            batch.remove(key(b't', &k[9..]));
-            batch.remove(k);
-            removed += 1;
-        }
-        if removed > 0 {
-            db.apply_batch(batch)?;
-        }
-        Ok(removed)
+        let mut w = self.writer()?;
+        let w = w.as_mut().expect("writer() checked it is open");
+        let result = (|| {
+            w.begin()?;
+            Ok(w.conn
+                .prepare_cached(
+                    "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks
+                     WHERE final_at < ?1 ORDER BY final_at LIMIT ?2)",
+                )?
+                .execute(params![cutoff_ms as i64, limit as i64])?)
+        })();
+        self.guard(result)
     }
 
-    /// On-disk size in bytes, for status reports.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db().and_then(|db| Ok(db.size_on_disk()?)).unwrap_or(0)
+    /// Gives free pages back to the file system (`incremental_vacuum`, in
+    /// the open transaction) once they are many and a quarter of the file:
+    /// after pruning, and after a flood of acks or replies has been
+    /// delivered. Returns the number of pages freed.
+    pub fn reclaim(&self) -> Result<u64, StoreError> {
+        let mut w = self.writer()?;
+        let w = w.as_mut().expect("writer() checked it is open");
+        let result = (|| {
+            let free: i64 = w
+                .conn
+                .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+            let total: i64 = w.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            if free < RECLAIM_MIN_PAGES || free * 4 < total {
+                return Ok(0);
+            }
+            w.begin()?;
+            // The pragma frees one page per step: step it to the end.
+            let mut stmt = w
+                .conn
+                .prepare(&format!("PRAGMA incremental_vacuum({free})"))?;
+            let mut rows = stmt.query([])?;
+            while rows.next()?.is_some() {}
+            Ok(free as u64)
+        })();
+        self.guard(result)
     }
+
+    /// On-disk size in bytes (database and WAL), for status reports.
+    pub fn size_on_disk(&self) -> u64 {
+        let db = self.db_path();
+        [db.clone(), wal_path(&db)]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.checkpoint.stop();
+        if let Some(t) = self.checkpointer.take() {
+            // A panicked checkpointer has nothing left to clean up.
+            let _ = t.join();
+        }
+    }
+}
+
+/// Per-connection settings of the writer (the journal mode and auto-vacuum
+/// are properties of the file, set here when it is new).
+fn configure(conn: &Connection, cache_kib: i64) -> Result<(), StoreError> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_prepared_statement_cache_capacity(32);
+    // auto_vacuum must be chosen before the first table exists; on an
+    // existing file this is a no-op.
+    conn.execute_batch(&format!(
+        "PRAGMA auto_vacuum = INCREMENTAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA cache_size = -{cache_kib};
+         PRAGMA mmap_size = 0;
+         PRAGMA wal_autocheckpoint = 0;
+         PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT};"
+    ))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Corrupt {
+            key: DB_FILE.into(),
+            reason: format!("cannot switch to WAL mode (journal_mode is {mode})"),
+        });
+    }
+    Ok(())
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`], one transaction per step, or
+/// refuses a store from a newer agent.
+fn migrate(conn: &mut Connection, dir: &Path) -> Result<(), StoreError> {
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::Newer {
+            path: dir.display().to_string(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// The checkpoint thread: copies the WAL into the database file when it has
+/// grown past [`CHECKPOINT_WAL_BYTES`] or the store has been quiet for
+/// [`CHECKPOINT_IDLE`]. PASSIVE: it never waits for the writer, so ingest
+/// does not stall on it. Errors are left for the next round (a full disk
+/// shows in the writer's own calls).
+fn run_checkpointer(db: &Path, signal: &CheckpointSignal) {
+    // Opened (again) when needed: a connection that could not be opened at
+    // one moment (a full disk) must not end checkpoints for good.
+    let mut conn: Option<Connection> = None;
+    let wal = wal_path(db);
+    let mut last_checkpoint_len = 0;
+    loop {
+        let woken = {
+            let state = lock(&signal.state);
+            let (mut state, _) = signal
+                .cond
+                .wait_timeout_while(state, CHECKPOINT_IDLE, |s| !s.0 && !s.1)
+                .unwrap_or_else(|e| e.into_inner());
+            if state.1 {
+                return;
+            }
+            std::mem::replace(&mut state.0, false)
+        };
+        let len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        let quiet = !woken && len > 0 && len != last_checkpoint_len;
+        if len < CHECKPOINT_WAL_BYTES && !quiet {
+            continue;
+        }
+        if conn.is_none() {
+            conn = Connection::open(db)
+                .and_then(|c| {
+                    c.execute_batch(&format!(
+                        "PRAGMA cache_size = -{SMALL_CACHE_KIB}; PRAGMA mmap_size = 0;
+                         PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0;"
+                    ))?;
+                    Ok(c)
+                })
+                .map_err(|e| tracing::debug!(error = %e, "checkpoint connection failed"))
+                .ok();
+        }
+        let Some(c) = &conn else { continue };
+        match c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) => last_checkpoint_len = len,
+            Err(e) => {
+                tracing::debug!(error = %e, "WAL checkpoint failed; trying again later");
+                conn = None;
+            }
+        }
+    }
+}
+
+fn wal_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-wal");
+    PathBuf::from(p)
+}
+
+/// `expires_at` as stored: capped so that the expiry index keeps time order.
+fn expiry_value(ms: u64) -> i64 {
+    ms.min(i64::MAX as u64) as i64
+}
+
+fn status_str(s: &AckStatus) -> &'static str {
+    match s {
+        AckStatus::Accepted => "accepted",
+        AckStatus::Applied => "applied",
+        AckStatus::Failed => "failed",
+        AckStatus::Expired => "expired",
+        AckStatus::Superseded => "superseded",
+        AckStatus::Rejected => "rejected",
+    }
+}
+
+fn status_from(s: &str) -> Option<AckStatus> {
+    Some(match s {
+        "accepted" => AckStatus::Accepted,
+        "applied" => AckStatus::Applied,
+        "failed" => AckStatus::Failed,
+        "expired" => AckStatus::Expired,
+        "superseded" => AckStatus::Superseded,
+        "rejected" => AckStatus::Rejected,
+        _ => return None,
+    })
+}
+
+/// A `tasks` row (in the column order of the SELECTs above). The outer
+/// error is SQLite's; the inner one a value this agent did not write.
+fn task_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TaskRecord, StoreError>> {
+    let task_id: String = r.get(0)?;
+    let status: String = r.get(10)?;
+    let final_at: Option<i64> = r.get(11)?;
+    let state = match (status.as_str(), final_at) {
+        ("pending", _) => TaskState::Pending,
+        (other, Some(at)) => match status_from(other) {
+            Some(status) => TaskState::Final(FinalState {
+                status,
+                at: at as u64,
+                detail: r.get(12)?,
+            }),
+            None => {
+                return Ok(Err(StoreError::Corrupt {
+                    key: format!("tasks/{task_id}"),
+                    reason: format!("unknown status {other:?}"),
+                }))
+            }
+        },
+        (_, None) => {
+            return Ok(Err(StoreError::Corrupt {
+                key: format!("tasks/{task_id}"),
+                reason: "a final task without final_at".into(),
+            }))
+        }
+    };
+    Ok(Ok(TaskRecord {
+        task_id,
+        tag_id: r.get(1)?,
+        seq: r.get::<_, i64>(2)? as u64,
+        issued_at: r.get::<_, i64>(3)? as u64,
+        expires_at: r.get::<_, i64>(4)? as u64,
+        accepted_at: r.get::<_, i64>(5)? as u64,
+        content: r.get(6)?,
+        content_hash: r.get(7)?,
+        ack_target: r.get(8)?,
+        attempts: r.get(9)?,
+        state,
+    }))
 }
 
 #[cfg(test)]
 fn injected_error() -> StoreError {
-    StoreError::Sled(sled::Error::Io(std::io::Error::new(
-        std::io::ErrorKind::StorageFull,
-        "injected fault: no space left on device",
-    )))
-}
-
-/// sled's segment (and I/O buffer) size for new stores. 128 KiB instead of
-/// sled's 512 KiB lowered sled's peak RSS while writing 100 000 tasks from
-/// 26.6 to 20.7 MiB (standalone, same key pattern; docs/BENCHMARKS.md).
-const SEGMENT_SIZE: usize = 128 * 1024;
-
-/// The segment size an existing store was created with (sled refuses to
-/// open it with another), from sled's `conf` file; [`SEGMENT_SIZE`] for a
-/// new store or a `conf` that does not say.
-fn segment_size_of(path: &Path) -> usize {
-    // The text is followed by a binary checksum: not valid UTF-8 as a whole.
-    std::fs::read(path.join("conf"))
-        .ok()
-        .and_then(|conf| {
-            String::from_utf8_lossy(&conf)
-                .lines()
-                .find_map(|l| l.strip_prefix("segment_size: "))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(SEGMENT_SIZE)
-}
-
-/// The first key of `prefix` after the id `after` (the whole prefix for
-/// `None`), for paged range reads.
-fn start_after(prefix: u8, after: Option<&str>) -> Vec<u8> {
-    match after {
-        Some(id) => {
-            let mut k = key(prefix, id.as_bytes());
-            k.push(0);
-            k
-        }
-        None => vec![prefix],
-    }
-}
-
-fn corrupt(k: &[u8], reason: &str) -> StoreError {
-    StoreError::Corrupt {
-        key: String::from_utf8_lossy(k).into_owned(),
-        reason: reason.to_owned(),
-    }
-}
-
-fn string_from(k: &[u8], v: &[u8]) -> Result<String, StoreError> {
-    String::from_utf8(v.to_vec()).map_err(|_| corrupt(k, "not UTF-8"))
-}
-
-fn u64_from(k: &[u8], v: &[u8]) -> Result<u64, StoreError> {
-    let bytes: [u8; 8] = v.try_into().map_err(|_| StoreError::Corrupt {
-        key: String::from_utf8_lossy(k).into_owned(),
-        reason: format!("expected 8 bytes, found {}", v.len()),
-    })?;
-    Ok(u64::from_be_bytes(bytes))
+    StoreError::Sql(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+        Some("injected fault: database or disk is full".into()),
+    ))
 }
 
 fn create_private_dir(path: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let err = |source| StoreError::Dir {
+    let err = |cause| StoreError::Dir {
         path: path.display().to_string(),
-        source,
+        cause,
     };
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -838,11 +1286,23 @@ mod tests {
         }
     }
 
+    fn open(dir: &Path) -> Arc<Store> {
+        Arc::new(Store::open(dir, 1 << 20).unwrap())
+    }
+
+    /// What another process (an operator's `sqlite3` shell, or the disk
+    /// after a crash) sees: committed rows only.
+    fn outside_count(dir: &Path, sql: &str) -> i64 {
+        let c = Connection::open_with_flags(dir.join(DB_FILE), OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+        c.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
     #[tokio::test]
     async fn changes_survive_reopen_after_flush() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+            let store = open(dir.path());
             let mut c = Change::new();
             let mut r = record("t1", "A", TaskState::Pending);
             r.seq = 7;
@@ -851,7 +1311,7 @@ mod tests {
             assert_eq!(store.apply(c).unwrap(), vec![0]);
             store.flush().await.unwrap();
         }
-        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+        let store = open(dir.path());
         assert_eq!(store.pending_count().unwrap(), 1);
         assert_eq!(
             store.tag_slot("A").unwrap(),
@@ -867,7 +1327,7 @@ mod tests {
     #[tokio::test]
     async fn outbox_is_read_oldest_first_and_removed_by_number() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+        let store = open(dir.path());
         for n in 0..5 {
             let mut c = Change::new();
             c.push_outbox(entry(n));
@@ -888,49 +1348,52 @@ mod tests {
             "second removal is a no-op"
         );
         assert_eq!(store.outbox_len(), 4);
+        assert_eq!(
+            store.outbox_after(None, 1).unwrap()[0].0,
+            1,
+            "a removed entry is not read again, even before the commit"
+        );
+        let on_disk = "SELECT count(*) FROM outbox";
+        assert_eq!(outside_count(dir.path(), on_disk), 5);
+        assert!(
+            !store.wants_commit(),
+            "a removal waits a moment for company"
+        );
+        store.flush().await.unwrap();
+        assert_eq!(
+            outside_count(dir.path(), on_disk),
+            4,
+            "deleted by the commit"
+        );
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.outbox_len(), 4);
         assert_eq!(store.outbox_after(None, 1).unwrap()[0].0, 1);
     }
 
     #[tokio::test]
-    async fn applied_changes_are_read_at_once_and_reach_sled_in_one_commit() {
+    async fn applied_changes_are_read_at_once_and_on_disk_only_after_the_flush() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+        let store = open(dir.path());
         for (task, tag) in [("t1", "A"), ("t2", "B")] {
             let mut c = Change::new();
             c.put_task(&record(task, tag, TaskState::Pending));
             store.apply(c).unwrap();
         }
-        let in_sled = |k: &[u8]| store.db().unwrap().get(k).unwrap().is_some();
+        let committed = "SELECT count(*) FROM tasks";
         assert!(
             store.task("t1").unwrap().is_some(),
             "visible before the flush"
         );
-        assert!(!in_sled(b"tt1"), "staged, not handed to sled one by one");
+        assert_eq!(outside_count(dir.path(), committed), 0, "not committed yet");
         let mut c = Change::new();
         c.clear_pending(&record("t1", "A", TaskState::Pending));
         store.apply(c).unwrap();
-        assert_eq!(
-            store.pending_of("A").unwrap(),
-            None,
-            "a staged change is read before sled's value"
-        );
+        assert_eq!(store.pending_of("A").unwrap(), None);
         store.flush().await.unwrap();
-        assert!(in_sled(b"tt1") && in_sled(b"tt2") && in_sled(b"pB"));
+        assert_eq!(outside_count(dir.path(), committed), 2);
         assert_eq!(store.tag_slot("A").unwrap(), Some((1, None)));
-        assert!(store.staged_map().is_empty());
-        let x_b = expiry_key(10, "t2");
-        let mut c = Change::new();
-        c.clear_pending(&record("t2", "B", TaskState::Pending));
-        store.apply(c).unwrap();
-        assert!(in_sled(&x_b));
-        assert_eq!(
-            store.get(&x_b).unwrap(),
-            None,
-            "a staged removal hides sled's key"
-        );
-        store.flush().await.unwrap();
-        assert!(!in_sled(&x_b));
-        // A staged change is not durable: a reopen (after a fault) drops it.
+        // An applied change is not durable: a reopen (after a fault) drops it.
         let mut c = Change::new();
         c.put_task(&record("t3", "C", TaskState::Pending));
         store.apply(c).unwrap();
@@ -942,9 +1405,14 @@ mod tests {
     #[tokio::test]
     async fn pending_tasks_are_found_by_expiry_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+        let store = open(dir.path());
         let mut c = Change::new();
-        for (task, tag, expires_at) in [("t1", "A", 30), ("t2", "B", 10), ("t3", "C", 20)] {
+        for (task, tag, expires_at) in [
+            ("t1", "A", 30),
+            ("t2", "B", 10),
+            ("t3", "C", 20),
+            ("t4", "D", u64::MAX),
+        ] {
             let mut r = record(task, tag, TaskState::Pending);
             r.expires_at = expires_at;
             c.put_task(&r);
@@ -960,74 +1428,27 @@ mod tests {
             "before, not at"
         );
         assert_eq!(
-            store.expiring_before(u64::MAX, 2).unwrap().len(),
+            store.expiring_before(u64::MAX - 1, 2).unwrap().len(),
             2,
             "limit"
         );
         assert_eq!(
+            store.expiring_before(u64::MAX - 1, 10).unwrap().len(),
+            3,
+            "a task that expires at u64::MAX stays in time order (never)"
+        );
+        assert_eq!(store.pending_count().unwrap(), 4);
+        assert_eq!(
             store.pending_tags_after(None, 10).unwrap(),
-            vec!["A", "B", "C"]
+            vec!["A", "B", "C", "D"]
         );
         assert_eq!(store.pending_tags_after(Some("A"), 1).unwrap(), vec!["B"]);
     }
 
     #[tokio::test]
-    async fn new_stores_use_small_segments_and_old_ones_keep_theirs() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(Store::open(dir.path(), 1 << 20).unwrap());
-        assert_eq!(segment_size_of(dir.path()), SEGMENT_SIZE);
-        let old = tempfile::tempdir().unwrap();
-        // Created by sled's defaults (512 KiB), as the first agent version did.
-        drop(sled::open(old.path()).unwrap());
-        assert_eq!(segment_size_of(old.path()), 512 * 1024);
-        let store = Store::open(old.path(), 1 << 20).expect("opens with its own size");
-        assert!(store.task("x").unwrap().is_none());
-    }
-
-    #[tokio::test]
-    async fn a_layout_1_store_is_converted_at_open() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            // Layout 1: `p` tag → task id, `s` tag → seq, no `x`, no `mv`.
-            let db = sled::open(dir.path()).unwrap();
-            let mut r = record("t1", "A", TaskState::Pending);
-            r.expires_at = 50;
-            r.seq = 4;
-            db.insert(key(b't', b"t1"), encode(&r)).unwrap();
-            db.insert(key(b'p', b"A"), &b"t1"[..]).unwrap();
-            db.insert(key(b's', b"A"), &4u64.to_be_bytes()[..]).unwrap();
-            db.insert(key(b's', b"B"), &9u64.to_be_bytes()[..]).unwrap();
-            db.flush().unwrap();
-        }
-        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
-        assert_eq!(
-            store.expiring_before(51, 10).unwrap(),
-            vec![(50, "t1".to_owned())]
-        );
-        assert_eq!(
-            store.tag_slot("A").unwrap(),
-            Some((4, Some("t1".to_owned())))
-        );
-        assert_eq!(
-            store.tag_slot("B").unwrap(),
-            Some((9, None)),
-            "seq kept without a pending task"
-        );
-        assert_eq!(store.pending_count().unwrap(), 1);
-        assert!(store.db().unwrap().scan_prefix([b's']).next().is_none());
-        drop(store);
-        // Opening again changes nothing.
-        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
-        assert_eq!(
-            store.tag_slot("A").unwrap(),
-            Some((4, Some("t1".to_owned())))
-        );
-    }
-
-    #[tokio::test]
     async fn final_tasks_leave_the_pending_index_and_can_be_pruned() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+        let store = open(dir.path());
         let mut c = Change::new();
         c.put_task(&record("t1", "A", TaskState::Pending));
         store.apply(c).unwrap();
@@ -1038,7 +1459,7 @@ mod tests {
             TaskState::Final(FinalState {
                 status: AckStatus::Applied,
                 at: 100,
-                detail: None,
+                detail: Some("why".into()),
             }),
         ));
         c.clear_pending(&record("t1", "A", TaskState::Pending));
@@ -1047,9 +1468,10 @@ mod tests {
         assert_eq!(store.pending_of("A").unwrap(), None);
         assert!(
             store.expiring_before(u64::MAX, 10).unwrap().is_empty(),
-            "the expiry index entry goes with the pending one"
+            "the expiry index entry goes with the pending state"
         );
-        assert!(store.task("t1").unwrap().is_some());
+        let t1 = store.task("t1").unwrap().unwrap();
+        assert!(matches!(t1.state, TaskState::Final(ref f) if f.detail.as_deref() == Some("why")));
         assert_eq!(
             store.prune_final(100, 10).unwrap(),
             0,
@@ -1072,7 +1494,7 @@ mod tests {
     #[tokio::test]
     async fn reopen_after_a_fault_keeps_what_was_flushed() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
+        let store = open(dir.path());
         let mut c = Change::new();
         c.put_task(&record("t1", "A", TaskState::Pending));
         c.push_outbox(entry(1));
@@ -1092,9 +1514,153 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_second_open_of_the_same_store_fails() {
+    async fn a_second_open_of_the_same_store_fails_and_says_why() {
         let dir = tempfile::tempdir().unwrap();
         let _first = Store::open(dir.path(), 1 << 20).unwrap();
-        assert!(Store::open(dir.path(), 1 << 20).is_err());
+        match Store::open(dir.path(), 1 << 20) {
+            Err(e @ StoreError::Locked { .. }) => {
+                assert!(e.to_string().contains("another esl-agent process"), "{e}")
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("two agents on one store"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_from_a_newer_agent_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()));
+        let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        assert_eq!(
+            c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+                .unwrap(),
+            SCHEMA_VERSION,
+            "a new store is at the current version"
+        );
+        c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(c);
+        match Store::open(dir.path(), 1 << 20) {
+            Err(e @ StoreError::Newer { .. }) => assert!(e.to_string().contains("newer esl-agent")),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a newer schema was opened"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_leftover_sled_store_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        // The files sled 0.34 leaves in its directory.
+        std::fs::write(dir.path().join("conf"), b"segment_size: 524288\n").unwrap();
+        std::fs::write(dir.path().join("db"), [0u8; 64]).unwrap();
+        let e = Store::open(dir.path(), 1 << 20).err().expect("refused");
+        let text = e.to_string();
+        assert!(matches!(e, StoreError::Sled { .. }));
+        assert!(
+            text.contains(&dir.path().display().to_string()) && text.contains("mv "),
+            "{text}"
+        );
+        assert!(
+            !dir.path().join(DB_FILE).exists(),
+            "nothing created beside it"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_permission_problem_is_named_as_such_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = StoreError::Dir {
+            path: dir.path().display().to_string(),
+            cause: std::io::Error::from_raw_os_error(13),
+        };
+        let text = format!("{:#}", anyhow::Error::from(e));
+        assert!(text.contains("permission denied"), "{text}");
+        assert!(
+            !text.contains("os error 13"),
+            "the cause is said once, in words: {text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn space_is_given_back_after_a_flood_of_acks_is_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let pages = |s: &Store| {
+            s.read(|c| Ok(c.query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0))?))
+                .unwrap()
+        };
+        let before = pages(&store);
+        let mut c = Change::new();
+        for _ in 0..3000 {
+            c.push_outbox(OutboxEntry {
+                topic: "esl_ack/p2p/GID_b@@@b".into(),
+                payload: vec![7; 1000],
+            });
+        }
+        let numbers = store.apply(c).unwrap();
+        store.flush().await.unwrap();
+        let flooded = pages(&store);
+        assert!(flooded > before + 500, "{before} -> {flooded}");
+        for n in numbers {
+            assert!(store.remove_outbox(n).unwrap());
+        }
+        store.flush().await.unwrap();
+        assert!(store.reclaim().unwrap() > 500);
+        store.flush().await.unwrap();
+        let after = pages(&store);
+        assert!(
+            after <= before * 2,
+            "{before} -> {flooded} -> {after} pages"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_thread_copies_a_large_wal_into_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let db_len = || std::fs::metadata(dir.path().join(DB_FILE)).unwrap().len();
+        let mut c = Change::new();
+        for _ in 0..6000 {
+            c.push_outbox(OutboxEntry {
+                topic: "esl_ack/p2p/GID_b@@@b".into(),
+                payload: vec![7; 1000],
+            });
+        }
+        store.apply(c).unwrap();
+        store.flush().await.unwrap();
+        // COMMIT never checkpoints (wal_autocheckpoint is off): until the
+        // store's own thread runs, the pages are in the WAL only.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while db_len() < CHECKPOINT_WAL_BYTES {
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint: database file {} bytes",
+                db_len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn operators_can_read_the_queue_while_the_agent_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut c = Change::new();
+        c.put_task(&record("t1", "A", TaskState::Pending));
+        store.apply(c).unwrap();
+        store.flush().await.unwrap();
+        // The query docs/RELIABILITY.md shows for the sqlite3 shell, on a
+        // connection of its own while the store is open and a transaction
+        // of the agent's is in progress.
+        let mut c = Change::new();
+        c.put_task(&record("t2", "B", TaskState::Pending));
+        store.apply(c).unwrap();
+        assert_eq!(
+            outside_count(
+                dir.path(),
+                "SELECT count(*) FROM tasks WHERE status = 'pending'"
+            ),
+            1
+        );
     }
 }

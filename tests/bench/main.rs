@@ -65,7 +65,7 @@ struct Size {
     inflight: u32,
     /// The agent's `mqtt.outbox_window` (unacked acks in flight).
     outbox_window: u32,
-    /// The agent's `store.cache_mb` (sled's page cache).
+    /// The agent's `store.cache_mb` (SQLite's page cache).
     cache_mb: u64,
     json: Option<PathBuf>,
     keep: bool,
