@@ -18,10 +18,13 @@
 //! so "no task displayed twice" is checked over the whole run.
 //!
 //! Power cuts (issue 13): the same loop with the agent's store on a
-//! [`PowerFs`] disk where only fsynced data survives. After each SIGKILL
-//! the power goes: the disk keeps what was fsynced (every other pair of
-//! cuts also a random subset of the unsynced 4 KiB pages: torn writes) and
-//! the agent starts again on that. The agent reaches the broker through the
+//! [`PowerFs`] disk where only fsynced data survives. The power goes, the
+//! agent gets its SIGKILL, and the disk keeps what was fsynced (every other
+//! cut also a random subset of the unsynced 4 KiB pages: torn writes); the
+//! agent starts again on that. The moments: at random, right after a
+//! display, and in the middle of a commit (the agent's next fsync is held
+//! until the cut, so its data is written but not durable). The agent
+//! reaches the broker through the
 //! [`FaultProxy`] (no faults), whose [`crate::proxy::PubackTap`] records
 //! every task the agent PUBACKed. Required: every PUBACKed task reaches its
 //! final ack, and the agent starts (its store opens) after every cut. In
@@ -58,8 +61,19 @@ enum Strike {
     /// Nothing: the process dies, the machine (page cache) lives.
     Kill,
     /// The power goes too: the store's disk keeps only what was fsynced,
-    /// in every other pair of cuts also random unsynced pages.
+    /// in every other cut also random unsynced pages.
     PowerCut,
+}
+
+/// When a strike comes, after the run's random uptime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    /// At once.
+    Random,
+    /// At the next display on a tag.
+    AfterDisplay,
+    /// While the agent's next fsync waits (power cuts only).
+    MidFsync,
 }
 
 /// How long the power-cut runs wait for PUBACKed tasks after the last
@@ -70,6 +84,7 @@ struct CrashLoop {
     name: &'static str,
     clean_session: bool,
     strike: Strike,
+    tasks_per_s: u32,
     kills: usize,
     /// How long each agent run lives before its SIGKILL, from its start.
     uptime_ms: std::ops::Range<u64>,
@@ -127,7 +142,7 @@ impl CrashLoop {
             backend,
             LoadSpec {
                 prefix: "t-crash",
-                tasks_per_s: TASKS_PER_S,
+                tasks_per_s: self.tasks_per_s,
                 tags: TAGS,
                 retry_after: self.clean_session.then_some(RETRY_AFTER),
                 no_retry: tap
@@ -136,6 +151,7 @@ impl CrashLoop {
             },
         );
         let mut cuts: Vec<Cut> = Vec::new();
+        let mut mid_fsync = 0;
         let mut no_start: Option<(usize, String)> = None;
         let mut runs = vec![Run {
             started: Instant::now(),
@@ -145,12 +161,24 @@ impl CrashLoop {
         for k in 0..self.kills {
             let started = runs.last().expect("one run at least").started;
             tokio::time::sleep_until(started + random_ms(&mut rng, self.uptime_ms.clone())).await;
-            // Every other kill waits for a tag to display something and
-            // strikes at once: the tag shows the content, but the agent has
-            // most likely not yet stored that it was applied. Random moments
-            // alone rarely hit that window of a few milliseconds.
-            if k % 2 == 1 && display_then(&config.journal, Duration::from_secs(2)).await {
+            let moment = self.moment(k);
+            // A kill right after a display: the tag shows the content, but
+            // the agent has most likely not yet stored that it was applied.
+            // Random moments alone rarely hit that window of a few
+            // milliseconds.
+            if moment == Moment::AfterDisplay
+                && display_then(&config.journal, Duration::from_secs(2)).await
+            {
                 just_after_display += 1;
+            }
+            // A cut in the middle of a commit: the next fsync waits for it.
+            if let (Moment::MidFsync, Some(disk)) = (moment, &disk) {
+                disk.hold_next_fsync();
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while !disk.fsync_held() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                mid_fsync += usize::from(disk.fsync_held());
             }
             // An agent that died by itself (a store that does not open)
             // ends the loop: every later start would fail the same way.
@@ -158,18 +186,25 @@ impl CrashLoop {
                 no_start = Some((k, format!("{status}")));
                 break;
             }
-            agent.kill();
-            runs.last_mut().expect("one run at least").killed = Some(Instant::now());
-            if let Some(disk) = disk.as_mut() {
-                // Pairs of cuts: two clean ones, two torn, and so on.
-                let torn = if k % 4 >= 2 {
+            // The power goes first, so nothing the agent does between that
+            // instant and its death can be durable (the disk fails every
+            // call); then the SIGKILL, then the disk comes back with what
+            // survived.
+            let report = disk.as_mut().map(|disk| {
+                // Every other cut is torn: unsynced pages survive with a
+                // probability drawn per cut.
+                let torn = if k % 2 == 1 {
                     rng.gen_range(0.0..1.0)
                 } else {
                     0.0
                 };
-                let report = disk
-                    .cut(&mut rng, torn)
-                    .expect("power cut: unmount and remount");
+                disk.power_off(&mut rng, torn)
+            });
+            agent.kill();
+            runs.last_mut().expect("one run at least").killed = Some(Instant::now());
+            if let (Some(disk), Some(report)) = (disk.as_mut(), report) {
+                disk.power_on()
+                    .expect("power cut: unmount and mount what survived");
                 cuts.push(Cut {
                     at: Instant::now(),
                     pubacked: tap.as_ref().map_or(0, |t| t.pubacked().len()),
@@ -201,6 +236,10 @@ impl CrashLoop {
         }
         if let Some(tap) = &tap {
             let fs = disk.as_ref().map(PowerFs::stats).unwrap_or_default();
+            emit(&format!(
+                "[{}] cuts in the middle of an fsync: {mid_fsync}",
+                self.name
+            ));
             power_cut_verdict(&self, &env, &load, tap, (&cuts, fs), no_start).await;
         }
 
@@ -313,7 +352,7 @@ async fn power_cut_verdict(
         None => "none".to_owned(),
     };
     emit(&format!(
-        "[{name}] power cuts={cuts} clean_session={clean} PUBACKed tasks={pubacked} \
+        "[{name}] power cuts={cuts} clean_session={clean} tasks/s={rate} PUBACKed tasks={pubacked} \
          (by each cut: {at_cut:?}); LOST (PUBACKed, no final ack): {lost} \
          (cut# -> lost: {lost_per_cut:?}; first: {first:?}); not PUBACKed and unfinished: {unacked}\n\
          [{name}] store did not open: {no_start_text}\n\
@@ -324,6 +363,7 @@ async fn power_cut_verdict(
         name = run.name,
         cuts = cuts.len(),
         clean = run.clean_session,
+        rate = run.tasks_per_s,
         pubacked = pubacked.len(),
         at_cut = cuts.iter().map(|c| c.pubacked).collect::<Vec<_>>(),
         lost = lost.len(),
@@ -373,12 +413,26 @@ async fn display_then(journal: &std::path::Path, timeout: Duration) -> bool {
 }
 
 impl CrashLoop {
+    /// Kills: every other one right after a display. Power cuts: in turn
+    /// at once, right after a display, in the middle of an fsync; with
+    /// every other cut torn, six cuts cover every pair.
+    fn moment(&self, k: usize) -> Moment {
+        match (self.strike, k % 3) {
+            (Strike::Kill, _) if k % 2 == 1 => Moment::AfterDisplay,
+            (Strike::Kill, _) => Moment::Random,
+            (Strike::PowerCut, 0) => Moment::Random,
+            (Strike::PowerCut, 1) => Moment::AfterDisplay,
+            (Strike::PowerCut, _) => Moment::MidFsync,
+        }
+    }
+
     /// The CI version: 10 kills, about 15 s.
     fn short(name: &'static str, clean_session: bool) -> CrashLoop {
         CrashLoop {
             name,
             clean_session,
             strike: Strike::Kill,
+            tasks_per_s: TASKS_PER_S,
             kills: 10,
             uptime_ms: 50..1500,
             downtime_ms: 0..300,
@@ -391,6 +445,7 @@ impl CrashLoop {
             name,
             clean_session,
             strike: Strike::Kill,
+            tasks_per_s: TASKS_PER_S,
             kills: 60,
             uptime_ms: 50..3000,
             downtime_ms: 0..500,
@@ -404,6 +459,7 @@ impl CrashLoop {
             name,
             clean_session,
             strike: Strike::PowerCut,
+            tasks_per_s: env_number("ESL_POWER_TASKS_PER_S").unwrap_or(TASKS_PER_S),
             kills: cuts,
             uptime_ms: 300..2500,
             downtime_ms: 0..300,
@@ -412,11 +468,13 @@ impl CrashLoop {
 }
 
 /// How many cuts the long power-cut runs make: `ESL_POWER_CUTS`, else 40.
+/// (`ESL_POWER_TASKS_PER_S` sets their load; default [`TASKS_PER_S`].)
 fn long_power_cuts() -> usize {
-    std::env::var("ESL_POWER_CUTS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(40)
+    env_number("ESL_POWER_CUTS").unwrap_or(40)
+}
+
+fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|n| n.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,14 +501,14 @@ async fn crash_loop_clean_session_long() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cut_persistent_session_ci() {
-    CrashLoop::power("power-persistent-ci", false, 4)
+    CrashLoop::power("power-persistent-ci", false, 6)
         .run()
         .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cut_clean_session_ci() {
-    CrashLoop::power("power-clean-ci", true, 4).run().await;
+    CrashLoop::power("power-clean-ci", true, 6).run().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,13 +13,18 @@
 //!   `sync_file_range` and `msync(MS_ASYNC)` reach us, if at all, as plain
 //!   writes, exactly as on a real disk where they do not flush metadata or
 //!   the drive's cache.
-//! - A power cut ([`PowerFs::cut`], after the agent was SIGKILLed) keeps the
+//! - A power cut ([`PowerFs::power_off`], then [`PowerFs::power_on`]) keeps the
 //!   durable image of every file and drops everything else; in torn mode
 //!   each dirty page also survives with a probability drawn per cut, as
 //!   when the disk had already written some of what was in flight (a page
 //!   outside the durable length makes the file long enough to hold it).
 //!   What survived is mounted again, all of it durable, as the disk the
-//!   agent finds when the power returns.
+//!   agent finds when the power returns. From `power_off` on, every call
+//!   fails with EIO (a dead disk), so the agent, killed right after,
+//!   cannot make anything durable or acknowledge it in between.
+//! - To cut in the middle of a commit, [`PowerFs::hold_next_fsync`] makes
+//!   the next `fsync` wait until the power goes (it then fails): the cut
+//!   lands while the data of that fsync is written but not yet durable.
 //!
 //! What it does not model:
 //! - Directory operations (create, mkdir, rename, unlink, rmdir) are
@@ -32,7 +37,7 @@
 //! - Timestamps, permissions and ownership are kept but not checked; POSIX
 //!   and `flock` locks are left to the kernel (local to this machine).
 //! - Writes the kernel still sends after the cut (write-back of the dead
-//!   process's mmapped pages at unmount) go to the discarded image.
+//!   process's mmapped pages at unmount) fail; nothing is kept of them.
 //!
 //! Mounting uses `mount(2)` on `/dev/fuse` directly, so it needs root (CI is
 //! root) and no libfuse or `fusermount3`.
@@ -40,7 +45,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -298,20 +303,71 @@ pub struct FsStats {
     pub fsyncs: u64,
 }
 
-/// The FUSE side: every call takes the disk's lock.
+/// The power switch of one mount, shared by the FUSE thread and the test.
+#[derive(Default)]
+struct Power {
+    state: Mutex<PowerState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct PowerState {
+    off: bool,
+    hold_next_fsync: bool,
+    /// An fsync is waiting for the power to go.
+    holding: bool,
+}
+
+impl Power {
+    fn lock(&self) -> MutexGuard<'_, PowerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The FUSE side. Every call takes the power lock, then the disk's lock,
+/// and fails with EIO once the power is off: a call either finished before
+/// the cut (and is in what survives, if it was an fsync) or never happened.
 struct Served {
+    power: Arc<Power>,
     disk: Arc<Mutex<Disk>>,
     stats: Arc<Mutex<FsStats>>,
 }
 
+/// Both locks of a call on a live disk.
+struct Live<'a> {
+    _power: MutexGuard<'a, PowerState>,
+    disk: MutexGuard<'a, Disk>,
+}
+
+impl std::ops::Deref for Live<'_> {
+    type Target = Disk;
+    fn deref(&self) -> &Disk {
+        &self.disk
+    }
+}
+
+impl std::ops::DerefMut for Live<'_> {
+    fn deref_mut(&mut self) -> &mut Disk {
+        &mut self.disk
+    }
+}
+
 impl Served {
-    fn disk(&self) -> MutexGuard<'_, Disk> {
+    fn live(&self) -> Result<Live<'_>, Errno> {
+        let power = self.power.lock();
+        if power.off {
+            return Err(Errno::EIO);
+        }
         // A panic while serving would be a bug here; the data is still the
         // best evidence to look at.
-        self.disk.lock().unwrap_or_else(|e| e.into_inner())
+        let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Live {
+            _power: power,
+            disk,
+        })
     }
 
-    fn entry(&self, disk: &Disk, ino: u64, reply: ReplyEntry) {
+    fn entry(disk: &Disk, ino: u64, reply: ReplyEntry) {
         match disk.attr(ino) {
             Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -325,17 +381,21 @@ impl Served {
 
 impl fuser::Filesystem for Served {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let mut disk = self.disk();
+        let mut disk = match self.live() {
+            Ok(disk) => disk,
+            Err(e) => return reply.error(e),
+        };
         match disk.lookup(parent.0, name) {
-            Ok(ino) => self.entry(&disk, ino, reply),
+            Ok(ino) => Self::entry(&disk, ino, reply),
             Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.disk().attr(ino.0) {
-            Some(attr) => reply.attr(&TTL, &attr),
-            None => reply.error(Errno::ENOENT),
+        match self.live().map(|d| d.attr(ino.0)) {
+            Err(e) => reply.error(e),
+            Ok(Some(attr)) => reply.attr(&TTL, &attr),
+            Ok(None) => reply.error(Errno::ENOENT),
         }
     }
 
@@ -357,7 +417,10 @@ impl fuser::Filesystem for Served {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let mut disk = self.disk();
+        let mut disk = match self.live() {
+            Ok(disk) => disk,
+            Err(e) => return reply.error(e),
+        };
         if let Some(size) = size {
             match disk.file(ino.0) {
                 // The new length is volatile like data (module doc); a
@@ -398,9 +461,12 @@ impl fuser::Filesystem for Served {
         if mode & libc::S_IFMT != libc::S_IFREG {
             return reply.error(Errno::EPERM);
         }
-        let mut disk = self.disk();
+        let mut disk = match self.live() {
+            Ok(disk) => disk,
+            Err(e) => return reply.error(e),
+        };
         match disk.add(parent.0, name, mode, Content::File(FileData::default())) {
-            Ok(ino) => self.entry(&disk, ino, reply),
+            Ok(ino) => Self::entry(&disk, ino, reply),
             Err(e) => reply.error(e),
         }
     }
@@ -414,22 +480,28 @@ impl fuser::Filesystem for Served {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let mut disk = self.disk();
+        let mut disk = match self.live() {
+            Ok(disk) => disk,
+            Err(e) => return reply.error(e),
+        };
         match disk.add(parent.0, name, mode, Content::Dir(BTreeMap::new())) {
-            Ok(ino) => self.entry(&disk, ino, reply),
+            Ok(ino) => Self::entry(&disk, ino, reply),
             Err(e) => reply.error(e),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.disk().remove(parent.0, name, false) {
+        match self
+            .live()
+            .and_then(|mut d| d.remove(parent.0, name, false))
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.disk().remove(parent.0, name, true) {
+        match self.live().and_then(|mut d| d.remove(parent.0, name, true)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -449,7 +521,10 @@ impl fuser::Filesystem for Served {
             // RENAME_NOREPLACE / EXCHANGE: nothing under test uses them.
             return reply.error(Errno::EINVAL);
         }
-        match self.disk().rename(parent.0, name, newparent.0, newname) {
+        match self
+            .live()
+            .and_then(|mut d| d.rename(parent.0, name, newparent.0, newname))
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -458,9 +533,10 @@ impl fuser::Filesystem for Served {
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         // No FOPEN_DIRECT_IO: the page cache stays in the path, so a shared
         // writable mmap (SQLite's `-shm`) works.
-        match self.disk().nodes.contains_key(&ino.0) {
-            true => reply.opened(FileHandle(0), FopenFlags::empty()),
-            false => reply.error(Errno::ENOENT),
+        match self.live().map(|d| d.nodes.contains_key(&ino.0)) {
+            Ok(true) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(false) => reply.error(Errno::ENOENT),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -475,7 +551,10 @@ impl fuser::Filesystem for Served {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let mut disk = self.disk();
+        let mut disk = match self.live() {
+            Ok(disk) => disk,
+            Err(e) => return reply.error(e),
+        };
         match disk.file(ino.0) {
             Ok(f) => {
                 let start = (offset as usize).min(f.current.len());
@@ -498,7 +577,10 @@ impl fuser::Filesystem for Served {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let mut disk = self.disk();
+        let mut disk = match self.live() {
+            Ok(disk) => disk,
+            Err(e) => return reply.error(e),
+        };
         match disk.file(ino.0) {
             Ok(f) => {
                 let end = offset as usize + data.len();
@@ -538,9 +620,28 @@ impl fuser::Filesystem for Served {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        {
+            let mut power = self.power.lock();
+            if power.hold_next_fsync && !power.off {
+                power.hold_next_fsync = false;
+                power.holding = true;
+                self.power.changed.notify_all();
+                while !power.off {
+                    power = self
+                        .power
+                        .changed
+                        .wait(power)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                power.holding = false;
+            }
+        }
         // fdatasync too: the length is part of what reads need back.
-        match self.disk().file(ino.0) {
-            Ok(f) => f.sync(),
+        match self
+            .live()
+            .and_then(|mut d| d.file(ino.0).map(FileData::sync))
+        {
+            Ok(()) => {}
             Err(e) => return reply.error(e),
         }
         self.stat(|s| s.fsyncs += 1);
@@ -555,7 +656,10 @@ impl fuser::Filesystem for Served {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let mut disk = self.disk();
+        let mut disk = match self.live() {
+            Ok(disk) => disk,
+            Err(e) => return reply.error(e),
+        };
         let parent = disk.nodes.get(&ino.0).map_or(ino.0, |n| n.parent);
         let entries: Vec<(u64, FileType, OsString)> = match disk.dir(ino.0) {
             Ok(entries) => entries
@@ -624,7 +728,10 @@ impl fuser::Filesystem for Served {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let mut disk = self.disk();
+        let mut disk = match self.live() {
+            Ok(disk) => disk,
+            Err(e) => return reply.error(e),
+        };
         match disk.add(parent.0, name, mode, Content::File(FileData::default())) {
             Ok(ino) => match disk.attr(ino) {
                 Some(attr) => reply.created(
@@ -644,9 +751,12 @@ impl fuser::Filesystem for Served {
 /// The mounted file system; see the module doc. Unmounts on drop.
 pub struct PowerFs {
     mountpoint: PathBuf,
+    power: Arc<Power>,
     disk: Arc<Mutex<Disk>>,
     stats: Arc<Mutex<FsStats>>,
     session: Option<BackgroundSession>,
+    /// What survived the last [`PowerFs::power_off`], until `power_on`.
+    survivor: Option<Disk>,
 }
 
 impl PowerFs {
@@ -655,9 +765,11 @@ impl PowerFs {
         std::fs::create_dir_all(mountpoint)?;
         let mut fs = PowerFs {
             mountpoint: mountpoint.to_owned(),
+            power: Arc::default(),
             disk: Arc::new(Mutex::new(Disk::empty())),
             stats: Arc::default(),
             session: None,
+            survivor: None,
         };
         fs.serve()?;
         Ok(fs)
@@ -678,6 +790,7 @@ impl PowerFs {
             MountOption::DefaultPermissions,
         ];
         let served = Served {
+            power: self.power.clone(),
             disk: self.disk.clone(),
             stats: self.stats.clone(),
         };
@@ -685,19 +798,53 @@ impl PowerFs {
         Ok(())
     }
 
-    /// The power cut. Call it only once every process using the mount is
-    /// dead (SIGKILLed and reaped): what the disk holds is decided at this
-    /// instant. Then unmounts, and mounts what survived (every dirty page
-    /// with probability `torn`; 0 for none).
-    pub fn cut(&mut self, rng: &mut impl Rng, torn: f64) -> std::io::Result<CutReport> {
-        let (survivor, report) = {
-            let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
-            disk.survivor(rng, torn)
-        };
+    /// Makes the next `fsync` wait until the power goes (see the module
+    /// doc); [`PowerFs::fsync_held`] tells when one does.
+    pub fn hold_next_fsync(&self) {
+        self.power.lock().hold_next_fsync = true;
+    }
+
+    /// Whether an `fsync` is waiting for the power to go.
+    pub fn fsync_held(&self) -> bool {
+        self.power.lock().holding
+    }
+
+    /// The power cut: what the disk holds is decided at this instant (every
+    /// dirty page also kept with probability `torn`; 0 for none), and from
+    /// now on every call fails. Kill the processes using the mount next,
+    /// then [`PowerFs::power_on`].
+    pub fn power_off(&mut self, rng: &mut impl Rng, torn: f64) -> CutReport {
+        let mut power = self.power.lock();
+        power.off = true;
+        power.hold_next_fsync = false;
+        let (survivor, report) = self
+            .disk
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .survivor(rng, torn);
+        self.survivor = Some(survivor);
+        // Releases a held fsync, which now fails.
+        self.power.changed.notify_all();
+        report
+    }
+
+    /// Unmounts the dead disk and mounts what survived the power cut. Call
+    /// it once every process that used the mount is dead and reaped.
+    pub fn power_on(&mut self) -> std::io::Result<()> {
+        let survivor = self.survivor.take().expect("power_on() after power_off()");
         self.unmount();
-        // A new lock: late writes to the old mount cannot reach this one.
+        // New locks: late calls to the old mount cannot reach this one.
+        self.power = Arc::default();
         self.disk = Arc::new(Mutex::new(survivor));
-        self.serve()?;
+        self.serve()
+    }
+
+    /// [`PowerFs::power_off`] and [`PowerFs::power_on`] at once, for when no
+    /// process uses the mount.
+    #[cfg(test)]
+    pub fn cut(&mut self, rng: &mut impl Rng, torn: f64) -> std::io::Result<CutReport> {
+        let report = self.power_off(rng, torn);
+        self.power_on()?;
         Ok(report)
     }
 

@@ -10,6 +10,7 @@
 #   ESL_PROVE_PROFILE=dev tests/reliability/prove.sh   # skip the release build (~16 min on 2 cores)
 #   ESL_RELIABILITY_SEED=123 tests/reliability/prove.sh   # repeat a schedule
 #   ESL_POWER_CUTS=200 tests/reliability/prove.sh        # more power cuts per mode
+#   ESL_POWER_TASKS_PER_S=100 tests/reliability/prove.sh # their load (default 25)
 #
 # Needs Mosquitto (apt-get install mosquitto), root for the full-disk and
 # power-cut runs (they mount a tmpfs and a FUSE file system on /dev/fuse;
