@@ -234,6 +234,11 @@ impl CrashLoop {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+        if tap.is_none() {
+            if let Some((run, status)) = &no_start {
+                panic!("agent run {run} exited by itself with {status}, before its kill");
+            }
+        }
         if let Some(tap) = &tap {
             let fs = disk.as_ref().map(PowerFs::stats).unwrap_or_default();
             emit(&format!(
@@ -330,11 +335,18 @@ async fn power_cut_verdict(
         .enumerate()
         .filter(|(_, c)| c.report.torn > 0.0)
         .map(|(i, c)| {
+            let files: Vec<String> = c
+                .report
+                .by_file
+                .iter()
+                .map(|(path, (kept, dirty))| format!("{path} {kept}/{dirty}"))
+                .collect();
             format!(
-                "#{}: {}/{} pages",
+                "#{}: {}/{} pages ({})",
                 i + 1,
                 c.report.survived_pages,
-                c.report.dirty_pages
+                c.report.dirty_pages,
+                files.join(", ")
             )
         })
         .collect();

@@ -261,16 +261,23 @@ impl Disk {
             nodes: HashMap::new(),
             next_ino: self.next_ino,
         };
-        let mut todo = vec![INodeNo::ROOT.0];
-        while let Some(ino) = todo.pop() {
+        let mut todo = vec![(INodeNo::ROOT.0, PathBuf::new())];
+        while let Some((ino, path)) = todo.pop() {
             let mut node = self.nodes[&ino].clone();
             match &mut node.content {
-                Content::Dir(entries) => todo.extend(entries.values().copied()),
+                Content::Dir(entries) => {
+                    todo.extend(entries.iter().map(|(name, &i)| (i, path.join(name))))
+                }
                 Content::File(f) => {
                     let (image, survived) = f.survivor(rng, torn);
                     report.files += 1;
                     report.dirty_pages += f.dirty.len();
                     report.survived_pages += survived;
+                    if !f.dirty.is_empty() {
+                        report
+                            .by_file
+                            .insert(path.display().to_string(), (survived, f.dirty.len()));
+                    }
                     *f = FileData {
                         current: image.clone(),
                         durable: image,
@@ -294,6 +301,8 @@ pub struct CutReport {
     pub dirty_pages: usize,
     /// Of those, how many survived (torn mode).
     pub survived_pages: usize,
+    /// Path → (survived, unsynced pages), for each file that had some.
+    pub by_file: BTreeMap<String, (usize, usize)>,
 }
 
 /// Counts of what the file system was asked, over all mounts.
