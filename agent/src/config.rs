@@ -77,8 +77,9 @@ pub struct MqttConfig {
     /// TLS on or off. Unset: on, except for a loopback host. Plain TCP to
     /// another host needs an explicit `false` (and logs a warning).
     pub tls: Option<bool>,
-    /// The broker's CA certificate(s), PEM. Required with TLS: OpenWrt has no
-    /// system CA bundle, and a private CA should not be mixed with it anyway.
+    /// The broker's CA certificate(s), PEM. Unset with TLS on: the system's
+    /// CA bundle (`tls::SYSTEM_CA_BUNDLES`); a private broker CA belongs
+    /// here rather than in the system bundle.
     pub ca_file: Option<PathBuf>,
     /// Client certificate chain and private key (PEM) for mutual TLS.
     pub client_cert_file: Option<PathBuf>,
@@ -452,6 +453,16 @@ pub struct SecurityConfig {
     pub signing_keys: Vec<SigningKeyConfig>,
     /// Remote methods the agent answers; others get a `forbidden` error.
     pub allowed_methods: Vec<String>,
+    /// Client ids a command's `reply_to` may name (PROTOCOL §7), as
+    /// patterns where `*` stands for any run of characters
+    /// (`GID_backend@@@*`). Unset: every client id in the group of
+    /// `mqtt.ack_to`. Others get no reply (`commands_reply_to_refused`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_to_allowed: Option<Vec<String>>,
+    /// Methods that change state (`task.cancel`, `tag.refresh`) which run
+    /// from unsigned commands too. Empty (the default): only from commands
+    /// with a valid signature.
+    pub allow_unsigned_methods: Vec<String>,
 }
 
 impl Default for SecurityConfig {
@@ -464,6 +475,8 @@ impl Default for SecurityConfig {
                 .iter()
                 .map(|m| (*m).to_owned())
                 .collect(),
+            reply_to_allowed: None,
+            allow_unsigned_methods: Vec::new(),
         }
     }
 }
@@ -750,6 +763,22 @@ impl Config {
         Ok(())
     }
 
+    /// The `reply_to` patterns in force: `security.reply_to_allowed`, or
+    /// every client id in the group of `mqtt.ack_to`.
+    pub fn reply_to_patterns(&self) -> Vec<String> {
+        match &self.security.reply_to_allowed {
+            Some(p) => p.clone(),
+            None => {
+                let group = self
+                    .mqtt
+                    .ack_to
+                    .split_once("@@@")
+                    .map_or(self.mqtt.ack_to.as_str(), |(g, _)| g);
+                vec![format!("{group}@@@*")]
+            }
+        }
+    }
+
     /// Where the control socket lives (configured, or next to the store).
     pub fn control_socket(&self) -> PathBuf {
         match &self.control.socket {
@@ -774,18 +803,9 @@ impl Config {
 
 fn validate_transport(m: &MqttConfig) -> Result<(), ConfigError> {
     let tls = m.uses_tls();
-    if tls && m.ca_file.is_none() {
-        let rule = if m.tls.is_none() {
-            format!(
-                "is required: {:?} is not a loopback host, so the link uses TLS and needs the broker's CA certificate (PEM). \
-                 To send everything in clear text instead, set mqtt.tls = false",
-                m.host
-            )
-        } else {
-            "is required with mqtt.tls = true: the broker's CA certificate (PEM); there is no system CA bundle to fall back on".into()
-        };
-        return Err(invalid("mqtt.ca_file", rule));
-    }
+    // Without `ca_file` the link trusts the system's CA bundle; whether one
+    // exists is a file-system question, answered by `tls` at start-up and
+    // by `check-config`.
     if !tls {
         for (key, set) in [
             ("mqtt.ca_file", m.ca_file.is_some()),
@@ -1023,6 +1043,30 @@ fn validate_security(s: &SecurityConfig) -> Result<(), ConfigError> {
             ));
         }
     }
+    for m in &s.allow_unsigned_methods {
+        if !crate::commands::MUTATING.contains(&m.as_str()) {
+            return Err(invalid(
+                "security.allow_unsigned_methods",
+                format!(
+                    "{m:?} is not a method that changes state; those are: {}",
+                    crate::commands::MUTATING.join(", ")
+                ),
+            ));
+        }
+    }
+    for p in s.reply_to_allowed.iter().flatten() {
+        let ok = !p.is_empty()
+            && p.len() <= crate::wire::MAX_CLIENT_ID
+            && p.chars().all(|c| is_id_char(c) || c == '@' || c == '*');
+        if !ok {
+            return Err(invalid(
+                "security.reply_to_allowed",
+                format!(
+                    "{p:?} must be a client-id pattern of letters, digits, '_', '-', '@' and '*' (any run of characters), at most 64 characters"
+                ),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -1205,9 +1249,9 @@ mod tests {
 
     #[test]
     fn tls_is_the_default_for_a_remote_broker() {
-        let (key, rule) = rule_for(&with("host = \"broker.example.com\"", ""));
-        assert_eq!(key, "mqtt.ca_file");
-        assert!(rule.contains("mqtt.tls = false"), "{rule}");
+        // Without ca_file: valid, the system CA bundle is used (issue 14).
+        let c = Config::from_toml(&with("host = \"broker.example.com\"", "")).unwrap();
+        assert!(c.mqtt.uses_tls() && c.mqtt.ca_file.is_none());
         for host in ["localhost", "127.0.0.1", "::1", "[::1]", "127.1.2.3"] {
             let c = Config::from_toml(&with(&format!("host = {host:?}"), "")).unwrap();
             assert!(!c.mqtt.uses_tls(), "{host}");
@@ -1227,7 +1271,6 @@ mod tests {
     #[test]
     fn security_keys_are_checked_and_named() {
         let cases = [
-            (with("tls = true", ""), "mqtt.ca_file"),
             (with("ca_file = \"/ca.pem\"", ""), "mqtt.ca_file"),
             (
                 with("tls = true\nca_file = \"/ca.pem\"\nclient_cert_file = \"/c.pem\"", ""),
