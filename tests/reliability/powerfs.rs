@@ -940,4 +940,39 @@ mod tests {
         assert_eq!(&data[4096..4099], &[4u8; 3]);
         assert_eq!(data.len(), 5000);
     }
+
+    /// A held fsync waits for the power cut and then fails; its data is
+    /// not durable, and the dead disk refuses everything until power_on.
+    #[test]
+    fn a_held_fsync_fails_at_the_cut_and_keeps_nothing() {
+        if !crate::store_fault::running_as_root() {
+            crate::load::emit(
+                "SKIPPED powerfs::a_held_fsync_fails_at_the_cut_and_keeps_nothing: needs root",
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut fs = PowerFs::mount(&dir.path().join("mnt")).expect("mount the FUSE fs");
+        let path = fs.path().join("wal");
+        let mut file = File::create(&path).expect("create");
+        file.write_all(b"commit").expect("write");
+        fs.hold_next_fsync();
+        let syncer = std::thread::spawn(move || file.sync_all());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !fs.fsync_held() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fsync never arrived"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(2);
+        let report = fs.power_off(&mut rng, 0.0);
+        assert_eq!(report.dirty_pages, 1);
+        let synced = syncer.join().expect("the fsync thread");
+        assert!(synced.is_err(), "an fsync released by the cut must fail");
+        assert!(fs::read(&path).is_err(), "a dead disk reads nothing");
+        fs.power_on().expect("mount what survived");
+        assert_eq!(fs::read(&path).expect("read"), b"");
+    }
 }
