@@ -9,7 +9,8 @@
 //!   writes back to us) changes only the current content and marks its
 //!   4 KiB pages dirty.
 //! - `fsync`/`fdatasync` of a file copies that file's dirty pages and its
-//!   length into the durable image. Nothing else makes data durable:
+//!   length into the durable image (a length set by `ftruncate` is
+//!   volatile like data until then). Nothing else makes data durable:
 //!   `sync_file_range` and `msync(MS_ASYNC)` reach us, if at all, as plain
 //!   writes, exactly as on a real disk where they do not flush metadata or
 //!   the drive's cache.
@@ -30,7 +31,6 @@
 //! - Directory operations (create, mkdir, rename, unlink, rmdir) are
 //!   durable at once, as if every one were followed by an fsync of its
 //!   directory; a real file system can lose a new name or undo a rename.
-//!   A file's length changed by `ftruncate` is volatile like its data.
 //! - Pages are torn whole: a 4 KiB page survives entirely or not at all
 //!   (no torn sectors inside a page, no bit rot, no reordering within a
 //!   file beyond "any subset of the dirty pages").
