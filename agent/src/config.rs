@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use esl_hal::zigbee::{FlowControl, ZigbeeConfig};
+use esl_hal::zigbee::{FlowControl, NetworkMismatch, ZigbeeConfig};
 use serde::{Deserialize, Serialize};
 
 /// A configuration problem, naming the key and the rule it breaks.
@@ -324,6 +324,25 @@ pub struct ZigbeeRadioConfig {
     pub flow_control: FlowControl,
     /// The agent's application endpoint on the coordinator.
     pub endpoint: u8,
+    /// The agent's saved network (Open Coordinator Backup JSON, 0600);
+    /// default: `zigbee-network.json` next to the store.
+    pub network_file: Option<PathBuf>,
+    /// Channels a new network may use.
+    pub channels: Vec<u8>,
+    /// PAN id and extended PAN id (16 hex digits) of a new network; random
+    /// when absent.
+    pub pan_id: Option<u16>,
+    pub extended_pan_id: Option<String>,
+    /// `"report"`, `"restore"`, `"adopt"` or `"form"` (docs/ZIGBEE.md).
+    pub on_network_mismatch: NetworkMismatch,
+    /// Refresh of the network file from the stick; 0: never.
+    pub backup_interval_ms: u64,
+    /// `[dtr, rts]` states at open; `[]` leaves the lines alone.
+    pub bootloader_pins: Vec<[bool; 2]>,
+    pub bootloader_skip_byte: bool,
+    pub probe_timeout_ms: u64,
+    /// Data requests in flight at once; default by firmware.
+    pub max_in_flight: Option<usize>,
     pub sreq_timeout_ms: u64,
     pub reset_timeout_ms: u64,
     pub startup_timeout_ms: u64,
@@ -343,6 +362,21 @@ impl Default for ZigbeeRadioConfig {
             baud_rate: d.baud_rate,
             flow_control: d.flow_control,
             endpoint: d.endpoint,
+            network_file: None,
+            channels: d.channels,
+            pan_id: d.pan_id,
+            extended_pan_id: None,
+            on_network_mismatch: d.on_network_mismatch,
+            backup_interval_ms: ms(d.backup_interval),
+            bootloader_pins: d
+                .bootloader
+                .pin_states
+                .iter()
+                .map(|&(dtr, rts)| [dtr, rts])
+                .collect(),
+            bootloader_skip_byte: d.bootloader.skip_byte,
+            probe_timeout_ms: ms(d.bootloader.probe_timeout),
+            max_in_flight: d.max_in_flight,
             sreq_timeout_ms: ms(d.sreq_timeout),
             reset_timeout_ms: ms(d.reset_timeout),
             startup_timeout_ms: ms(d.startup_timeout),
@@ -359,11 +393,28 @@ impl ZigbeeRadioConfig {
     /// The backend's settings.
     pub fn to_hal(&self) -> ZigbeeConfig {
         use std::time::Duration;
+        let d = ZigbeeConfig::default();
         ZigbeeConfig {
             port: self.port.clone(),
             baud_rate: self.baud_rate,
             flow_control: self.flow_control,
             endpoint: self.endpoint,
+            network_file: self.network_file.clone().unwrap_or(d.network_file),
+            channels: self.channels.clone(),
+            pan_id: self.pan_id,
+            // Checked by `validate_zigbee`.
+            extended_pan_id: self
+                .extended_pan_id
+                .as_deref()
+                .and_then(parse_extended_pan_id),
+            on_network_mismatch: self.on_network_mismatch,
+            backup_interval: Duration::from_millis(self.backup_interval_ms),
+            bootloader: esl_hal::zigbee::firmware::BootloaderSkip {
+                pin_states: self.bootloader_pins.iter().map(|[d, r]| (*d, *r)).collect(),
+                skip_byte: self.bootloader_skip_byte,
+                probe_timeout: Duration::from_millis(self.probe_timeout_ms),
+            },
+            max_in_flight: self.max_in_flight,
             sreq_timeout: Duration::from_millis(self.sreq_timeout_ms),
             reset_timeout: Duration::from_millis(self.reset_timeout_ms),
             startup_timeout: Duration::from_millis(self.startup_timeout_ms),
@@ -374,6 +425,13 @@ impl ZigbeeRadioConfig {
             reconnect_max: Duration::from_millis(self.reconnect_max_ms),
         }
     }
+}
+
+/// 16 hex digits, as in Open Coordinator Backups.
+fn parse_extended_pan_id(text: &str) -> Option<u64> {
+    (text.len() == 16)
+        .then(|| u64::from_str_radix(text, 16).ok())
+        .flatten()
 }
 
 /// PROTOCOL §8. Converted to `esl_hal::sim::SimConfig` by the radio task.
@@ -524,10 +582,14 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
             message: e.to_string().trim_end().to_owned(),
         })?;
+        if config.radio.zigbee.network_file.is_none() {
+            config.radio.zigbee.network_file =
+                Some(config.store.path.with_file_name("zigbee-network.json"));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -742,6 +804,14 @@ impl Config {
 
     fn validate_zigbee(&self) -> Result<(), ConfigError> {
         let z = &self.radio.zigbee;
+        if let Some(ext) = &z.extended_pan_id {
+            if parse_extended_pan_id(ext).is_none() {
+                return Err(invalid(
+                    "radio.zigbee.extended_pan_id",
+                    format!("{ext:?} is not 16 hex digits"),
+                ));
+            }
+        }
         if let Err(esl_hal::zigbee::ZigbeeError::InvalidConfig { key, reason }) =
             z.to_hal().validate()
         {
@@ -1191,6 +1261,41 @@ mod tests {
         );
         // The printed config is a valid config again.
         Config::from_toml(&c.redacted_toml()).unwrap();
+    }
+
+    #[test]
+    fn zigbee_network_keys_parse_and_the_network_file_sits_next_to_the_store() {
+        let c = Config::from_toml(&with(
+            "",
+            "[radio]\nkind = \"zigbee\"\n[radio.zigbee]\nchannels = [15, 20]\npan_id = 6754\n\
+             extended_pan_id = \"00124b0012345678\"\non_network_mismatch = \"restore\"\n\
+             bootloader_pins = []\nbootloader_skip_byte = false\nmax_in_flight = 8",
+        ))
+        .unwrap();
+        let z = c.radio.zigbee.to_hal();
+        assert_eq!(z.channels, [15, 20]);
+        assert_eq!(z.pan_id, Some(0x1A62));
+        assert_eq!(z.extended_pan_id, Some(0x0012_4B00_1234_5678));
+        assert_eq!(z.on_network_mismatch, NetworkMismatch::Restore);
+        assert!(z.bootloader.pin_states.is_empty() && !z.bootloader.skip_byte);
+        assert_eq!(z.max_in_flight, Some(8));
+        assert_eq!(
+            z.network_file,
+            c.store.path.with_file_name("zigbee-network.json")
+        );
+        Config::from_toml(&c.redacted_toml()).unwrap();
+        for (toml, key) in [
+            ("extended_pan_id = \"12\"", "radio.zigbee.extended_pan_id"),
+            ("channels = [27]", "radio.zigbee.channels"),
+            ("pan_id = 65535", "radio.zigbee.pan_id"),
+        ] {
+            let err = Config::from_toml(&with(
+                "",
+                &format!("[radio]\nkind = \"zigbee\"\n[radio.zigbee]\n{toml}"),
+            ))
+            .unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 
     #[test]
