@@ -336,6 +336,7 @@ async fn hostile_payloads_in_a_load_run_are_rejected_and_good_tasks_complete() {
             tasks_per_s: 20,
             tags: TAGS,
             retry_after: None,
+            no_retry: None,
         },
     );
     let tasks = bad_tasks();
