@@ -242,7 +242,13 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// writes a page once however many commits changed it), at the cost of WAL
 /// space and a longer recovery scan at open.
 const CHECKPOINT_WAL_BYTES: u64 = 4 << 20;
+/// After this long without a commit the WAL is emptied and truncated.
 const CHECKPOINT_IDLE: Duration = Duration::from_secs(5);
+/// How often the checkpoint thread looks when no commit wakes it.
+const CHECKPOINT_POLL: Duration = Duration::from_secs(1);
+/// How long a quiet TRUNCATE checkpoint waits for the engine's writes or a
+/// reader to end before it gives up until the next quiet round.
+const QUIET_BUSY: Duration = Duration::from_millis(100);
 /// When the WAL restarts after a checkpoint it is truncated to this size,
 /// so a burst does not leave a large file behind.
 const JOURNAL_SIZE_LIMIT: i64 = 1 << 20;
@@ -423,21 +429,35 @@ impl Writer {
     }
 }
 
-/// The checkpoint thread's handle: a wake-up flag and a stop flag.
+/// What the checkpoint thread is told.
+#[derive(Default)]
+struct CheckpointState {
+    /// A commit happened since the thread last looked.
+    woken: bool,
+    stop: bool,
+    /// When the last commit happened (`None`: none since the store opened).
+    last_commit: Option<Instant>,
+}
+
+/// The checkpoint thread's handle.
 #[derive(Default)]
 struct CheckpointSignal {
-    state: Mutex<(bool, bool)>,
+    state: Mutex<CheckpointState>,
     cond: Condvar,
 }
 
 impl CheckpointSignal {
+    /// A commit wrote to the WAL.
     fn wake(&self) {
-        lock(&self.state).0 = true;
+        let mut s = lock(&self.state);
+        s.woken = true;
+        s.last_commit = Some(Instant::now());
+        drop(s);
         self.cond.notify_one();
     }
 
     fn stop(&self) {
-        lock(&self.state).1 = true;
+        lock(&self.state).stop = true;
         self.cond.notify_one();
     }
 }
@@ -659,6 +679,11 @@ impl Store {
     /// assigned.
     pub fn apply(&self, change: Change) -> Result<Vec<u64>, StoreError> {
         let mut w = self.writer()?;
+        if change.is_empty() {
+            // No transaction for nothing: an open one holds SQLite's write
+            // lock and keeps the checkpoint thread from seeing a quiet store.
+            return Ok(Vec::new());
+        }
         let w = w.as_mut().expect("writer() checked it is open");
         let result = (|| {
             w.begin()?;
@@ -722,12 +747,13 @@ impl Store {
         // Entries applied before this point are covered by this commit.
         let covered = self.next_outbox.load(Ordering::SeqCst);
         let removals: Vec<u64> = lock(&self.removals).0.iter().copied().collect();
+        // Whether a COMMIT wrote anything (nothing to do: no fsync).
         let result = (|| {
             if !removals.is_empty() || covered != w.saved_next_outbox {
                 w.begin()?;
             }
             if w.open_since.is_none() {
-                return Ok(());
+                return Ok(false);
             }
             let mut delete = w.conn.prepare_cached("DELETE FROM outbox WHERE n = ?1")?;
             for n in &removals {
@@ -744,10 +770,10 @@ impl Store {
             w.conn.execute_batch("COMMIT")?;
             w.open_since = None;
             w.saved_next_outbox = covered;
-            Ok(())
+            Ok(true)
         })();
-        let result = self.guard(result);
-        if result.is_ok() {
+        let committed = self.guard(result)?;
+        {
             let mut pending = lock(&self.removals);
             for n in &removals {
                 pending.0.remove(n);
@@ -757,9 +783,11 @@ impl Store {
             }
             drop(pending);
             self.durable_outbox.fetch_max(covered, Ordering::SeqCst);
-            self.checkpoint.wake();
+            if committed {
+                self.checkpoint.wake();
+            }
         }
-        result
+        Ok(())
     }
 
     /// Whether something has waited for a commit longer than
@@ -995,6 +1023,14 @@ impl Store {
         let mut w = self.writer()?;
         let w = w.as_mut().expect("writer() checked it is open");
         let result = (|| {
+            let any = w
+                .conn
+                .prepare_cached("SELECT 1 FROM tasks WHERE final_at < ?1 LIMIT 1")?
+                .query_row([cutoff_ms as i64], |_| Ok(()))
+                .optional()?;
+            if any.is_none() {
+                return Ok(0);
+            }
             w.begin()?;
             Ok(w.conn
                 .prepare_cached(
@@ -1247,36 +1283,45 @@ fn migrate(conn: &mut Connection, dir: &Path) -> Result<(), StoreError> {
 }
 
 /// The checkpoint thread: copies the WAL into the database file when it has
-/// grown past [`CHECKPOINT_WAL_BYTES`] or the store has been quiet for
-/// [`CHECKPOINT_IDLE`]. PASSIVE: it never waits for the writer, so ingest
-/// does not stall on it. Errors are left for the next round (a full disk
-/// shows in the writer's own calls).
+/// grown past [`CHECKPOINT_WAL_BYTES`] (PASSIVE: it never waits for the
+/// engine, so ingest does not stall on it), and once the store has been
+/// quiet for [`CHECKPOINT_IDLE`] copies the rest and truncates the WAL to
+/// nothing (TRUNCATE, which needs a moment without writer and readers: it
+/// gives up after [`QUIET_BUSY`] and tries at the next quiet round). So
+/// the space a flood took in the WAL comes back once the flood is over.
+/// Errors are left for the next round (a full disk shows in the writer's
+/// own calls).
 fn run_checkpointer(db: &Path, signal: &CheckpointSignal) {
     // Opened (again) when needed: a connection that could not be opened at
     // one moment (a full disk) must not end checkpoints for good.
     let mut conn: Option<Connection> = None;
     let wal = wal_path(db);
-    let mut last_checkpoint_len = 0;
     loop {
-        let woken = {
+        let last_commit = {
             let state = lock(&signal.state);
             let (mut state, _) = signal
                 .cond
-                .wait_timeout_while(state, CHECKPOINT_IDLE, |s| !s.0 && !s.1)
+                .wait_timeout_while(state, CHECKPOINT_POLL, |s| !s.woken && !s.stop)
                 .unwrap_or_else(|e| e.into_inner());
-            if state.1 {
+            if state.stop {
                 return;
             }
-            std::mem::replace(&mut state.0, false)
+            state.woken = false;
+            state.last_commit
         };
         let len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-        let quiet = !woken && len > 0 && len != last_checkpoint_len;
-        if len < CHECKPOINT_WAL_BYTES && !quiet {
+        let quiet = last_commit.is_none_or(|t| t.elapsed() >= CHECKPOINT_IDLE);
+        let mode = if len >= CHECKPOINT_WAL_BYTES {
+            "PASSIVE"
+        } else if quiet && len > 0 {
+            "TRUNCATE"
+        } else {
             continue;
-        }
+        };
         if conn.is_none() {
             conn = Connection::open(db)
                 .and_then(|c| {
+                    c.busy_timeout(QUIET_BUSY)?;
                     c.execute_batch(&format!(
                         "PRAGMA cache_size = -{SMALL_CACHE_KIB}; PRAGMA mmap_size = 0;
                          PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0;"
@@ -1287,11 +1332,24 @@ fn run_checkpointer(db: &Path, signal: &CheckpointSignal) {
                 .ok();
         }
         let Some(c) = &conn else { continue };
-        match c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            Ok(()) => last_checkpoint_len = len,
-            Err(e) => {
-                tracing::debug!(error = %e, "WAL checkpoint failed; trying again later");
-                conn = None;
+        // TRUNCATE copies everything first, like PASSIVE, but waits for the
+        // writer: copy without waiting first, so the wait is short.
+        let steps: &[&str] = if mode == "TRUNCATE" {
+            &["PASSIVE", "TRUNCATE"]
+        } else {
+            &["PASSIVE"]
+        };
+        for step in steps {
+            let sql = format!("PRAGMA wal_checkpoint({step})");
+            if let Err(e) = c.query_row(&sql, [], |_| Ok(())) {
+                tracing::debug!(error = %e, step, "WAL checkpoint failed; trying again later");
+                if !matches!(
+                    e.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::DatabaseBusy)
+                ) {
+                    conn = None;
+                }
+                break;
             }
         }
     }
@@ -1809,6 +1867,38 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "the file holds secrets");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_store_empties_and_truncates_its_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let wal = wal_path(&dir.path().join(DB_FILE));
+        let mut c = Change::new();
+        for _ in 0..200 {
+            c.push_outbox(entry(1));
+        }
+        store.apply(c).unwrap();
+        store.flush().await.unwrap();
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+        // An empty change (the engine's sweep makes one every 500 ms) opens
+        // no transaction: it would hold the write lock and keep the store
+        // from ever looking quiet.
+        store.apply(Change::new()).unwrap();
+        let outside = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        outside.busy_timeout(Duration::ZERO).unwrap();
+        outside
+            .execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+            .expect("the write lock is free");
+        drop(outside);
+        let deadline = Instant::now() + CHECKPOINT_IDLE + Duration::from_secs(5);
+        while std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > 0 {
+            assert!(Instant::now() < deadline, "the WAL was never truncated");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let db_len = std::fs::metadata(dir.path().join(DB_FILE)).unwrap().len();
+        assert!(db_len > 4096, "its pages went into the database");
+        assert_eq!(store.outbox_after(None, 1000).unwrap().len(), 200);
     }
 
     #[tokio::test]
