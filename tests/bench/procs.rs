@@ -231,12 +231,60 @@ impl AgentProc {
 
     /// Peak resident set size so far (`VmHWM`), in KiB.
     pub fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        self.proc_status_kib("VmHWM:")
+    }
+
+    /// Current resident set size (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        self.proc_status_kib("VmRSS:")
+    }
+
+    fn proc_status_kib(&self, field: &str) -> anyhow::Result<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid()?))?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmHWM in /proc/<pid>/status")
+            .with_context(|| format!("no {field} in /proc/<pid>/status"))
+    }
+
+    /// Bytes the agent has caused to be written to the block layer so far
+    /// (`write_bytes` of `/proc/<pid>/io`: counted when a page cache page is
+    /// dirtied, so a write that is never fsync'd counts as well).
+    pub fn write_bytes(&self) -> anyhow::Result<u64> {
+        let io = fs::read_to_string(format!("/proc/{}/io", self.pid()?))?;
+        io.lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("no write_bytes in /proc/<pid>/io")
+    }
+
+    /// Waits until the store's deferred writes are done: the agent has
+    /// written nothing for `quiet`, and the WAL (if the store has one) is
+    /// older than the database file, i.e. the checkpoint thread copied the
+    /// last commit in. Returns how long that took, or `None` when it did not
+    /// happen within `within` (the caller reports the figure as unsettled;
+    /// no timing makes a run fail).
+    pub async fn settle_writes(
+        &self,
+        store: &Path,
+        quiet: Duration,
+        within: Duration,
+    ) -> anyhow::Result<Option<Duration>> {
+        let started = Instant::now();
+        let mut last = self.write_bytes()?;
+        let mut last_change = started;
+        while started.elapsed() < within {
+            tokio::time::sleep(POLL * 5).await;
+            let now = self.write_bytes()?;
+            if now != last {
+                last = now;
+                last_change = Instant::now();
+            } else if last_change.elapsed() >= quiet && wal_checkpointed(store)? {
+                return Ok(Some(started.elapsed()));
+            }
+        }
+        Ok(None)
     }
 
     /// User + system CPU seconds used so far.
@@ -299,4 +347,27 @@ pub fn dir_size(dir: &Path) -> anyhow::Result<(u64, u64)> {
         }
     }
     Ok(total)
+}
+
+/// The SQLite store's database file and its write-ahead log.
+const DB_FILE: &str = "store.sqlite3";
+const WAL_FILE: &str = "store.sqlite3-wal";
+
+/// (database, WAL) apparent sizes of a SQLite store; zeros for a store
+/// without those files (the sled store of older builds).
+pub fn db_and_wal(store: &Path) -> (u64, u64) {
+    let len = |name| fs::metadata(store.join(name)).map(|m| m.len()).unwrap_or(0);
+    (len(DB_FILE), len(WAL_FILE))
+}
+
+/// True when the store has no WAL with content, or its database file was
+/// modified after the WAL (a checkpoint ran after the last commit). A store
+/// without those files (sled) has nothing deferred that this could see.
+fn wal_checkpointed(store: &Path) -> anyhow::Result<bool> {
+    let wal = match fs::metadata(store.join(WAL_FILE)) {
+        Ok(m) if m.len() > 0 => m,
+        _ => return Ok(true),
+    };
+    let db = fs::metadata(store.join(DB_FILE))?;
+    Ok(db.modified()? >= wal.modified()?)
 }

@@ -234,6 +234,76 @@ impl Report {
                 ),
             ),
             (
+                "disk: bytes written per task".into(),
+                format!(
+                    "{:.0} tasks over {:.0} tags",
+                    f("disk_burst_tasks"),
+                    f("disk_tags")
+                ),
+            ),
+            (
+                "  burst, sequential ids".into(),
+                format!(
+                    "{:.0} B (settled in {:.1} s)",
+                    f("disk_burst_seq_bytes_per_task"),
+                    f("disk_burst_seq_settle_s")
+                ),
+            ),
+            (
+                "  burst, random (UUID) ids".into(),
+                format!(
+                    "{:.0} B (settled in {:.1} s)",
+                    f("disk_burst_uuid_bytes_per_task"),
+                    f("disk_burst_uuid_settle_s")
+                ),
+            ),
+            (
+                "  trickle, 10 tasks/s".into(),
+                format!(
+                    "{:.0} B over {:.0} tasks (settled in {:.1} s)",
+                    f("disk_trickle_bytes_per_task"),
+                    f("disk_trickle_tasks"),
+                    f("disk_trickle_settle_s")
+                ),
+            ),
+            (
+                "flood: commands processed".into(),
+                format!(
+                    "{:.0} in {:.1} s",
+                    f("flood_commands"),
+                    f("flood_processed_s")
+                ),
+            ),
+            (
+                "  store before / peak / after".into(),
+                format!(
+                    "{:.0} / {:.0} / {:.0} KiB ({:.1}x)",
+                    f("flood_store_before_kib"),
+                    f("flood_store_peak_kib"),
+                    f("flood_store_after_kib"),
+                    f("flood_store_ratio")
+                ),
+            ),
+            (
+                "  after: database + WAL; stopped".into(),
+                format!(
+                    "{:.0} + {:.0} KiB; {:.0} KiB",
+                    f("flood_store_after_db_kib"),
+                    f("flood_store_after_wal_kib"),
+                    f("flood_store_stopped_kib")
+                ),
+            ),
+            (
+                "idle: RSS / peak RSS".into(),
+                format!(
+                    "{:.1} / {:.1} MiB ({:.0} tags, {:.0} check-ins/s)",
+                    f("idle_rss_mib"),
+                    f("idle_peak_rss_mib"),
+                    f("idle_tags"),
+                    f("idle_checkins_per_s")
+                ),
+            ),
+            (
                 "recovery: start to first PUBACK".into(),
                 format!("{:.2} s", f("recovery_s")),
             ),
