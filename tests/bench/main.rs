@@ -242,7 +242,8 @@ fn main() -> ExitCode {
 async fn run(size: Size, dir: &std::path::Path) -> anyhow::Result<()> {
     let bin = agent_bin();
     let dir = dir.to_owned();
-    let mut report = Report::new(&size_json(&size), &bin)?;
+    let external = std::env::var_os(AGENT_BIN_ENV).is_some();
+    let mut report = Report::new(&size_json(&size), &bin, external)?;
 
     let broker = Broker::start(&dir, size.inflight).await?;
     let publisher = Publisher::connect(broker.port, "GID_bench@@@loader").await?;

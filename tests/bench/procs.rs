@@ -153,6 +153,10 @@ pub struct AgentProc {
     child: Option<Child>,
     socket: PathBuf,
     pub spawned_at: Instant,
+    /// Bytes written over the process's whole life (write_bytes minus
+    /// cancelled_write_bytes, from `wait4`'s `ru_oublock`), once stopped:
+    /// includes what it wrote while stopping (SQLite's final checkpoint).
+    pub written_at_exit: Option<u64>,
 }
 
 impl AgentProc {
@@ -179,6 +183,7 @@ impl AgentProc {
             child: Some(child),
             socket: spec.socket(),
             spawned_at,
+            written_at_exit: None,
         })
     }
 
@@ -250,24 +255,26 @@ impl AgentProc {
 
     /// Bytes the agent has caused to be written to the block layer so far
     /// (`write_bytes` of `/proc/<pid>/io`: counted when a page cache page is
-    /// dirtied, so a write that is never fsync'd counts as well).
-    pub fn write_bytes(&self) -> anyhow::Result<u64> {
+    /// dirtied, so a write that is never fsync'd counts as well), and the
+    /// part of it cancelled by truncating dirty pages
+    /// (`cancelled_write_bytes`).
+    pub fn write_bytes(&self) -> anyhow::Result<(u64, u64)> {
         let io = fs::read_to_string(format!("/proc/{}/io", self.pid()?))?;
-        io.lines()
-            .find_map(|l| l.strip_prefix("write_bytes:"))
-            .and_then(|v| v.trim().parse().ok())
-            .context("no write_bytes in /proc/<pid>/io")
+        let field = |name: &str| {
+            io.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .with_context(|| format!("no {name} in /proc/<pid>/io"))
+        };
+        Ok((field("write_bytes:")?, field("cancelled_write_bytes:")?))
     }
 
-    /// Waits until the store's deferred writes are done: the agent has
-    /// written nothing for `quiet`, and the WAL (if the store has one) is
-    /// older than the database file, i.e. the checkpoint thread copied the
-    /// last commit in. Returns how long that took, or `None` when it did not
-    /// happen within `within` (the caller reports the figure as unsettled;
-    /// no timing makes a run fail).
+    /// Waits until the agent has written nothing for `quiet` (its deferred
+    /// writes are done, as far as they happen without a stop), within
+    /// `within`. Returns how long that took, or `None` (the caller reports
+    /// the figure as unsettled; no timing makes a run fail).
     pub async fn settle_writes(
         &self,
-        store: &Path,
         quiet: Duration,
         within: Duration,
     ) -> anyhow::Result<Option<Duration>> {
@@ -280,7 +287,7 @@ impl AgentProc {
             if now != last {
                 last = now;
                 last_change = Instant::now();
-            } else if last_change.elapsed() >= quiet && wal_checkpointed(store)? {
+            } else if last_change.elapsed() >= quiet {
                 return Ok(Some(started.elapsed()));
             }
         }
@@ -308,12 +315,15 @@ impl AgentProc {
     pub async fn terminate(&mut self) -> anyhow::Result<Duration> {
         let mut child = self.child.take().context("agent already stopped")?;
         let started = Instant::now();
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        let pid = child.id() as i32;
+        kill(Pid::from_raw(pid), Signal::SIGTERM)?;
         loop {
-            if let Some(status) = child.try_wait()? {
-                if !status.success() {
-                    bail!("the agent exited with {status} after SIGTERM");
+            if let Some((status, usage)) = wait4_nohang(pid)? {
+                if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+                    bail!("the agent exited with wait status {status:#x} after SIGTERM");
                 }
+                // Linux: ru_oublock = (write_bytes - cancelled_write_bytes) / 512.
+                self.written_at_exit = Some(usage.ru_oublock as u64 * 512);
                 return Ok(started.elapsed());
             }
             if started.elapsed() > Duration::from_secs(10) {
@@ -330,6 +340,20 @@ impl Drop for AgentProc {
         if let Some(child) = self.child.as_mut() {
             kill_child(child);
         }
+    }
+}
+
+/// Reaps `pid` if it has exited, with its resource usage (which
+/// `Child::try_wait` does not give).
+fn wait4_nohang(pid: i32) -> anyhow::Result<Option<(i32, libc::rusage)>> {
+    let mut status = 0;
+    // SAFETY: rusage is plain data for which all-zero bytes are valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live locals; `pid` is our own child.
+    match unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) } {
+        0 => Ok(None),
+        r if r == pid => Ok(Some((status, usage))),
+        _ => Err(std::io::Error::last_os_error()).context("wait4 on the agent"),
     }
 }
 
@@ -358,16 +382,4 @@ const WAL_FILE: &str = "store.sqlite3-wal";
 pub fn db_and_wal(store: &Path) -> (u64, u64) {
     let len = |name| fs::metadata(store.join(name)).map(|m| m.len()).unwrap_or(0);
     (len(DB_FILE), len(WAL_FILE))
-}
-
-/// True when the store has no WAL with content, or its database file was
-/// modified after the WAL (a checkpoint ran after the last commit). A store
-/// without those files (sled) has nothing deferred that this could see.
-fn wal_checkpointed(store: &Path) -> anyhow::Result<bool> {
-    let wal = match fs::metadata(store.join(WAL_FILE)) {
-        Ok(m) if m.len() > 0 => m,
-        _ => return Ok(true),
-    };
-    let db = fs::metadata(store.join(DB_FILE))?;
-    Ok(db.modified()? >= wal.modified()?)
 }

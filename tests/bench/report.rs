@@ -59,7 +59,7 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn new(size: &Value, bin: &Path) -> anyhow::Result<Report> {
+    pub fn new(size: &Value, bin: &Path, external: bool) -> anyhow::Result<Report> {
         let mut figures = Map::new();
         figures.insert("size".into(), size.clone());
         figures.insert(
@@ -72,6 +72,9 @@ impl Report {
             .into(),
         );
         figures.insert("agent_bin".into(), bin.display().to_string().into());
+        // With ESL_BENCH_AGENT_BIN the agent is not this build: its profile
+        // is whatever it was built with.
+        figures.insert("agent_bin_external".into(), external.into());
         figures.insert(
             "agent_bin_mib".into(),
             (std::fs::metadata(bin)?.len() as f64 / 1048576.0).into(),
@@ -126,6 +129,15 @@ impl Report {
         );
         self.set("ingest_vs_fsync", ingest / self.get("ceiling_fsync_per_s"));
         let f = |k: &str| self.get(k);
+        let disk = |k: &str| {
+            format!(
+                "{:.0} B; {:.0} B with the stop (quiet after {:.1} s, WAL {:.0} KiB)",
+                f(&format!("{k}_bytes_per_task")),
+                f(&format!("{k}_bytes_per_task_with_stop")),
+                f(&format!("{k}_settle_s")),
+                f(&format!("{k}_wal_kib"))
+            )
+        };
         let rows: Vec<(String, String)> = vec![
             (
                 "ceiling: bare QoS 1 subscriber".into(),
@@ -241,30 +253,14 @@ impl Report {
                     f("disk_tags")
                 ),
             ),
+            ("  burst, sequential ids".into(), disk("disk_burst_seq")),
+            ("  burst, random (UUID) ids".into(), disk("disk_burst_uuid")),
             (
-                "  burst, sequential ids".into(),
                 format!(
-                    "{:.0} B (settled in {:.1} s)",
-                    f("disk_burst_seq_bytes_per_task"),
-                    f("disk_burst_seq_settle_s")
+                    "  trickle, 10 tasks/s ({:.0} tasks)",
+                    f("disk_trickle_tasks")
                 ),
-            ),
-            (
-                "  burst, random (UUID) ids".into(),
-                format!(
-                    "{:.0} B (settled in {:.1} s)",
-                    f("disk_burst_uuid_bytes_per_task"),
-                    f("disk_burst_uuid_settle_s")
-                ),
-            ),
-            (
-                "  trickle, 10 tasks/s".into(),
-                format!(
-                    "{:.0} B over {:.0} tasks (settled in {:.1} s)",
-                    f("disk_trickle_bytes_per_task"),
-                    f("disk_trickle_tasks"),
-                    f("disk_trickle_settle_s")
-                ),
+                disk("disk_trickle"),
             ),
             (
                 "flood: commands processed".into(),
@@ -312,11 +308,15 @@ impl Report {
                 format!("{:.2} s", f("shutdown_s")),
             ),
             (
-                "binary (this build)".into(),
+                "binary".into(),
                 format!(
                     "{:.2} MiB ({})",
                     f("agent_bin_mib"),
-                    self.figures["profile"].as_str().unwrap_or("?")
+                    if self.figures["agent_bin_external"] == true {
+                        "ESL_BENCH_AGENT_BIN"
+                    } else {
+                        self.figures["profile"].as_str().unwrap_or("?")
+                    }
                 ),
             ),
         ];
