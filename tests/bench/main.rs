@@ -18,12 +18,26 @@
 //! 4. **end to end** — a fresh agent whose tags check in every 10 ms and
 //!    apply at once: a fixed offered rate, then a burst at saturation;
 //!    publish→`applied` latency per task.
+//! 5. **disk writes** — `/proc/<pid>/io` `write_bytes` per task of a fresh
+//!    agent (2 000 tags that check in once a day): a burst with sequential
+//!    task ids, one with random UUID-like ids (another fresh agent), then a
+//!    trickle of 10 tasks/s; each read after the store's deferred writes
+//!    (the WAL checkpoint) are done.
+//! 6. **flood** — the store's size before and after a flood of
+//!    `agent.status` commands that ask for replies, once the store has had
+//!    time to give space back.
+//! 7. **idle** — RSS of an agent with 2 000 tags checking in every second
+//!    and no tasks.
+//!
+//! `ESL_BENCH_AGENT_BIN=path` runs every phase against another agent binary
+//! (an older build: before/after figures from the same harness).
 //!
 //! `cargo test --workspace` runs it at a CI size (seconds; no timing
 //! assertions, but every task must get its PUBACK and final ack or the run
 //! fails). The full size: `cargo test --release -p esl-agent --test bench --
 //! --full` (options: see [`Size::parse`]).
 
+mod footprint;
 mod load;
 mod procs;
 mod report;
@@ -36,6 +50,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio::time::Instant;
 
+use footprint::Footprint;
 use load::{parse_ack, Listener, Publisher};
 use procs::{AgentProc, AgentSpec, Broker, POLL};
 use report::{Report, Stats};
@@ -43,6 +58,8 @@ use report::{Report, Stats};
 const BACKEND_ID: &str = "GID_bench@@@backend";
 const ACK_TOPIC: &str = "esl_ack/p2p/GID_bench@@@backend";
 const CEILING_TOPIC: &str = "bench/ceiling";
+/// Names another `esl-agent` binary to measure (docs/BENCHMARKS.md).
+const AGENT_BIN_ENV: &str = "ESL_BENCH_AGENT_BIN";
 
 /// How big a run is.
 #[derive(Debug, Clone)]
@@ -67,6 +84,18 @@ struct Size {
     outbox_window: u32,
     /// The agent's `store.cache_mb` (SQLite's page cache).
     cache_mb: u64,
+    /// Disk-write phase: simulated tags, burst size, trickle length (s).
+    disk_tags: usize,
+    disk_burst: usize,
+    trickle_secs: u64,
+    /// Commands in the flood phase.
+    flood: usize,
+    /// Idle phase: tags checking in every second, seconds before reading.
+    idle_tags: usize,
+    idle_secs: u64,
+    /// Longest wait for the store's deferred writes (checkpoint, space
+    /// given back) before a disk or size figure is read; 0 = read at once.
+    settle_s: u64,
     json: Option<PathBuf>,
     keep: bool,
 }
@@ -85,6 +114,15 @@ impl Size {
             inflight: 1000,
             outbox_window: 32,
             cache_mb: 4,
+            disk_tags: 2_000,
+            disk_burst: 300,
+            trickle_secs: 1,
+            flood: 2_000,
+            idle_tags: 2_000,
+            idle_secs: 1,
+            // Not waiting keeps the CI size fast; its disk figures leave
+            // out the checkpoint (marked in the JSON by a NaN settle time).
+            settle_s: 0,
             json: None,
             keep: false,
         }
@@ -102,13 +140,20 @@ impl Size {
             // (docs/BENCHMARKS.md).
             e2e_tags: 50,
             saturation: 20_000,
+            disk_burst: 10_000,
+            trickle_secs: 30,
+            flood: 50_000,
+            idle_secs: 5,
+            settle_s: 60,
             ..Size::ci()
         }
     }
 
     /// `--full`, then overrides: `--tasks N --pending N --tags N --rate N
     /// --rate-secs N --e2e-tags N --checkin-ms N --saturation N --inflight N
-    /// --outbox-window N --cache-mb N --json FILE --keep`. A bare word is a test-name filter (as `cargo
+    /// --outbox-window N --cache-mb N --disk-tags N --disk-burst N
+    /// --trickle-secs N --flood N --idle-tags N --idle-secs N --settle-s N
+    /// --json FILE --keep`. A bare word is a test-name filter (as `cargo
     /// test NAME` passes it): `Ok(None)` when it does not match "bench".
     fn parse(args: &[String]) -> Result<Option<Size>, String> {
         let mut size = if args.iter().any(|a| a == "--full") {
@@ -137,6 +182,13 @@ impl Size {
                 "--inflight" => size.inflight = value(a)? as u32,
                 "--outbox-window" => size.outbox_window = value(a)? as u32,
                 "--cache-mb" => size.cache_mb = value(a)?,
+                "--disk-tags" => size.disk_tags = value(a)?.max(1) as usize,
+                "--disk-burst" => size.disk_burst = value(a)? as usize,
+                "--trickle-secs" => size.trickle_secs = value(a)?,
+                "--flood" => size.flood = value(a)? as usize,
+                "--idle-tags" => size.idle_tags = value(a)? as usize,
+                "--idle-secs" => size.idle_secs = value(a)?,
+                "--settle-s" => size.settle_s = value(a)?,
                 "--json" => size.json = Some(it.next().ok_or("--json needs a file")?.into()),
                 // libtest flags cargo may pass (`--nocapture`, `--quiet`…).
                 flag if flag.starts_with("--") => {}
@@ -188,9 +240,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(size: Size, dir: &std::path::Path) -> anyhow::Result<()> {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_esl-agent"));
+    let bin = agent_bin();
     let dir = dir.to_owned();
-    let mut report = Report::new(&size_json(&size), &bin)?;
+    let external = std::env::var_os(AGENT_BIN_ENV).is_some();
+    let mut report = Report::new(&size_json(&size), &bin, external)?;
 
     let broker = Broker::start(&dir, size.inflight).await?;
     let publisher = Publisher::connect(broker.port, "GID_bench@@@loader").await?;
@@ -376,11 +429,32 @@ async fn run(size: Size, dir: &std::path::Path) -> anyhow::Result<()> {
     );
     report.set("peak_rss_mib_e2e", agent.peak_rss_kib()? as f64 / 1024.0);
     agent.terminate().await?;
+
+    // 5–7. The store's footprint: disk writes, size after a flood, idle RSS.
+    let mut footprint = Footprint {
+        bin: &bin,
+        dir: &dir,
+        size: &size,
+        base: &spec,
+        publisher: &publisher,
+        acks: &mut acks,
+    };
+    footprint.disk(&mut report).await?;
+    footprint.flood(&mut report).await?;
+    footprint.idle(&mut report).await?;
     // Clients first, so they do not report the broker going away.
     drop((publisher, acks));
     drop(broker);
 
     report.print(size.json.as_deref())
+}
+
+/// The agent under test: this build's, or `ESL_BENCH_AGENT_BIN` (an older
+/// build, to measure before and after with the same harness).
+fn agent_bin() -> PathBuf {
+    std::env::var_os(AGENT_BIN_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_esl-agent")))
 }
 
 /// Generous per-phase deadline: a run that stalls fails instead of hanging.
@@ -398,6 +472,9 @@ fn size_json(s: &Size) -> serde_json::Value {
         "rate": s.rate, "rate_secs": s.rate_secs, "e2e_tags": s.e2e_tags,
         "checkin_ms": s.checkin_ms, "saturation": s.saturation, "broker_inflight": s.inflight,
         "outbox_window": s.outbox_window, "cache_mb": s.cache_mb,
+        "disk_tags": s.disk_tags, "disk_burst": s.disk_burst, "trickle_secs": s.trickle_secs,
+        "flood": s.flood, "idle_tags": s.idle_tags, "idle_secs": s.idle_secs,
+        "settle_s": s.settle_s,
     })
 }
 

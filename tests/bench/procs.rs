@@ -153,6 +153,10 @@ pub struct AgentProc {
     child: Option<Child>,
     socket: PathBuf,
     pub spawned_at: Instant,
+    /// Bytes written over the process's whole life (write_bytes minus
+    /// cancelled_write_bytes, from `wait4`'s `ru_oublock`), once stopped:
+    /// includes what it wrote while stopping (SQLite's final checkpoint).
+    pub written_at_exit: Option<u64>,
 }
 
 impl AgentProc {
@@ -179,6 +183,7 @@ impl AgentProc {
             child: Some(child),
             socket: spec.socket(),
             spawned_at,
+            written_at_exit: None,
         })
     }
 
@@ -231,12 +236,62 @@ impl AgentProc {
 
     /// Peak resident set size so far (`VmHWM`), in KiB.
     pub fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        self.proc_status_kib("VmHWM:")
+    }
+
+    /// Current resident set size (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        self.proc_status_kib("VmRSS:")
+    }
+
+    fn proc_status_kib(&self, field: &str) -> anyhow::Result<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid()?))?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmHWM in /proc/<pid>/status")
+            .with_context(|| format!("no {field} in /proc/<pid>/status"))
+    }
+
+    /// Bytes the agent has caused to be written to the block layer so far
+    /// (`write_bytes` of `/proc/<pid>/io`: counted when a page cache page is
+    /// dirtied, so a write that is never fsync'd counts as well), and the
+    /// part of it cancelled by truncating dirty pages
+    /// (`cancelled_write_bytes`).
+    pub fn write_bytes(&self) -> anyhow::Result<(u64, u64)> {
+        let io = fs::read_to_string(format!("/proc/{}/io", self.pid()?))?;
+        let field = |name: &str| {
+            io.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .with_context(|| format!("no {name} in /proc/<pid>/io"))
+        };
+        Ok((field("write_bytes:")?, field("cancelled_write_bytes:")?))
+    }
+
+    /// Waits until the agent has written nothing for `quiet` (its deferred
+    /// writes are done, as far as they happen without a stop), within
+    /// `within`. Returns how long that took, or `None` (the caller reports
+    /// the figure as unsettled; no timing makes a run fail).
+    pub async fn settle_writes(
+        &self,
+        quiet: Duration,
+        within: Duration,
+    ) -> anyhow::Result<Option<Duration>> {
+        let started = Instant::now();
+        let mut last = self.write_bytes()?;
+        let mut last_change = started;
+        while started.elapsed() < within {
+            tokio::time::sleep(POLL * 5).await;
+            let now = self.write_bytes()?;
+            if now != last {
+                last = now;
+                last_change = Instant::now();
+            } else if last_change.elapsed() >= quiet {
+                return Ok(Some(started.elapsed()));
+            }
+        }
+        Ok(None)
     }
 
     /// User + system CPU seconds used so far.
@@ -260,12 +315,15 @@ impl AgentProc {
     pub async fn terminate(&mut self) -> anyhow::Result<Duration> {
         let mut child = self.child.take().context("agent already stopped")?;
         let started = Instant::now();
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        let pid = child.id() as i32;
+        kill(Pid::from_raw(pid), Signal::SIGTERM)?;
         loop {
-            if let Some(status) = child.try_wait()? {
-                if !status.success() {
-                    bail!("the agent exited with {status} after SIGTERM");
+            if let Some((status, usage)) = wait4_nohang(pid)? {
+                if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+                    bail!("the agent exited with wait status {status:#x} after SIGTERM");
                 }
+                // Linux: ru_oublock = (write_bytes - cancelled_write_bytes) / 512.
+                self.written_at_exit = Some(usage.ru_oublock as u64 * 512);
                 return Ok(started.elapsed());
             }
             if started.elapsed() > Duration::from_secs(10) {
@@ -285,6 +343,20 @@ impl Drop for AgentProc {
     }
 }
 
+/// Reaps `pid` if it has exited, with its resource usage (which
+/// `Child::try_wait` does not give).
+fn wait4_nohang(pid: i32) -> anyhow::Result<Option<(i32, libc::rusage)>> {
+    let mut status = 0;
+    // SAFETY: rusage is plain data for which all-zero bytes are valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live locals; `pid` is our own child.
+    match unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) } {
+        0 => Ok(None),
+        r if r == pid => Ok(Some((status, usage))),
+        _ => Err(std::io::Error::last_os_error()).context("wait4 on the agent"),
+    }
+}
+
 /// Bytes the files under `dir` take: (apparent length, allocated blocks).
 pub fn dir_size(dir: &Path) -> anyhow::Result<(u64, u64)> {
     let mut total = (0, 0);
@@ -299,4 +371,15 @@ pub fn dir_size(dir: &Path) -> anyhow::Result<(u64, u64)> {
         }
     }
     Ok(total)
+}
+
+/// The SQLite store's database file and its write-ahead log.
+const DB_FILE: &str = "store.sqlite3";
+const WAL_FILE: &str = "store.sqlite3-wal";
+
+/// (database, WAL) apparent sizes of a SQLite store; zeros for a store
+/// without those files (the sled store of older builds).
+pub fn db_and_wal(store: &Path) -> (u64, u64) {
+    let len = |name| fs::metadata(store.join(name)).map(|m| m.len()).unwrap_or(0);
+    (len(DB_FILE), len(WAL_FILE))
 }

@@ -59,7 +59,7 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn new(size: &Value, bin: &Path) -> anyhow::Result<Report> {
+    pub fn new(size: &Value, bin: &Path, external: bool) -> anyhow::Result<Report> {
         let mut figures = Map::new();
         figures.insert("size".into(), size.clone());
         figures.insert(
@@ -72,6 +72,9 @@ impl Report {
             .into(),
         );
         figures.insert("agent_bin".into(), bin.display().to_string().into());
+        // With ESL_BENCH_AGENT_BIN the agent is not this build: its profile
+        // is whatever it was built with.
+        figures.insert("agent_bin_external".into(), external.into());
         figures.insert(
             "agent_bin_mib".into(),
             (std::fs::metadata(bin)?.len() as f64 / 1048576.0).into(),
@@ -126,6 +129,15 @@ impl Report {
         );
         self.set("ingest_vs_fsync", ingest / self.get("ceiling_fsync_per_s"));
         let f = |k: &str| self.get(k);
+        let disk = |k: &str| {
+            format!(
+                "{:.0} B; {:.0} B with the stop (quiet after {:.1} s, WAL {:.0} KiB)",
+                f(&format!("{k}_bytes_per_task")),
+                f(&format!("{k}_bytes_per_task_with_stop")),
+                f(&format!("{k}_settle_s")),
+                f(&format!("{k}_wal_kib"))
+            )
+        };
         let rows: Vec<(String, String)> = vec![
             (
                 "ceiling: bare QoS 1 subscriber".into(),
@@ -234,6 +246,60 @@ impl Report {
                 ),
             ),
             (
+                "disk: bytes written per task".into(),
+                format!(
+                    "{:.0} tasks over {:.0} tags",
+                    f("disk_burst_tasks"),
+                    f("disk_tags")
+                ),
+            ),
+            ("  burst, sequential ids".into(), disk("disk_burst_seq")),
+            ("  burst, random (UUID) ids".into(), disk("disk_burst_uuid")),
+            (
+                format!(
+                    "  trickle, 10 tasks/s ({:.0} tasks)",
+                    f("disk_trickle_tasks")
+                ),
+                disk("disk_trickle"),
+            ),
+            (
+                "flood: commands processed".into(),
+                format!(
+                    "{:.0} in {:.1} s",
+                    f("flood_commands"),
+                    f("flood_processed_s")
+                ),
+            ),
+            (
+                "  store before / peak / after".into(),
+                format!(
+                    "{:.0} / {:.0} / {:.0} KiB ({:.1}x)",
+                    f("flood_store_before_kib"),
+                    f("flood_store_peak_kib"),
+                    f("flood_store_after_kib"),
+                    f("flood_store_ratio")
+                ),
+            ),
+            (
+                "  after: database + WAL; stopped".into(),
+                format!(
+                    "{:.0} + {:.0} KiB; {:.0} KiB",
+                    f("flood_store_after_db_kib"),
+                    f("flood_store_after_wal_kib"),
+                    f("flood_store_stopped_kib")
+                ),
+            ),
+            (
+                "idle: RSS / peak RSS".into(),
+                format!(
+                    "{:.1} / {:.1} MiB ({:.0} tags, {:.0} check-ins/s)",
+                    f("idle_rss_mib"),
+                    f("idle_peak_rss_mib"),
+                    f("idle_tags"),
+                    f("idle_checkins_per_s")
+                ),
+            ),
+            (
                 "recovery: start to first PUBACK".into(),
                 format!("{:.2} s", f("recovery_s")),
             ),
@@ -242,11 +308,15 @@ impl Report {
                 format!("{:.2} s", f("shutdown_s")),
             ),
             (
-                "binary (this build)".into(),
+                "binary".into(),
                 format!(
                     "{:.2} MiB ({})",
                     f("agent_bin_mib"),
-                    self.figures["profile"].as_str().unwrap_or("?")
+                    if self.figures["agent_bin_external"] == true {
+                        "ESL_BENCH_AGENT_BIN"
+                    } else {
+                        self.figures["profile"].as_str().unwrap_or("?")
+                    }
                 ),
             ),
         ];
