@@ -254,7 +254,7 @@ impl Default for TasksConfig {
             delivery_timeout_ms: 30_000,
             keep_final_h: 7 * 24,
             send_accepted: false,
-            batch_max: 512,
+            batch_max: 1024,
         }
     }
 }

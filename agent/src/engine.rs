@@ -53,9 +53,16 @@ use crate::store::{
 use crate::wire::{self, Ack, AckStatus};
 
 /// Messages from the link that the engine has not taken yet. The broker
-/// never has more than its in-flight window (Mosquitto: 20) of unacked QoS 1
-/// messages out, so this rarely fills; when it does, the link waits.
-pub const INBOUND_CAPACITY: usize = 256;
+/// never has more than its in-flight window (Mosquitto: 20 by default; a
+/// busy store's broker is often set to hundreds) of unacked QoS 1 messages
+/// out; when it fills, the link waits. While a flush (an fsync) runs, the
+/// messages that arrive wait here and form the next group commit, so this
+/// bounds a group: 1 024 (with `tasks.batch_max`) lets a burst commit about
+/// 1 000 tasks at once, which with random task ids wrote 1.6 KiB per task
+/// against 2.9 KiB for 250-task groups (the store alone; docs/BENCHMARKS.md).
+/// Memory: the broker's window bounds it first (20 × `limits.max_payload`
+/// with Mosquitto's default); a typical 1 024 tasks are about 200 KiB.
+pub const INBOUND_CAPACITY: usize = 1024;
 /// Radio events not yet taken: a burst of check-ins from many tags.
 pub const RADIO_EVENT_CAPACITY: usize = 1024;
 /// Status snapshots asked for but not answered; the status task asks one at
