@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Helpers shared by .ci/deploy and .ci/cross-aarch64 (sourced, not run).
+# Helpers shared by the .ci scripts (sourced, not run).
 
 started=$SECONDS
 # step NAME: a heading with the time since the script started.
@@ -14,16 +14,27 @@ expect() {
 }
 size() { printf '%s: %s bytes (%s KiB)\n' "$1" "$(stat -c %s "$1")" $(($(stat -c %s "$1") / 1024)); }
 # apt_need PACKAGE...: installs those not installed yet (one apt run).
+# Without recommends, so every package a step needs must be named: a fresh
+# machine has nothing else (issue 18; .ci/fresh proves it). Waits for the
+# dpkg lock if another apt run holds it.
 apt_need() {
     local need=() p
     for p in "$@"; do
-        dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+        [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" = installed ] || need+=("$p")
     done
     if [ ${#need[@]} -gt 0 ]; then
         echo "installing: ${need[*]}"
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+        apt-get update -qq -o DPkg::Lock::Timeout=600
+        apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=600 "${need[@]}" >/dev/null
     fi
+}
+# version NAME COMMAND...: prints the first line COMMAND writes (to stdout
+# or stderr), so that a failure names the environment it happened in.
+version() {
+    local name="$1" out
+    shift
+    out="$("$@" 2>&1 | head -1)" || true
+    printf '  %-22s %s\n' "$name" "${out:-(no output: $*)}"
 }
 # The e2e tests that make a round trip: tasks in, `applied` acks out, also
 # across an agent restart.

@@ -7,7 +7,7 @@
 #
 #   systemd/check-syscalls.sh BINARY [UNIT]
 #
-# Needs strace, mosquitto and mosquitto-clients.
+# Needs strace, mosquitto, mosquitto-clients and procps (pgrep).
 set -euo pipefail
 
 bin="$(realpath "${1:?usage: check-syscalls.sh BINARY [UNIT]}")"

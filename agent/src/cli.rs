@@ -26,6 +26,8 @@ pub enum CliError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the agent is busy: all {max} control connections are in use (control socket {path}); try again in a moment", max = crate::control::MAX_CLIENTS)]
+    Busy { path: PathBuf },
     #[error("the agent answered with something that is not a reply: {0}")]
     BadReply(String),
     #[error("{code}: {message}")]
@@ -75,12 +77,18 @@ impl Client {
         let mut line =
             json!({"v": 1, "req_id": req_id, "method": method, "params": params}).to_string();
         line.push('\n');
-        self.reader
-            .get_mut()
-            .write_all(line.as_bytes())
-            .map_err(io)?;
+        let written = self.reader.get_mut().write_all(line.as_bytes());
+        // A refused connection holds one `busy` line and is closed, so the
+        // write may fail (broken pipe) while that line is still there.
         let mut reply = String::new();
-        let n = self.reader.read_line(&mut reply).map_err(io)?;
+        let read = self.reader.read_line(&mut reply);
+        if is_busy(&reply) {
+            return Err(CliError::Busy {
+                path: self.path.clone(),
+            });
+        }
+        written.map_err(io)?;
+        let n = read.map_err(io)?;
         if n == 0 {
             return Err(CliError::BadReply("the agent closed the connection".into()));
         }
@@ -119,6 +127,12 @@ impl Client {
         items.truncate(max);
         Ok(items)
     }
+}
+
+/// Whether `line` is the control socket's answer to a connection beyond
+/// its limit (`control::BUSY_REPLY`).
+fn is_busy(line: &str) -> bool {
+    serde_json::from_str::<Value>(line).is_ok_and(|v| v["error"]["code"] == "busy")
 }
 
 /// `12s ago`, `5m ago`, `3h ago`, `2d ago`, or `never`.

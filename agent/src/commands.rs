@@ -2,38 +2,50 @@
 //! outbox.
 //!
 //! Runs inside the engine task (commands read and change the engine's
-//! state), so it owns no channel. Every request that names a `reply_to` and
-//! asks for a reply gets one, also for unknown methods and bad params; a
-//! request with `"reply": false` gets none. Replies go through the durable
-//! outbox like acks. Listings are paged so that a reply always fits
-//! `limits.max_payload`.
+//! state), so it owns no channel. Every request that asks for a reply gets
+//! one, also for unknown methods and bad params: at its `reply_to`, or at
+//! `mqtt.ack_to` when it names none (PROTOCOL §3/§7); a request with
+//! `"reply": false` gets none. Replies go through the durable outbox like
+//! acks, within the limit of [`crate::limiter`]. Listings are paged so that
+//! a reply always fits `limits.max_payload`.
 //!
 //! Least privilege: only methods in `security.allowed_methods` run (others
-//! get a `forbidden` error). With `security.require_signed_commands`, a
-//! command without a valid signature gets no reply at all: its `reply_to`
-//! is not trusted, so it may not choose where the agent publishes. A
-//! `reply_to` is always a client id (`GROUP@@@DEVICE` of `[A-Za-z0-9_-]`),
-//! so no message can steer a reply outside `{reply_parent}/p2p/`.
+//! get a `forbidden` error); methods that change state ([`MUTATING`]) run
+//! only from signed commands unless `security.allow_unsigned_methods` names
+//! them. With `security.require_signed_commands`, a command without a valid
+//! signature gets no reply at all: its `reply_to` is not trusted, so it may
+//! not choose where the agent publishes. A `reply_to` is always a client id
+//! (`GROUP@@@DEVICE` of `[A-Za-z0-9_-]`), so no message can steer a reply
+//! outside `{reply_parent}/p2p/`, and it must match
+//! `security.reply_to_allowed`, so the AP cannot be made to send replies to
+//! a stranger (an amplifier). The local control socket is trusted by its
+//! file mode and may call every method.
 
 use serde_json::{json, Value};
 use tracing::{debug, warn};
 
 use crate::counters::Counters;
 use crate::engine::{State, TagView};
-use crate::signing::Purpose;
+use crate::signing::{Purpose, Verdict};
 use crate::store::{Change, OutboxEntry, StoreError, TaskRecord, TaskState};
 use crate::wire::{self, ErrorCode, Reply, ReplyError};
 
 /// Every method the agent implements (PROTOCOL §7), in the order of the
 /// unknown-method message; `security.allowed_methods` is a subset.
-pub const METHODS: [&str; 6] = [
+pub const METHODS: [&str; 7] = [
     "agent.status",
     "tags.list",
     "tag.get",
     "tasks.list",
     "task.cancel",
     "tag.refresh",
+    "network.permit_join",
 ];
+
+/// Methods that change state: run only from signed commands unless
+/// `security.allow_unsigned_methods` names them. Every new method that
+/// changes anything belongs here.
+pub const MUTATING: [&str; 3] = ["task.cancel", "tag.refresh", "network.permit_join"];
 
 /// Page size of listings when the request names none.
 const DEFAULT_LIMIT: usize = 50;
@@ -56,13 +68,36 @@ struct Answered {
     reply: Reply,
 }
 
-/// Who asked: remote requests are subject to `security.allowed_methods`;
-/// the local socket (file permissions already restrict it to the agent's
-/// user and root) may call every method.
+/// Who asked: remote requests are subject to `security.allowed_methods`
+/// and, for [`MUTATING`] methods, to a signature; the local socket (file
+/// permissions already restrict it to the agent's user and root) may call
+/// every method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Caller {
-    Remote,
+    Remote { signed: bool },
     Local,
+}
+
+/// Whether `client_id` matches `pattern`, where `*` stands for any run of
+/// characters (also none) and everything else for itself.
+pub fn matches_pattern(pattern: &str, client_id: &str) -> bool {
+    let mut parts = pattern.split('*');
+    // `split` yields at least one part.
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = client_id.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty(); // no `*`: an exact match
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 fn reply(state: &State, req_id: Option<String>, outcome: MethodResult) -> Reply {
@@ -115,7 +150,8 @@ fn answer(
 }
 
 /// Handles one command that came over MQTT: the reply goes into the outbox
-/// for `reply_to`, unless the request said `"reply": false`.
+/// for `reply_to` (or `mqtt.ack_to` without one), unless the request said
+/// `"reply": false`.
 pub fn handle(
     state: &mut State,
     payload: &[u8],
@@ -126,29 +162,49 @@ pub fn handle(
     let object = match wire::parse_object(payload, state.settings().max_payload) {
         Ok(o) => o,
         Err(r) => {
-            // Not a JSON object: no `reply_to` to answer to.
+            // Not a JSON object: nothing (no `req_id`) to answer.
             Counters::bump(&state.counters().commands_bad);
             debug!(message = %r.detail, "bad command");
             return Ok(());
         }
     };
-    if let Err(e) = state.verifier().check(Purpose::Command, &object) {
-        Counters::bump(&state.counters().commands_bad_signature);
-        warn!(reason = %e, "command with a bad signature dropped without a reply");
-        return Ok(());
-    }
-    let answered = answer(state, &object, Caller::Remote, now, change)?;
+    let signed = match state.verifier().check(Purpose::Command, &object) {
+        Ok(verdict) => matches!(verdict, Verdict::Verified { .. }),
+        Err(e) => {
+            Counters::bump(&state.counters().commands_bad_signature);
+            warn!(reason = %e, "command with a bad signature dropped without a reply");
+            return Ok(());
+        }
+    };
+    let answered = answer(state, &object, Caller::Remote { signed }, now, change)?;
     if !answered.wants_reply {
         return Ok(());
     }
-    // Without a usable `reply_to` there is nobody to answer; bad requests
-    // are counted in `commands_bad`.
-    let Some(target) = answered
-        .reply_to
-        .filter(|r| state.identity().reply_topic_fits(r))
-    else {
-        return Ok(());
+    let target = match (&answered.reply_to, object.get("reply_to")) {
+        (Some(r), _) => r.clone(),
+        // PROTOCOL §3/§7: no `reply_to`, the reply goes to `ack_to`.
+        (None, None | Some(serde_json::Value::Null)) => state.settings().ack_to.clone(),
+        // A `reply_to` that is no client id: nobody to answer (counted in
+        // `commands_bad`); `ack_to` is not who asked for the reply.
+        (None, Some(_)) => return Ok(()),
     };
+    if !state.identity().reply_topic_fits(&target) {
+        return Ok(());
+    }
+    if answered.reply_to.is_some()
+        && !state
+            .settings()
+            .reply_to_allowed
+            .iter()
+            .any(|p| matches_pattern(p, &target))
+    {
+        Counters::bump(&state.counters().commands_reply_to_refused);
+        debug!(reply_to = %target, "reply_to outside security.reply_to_allowed: no reply");
+        return Ok(());
+    }
+    if !state.admit_limited(now, "command reply") {
+        return Ok(());
+    }
     change.push_outbox(OutboxEntry {
         topic: state.identity().reply_topic(&target),
         payload: answered.reply.to_json(),
@@ -186,15 +242,34 @@ fn dispatch(
     now: u64,
     change: &mut Change,
 ) -> Result<MethodResult, StoreError> {
-    if caller == Caller::Remote
-        && METHODS.contains(&method)
-        && !state.settings().allowed_methods.iter().any(|m| m == method)
-    {
-        Counters::bump(&state.counters().commands_forbidden);
-        return Ok(Err(error(
-            ErrorCode::Forbidden,
-            format!("method {method:?} is not allowed on this agent (security.allowed_methods)"),
-        )));
+    if let Caller::Remote { signed } = caller {
+        if METHODS.contains(&method)
+            && !state.settings().allowed_methods.iter().any(|m| m == method)
+        {
+            Counters::bump(&state.counters().commands_forbidden);
+            return Ok(Err(error(
+                ErrorCode::Forbidden,
+                format!(
+                    "method {method:?} is not allowed on this agent (security.allowed_methods)"
+                ),
+            )));
+        }
+        if !signed
+            && MUTATING.contains(&method)
+            && !state
+                .settings()
+                .allow_unsigned_methods
+                .iter()
+                .any(|m| m == method)
+        {
+            Counters::bump(&state.counters().commands_forbidden);
+            return Ok(Err(error(
+                ErrorCode::Forbidden,
+                format!(
+                    "method {method:?} changes state and runs only from a signed command (security.allow_unsigned_methods)"
+                ),
+            )));
+        }
     }
     Ok(match method {
         "agent.status" => Ok(agent_status(state, now)),
@@ -203,11 +278,44 @@ fn dispatch(
         "tasks.list" => tasks_list(state, params)?,
         "task.cancel" => task_cancel(state, params, now, change)?,
         "tag.refresh" => tag_refresh(state, params, now)?,
+        "network.permit_join" => permit_join(state, params),
         other => Err(error(
             ErrorCode::UnknownMethod,
             format!("unknown method {other:?}; known: {}", METHODS.join(", ")),
         )),
     })
+}
+
+/// Longest permit-join the ZigBee standard allows in one request (255 means
+/// "until closed", which the agent does not offer: a network left open lets
+/// any device join).
+const MAX_PERMIT_JOIN_S: u64 = 254;
+
+/// `network.permit_join {"seconds": N}`: asks the radio task to open the
+/// network for joining (0 closes it). The reply says the request was
+/// handed to the radio; the radio's own answer is logged (the engine does
+/// not wait for the radio, whose adapter may be slow or restarting).
+fn permit_join(state: &State, params: &Value) -> MethodResult {
+    let seconds = match params.get("seconds").and_then(Value::as_u64) {
+        Some(s) if s <= MAX_PERMIT_JOIN_S => s as u8,
+        _ => {
+            return Err(error(
+                ErrorCode::BadParams,
+                format!("params.seconds must be a whole number from 0 to {MAX_PERMIT_JOIN_S}"),
+            ))
+        }
+    };
+    let Some(tx) = state.radio_control() else {
+        return Err(error(ErrorCode::InvalidState, "no radio is running"));
+    };
+    let (reply, _answer) = tokio::sync::oneshot::channel();
+    match tx.try_send(crate::radio::RadioControl::PermitJoin { seconds, reply }) {
+        Ok(()) => Ok(json!({"requested": true, "seconds": seconds})),
+        Err(_) => Err(error(
+            ErrorCode::InvalidState,
+            "the radio is busy with earlier requests; try again in a moment",
+        )),
+    }
 }
 
 fn agent_status(state: &State, _now: u64) -> Value {
@@ -474,18 +582,18 @@ mod tests {
     }
 
     fn request(method: &str) -> Value {
-        json!({"v": 1, "req_id": "r-1", "method": method, "params": {}, "reply_to": "GID_console@@@c1"})
+        json!({"v": 1, "req_id": "r-1", "method": method, "params": {}, "reply_to": "GID_backend@@@c1"})
     }
 
     #[tokio::test]
     async fn only_allowed_methods_run() {
         let mut f = fixture("[security]\nallowed_methods = [\"agent.status\", \"tags.list\"]\n");
         let replies = f.command(request("agent.status")).await;
-        assert_eq!(replies[0].0, "esl_ack/p2p/GID_console@@@c1");
+        assert_eq!(replies[0].0, "esl_ack/p2p/GID_backend@@@c1");
         assert_eq!(replies[0].1["ok"], true);
         let replies = f
             .command(json!({"v": 1, "req_id": "r-2", "method": "task.cancel",
-            "params": {"task_id": "t1"}, "reply_to": "GID_console@@@c1"}))
+            "params": {"task_id": "t1"}, "reply_to": "GID_backend@@@c1"}))
             .await;
         assert_eq!(replies[0].1["ok"], false);
         assert_eq!(replies[0].1["error"]["code"], "forbidden");
@@ -499,6 +607,195 @@ mod tests {
             "unknown stays unknown"
         );
         assert_eq!(Counters::get(&f.state.counters().commands_forbidden), 1);
+    }
+
+    /// Issue 14 item 1: PROTOCOL §3/§7, a request without `reply_to` is
+    /// answered at `ack_to` (it was silence).
+    #[tokio::test]
+    async fn a_command_without_reply_to_is_answered_at_ack_to() {
+        let mut f = fixture("");
+        for method in ["agent.status", "agent.reboot"] {
+            let mut r = request(method);
+            r.as_object_mut().unwrap().remove("reply_to");
+            let replies = f.command(r).await;
+            assert_eq!(replies.len(), 1, "{method}: {replies:?}");
+            assert_eq!(replies[0].0, "esl_ack/p2p/GID_backend@@@backend");
+            assert_eq!(replies[0].1["req_id"], "r-1");
+        }
+        let mut r = request("agent.status");
+        r["reply_to"] = Value::Null;
+        assert_eq!(f.command(r).await.len(), 1, "null is no reply_to");
+        let mut quiet = request("agent.status");
+        quiet.as_object_mut().unwrap().remove("reply_to");
+        quiet["reply"] = false.into();
+        assert!(f.command(quiet).await.is_empty(), "reply: false");
+    }
+
+    #[test]
+    fn reply_to_patterns() {
+        assert!(matches_pattern("GID_backend@@@*", "GID_backend@@@be1"));
+        assert!(matches_pattern("GID_backend@@@*", "GID_backend@@@"));
+        assert!(!matches_pattern("GID_backend@@@*", "GID_backendx@@@be1"));
+        assert!(!matches_pattern(
+            "GID_backend@@@*",
+            "GID_victim@@@GID_backend@@@"
+        ));
+        assert!(matches_pattern("GID_a@@@c1", "GID_a@@@c1"));
+        assert!(!matches_pattern("GID_a@@@c1", "GID_a@@@c12"));
+        assert!(matches_pattern("GID_*@@@*-ops", "GID_x@@@y-ops"));
+        assert!(!matches_pattern("GID_*@@@*-ops", "GID_x@@@y-ops2"));
+        assert!(matches_pattern("*", "anything"));
+    }
+
+    /// Issue 14 item 4: `reply_to` must match `security.reply_to_allowed`
+    /// (default: the group of `ack_to`); others get no reply, counted.
+    #[tokio::test]
+    async fn a_reply_to_outside_the_allowed_patterns_gets_no_reply() {
+        let mut f = fixture("");
+        let mut r = request("tags.list");
+        r["reply_to"] = "GID_victim@@@v1".into();
+        assert!(f.command(r).await.is_empty(), "another group: silence");
+        assert_eq!(
+            Counters::get(&f.state.counters().commands_reply_to_refused),
+            1
+        );
+        assert_eq!(
+            f.command(request("tags.list")).await.len(),
+            1,
+            "ack_to's group"
+        );
+
+        let mut f = fixture("[security]\nreply_to_allowed = [\"GID_console@@@c*\"]\n");
+        let mut r = request("agent.status");
+        r["reply_to"] = "GID_console@@@c1".into();
+        assert_eq!(f.command(r).await.len(), 1);
+        assert!(f.command(request("agent.status")).await.is_empty());
+        assert_eq!(
+            Counters::get(&f.state.counters().commands_reply_to_refused),
+            1
+        );
+    }
+
+    fn signed_by(f: &mut Fixture, require: bool) -> impl Fn(Value) -> Value {
+        use std::os::unix::fs::PermissionsExt;
+        let key = "command-test-key-0123456789abcdef-01234";
+        let path = f.dir.path().join("k1.key");
+        std::fs::write(&path, key).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = Config::from_toml(&format!(
+            "[mqtt]\ngroup_id = \"GID_test\"\ndevice_id = \"dev1\"\n[security]\nrequire_signed_commands = {require}\nrequire_signed_tasks = {require}\n[[security.signing_keys]]\nid = \"k1\"\nsecret_file = {:?}\n",
+            path.display().to_string()
+        ))
+        .unwrap();
+        let verifier =
+            crate::signing::Verifier::from_config(&config.security, "GID_test@@@dev1").unwrap();
+        f.state.set_verifier(verifier);
+        move |mut v: Value| {
+            let m = v.as_object_mut().unwrap();
+            crate::signing::add_signature(m, key, Purpose::Command, "GID_test@@@dev1", "k1");
+            v
+        }
+    }
+
+    /// Issue 14 item 4: an unsigned `task.cancel` cancelled pending price
+    /// changes; state-changing methods now need a signature unless the
+    /// config allows them unsigned.
+    #[tokio::test]
+    async fn state_changing_methods_run_only_from_signed_commands() {
+        let cancel = json!({"v": 1, "req_id": "r-1", "method": "task.cancel",
+            "params": {"task_id": "t-x"}, "reply_to": "GID_backend@@@c1"});
+        let refresh = json!({"v": 1, "req_id": "r-1", "method": "tag.refresh",
+            "params": {"tag_id": "T1"}, "reply_to": "GID_backend@@@c1"});
+        let mut f = fixture("");
+        for r in [cancel.clone(), refresh.clone()] {
+            let replies = f.command(r).await;
+            assert_eq!(replies[0].1["error"]["code"], "forbidden", "{replies:?}");
+            assert!(replies[0].1["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("signed"));
+        }
+        // Read-only methods still run unsigned.
+        assert_eq!(f.command(request("tags.list")).await[0].1["ok"], true);
+        // Signed: runs (the task is unknown).
+        let sign = signed_by(&mut f, false);
+        let replies = f.command(sign(cancel.clone())).await;
+        assert_eq!(replies[0].1["error"]["code"], "not_found", "{replies:?}");
+        // Explicitly allowed unsigned.
+        let mut f = fixture("[security]\nallow_unsigned_methods = [\"task.cancel\"]\n");
+        let replies = f.command(cancel).await;
+        assert_eq!(replies[0].1["error"]["code"], "not_found", "{replies:?}");
+        let replies = f.command(refresh).await;
+        assert_eq!(replies[0].1["error"]["code"], "forbidden", "{replies:?}");
+    }
+
+    /// Issue 15: `network.permit_join` reaches the radio task's control
+    /// channel, only from a signed command (or one the config allows
+    /// unsigned), with its seconds checked.
+    #[tokio::test]
+    async fn permit_join_is_a_signed_request_handed_to_the_radio() {
+        let permit = |seconds: Value| {
+            json!({"v": 1, "req_id": "r-1", "method": "network.permit_join",
+                "params": {"seconds": seconds}, "reply_to": "GID_backend@@@c1"})
+        };
+        let mut f = fixture("");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        f.state.set_radio_control(tx);
+        let replies = f.command(permit(json!(120))).await;
+        assert_eq!(replies[0].1["error"]["code"], "forbidden", "{replies:?}");
+        assert!(rx.try_recv().is_err(), "nothing reaches the radio unsigned");
+
+        let mut f = fixture("[security]\nallow_unsigned_methods = [\"network.permit_join\"]\n");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        f.state.set_radio_control(tx);
+        for bad in [json!(255), json!(-1), json!("60"), json!(null)] {
+            let replies = f.command(permit(bad.clone())).await;
+            assert_eq!(
+                replies[0].1["error"]["code"], "bad_params",
+                "{bad}: {replies:?}"
+            );
+        }
+        assert!(rx.try_recv().is_err());
+        let replies = f.command(permit(json!(120))).await;
+        assert_eq!(replies[0].1["result"]["seconds"], 120, "{replies:?}");
+        match rx.try_recv() {
+            Ok(crate::radio::RadioControl::PermitJoin { seconds, .. }) => assert_eq!(seconds, 120),
+            other => panic!("the radio got {other:?}"),
+        }
+    }
+
+    /// Issue 14 item 4: a command flood (or a forged-task flood with
+    /// `require_signed_tasks`) grew the outbox without bound; replies and
+    /// rejection acks now pass a rate limit, the rest is dropped, counted.
+    #[tokio::test]
+    async fn replies_and_rejection_acks_are_limited() {
+        let mut f = fixture("");
+        let mut queued = 0;
+        for _ in 0..(crate::limiter::BURST + 100) {
+            queued += f.command(request("tags.list")).await.len() as u64;
+        }
+        assert_eq!(queued, crate::limiter::BURST);
+        assert_eq!(Counters::get(&f.state.counters().replies_dropped), 100);
+
+        let mut f = fixture("");
+        let _ = signed_by(&mut f, true);
+        let before = f.store.outbox_len();
+        let mut change = Change::new();
+        for i in 0..(crate::limiter::BURST + 300) {
+            let forged = json!({"v": 1, "task_id": format!("t{i}"), "tag_id": "T1",
+                "issued_at": 1, "content": {}, "sig": {"kid": "k1", "hmac": "0".repeat(64)}});
+            f.state
+                .on_task(forged.to_string().as_bytes(), 1, &mut change)
+                .unwrap();
+        }
+        f.store.apply(change).unwrap();
+        f.store.flush().await.unwrap();
+        assert_eq!(f.store.outbox_len() - before, crate::limiter::BURST);
+        assert_eq!(Counters::get(&f.state.counters().replies_dropped), 300);
+        assert_eq!(
+            Counters::get(&f.state.counters().tasks_bad_signature),
+            crate::limiter::BURST + 300
+        );
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use esl_hal::zigbee::{FlowControl, ZigbeeConfig};
+use esl_hal::zigbee::{FlowControl, NetworkMismatch, ZigbeeConfig};
 use serde::{Deserialize, Serialize};
 
 /// A configuration problem, naming the key and the rule it breaks.
@@ -77,8 +77,9 @@ pub struct MqttConfig {
     /// TLS on or off. Unset: on, except for a loopback host. Plain TCP to
     /// another host needs an explicit `false` (and logs a warning).
     pub tls: Option<bool>,
-    /// The broker's CA certificate(s), PEM. Required with TLS: OpenWrt has no
-    /// system CA bundle, and a private CA should not be mixed with it anyway.
+    /// The broker's CA certificate(s), PEM. Unset with TLS on: the system's
+    /// CA bundle (`tls::SYSTEM_CA_BUNDLES`); a private broker CA belongs
+    /// here rather than in the system bundle.
     pub ca_file: Option<PathBuf>,
     /// Client certificate chain and private key (PEM) for mutual TLS.
     pub client_cert_file: Option<PathBuf>,
@@ -323,6 +324,25 @@ pub struct ZigbeeRadioConfig {
     pub flow_control: FlowControl,
     /// The agent's application endpoint on the coordinator.
     pub endpoint: u8,
+    /// The agent's saved network (Open Coordinator Backup JSON, 0600);
+    /// default: `zigbee-network.json` next to the store.
+    pub network_file: Option<PathBuf>,
+    /// Channels a new network may use.
+    pub channels: Vec<u8>,
+    /// PAN id and extended PAN id (16 hex digits) of a new network; random
+    /// when absent.
+    pub pan_id: Option<u16>,
+    pub extended_pan_id: Option<String>,
+    /// `"report"`, `"restore"`, `"adopt"` or `"form"` (docs/ZIGBEE.md).
+    pub on_network_mismatch: NetworkMismatch,
+    /// Refresh of the network file from the stick; 0: never.
+    pub backup_interval_ms: u64,
+    /// `[dtr, rts]` states at open; `[]` leaves the lines alone.
+    pub bootloader_pins: Vec<[bool; 2]>,
+    pub bootloader_skip_byte: bool,
+    pub probe_timeout_ms: u64,
+    /// Data requests in flight at once; default by firmware.
+    pub max_in_flight: Option<usize>,
     pub sreq_timeout_ms: u64,
     pub reset_timeout_ms: u64,
     pub startup_timeout_ms: u64,
@@ -342,6 +362,21 @@ impl Default for ZigbeeRadioConfig {
             baud_rate: d.baud_rate,
             flow_control: d.flow_control,
             endpoint: d.endpoint,
+            network_file: None,
+            channels: d.channels,
+            pan_id: d.pan_id,
+            extended_pan_id: None,
+            on_network_mismatch: d.on_network_mismatch,
+            backup_interval_ms: ms(d.backup_interval),
+            bootloader_pins: d
+                .bootloader
+                .pin_states
+                .iter()
+                .map(|&(dtr, rts)| [dtr, rts])
+                .collect(),
+            bootloader_skip_byte: d.bootloader.skip_byte,
+            probe_timeout_ms: ms(d.bootloader.probe_timeout),
+            max_in_flight: d.max_in_flight,
             sreq_timeout_ms: ms(d.sreq_timeout),
             reset_timeout_ms: ms(d.reset_timeout),
             startup_timeout_ms: ms(d.startup_timeout),
@@ -358,11 +393,28 @@ impl ZigbeeRadioConfig {
     /// The backend's settings.
     pub fn to_hal(&self) -> ZigbeeConfig {
         use std::time::Duration;
+        let d = ZigbeeConfig::default();
         ZigbeeConfig {
             port: self.port.clone(),
             baud_rate: self.baud_rate,
             flow_control: self.flow_control,
             endpoint: self.endpoint,
+            network_file: self.network_file.clone().unwrap_or(d.network_file),
+            channels: self.channels.clone(),
+            pan_id: self.pan_id,
+            // Checked by `validate_zigbee`.
+            extended_pan_id: self
+                .extended_pan_id
+                .as_deref()
+                .and_then(parse_extended_pan_id),
+            on_network_mismatch: self.on_network_mismatch,
+            backup_interval: Duration::from_millis(self.backup_interval_ms),
+            bootloader: esl_hal::zigbee::firmware::BootloaderSkip {
+                pin_states: self.bootloader_pins.iter().map(|[d, r]| (*d, *r)).collect(),
+                skip_byte: self.bootloader_skip_byte,
+                probe_timeout: Duration::from_millis(self.probe_timeout_ms),
+            },
+            max_in_flight: self.max_in_flight,
             sreq_timeout: Duration::from_millis(self.sreq_timeout_ms),
             reset_timeout: Duration::from_millis(self.reset_timeout_ms),
             startup_timeout: Duration::from_millis(self.startup_timeout_ms),
@@ -373,6 +425,13 @@ impl ZigbeeRadioConfig {
             reconnect_max: Duration::from_millis(self.reconnect_max_ms),
         }
     }
+}
+
+/// 16 hex digits, as in Open Coordinator Backups.
+fn parse_extended_pan_id(text: &str) -> Option<u64> {
+    (text.len() == 16)
+        .then(|| u64::from_str_radix(text, 16).ok())
+        .flatten()
 }
 
 /// PROTOCOL §8. Converted to `esl_hal::sim::SimConfig` by the radio task.
@@ -452,6 +511,16 @@ pub struct SecurityConfig {
     pub signing_keys: Vec<SigningKeyConfig>,
     /// Remote methods the agent answers; others get a `forbidden` error.
     pub allowed_methods: Vec<String>,
+    /// Client ids a command's `reply_to` may name (PROTOCOL §7), as
+    /// patterns where `*` stands for any run of characters
+    /// (`GID_backend@@@*`). Unset: every client id in the group of
+    /// `mqtt.ack_to`. Others get no reply (`commands_reply_to_refused`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_to_allowed: Option<Vec<String>>,
+    /// Methods that change state (`task.cancel`, `tag.refresh`) which run
+    /// from unsigned commands too. Empty (the default): only from commands
+    /// with a valid signature.
+    pub allow_unsigned_methods: Vec<String>,
 }
 
 impl Default for SecurityConfig {
@@ -464,6 +533,8 @@ impl Default for SecurityConfig {
                 .iter()
                 .map(|m| (*m).to_owned())
                 .collect(),
+            reply_to_allowed: None,
+            allow_unsigned_methods: Vec::new(),
         }
     }
 }
@@ -511,10 +582,14 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
             message: e.to_string().trim_end().to_owned(),
         })?;
+        if config.radio.zigbee.network_file.is_none() {
+            config.radio.zigbee.network_file =
+                Some(config.store.path.with_file_name("zigbee-network.json"));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -729,6 +804,14 @@ impl Config {
 
     fn validate_zigbee(&self) -> Result<(), ConfigError> {
         let z = &self.radio.zigbee;
+        if let Some(ext) = &z.extended_pan_id {
+            if parse_extended_pan_id(ext).is_none() {
+                return Err(invalid(
+                    "radio.zigbee.extended_pan_id",
+                    format!("{ext:?} is not 16 hex digits"),
+                ));
+            }
+        }
         if let Err(esl_hal::zigbee::ZigbeeError::InvalidConfig { key, reason }) =
             z.to_hal().validate()
         {
@@ -748,6 +831,22 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The `reply_to` patterns in force: `security.reply_to_allowed`, or
+    /// every client id in the group of `mqtt.ack_to`.
+    pub fn reply_to_patterns(&self) -> Vec<String> {
+        match &self.security.reply_to_allowed {
+            Some(p) => p.clone(),
+            None => {
+                let group = self
+                    .mqtt
+                    .ack_to
+                    .split_once("@@@")
+                    .map_or(self.mqtt.ack_to.as_str(), |(g, _)| g);
+                vec![format!("{group}@@@*")]
+            }
+        }
     }
 
     /// Where the control socket lives (configured, or next to the store).
@@ -774,18 +873,9 @@ impl Config {
 
 fn validate_transport(m: &MqttConfig) -> Result<(), ConfigError> {
     let tls = m.uses_tls();
-    if tls && m.ca_file.is_none() {
-        let rule = if m.tls.is_none() {
-            format!(
-                "is required: {:?} is not a loopback host, so the link uses TLS and needs the broker's CA certificate (PEM). \
-                 To send everything in clear text instead, set mqtt.tls = false",
-                m.host
-            )
-        } else {
-            "is required with mqtt.tls = true: the broker's CA certificate (PEM); there is no system CA bundle to fall back on".into()
-        };
-        return Err(invalid("mqtt.ca_file", rule));
-    }
+    // Without `ca_file` the link trusts the system's CA bundle; whether one
+    // exists is a file-system question, answered by `tls` at start-up and
+    // by `check-config`.
     if !tls {
         for (key, set) in [
             ("mqtt.ca_file", m.ca_file.is_some()),
@@ -1023,6 +1113,30 @@ fn validate_security(s: &SecurityConfig) -> Result<(), ConfigError> {
             ));
         }
     }
+    for m in &s.allow_unsigned_methods {
+        if !crate::commands::MUTATING.contains(&m.as_str()) {
+            return Err(invalid(
+                "security.allow_unsigned_methods",
+                format!(
+                    "{m:?} is not a method that changes state; those are: {}",
+                    crate::commands::MUTATING.join(", ")
+                ),
+            ));
+        }
+    }
+    for p in s.reply_to_allowed.iter().flatten() {
+        let ok = !p.is_empty()
+            && p.len() <= crate::wire::MAX_CLIENT_ID
+            && p.chars().all(|c| is_id_char(c) || c == '@' || c == '*');
+        if !ok {
+            return Err(invalid(
+                "security.reply_to_allowed",
+                format!(
+                    "{p:?} must be a client-id pattern of letters, digits, '_', '-', '@' and '*' (any run of characters), at most 64 characters"
+                ),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -1150,6 +1264,41 @@ mod tests {
     }
 
     #[test]
+    fn zigbee_network_keys_parse_and_the_network_file_sits_next_to_the_store() {
+        let c = Config::from_toml(&with(
+            "",
+            "[radio]\nkind = \"zigbee\"\n[radio.zigbee]\nchannels = [15, 20]\npan_id = 6754\n\
+             extended_pan_id = \"00124b0012345678\"\non_network_mismatch = \"restore\"\n\
+             bootloader_pins = []\nbootloader_skip_byte = false\nmax_in_flight = 8",
+        ))
+        .unwrap();
+        let z = c.radio.zigbee.to_hal();
+        assert_eq!(z.channels, [15, 20]);
+        assert_eq!(z.pan_id, Some(0x1A62));
+        assert_eq!(z.extended_pan_id, Some(0x0012_4B00_1234_5678));
+        assert_eq!(z.on_network_mismatch, NetworkMismatch::Restore);
+        assert!(z.bootloader.pin_states.is_empty() && !z.bootloader.skip_byte);
+        assert_eq!(z.max_in_flight, Some(8));
+        assert_eq!(
+            z.network_file,
+            c.store.path.with_file_name("zigbee-network.json")
+        );
+        Config::from_toml(&c.redacted_toml()).unwrap();
+        for (toml, key) in [
+            ("extended_pan_id = \"12\"", "radio.zigbee.extended_pan_id"),
+            ("channels = [27]", "radio.zigbee.channels"),
+            ("pan_id = 65535", "radio.zigbee.pan_id"),
+        ] {
+            let err = Config::from_toml(&with(
+                "",
+                &format!("[radio]\nkind = \"zigbee\"\n[radio.zigbee]\n{toml}"),
+            ))
+            .unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
     fn ble_radio_config_is_validated_with_key_names() {
         let ok = Config::from_toml(&with(
             "",
@@ -1205,9 +1354,9 @@ mod tests {
 
     #[test]
     fn tls_is_the_default_for_a_remote_broker() {
-        let (key, rule) = rule_for(&with("host = \"broker.example.com\"", ""));
-        assert_eq!(key, "mqtt.ca_file");
-        assert!(rule.contains("mqtt.tls = false"), "{rule}");
+        // Without ca_file: valid, the system CA bundle is used (issue 14).
+        let c = Config::from_toml(&with("host = \"broker.example.com\"", "")).unwrap();
+        assert!(c.mqtt.uses_tls() && c.mqtt.ca_file.is_none());
         for host in ["localhost", "127.0.0.1", "::1", "[::1]", "127.1.2.3"] {
             let c = Config::from_toml(&with(&format!("host = {host:?}"), "")).unwrap();
             assert!(!c.mqtt.uses_tls(), "{host}");
@@ -1227,7 +1376,6 @@ mod tests {
     #[test]
     fn security_keys_are_checked_and_named() {
         let cases = [
-            (with("tls = true", ""), "mqtt.ca_file"),
             (with("ca_file = \"/ca.pem\"", ""), "mqtt.ca_file"),
             (
                 with("tls = true\nca_file = \"/ca.pem\"\nclient_cert_file = \"/c.pem\"", ""),

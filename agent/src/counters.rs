@@ -57,6 +57,16 @@ counters! {
     /// a method `security.allowed_methods` leaves out.
     commands_bad_signature,
     commands_forbidden,
+    /// Commands whose `reply_to` is outside `security.reply_to_allowed`:
+    /// run, but not answered.
+    commands_reply_to_refused,
+    /// Command replies and `rejected` acks dropped by the
+    /// limit on them (`limiter`): over the rate, or the outbox share full.
+    replies_dropped,
+    /// PUBLISH packets over the link's size limit, read and discarded
+    /// without holding them (`mqtt::oversize`), each answered `rejected`
+    /// (tasks) or counted in `commands_bad` (commands).
+    messages_oversized,
     /// Delivery attempts handed to the radio, and those that failed.
     deliveries,
     delivery_failures,

@@ -280,7 +280,7 @@ pub async fn run_demo(
 
     shutdown.cancel();
     if let Err(e) = agent.wait().await {
-        warn!("agent shutdown: {e:#}");
+        warn!("agent shutdown: {}", crate::report::chain(e.as_ref()));
     }
     backend_run.backend.disconnect().await;
     // The broker thread has no stop; it ends with the process.
@@ -306,7 +306,7 @@ async fn start_broker_and_backend(max_packet: usize) -> anyhow::Result<(Embedded
         match Backend::connect(&broker, &subscriptions, max_packet).await {
             Ok(backend) => return Ok((broker, backend)),
             Err(e) if broker.failed() && attempt < BROKER_ATTEMPTS => {
-                warn!("{e:#}; trying another port")
+                warn!("{}; trying another port", crate::report::chain(e.as_ref()))
             }
             Err(e) => return Err(e),
         }

@@ -45,6 +45,7 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::counters::Counters;
 use crate::identity::Identity;
+use crate::limiter::ReplyLimiter;
 use crate::signing::{Purpose, SignatureError, Verdict, Verifier};
 use crate::store::{
     Change, FinalState, OutboxEntry, Store, StoreError, TagRecord, TaskRecord, TaskState,
@@ -105,6 +106,9 @@ pub struct Inbound {
     pub kind: InboundKind,
     pub payload: Bytes,
     pub token: AckToken,
+    /// The message was over the link's size limit and was discarded unread
+    /// (`oversize`); this is its payload size, and `payload` is empty.
+    pub oversized: Option<usize>,
 }
 
 /// A question to the engine from another task.
@@ -158,6 +162,12 @@ pub struct EngineSettings {
     pub ack_to: String,
     /// Remote methods the agent answers (`security.allowed_methods`).
     pub allowed_methods: Vec<String>,
+    /// Patterns a command's `reply_to` must match
+    /// (`Config::reply_to_patterns`).
+    pub reply_to_allowed: Vec<String>,
+    /// State-changing methods allowed from unsigned commands
+    /// (`security.allow_unsigned_methods`).
+    pub allow_unsigned_methods: Vec<String>,
 }
 
 impl EngineSettings {
@@ -173,6 +183,8 @@ impl EngineSettings {
             offline_after_ms: c.status.offline_after_s.saturating_mul(1000),
             ack_to: c.mqtt.ack_to.clone(),
             allowed_methods: c.security.allowed_methods.clone(),
+            reply_to_allowed: c.reply_to_patterns(),
+            allow_unsigned_methods: c.security.allow_unsigned_methods.clone(),
         }
     }
 }
@@ -227,6 +239,11 @@ pub struct State {
     /// Signature check of tasks and commands; checks nothing until
     /// [`State::set_verifier`].
     verifier: Verifier,
+    /// Bounds command replies and rejection acks (issue 14).
+    limiter: ReplyLimiter,
+    /// Requests to the radio task (`network.permit_join`); `None` until
+    /// [`State::set_radio_control`] (tests without a radio).
+    radio_control: Option<mpsc::Sender<crate::radio::RadioControl>>,
 }
 
 impl State {
@@ -248,6 +265,7 @@ impl State {
             .collect();
         Ok(State {
             verifier: Verifier::disabled(&identity.client_id),
+            limiter: ReplyLimiter::default(),
             settings,
             identity,
             store,
@@ -257,6 +275,7 @@ impl State {
             tags,
             refresh: Default::default(),
             link: None,
+            radio_control: None,
             radio: RadioState::Down {
                 reason: "starting".into(),
             },
@@ -305,6 +324,16 @@ impl State {
 
     pub fn verifier(&self) -> &Verifier {
         &self.verifier
+    }
+
+    /// Whether one more command reply or rejection ack may go into
+    /// the outbox now ([`ReplyLimiter`]); a refusal is counted here.
+    pub fn admit_limited(&mut self, now: u64, what: &str) -> bool {
+        let admitted = self.limiter.admit(now, self.store.outbox_len(), what);
+        if !admitted {
+            Counters::bump(&self.counters.replies_dropped);
+        }
+        admitted
     }
 
     /// The client id acks go to for `reply_to`, if its topic fits.
@@ -539,6 +568,33 @@ impl State {
         Ok(())
     }
 
+    /// A message the link discarded unread for its size (PROTOCOL §4 rule
+    /// 2): a task is acked `rejected` (`task_id` null, the detail names the
+    /// size and the limit); a command cannot be answered (its `req_id` is
+    /// unknown) and is counted as bad.
+    pub fn on_oversized(&mut self, kind: InboundKind, size: usize, now: u64, change: &mut Change) {
+        match kind {
+            InboundKind::Task => {
+                Counters::bump(&self.counters.tasks_received);
+                let rejection = wire::Rejection {
+                    task_id: None,
+                    tag_id: None,
+                    reply_to: None,
+                    detail: format!(
+                        "payload: {size} bytes is over the limit of {} bytes (limits.max_payload); discarded unread",
+                        self.settings.max_payload
+                    ),
+                };
+                self.reject(change, rejection, now);
+            }
+            InboundKind::Command => {
+                Counters::bump(&self.counters.commands_received);
+                Counters::bump(&self.counters.commands_bad);
+                debug!(size, "oversized command discarded");
+            }
+        }
+    }
+
     /// A task whose signature failed: `rejected`, detail `bad signature`,
     /// to `ack_to` whatever its `reply_to` says, with `task_id` null (the
     /// claimed id goes in `unverified_task_id`).
@@ -560,13 +616,17 @@ impl State {
         };
         let mut ack = self.rejection_ack(rejection, now);
         ack.unverified_task_id = claimed;
-        self.push_ack(change, &ack);
+        if self.admit_limited(now, "rejected ack") {
+            self.push_ack(change, &ack);
+        }
     }
 
     fn reject(&mut self, change: &mut Change, r: wire::Rejection, now: u64) {
         debug!(task_id = ?r.task_id, detail = %r.detail, "task rejected");
         let ack = self.rejection_ack(r, now);
-        self.push_ack(change, &ack);
+        if self.admit_limited(now, "rejected ack") {
+            self.push_ack(change, &ack);
+        }
     }
 
     fn rejection_ack(&self, r: wire::Rejection, now: u64) -> Ack {
@@ -842,6 +902,15 @@ impl State {
 
     pub fn radio_state(&self) -> &RadioState {
         &self.radio
+    }
+
+    /// The radio task's control channel, for `network.permit_join`.
+    pub fn set_radio_control(&mut self, tx: mpsc::Sender<crate::radio::RadioControl>) {
+        self.radio_control = Some(tx);
+    }
+
+    pub fn radio_control(&self) -> Option<&mpsc::Sender<crate::radio::RadioControl>> {
+        self.radio_control.as_ref()
     }
 
     pub fn set_link(&mut self, link: tokio::sync::watch::Receiver<crate::mqtt::LinkState>) {
@@ -1208,9 +1277,10 @@ impl Engine {
     fn take(&mut self, m: &Inbound) -> Result<(), StoreError> {
         let mut change = Change::new();
         let now = now_ms();
-        match m.kind {
-            InboundKind::Task => self.state.on_task(&m.payload, now, &mut change)?,
-            InboundKind::Command => {
+        match (m.kind, m.oversized) {
+            (kind, Some(size)) => self.state.on_oversized(kind, size, now, &mut change),
+            (InboundKind::Task, None) => self.state.on_task(&m.payload, now, &mut change)?,
+            (InboundKind::Command, None) => {
                 crate::commands::handle(&mut self.state, &m.payload, now, &mut change)?
             }
         }
@@ -1361,6 +1431,8 @@ mod tests {
                 .iter()
                 .map(|m| (*m).to_owned())
                 .collect(),
+            reply_to_allowed: vec!["GID_backend@@@*".into()],
+            allow_unsigned_methods: Vec::new(),
         }
     }
 
@@ -1942,6 +2014,7 @@ mod tests {
                 t.to_string().into_bytes().into()
             },
             token: AckToken { epoch: 1, pkid },
+            oversized: None,
         };
         let fault_of = |query_tx: mpsc::Sender<Query>| async move {
             let (tx, rx) = oneshot::channel();

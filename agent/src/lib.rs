@@ -21,10 +21,14 @@
 //!   incoming tasks and commands to the engine, sends PUBACKs the engine
 //!   released, publishes the outbox (oldest first, windowed) and status
 //!   reports, reconnects with backoff.
+//!   It reaches the broker through [`broker_io`] (a private Unix socket
+//!   whose other end opens TCP/TLS/wss), where [`oversize`] turns any
+//!   PUBLISH over the size limit into a small stand-in.
 //! - [`engine::Engine`] — decides every task's fate (PROTOCOL §4), schedules
 //!   deliveries at check-ins, retries, expires; group-commits to the store and
 //!   releases PUBACKs only after the flush; answers commands
-//!   ([`commands`]).
+//!   ([`commands`]); [`limiter`] bounds the replies and rejection acks
+//!   strangers can make it publish.
 //! - [`radio::RadioTask`] — owns the radio backend.
 //! - [`status::StatusTask`] — hello and periodic status reports.
 //! - [`control::ControlServer`] — the local Unix socket behind
@@ -47,6 +51,7 @@
 //! disconnects; [`Agent::wait`] joins everything within a deadline.
 
 pub mod auth;
+pub mod broker_io;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -56,8 +61,11 @@ pub mod counters;
 pub mod demo;
 pub mod engine;
 pub mod identity;
+pub mod limiter;
 pub mod mqtt;
+pub mod oversize;
 pub mod radio;
+pub mod report;
 pub mod secrets;
 pub mod security;
 pub mod signing;
@@ -107,15 +115,23 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         warn!("{w}");
     }
     let security = security::Prepared::load(&config, &identity)?;
+    if config.control.enabled {
+        // Before anything starts: a file that is not a socket at
+        // `control.socket` is a config error, never replaced.
+        control::check_path(&config.control_socket())?;
+    }
     for (what, value) in security.summary() {
         info!("{what}: {value}");
     }
     let store_path = config.store.path.clone();
     let cache = config.store.cache_mb * 1024 * 1024;
-    let store = tokio::task::spawn_blocking(move || Store::open(&store_path, cache))
+    let store = match tokio::task::spawn_blocking(move || Store::open(&store_path, cache))
         .await
         .context("store open task")?
-        .with_context(|| format!("cannot open the store at {}", config.store.path.display()))?;
+    {
+        Ok(store) => store,
+        Err(e) => return Err(report::store_open_error(&config.store.path, e)),
+    };
     let store = Arc::new(store);
     let counters = Arc::new(Counters::default());
 
@@ -138,10 +154,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     state.set_verifier(security.verifier);
 
     state.set_link(link_rx.clone());
+    let (control_tx, control_rx) = mpsc::channel(radio::CONTROL_CAPACITY);
+    state.set_radio_control(control_tx);
     let mut tasks = JoinSet::new();
     let radio = RadioWiring {
         event_tx,
         delivery_rx,
+        control_rx,
         shutdown: shutdown.clone(),
     };
     match config.radio.kind {
@@ -166,7 +185,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             radio.spawn(backend, &mut state, &counters, &mut tasks);
         }
         config::RadioKind::Ble => {
-            let backend = BleRadio::start(config.radio.ble.clone()).context("radio.ble")?;
+            // Key material, tag Information and bonds survive restarts in
+            // the store directory (store::BleKeys).
+            let keys = store::BleKeys::open(&config.store.path).context("radio.ble keys")?;
+            let backend =
+                BleRadio::start_persisted(config.radio.ble.clone(), keys).context("radio.ble")?;
             radio.spawn(backend, &mut state, &counters, &mut tasks);
         }
     }
@@ -190,15 +213,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         "engine"
     });
 
+    let broker = mqtt::BrokerSocket::new(
+        security.transport.clone(),
+        &config.mqtt,
+        config.limits.max_payload,
+    );
     let link = mqtt::Link {
         url: security.transport.url.clone(),
         options: mqtt::mqtt_options(
             &config.mqtt,
             &identity,
             config.limits.max_payload,
-            security.transport,
+            &broker,
             security.credentials,
         ),
+        broker,
         settings: mqtt::LinkSettings::from_config(&config.mqtt),
         login: security.login,
         identity: identity.clone(),
@@ -282,6 +311,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 struct RadioWiring {
     event_tx: mpsc::Sender<RadioEvent>,
     delivery_rx: mpsc::Receiver<Delivery>,
+    control_rx: mpsc::Receiver<radio::RadioControl>,
     shutdown: CancellationToken,
 }
 
@@ -303,6 +333,7 @@ impl RadioWiring {
             radio: backend,
             event_tx: self.event_tx,
             delivery_rx: self.delivery_rx,
+            control_rx: self.control_rx,
             shutdown: self.shutdown,
         };
         tasks.spawn(async move {

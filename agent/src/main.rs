@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use esl_agent::cli;
 use esl_agent::identity::Identity;
+use esl_agent::report;
 use esl_agent::Config;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -15,7 +16,12 @@ use tracing_subscriber::EnvFilter;
 #[command(
     name = "esl-agent",
     version,
-    about = "Edge agent for electronic shelf label access points"
+    about = "Edge agent for electronic shelf label access points",
+    long_about = "Edge agent for electronic shelf label access points: receives price-change \
+tasks over MQTT, stores them durably, delivers them to the tags through a radio backend and \
+acks every task to the back end. Exit codes: 0 success, 1 runtime failure, 2 config or \
+start-up problem, 3 (status, tags, tasks) no agent running. Documentation: \
+/usr/share/doc/esl-agent/ (README, INSTALL, CONFIG, PROTOCOL, COMMANDS, SECURITY, ZIGBEE, BLE)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -26,11 +32,13 @@ struct Cli {
 enum Command {
     /// Run the agent in the foreground until SIGTERM or SIGINT.
     Run {
+        /// The config file (TOML; docs/CONFIG.md).
         #[arg(long, short, default_value = "/etc/esl-agent/agent.toml")]
         config: PathBuf,
     },
     /// Validate a config file and print the effective config (secrets redacted).
     CheckConfig {
+        /// The config file (TOML; docs/CONFIG.md).
         #[arg(long, short, default_value = "/etc/esl-agent/agent.toml")]
         config: PathBuf,
     },
@@ -61,9 +69,46 @@ enum Command {
         #[arg(long, default_value_t = 1_000)]
         limit: usize,
     },
+    /// ZigBee network operations on the running agent.
+    #[command(subcommand)]
+    Zigbee(ZigbeeCommand),
     /// Run broker, agent, simulated tags and back end on this machine and show what happens.
     #[cfg(feature = "demo")]
     Demo(esl_agent::demo::DemoOptions),
+    /// Write the man pages (esl-agent.1, esl-agent-SUBCOMMAND.1) generated
+    /// from these definitions into DIR; used by packaging/deb/build-deb.sh.
+    #[command(hide = true)]
+    Man {
+        /// Directory to write the pages into (must exist).
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ZigbeeCommand {
+    /// Open the network for new tags to join for SECONDS (at most 254; 0 closes it).
+    PermitJoin {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// How long joining stays open.
+        seconds: u64,
+    },
+    /// Read the network on the stick into FILE (Open Coordinator Backup JSON,
+    /// mode 0600: it holds the network key). Stop the agent first.
+    Backup {
+        /// The agent's config file (radio.zigbee: port, time-outs).
+        #[arg(long, short, default_value = "/etc/esl-agent/agent.toml")]
+        config: PathBuf,
+        file: PathBuf,
+    },
+    /// Write the network in FILE (Open Coordinator Backup JSON, also from
+    /// zigpy-znp or Zigbee2MQTT) to the stick and make it the agent's
+    /// network. Stop the agent first.
+    Restore {
+        #[arg(long, short, default_value = "/etc/esl-agent/agent.toml")]
+        config: PathBuf,
+        file: PathBuf,
+    },
 }
 
 /// Where the operator commands find the running agent.
@@ -104,6 +149,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { config } => check_config(&config),
+        Command::Man { dir } => match write_man_pages(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("esl-agent man: {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        },
         Command::Status { target } => operate(&target, |client| {
             let status = client.call("agent.status", serde_json::json!({}))?;
             Ok((status.clone(), cli::render_status(&status)))
@@ -129,6 +181,48 @@ fn main() -> ExitCode {
             let table = cli::render_tasks(&tasks, esl_agent::engine::now_ms());
             Ok((serde_json::Value::Array(tasks), table))
         }),
+        Command::Zigbee(ZigbeeCommand::PermitJoin { target, seconds }) => {
+            operate(&target, |client| {
+                let answer = client.call(
+                    "network.permit_join",
+                    serde_json::json!({"seconds": seconds}),
+                )?;
+                let text = if seconds == 0 {
+                    "asked the radio to close the network for joining".to_owned()
+                } else {
+                    format!(
+                        "asked the radio to open the network for joining for {seconds} s \
+                         (the agent's log says when it is open)"
+                    )
+                };
+                Ok((answer, text))
+            })
+        }
+        Command::Zigbee(ZigbeeCommand::Backup { config, file }) => {
+            zigbee_offline(&config, |cfg| async move {
+                let backup = esl_hal::zigbee::commission::backup_stick(&cfg)
+                    .await?
+                    .ok_or("the stick has no network to back up (blank or factory reset)")?;
+                backup.save(&file).map_err(|e| e.to_string())?;
+                Ok(format!(
+                    "backed up the stick's network to {}",
+                    file.display()
+                ))
+            })
+        }
+        Command::Zigbee(ZigbeeCommand::Restore { config, file }) => {
+            zigbee_offline(&config, |cfg| async move {
+                let backup = esl_hal::zigbee::backup::NetworkBackup::load(&file)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("{}: no such backup", file.display()))?;
+                esl_hal::zigbee::commission::restore_stick(&cfg, &backup).await?;
+                Ok(format!(
+                    "restored {} to the stick; the agent's network file is {}",
+                    file.display(),
+                    cfg.network_file.display()
+                ))
+            })
+        }
         Command::Run { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
@@ -143,6 +237,10 @@ fn main() -> ExitCode {
         }
         #[cfg(feature = "demo")]
         Command::Demo(options) => {
+            // The demo prints while it runs; its sockets are TCP, which
+            // Rust and mio write with MSG_NOSIGNAL, so only stdout can
+            // raise SIGPIPE.
+            quiet_on_closed_stdout();
             // rumqttd logs routine disconnects as errors; the demo's summary
             // reports what matters, --verbose shows everything.
             init_logging(if options.verbose {
@@ -154,7 +252,7 @@ fn main() -> ExitCode {
                 match esl_agent::demo::run(options).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
-                        eprintln!("esl-agent demo: {e:#}");
+                        eprintln!("esl-agent demo: {}", report::chain(e.as_ref()));
                         ExitCode::FAILURE
                     }
                 }
@@ -191,6 +289,7 @@ fn operate(
     let result = cli::Client::connect(&socket).and_then(|mut client| f(&mut client));
     match result {
         Ok((json, table)) => {
+            quiet_on_closed_stdout();
             if target.json {
                 println!("{json:#}");
             } else {
@@ -204,6 +303,54 @@ fn operate(
         }
         Err(e) => {
             eprintln!("esl-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Validates everything `run` would check before connecting, files
+/// included (CA, client key, secrets): "is valid" is printed only when all
+/// of it passed, and any problem exits with [`EXIT_CONFIG`] and prints
+/// nothing on stdout.
+/// Runs a ZigBee stick operation that needs the serial port to itself (the
+/// agent stopped): backup, restore. Exit 2 for a config problem, 1 when the
+/// stick operation fails.
+fn zigbee_offline<F, Fut>(path: &std::path::Path, op: F) -> ExitCode
+where
+    F: FnOnce(esl_hal::zigbee::ZigbeeConfig) -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>>,
+{
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("esl-agent: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if config.radio.kind != esl_agent::config::RadioKind::Zigbee {
+        eprintln!(
+            "esl-agent: {}: radio.kind is not \"zigbee\"",
+            path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("esl-agent: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(op(config.radio.zigbee.to_hal())) {
+        Ok(done) => {
+            println!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("esl-agent: {e} (is the agent stopped? it holds the port while it runs)");
             ExitCode::FAILURE
         }
     }
@@ -224,32 +371,71 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    println!("# {} is valid", path.display());
-    println!("# client id:    {}", identity.client_id);
-    println!("# task topic:   {}", identity.task_topic);
-    println!("# command topic:{}", identity.cmd_topic);
-    println!("# status topic: {}", identity.status_topic);
-    println!(
-        "# ack topic:    {}",
-        identity.reply_topic(&config.mqtt.ack_to)
-    );
     // Reads every CA, key and secret file, so their problems show here too.
-    match esl_agent::security::Prepared::load(&config, &identity) {
-        Ok(security) => {
-            for (what, value) in security.summary() {
-                println!("# {what:<13} {value}");
-            }
-        }
+    let security = match esl_agent::security::Prepared::load(&config, &identity) {
+        Ok(s) => s,
         Err(e) => {
-            eprintln!("esl-agent: {e:#}");
+            eprintln!("esl-agent: {}", report::chain(e.as_ref()));
             return ExitCode::from(EXIT_CONFIG);
         }
+    };
+    let mut out = format!("# {} is valid\n", path.display());
+    out += &format!("# client id:    {}\n", identity.client_id);
+    out += &format!("# task topic:   {}\n", identity.task_topic);
+    out += &format!("# command topic:{}\n", identity.cmd_topic);
+    out += &format!("# status topic: {}\n", identity.status_topic);
+    out += &format!(
+        "# ack topic:    {}\n",
+        identity.reply_topic(&config.mqtt.ack_to)
+    );
+    for (what, value) in security.summary() {
+        out += &format!("# {what:<13} {value}\n");
     }
     for w in identity.warnings.iter().chain(&config.warnings()) {
-        println!("# warning: {w}");
+        out += &format!("# warning: {w}\n");
     }
-    print!("{}", config.redacted_toml());
+    out += &config.redacted_toml();
+    quiet_on_closed_stdout();
+    print!("{out}");
     ExitCode::SUCCESS
+}
+
+/// `esl-agent.1` and one page per visible subcommand (`esl-agent-run.1`,
+/// …, the way git splits its pages), from the same clap definitions as
+/// `--help`, so the pages cannot drift from the binary they ship with.
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    let cli = Cli::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cli.clone()).render(&mut page)?;
+    std::fs::write(dir.join("esl-agent.1"), page)?;
+    for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("esl-agent-{}", sub.get_name());
+        // The page's NAME and SYNOPSIS show `esl-agent-run`; the binary
+        // name keeps them readable as the command typed.
+        let sub = sub
+            .clone()
+            .name(&name)
+            .bin_name(format!("esl-agent {}", sub.get_name()))
+            .version(env!("CARGO_PKG_VERSION"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(sub).render(&mut page)?;
+        std::fs::write(dir.join(format!("{name}.1")), page)?;
+    }
+    Ok(())
+}
+
+/// Printing to a closed pipe (`esl-agent check-config | head`) ends the
+/// process quietly, the way `cat` or `ls` end, instead of a panic in
+/// `print!`. Rust ignores SIGPIPE, so this restores the default action.
+/// Never for `run`, and for the operator commands only after their last
+/// write to the control socket (a Unix socket write would raise it too).
+fn quiet_on_closed_stdout() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: SIG_DFL installs no handler code; nothing in this process
+    // relies on SIGPIPE being ignored from here on (only stdout is written).
+    if let Err(e) = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) } {
+        eprintln!("esl-agent: cannot restore SIGPIPE: {e}");
+    }
 }
 
 /// glibc gives every thread that allocates an arena of its own (up to 8
@@ -276,7 +462,7 @@ async fn run(config: Config) -> ExitCode {
     let agent = match esl_agent::start(config, shutdown.clone()).await {
         Ok(a) => a,
         Err(e) => {
-            tracing::error!("cannot start: {e:#}");
+            tracing::error!("cannot start: {}", report::chain(e.as_ref()));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -286,7 +472,7 @@ async fn run(config: Config) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", report::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

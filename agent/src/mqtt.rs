@@ -28,6 +28,11 @@
 //!   (`auth::Login`), so a rotated password or token file is picked up.
 //! - `MqttOptions` holds the password and its `Debug` prints it: never log
 //!   the options.
+//! - rumqttc reaches the broker through `broker_io` (a private Unix socket
+//!   whose other end opens TCP/TLS/wss), which replaces every PUBLISH over
+//!   the size limit by a stand-in (`oversize`): such a message is read and
+//!   discarded without holding it, PUBACKed, and handed to the engine as
+//!   oversized, so it neither drops the connection nor comes back forever.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -37,6 +42,7 @@ use rand::Rng;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions,
     Outgoing, Packet, PubAck, Publish, QoS, Request, SubscribeFilter, SubscribeReasonCode,
+    Transport,
 };
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
@@ -44,12 +50,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::auth::{Credentials, Login};
+pub use crate::broker_io::BrokerSocket;
 use crate::config::MqttConfig;
 use crate::counters::Counters;
 use crate::engine::{AckToken, Inbound, InboundKind};
 use crate::identity::Identity;
 use crate::store::{OutboxEntry, Store};
-use crate::tls::LinkTransport;
 
 /// rumqttc's request channel: our publishes, subscriptions, and the rare
 /// PUBACK of a message on an unexpected topic (released PUBACKs are written
@@ -59,9 +65,6 @@ pub const REQUEST_CAPACITY: usize = 1024;
 /// PUBACKs released by the engine and not yet written: one group commit's
 /// worth.
 pub const PUBACK_CAPACITY: usize = 1024;
-/// Smallest incoming packet limit: a 1 MiB hostile payload is rejected, not
-/// fatal to the connection.
-const INCOMING_PACKET_FLOOR: usize = 2 * 1024 * 1024;
 /// How long shutdown waits for the engine's last PUBACKs and the DISCONNECT.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How often outbox messages are checked for a missing PUBACK.
@@ -112,27 +115,27 @@ impl LinkSettings {
     }
 }
 
-/// rumqttc options for the config and identity, with the transport
-/// (`tls::LinkTransport`) and login (`auth::Login`) prepared at start-up.
+/// rumqttc options for the config and identity, connecting through
+/// `broker` (which holds the transport, `tls::LinkTransport`), with the
+/// login (`auth::Login`) prepared at start-up.
 pub fn mqtt_options(
     m: &MqttConfig,
     identity: &Identity,
     max_payload: usize,
-    transport: LinkTransport,
+    broker: &BrokerSocket,
     credentials: Option<Credentials>,
 ) -> MqttOptions {
-    let mut o = MqttOptions::new(identity.client_id.clone(), transport.broker_addr, m.port);
-    o.set_transport(transport.transport);
+    let mut o = MqttOptions::new(identity.client_id.clone(), broker.rumqttc_addr(), m.port);
+    o.set_transport(Transport::Unix);
     o.set_keep_alive(Duration::from_secs(m.keepalive_s));
     o.set_clean_session(m.clean_session);
     o.set_manual_acks(true);
     // rumqttc drops the connection on an incoming packet over its limit, and
-    // a persistent session would bring the same packet back forever. So the
-    // incoming limit is far above `max_payload`: oversized tasks are read and
-    // answered `rejected` instead. (Set the broker's own message size limit
-    // to bound memory.) Outgoing: the payload plus room for header and topic.
-    let incoming = max_payload.saturating_mul(4).max(INCOMING_PACKET_FLOOR);
-    o.set_max_packet_size(incoming, max_payload + 1024);
+    // a persistent session would bring the same packet back forever. The
+    // filter in `broker_io` turns larger PUBLISH packets into small
+    // stand-ins, so rumqttc never sees one over this. Outgoing: the payload
+    // plus room for header and topic.
+    o.set_max_packet_size(broker.rumqttc_incoming_limit(), max_payload + 1024);
     o.set_inflight(m.outbox_window.saturating_add(16));
     // rumqttc replays its own pending requests after a reconnect at this
     // pace; we clear them (the outbox replays instead), so no throttle.
@@ -192,6 +195,8 @@ pub struct Link {
     pub counters: Arc<Counters>,
     /// Makes the credentials again before each reconnect.
     pub login: Login,
+    /// rumqttc's way to the broker, through the poison-message filter.
+    pub broker: BrokerSocket,
     pub inbound_tx: mpsc::Sender<Inbound>,
     pub puback_rx: mpsc::Receiver<AckToken>,
     pub report_rx: mpsc::Receiver<Report>,
@@ -202,6 +207,14 @@ pub struct Link {
 
 impl Link {
     pub async fn run(mut self) {
+        // Ends with `run`.
+        let _broker_io = match self.broker.spawn() {
+            Ok(guard) => guard,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the link's socket; no connection to the broker");
+                return;
+            }
+        };
         let (client, mut eventloop) = AsyncClient::new(self.options.clone(), REQUEST_CAPACITY);
         let mut network = NetworkOptions::new();
         network.set_connection_timeout(self.settings.connect_timeout.as_secs());
@@ -309,6 +322,9 @@ impl Link {
                     Ok(_) => {}
                     Err(e) => {
                         Counters::bump(&self.counters.mqtt_errors);
+                        // rumqttc only saw its socket close when the broker
+                        // connection could not be opened: say why.
+                        let e = self.broker.take_error().unwrap_or(e);
                         let reason = explain_error(&e, &self.settings.host);
                         if state.connected {
                             warn!(error = %reason, "connection to broker lost");
@@ -355,6 +371,10 @@ impl Link {
                 })
                 .await;
             }
+            // rumqttc's side closes; the pump forwards what it wrote (the
+            // DISCONNECT) and closes the broker's side before it is dropped.
+            drop(eventloop);
+            self.broker.wait_idle(Duration::from_millis(500)).await;
         }
         self.link_tx.send_replace(LinkState {
             connected: false,
@@ -394,6 +414,11 @@ impl Link {
             let _ = client.try_ack(&p);
             return;
         };
+        let oversized = self.broker.marker().parse(&p.payload);
+        if let Some(size) = oversized {
+            Counters::bump(&self.counters.messages_oversized);
+            warn!(topic = %p.topic, size, "oversized message read and discarded; it is answered as rejected");
+        }
         if p.qos != QoS::AtLeastOnce {
             // Accept it (the back end sent it), but note the protocol breach:
             // a QoS 0 task is lost if the agent dies before storing it.
@@ -406,7 +431,12 @@ impl Link {
                 epoch,
                 pkid: p.pkid,
             },
-            payload: p.payload,
+            payload: if oversized.is_some() {
+                Default::default()
+            } else {
+                p.payload
+            },
+            oversized,
         };
         // Waiting here is the backpressure: the broker sends no more than its
         // in-flight window until we PUBACK.

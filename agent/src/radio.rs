@@ -1,7 +1,7 @@
 //! The radio task: bridges one [`Radio`] backend to the engine's channels.
 //!
 //! Reads: the backend's events, `delivery_rx` (content the engine wants
-//! shown). Writes: `event_tx` (check-ins, outcomes, radio state). It owns the
+//! shown), `control_rx` (permit-join requests from commands). Writes: `event_tx` (check-ins, outcomes, radio state). It owns the
 //! backend; nothing else calls it. A backend error never ends the agent: it
 //! is reported as `RadioState::Down` and the task keeps trying.
 
@@ -18,10 +18,26 @@ pub const DELIVERY_CAPACITY: usize = 256;
 /// Wait after a backend error before asking it again.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
+/// Requests to the radio that are not deliveries (remote commands and the
+/// local CLI ask for them through the engine).
+#[derive(Debug)]
+pub enum RadioControl {
+    /// Open the network for joining for `seconds` (0 closes it); the
+    /// answer goes back on `reply` (the asker may have gone).
+    PermitJoin {
+        seconds: u8,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// Control requests not yet taken: operators ask one at a time.
+pub const CONTROL_CAPACITY: usize = 4;
+
 pub struct RadioTask<R: Radio> {
     pub radio: R,
     pub event_tx: mpsc::Sender<RadioEvent>,
     pub delivery_rx: mpsc::Receiver<Delivery>,
+    pub control_rx: mpsc::Receiver<RadioControl>,
     pub shutdown: CancellationToken,
 }
 
@@ -56,6 +72,17 @@ impl<R: Radio> RadioTask<R> {
                             _ = self.shutdown.cancelled() => break,
                             _ = tokio::time::sleep(ERROR_PAUSE) => {}
                         }
+                    }
+                },
+                Some(control) = self.control_rx.recv() => match control {
+                    RadioControl::PermitJoin { seconds, reply } => {
+                        let result = self.radio.permit_join(seconds).await.map_err(|e| e.to_string());
+                        match &result {
+                            Ok(()) => info!(seconds, "network open for joining"),
+                            Err(e) => warn!(seconds, error = %e, "permit-join failed"),
+                        }
+                        // The asker may have given up.
+                        let _ = reply.send(result);
                     }
                 },
                 Some(delivery) = self.delivery_rx.recv() => {

@@ -43,9 +43,16 @@ impl Prepared {
 
     /// What was set up, without any secret: for the start-up log and
     /// `check-config`.
-    pub fn summary(&self) -> [(&'static str, String); 3] {
+    pub fn summary(&self) -> [(&'static str, String); 4] {
         [
             ("broker", self.transport.url.clone()),
+            (
+                "trusted CAs",
+                self.transport
+                    .trust
+                    .clone()
+                    .unwrap_or_else(|| "- (no TLS)".into()),
+            ),
             ("login", self.login.describe()),
             ("signatures", self.verifier.describe()),
         ]

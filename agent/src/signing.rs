@@ -2,7 +2,10 @@
 //! and the check against the configured keys (`[security]`).
 //!
 //! A signed message carries, next to its normal fields,
-//! `"sig": {"kid": "<key id>", "hmac": "<64 lowercase hex digits>"}`.
+//! `"sig": {"kid": "<key id>", "hmac": "<64 lowercase hex digits>"}`
+//! (upper case is refused, so a signature has one spelling). Every number
+//! in a signed message must lie within ±(2^53−1) (I-JSON): JCS signs its
+//! double, and beyond that range two integers share one.
 //! `hmac` is HMAC-SHA256, keyed with the UTF-8 bytes of the key named by
 //! `kid`, over
 //!
@@ -83,7 +86,15 @@ pub enum SignatureError {
     UnknownKey(String),
     #[error("`sig.hmac` does not match the message (key {0:?})")]
     Mismatch(String),
+    /// A number JCS cannot carry exactly (I-JSON, RFC 7493 §2.2): the HMAC
+    /// covers its double, but the agent would act on the exact value, so two
+    /// different integers could share one signature.
+    #[error("a signed message may hold numbers only within ±(2^53−1), got {0}")]
+    UnsafeNumber(String),
 }
+
+/// Largest integer a double holds exactly (2^53 − 1, I-JSON's limit).
+const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -191,12 +202,25 @@ impl Verifier {
         let Some(Value::String(tag_hex)) = sig.get("hmac") else {
             return Err(SignatureError::Malformed("`hmac` must be a string"));
         };
-        if tag_hex.len() != HMAC_HEX_LEN {
-            return Err(SignatureError::Malformed("`hmac` must be 64 hex digits"));
+        // Lower case only, as documented: one signature has one spelling, so
+        // `sig` itself is canonical (hex::decode would take upper case too).
+        if tag_hex.len() != HMAC_HEX_LEN
+            || !tag_hex
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(SignatureError::Malformed(
+                "`hmac` must be 64 lowercase hex digits",
+            ));
         }
         let Ok(tag) = hex::decode(tag_hex) else {
-            return Err(SignatureError::Malformed("`hmac` must be 64 hex digits"));
+            return Err(SignatureError::Malformed(
+                "`hmac` must be 64 lowercase hex digits",
+            ));
         };
+        if let Some(n) = first_unsafe_number(&Value::Object(message.clone())) {
+            return Err(SignatureError::UnsafeNumber(n));
+        }
         let Some((_, key)) = self.keys.iter().find(|(id, _)| id == kid) else {
             return Err(SignatureError::UnknownKey(kid.clone()));
         };
@@ -217,6 +241,26 @@ impl Verifier {
             need(self.require_tasks),
             need(self.require_commands)
         )
+    }
+}
+
+/// The first number in `value` outside ±(2^53−1), as text. Floats count
+/// too: 1e300 is as far from any exactly held integer.
+fn first_unsafe_number(value: &Value) -> Option<String> {
+    match value {
+        Value::Number(n) => {
+            let safe = match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => u <= MAX_SAFE_INTEGER,
+                (None, Some(i)) => i.unsigned_abs() <= MAX_SAFE_INTEGER,
+                (None, None) => n
+                    .as_f64()
+                    .is_some_and(|f| f.abs() <= MAX_SAFE_INTEGER as f64),
+            };
+            (!safe).then(|| n.to_string())
+        }
+        Value::Array(items) => items.iter().find_map(first_unsafe_number),
+        Value::Object(map) => map.values().find_map(first_unsafe_number),
+        _ => None,
     }
 }
 
@@ -578,6 +622,69 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// Issue 14 item 5: JCS turns numbers into doubles, so 2^62 and
+    /// 2^62 + 256 signed the same; the agent now refuses every number a
+    /// double cannot hold exactly, anywhere in a signed message.
+    #[test]
+    fn numbers_beyond_2_pow_53_are_refused_in_signed_messages() {
+        let v = verifier(true);
+        let at = |n: Value, nested: bool| {
+            let mut m = obj(json!({"v": 1, "task_id": "t-1", "content": {"price": "1.00"}}));
+            if nested {
+                m["content"]["n"] = json!([n]);
+            } else {
+                m.insert("seq".into(), n);
+            }
+            add_signature(&mut m, KEY, Purpose::Task, CLIENT, "k1");
+            v.check(Purpose::Task, &m)
+        };
+        for safe in [
+            json!(9007199254740991u64),
+            json!(-9007199254740991i64),
+            json!(1.5),
+        ] {
+            assert!(at(safe.clone(), false).is_ok(), "{safe}");
+            assert!(at(safe.clone(), true).is_ok(), "{safe}");
+        }
+        for unsafe_n in [
+            json!(9007199254740992u64),
+            json!(1u64 << 62),
+            json!(-9007199254740992i64),
+            json!(1e300),
+        ] {
+            for nested in [false, true] {
+                assert!(
+                    matches!(
+                        at(unsafe_n.clone(), nested),
+                        Err(SignatureError::UnsafeNumber(_))
+                    ),
+                    "{unsafe_n} nested={nested}"
+                );
+            }
+        }
+        // The attack itself: 2^62 and 2^62 + 256 have one canonical form.
+        let mut m = obj(json!({"v": 1, "seq": 1u64 << 62}));
+        let one = sign(KEY, Purpose::Task, CLIENT, "k1", &m);
+        m["seq"] = json!((1u64 << 62) + 256);
+        assert_eq!(sign(KEY, Purpose::Task, CLIENT, "k1", &m), one);
+    }
+
+    /// Issue 14 item 5: `sig.hmac` is lower-case hex only.
+    #[test]
+    fn upper_case_hmac_is_malformed() {
+        let v = verifier(true);
+        let mut m = signed("k1", KEY, Purpose::Task, CLIENT);
+        assert!(v.check(Purpose::Task, &m).is_ok());
+        let upper = m["sig"]["hmac"].as_str().unwrap().to_uppercase();
+        m["sig"]["hmac"] = upper.into();
+        assert_eq!(
+            v.check(Purpose::Task, &m),
+            Err(SignatureError::Malformed(
+                "`hmac` must be 64 lowercase hex digits"
+            ))
+        );
     }
 
     #[test]

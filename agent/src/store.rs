@@ -99,7 +99,9 @@ pub enum StoreError {
     Sql(rusqlite::Error),
     #[error("store record {key}: cannot decode ({reason})")]
     Corrupt { key: String, reason: String },
-    #[error("{}", dir_message(path, cause))]
+    /// The cause is a field, not a `#[source]`: it is in the message
+    /// already, and an error chain would print it twice.
+    #[error("store directory {path}: {cause}")]
     Dir { path: String, cause: std::io::Error },
     #[error("store {path} is in use by another esl-agent process (it holds {path}/{LOCK_FILE})")]
     Locked { path: String },
@@ -127,17 +129,6 @@ pub enum StoreError {
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         StoreError::Sql(e)
-    }
-}
-
-fn dir_message(path: &str, cause: &std::io::Error) -> String {
-    if cause.kind() == std::io::ErrorKind::PermissionDenied {
-        format!(
-            "store directory {path}: permission denied (the agent's user must own it and \
-             its parent must let that user in)"
-        )
-    } else {
-        format!("store directory {path}: {cause}")
     }
 }
 
@@ -251,7 +242,13 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// writes a page once however many commits changed it), at the cost of WAL
 /// space and a longer recovery scan at open.
 const CHECKPOINT_WAL_BYTES: u64 = 4 << 20;
+/// After this long without a commit the WAL is emptied and truncated.
 const CHECKPOINT_IDLE: Duration = Duration::from_secs(5);
+/// How often the checkpoint thread looks when no commit wakes it.
+const CHECKPOINT_POLL: Duration = Duration::from_secs(1);
+/// How long a quiet TRUNCATE checkpoint waits for the engine's writes or a
+/// reader to end before it gives up until the next quiet round.
+const QUIET_BUSY: Duration = Duration::from_millis(100);
 /// When the WAL restarts after a checkpoint it is truncated to this size,
 /// so a burst does not leave a large file behind.
 const JOURNAL_SIZE_LIMIT: i64 = 1 << 20;
@@ -432,21 +429,35 @@ impl Writer {
     }
 }
 
-/// The checkpoint thread's handle: a wake-up flag and a stop flag.
+/// What the checkpoint thread is told.
+#[derive(Default)]
+struct CheckpointState {
+    /// A commit happened since the thread last looked.
+    woken: bool,
+    stop: bool,
+    /// When the last commit happened (`None`: none since the store opened).
+    last_commit: Option<Instant>,
+}
+
+/// The checkpoint thread's handle.
 #[derive(Default)]
 struct CheckpointSignal {
-    state: Mutex<(bool, bool)>,
+    state: Mutex<CheckpointState>,
     cond: Condvar,
 }
 
 impl CheckpointSignal {
+    /// A commit wrote to the WAL.
     fn wake(&self) {
-        lock(&self.state).0 = true;
+        let mut s = lock(&self.state);
+        s.woken = true;
+        s.last_commit = Some(Instant::now());
+        drop(s);
         self.cond.notify_one();
     }
 
     fn stop(&self) {
-        lock(&self.state).1 = true;
+        lock(&self.state).stop = true;
         self.cond.notify_one();
     }
 }
@@ -668,6 +679,11 @@ impl Store {
     /// assigned.
     pub fn apply(&self, change: Change) -> Result<Vec<u64>, StoreError> {
         let mut w = self.writer()?;
+        if change.is_empty() {
+            // No transaction for nothing: an open one holds SQLite's write
+            // lock and keeps the checkpoint thread from seeing a quiet store.
+            return Ok(Vec::new());
+        }
         let w = w.as_mut().expect("writer() checked it is open");
         let result = (|| {
             w.begin()?;
@@ -731,12 +747,13 @@ impl Store {
         // Entries applied before this point are covered by this commit.
         let covered = self.next_outbox.load(Ordering::SeqCst);
         let removals: Vec<u64> = lock(&self.removals).0.iter().copied().collect();
+        // Whether a COMMIT wrote anything (nothing to do: no fsync).
         let result = (|| {
             if !removals.is_empty() || covered != w.saved_next_outbox {
                 w.begin()?;
             }
             if w.open_since.is_none() {
-                return Ok(());
+                return Ok(false);
             }
             let mut delete = w.conn.prepare_cached("DELETE FROM outbox WHERE n = ?1")?;
             for n in &removals {
@@ -753,10 +770,10 @@ impl Store {
             w.conn.execute_batch("COMMIT")?;
             w.open_since = None;
             w.saved_next_outbox = covered;
-            Ok(())
+            Ok(true)
         })();
-        let result = self.guard(result);
-        if result.is_ok() {
+        let committed = self.guard(result)?;
+        {
             let mut pending = lock(&self.removals);
             for n in &removals {
                 pending.0.remove(n);
@@ -766,9 +783,11 @@ impl Store {
             }
             drop(pending);
             self.durable_outbox.fetch_max(covered, Ordering::SeqCst);
-            self.checkpoint.wake();
+            if committed {
+                self.checkpoint.wake();
+            }
         }
-        result
+        Ok(())
     }
 
     /// Whether something has waited for a commit longer than
@@ -1004,6 +1023,14 @@ impl Store {
         let mut w = self.writer()?;
         let w = w.as_mut().expect("writer() checked it is open");
         let result = (|| {
+            let any = w
+                .conn
+                .prepare_cached("SELECT 1 FROM tasks WHERE final_at < ?1 LIMIT 1")?
+                .query_row([cutoff_ms as i64], |_| Ok(()))
+                .optional()?;
+            if any.is_none() {
+                return Ok(0);
+            }
             w.begin()?;
             Ok(w.conn
                 .prepare_cached(
@@ -1063,6 +1090,153 @@ impl Drop for Store {
     }
 }
 
+/// The BLE radio's key material, tag Information and bond state
+/// (`esl_hal::ble::ProvisionStore`), kept in a database of its own,
+/// `ble.sqlite3` beside the task store, so the radio's driver writes
+/// without going through the engine's transaction. Written through at
+/// once (`synchronous = FULL`): a tag configured with a key the AP then
+/// forgets would need re-bonding. Reads come from memory. The file holds
+/// secrets: it is created 0600 in the 0700 store directory, and nothing
+/// here logs a key.
+pub struct BleKeys {
+    conn: Option<Connection>,
+    ap_sync_key: Option<esl_hal::ble::provision::KeyMaterial>,
+    tags: std::collections::HashMap<String, esl_hal::ble::provision::TagRecord>,
+}
+
+/// The BLE key database inside `store.path`.
+pub const BLE_DB_FILE: &str = "ble.sqlite3";
+
+impl BleKeys {
+    /// Opens (or creates) `ble.sqlite3` in the store directory `dir` and
+    /// reads it into memory.
+    pub fn open(dir: &Path) -> Result<BleKeys, StoreError> {
+        use esl_hal::ble::provision::{KeyMaterial, TagRecord as BleTag, KEY_MATERIAL_LEN};
+        create_private_dir(dir)?;
+        let path = dir.join(BLE_DB_FILE);
+        let conn = Connection::open(&path)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
+                |cause| StoreError::Dir {
+                    path: path.display().to_string(),
+                    cause,
+                },
+            )?;
+        }
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.execute_batch(
+            "PRAGMA synchronous = FULL;
+             CREATE TABLE IF NOT EXISTS ble_ap (
+                 id       INTEGER PRIMARY KEY CHECK (id = 1),
+                 sync_key BLOB NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS ble_tags (
+                 tag_id       TEXT PRIMARY KEY,
+                 response_key BLOB NOT NULL,
+                 info         TEXT,
+                 bonded       INTEGER NOT NULL
+             ) WITHOUT ROWID;",
+        )?;
+        let key = |k: &str, bytes: Vec<u8>| -> Result<KeyMaterial, StoreError> {
+            let arr: [u8; KEY_MATERIAL_LEN] =
+                bytes.try_into().map_err(|_| StoreError::Corrupt {
+                    key: k.to_owned(),
+                    reason: format!("key material is not {KEY_MATERIAL_LEN} bytes"),
+                })?;
+            Ok(KeyMaterial::from_bytes(arr))
+        };
+        let ap_sync_key = conn
+            .query_row("SELECT sync_key FROM ble_ap WHERE id = 1", [], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })
+            .optional()?
+            .map(|b| key("ble_ap/sync_key", b))
+            .transpose()?;
+        let mut tags = std::collections::HashMap::new();
+        {
+            let mut stmt =
+                conn.prepare("SELECT tag_id, response_key, info, bonded FROM ble_tags")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, bool>(3)?,
+                ))
+            })?;
+            for row in rows {
+                let (tag_id, response_key, info, bonded) = row?;
+                let where_ = format!("ble_tags/{tag_id}");
+                let info = info
+                    .map(|j| serde_json::from_str(&j))
+                    .transpose()
+                    .map_err(|e| StoreError::Corrupt {
+                        key: where_.clone(),
+                        reason: e.to_string(),
+                    })?;
+                let record = BleTag {
+                    response_key: key(&where_, response_key)?,
+                    info,
+                    bonded,
+                };
+                tags.insert(tag_id, record);
+            }
+        }
+        Ok(BleKeys {
+            conn: Some(conn),
+            ap_sync_key,
+            tags,
+        })
+    }
+
+    /// A failed write keeps the value in memory for this run and says so
+    /// (without the key); the tag is configured again after a restart.
+    fn written(&self, what: &str, result: rusqlite::Result<usize>) {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot save the BLE {what}; it is kept until the agent stops");
+        }
+    }
+}
+
+impl esl_hal::ble::provision::ProvisionStore for BleKeys {
+    fn ap_sync_key(&mut self) -> Option<esl_hal::ble::provision::KeyMaterial> {
+        self.ap_sync_key.clone()
+    }
+
+    fn set_ap_sync_key(&mut self, key: &esl_hal::ble::provision::KeyMaterial) {
+        self.ap_sync_key = Some(key.clone());
+        if let Some(c) = &self.conn {
+            let r = c.execute(
+                "INSERT OR REPLACE INTO ble_ap (id, sync_key) VALUES (1, ?1)",
+                [&key.expose()[..]],
+            );
+            self.written("AP sync key", r);
+        }
+    }
+
+    fn tag(&mut self, tag: &str) -> Option<esl_hal::ble::provision::TagRecord> {
+        self.tags.get(tag).cloned()
+    }
+
+    fn set_tag(&mut self, tag: &str, record: &esl_hal::ble::provision::TagRecord) {
+        self.tags.insert(tag.to_owned(), record.clone());
+        if let Some(c) = &self.conn {
+            // TagInfo is plain data; serialising it cannot fail.
+            let info = record
+                .info
+                .as_ref()
+                .map(|i| serde_json::to_string(i).expect("TagInfo serialises"));
+            let r = c.execute(
+                "INSERT OR REPLACE INTO ble_tags (tag_id, response_key, info, bonded)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![tag, &record.response_key.expose()[..], info, record.bonded],
+            );
+            self.written("tag record", r);
+        }
+    }
+}
+
 /// Per-connection settings of the writer (the journal mode and auto-vacuum
 /// are properties of the file, set here when it is new).
 fn configure(conn: &Connection, cache_kib: i64) -> Result<(), StoreError> {
@@ -1109,42 +1283,74 @@ fn migrate(conn: &mut Connection, dir: &Path) -> Result<(), StoreError> {
 }
 
 /// The checkpoint thread: copies the WAL into the database file when it has
-/// grown past [`CHECKPOINT_WAL_BYTES`] or the store has been quiet for
-/// [`CHECKPOINT_IDLE`]. PASSIVE: it never waits for the writer, so ingest
-/// does not stall on it. Errors are left for the next round (a full disk
-/// shows in the writer's own calls).
+/// grown past [`CHECKPOINT_WAL_BYTES`] (PASSIVE: it never waits for the
+/// engine, so ingest does not stall on it), and once the store has been
+/// quiet for [`CHECKPOINT_IDLE`] copies the rest and truncates the WAL to
+/// nothing (TRUNCATE, which needs a moment without writer and readers: it
+/// gives up after [`QUIET_BUSY`] and tries at the next quiet round). So
+/// the space a flood took in the WAL comes back once the flood is over.
+/// Errors are left for the next round (a full disk shows in the writer's
+/// own calls).
 fn run_checkpointer(db: &Path, signal: &CheckpointSignal) {
-    let Ok(conn) = Connection::open(db) else {
-        return;
-    };
-    let setup = conn.execute_batch(&format!(
-        "PRAGMA cache_size = -{SMALL_CACHE_KIB}; PRAGMA mmap_size = 0;
-         PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0;"
-    ));
-    if setup.is_err() {
-        return;
-    }
+    // Opened (again) when needed: a connection that could not be opened at
+    // one moment (a full disk) must not end checkpoints for good.
+    let mut conn: Option<Connection> = None;
     let wal = wal_path(db);
-    let mut last_checkpoint_len = 0;
     loop {
-        let woken = {
+        let last_commit = {
             let state = lock(&signal.state);
             let (mut state, _) = signal
                 .cond
-                .wait_timeout_while(state, CHECKPOINT_IDLE, |s| !s.0 && !s.1)
+                .wait_timeout_while(state, CHECKPOINT_POLL, |s| !s.woken && !s.stop)
                 .unwrap_or_else(|e| e.into_inner());
-            if state.1 {
+            if state.stop {
                 return;
             }
-            std::mem::replace(&mut state.0, false)
+            state.woken = false;
+            state.last_commit
         };
         let len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-        let quiet = !woken && len > 0 && len != last_checkpoint_len;
-        if len >= CHECKPOINT_WAL_BYTES || quiet {
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                tracing::debug!(error = %e, "WAL checkpoint failed; trying again later");
+        let quiet = last_commit.is_none_or(|t| t.elapsed() >= CHECKPOINT_IDLE);
+        let mode = if len >= CHECKPOINT_WAL_BYTES {
+            "PASSIVE"
+        } else if quiet && len > 0 {
+            "TRUNCATE"
+        } else {
+            continue;
+        };
+        if conn.is_none() {
+            conn = Connection::open(db)
+                .and_then(|c| {
+                    c.busy_timeout(QUIET_BUSY)?;
+                    c.execute_batch(&format!(
+                        "PRAGMA cache_size = -{SMALL_CACHE_KIB}; PRAGMA mmap_size = 0;
+                         PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0;"
+                    ))?;
+                    Ok(c)
+                })
+                .map_err(|e| tracing::debug!(error = %e, "checkpoint connection failed"))
+                .ok();
+        }
+        let Some(c) = &conn else { continue };
+        // TRUNCATE copies everything first, like PASSIVE, but waits for the
+        // writer: copy without waiting first, so the wait is short.
+        let steps: &[&str] = if mode == "TRUNCATE" {
+            &["PASSIVE", "TRUNCATE"]
+        } else {
+            &["PASSIVE"]
+        };
+        for step in steps {
+            let sql = format!("PRAGMA wal_checkpoint({step})");
+            if let Err(e) = c.query_row(&sql, [], |_| Ok(())) {
+                tracing::debug!(error = %e, step, "WAL checkpoint failed; trying again later");
+                if !matches!(
+                    e.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::DatabaseBusy)
+                ) {
+                    conn = None;
+                }
+                break;
             }
-            last_checkpoint_len = len;
         }
     }
 }
@@ -1564,10 +1770,11 @@ mod tests {
             cause: std::io::Error::from_raw_os_error(13),
         };
         let text = format!("{:#}", anyhow::Error::from(e));
-        assert!(text.contains("permission denied"), "{text}");
-        assert!(
-            !text.contains("os error 13"),
-            "the cause is said once, in words: {text}"
+        let os = std::io::Error::from_raw_os_error(13).to_string();
+        assert_eq!(
+            text.matches(&os).count(),
+            1,
+            "the cause is said once: {text}"
         );
     }
 
@@ -1602,6 +1809,96 @@ mod tests {
             after <= before * 2,
             "{before} -> {flooded} -> {after} pages"
         );
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_thread_copies_a_large_wal_into_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let db_len = || std::fs::metadata(dir.path().join(DB_FILE)).unwrap().len();
+        let mut c = Change::new();
+        for _ in 0..6000 {
+            c.push_outbox(OutboxEntry {
+                topic: "esl_ack/p2p/GID_b@@@b".into(),
+                payload: vec![7; 1000],
+            });
+        }
+        store.apply(c).unwrap();
+        store.flush().await.unwrap();
+        // COMMIT never checkpoints (wal_autocheckpoint is off): until the
+        // store's own thread runs, the pages are in the WAL only.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while db_len() < CHECKPOINT_WAL_BYTES {
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint: database file {} bytes",
+                db_len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[test]
+    fn ble_keys_and_tag_records_survive_a_restart() {
+        use esl_hal::ble::provision::{KeyMaterial, ProvisionStore, TagInfo, TagRecord as BleTag};
+        let dir = tempfile::tempdir().unwrap();
+        let ap = KeyMaterial::from_bytes([1; 24]);
+        let tag = BleTag {
+            response_key: KeyMaterial::from_bytes([2; 24]),
+            info: Some(TagInfo {
+                max_image_index: Some(3),
+                ..TagInfo::default()
+            }),
+            bonded: true,
+        };
+        {
+            let mut keys = BleKeys::open(dir.path()).unwrap();
+            assert_eq!(keys.ap_sync_key(), None);
+            keys.set_ap_sync_key(&ap);
+            keys.set_tag("C0:11:22:33:44:55", &tag);
+        }
+        let mut keys = BleKeys::open(dir.path()).unwrap();
+        assert_eq!(keys.ap_sync_key(), Some(ap));
+        assert_eq!(keys.tag("C0:11:22:33:44:55"), Some(tag));
+        assert_eq!(keys.tag("other"), None);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(BLE_DB_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the file holds secrets");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_store_empties_and_truncates_its_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let wal = wal_path(&dir.path().join(DB_FILE));
+        let mut c = Change::new();
+        for _ in 0..200 {
+            c.push_outbox(entry(1));
+        }
+        store.apply(c).unwrap();
+        store.flush().await.unwrap();
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+        // An empty change (the engine's sweep makes one every 500 ms) opens
+        // no transaction: it would hold the write lock and keep the store
+        // from ever looking quiet.
+        store.apply(Change::new()).unwrap();
+        let outside = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        outside.busy_timeout(Duration::ZERO).unwrap();
+        outside
+            .execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+            .expect("the write lock is free");
+        drop(outside);
+        let deadline = Instant::now() + CHECKPOINT_IDLE + Duration::from_secs(5);
+        while std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > 0 {
+            assert!(Instant::now() < deadline, "the WAL was never truncated");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let db_len = std::fs::metadata(dir.path().join(DB_FILE)).unwrap().len();
+        assert!(db_len > 4096, "its pages went into the database");
+        assert_eq!(store.outbox_after(None, 1000).unwrap().len(), 200);
     }
 
     #[tokio::test]

@@ -106,11 +106,18 @@ pub fn parse_object(payload: &[u8], max_payload: usize) -> Result<Map<String, Va
     Ok(obj)
 }
 
-/// The `task_id` of a message if it is a well-formed one (for correlation
-/// only; nothing else is read).
+/// Longest `task_id` a `rejected` ack echoes (PROTOCOL §4 rule 2): longer
+/// than any valid id, short enough that an ack stays small.
+pub const MAX_ECHOED_TASK_ID: usize = 256;
+
+/// The `task_id` a `rejected` ack carries (PROTOCOL §4 rule 2): the received
+/// one when it is a JSON string of at most [`MAX_ECHOED_TASK_ID`]
+/// characters, even if it breaks the id rule (so the back end can tell which
+/// task was refused); `None` when absent, not a string, or longer. For
+/// correlation only: nothing else is read.
 pub fn readable_task_id(obj: &Map<String, Value>) -> Option<String> {
     match obj.get("task_id") {
-        Some(Value::String(id)) if valid_tag_like(id, MAX_TASK_ID) => Some(id.clone()),
+        Some(Value::String(id)) if id.chars().count() <= MAX_ECHOED_TASK_ID => Some(id.clone()),
         _ => None,
     }
 }
@@ -743,8 +750,28 @@ mod tests {
         assert_eq!(r.reply_to.as_deref(), Some("GID_backend@@@be1"));
         let r = decode(&without("task_id")).unwrap_err();
         assert_eq!(r.task_id, None);
-        let r = decode(&with("task_id", "a".repeat(65).into())).unwrap_err();
-        assert_eq!(r.task_id, None, "an over-long id is not echoed");
+        let r = decode(&with("task_id", 7.into())).unwrap_err();
+        assert_eq!(r.task_id, None, "not a string");
+    }
+
+    /// Issue 14 item 2: an id that breaks the rule is still echoed (up to
+    /// 256 characters), so the back end can tell which task was refused.
+    #[test]
+    fn rejections_echo_a_rule_breaking_task_id_up_to_256_characters() {
+        for id in ["a".repeat(65), "bad id".into(), "".into(), "ü".repeat(256)] {
+            let r = decode(&with("task_id", id.clone().into())).unwrap_err();
+            assert!(r.detail.starts_with("task_id:"), "{}", r.detail);
+            assert_eq!(r.task_id.as_deref(), Some(id.as_str()));
+        }
+        let r = decode(&with("task_id", "a".repeat(257).into())).unwrap_err();
+        assert_eq!(r.task_id, None, "longer than 256: null");
+        // Another field's rejection echoes a rule-breaking id as well.
+        let mut v = with("task_id", "has space".into());
+        v.as_object_mut().unwrap().remove("issued_at");
+        assert_eq!(
+            decode(&v).unwrap_err().task_id.as_deref(),
+            Some("has space")
+        );
     }
 
     #[test]

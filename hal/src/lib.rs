@@ -147,6 +147,16 @@ pub trait Radio: Send + 'static {
         None
     }
 
+    /// Opens the network for new tags to join for `seconds` (0 closes it).
+    /// Radios without a joining procedure answer `InvalidRequest`.
+    fn permit_join(&mut self, seconds: u8) -> impl Future<Output = Result<(), RadioError>> + Send {
+        let _ = seconds;
+        std::future::ready(Err(RadioError::new(
+            RadioErrorKind::InvalidRequest,
+            "this radio has no network to open for joining (only ZigBee has)",
+        )))
+    }
+
     /// Queues content for a tag that has just checked in. Returns once the
     /// request is accepted; the result comes later as one
     /// [`RadioEvent::Outcome`] with the same `task_id`.

@@ -8,6 +8,10 @@ use serde_json::{json, Value};
 use crate::harness::{eventually, sim_tag, task, AckStatus, Stack, AGENT_CLIENT_ID, QUIET, TAGS};
 
 const REPLY: Duration = Duration::from_secs(10);
+/// These tests send unsigned commands; state-changing methods then need an
+/// explicit allowance (issue 14 item 4).
+const UNSIGNED_MUTATING: &str =
+    "[security]\nallow_unsigned_methods = [\"task.cancel\", \"tag.refresh\"]\n";
 
 fn command(req_id: &str, method: &str, params: Value) -> Value {
     json!({"v": 1, "req_id": req_id, "method": method, "params": params,
@@ -50,7 +54,11 @@ async fn expect_error(stack: &mut Stack, req_id: &str, method: &str, params: Val
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_method_answers_over_mqtt() {
     let offline = sim_tag(TAGS - 1);
-    let mut stack = Stack::start("commands", |c| c.offline = vec![sim_tag(TAGS - 1)]).await;
+    let mut stack = Stack::start("commands", |c| {
+        c.offline = vec![sim_tag(TAGS - 1)];
+        c.extra = UNSIGNED_MUTATING.into();
+    })
+    .await;
     let applied = task("t-cmd-applied", &sim_tag(1), 1);
     stack.backend.publish_task(&applied).await;
     let ack = stack
@@ -271,7 +279,11 @@ async fn eventually_pending(stack: &mut Stack) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn noreply_commands_run_without_answering() {
-    let mut stack = Stack::start("noreply", |c| c.offline = vec![sim_tag(0)]).await;
+    let mut stack = Stack::start("noreply", |c| {
+        c.offline = vec![sim_tag(0)];
+        c.extra = UNSIGNED_MUTATING.into();
+    })
+    .await;
     stack
         .backend
         .publish_task(&task("t-noreply", &sim_tag(0), 1))
@@ -339,4 +351,37 @@ async fn replies_larger_than_the_payload_limit_are_paged() {
     let mut unique = seen.clone();
     unique.dedup();
     assert_eq!(unique.len(), 100);
+}
+
+/// Issue 14 items 1 and 4 with the default config: a command without
+/// `reply_to` is answered at `ack_to`; an unsigned `task.cancel` is
+/// refused; a `reply_to` outside the group of `ack_to` gets no reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_command_security_and_replies_to_ack_to() {
+    let mut stack = Stack::start("cmd-defaults", |_| {}).await;
+    let mut no_reply_to = command("r-no-reply-to", "agent.status", json!({}));
+    no_reply_to.as_object_mut().unwrap().remove("reply_to");
+    stack.backend.publish_command(&no_reply_to).await;
+    ok(&stack.backend.expect_reply("r-no-reply-to", REPLY).await);
+
+    expect_error(
+        &mut stack,
+        "r-cancel-unsigned",
+        "task.cancel",
+        json!({"task_id": "t-any"}),
+        "forbidden",
+    )
+    .await;
+
+    let mut victim = command("r-victim", "tags.list", json!({}));
+    victim["reply_to"] = "GID_victim@@@v1".into();
+    stack.backend.publish_command(&victim).await;
+    // Commands run in order: the next reply shows the refusal counted.
+    let reply = call(&mut stack, "r-after", "agent.status", json!({})).await;
+    assert_eq!(
+        ok(&reply)["counters"]["commands_reply_to_refused"],
+        1,
+        "{reply}"
+    );
+    stack.agent.assert_running();
 }

@@ -52,8 +52,9 @@ pub use checks::{
 };
 pub use env::TestEnv;
 pub use secure::{
-    agent_acl, sign_with_script, write_private, BrokerSecurity, LegacyTlsServer, Pki, ServerCert,
-    TlsListener, WssFront, BACKEND_PASSWORD, BACKEND_USER, INTRUDER_PASSWORD, INTRUDER_USER,
+    agent_acl, sign_with_script, write_private, BrokerSecurity, CertFiles, LegacyTlsServer, Pki,
+    ServerCert, TlsListener, WssFront, BACKEND_PASSWORD, BACKEND_USER, INTRUDER_PASSWORD,
+    INTRUDER_USER,
 };
 
 /// Where Debian installs the broker. The tests fail (never skip) without it.

@@ -8,7 +8,8 @@
 //!
 //! Requirements: Mosquitto at `/usr/sbin/mosquitto` (Debian/Ubuntu:
 //! `apt-get install mosquitto`, which also brings `mosquitto_passwd`); the
-//! security tests also run `python3` and `/usr/bin/openssl`. Without them
+//! security tests also run `python3` and `/usr/bin/openssl`, the docs tests
+//! `mosquitto_pub`/`mosquitto_sub` (`mosquitto-clients`) and `runuser`. Without them
 //! the tests that need them FAIL with a message saying so; none is skipped
 //! silently.
 //!
@@ -23,6 +24,8 @@
 //! (§7 remote commands), `operator.rs` (the local `status|tags|tasks` CLI),
 //! `security.rs` (TLS, logins, ACL, signed tasks, secrets kept out of
 //! logs), `systemd.rs` (readiness, watchdog and stopping notifications),
+//! `docs.rs` (the docs' quick start, openssl recipe and config examples run
+//! as printed; CLI behaviours the docs promise),
 //! `zigbee.rs` (faults of the ZigBee adapter; the agent drives a fake ZNP
 //! coordinator on a PTY), `ble.rs` (the BLE radio on fake ESL tags). Scenarios that reach the radio run on both the
 //! simulated and the ZigBee radio (`NAME::sim`, `NAME::zigbee`).
@@ -33,6 +36,7 @@
 
 mod ble;
 mod commands;
+mod docs;
 mod harness;
 mod operator;
 mod resilience;

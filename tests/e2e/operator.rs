@@ -1,5 +1,7 @@
 //! The operator's CLI (`esl-agent status|tags|tasks`) against a running
-//! agent over its control socket, and what it says when no agent runs.
+//! agent over its control socket, what it says when no agent runs, and
+//! that the agent never replaces a file at `control.socket` that is not a
+//! socket.
 
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -99,4 +101,54 @@ async fn cli_says_when_the_agent_is_not_running() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not running"), "{err}");
     assert!(out.stdout.is_empty());
+}
+
+/// Issue 14 item 7: at start the agent deleted whatever file was at
+/// `control.socket` when nothing listened there. Now only a stale socket is
+/// replaced; a regular file stops the agent with a config error (exit code
+/// 2) that names the key, and the file is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_at_the_control_socket_path_is_a_config_error_and_is_kept() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "keep me").expect("write the file");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt]\nhost = \"127.0.0.1\"\nport = 1\ngroup_id = \"GID_test\"\ndevice_id = \"dev1\"\n\
+             [store]\npath = {:?}\n[control]\nsocket = {:?}\n",
+            dir.path().join("store").display().to_string(),
+            notes.display().to_string()
+        ),
+    )
+    .expect("write the config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_esl-agent"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the esl-agent binary");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the agent") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the agent started with a regular file at control.socket");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("control.socket"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&notes).expect("the file is kept"),
+        "keep me"
+    );
 }

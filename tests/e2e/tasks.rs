@@ -1,5 +1,6 @@
 //! Task handling through the whole stack (PROTOCOL §4, §5, §8): the happy
-//! path, every rejection rule, duplicates, expiry, per-tag ordering, offline
+//! path, every rejection rule (also a message far over the size limit on a
+//! persistent session), duplicates, expiry, per-tag ordering, offline
 //! tags, a failing radio and `reply_to`. The agent keeps running throughout;
 //! restarts are in `resilience.rs`. Every scenario that reaches the radio
 //! runs on both radios (`on_every_radio!`: `NAME::sim`, `NAME::zigbee`);
@@ -74,8 +75,9 @@ enum AckTaskId {
     Null,
     /// The message has a valid `task_id`: the ack carries it.
     Echo(String),
-    /// The `task_id` itself is invalid, or the message too large to read:
-    /// echoing it or `null` are both fine.
+    /// The message could not be read as an object (too large, bad UTF-8), or
+    /// its `task_id` is longer than 256 characters: echoing it or `null` are
+    /// both fine.
     NullOr(String),
 }
 
@@ -108,6 +110,11 @@ impl BadInput {
     ) -> BadInput {
         let own_id = format!("t-rej-{}", what.replace(' ', "-"));
         let task_id = match (key, &value) {
+            // PROTOCOL §4 rule 2: a string of at most 256 characters is
+            // echoed even when it breaks the id rule (issue 14 item 2).
+            ("task_id", Some(Value::String(bad))) if bad.chars().count() <= 256 => {
+                AckTaskId::Echo(bad.clone())
+            }
             ("task_id", Some(Value::String(bad))) => AckTaskId::NullOr(bad.clone()),
             ("task_id", _) => AckTaskId::Null,
             _ => AckTaskId::Echo(own_id.clone()),
@@ -526,3 +533,56 @@ on_every_radio!(
     failing_radio_gives_up_after_max_attempts,
     ack_goes_to_reply_to_instead_of_ack_to,
 );
+
+/// Issue 14 item 3: one 3 MiB message with a persistent session made
+/// rumqttc drop the connection, and Mosquitto brought it back at every
+/// reconnect (28 reconnects in 21 s, a later valid task never acked). Now
+/// it is read and discarded on the same connection, PUBACKed, acked
+/// `rejected` (size and limit in the detail), counted, and the next task
+/// is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_is_rejected_on_the_same_persistent_connection() {
+    const SIZE: usize = 3 << 20;
+    let mut stack = Stack::start("oversized", |c| c.clean_session = false).await;
+    stack.backend.publish_raw(vec![b'x'; SIZE]).await;
+    let ack = stack
+        .backend
+        .expect_final_ack("the oversized message", Duration::from_secs(20))
+        .await;
+    assert_eq!(ack.status(), AckStatus::Rejected, "{}", ack.json);
+    assert_eq!(ack.task_id(), None, "{}", ack.json);
+    let detail = ack.detail().unwrap_or_default();
+    assert!(
+        detail.contains(&SIZE.to_string()) && detail.contains("65536"),
+        "the detail names the size and the limit: {}",
+        ack.json
+    );
+
+    let good = task("t-after-oversized", "SIM000001", 1);
+    stack.backend.publish_task(&good).await;
+    let acks = stack
+        .backend
+        .collect_final_acks(
+            &task_ids(std::slice::from_ref(&good)),
+            Duration::from_secs(15),
+        )
+        .await;
+    acks.assert_all(&task_ids(std::slice::from_ref(&good)), AckStatus::Applied);
+
+    // One connection all along, and the message counted once.
+    stack
+        .backend
+        .publish_command(
+            &json!({"v": 1, "req_id": "r-counters", "method": "agent.status",
+            "params": {}, "reply_to": "GID_backend@@@be1"}),
+        )
+        .await;
+    let reply = stack
+        .backend
+        .expect_reply("r-counters", Duration::from_secs(10))
+        .await;
+    let counters = &reply["result"]["counters"];
+    assert_eq!(counters["mqtt_connects"], 1, "{reply}");
+    assert_eq!(counters["messages_oversized"], 1, "{reply}");
+    stack.agent.assert_running();
+}

@@ -12,7 +12,9 @@
 //! - the adapter unplugged: the status says the radio is down, the MQTT link
 //!   and the store carry on (a task sent meanwhile is stored and waits), and
 //!   after the replug the radio is up again and the task is applied. The
-//!   agent never exits because of the adapter.
+//!   agent never exits because of the adapter;
+//! - `network.permit_join` over MQTT and `esl-agent zigbee permit-join`
+//!   on the control socket open (and close) the coordinator's network.
 
 use std::time::Duration;
 
@@ -20,7 +22,9 @@ use serde_json::{json, Value};
 
 use esl_hal::zigbee::fake::FakeStats;
 
-use crate::harness::{assert_journal_matches, task, task_ids, AckStatus, Stack, TestRadio};
+use crate::harness::{
+    assert_journal_matches, eventually, task, task_ids, AckStatus, Stack, TestRadio,
+};
 
 /// Status reports every second, so state changes show quickly.
 const STATUS_INTERVAL_S: u64 = 1;
@@ -201,4 +205,171 @@ async fn content_larger_than_a_frame_is_applied_in_segments() {
     let stats = stack.fake().stats();
     assert_eq!(FakeStats::get(&stats.offers_received), 2);
     assert!(FakeStats::get(&stats.data_requests) > 8, "{stats:?}");
+}
+
+/// Issue 15: joining is opened by a (signed, or explicitly allowed)
+/// `network.permit_join` command and by the local CLI, and reaches the
+/// coordinator as a permit-join request for that many seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permit_join_over_mqtt_and_the_cli_reaches_the_coordinator() {
+    let mut stack = Stack::start_on(TestRadio::Zigbee, "zb-permit-join", |c| {
+        c.status_interval_s = STATUS_INTERVAL_S;
+        c.extra = "[security]\nallow_unsigned_methods = [\"network.permit_join\"]\n".into();
+    })
+    .await;
+    fn last(stack: &Stack) -> u64 {
+        FakeStats::get(&stack.fake().stats().last_permit_join_s)
+    }
+    fn requests(stack: &Stack) -> u64 {
+        FakeStats::get(&stack.fake().stats().permit_join_requests)
+    }
+    eventually(
+        "the agent to close joining at start",
+        Duration::from_secs(10),
+        || (last(&stack) == 0).then_some(()),
+    )
+    .await;
+    stack
+        .backend
+        .publish_command(
+            &json!({"v": 1, "req_id": "pj-1", "method": "network.permit_join",
+            "params": {"seconds": 120}, "reply_to": "GID_backend@@@be1"}),
+        )
+        .await;
+    let reply = stack
+        .backend
+        .expect_reply("pj-1", Duration::from_secs(10))
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    eventually(
+        "the coordinator to be asked for 120 s of joining",
+        Duration::from_secs(10),
+        || (last(&stack) == 120).then_some(()),
+    )
+    .await;
+    // The operator closes it again on the AP.
+    let config = stack.env.path().join("agent.toml");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_esl-agent"))
+            .args(["zigbee", "permit-join", "0", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run the esl-agent binary")
+    })
+    .await
+    .expect("CLI thread");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(
+        "the coordinator to be asked to close joining",
+        Duration::from_secs(10),
+        || (last(&stack) == 0).then_some(()),
+    )
+    .await;
+    assert!(requests(&stack) >= 3, "close at start, open, close");
+}
+
+/// Issue 15: `esl-agent zigbee backup FILE` reads the network of a stick
+/// someone else formed into an Open Coordinator Backup (0600: it holds the
+/// key), and `esl-agent zigbee restore FILE` writes it to a blank stick,
+/// which then has that network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_restore_commands_move_a_network_to_a_blank_stick() {
+    use esl_hal::zigbee::fake::{FakeConfig, FakeCoordinator, FakeNetwork};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = dir.path().join("ttyZB0");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt]\nhost = \"127.0.0.1\"\nport = 1\ngroup_id = \"GID_esl\"\ndevice_id = \"ap-1\"\n\
+             [store]\npath = {:?}\n[radio]\nkind = \"zigbee\"\n[radio.zigbee]\nport = {:?}\n",
+            dir.path().join("store").display().to_string(),
+            port.display().to_string(),
+        ),
+    )
+    .expect("write config");
+    let cli = |args: Vec<String>| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_esl-agent"))
+                .args(&args)
+                .arg("--config")
+                .arg(&config)
+                .output()
+                .expect("run the esl-agent binary")
+        })
+    };
+    let network = FakeNetwork {
+        channel: 25,
+        pan_id: 0x0BAD,
+        extended_pan_id: 0x0123_4567_89AB_CDEF,
+        network_key: [0x42; 16],
+    };
+    let mut formed = FakeConfig::new(&port);
+    formed.network = Some(network.clone());
+    let old = FakeCoordinator::start(formed).expect("fake");
+    let file = dir.path().join("backup.json");
+    let out = cli(vec![
+        "zigbee".into(),
+        "backup".into(),
+        file.display().to_string(),
+    ])
+    .await
+    .expect("CLI thread");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let backup: Value =
+        serde_json::from_slice(&std::fs::read(&file).expect("backup written")).expect("JSON");
+    assert_eq!(
+        backup["metadata"]["format"],
+        "zigpy/open-coordinator-backup"
+    );
+    assert_eq!(backup["pan_id"], "0bad");
+    assert_eq!(backup["channel"], 25);
+    let mode = std::fs::metadata(&file).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the backup holds the network key");
+    drop(old);
+    eventually("the old fake to end", Duration::from_secs(10), || {
+        port.symlink_metadata().is_err().then_some(())
+    })
+    .await;
+
+    let blank = FakeCoordinator::start(FakeConfig::new(&port)).expect("fake");
+    let out = cli(vec![
+        "zigbee".into(),
+        "restore".into(),
+        file.display().to_string(),
+    ])
+    .await
+    .expect("CLI thread");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(blank.network().await, Some(network));
+    // A blank stick has nothing to back up: said, and exit 1.
+    drop(blank);
+    eventually("the fake to end", Duration::from_secs(10), || {
+        port.symlink_metadata().is_err().then_some(())
+    })
+    .await;
+    let _blank = FakeCoordinator::start(FakeConfig::new(&port)).expect("fake");
+    let out = cli(vec![
+        "zigbee".into(),
+        "backup".into(),
+        dir.path().join("b2.json").display().to_string(),
+    ])
+    .await
+    .expect("CLI thread");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no network"));
 }

@@ -50,11 +50,16 @@ fn edited(what: &'static str, edit: impl FnOnce(&mut serde_json::Map<String, Val
     );
     let mut t = task(&id, "SIM000001", 1);
     edit(t.as_object_mut().expect("task() builds an object"));
-    let echo = t["task_id"] == id.as_str();
+    // PROTOCOL §4 rule 2: any string id of at most 256 characters is
+    // echoed, valid or not.
+    let echoed = match &t["task_id"] {
+        Value::String(s) if s.chars().count() <= 256 => Some(s.clone()),
+        _ => None,
+    };
     BadTask {
         what,
         payload: serde_json::to_vec(&t).expect("a JSON value serializes"),
-        id: if echo { Id::Echo(id) } else { Id::Null },
+        id: echoed.map_or(Id::Null, Id::Echo),
     }
 }
 
@@ -277,10 +282,12 @@ fn bad_commands() -> Vec<BadCommand> {
             "bad_params",
             false,
         ),
+        // Unsigned, a state-changing method is refused before its params
+        // are read (issue 14 item 4).
         with_reply(
             "task.cancel id number",
             json!({"v": 1, "method": "task.cancel", "params": {"task_id": 5}}),
-            "bad_params",
+            "forbidden",
             false,
         ),
         with_reply(
@@ -329,6 +336,7 @@ async fn hostile_payloads_in_a_load_run_are_rejected_and_good_tasks_complete() {
             tasks_per_s: 20,
             tags: TAGS,
             retry_after: None,
+            no_retry: None,
         },
     );
     let tasks = bad_tasks();

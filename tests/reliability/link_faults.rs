@@ -53,6 +53,7 @@ async fn link_faults_and_broker_restart_lose_nothing() {
             tasks_per_s: 20,
             tags: TAGS,
             retry_after: None,
+            no_retry: None,
         },
     );
     let settle = || tokio::time::sleep(Duration::from_secs(1));

@@ -35,8 +35,12 @@ const RETRY_CHECK: Duration = Duration::from_millis(250);
 /// must not exist (a different second final status).
 const QUIET: Duration = Duration::from_secs(1);
 
+/// A test's knowledge a real back end does not have: `true` for a task the
+/// back end must not publish again (see [`LoadSpec::no_retry`]).
+pub type TaskFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// What a run's back end does.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LoadSpec {
     /// Task ids are `{prefix}-{n:06}`.
     pub prefix: &'static str,
@@ -47,6 +51,10 @@ pub struct LoadSpec {
     /// `None`: never, so the broker and the agent alone must bring every
     /// task to its end.
     pub retry_after: Option<Duration>,
+    /// Tasks never published again even without a final ack: a power-cut
+    /// run passes the tasks the agent PUBACKed, which must reach their end
+    /// from the agent's store alone (a retry would hide their loss).
+    pub no_retry: Option<TaskFilter>,
 }
 
 /// What the driver task and the test share.
@@ -150,6 +158,39 @@ impl Load {
         );
     }
 
+    /// The published tasks that have no final ack yet.
+    pub fn without_final(&self) -> Vec<String> {
+        let l = self.ledger();
+        l.tasks
+            .iter()
+            .map(|t| t["task_id"].as_str().expect("we built it").to_owned())
+            .filter(|id| !l.first_final.contains_key(id))
+            .collect()
+    }
+
+    /// Stops publishing and waits until every published task has a final
+    /// ack, or no task got its first one for `idle`, or `timeout` passed;
+    /// returns the tasks still without one. For runs that count losses
+    /// instead of failing at the first ([`Load::finish`] then checks the
+    /// rest).
+    pub async fn settle(&self, idle: Duration, timeout: Duration) -> Vec<String> {
+        self.set_publishing(false);
+        let deadline = Instant::now() + timeout;
+        let (mut finals, mut progress_at) = (self.final_acks(), Instant::now());
+        loop {
+            let missing = self.without_final();
+            let now = Instant::now();
+            if self.final_acks() != finals {
+                (finals, progress_at) = (self.final_acks(), now);
+            }
+            if missing.is_empty() || now >= deadline || now - progress_at >= idle {
+                return missing;
+            }
+            self.assert_driver_alive();
+            tokio::time::sleep(DRAIN_EVERY * 4).await;
+        }
+    }
+
     /// Stops publishing, waits until every published task has a final ack
     /// (retries go on meanwhile), listens [`QUIET`] longer, and returns what
     /// the back end saw. Panics after `timeout` naming what is missing.
@@ -157,14 +198,7 @@ impl Load {
         self.set_publishing(false);
         let deadline = Instant::now() + timeout;
         loop {
-            let missing: Vec<String> = {
-                let l = self.ledger();
-                l.tasks
-                    .iter()
-                    .map(|t| t["task_id"].as_str().expect("we built it").to_owned())
-                    .filter(|id| !l.first_final.contains_key(id))
-                    .collect()
-            };
+            let missing = self.without_final();
             if missing.is_empty() {
                 break;
             }
@@ -260,6 +294,7 @@ async fn drive(
                         .filter(|t| {
                             let id = t["task_id"].as_str().expect("we built it");
                             !l.first_final.contains_key(id)
+                                && !spec.no_retry.as_ref().is_some_and(|skip| skip(id))
                                 && l.last_sent.get(id).is_some_and(|&at| now.duration_since(at) >= after)
                         })
                         .cloned()

@@ -20,9 +20,13 @@
 //! - `load.rs`: [`load::Load`], the back end of every run: a steady stream
 //!   of tasks, the acks and status reports it gets back, optional retries,
 //!   the end-of-run invariants and figures.
-//! - `crash_loop.rs`: SIGKILL at random moments, both `clean_session` modes.
+//! - `crash_loop.rs`: SIGKILL at random moments, both `clean_session` modes;
+//!   also with power cuts of the store's disk (issue 13).
+//! - `powerfs.rs`: [`powerfs::PowerFs`], the FUSE file system of the power
+//!   cuts: writes stay volatile until fsync of their file (needs root).
 //! - `proxy.rs`: [`proxy::FaultProxy`], a loopback TCP proxy that drops,
-//!   stalls, delays and cuts the agent's broker connection.
+//!   stalls, delays and cuts the agent's broker connection, and records
+//!   which tasks the agent PUBACKed.
 //! - `link_faults.rs`: a load run through the proxy, plus a broker restart.
 //! - `hostile.rs`: 40+ malformed task and command payloads in a load run.
 //! - `store_fault.rs`: a full disk (tmpfs, needs root) under load.
@@ -42,5 +46,6 @@ mod crash_loop;
 mod hostile;
 mod link_faults;
 mod load;
+mod powerfs;
 mod proxy;
 mod store_fault;

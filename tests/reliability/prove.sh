@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # The whole reliability proof of issue 3 in one command: the reliability
-# suite with its long runs (60 SIGKILLs in each session mode, link faults,
-# hostile input, a full disk), then every fuzz target for FUZZ_SECONDS each.
+# suite with its long runs (60 SIGKILLs in each session mode, 40 power cuts
+# of the store's disk in each session mode (issue 13), link faults, hostile
+# input, a full disk), then every fuzz target for FUZZ_SECONDS each.
 # Prints the figures; exits non-zero if anything fails.
 #
 #   tests/reliability/prove.sh            # fuzz 60 s per target
 #   tests/reliability/prove.sh 300        # fuzz 5 min per target
 #   ESL_PROVE_PROFILE=dev tests/reliability/prove.sh   # skip the release build (~16 min on 2 cores)
 #   ESL_RELIABILITY_SEED=123 tests/reliability/prove.sh   # repeat a schedule
+#   ESL_POWER_CUTS=200 tests/reliability/prove.sh        # more power cuts per mode
+#   ESL_POWER_TASKS_PER_S=100 tests/reliability/prove.sh # their load (default 25)
 #
-# Needs Mosquitto (apt-get install mosquitto), root for the full-disk run
-# (it mounts a tmpfs; skipped with a message otherwise), and for the fuzz
-# part the nightly toolchain and cargo-fuzz (cargo install cargo-fuzz).
+# Needs Mosquitto (apt-get install mosquitto), root for the full-disk and
+# power-cut runs (they mount a tmpfs and a FUSE file system on /dev/fuse;
+# skipped with a message otherwise), and for the fuzz part the nightly
+# toolchain and cargo-fuzz (cargo install cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 FUZZ_SECONDS="${1:-60}"

@@ -80,7 +80,7 @@ fn fill(path: &Path) -> u64 {
     written
 }
 
-fn running_as_root() -> bool {
+pub fn running_as_root() -> bool {
     fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
@@ -112,6 +112,7 @@ async fn full_disk_stops_pubacks_reports_the_fault_and_recovers() {
             tasks_per_s: 20,
             tags: TAGS,
             retry_after: None,
+            no_retry: None,
         },
     );
     load.wait_for("the first acks", Duration::from_secs(10), |l| {

@@ -24,7 +24,9 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use super::codec::{uuid16, ESL_SERVICE};
-use super::transport::{Advertisement, Central, GattError, Link, Notification, Scan};
+use super::transport::{
+    Advertisement, Central, GattError, Link, Notification, ObjectChannel, Pairing, Scan,
+};
 
 type Events = Pin<Box<dyn Stream<Item = CentralEvent> + Send>>;
 type Notifications = Pin<Box<dyn Stream<Item = ValueNotification> + Send>>;
@@ -83,6 +85,13 @@ fn failed(error: btleplug::Error) -> GattError {
 impl Central for BtleplugCentral {
     type Scan = BtleplugScan;
     type Link = BtleplugLink;
+
+    async fn remove_bond(&self, address: &str) -> Result<(), GattError> {
+        Err(GattError::Failed(format!(
+            "the btleplug backend cannot remove bonds: run `bluetoothctl remove {address}` \
+             and pair the tag again"
+        )))
+    }
 
     async fn scan(&self) -> Result<BtleplugScan, GattError> {
         let adapter = self.find_adapter().await?;
@@ -180,7 +189,38 @@ impl BtleplugLink {
     }
 }
 
+/// btleplug has no L2CAP channels: this type is never built, and OTS
+/// image delivery fails with a clear error on this backend.
+pub enum NoChannel {}
+
+impl ObjectChannel for NoChannel {
+    async fn send(&mut self, _bytes: &[u8]) -> Result<(), GattError> {
+        match *self {}
+    }
+
+    async fn close(&mut self) -> Result<(), GattError> {
+        match *self {}
+    }
+}
+
 impl Link for BtleplugLink {
+    type Channel = NoChannel;
+
+    /// btleplug has no pairing API. BlueZ raises the security of a bonded
+    /// link by itself when the tag answers Insufficient Encryption, so a
+    /// tag bonded beforehand (`bluetoothctl pair`) works; a new tag does
+    /// not get bonded by this backend.
+    async fn pair(&mut self) -> Result<Pairing, GattError> {
+        Ok(Pairing::Existing)
+    }
+
+    async fn open_channel(&mut self, psm: u16) -> Result<NoChannel, GattError> {
+        Err(GattError::Failed(format!(
+            "the btleplug backend cannot open L2CAP channels (PSM 0x{psm:04X}): \
+             images over OTS need a backend with L2CAP LE credit-based channels"
+        )))
+    }
+
     async fn discover(&mut self) -> Result<Vec<Uuid>, GattError> {
         self.peripheral.discover_services().await.map_err(failed)?;
         self.characteristics = self

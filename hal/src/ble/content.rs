@@ -54,6 +54,55 @@ pub enum ContentError {
     Hash(String),
     #[error("unknown transfer state {0}")]
     State(u8),
+    #[error("BLE image content: {0}")]
+    Image(String),
+}
+
+/// The key of a task's content object that carries an image for a
+/// standard (OTS) ESL: `{"ble_image": {"display": 0, "image": 0,
+/// "bitmap": "<base64>"}}`. `bitmap` is the display's native packed format,
+/// exactly Display Information width × height × bits per pixel (rounded up
+/// to a byte); other keys of the content are ignored.
+pub const IMAGE_KEY: &str = "ble_image";
+
+/// An image to store in an ESL's image slot through OTS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageContent {
+    pub display_index: u8,
+    pub image_index: u8,
+    pub bitmap: Vec<u8>,
+}
+
+impl ImageContent {
+    /// The image in a task's canonical content JSON; `Ok(None)` when the
+    /// content has no [`IMAGE_KEY`].
+    pub fn from_content(content: &[u8]) -> Result<Option<ImageContent>, ContentError> {
+        use base64::Engine as _;
+
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Wire {
+            display: u8,
+            image: u8,
+            bitmap: String,
+        }
+        let Ok(serde_json::Value::Object(mut object)) = serde_json::from_slice(content) else {
+            return Ok(None);
+        };
+        let Some(value) = object.remove(IMAGE_KEY) else {
+            return Ok(None);
+        };
+        let wire: Wire =
+            serde_json::from_value(value).map_err(|e| ContentError::Image(e.to_string()))?;
+        let bitmap = base64::engine::general_purpose::STANDARD
+            .decode(wire.bitmap.as_bytes())
+            .map_err(|e| ContentError::Image(format!("bitmap is not base64: {e}")))?;
+        Ok(Some(ImageContent {
+            display_index: wire.display,
+            image_index: wire.image,
+            bitmap,
+        }))
+    }
 }
 
 /// What the tag has (or has not) received.
@@ -396,5 +445,25 @@ mod tests {
             frames(0, b"x", "h", 0),
             Err(ContentError::Length { what: "chunk", .. })
         ));
+    }
+
+    #[test]
+    fn image_content_is_read_from_the_task_content() {
+        let content = br#"{"ble_image":{"display":0,"image":1,"bitmap":"AAEC/w=="},"name":"x"}"#;
+        assert_eq!(
+            ImageContent::from_content(content),
+            Ok(Some(ImageContent {
+                display_index: 0,
+                image_index: 1,
+                bitmap: vec![0, 1, 2, 255],
+            }))
+        );
+        assert_eq!(ImageContent::from_content(br#"{"name":"x"}"#), Ok(None));
+        assert_eq!(ImageContent::from_content(b"not json"), Ok(None));
+        assert!(ImageContent::from_content(
+            br#"{"ble_image":{"display":0,"image":1,"bitmap":"!"}}"#
+        )
+        .is_err());
+        assert!(ImageContent::from_content(br#"{"ble_image":{"display":0}}"#).is_err());
     }
 }

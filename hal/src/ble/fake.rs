@@ -17,12 +17,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use uuid::Uuid;
 
 use super::codec::{uuid16, Command, Response, CONTROL_POINT_CHARACTERISTIC};
-use super::transport::{Central, GattError, Link, Notification, Scan};
+use super::transport::{Central, GattError, Link, Notification, ObjectChannel, Pairing, Scan};
 
 /// One expected call and the fake's answer.
 #[derive(Debug, Clone)]
 pub enum Expect {
     Connect(Result<(), GattError>),
+    Pair(Result<Pairing, GattError>),
+    RemoveBond,
     Discover(Result<Vec<Uuid>, GattError>),
     Subscribe(Uuid, Result<(), GattError>),
     /// A write of exactly `value`; after it the fake notifies `notify`.
@@ -37,6 +39,11 @@ pub enum Expect {
         result: Result<Vec<u8>, GattError>,
     },
     Disconnect,
+    /// An L2CAP channel opened on this PSM.
+    OpenChannel(u16, Result<(), GattError>),
+    /// Exactly these bytes sent on the channel.
+    Send(Vec<u8>, Result<(), GattError>),
+    CloseChannel,
     /// Whatever the next call is, it never completes.
     Hang,
 }
@@ -79,6 +86,20 @@ impl Expect {
             value,
             result: Ok(()),
             notify: Vec::new(),
+        }
+    }
+
+    /// A write of `value` to a control point, answered on the same
+    /// characteristic with `answer` (an OTS indication).
+    pub fn indicate(characteristic: Uuid, value: Vec<u8>, answer: Vec<u8>) -> Expect {
+        Expect::Write {
+            characteristic,
+            value,
+            result: Ok(()),
+            notify: vec![Notification {
+                characteristic,
+                value: answer,
+            }],
         }
     }
 
@@ -180,6 +201,15 @@ impl Central for ScriptedCentral {
     type Scan = NoScan;
     type Link = ScriptedLink;
 
+    async fn remove_bond(&self, address: &str) -> Result<(), GattError> {
+        let next = self.take(format!("remove_bond({address})"), |step| match step {
+            Expect::RemoveBond => Ok(()),
+            other => Err(other),
+        });
+        answer(next).await;
+        Ok(())
+    }
+
     async fn scan(&self) -> Result<NoScan, GattError> {
         Ok(NoScan)
     }
@@ -203,7 +233,58 @@ pub struct ScriptedLink {
     notifications: VecDeque<Notification>,
 }
 
+/// A channel whose every call is checked against the shared script.
+pub struct ScriptedChannel {
+    central: ScriptedCentral,
+}
+
+impl ObjectChannel for ScriptedChannel {
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), GattError> {
+        let next = self
+            .central
+            .take(format!("send({} bytes)", bytes.len()), |step| match step {
+                Expect::Send(expected, result) if expected == bytes => Ok(result),
+                other => Err(other),
+            });
+        answer(next).await
+    }
+
+    async fn close(&mut self) -> Result<(), GattError> {
+        let next = self
+            .central
+            .take("close channel".to_owned(), |step| match step {
+                Expect::CloseChannel => Ok(()),
+                other => Err(other),
+            });
+        answer(next).await;
+        Ok(())
+    }
+}
+
 impl Link for ScriptedLink {
+    type Channel = ScriptedChannel;
+
+    async fn pair(&mut self) -> Result<Pairing, GattError> {
+        let next = self.central.take("pair()".to_owned(), |step| match step {
+            Expect::Pair(result) => Ok(result),
+            other => Err(other),
+        });
+        answer(next).await
+    }
+
+    async fn open_channel(&mut self, psm: u16) -> Result<ScriptedChannel, GattError> {
+        let next = self
+            .central
+            .take(format!("open_channel(0x{psm:04X})"), |step| match step {
+                Expect::OpenChannel(p, result) if p == psm => Ok(result),
+                other => Err(other),
+            });
+        answer(next).await?;
+        Ok(ScriptedChannel {
+            central: self.central.clone(),
+        })
+    }
+
     async fn discover(&mut self) -> Result<Vec<Uuid>, GattError> {
         let next = self
             .central

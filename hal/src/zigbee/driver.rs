@@ -1,17 +1,18 @@
 //! The ZigBee driver task: owns the serial port and everything in flight on
 //! it. One task for the adapter and all tags.
 //!
-//! Reads `delivery_rx` (offers from the agent) and the adapter's AREQs;
+//! Reads `delivery_rx` (offers from the agent), `command_rx` (permit-join)
+//! and the adapter's AREQs;
 //! writes `event_tx` (check-ins, outcomes, radio state) through its own
 //! `outgoing` queue, so that it never waits on the agent outside its
 //! `select!` (the agent may be blocked in `deliver` meanwhile).
 //!
 //! Life cycle, forever until the agent drops its handle:
-//! 1. **Connect**: open the port, `SYS_PING`, soft reset and wait for
-//!    `SYS_RESET_IND`, read the device state (`UTIL_GET_DEVICE_INFO`) and
-//!    start the coordinator (`ZDO_STARTUP_FROM_APP`, wait for
-//!    `ZDO_STATE_CHANGE_IND` = coordinator) unless it runs, register the ESL
-//!    endpoint (`AF_REGISTER`). Then report `Up`.
+//! 1. **Connect**: open the port, toggle DTR/RTS, and run the start-up
+//!    in `commission` (probe past the bootloader, firmware detection,
+//!    stale-safe soft reset, the agent's own network — formed, resumed,
+//!    restored or adopted — the sleepy-tag NV settings, coordinator start,
+//!    `AF_REGISTER` of the ESL endpoint). Then report `Up`.
 //! 2. **Serve**: a delivery becomes an offer of one or more segments, each
 //!    an `AF_DATA_REQUEST` sent once the previous one's `AF_DATA_CONFIRM`
 //!    (matched by transaction id) says the network delivered it; the tag's
@@ -35,10 +36,13 @@ use tokio::time::{sleep_until, Instant};
 use tokio_serial::SerialPortBuilderExt;
 use tracing::{debug, info, warn};
 
-use super::app::{self, AppMessage, ESL_CLUSTER, ESL_DEVICE_ID, ESL_PROFILE};
+use super::app::{self, AppMessage, ESL_CLUSTER};
+use super::commission::{self, Started};
+use super::firmware;
 use super::frame::FrameType;
+use super::nv;
 use super::znp::{self, Znp, ZnpError};
-use super::{FlowControl, ZigbeeConfig, ZigbeeCounters};
+use super::{FlowControl, NetworkCommand, ZigbeeConfig, ZigbeeCounters};
 use crate::{CheckIn, Delivery, DeliveryFailure, Outcome, RadioEvent, RadioState, TagId};
 
 /// Events waiting for room in the event channel, at most. Outcomes are never
@@ -48,14 +52,18 @@ use crate::{CheckIn, Delivery, DeliveryFailure, Outcome, RadioEvent, RadioState,
 const OUTGOING_LIMIT: usize = 4096;
 /// Hops an offer may travel (Z-Stack's default radius).
 const RADIUS: u8 = 30;
-/// `ZDO_STARTUP_FROM_APP` start delay, ms.
-const STARTUP_DELAY_MS: u16 = 100;
-/// `AF_REGISTER` status when the endpoint is registered already.
-const ZAPS_DUPLICATE_ENTRY: u8 = 0xB8;
 /// Fixed part of `AF_INCOMING_MSG` before the data: group, cluster, source
 /// address, source and destination endpoint, broadcast flag, LQI, security,
 /// timestamp, sequence number, length.
 const INCOMING_HEADER: usize = 17;
+/// Confirm status: no route to the destination.
+const NWK_NO_ROUTE: u8 = 0xCD;
+/// Fixed part of `AF_INCOMING_MSG_EXT` before the data.
+const INCOMING_EXT_HEADER: usize = 27;
+/// Address mode of a 16-bit network address.
+const ADDR_MODE_16BIT: u8 = 2;
+/// `ZDO_EXT_ROUTE_DISC` options: a plain route discovery.
+const ROUTE_DISC_OPTIONS: u8 = 0;
 /// Longest tag id accepted in a check-in (PROTOCOL §4 `tag_id`).
 const MAX_TAG_ID: usize = 32;
 
@@ -75,6 +83,11 @@ struct InFlight {
     address: Address,
     /// Encoded offer segments not sent yet, next first.
     unsent: VecDeque<Vec<u8>>,
+    /// The segment waiting for its confirm, to send again after a route
+    /// discovery.
+    sent: Option<Vec<u8>>,
+    /// A route discovery was done for this delivery (once only).
+    rediscovered: bool,
     stage: Stage,
     /// When the current stage times out (unused in [`Stage::Next`]).
     deadline: Instant,
@@ -84,10 +97,20 @@ struct InFlight {
 enum Stage {
     /// The next segment is due (the previous one was confirmed).
     Next,
+    /// The last segment found no route: discover one, then send it again.
+    Rediscover,
     /// Waiting for `AF_DATA_CONFIRM` with this transaction id.
     Confirm { trans: u8 },
     /// The network delivered every segment; waiting for the tag's result.
     Result,
+}
+
+impl Stage {
+    /// Whether the stage waits for something with a deadline (the others
+    /// are acted on at once by `send_due`).
+    fn has_deadline(self) -> bool {
+        matches!(self, Stage::Confirm { .. } | Stage::Result)
+    }
 }
 
 /// Whether a delivery got an SRSP from the adapter (proof that it lives).
@@ -111,6 +134,7 @@ pub(super) struct Driver {
     counters: std::sync::Arc<ZigbeeCounters>,
     delivery_rx: mpsc::Receiver<Delivery>,
     event_tx: mpsc::Sender<RadioEvent>,
+    command_rx: mpsc::Receiver<NetworkCommand>,
     state: State,
 }
 
@@ -128,6 +152,9 @@ struct State {
     in_flight: HashMap<u16, InFlight>,
     next_handle: u16,
     next_trans: u8,
+    /// Deliveries in flight at once, at most (by firmware, or
+    /// `radio.zigbee.max_in_flight`); more wait in the delivery channel.
+    max_in_flight: usize,
 }
 
 impl Driver {
@@ -136,6 +163,7 @@ impl Driver {
         counters: std::sync::Arc<ZigbeeCounters>,
         delivery_rx: mpsc::Receiver<Delivery>,
         event_tx: mpsc::Sender<RadioEvent>,
+        command_rx: mpsc::Receiver<NetworkCommand>,
     ) -> Driver {
         Driver {
             state: State::new(cfg.clone(), counters.clone()),
@@ -143,6 +171,7 @@ impl Driver {
             counters,
             delivery_rx,
             event_tx,
+            command_rx,
         }
     }
 
@@ -157,6 +186,7 @@ impl Driver {
             let connect = connect(&self.cfg, self.counters.clone());
             let away = Away {
                 delivery_rx: &mut self.delivery_rx,
+                command_rx: &mut self.command_rx,
                 event_tx: &self.event_tx,
                 state: &mut self.state,
             };
@@ -164,12 +194,16 @@ impl Driver {
                 return;
             };
             match connected {
-                Ok(znp) => {
+                Ok((znp, started)) => {
+                    self.state.max_in_flight = self
+                        .cfg
+                        .max_in_flight
+                        .unwrap_or_else(|| started.firmware.stack.max_in_flight());
                     info!(%port, "ZigBee adapter up");
                     ZigbeeCounters::bump(&self.counters.adapter_starts);
                     backoff = self.cfg.reconnect_min;
                     self.state.report(RadioState::Up);
-                    match self.serve(znp).await {
+                    match self.serve(znp, &started).await {
                         Stop::Shutdown => return,
                         Stop::Lost(reason) => {
                             warn!(%port, %reason, "ZigBee adapter lost; reconnecting");
@@ -193,6 +227,7 @@ impl Driver {
             backoff = (backoff * 2).min(self.cfg.reconnect_max);
             let away = Away {
                 delivery_rx: &mut self.delivery_rx,
+                command_rx: &mut self.command_rx,
                 event_tx: &self.event_tx,
                 state: &mut self.state,
             };
@@ -203,16 +238,25 @@ impl Driver {
     }
 
     /// Serves a started adapter until it is lost or the agent leaves.
-    async fn serve<P: AsyncRead + AsyncWrite + Unpin + Send>(&mut self, mut znp: Znp<P>) -> Stop {
+    async fn serve<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        mut znp: Znp<P>,
+        started: &Started,
+    ) -> Stop {
         let mut next_ping = Instant::now() + self.cfg.ping_interval;
+        // `None`: scheduled backups are off.
+        let mut next_backup = (!self.cfg.backup_interval.is_zero())
+            .then(|| Instant::now() + self.cfg.backup_interval);
         loop {
-            let wake = self
-                .state
-                .next_deadline()
-                .map_or(next_ping, |d| d.min(next_ping));
+            let timers = next_backup.map_or(next_ping, |b| b.min(next_ping));
+            let wake = self.state.next_deadline().map_or(timers, |d| d.min(timers));
             tokio::select! {
                 biased;
-                received = self.delivery_rx.recv() => match received {
+                // Beyond the cap, deliveries wait in the channel (and the
+                // agent in `deliver`): the adapter's buffers for frames to
+                // sleeping tags are small.
+                received = self.delivery_rx.recv(),
+                    if self.state.in_flight.len() < self.state.max_in_flight => match received {
                     Some(delivery) => match self.state.deliver(&mut znp, delivery).await {
                         // The adapter answered: no need to ping it soon.
                         Ok(Answered::Yes) => next_ping = Instant::now() + self.cfg.ping_interval,
@@ -220,6 +264,23 @@ impl Driver {
                         Err(stop) => return stop,
                     },
                     None => return Stop::Shutdown,
+                },
+                Some(command) = self.command_rx.recv() => match command {
+                    NetworkCommand::PermitJoin { seconds, reply } => {
+                        match commission::permit_join(&mut znp, seconds).await {
+                            Ok(()) => {
+                                info!(seconds, "ZigBee network open for joining");
+                                let _ = reply.send(Ok(()));
+                            }
+                            Err(error) if error.is_link_lost() => {
+                                let _ = reply.send(Err(error.to_string()));
+                                return Stop::Lost(format!("ZigBee adapter lost: {error}"));
+                            }
+                            Err(error) => {
+                                let _ = reply.send(Err(error.to_string()));
+                            }
+                        }
+                    }
                 },
                 // AREQs do not put the ping off: an adapter whose request
                 // handling hangs may still pass on indications.
@@ -247,6 +308,12 @@ impl Driver {
                         }
                         next_ping = Instant::now() + self.cfg.ping_interval;
                     }
+                    if next_backup.is_some_and(|at| now >= at) {
+                        if let Err(stop) = scheduled_backup(&self.cfg, &mut znp, started).await {
+                            return stop;
+                        }
+                        next_backup = Some(Instant::now() + self.cfg.backup_interval);
+                    }
                 }
             }
         }
@@ -257,6 +324,7 @@ impl Driver {
 /// or waiting to reconnect).
 struct Away<'a> {
     delivery_rx: &'a mut mpsc::Receiver<Delivery>,
+    command_rx: &'a mut mpsc::Receiver<NetworkCommand>,
     event_tx: &'a mpsc::Sender<RadioEvent>,
     state: &'a mut State,
 }
@@ -273,12 +341,50 @@ impl Away<'_> {
                     Some(delivery) => self.state.refuse(delivery, "ZigBee adapter not connected"),
                     None => return None,
                 },
+                Some(command) = self.command_rx.recv() => match command {
+                    NetworkCommand::PermitJoin { reply, .. } => {
+                        let _ = reply.send(Err("ZigBee adapter not connected".to_owned()));
+                    }
+                },
                 permit = self.event_tx.reserve(), if !self.state.outgoing.is_empty() => match permit {
                     Ok(permit) => permit.send(self.state.outgoing.pop_front().expect("checked non-empty")),
                     Err(_) => return None,
                 },
                 output = &mut until => return Some(output),
             }
+        }
+    }
+}
+
+/// The scheduled backup: the stick's network, read again (the frame
+/// counter and channel move), saved over the network file. A stick
+/// that shows another network is not saved: the next start decides.
+async fn scheduled_backup<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    cfg: &ZigbeeConfig,
+    znp: &mut Znp<P>,
+    started: &Started,
+) -> Result<(), Stop> {
+    match nv::read_network(znp, started.firmware.stack).await {
+        Ok(Some(network)) if network.same_network(&started.network) => {
+            match commission::save(cfg, &network, &started.firmware) {
+                Ok(()) => debug!(
+                    frame_counter = network.frame_counter,
+                    "scheduled ZigBee backup"
+                ),
+                Err(error) => warn!(%error, "scheduled ZigBee backup failed"),
+            }
+            Ok(())
+        }
+        Ok(_) => {
+            warn!("the stick no longer shows the agent's network; scheduled backup skipped");
+            Ok(())
+        }
+        Err(error) if error.is_link_lost() => {
+            Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))
+        }
+        Err(error) => {
+            warn!(%error, "scheduled ZigBee backup: cannot read the network");
+            Ok(())
         }
     }
 }
@@ -295,8 +401,8 @@ async fn check_alive<P: AsyncRead + AsyncWrite + Unpin + Send>(
     }
 }
 
-/// Opens the port and runs the start-up sequence.
-async fn connect(
+/// Opens the port (exclusively) and toggles DTR/RTS as configured.
+pub(super) async fn open_port(
     cfg: &ZigbeeConfig,
     counters: std::sync::Arc<ZigbeeCounters>,
 ) -> Result<Znp<tokio_serial::SerialStream>, String> {
@@ -312,76 +418,25 @@ async fn connect(
         .open_native_async()
         .map_err(|e| format!("cannot open ZigBee adapter {path}: {e}"))?;
     let mut znp = Znp::new(port, cfg.sreq_timeout, counters);
-    start_up(&mut znp, cfg)
-        .await
-        .map_err(|e| format!("ZigBee adapter {path} did not start: {e}"))?;
+    firmware::toggle_pins(znp.port_mut(), &cfg.bootloader).await;
     Ok(znp)
 }
 
-/// Ping, reset, coordinator state, endpoint registration.
-pub(super) async fn start_up<P: AsyncRead + AsyncWrite + Unpin + Send>(
-    znp: &mut Znp<P>,
+/// Opens the port and runs the start-up sequence.
+async fn connect(
     cfg: &ZigbeeConfig,
-) -> Result<(), ZnpError> {
-    znp.request(znp::SYS_PING, vec![]).await?;
-    znp.send_areq(znp::SYS_RESET_REQ, vec![znp::RESET_SOFT])
-        .await?;
-    let reset = znp
-        .wait_areq(znp::SYS_RESET_IND, cfg.reset_timeout, |_| true)
-        .await?;
-    debug!(?reset, "adapter reset");
-
-    let info = znp.request(znp::UTIL_GET_DEVICE_INFO, vec![]).await?;
-    // status, IEEE address (8), short address (2), device type, state.
-    let state = match info.as_slice() {
-        [0, _, _, _, _, _, _, _, _, _, _, _, state, ..] => *state,
-        _ => {
-            return Err(ZnpError::Malformed {
-                name: znp::UTIL_GET_DEVICE_INFO.name,
-                detail: format!("unexpected reply {info:02X?}"),
-            })
-        }
-    };
-    if state != znp::DEV_ZB_COORD {
-        let reply = znp
-            .request(
-                znp::ZDO_STARTUP_FROM_APP,
-                STARTUP_DELAY_MS.to_le_bytes().to_vec(),
-            )
-            .await?;
-        match reply.first() {
-            Some(0) => debug!("coordinator restored its network"),
-            Some(1) => warn!("the adapter formed a NEW network: tags must join it again"),
-            other => {
-                return Err(ZnpError::Malformed {
-                    name: znp::ZDO_STARTUP_FROM_APP.name,
-                    detail: format!("the coordinator did not start (status {other:02X?})"),
-                })
-            }
-        }
-        znp.wait_areq(znp::ZDO_STATE_CHANGE_IND, cfg.startup_timeout, |p| {
-            p.first() == Some(&znp::DEV_ZB_COORD)
-        })
-        .await?;
-    }
-
-    let cluster = ESL_CLUSTER.to_le_bytes();
-    let mut register = vec![cfg.endpoint];
-    register.extend(ESL_PROFILE.to_le_bytes());
-    register.extend(ESL_DEVICE_ID.to_le_bytes());
-    // Device version, latency (none), one input and one output cluster.
-    register.extend([0, 0, 1, cluster[0], cluster[1], 1, cluster[0], cluster[1]]);
-    let reply = znp.request(znp::AF_REGISTER, register).await?;
-    match reply.first() {
-        Some(0) | Some(&ZAPS_DUPLICATE_ENTRY) => Ok(()),
-        other => Err(ZnpError::Malformed {
-            name: znp::AF_REGISTER.name,
-            detail: format!(
-                "endpoint {} not registered (status {other:02X?})",
-                cfg.endpoint
-            ),
-        }),
-    }
+    counters: std::sync::Arc<ZigbeeCounters>,
+) -> Result<(Znp<tokio_serial::SerialStream>, Started), String> {
+    let path = cfg.port.to_string_lossy();
+    let mut znp = open_port(cfg, counters).await?;
+    let started = commission::start_up(&mut znp, cfg)
+        .await
+        .map_err(|e| format!("ZigBee adapter {path} did not start: {e}"))?;
+    info!(firmware = %started.firmware, outcome = ?started.outcome,
+        channel = started.network.channel,
+        pan_id = format_args!("{:#06x}", started.network.pan_id),
+        "ZigBee coordinator on the agent's network");
+    Ok((znp, started))
 }
 
 fn retry_later(reason: String) -> DeliveryFailure {
@@ -438,6 +493,7 @@ impl State {
             in_flight: HashMap::new(),
             next_handle: first_handle,
             next_trans: first_handle as u8,
+            max_in_flight: 1,
         }
     }
 
@@ -484,7 +540,7 @@ impl State {
     fn next_deadline(&self) -> Option<Instant> {
         self.in_flight
             .values()
-            .filter(|f| f.stage != Stage::Next)
+            .filter(|f| f.stage.has_deadline())
             .map(|f| f.deadline)
             .min()
     }
@@ -494,12 +550,12 @@ impl State {
         let overdue: Vec<(u16, Stage)> = self
             .in_flight
             .iter()
-            .filter(|(_, f)| f.stage != Stage::Next && f.deadline <= now)
+            .filter(|(_, f)| f.stage.has_deadline() && f.deadline <= now)
             .map(|(handle, f)| (*handle, f.stage))
             .collect();
         for (handle, stage) in overdue {
             let reason = match stage {
-                Stage::Next => continue,
+                Stage::Next | Stage::Rediscover => continue,
                 Stage::Confirm { .. } => {
                     ZigbeeCounters::bump(&self.counters.confirm_timeouts);
                     format!("no AF_DATA_CONFIRM within {:?}", self.cfg.confirm_timeout)
@@ -585,6 +641,8 @@ impl State {
                 task_id: delivery.task_id,
                 address,
                 unsent: segments.into(),
+                sent: None,
+                rediscovered: false,
                 stage: Stage::Next,
                 deadline: Instant::now(),
             },
@@ -598,16 +656,56 @@ impl State {
         &mut self,
         znp: &mut Znp<P>,
     ) -> Result<(), Stop> {
-        let due: Vec<u16> = self
+        let due: Vec<(u16, Stage)> = self
             .in_flight
             .iter()
-            .filter(|(_, f)| f.stage == Stage::Next)
-            .map(|(handle, _)| *handle)
+            .filter(|(_, f)| !f.stage.has_deadline())
+            .map(|(handle, f)| (*handle, f.stage))
             .collect();
-        for handle in due {
+        for (handle, stage) in due {
+            if stage == Stage::Rediscover {
+                self.rediscover(znp, handle).await?;
+            }
             self.send_next(znp, handle).await?;
         }
         Ok(())
+    }
+
+    /// `ZDO_EXT_ROUTE_DISC` to offer `handle`'s tag, and its last segment
+    /// queued again: what zigbee-herdsman does on NWK_NO_ROUTE
+    /// (`zStackAdapter.ts`, `discoverRoute`). Only an adapter loss is an
+    /// error; a refused discovery still lets the segment go once more.
+    async fn rediscover<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        znp: &mut Znp<P>,
+        handle: u16,
+    ) -> Result<(), Stop> {
+        let Some(flight) = self.in_flight.get_mut(&handle) else {
+            return Ok(());
+        };
+        flight.rediscovered = true;
+        flight.stage = Stage::Next;
+        if let Some(segment) = flight.sent.take() {
+            flight.unsent.push_front(segment);
+        }
+        let nwk = flight.address.nwk;
+        let mut request = nwk.to_le_bytes().to_vec();
+        request.extend([ROUTE_DISC_OPTIONS, RADIUS]);
+        ZigbeeCounters::bump(&self.counters.route_discoveries);
+        debug!(
+            nwk = format_args!("{nwk:#06x}"),
+            "no route to the tag: discovering one"
+        );
+        match znp.request(znp::ZDO_EXT_ROUTE_DISC, request).await {
+            Ok(_) => Ok(()),
+            Err(error) if error.is_link_lost() => {
+                Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))
+            }
+            Err(error) => {
+                debug!(%error, "route discovery refused; sending again anyway");
+                Ok(())
+            }
+        }
     }
 
     /// One `AF_DATA_REQUEST` with offer `handle`'s next segment.
@@ -625,6 +723,7 @@ impl State {
             flight.deadline = Instant::now() + self.cfg.result_timeout;
             return Ok(Answered::No);
         };
+        flight.sent = Some(data.clone());
         let address = flight.address;
         let mut request = Vec::with_capacity(10 + data.len());
         request.extend(address.nwk.to_le_bytes());
@@ -681,6 +780,8 @@ impl State {
         let payload = frame.payload();
         if znp::AF_INCOMING_MSG.is(frame, FrameType::Areq) {
             self.on_incoming(payload);
+        } else if znp::AF_INCOMING_MSG_EXT.is(frame, FrameType::Areq) {
+            self.on_incoming_ext(payload);
         } else if znp::AF_DATA_CONFIRM.is(frame, FrameType::Areq) {
             match payload {
                 [status, _endpoint, trans, ..] => self.on_confirm(*status, *trans),
@@ -691,6 +792,22 @@ impl State {
                 "the ZigBee adapter reset itself (reason {:02X?})",
                 payload.first()
             )));
+        } else if znp::ZDO_END_DEVICE_ANNCE_IND.is(frame, FrameType::Areq) {
+            // source, network address, IEEE address, capabilities.
+            if let [_, _, lo, hi, ieee @ ..] = payload {
+                ZigbeeCounters::bump(&self.counters.device_announces);
+                let ieee: Vec<String> = ieee
+                    .iter()
+                    .take(8)
+                    .rev()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                info!(
+                    nwk = format_args!("{:#06x}", u16::from_le_bytes([*lo, *hi])),
+                    ieee = ieee.concat(),
+                    "device joined or rejoined the network"
+                );
+            }
         } else if znp::ZDO_STATE_CHANGE_IND.is(frame, FrameType::Areq) {
             if payload.first() != Some(&znp::DEV_ZB_COORD) {
                 return Err(Stop::Lost(format!(
@@ -714,7 +831,10 @@ impl State {
             debug!(trans, status, "AF_DATA_CONFIRM for nothing in flight");
             return;
         };
-        if status != 0 {
+        if status == NWK_NO_ROUTE && !flight.rediscovered {
+            // `send_due` discovers a route and sends the segment again.
+            flight.stage = Stage::Rediscover;
+        } else if status != 0 {
             self.finish(handle, Err(confirm_failure(status)));
         } else if flight.unsent.is_empty() {
             flight.stage = Stage::Result;
@@ -741,6 +861,9 @@ impl State {
         }
     }
 
+    /// An `AF_INCOMING_MSG`: group, cluster, source address (16-bit),
+    /// source and destination endpoint, broadcast flag, LQI, security,
+    /// timestamp, sequence number, length (one byte), data.
     fn on_incoming(&mut self, payload: &[u8]) {
         if payload.len() < INCOMING_HEADER {
             ZigbeeCounters::bump(&self.counters.unexpected_frames);
@@ -759,6 +882,49 @@ impl State {
             self.bad_message(source, &"AF_INCOMING_MSG shorter than its length byte");
             return;
         };
+        self.on_app_data(source, source_endpoint, lqi, data);
+    }
+
+    /// An `AF_INCOMING_MSG_EXT` (layout checked against zigbee-herdsman
+    /// `definition.ts` `incomingMsgExt` and zigpy-znp `commands/af.py`):
+    /// group, cluster, address mode, source address (8 bytes; a 16-bit one
+    /// in the first two), source endpoint, source PAN, destination
+    /// endpoint, broadcast flag, LQI, security, timestamp, sequence number,
+    /// length (two bytes), data.
+    fn on_incoming_ext(&mut self, payload: &[u8]) {
+        if payload.len() < INCOMING_EXT_HEADER {
+            ZigbeeCounters::bump(&self.counters.unexpected_frames);
+            return;
+        }
+        let cluster = u16::from_le_bytes([payload[2], payload[3]]);
+        let mode = payload[4];
+        let source = u16::from_le_bytes([payload[5], payload[6]]);
+        let (source_endpoint, endpoint) = (payload[13], payload[16]);
+        let lqi = payload[18];
+        let len = usize::from(u16::from_le_bytes([payload[25], payload[26]]));
+        if cluster != ESL_CLUSTER || endpoint != self.cfg.endpoint {
+            debug!(cluster, endpoint, "AF message for another application");
+            return;
+        }
+        if mode != ADDR_MODE_16BIT {
+            self.bad_message(
+                source,
+                &format_args!(
+                    "AF_INCOMING_MSG_EXT with address mode {mode}: no network address to answer"
+                ),
+            );
+            return;
+        }
+        // Z-Stack leaves out data too long for one MT frame (to be fetched
+        // with AF_DATA_RETRIEVE); ESL messages are far shorter.
+        let Some(data) = payload.get(INCOMING_EXT_HEADER..INCOMING_EXT_HEADER + len) else {
+            self.bad_message(source, &"AF_INCOMING_MSG_EXT without its data");
+            return;
+        };
+        self.on_app_data(source, source_endpoint, lqi, data);
+    }
+
+    fn on_app_data(&mut self, source: u16, source_endpoint: u8, lqi: u8, data: &[u8]) {
         let message = match app::decode(data) {
             Ok(message) => message,
             Err(error) => {
@@ -864,6 +1030,8 @@ mod tests {
                     endpoint: 1,
                 },
                 unsent: vec![vec![0u8]; more].into(),
+                sent: Some(vec![0u8]),
+                rediscovered: false,
                 stage: Stage::Confirm { trans },
                 deadline: Instant::now() + CONFIRM,
             },
@@ -1064,6 +1232,67 @@ mod tests {
         garbage[INCOMING_HEADER - 1] = 200;
         s.on_incoming(&garbage);
         assert_eq!(s.counters.get("bad_app_messages"), Some(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_route_asks_for_a_route_discovery_once_then_fails() {
+        let mut s = state();
+        in_flight(&mut s, 1, "t1", 7, 0);
+        s.on_confirm(0xCD, 7);
+        assert_eq!(s.in_flight[&1].stage, Stage::Rediscover);
+        assert!(outcomes(&mut s).is_empty(), "not failed yet");
+        assert_eq!(s.next_deadline(), None, "acted on at once");
+        // After the discovery the segment went again and found no route
+        // again: now it fails, retryably.
+        let flight = s.in_flight.get_mut(&1).expect("in flight");
+        flight.rediscovered = true;
+        flight.stage = Stage::Confirm { trans: 8 };
+        s.on_confirm(0xCD, 8);
+        let failure = outcomes(&mut s)[0].result.clone().expect_err("no route");
+        assert!(
+            failure.retryable && failure.reason.contains("route"),
+            "{failure:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn extended_incoming_messages_are_read_like_short_ones() {
+        let mut s = state();
+        let check_in = AppMessage::CheckIn(app::CheckIn {
+            tag_id: "ZB7",
+            battery_mv: None,
+            rssi_dbm: None,
+            displayed: None,
+        });
+        let data = check_in.encode().expect("fits");
+        let mut p = vec![0, 0];
+        p.extend(ESL_CLUSTER.to_le_bytes());
+        p.push(ADDR_MODE_16BIT);
+        p.extend(TAG_NWK.to_le_bytes());
+        p.extend([0; 6]);
+        p.push(1); // source endpoint
+        p.extend([0x62, 0x1A]); // source PAN
+        p.push(s.cfg.endpoint);
+        p.extend([0, 200, 0, 0, 0, 0, 0, 0]); // broadcast, LQI, security, time, seq
+        p.extend((data.len() as u16).to_le_bytes());
+        p.extend(&data);
+        let frame = znp::AF_INCOMING_MSG_EXT
+            .frame(FrameType::Areq, p.clone())
+            .expect("fits");
+        assert!(s.on_areq(&frame).is_ok());
+        assert_eq!(s.tags["ZB7"].nwk, TAG_NWK);
+        assert!(
+            matches!(s.outgoing.pop_front(), Some(RadioEvent::CheckIn(c)) if c.tag_id == "ZB7")
+        );
+        // A 64-bit source cannot be answered; data left out is refused.
+        let mut ieee = p.clone();
+        ieee[4] = 3;
+        s.on_incoming_ext(&ieee);
+        let mut cut = p;
+        cut.truncate(INCOMING_EXT_HEADER + 2);
+        s.on_incoming_ext(&cut);
+        assert!(s.outgoing.is_empty());
+        assert_eq!(s.counters.get("bad_app_messages"), Some(2));
     }
 
     #[test]

@@ -8,11 +8,26 @@
 //! `/dev/serial/by-id/…` links do), the simulated coordinator state and the
 //! tags. One task ([`FakeCoordinator`] is its handle) does all of it.
 //!
-//! What it speaks: `SYS_PING`, `SYS_RESET_REQ` → `SYS_RESET_IND`,
-//! `UTIL_GET_DEVICE_INFO`, `ZDO_STARTUP_FROM_APP` → `ZDO_STATE_CHANGE_IND`,
-//! `AF_REGISTER`, `AF_DATA_REQUEST` → `AF_DATA_CONFIRM`, and
-//! `AF_INCOMING_MSG` for the tags' check-ins and results; any other SREQ gets
-//! an RPC error. Tags check in only while the coordinator runs with the ESL
+//! What it speaks: `SYS_PING` (capabilities by firmware), `SYS_VERSION`,
+//! `SYS_RESET_REQ` → `SYS_RESET_IND` (after a reboot time in which it hears
+//! nothing), the OSAL NV item commands over an NV memory it keeps across
+//! unplugs, `UTIL_GET_DEVICE_INFO`, `ZDO_STARTUP_FROM_APP` →
+//! `ZDO_STATE_CHANGE_IND`, on Z-Stack 3 the BDB channel and commissioning
+//! commands (formation from the NV items), `AF_REGISTER`, `AF_DATA_REQUEST`
+//! → `AF_DATA_CONFIRM`, and `AF_INCOMING_MSG` for the tags' check-ins and
+//! results; any other SREQ gets an RPC error (Z-Stack 1.2: the whole
+//! APP_CNF subsystem).
+//!
+//! The stick it models ([`FakeConfig::firmware`], [`FakeConfig::network`],
+//! [`FakeConfig::in_bootloader`]): Z-Stack 3.x.0 (CC2652: aligned NIB,
+//! BDB) or Home 1.2 (CC2531: packed NIB, no APP_CNF, no active-key item,
+//! `ZDO_STARTUP_FROM_APP` forms); blank (no network; a start-up without
+//! forming makes the firmware pick its defaults, as a real stick does), or
+//! formed by someone else; waiting in its serial bootloader until the skip
+//! byte 0xEF, then sending its power-up `SYS_RESET_IND`. NV layouts are
+//! [`super::nv`]'s, whose ids and layouts were checked against zigpy-znp and
+//! zigbee-herdsman; that the fake agrees with the host proves only that
+//! both read those sources the same way. Tags check in only while the coordinator runs with the ESL
 //! endpoint registered (Z-Stack drops messages for unregistered endpoints),
 //! listen for `awake_ms` after each check-in, and answer an offer with an
 //! `UpdateResult`. An offer to a sleeping tag expires with status 0xF0.
@@ -40,8 +55,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
+use std::collections::HashMap;
+
 use super::app::{self, AppMessage, CheckIn, UpdateResult, UpdateStatus, ESL_CLUSTER};
+use super::firmware::BOOTLOADER_SKIP_BYTE;
 use super::frame::{Frame, FrameDecoder, FrameType};
+use super::nv::{self, id as nvid, Nib};
 use super::znp::{self, Command};
 
 /// Control requests waiting for the fake, at most: tests send a handful.
@@ -53,6 +72,49 @@ const TAG_ENDPOINT: u8 = 1;
 /// Time the fake takes for an SRSP-less step (reset, network start, confirm
 /// of an awake tag).
 const STEP: Duration = Duration::from_millis(5);
+
+/// The firmware the fake runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FakeFirmware {
+    /// Z-Stack 3.x.0 on a CC2652 (product 1, APP_CNF, aligned NIB).
+    #[default]
+    ZStack3x,
+    /// Z-Stack Home 1.2 on a CC2531 (no APP_CNF, packed NIB).
+    ZStack12,
+}
+
+impl FakeFirmware {
+    fn capabilities(self) -> u16 {
+        match self {
+            // SYS AF ZDO UTIL GP APP_CNF (SYS_PING of a CC2652 build).
+            FakeFirmware::ZStack3x => 0x0659,
+            // SYS AF ZDO SAPI UTIL APP, no APP_CNF.
+            FakeFirmware::ZStack12 => 0x0179,
+        }
+    }
+}
+
+/// A network on the fake stick.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FakeNetwork {
+    pub channel: u8,
+    pub pan_id: u16,
+    pub extended_pan_id: u64,
+    pub network_key: [u8; 16],
+}
+
+impl std::fmt::Debug for FakeNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "FakeNetwork(channel {}, PAN {:#06x}, ext {:016x})",
+            self.channel, self.pan_id, self.extended_pan_id
+        )
+    }
+}
+
+/// The fake stick's IEEE address.
+pub const FAKE_IEEE: u64 = 0x00124B00_11223344;
 
 /// Settings of the fake coordinator and its tags. Tag ids follow the
 /// simulator's scheme (`{id_prefix}{index:06}`), so tests can use the same
@@ -76,6 +138,17 @@ pub struct FakeConfig {
     pub apply_ms: u64,
     /// Time after which an offer to a sleeping tag expires (0xF0).
     pub expire_ms: u64,
+    pub firmware: FakeFirmware,
+    /// A network someone else formed on the stick; `None`: blank.
+    pub network: Option<FakeNetwork>,
+    /// The stick waits in its serial bootloader for the skip byte.
+    pub in_bootloader: bool,
+    /// Time the stick takes to reboot (reset, bootloader exit); frames that
+    /// arrive meanwhile are lost, as on a real chip.
+    pub reboot_ms: u64,
+    /// Tags the coordinator has no route to (confirm 0xCD) until a
+    /// `ZDO_EXT_ROUTE_DISC` names them.
+    pub unrouted: Vec<String>,
 }
 
 impl FakeConfig {
@@ -93,6 +166,11 @@ impl FakeConfig {
             awake_ms: 60,
             apply_ms: 20,
             expire_ms: 200,
+            firmware: FakeFirmware::default(),
+            network: None,
+            in_bootloader: false,
+            reboot_ms: 5,
+            unrouted: Vec::new(),
         }
     }
 }
@@ -116,6 +194,19 @@ pub struct FakeStats {
     pub bad_host_frames: AtomicU64,
     /// Frames the fake wrote while the PTY buffer was full (nobody reading).
     pub frames_lost: AtomicU64,
+    /// Frames from the host that arrived while the stick rebooted (lost).
+    pub frames_while_rebooting: AtomicU64,
+    /// Times the stick left its bootloader on the skip byte.
+    pub bootloader_exits: AtomicU64,
+    /// Networks formed (BDB formation, or a 1.2 start-up without one).
+    pub formations: AtomicU64,
+    pub nv_writes: AtomicU64,
+    pub route_discoveries: AtomicU64,
+    pub permit_join_requests: AtomicU64,
+    /// Seconds of the last permit-join request (u64::MAX: none yet).
+    pub last_permit_join_s: AtomicU64,
+    /// Most offers tags were receiving or rendering at the same time.
+    pub max_offers_at_once: AtomicU64,
 }
 
 impl FakeStats {
@@ -131,6 +222,9 @@ enum Control {
     SwallowRequests(u32),
     Silent(bool),
     CheckinInterval(u64),
+    Network(oneshot::Sender<Option<FakeNetwork>>),
+    NvItem(u16, oneshot::Sender<Option<Vec<u8>>>),
+    FrameCounter(oneshot::Sender<Option<u32>>),
 }
 
 /// Handle on the fake's task. Dropping it stops the task and closes the PTY.
@@ -174,8 +268,21 @@ impl FakeCoordinator {
             .collect();
         let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
         let stats = Arc::new(FakeStats::default());
+        stats.last_permit_join_s.store(u64::MAX, Ordering::Relaxed);
         let link = cfg.link.clone();
+        let mut nv = default_nv();
+        let mut ex_nv = HashMap::new();
+        if let Some(network) = &cfg.network {
+            store_network(&mut nv, &mut ex_nv, cfg.firmware, network);
+        }
         let task = FakeTask {
+            in_bootloader: cfg.in_bootloader,
+            rebooting_until: None,
+            bdb_channels: 0,
+            routed: std::collections::HashSet::new(),
+            offers_at_once: 0,
+            nv,
+            ex_nv,
             cfg,
             pty: Some(pty),
             decoder: FrameDecoder::new(),
@@ -246,6 +353,27 @@ impl FakeCoordinator {
     /// A silent adapter reads everything and sends nothing (hung firmware).
     pub async fn set_silent(&self, silent: bool) {
         self.control(Control::Silent(silent)).await;
+    }
+
+    /// The network the stick has stored now; `None` when blank.
+    pub async fn network(&self) -> Option<FakeNetwork> {
+        let (tx, rx) = oneshot::channel();
+        self.control(Control::Network(tx)).await;
+        rx.await.expect("the fake answers")
+    }
+
+    /// The network frame counter the stick would send with next.
+    pub async fn frame_counter(&self) -> Option<u32> {
+        let (tx, rx) = oneshot::channel();
+        self.control(Control::FrameCounter(tx)).await;
+        rx.await.expect("the fake answers")
+    }
+
+    /// One NV item's value, for assertions.
+    pub async fn nv_item(&self, item: u16) -> Option<Vec<u8>> {
+        let (tx, rx) = oneshot::channel();
+        self.control(Control::NvItem(item, tx)).await;
+        rx.await.expect("the fake answers")
     }
 
     /// Changes the tags' check-in interval; each tag's next check-in comes
@@ -359,6 +487,18 @@ impl Timers {
 
 struct FakeTask {
     cfg: FakeConfig,
+    in_bootloader: bool,
+    /// Frames are lost until then.
+    rebooting_until: Option<Instant>,
+    /// `APP_CNF_BDB_SET_CHANNEL`'s primary mask.
+    bdb_channels: u32,
+    /// Network addresses a route discovery was asked for.
+    routed: std::collections::HashSet<u16>,
+    /// Offers tags are receiving or rendering now.
+    offers_at_once: u64,
+    nv: HashMap<u16, Vec<u8>>,
+    /// Extended NV (Z-Stack 3.30+) of system ZSTACK, by item and sub id.
+    ex_nv: HashMap<(u16, u16), Vec<u8>>,
     pty: Option<Pty>,
     decoder: FrameDecoder,
     /// The coordinator runs on its network (device state 9).
@@ -390,6 +530,7 @@ impl FakeTask {
                 },
                 read = read_master(self.pty.as_ref(), &mut chunk) => match read {
                     Ok(0) => {}
+                    Ok(n) if self.in_bootloader => self.in_bootloader_read(&chunk[..n]),
                     Ok(n) => {
                         self.decoder.extend(&chunk[..n]);
                         while let Some(decoded) = self.decoder.decode() {
@@ -432,6 +573,15 @@ impl FakeTask {
                 let _ = done.send(());
             }
             Control::SwallowRequests(n) => self.swallow = n,
+            Control::Network(reply) => {
+                let _ = reply.send(read_network(&self.nv));
+            }
+            Control::FrameCounter(reply) => {
+                let _ = reply.send(self.frame_counter());
+            }
+            Control::NvItem(item, reply) => {
+                let _ = reply.send(self.nv.get(&item).cloned());
+            }
             Control::Silent(silent) => self.silent = silent,
             Control::CheckinInterval(ms) => {
                 self.cfg.checkin_interval_ms = ms.max(1);
@@ -492,31 +642,215 @@ impl FakeTask {
         }
         let now = Instant::now();
         let payload = frame.payload().to_vec();
+        if self.rebooting_until.is_some_and(|until| now < until) {
+            bump(&self.stats.frames_while_rebooting);
+            return;
+        }
         if znp::SYS_RESET_REQ.is(&frame, FrameType::Areq) {
             bump(&self.stats.resets);
-            self.running = false;
-            self.registered = None;
-            // Reason 0 (power-up), transport 2, product 1, Z-Stack 2.7.1.
-            let ind = znp::SYS_RESET_IND.frame(FrameType::Areq, vec![0, 2, 1, 2, 7, 1]);
-            self.timers
-                .add(now + STEP, Action::Send(ind.expect("fits")));
+            let option = self
+                .nv
+                .get(&nvid::STARTUP_OPTION)
+                .and_then(|v| v.first().copied());
+            if option.is_some_and(|o| o & 0x02 != 0) {
+                for item in NETWORK_STATE_ITEMS {
+                    self.nv.remove(&item);
+                }
+                self.ex_nv.clear();
+            }
+            if option.is_some_and(|o| o & 0x01 != 0) {
+                let defaults = default_nv();
+                for item in CONFIG_ITEMS {
+                    match defaults.get(&item) {
+                        Some(value) => self.nv.insert(item, value.clone()),
+                        None => self.nv.remove(&item),
+                    };
+                }
+            }
+            self.reboot(now);
             return;
         }
         if frame.kind() != Some(FrameType::Sreq) {
             return;
         }
-        if znp::SYS_PING.is(&frame, FrameType::Sreq) {
+        let z12 = self.cfg.firmware == FakeFirmware::ZStack12;
+        if frame.subsystem() == super::frame::subsystem::APP_CNF && z12 {
+            // Invalid subsystem: 1.2 has no APP_CNF.
+            let error = vec![1, frame.cmd0(), frame.cmd1()];
+            self.send(znp::RPC_ERROR, FrameType::Srsp, error);
+        } else if znp::SYS_PING.is(&frame, FrameType::Sreq) {
             bump(&self.stats.pings);
-            self.send(znp::SYS_PING, FrameType::Srsp, vec![0x59, 0x06]);
+            let caps = self.cfg.firmware.capabilities().to_le_bytes().to_vec();
+            self.send(znp::SYS_PING, FrameType::Srsp, caps);
+        } else if znp::SYS_VERSION.is(&frame, FrameType::Sreq) {
+            // Transport 2; product 1 = Z-Stack 3.x.0, 0 = 1.2; release;
+            // code revision (a build date).
+            let version = match self.cfg.firmware {
+                FakeFirmware::ZStack3x => vec![2, 1, 2, 7, 1, 0xAB, 0xB2, 0x34, 0x01],
+                FakeFirmware::ZStack12 => vec![2, 0, 2, 6, 3, 0x7D, 0x7A, 0x34, 0x01],
+            };
+            self.send(znp::SYS_VERSION, FrameType::Srsp, version);
+        } else if znp::SYS_OSAL_NV_READ.is(&frame, FrameType::Sreq) {
+            let reply = match payload.as_slice() {
+                [lo, hi, offset] => match self.nv.get(&u16::from_le_bytes([*lo, *hi])) {
+                    Some(value) => {
+                        let rest = value.get(usize::from(*offset)..).unwrap_or(&[]);
+                        let rest = &rest[..rest.len().min(246)];
+                        let mut r = vec![0, rest.len() as u8];
+                        r.extend(rest);
+                        r
+                    }
+                    None => vec![NV_OPER_FAILED, 0],
+                },
+                _ => vec![0x02, 0],
+            };
+            self.send(znp::SYS_OSAL_NV_READ, FrameType::Srsp, reply);
+        } else if znp::SYS_OSAL_NV_WRITE.is(&frame, FrameType::Sreq) {
+            let status = match payload.as_slice() {
+                [lo, hi, offset, len, value @ ..] if value.len() == usize::from(*len) => {
+                    match self.nv.get_mut(&u16::from_le_bytes([*lo, *hi])) {
+                        Some(item) => {
+                            bump(&self.stats.nv_writes);
+                            let at = usize::from(*offset);
+                            if item.len() < at + value.len() {
+                                item.resize(at + value.len(), 0);
+                            }
+                            item[at..at + value.len()].copy_from_slice(value);
+                            0
+                        }
+                        None => NV_ITEM_UNINIT,
+                    }
+                }
+                _ => 0x02,
+            };
+            self.send(znp::SYS_OSAL_NV_WRITE, FrameType::Srsp, vec![status]);
+        } else if znp::SYS_NV_READ.is(&frame, FrameType::Sreq) && !z12 {
+            let reply = match payload.as_slice() {
+                [1, il, ih, sl, sh, ol, oh, len] => {
+                    let key = (
+                        u16::from_le_bytes([*il, *ih]),
+                        u16::from_le_bytes([*sl, *sh]),
+                    );
+                    match self.ex_nv.get(&key) {
+                        Some(value) => {
+                            let at = usize::from(u16::from_le_bytes([*ol, *oh]));
+                            let rest = value.get(at..).unwrap_or(&[]);
+                            let rest = &rest[..rest.len().min(usize::from(*len))];
+                            let mut r = vec![0, rest.len() as u8];
+                            r.extend(rest);
+                            r
+                        }
+                        None => vec![NV_ITEM_UNINIT, 0],
+                    }
+                }
+                _ => vec![0x02, 0],
+            };
+            self.send(znp::SYS_NV_READ, FrameType::Srsp, reply);
+        } else if znp::SYS_NV_WRITE.is(&frame, FrameType::Sreq) && !z12 {
+            let status = match payload.as_slice() {
+                [1, il, ih, sl, sh, ol, oh, len, value @ ..]
+                    if value.len() == usize::from(*len) =>
+                {
+                    let key = (
+                        u16::from_le_bytes([*il, *ih]),
+                        u16::from_le_bytes([*sl, *sh]),
+                    );
+                    match self.ex_nv.get_mut(&key) {
+                        Some(item) => {
+                            bump(&self.stats.nv_writes);
+                            let at = usize::from(u16::from_le_bytes([*ol, *oh]));
+                            if item.len() < at + value.len() {
+                                item.resize(at + value.len(), 0);
+                            }
+                            item[at..at + value.len()].copy_from_slice(value);
+                            0
+                        }
+                        None => NV_ITEM_UNINIT,
+                    }
+                }
+                _ => 0x02,
+            };
+            self.send(znp::SYS_NV_WRITE, FrameType::Srsp, vec![status]);
+        } else if znp::SYS_OSAL_NV_ITEM_INIT.is(&frame, FrameType::Sreq) {
+            let status = match payload.as_slice() {
+                [lo, hi, _, _, init_len, value @ ..] if value.len() == usize::from(*init_len) => {
+                    let item = u16::from_le_bytes([*lo, *hi]);
+                    if let std::collections::hash_map::Entry::Vacant(e) = self.nv.entry(item) {
+                        bump(&self.stats.nv_writes);
+                        e.insert(value.to_vec());
+                        NV_ITEM_UNINIT
+                    } else {
+                        0
+                    }
+                }
+                _ => 0x02,
+            };
+            self.send(znp::SYS_OSAL_NV_ITEM_INIT, FrameType::Srsp, vec![status]);
+        } else if znp::APP_CNF_BDB_SET_CHANNEL.is(&frame, FrameType::Sreq) {
+            if let [1, a, b, c, d] = payload.as_slice() {
+                self.bdb_channels = u32::from_le_bytes([*a, *b, *c, *d]);
+            }
+            self.send(znp::APP_CNF_BDB_SET_CHANNEL, FrameType::Srsp, vec![0]);
+        } else if znp::APP_CNF_BDB_START_COMMISSIONING.is(&frame, FrameType::Sreq) {
+            self.send(
+                znp::APP_CNF_BDB_START_COMMISSIONING,
+                FrameType::Srsp,
+                vec![0],
+            );
+            // Formation: status Success, or FormationFailure when the stick
+            // has a network already (zigpy-znp `start_network`); mode 4,
+            // nothing remaining.
+            let status = if payload.first() == Some(&0x04) && read_network(&self.nv).is_none() {
+                self.form();
+                0x00
+            } else {
+                0x08
+            };
+            let note = znp::APP_CNF_BDB_COMMISSIONING_NOTIFICATION
+                .frame(FrameType::Areq, vec![status, 0x04, 0x00])
+                .expect("fits");
+            self.timers.add(now + STEP, Action::Send(note));
+            self.timers.add(now + STEP, Action::NetworkUp);
+        } else if znp::ZDO_MGMT_PERMIT_JOIN_REQ.is(&frame, FrameType::Sreq) {
+            // Address mode, destination, duration, TC significance.
+            let status = match payload.as_slice() {
+                [_, _, _, seconds, _] => {
+                    bump(&self.stats.permit_join_requests);
+                    self.stats
+                        .last_permit_join_s
+                        .store(u64::from(*seconds), Ordering::Relaxed);
+                    0
+                }
+                _ => 0x02,
+            };
+            self.send(znp::ZDO_MGMT_PERMIT_JOIN_REQ, FrameType::Srsp, vec![status]);
+        } else if znp::ZDO_EXT_ROUTE_DISC.is(&frame, FrameType::Sreq) {
+            if let [lo, hi, ..] = payload.as_slice() {
+                bump(&self.stats.route_discoveries);
+                self.routed.insert(u16::from_le_bytes([*lo, *hi]));
+            }
+            self.send(znp::ZDO_EXT_ROUTE_DISC, FrameType::Srsp, vec![0]);
         } else if znp::UTIL_GET_DEVICE_INFO.is(&frame, FrameType::Sreq) {
             let state = if self.running { znp::DEV_ZB_COORD } else { 0 };
             let mut info = vec![0];
-            info.extend(0x00124B00_11223344u64.to_le_bytes());
+            info.extend(FAKE_IEEE.to_le_bytes());
             info.extend([0x00, 0x00, 0x07, state, 0]);
             self.send(znp::UTIL_GET_DEVICE_INFO, FrameType::Srsp, info);
         } else if znp::ZDO_STARTUP_FROM_APP.is(&frame, FrameType::Sreq) {
             bump(&self.stats.startups);
-            self.send(znp::ZDO_STARTUP_FROM_APP, FrameType::Srsp, vec![0]);
+            // With no network stored, the firmware forms one from whatever
+            // its NV items say (1.2: status 1, new network).
+            let status = if read_network(&self.nv).is_some() {
+                0
+            } else {
+                self.form();
+                if z12 {
+                    1
+                } else {
+                    0
+                }
+            };
+            self.send(znp::ZDO_STARTUP_FROM_APP, FrameType::Srsp, vec![status]);
             self.timers.add(now + STEP, Action::NetworkUp);
         } else if znp::AF_REGISTER.is(&frame, FrameType::Sreq) {
             let status = match (payload.first(), self.registered) {
@@ -538,8 +872,84 @@ impl FakeTask {
         }
     }
 
+    /// The chip restarts: it hears nothing for `reboot_ms`, then says so.
+    fn reboot(&mut self, now: Instant) {
+        self.running = false;
+        self.registered = None;
+        let up = now + Duration::from_millis(self.cfg.reboot_ms);
+        self.rebooting_until = Some(up);
+        // Reason 0 (power-up), transport 2, product, release.
+        let ind = znp::SYS_RESET_IND.frame(FrameType::Areq, vec![0, 2, 1, 2, 7, 1]);
+        self.timers.add(up, Action::Send(ind.expect("fits")));
+    }
+
+    /// Bytes while in the bootloader: only the skip byte means anything.
+    fn in_bootloader_read(&mut self, bytes: &[u8]) {
+        if bytes.contains(&BOOTLOADER_SKIP_BYTE) {
+            self.in_bootloader = false;
+            bump(&self.stats.bootloader_exits);
+            self.reboot(Instant::now());
+        }
+    }
+
+    /// Forms a network from the NV items (as the firmware does), on the
+    /// lowest channel of the BDB or NV channel mask.
+    fn form(&mut self) {
+        bump(&self.stats.formations);
+        let get = |item| self.nv.get(&item).cloned().unwrap_or_default();
+        let mask = match self.bdb_channels {
+            0 => u32::from_le_bytes(get(nvid::CHANLIST).try_into().unwrap_or([0, 8, 0, 0])),
+            mask => mask,
+        };
+        let channel = nv::mask_channels(mask).first().copied().unwrap_or(11);
+        let mut pan_id = u16::from_le_bytes(get(nvid::PANID).try_into().unwrap_or([0xFF, 0xFF]));
+        if pan_id == 0xFFFF {
+            pan_id = self.rng.gen_range(1..0xFFF7);
+        }
+        let extended_pan_id =
+            u64::from_le_bytes(get(nvid::EXTENDED_PAN_ID).try_into().unwrap_or([0xDD; 8]));
+        let network_key = get(nvid::PRECFGKEY).try_into().unwrap_or([0x01; 16]);
+        let network = FakeNetwork {
+            channel,
+            pan_id,
+            extended_pan_id,
+            network_key,
+        };
+        store_network(&mut self.nv, &mut self.ex_nv, self.cfg.firmware, &network);
+    }
+
+    /// The network frame counter's bytes: the network's own entry (3.30+)
+    /// or `NWKKEY`'s tail (1.2).
+    fn frame_counter_mut(&mut self) -> Option<&mut [u8]> {
+        let ext = read_network(&self.nv)?.extended_pan_id;
+        match self.cfg.firmware {
+            FakeFirmware::ZStack3x => self
+                .ex_nv
+                .iter_mut()
+                .find(|((item, _), e)| {
+                    *item == nvid::EX_NWK_SEC_MATERIAL_TABLE
+                        && e.get(4..12) == Some(&ext.to_le_bytes()[..])
+                })
+                .map(|(_, e)| &mut e[..4]),
+            FakeFirmware::ZStack12 => self
+                .nv
+                .get_mut(&nvid::NWKKEY)
+                .and_then(|k| k.get_mut(17..21)),
+        }
+    }
+
+    fn frame_counter(&mut self) -> Option<u32> {
+        let bytes = self.frame_counter_mut()?;
+        Some(u32::from_le_bytes(bytes.try_into().ok()?))
+    }
+
     fn on_data_request(&mut self, payload: &[u8], now: Instant) {
         bump(&self.stats.data_requests);
+        // Every frame the coordinator sends counts.
+        if let Some(counter) = self.frame_counter_mut() {
+            let next = u32::from_le_bytes([counter[0], counter[1], counter[2], counter[3]]) + 1;
+            counter.copy_from_slice(&next.to_le_bytes());
+        }
         // dst(2) dst_ep src_ep cluster(2) trans options radius len data
         if payload.len() < 10 || payload.len() < 10 + usize::from(payload[9]) || !self.running {
             self.send(znp::AF_DATA_REQUEST, FrameType::Srsp, vec![0x02]);
@@ -565,6 +975,10 @@ impl FakeTask {
             self.timers.add(now + STEP, Action::Send(confirm(0xCD)));
             return;
         };
+        if self.cfg.unrouted.contains(&self.tags[tag].id) && !self.routed.contains(&nwk) {
+            self.timers.add(now + STEP, Action::Send(confirm(0xCD)));
+            return;
+        }
         let awake = self.tags[tag].awake_until.is_some_and(|until| now <= until);
         if !awake {
             bump(&self.stats.confirms_expired);
@@ -582,6 +996,12 @@ impl FakeTask {
         let awake_ms = Duration::from_millis(self.cfg.awake_ms);
         let receiving = &mut self.tags[tag].receiving;
         if offer.segment == 0 {
+            if receiving.is_none() {
+                self.offers_at_once += 1;
+                self.stats
+                    .max_offers_at_once
+                    .fetch_max(self.offers_at_once, Ordering::Relaxed);
+            }
             *receiving = Some(Receiving {
                 handle: offer.handle,
                 task_id: offer.task_id.to_owned(),
@@ -595,7 +1015,9 @@ impl FakeTask {
             .filter(|r| r.handle == offer.handle && r.next == offer.segment)
         else {
             // A segment out of order: the tag forgets the offer.
-            *receiving = None;
+            if receiving.take().is_some() {
+                self.offers_at_once = self.offers_at_once.saturating_sub(1);
+            }
             return;
         };
         r.content.extend_from_slice(offer.content);
@@ -662,6 +1084,7 @@ impl FakeTask {
                 hash,
                 busy,
             } => {
+                self.offers_at_once = self.offers_at_once.saturating_sub(1);
                 let status = if busy {
                     UpdateStatus::Busy
                 } else {
@@ -725,4 +1148,132 @@ async fn read_master(pty: Option<&Pty>, buf: &mut [u8]) -> io::Result<usize> {
             Err(_would_block) => continue,
         }
     }
+}
+
+/// NV status of a missing item (`SYS_OSAL_NV_WRITE`), and of a created one
+/// (`SYS_OSAL_NV_ITEM_INIT`).
+const NV_ITEM_UNINIT: u8 = 0x09;
+const NV_OPER_FAILED: u8 = 0x0A;
+
+/// Items a "clear network state" start-up option removes.
+const NETWORK_STATE_ITEMS: [u16; 6] = [
+    nvid::NIB,
+    nvid::NWKKEY,
+    nvid::NWK_ACTIVE_KEY_INFO,
+    nvid::BDBNODEISONANETWORK,
+    nvid::HAS_CONFIGURED_ZSTACK3,
+    nvid::HAS_CONFIGURED_ZSTACK1,
+];
+/// Items a "clear configuration" start-up option sets back to defaults.
+const CONFIG_ITEMS: [u16; 12] = [
+    nvid::PANID,
+    nvid::CHANLIST,
+    nvid::EXTENDED_PAN_ID,
+    nvid::APS_USE_EXT_PANID,
+    nvid::PRECFGKEY,
+    nvid::PRECFGKEYS_ENABLE,
+    nvid::NWK_CHILD_AGE_ENABLE,
+    nvid::CONCENTRATOR_ENABLE,
+    nvid::CONCENTRATOR_DISCOVERY,
+    nvid::CONCENTRATOR_RC,
+    nvid::SRC_RTG_EXPIRY_TIME,
+    nvid::ZDO_DIRECT_CB,
+];
+
+/// A factory-fresh stick's NV memory: firmware defaults, no network.
+fn default_nv() -> HashMap<u16, Vec<u8>> {
+    HashMap::from([
+        (nvid::EXTADDR, FAKE_IEEE.to_le_bytes().to_vec()),
+        (nvid::STARTUP_OPTION, vec![0]),
+        (nvid::LOGICAL_TYPE, vec![0]),
+        (nvid::PANID, vec![0xFF, 0xFF]),
+        // Channel 11.
+        (nvid::CHANLIST, vec![0x00, 0x08, 0x00, 0x00]),
+        (nvid::EXTENDED_PAN_ID, vec![0xDD; 8]),
+        (nvid::APS_USE_EXT_PANID, vec![0; 8]),
+        (
+            nvid::PRECFGKEY,
+            vec![
+                0x01, 0x03, 0x05, 0x07, 0x09, 0x0B, 0x0D, 0x0F, 0x00, 0x02, 0x04, 0x06, 0x08, 0x0A,
+                0x0C, 0x0D,
+            ],
+        ),
+        (nvid::PRECFGKEYS_ENABLE, vec![1]),
+        // Child aging on, no concentrator: the firmware defaults a host
+        // must change for sleepy tags.
+        (nvid::NWK_CHILD_AGE_ENABLE, vec![1]),
+        (nvid::CONCENTRATOR_ENABLE, vec![0]),
+        (nvid::CONCENTRATOR_DISCOVERY, vec![0]),
+        (nvid::CONCENTRATOR_RC, vec![0]),
+        (nvid::SRC_RTG_EXPIRY_TIME, vec![0]),
+        (nvid::ZDO_DIRECT_CB, vec![0]),
+    ])
+}
+
+/// Stores `network` as the firmware would after forming it.
+fn store_network(
+    nv: &mut HashMap<u16, Vec<u8>>,
+    ex_nv: &mut HashMap<(u16, u16), Vec<u8>>,
+    firmware: FakeFirmware,
+    network: &FakeNetwork,
+) {
+    // The frame counter: Z-Stack 3.30+ keeps it in the security-material
+    // table (a global entry, then the network's), 1.2 after the key in
+    // NWKKEY.
+    let entry = |counter: u32, ext: u64| {
+        let mut e = counter.to_le_bytes().to_vec();
+        e.extend(ext.to_le_bytes());
+        e
+    };
+    match firmware {
+        FakeFirmware::ZStack3x => {
+            ex_nv.insert((nvid::EX_NWK_SEC_MATERIAL_TABLE, 0), entry(7, u64::MAX));
+            ex_nv.insert(
+                (nvid::EX_NWK_SEC_MATERIAL_TABLE, 1),
+                entry(0, network.extended_pan_id),
+            );
+        }
+        FakeFirmware::ZStack12 => {
+            let mut item = vec![0];
+            item.extend(network.network_key);
+            item.extend(0u32.to_le_bytes());
+            nv.insert(nvid::NWKKEY, item);
+        }
+    }
+    let nib = Nib {
+        security_level: 5,
+        channel: network.channel,
+        pan_id: network.pan_id,
+        channel_list: nv::channel_mask(&[network.channel]),
+        extended_pan_id: network.extended_pan_id,
+        key_loaded: true,
+        update_id: 0,
+    };
+    let z3 = firmware == FakeFirmware::ZStack3x;
+    nv.insert(nvid::NIB, nib.encode(z3));
+    nv.insert(nvid::PRECFGKEY, network.network_key.to_vec());
+    if z3 {
+        let mut key_info = vec![0];
+        key_info.extend(network.network_key);
+        nv.insert(nvid::NWK_ACTIVE_KEY_INFO, key_info);
+        nv.insert(nvid::BDBNODEISONANETWORK, vec![1]);
+    }
+}
+
+/// The network in the NV memory, read as the host reads it.
+fn read_network(nv: &HashMap<u16, Vec<u8>>) -> Option<FakeNetwork> {
+    let nib = Nib::parse(nv.get(&nvid::NIB)?)?;
+    if !nib.is_formed() {
+        return None;
+    }
+    let key = match nv.get(&nvid::NWK_ACTIVE_KEY_INFO) {
+        Some(info) => info.get(1..17)?.try_into().ok()?,
+        None => nv.get(&nvid::PRECFGKEY)?.get(..16)?.try_into().ok()?,
+    };
+    Some(FakeNetwork {
+        channel: nib.channel,
+        pan_id: nib.pan_id,
+        extended_pan_id: nib.extended_pan_id,
+        network_key: key,
+    })
 }

@@ -60,6 +60,8 @@ pub mod subsystem {
     pub const AF: u8 = 0x04;
     pub const ZDO: u8 = 0x05;
     pub const UTIL: u8 = 0x07;
+    /// Z-Stack 3 only (BDB commissioning); Z-Stack 1.2 lacks it.
+    pub const APP_CNF: u8 = 0x0F;
 }
 
 /// One MT frame. The payload is at most [`MAX_PAYLOAD`] bytes: every

@@ -2,18 +2,23 @@
 //! firmware) on a serial port, driving ESL tags that are sleepy end devices.
 //!
 //! Layout: [`frame`] (MT framing), [`znp`] (request layer: SREQ/SRSP,
-//! AREQs, timeouts), [`app`] (the ESL messages inside AF frames, postcard),
-//! `driver` (the one task that owns the port: start-up, delivery, adapter
-//! loss and reconnect), this file (config, counters and [`ZigbeeRadio`], the
-//! agent's handle). `fake` (feature `fake`) is a ZNP coordinator with
-//! simulated tags on a pseudo-terminal, for tests.
+//! AREQs, timeouts), [`firmware`] (bootloader skip, probe, Z-Stack version),
+//! [`nv`] (NV items, the stick's stored network), [`backup`] (the saved
+//! network as Open Coordinator Backup JSON), [`commission`] (start-up:
+//! forming, resuming, restoring or adopting the network), [`app`] (the ESL
+//! messages inside AF frames, postcard), `driver` (the one task that owns
+//! the port: connect, delivery, adapter loss and reconnect), this file
+//! (config, counters and [`ZigbeeRadio`], the agent's handle). `fake`
+//! (feature `fake`) is a ZNP coordinator with simulated tags on a
+//! pseudo-terminal, for tests.
 //!
 //! Channels: [`ZigbeeRadio::deliver`] writes `delivery_tx` (bounded,
 //! [`DELIVERY_CAPACITY`]); the driver reads it and writes `event_tx`
 //! (bounded, [`EVENT_CAPACITY`]); [`ZigbeeRadio::next_event`] reads
-//! `event_rx`. As in the simulator, the driver never awaits an event send
-//! outside its `select!`, so an agent blocked in `deliver` cannot deadlock
-//! it.
+//! `event_rx`; [`ZigbeeRadio::permit_join`] writes `command_tx` (bounded,
+//! [`COMMAND_CAPACITY`]) with a oneshot for the answer. As in the
+//! simulator, the driver never awaits an event send outside its `select!`,
+//! so an agent blocked in `deliver` cannot deadlock it.
 //!
 //! The adapter may vanish at any time (USB unplugged, firmware hung): the
 //! driver then reports [`RadioState::Down`](crate::RadioState), fails what
@@ -22,10 +27,14 @@
 //! succeeds again. It ends only when the agent drops the [`ZigbeeRadio`].
 
 pub mod app;
+pub mod backup;
+pub mod commission;
 mod driver;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+pub mod firmware;
 pub mod frame;
+pub mod nv;
 #[cfg(test)]
 mod pty_tests;
 pub mod znp;
@@ -37,7 +46,9 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::{Delivery, DriverChannels, Radio, RadioCounters, RadioError, RadioEvent};
+use crate::{
+    Delivery, DriverChannels, Radio, RadioCounters, RadioError, RadioErrorKind, RadioEvent,
+};
 
 /// Capacity of the delivery channel. The driver sends one AF_DATA_REQUEST
 /// per delivery (a few ms each on a 115200 baud line) and takes the next at
@@ -46,6 +57,22 @@ pub const DELIVERY_CAPACITY: usize = 64;
 /// Capacity of the event channel: a burst of check-ins and outcomes; the
 /// rest waits in the driver's own queue (see `driver`).
 pub const EVENT_CAPACITY: usize = 256;
+
+/// Capacity of the network-command channel (permit-join): an operator's
+/// commands, one at a time.
+pub const COMMAND_CAPACITY: usize = 4;
+/// Longest permit-join in seconds (255 would mean "for ever" in ZigBee,
+/// which the agent never asks for).
+pub const MAX_PERMIT_JOIN_S: u8 = 254;
+
+/// A network-management command for the driver, answered on `reply`.
+#[derive(Debug)]
+pub(crate) enum NetworkCommand {
+    PermitJoin {
+        seconds: u8,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+}
 
 /// Flow control on the serial line (`radio.zigbee.flow_control`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -60,6 +87,35 @@ pub enum FlowControl {
     Software,
 }
 
+/// What the start-up does when the stick's network is not the saved one
+/// (`radio.zigbee.on_network_mismatch`; docs/ZIGBEE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMismatch {
+    /// Report the radio down with the reason and the remedies; touch
+    /// nothing.
+    #[default]
+    Report,
+    /// Write the saved network to the stick (a replaced or reset stick).
+    Restore,
+    /// Take the stick's network as the agent's and save it.
+    Adopt,
+    /// Form a new network (every tag must join again); the old saved
+    /// network is kept as `….json.old`.
+    Form,
+}
+
+impl NetworkMismatch {
+    pub fn name(self) -> &'static str {
+        match self {
+            NetworkMismatch::Report => "report",
+            NetworkMismatch::Restore => "restore",
+            NetworkMismatch::Adopt => "adopt",
+            NetworkMismatch::Form => "form",
+        }
+    }
+}
+
 /// ZigBee backend settings (`[radio.zigbee]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ZigbeeConfig {
@@ -72,9 +128,30 @@ pub struct ZigbeeConfig {
     pub endpoint: u8,
     /// Longest wait for an SRSP.
     pub sreq_timeout: Duration,
+    /// DTR/RTS states at open, the bootloader-skip byte and how long to
+    /// probe for the stick.
+    pub bootloader: firmware::BootloaderSkip,
+    /// Where the agent's network is saved (Open Coordinator Backup JSON,
+    /// mode 0600: it holds the network key).
+    pub network_file: PathBuf,
+    /// Channels a new network may use (11..=26); the stick picks the
+    /// quietest.
+    pub channels: Vec<u8>,
+    /// PAN id and extended PAN id of a new network; random when `None`.
+    pub pan_id: Option<u16>,
+    pub extended_pan_id: Option<u64>,
+    pub on_network_mismatch: NetworkMismatch,
+    /// How often the network file is refreshed from the stick (frame
+    /// counter, channel) while it runs; zero: never.
+    pub backup_interval: Duration,
+    /// Data requests in flight at once; `None`: by firmware (16 on Z-Stack
+    /// 3.x.0 sticks, 4 on older ones).
+    pub max_in_flight: Option<usize>,
     /// Longest wait for `SYS_RESET_IND` after a soft reset.
     pub reset_timeout: Duration,
-    /// Longest wait for the coordinator to come up on its network.
+    /// Longest wait for the coordinator to come up on its network, and for
+    /// each commissioning step (`ZDO_STARTUP_FROM_APP`, BDB formation):
+    /// real sticks take seconds (zigbee-herdsman allows 40 s).
     pub startup_timeout: Duration,
     /// Longest wait for `AF_DATA_CONFIRM` after a data request; must cover
     /// the coordinator's indirect-transmission timeout for sleepy tags
@@ -98,9 +175,17 @@ impl Default for ZigbeeConfig {
             baud_rate: 115_200,
             flow_control: FlowControl::None,
             endpoint: 32,
+            bootloader: firmware::BootloaderSkip::default(),
+            network_file: PathBuf::from("/var/lib/esl-agent/zigbee-network.json"),
+            channels: vec![11, 15, 20, 25],
+            pan_id: None,
+            extended_pan_id: None,
+            on_network_mismatch: NetworkMismatch::Report,
+            backup_interval: Duration::from_secs(3600),
+            max_in_flight: None,
             sreq_timeout: Duration::from_millis(2_000),
             reset_timeout: Duration::from_millis(10_000),
-            startup_timeout: Duration::from_millis(20_000),
+            startup_timeout: Duration::from_millis(40_000),
             confirm_timeout: Duration::from_millis(10_000),
             result_timeout: Duration::from_millis(10_000),
             ping_interval: Duration::from_millis(10_000),
@@ -163,6 +248,10 @@ zigbee_counters! {
     result_timeouts,
     /// Confirms and tag results for deliveries no longer in flight.
     late_replies,
+    /// Device announces (a device joined or rejoined).
+    device_announces,
+    /// Route discoveries after a "no route" confirm (0xCD).
+    route_discoveries,
     /// Check-ins dropped because the agent did not keep up.
     checkins_dropped,
     /// Successful start-ups of the adapter, and losses of it.
@@ -190,6 +279,7 @@ impl ZigbeeCounters {
 pub struct ZigbeeRadio {
     channels: DriverChannels,
     counters: Arc<ZigbeeCounters>,
+    command_tx: mpsc::Sender<NetworkCommand>,
 }
 
 impl ZigbeeRadio {
@@ -201,13 +291,35 @@ impl ZigbeeRadio {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ZigbeeError::NoRuntime)?;
         let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_CAPACITY);
         let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
+        let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
         let counters = Arc::new(ZigbeeCounters::default());
-        let driver = driver::Driver::new(cfg, counters.clone(), delivery_rx, event_tx);
+        let driver = driver::Driver::new(cfg, counters.clone(), delivery_rx, event_tx, command_rx);
         runtime.spawn(driver.run());
         Ok(ZigbeeRadio {
             channels: DriverChannels::new("ZigBee driver", delivery_tx, event_rx),
             counters,
+            command_tx,
         })
+    }
+
+    /// Opens the network for joining for `seconds` (0 closes it), at the
+    /// coordinator and every router (`ZDO_MGMT_PERMIT_JOIN_REQ` broadcast).
+    /// Fails when the adapter is not up, or `seconds` is over
+    /// [`MAX_PERMIT_JOIN_S`].
+    pub async fn permit_join(&self, seconds: u8) -> Result<(), String> {
+        if seconds > MAX_PERMIT_JOIN_S {
+            return Err(format!(
+                "permit-join of {seconds} s: at most {MAX_PERMIT_JOIN_S}"
+            ));
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.command_tx
+            .send(NetworkCommand::PermitJoin { seconds, reply })
+            .await
+            .map_err(|_| "the ZigBee driver has stopped".to_owned())?;
+        answer
+            .await
+            .map_err(|_| "the ZigBee driver has stopped".to_owned())?
     }
 
     pub fn zigbee_counters(&self) -> &Arc<ZigbeeCounters> {
@@ -233,9 +345,40 @@ impl ZigbeeConfig {
         if !(1..=240).contains(&self.endpoint) {
             return invalid("radio.zigbee.endpoint", "must be between 1 and 240");
         }
+        if self.network_file.as_os_str().is_empty() {
+            return invalid("radio.zigbee.network_file", "must be a file path");
+        }
+        if self.channels.is_empty() || self.channels.iter().any(|c| !(11..=26).contains(c)) {
+            return invalid(
+                "radio.zigbee.channels",
+                "must list at least one channel, each in 11..=26",
+            );
+        }
+        if self.pan_id.is_some_and(|p| p == 0 || p > 0xFFF6) {
+            return invalid("radio.zigbee.pan_id", "must be between 0x0001 and 0xFFF6");
+        }
+        if self
+            .extended_pan_id
+            .is_some_and(|e| e == 0 || e == u64::MAX)
+        {
+            return invalid(
+                "radio.zigbee.extended_pan_id",
+                "must not be all zeros or all ones",
+            );
+        }
+        if self.max_in_flight == Some(0) {
+            return invalid("radio.zigbee.max_in_flight", "must be at least 1");
+        }
+        if self.bootloader.pin_states.len() > 16 {
+            return invalid("radio.zigbee.bootloader_pins", "at most 16 DTR/RTS states");
+        }
         let timeouts = [
             ("radio.zigbee.sreq_timeout_ms", self.sreq_timeout),
             ("radio.zigbee.reset_timeout_ms", self.reset_timeout),
+            (
+                "radio.zigbee.probe_timeout_ms",
+                self.bootloader.probe_timeout,
+            ),
             ("radio.zigbee.startup_timeout_ms", self.startup_timeout),
             ("radio.zigbee.confirm_timeout_ms", self.confirm_timeout),
             ("radio.zigbee.result_timeout_ms", self.result_timeout),
@@ -268,6 +411,17 @@ impl Radio for ZigbeeRadio {
 
     fn counters(&self) -> Option<Arc<dyn RadioCounters>> {
         Some(self.counters.clone())
+    }
+
+    async fn permit_join(&mut self, seconds: u8) -> Result<(), RadioError> {
+        let kind = if seconds > MAX_PERMIT_JOIN_S {
+            RadioErrorKind::InvalidRequest
+        } else {
+            RadioErrorKind::Unavailable
+        };
+        ZigbeeRadio::permit_join(self, seconds)
+            .await
+            .map_err(|e| RadioError::new(kind, e))
     }
 }
 

@@ -9,17 +9,22 @@ use std::time::Duration;
 
 use tokio::time::{timeout_at, Instant};
 
-use super::fake::{FakeConfig, FakeCoordinator, FakeStats};
-use super::{ZigbeeConfig, ZigbeeRadio};
+use super::backup::NetworkBackup;
+use super::fake::{FakeConfig, FakeCoordinator, FakeFirmware, FakeNetwork, FakeStats};
+use super::nv::id as nvid;
+use super::{NetworkMismatch, ZigbeeConfig, ZigbeeRadio};
 use crate::{Delivery, Outcome, Radio, RadioEvent, RadioState};
 
 /// Longest wait for anything in these tests; far above what each step
 /// needs (tens of ms) so a loaded CI machine does not fail them.
 const PATIENCE: Duration = Duration::from_secs(20);
 
+/// The radio's settings for a fake at `port`; the network is saved next to
+/// it.
 fn radio_config(port: &Path) -> ZigbeeConfig {
     ZigbeeConfig {
         port: port.to_owned(),
+        network_file: port.with_file_name("zigbee-network.json"),
         sreq_timeout: Duration::from_millis(500),
         reset_timeout: Duration::from_millis(2000),
         startup_timeout: Duration::from_millis(2000),
@@ -39,12 +44,21 @@ struct Rig {
 }
 
 fn rig(tweak: impl FnOnce(&mut FakeConfig)) -> Rig {
+    rig_with(tweak, |_| {})
+}
+
+fn rig_with(
+    tweak: impl FnOnce(&mut FakeConfig),
+    tweak_radio: impl FnOnce(&mut ZigbeeConfig),
+) -> Rig {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = FakeConfig::new(dir.path().join("ttyZB0"));
     cfg.journal = Some(dir.path().join("journal.jsonl"));
     tweak(&mut cfg);
     let fake = FakeCoordinator::start(cfg).expect("fake coordinator");
-    let radio = ZigbeeRadio::start(radio_config(fake.port())).expect("radio");
+    let mut radio_cfg = radio_config(fake.port());
+    tweak_radio(&mut radio_cfg);
+    let radio = ZigbeeRadio::start(radio_cfg).expect("radio");
     Rig {
         radio,
         fake,
@@ -132,8 +146,10 @@ async fn start_up_check_in_and_delivery() {
     let mut rig = rig(|_| {});
     wait_up(&mut rig.radio).await;
     let stats = rig.fake.stats();
-    assert_eq!(FakeStats::get(&stats.resets), 1, "one soft reset");
-    assert_eq!(FakeStats::get(&stats.startups), 1, "coordinator started");
+    // The start-up's reset, and the one that clears a blank stick before
+    // it forms the agent's network.
+    assert_eq!(FakeStats::get(&stats.resets), 2, "two soft resets");
+    assert_eq!(FakeStats::get(&stats.formations), 1, "network formed");
     assert_eq!(
         FakeStats::get(&stats.registrations),
         1,
@@ -345,7 +361,12 @@ async fn unplug_reports_down_fails_in_flight_and_replug_recovers() {
 
     rig.fake.replug().await.expect("replug");
     wait_up(&mut rig.radio).await;
-    assert_eq!(FakeStats::get(&stats.resets), 2, "start-up ran again");
+    assert_eq!(FakeStats::get(&stats.resets), 3, "start-up ran again");
+    assert_eq!(
+        FakeStats::get(&stats.formations),
+        1,
+        "and resumed the network"
+    );
     let counters = rig.radio.zigbee_counters();
     assert_eq!(counters.get("adapter_losses"), Some(1));
     assert_eq!(counters.get("adapter_starts"), Some(2));
@@ -381,4 +402,362 @@ async fn missing_device_is_down_until_it_appears() {
     assert!(matches!(reason, RadioEvent::State(RadioState::Down { .. })));
     let _fake = FakeCoordinator::start(FakeConfig::new(&port)).expect("fake");
     wait_up(&mut radio).await;
+}
+
+/// The fake's network as the agent saved it.
+fn saved_network(radio_cfg: &ZigbeeConfig) -> FakeNetwork {
+    let backup = NetworkBackup::load(&radio_cfg.network_file)
+        .expect("readable")
+        .expect("saved");
+    let net = backup.to_network().expect("valid");
+    FakeNetwork {
+        channel: net.channel,
+        pan_id: net.pan_id,
+        extended_pan_id: net.extended_pan_id,
+        network_key: net.network_key,
+    }
+}
+
+fn foreign_network() -> FakeNetwork {
+    FakeNetwork {
+        channel: 25,
+        pan_id: 0x0BAD,
+        extended_pan_id: 0x0123_4567_89AB_CDEF,
+        network_key: [0x42; 16],
+    }
+}
+
+#[tokio::test]
+async fn blank_stick_gets_the_configured_network_saved_privately_and_a_restart_resumes_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let tweak_radio = |c: &mut ZigbeeConfig| {
+        c.channels = vec![20, 25];
+        c.pan_id = Some(0x1A62);
+    };
+    let mut rig = rig_with(|_| {}, tweak_radio);
+    wait_up(&mut rig.radio).await;
+    let mut cfg = radio_config(rig.fake.port());
+    tweak_radio(&mut cfg);
+    let on_stick = rig.fake.network().await.expect("formed");
+    assert_eq!(
+        on_stick,
+        saved_network(&cfg),
+        "the file is the stick's network"
+    );
+    assert_eq!((on_stick.channel, on_stick.pan_id), (20, 0x1A62));
+    assert_ne!(
+        on_stick.network_key,
+        [
+            0x01, 0x03, 0x05, 0x07, 0x09, 0x0B, 0x0D, 0x0F, 0x00, 0x02, 0x04, 0x06, 0x08, 0x0A,
+            0x0C, 0x0D
+        ],
+        "not the firmware's default key"
+    );
+    let mode = std::fs::metadata(&cfg.network_file)
+        .expect("saved")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the network key is a secret");
+    // What sleepy tags need.
+    assert_eq!(
+        rig.fake.nv_item(nvid::NWK_CHILD_AGE_ENABLE).await,
+        Some(vec![0])
+    );
+    assert_eq!(
+        rig.fake.nv_item(nvid::CONCENTRATOR_ENABLE).await,
+        Some(vec![1])
+    );
+    assert_eq!(rig.fake.nv_item(nvid::ZDO_DIRECT_CB).await, Some(vec![1]));
+    assert_eq!(
+        rig.fake.nv_item(nvid::HAS_CONFIGURED_ZSTACK3).await,
+        Some(vec![0x55])
+    );
+
+    // The agent restarts: same network, not formed again.
+    drop(rig.radio);
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    wait_up(&mut radio).await;
+    assert_eq!(FakeStats::get(&rig.fake.stats().formations), 1);
+    assert_eq!(rig.fake.network().await, Some(on_stick));
+}
+
+#[tokio::test]
+async fn stick_formed_by_someone_else_is_down_with_the_remedy_until_adopted() {
+    let mut rig = rig(|c| c.network = Some(foreign_network()));
+    let reason = wait_down_matching(&mut rig.radio, "did not form").await;
+    assert!(
+        reason.contains("on_network_mismatch = \"adopt\""),
+        "{reason}"
+    );
+    assert!(reason.contains("0x0bad"), "{reason}");
+    assert!(!reason.contains("4242"), "no key in the reason: {reason}");
+    assert_eq!(
+        FakeStats::get(&rig.fake.stats().formations),
+        0,
+        "not re-formed"
+    );
+    assert_eq!(rig.fake.network().await, Some(foreign_network()));
+    drop(rig.radio);
+
+    let mut cfg = radio_config(rig.fake.port());
+    cfg.on_network_mismatch = NetworkMismatch::Adopt;
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    wait_up(&mut radio).await;
+    assert_eq!(saved_network(&cfg), foreign_network());
+    assert_eq!(FakeStats::get(&rig.fake.stats().formations), 0);
+}
+
+#[tokio::test]
+async fn replaced_stick_is_down_until_the_saved_network_is_restored_to_it() {
+    // The agent forms its network on a first stick…
+    let first = rig(|_| {});
+    let mut first_radio = first.radio;
+    wait_up(&mut first_radio).await;
+    let cfg = radio_config(first.fake.port());
+    let ours = saved_network(&cfg);
+    drop(first_radio);
+    drop(first.fake);
+    // The old fake's task removes its link as it ends; wait for that, or
+    // it could remove the new one's.
+    let deadline = Instant::now() + PATIENCE;
+    while cfg.port.symlink_metadata().is_ok() {
+        assert!(Instant::now() < deadline, "the old fake never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // …which is replaced by a blank one (a 1.2 CC2531, to cover its
+    // start-up answers too).
+    let mut fake_cfg = FakeConfig::new(&cfg.port);
+    fake_cfg.firmware = FakeFirmware::ZStack12;
+    let fake = FakeCoordinator::start(fake_cfg).expect("fake");
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    let reason = wait_down_matching(&mut radio, "no network").await;
+    assert!(reason.contains("\"restore\""), "{reason}");
+    assert_eq!(fake.network().await, None, "left blank");
+    drop(radio);
+
+    let mut restoring = cfg.clone();
+    restoring.on_network_mismatch = NetworkMismatch::Restore;
+    let mut radio = ZigbeeRadio::start(restoring).expect("radio");
+    wait_up(&mut radio).await;
+    assert_eq!(
+        fake.network().await,
+        Some(ours.clone()),
+        "our network on the new stick"
+    );
+    assert_eq!(
+        fake.frame_counter().await,
+        Some(super::commission::FRAME_COUNTER_MARGIN),
+        "the 1.2 counter (in NWKKEY) above the saved one"
+    );
+    assert_eq!(saved_network(&cfg), ours, "the saved network unchanged");
+    assert_eq!(
+        radio.zigbee_counters().get("rpc_errors"),
+        Some(0),
+        "no BDB on 1.2"
+    );
+}
+
+#[tokio::test]
+async fn stick_in_its_bootloader_is_woken_and_its_power_up_indication_is_not_the_reset_answer() {
+    // The stick leaves its bootloader on the skip byte and says hello with
+    // a SYS_RESET_IND while the agent still probes; the agent's own reset
+    // must wait for the next one, or its next request reaches a rebooting
+    // chip.
+    let mut rig = rig(|c| {
+        c.in_bootloader = true;
+        c.reboot_ms = 300;
+    });
+    wait_up(&mut rig.radio).await;
+    let stats = rig.fake.stats();
+    assert_eq!(FakeStats::get(&stats.bootloader_exits), 1);
+    // At most the probe's ping right after the skip byte is lost.
+    assert!(FakeStats::get(&stats.frames_while_rebooting) <= 1);
+    assert_eq!(
+        FakeStats::get(&stats.resets),
+        2,
+        "started at the first attempt"
+    );
+    assert_eq!(rig.radio.zigbee_counters().get("adapter_starts"), Some(1));
+}
+
+async fn wait_down_matching(radio: &mut ZigbeeRadio, text: &str) -> String {
+    match wait_for(
+        radio,
+        &format!("down: {text}"),
+        |e| matches!(e, RadioEvent::State(RadioState::Down { reason }) if reason.contains(text)),
+    )
+    .await
+    {
+        RadioEvent::State(RadioState::Down { reason }) => reason,
+        _ => unreachable!("matched Down above"),
+    }
+}
+
+#[tokio::test]
+async fn backup_of_one_stick_restored_to_a_blank_one_is_resumed_by_the_agent() {
+    use super::commission::{backup_stick, restore_stick};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = dir.path().join("ttyZB0");
+    let cfg = radio_config(&port);
+    // A stick someone else formed (Zigbee2MQTT, say): back it up.
+    let mut old = FakeConfig::new(&port);
+    old.network = Some(foreign_network());
+    let old = FakeCoordinator::start(old).expect("fake");
+    let mut backup = backup_stick(&cfg)
+        .await
+        .expect("backup")
+        .expect("a network");
+    let json = serde_json::to_value(&backup).expect("json");
+    assert_eq!(json["metadata"]["format"], "zigpy/open-coordinator-backup");
+    assert_eq!(json["pan_id"], "0bad");
+    assert_eq!(json["extended_pan_id"], "0123456789abcdef");
+    assert_eq!(json["channel"], 25);
+    assert_eq!(json["network_key"]["key"], "42".repeat(16));
+    // The network's own counter, not the stick's global entry (7).
+    assert_eq!(json["network_key"]["frame_counter"], 0);
+    drop(old);
+    // As if it came from another stick that sent 5000 frames.
+    backup.coordinator_ieee = "00124b00aabbccdd".to_owned();
+    backup.network_key.frame_counter = 5_000;
+    let deadline = Instant::now() + PATIENCE;
+    while port.symlink_metadata().is_ok() {
+        assert!(Instant::now() < deadline, "the old fake never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // A blank stick gets it; the agent then resumes it as its own.
+    let blank = FakeCoordinator::start(FakeConfig::new(&port)).expect("fake");
+    assert_eq!(backup_stick(&cfg).await.expect("read"), None, "blank");
+    restore_stick(&cfg, &backup).await.expect("restored");
+    assert_eq!(blank.network().await, Some(foreign_network()));
+    assert_eq!(
+        blank.nv_item(nvid::EXTADDR).await,
+        Some(0x00124B00_AABBCCDDu64.to_le_bytes().to_vec()),
+        "the coordinator address from the backup"
+    );
+    assert_eq!(
+        blank.frame_counter().await,
+        Some(5_000 + super::commission::FRAME_COUNTER_MARGIN),
+        "frames go out above the old stick's counter"
+    );
+    let formations = FakeStats::get(&blank.stats().formations);
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    wait_up(&mut radio).await;
+    assert_eq!(
+        FakeStats::get(&blank.stats().formations),
+        formations,
+        "resumed, not formed"
+    );
+    assert_eq!(saved_network(&cfg), foreign_network());
+}
+
+#[tokio::test]
+async fn deliveries_in_flight_are_capped() {
+    // Tags that stay awake and take a while to render: without a cap every
+    // offer would be at the adapter at once.
+    let mut rig = rig_with(
+        |c| {
+            c.awake_ms = 20_000;
+            c.apply_ms = 150;
+        },
+        |r| {
+            r.max_in_flight = Some(2);
+            r.result_timeout = Duration::from_secs(5);
+        },
+    );
+    wait_up(&mut rig.radio).await;
+    let tags: Vec<String> = (0..6).map(|i| format!("SIM{i:06}")).collect();
+    for tag in &tags {
+        wait_checkin(&mut rig.radio, tag).await;
+    }
+    for (i, tag) in tags.iter().enumerate() {
+        rig.radio
+            .deliver(delivery(tag, &format!("t-cap{i}"), "0011223344556677"))
+            .await
+            .expect("deliver");
+    }
+    for i in 0..tags.len() {
+        let outcome = wait_outcome(&mut rig.radio, &format!("t-cap{i}")).await;
+        assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+    }
+    let at_once = FakeStats::get(&rig.fake.stats().max_offers_at_once);
+    assert_eq!(at_once, 2, "two offers at a time");
+}
+
+#[tokio::test]
+async fn no_route_is_answered_with_a_route_discovery_and_the_offer_goes_again() {
+    let mut rig = rig(|c| {
+        c.unrouted = vec!["SIM000003".to_owned()];
+        c.awake_ms = 2_000;
+    });
+    wait_up(&mut rig.radio).await;
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000003", "t-route", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+    assert_eq!(FakeStats::get(&rig.fake.stats().route_discoveries), 1);
+    assert_eq!(
+        rig.radio.zigbee_counters().get("route_discoveries"),
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn joining_is_closed_at_start_and_opened_on_request() {
+    let mut rig = rig(|_| {});
+    wait_up(&mut rig.radio).await;
+    let stats = rig.fake.stats();
+    assert_eq!(
+        FakeStats::get(&stats.last_permit_join_s),
+        0,
+        "closed at start"
+    );
+    rig.radio.permit_join(120).await.expect("opened");
+    assert_eq!(FakeStats::get(&stats.last_permit_join_s), 120);
+    let error = rig.radio.permit_join(255).await.expect_err("too long");
+    assert!(error.contains("254"), "{error}");
+    // Deliveries still work after it.
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000001", "t-pj", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+
+    rig.fake.unplug().await;
+    wait_down(&mut rig.radio).await;
+    let error = rig.radio.permit_join(60).await.expect_err("no adapter");
+    assert!(error.contains("not connected"), "{error}");
+    assert_eq!(FakeStats::get(&stats.permit_join_requests), 2);
+}
+
+#[tokio::test]
+async fn scheduled_backups_keep_the_frame_counter_current() {
+    let mut rig = rig_with(|_| {}, |r| r.backup_interval = Duration::from_millis(100));
+    wait_up(&mut rig.radio).await;
+    let cfg = radio_config(rig.fake.port());
+    let file_counter = || {
+        NetworkBackup::load(&cfg.network_file)
+            .expect("readable")
+            .expect("saved")
+            .network_key
+            .frame_counter
+    };
+    assert_eq!(file_counter(), 0, "just formed");
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000002", "t-bk", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+    let sent = rig.fake.frame_counter().await.expect("a counter");
+    assert!(sent > 0);
+    let deadline = Instant::now() + PATIENCE;
+    while file_counter() < sent {
+        assert!(Instant::now() < deadline, "no backup with counter {sent}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -63,6 +63,33 @@ impl Command {
 pub const SYS_RESET_REQ: Command = Command::new("SYS_RESET_REQ", subsystem::SYS, 0x00);
 pub const SYS_PING: Command = Command::new("SYS_PING", subsystem::SYS, 0x01);
 pub const SYS_RESET_IND: Command = Command::new("SYS_RESET_IND", subsystem::SYS, 0x80);
+// Checked against zigpy-znp `commands/sys.py`, `commands/app_config.py`,
+// `commands/zdo.py`, `commands/af.py` and zigbee-herdsman
+// `adapter/z-stack/znp/definition.ts`.
+pub const SYS_VERSION: Command = Command::new("SYS_VERSION", subsystem::SYS, 0x02);
+pub const SYS_OSAL_NV_ITEM_INIT: Command =
+    Command::new("SYS_OSAL_NV_ITEM_INIT", subsystem::SYS, 0x07);
+pub const SYS_OSAL_NV_READ: Command = Command::new("SYS_OSAL_NV_READ", subsystem::SYS, 0x08);
+pub const SYS_OSAL_NV_WRITE: Command = Command::new("SYS_OSAL_NV_WRITE", subsystem::SYS, 0x09);
+pub const SYS_OSAL_NV_DELETE: Command = Command::new("SYS_OSAL_NV_DELETE", subsystem::SYS, 0x12);
+pub const SYS_OSAL_NV_LENGTH: Command = Command::new("SYS_OSAL_NV_LENGTH", subsystem::SYS, 0x13);
+/// The extended NV API of Z-Stack 3.30+ (system id, item id, sub id).
+pub const SYS_NV_READ: Command = Command::new("SYS_NV_READ", subsystem::SYS, 0x33);
+pub const SYS_NV_WRITE: Command = Command::new("SYS_NV_WRITE", subsystem::SYS, 0x34);
+pub const APP_CNF_BDB_START_COMMISSIONING: Command =
+    Command::new("APP_CNF_BDB_START_COMMISSIONING", subsystem::APP_CNF, 0x05);
+pub const APP_CNF_BDB_SET_CHANNEL: Command =
+    Command::new("APP_CNF_BDB_SET_CHANNEL", subsystem::APP_CNF, 0x08);
+pub const APP_CNF_BDB_COMMISSIONING_NOTIFICATION: Command = Command::new(
+    "APP_CNF_BDB_COMMISSIONING_NOTIFICATION",
+    subsystem::APP_CNF,
+    0x80,
+);
+pub const ZDO_MGMT_PERMIT_JOIN_REQ: Command =
+    Command::new("ZDO_MGMT_PERMIT_JOIN_REQ", subsystem::ZDO, 0x36);
+pub const ZDO_END_DEVICE_ANNCE_IND: Command =
+    Command::new("ZDO_END_DEVICE_ANNCE_IND", subsystem::ZDO, 0xC1);
+pub const ZDO_EXT_ROUTE_DISC: Command = Command::new("ZDO_EXT_ROUTE_DISC", subsystem::ZDO, 0x45);
 pub const UTIL_GET_DEVICE_INFO: Command =
     Command::new("UTIL_GET_DEVICE_INFO", subsystem::UTIL, 0x00);
 pub const ZDO_STARTUP_FROM_APP: Command =
@@ -73,6 +100,9 @@ pub const AF_REGISTER: Command = Command::new("AF_REGISTER", subsystem::AF, 0x00
 pub const AF_DATA_REQUEST: Command = Command::new("AF_DATA_REQUEST", subsystem::AF, 0x01);
 pub const AF_DATA_CONFIRM: Command = Command::new("AF_DATA_CONFIRM", subsystem::AF, 0x80);
 pub const AF_INCOMING_MSG: Command = Command::new("AF_INCOMING_MSG", subsystem::AF, 0x81);
+/// `AF_INCOMING_MSG` with a 64-bit-capable source address and a 16-bit
+/// length: Z-Stack sends it instead for long (fragmented) messages.
+pub const AF_INCOMING_MSG_EXT: Command = Command::new("AF_INCOMING_MSG_EXT", subsystem::AF, 0x82);
 /// The SRSP Z-Stack sends instead of the real one when it cannot parse a
 /// request: payload `[error code, CMD0, CMD1 of the request]`.
 pub const RPC_ERROR: Command = Command::new("RPC_ERROR", subsystem::RPC_ERROR, 0x00);
@@ -82,6 +112,37 @@ pub const RESET_SOFT: u8 = 1;
 /// `UTIL_GET_DEVICE_INFO` / `ZDO_STATE_CHANGE_IND` state: running as the
 /// network's coordinator.
 pub const DEV_ZB_COORD: u8 = 9;
+
+/// A frame for the log: NV item reads and writes carry key material (the
+/// network key, the link-key seed), so their payload is left out.
+pub struct Logged<'a>(pub &'a Frame);
+
+impl std::fmt::Debug for Logged<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nv = [
+            SYS_OSAL_NV_READ,
+            SYS_OSAL_NV_WRITE,
+            SYS_OSAL_NV_ITEM_INIT,
+            SYS_NV_READ,
+            SYS_NV_WRITE,
+        ];
+        let frame = self.0;
+        if nv
+            .iter()
+            .any(|cmd| frame.subsystem() == cmd.subsystem && frame.cmd1() == cmd.id)
+        {
+            write!(
+                f,
+                "Frame({:02X} {:02X} [{} bytes of NV data])",
+                frame.cmd0(),
+                frame.cmd1(),
+                frame.payload().len()
+            )
+        } else {
+            frame.fmt(f)
+        }
+    }
+}
 
 /// What went wrong talking to the adapter.
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +206,18 @@ impl<P: AsyncRead + AsyncWrite + Unpin + Send> Znp<P> {
     /// Sends an SREQ and returns its SRSP's payload. AREQs that arrive
     /// meanwhile are kept for [`Znp::next_areq`].
     pub async fn request(&mut self, cmd: Command, payload: Vec<u8>) -> Result<Vec<u8>, ZnpError> {
+        let wait = self.sreq_timeout;
+        self.request_within(cmd, payload, wait).await
+    }
+
+    /// [`Znp::request`] with its own time-out, for the commands that take
+    /// seconds on real firmware (network start-up and commissioning).
+    pub async fn request_within(
+        &mut self,
+        cmd: Command,
+        payload: Vec<u8>,
+        wait: Duration,
+    ) -> Result<Vec<u8>, ZnpError> {
         let frame = cmd
             .frame(FrameType::Sreq, payload)
             .map_err(|e| ZnpError::Malformed {
@@ -152,7 +225,7 @@ impl<P: AsyncRead + AsyncWrite + Unpin + Send> Znp<P> {
                 detail: e.to_string(),
             })?;
         self.write(&frame).await?;
-        let deadline = Instant::now() + self.sreq_timeout;
+        let deadline = Instant::now() + wait;
         loop {
             let frame = match timeout_at(deadline, self.read_frame()).await {
                 Ok(frame) => frame?,
@@ -160,7 +233,7 @@ impl<P: AsyncRead + AsyncWrite + Unpin + Send> Znp<P> {
                     ZigbeeCounters::bump(&self.counters.sreq_timeouts);
                     return Err(ZnpError::Timeout {
                         name: cmd.name,
-                        timeout: self.sreq_timeout,
+                        timeout: wait,
                     });
                 }
             };
@@ -200,6 +273,54 @@ impl<P: AsyncRead + AsyncWrite + Unpin + Send> Znp<P> {
         self.write(&frame).await
     }
 
+    /// Soft reset: drops every `SYS_RESET_IND` already received or waiting
+    /// in the port (a stale one, e.g. the stick's own power-up indication,
+    /// must not count as the answer), writes `SYS_RESET_REQ`, and only then
+    /// listens for the indication. Returns its payload.
+    pub async fn reset(&mut self, wait: Duration) -> Result<Vec<u8>, ZnpError> {
+        self.drain_ready().await?;
+        let before = self.areqs.len();
+        self.areqs
+            .retain(|frame| !SYS_RESET_IND.is(frame, FrameType::Areq));
+        if self.areqs.len() != before {
+            debug!("dropped a SYS_RESET_IND queued before our reset (stale)");
+        }
+        self.send_areq(SYS_RESET_REQ, vec![RESET_SOFT]).await?;
+        // Whatever was queued before the request is older than the reset:
+        // the chip restarts and forgets it, so nothing in it is an answer.
+        self.areqs.clear();
+        self.wait_areq(SYS_RESET_IND, wait, |_| true).await
+    }
+
+    /// Reads and drops every frame the port has ready now, without
+    /// waiting (before a reset: nothing in it can matter afterwards); late
+    /// SRSPs are counted as stale.
+    async fn drain_ready(&mut self) -> Result<(), ZnpError> {
+        loop {
+            // `timeout` polls the read once before it looks at the clock, so
+            // a zero wait still takes what is ready.
+            match tokio::time::timeout(Duration::ZERO, self.read_frame()).await {
+                Ok(frame) => match frame?.kind() {
+                    Some(FrameType::Areq) => {}
+                    _ => ZigbeeCounters::bump(&self.counters.stale_responses),
+                },
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+
+    /// Writes raw bytes that are no frame (the bootloader-skip byte).
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), ZnpError> {
+        self.port.write_all(bytes).await?;
+        self.port.flush().await?;
+        Ok(())
+    }
+
+    /// The port, for the serial control lines (DTR/RTS).
+    pub fn port_mut(&mut self) -> &mut P {
+        &mut self.port
+    }
+
     /// The next AREQ from the adapter. Cancel-safe: bytes read before the
     /// future is dropped stay in the decoder, frames in the backlog.
     pub async fn next_areq(&mut self) -> Result<Frame, ZnpError> {
@@ -234,7 +355,7 @@ impl<P: AsyncRead + AsyncWrite + Unpin + Send> Znp<P> {
                         return Ok(frame.payload().to_vec());
                     }
                     debug!(
-                        ?frame,
+                        frame = ?Logged(&frame),
                         waiting_for = cmd.name,
                         "ignoring AREQ during start-up"
                     );
@@ -304,14 +425,14 @@ impl<P: AsyncRead + AsyncWrite + Unpin + Send> Znp<P> {
     fn stale(&self, frame: &Frame) {
         ZigbeeCounters::bump(&self.counters.stale_responses);
         debug!(
-            ?frame,
+            frame = ?Logged(frame),
             "SRSP without a matching request (late answer); dropped"
         );
     }
 
     fn unexpected(&self, frame: &Frame) {
         ZigbeeCounters::bump(&self.counters.unexpected_frames);
-        debug!(?frame, "frame type the adapter should not send; dropped");
+        debug!(frame = ?Logged(frame), "frame type the adapter should not send; dropped");
     }
 }
 
@@ -490,5 +611,58 @@ mod tests {
         assert_eq!(counters.areqs_dropped.load(Ordering::Relaxed), 3);
         let oldest_kept = znp.next_areq().await.expect("AREQ");
         assert_eq!(oldest_kept.payload(), [3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_indication_queued_before_the_reset_is_not_its_answer() {
+        let (mut znp, mut adapter, _) = pair();
+        // The stick's power-up indication, already waiting in the port.
+        send(&mut adapter, SYS_RESET_IND, FrameType::Areq, &[0xAA]).await;
+        let stick = async {
+            let request = read_host_frame(&mut adapter).await;
+            assert!(SYS_RESET_REQ.is(&request, FrameType::Areq));
+            // The chip reboots for a while, then answers.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            send(&mut adapter, SYS_RESET_IND, FrameType::Areq, &[0x00]).await;
+        };
+        let started = Instant::now();
+        let (reset, ()) = tokio::join!(znp.reset(Duration::from_secs(5)), stick);
+        assert_eq!(reset.expect("reset"), [0x00], "the fresh indication");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_indication_kept_during_a_request_is_stale_too() {
+        let (mut znp, mut adapter, _) = pair();
+        let stick = async {
+            let _ping = read_host_frame(&mut adapter).await;
+            send(&mut adapter, SYS_RESET_IND, FrameType::Areq, &[0xAA]).await;
+            send(&mut adapter, SYS_PING, FrameType::Srsp, &[0x59, 0x06]).await;
+        };
+        let (pong, ()) = tokio::join!(znp.request(SYS_PING, vec![]), stick);
+        pong.expect("pong");
+        let stick = async {
+            let _reset = read_host_frame(&mut adapter).await;
+            send(&mut adapter, SYS_RESET_IND, FrameType::Areq, &[0x00]).await;
+        };
+        let (reset, ()) = tokio::join!(znp.reset(Duration::from_secs(5)), stick);
+        assert_eq!(reset.expect("reset"), [0x00]);
+    }
+
+    #[test]
+    fn nv_payloads_are_not_logged() {
+        let key = [0xAB; 16];
+        let mut reply = vec![0, 17, 0];
+        reply.extend(key);
+        let nv = SYS_OSAL_NV_READ
+            .frame(FrameType::Srsp, reply)
+            .expect("frame");
+        let shown = format!("{:?}", Logged(&nv));
+        assert!(!shown.contains("AB"), "{shown}");
+        assert!(shown.contains("19 bytes of NV data"), "{shown}");
+        let ping = SYS_PING
+            .frame(FrameType::Srsp, vec![0x59, 0x06])
+            .expect("frame");
+        assert!(format!("{:?}", Logged(&ping)).contains("59 06"));
     }
 }

@@ -299,6 +299,13 @@ impl Agent {
         self.child.is_none()
     }
 
+    /// How the agent process ended, if it has (without reaping a live one).
+    #[allow(dead_code)] // used by tests/reliability, not by every harness user
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        child.try_wait().expect("try_wait on our agent")
+    }
+
     /// Panics if the agent process has exited.
     pub fn assert_running(&mut self) {
         let child = self.child.as_mut().expect("the agent was started");

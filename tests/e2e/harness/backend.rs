@@ -108,7 +108,8 @@ impl Backend {
         options
             .set_keep_alive(Duration::from_secs(5))
             .set_clean_session(clean_session)
-            .set_max_packet_size(1 << 20, 1 << 20);
+            // Outgoing up to 8 MiB: the poison-message test sends 3 MiB.
+            .set_max_packet_size(1 << 20, 8 << 20);
         if let Some((user, password)) = login {
             options.set_credentials(user, password);
         }
