@@ -64,7 +64,16 @@ for _ in 1 2 3 4 5; do
 done
 kill -0 "$broker" 2>/dev/null || die "mosquitto did not start: $(cat "$work/mosquitto.log")"
 
-cat >"$work/agent.toml" <<EOF
+# The agent runs as the unit's User=, as under systemd: what it does as
+# root differs (SQLite gives a new WAL the database file's owner with
+# fchown only when it runs as root, a call the unit's deny list has and
+# that cannot happen under the unit).
+user="$(sed -n 's/^User=//p' "$unit")"
+[ -n "$user" ] || die "no User= in $unit"
+id "$user" >/dev/null 2>&1 || die "the unit's user $user does not exist (install the package first)"
+chmod 0711 "$work"
+install -d -o "$user" -m 0700 "$work/agent"
+cat >"$work/agent/agent.toml" <<EOF
 [mqtt]
 host = "127.0.0.1"
 port = $port
@@ -72,12 +81,13 @@ group_id = "GID_test"
 device_id = "dev1"
 ack_to = "GID_backend@@@be1"
 [store]
-path = "$work/store"
+path = "$work/agent/store"
 [radio.sim]
 tags = 4
 checkin_interval_ms = 100
 EOF
-strace -f -qq -o "$work/trace" -- "$bin" run --config "$work/agent.toml" >"$work/agent.log" 2>&1 &
+chmod 0644 "$work/agent/agent.toml"
+strace -f -qq -u "$user" -o "$work/trace" -- "$bin" run --config "$work/agent/agent.toml" >"$work/agent.log" 2>&1 &
 tracer=$!
 pids+=("$tracer")
 wait_for 20 "the agent to subscribe" grep -q "subscribed to the task and command topics" "$work/agent.log"

@@ -47,6 +47,31 @@ async fn publish_and_expect_applied(stack: &mut Stack, tasks: &[Value]) {
     assert_journal_matches(tasks, &acks, &stack.env.journal());
 }
 
+/// Runs `esl-agent ARGS --config CONFIG` off the async runtime.
+async fn esl_agent(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let config = config.to_owned();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_esl-agent"))
+            .args(&args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("run the esl-agent binary")
+    })
+    .await
+    .expect("CLI thread")
+}
+
+/// `out` ended well; else its stderr.
+fn succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn counter(status: &Value, name: &str) -> u64 {
     status["counters"][name]
         .as_u64()
@@ -249,20 +274,7 @@ async fn permit_join_over_mqtt_and_the_cli_reaches_the_coordinator() {
     .await;
     // The operator closes it again on the AP.
     let config = stack.env.path().join("agent.toml");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_esl-agent"))
-            .args(["zigbee", "permit-join", "0", "--config"])
-            .arg(&config)
-            .output()
-            .expect("run the esl-agent binary")
-    })
-    .await
-    .expect("CLI thread");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&esl_agent(&config, &["zigbee", "permit-join", "0"]).await);
     eventually(
         "the coordinator to be asked to close joining",
         Duration::from_secs(10),
@@ -293,17 +305,6 @@ async fn backup_and_restore_commands_move_a_network_to_a_blank_stick() {
         ),
     )
     .expect("write config");
-    let cli = |args: Vec<String>| {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_esl-agent"))
-                .args(&args)
-                .arg("--config")
-                .arg(&config)
-                .output()
-                .expect("run the esl-agent binary")
-        })
-    };
     let network = FakeNetwork {
         channel: 25,
         pan_id: 0x0BAD,
@@ -314,18 +315,8 @@ async fn backup_and_restore_commands_move_a_network_to_a_blank_stick() {
     formed.network = Some(network.clone());
     let old = FakeCoordinator::start(formed).expect("fake");
     let file = dir.path().join("backup.json");
-    let out = cli(vec![
-        "zigbee".into(),
-        "backup".into(),
-        file.display().to_string(),
-    ])
-    .await
-    .expect("CLI thread");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let backup_file = file.display().to_string();
+    succeeded(&esl_agent(&config, &["zigbee", "backup", &backup_file]).await);
     let backup: Value =
         serde_json::from_slice(&std::fs::read(&file).expect("backup written")).expect("JSON");
     assert_eq!(
@@ -343,18 +334,7 @@ async fn backup_and_restore_commands_move_a_network_to_a_blank_stick() {
     .await;
 
     let blank = FakeCoordinator::start(FakeConfig::new(&port)).expect("fake");
-    let out = cli(vec![
-        "zigbee".into(),
-        "restore".into(),
-        file.display().to_string(),
-    ])
-    .await
-    .expect("CLI thread");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&esl_agent(&config, &["zigbee", "restore", &backup_file]).await);
     assert_eq!(blank.network().await, Some(network));
     // A blank stick has nothing to back up: said, and exit 1.
     drop(blank);
@@ -363,13 +343,8 @@ async fn backup_and_restore_commands_move_a_network_to_a_blank_stick() {
     })
     .await;
     let _blank = FakeCoordinator::start(FakeConfig::new(&port)).expect("fake");
-    let out = cli(vec![
-        "zigbee".into(),
-        "backup".into(),
-        dir.path().join("b2.json").display().to_string(),
-    ])
-    .await
-    .expect("CLI thread");
+    let second = dir.path().join("b2.json").display().to_string();
+    let out = esl_agent(&config, &["zigbee", "backup", &second]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no network"));
 }
