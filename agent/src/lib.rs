@@ -7,12 +7,14 @@
 //!
 //! # Layout: tasks and channels
 //!
-//! Four long-running tasks, one file each, joined by bounded channels
-//! (ARCHITECTURE.md has the diagram and a task's way through them):
+//! Long-running tasks, one file each, joined by bounded channels: the
+//! four of the diagram, plus the link's broker socket, the control server
+//! and (under systemd) the notifier below (ARCHITECTURE.md has the diagram
+//! and a task's way through them):
 //!
 //! ```text
-//! broker ⇄ mqtt::Link ──inbound_tx──▶ engine::Engine ──delivery_tx──▶ radio::RadioTask ⇄ backend
-//!              ▲  ▲ ◀──puback_tx, outbox_wake──┘  ▲  ▲ ◀──────────event_tx───────┘
+//! broker ⇄ mqtt::Link ──inbound_tx──▶ engine::Engine ──delivery_tx, control_tx──▶ radio::RadioTask ⇄ backend
+//!              ▲  ▲ ◀──puback_tx, outbox_wake──┘  ▲  ▲ ◀──────────event_tx──────────────┘
 //!              │  └──report_tx── status::StatusTask ─query_tx─┘  │
 //!              └── link_tx (watch) ──▶ status                    └── store::Store (SQLite)
 //! ```
@@ -29,13 +31,16 @@
 //!   releases PUBACKs only after the flush; answers commands
 //!   ([`commands`]); [`limiter`] bounds the replies and rejection acks
 //!   strangers can make it publish.
-//! - [`radio::RadioTask`] — owns the radio backend.
+//! - [`radio::RadioTask`] — owns the radio backend; takes deliveries and,
+//!   on `control_tx`, requests such as `network.permit_join`
+//!   ([`radio::RadioControl`]).
 //! - [`status::StatusTask`] — hello and periodic status reports.
 //! - [`control::ControlServer`] — the local Unix socket behind
 //!   `esl-agent status|tags|tasks`; forwards requests to the engine.
 //! - [`store::Store`] — the only opener of the SQLite database; its
 //!   checkpoint thread copies the WAL into the database file off the
-//!   engine's path.
+//!   engine's path. [`store::BleKeys`] keeps the BLE radio's key material
+//!   in a database of its own beside it.
 //! - [`systemd::SystemdTask`] — only under systemd (`$NOTIFY_SOCKET`):
 //!   READY after the first CONNACK, watchdog pings while the engine answers
 //!   [`engine::Query::Ping`] on `query_tx`, STOPPING at shutdown.

@@ -17,7 +17,7 @@
 //!
 //! # Group commit
 //!
-//! One connection writes ([`Writer`]). The first change after a commit
+//! One connection writes (`Writer`). The first change after a commit
 //! opens a transaction (`BEGIN IMMEDIATE`); every later change joins it, and
 //! the engine's own reads go through the same connection, so they see what
 //! was applied at once. [`Store::begin_flush`] commits the transaction on a
@@ -62,7 +62,7 @@
 //! except `expires_at`, which is capped at `i64::MAX` so that the expiry
 //! index stays in time order (both mean "never" in practice).
 //!
-//! Migrations run forward at open, one transaction each ([`MIGRATIONS`]); a
+//! Migrations run forward at open, one transaction each (`MIGRATIONS`); a
 //! store from a newer agent is refused, and so is a leftover sled store.
 //!
 //! # Faults
@@ -802,7 +802,7 @@ impl Store {
     }
 
     /// Whether something has waited for a commit longer than
-    /// [`IDLE_COMMIT`]: changes that asked for no flush (check-in reports)
+    /// `IDLE_COMMIT`: changes that asked for no flush (check-in reports)
     /// or outbox removals. The engine flushes then, so neither waits for
     /// the next task.
     pub fn wants_commit(&self) -> bool {
