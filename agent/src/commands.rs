@@ -325,7 +325,7 @@ fn agent_status(state: &State, _now: u64) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "pending": state.pending_len(),
         "outbox": state.store().outbox_len(),
-        "radio": crate::status::radio_json(state.radio_state()),
+        "radio": crate::status::radio_json(state.radio_state(), state.radio_details()),
         "mqtt": {"connected": state.link_state().connected, "connections": state.link_state().epoch},
         "counters": counters,
     })

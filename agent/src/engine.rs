@@ -139,6 +139,7 @@ pub struct Snapshot {
     pub pending: usize,
     pub outbox: u64,
     pub radio: RadioState,
+    pub radio_details: esl_hal::RadioDetails,
     pub store_fault: Option<String>,
     pub tags: Vec<TagView>,
 }
@@ -248,6 +249,8 @@ pub struct State {
     verifier: Verifier,
     /// Bounds command replies and rejection acks (issue 14).
     limiter: ReplyLimiter,
+    /// What the radio said about its hardware (firmware), for status.
+    radio_details: esl_hal::RadioDetails,
     /// Requests to the radio task (`network.permit_join`); `None` until
     /// [`State::set_radio_control`] (tests without a radio).
     radio_control: Option<mpsc::Sender<crate::radio::RadioControl>>,
@@ -283,6 +286,7 @@ impl State {
             refresh: Default::default(),
             link: None,
             radio_control: None,
+            radio_details: Default::default(),
             radio: RadioState::Down {
                 reason: "starting".into(),
             },
@@ -674,6 +678,11 @@ impl State {
                 self.radio = s;
                 Ok(())
             }
+            RadioEvent::Details(d) => {
+                info!(firmware = ?d.firmware, "radio details");
+                self.radio_details = d;
+                Ok(())
+            }
         }
     }
 
@@ -905,6 +914,10 @@ impl State {
             last_seen: t.last_seen,
             pending_task: self.store.pending_of(tag_id).ok().flatten(),
         }
+    }
+
+    pub fn radio_details(&self) -> &esl_hal::RadioDetails {
+        &self.radio_details
     }
 
     pub fn radio_state(&self) -> &RadioState {
@@ -1302,7 +1315,10 @@ impl Engine {
         event: RadioEvent,
         deliveries: &mut Vec<Delivery>,
     ) -> Result<bool, StoreError> {
-        let durable = !matches!(event, RadioEvent::CheckIn(_) | RadioEvent::State(_));
+        let durable = !matches!(
+            event,
+            RadioEvent::CheckIn(_) | RadioEvent::State(_) | RadioEvent::Details(_)
+        );
         let mut change = Change::new();
         let mut these = Vec::new();
         self.state
@@ -1399,6 +1415,7 @@ impl Engine {
             pending: self.state.pending_len(),
             outbox: self.store.outbox_len(),
             radio: self.state.radio.clone(),
+            radio_details: self.state.radio_details.clone(),
             store_fault,
             tags: self.state.known_tag_views(now_ms()),
         };

@@ -59,11 +59,17 @@ impl ReportKind {
     }
 }
 
-pub fn radio_json(radio: &RadioState) -> Value {
-    match radio {
+/// The radio's part of `agent.status` and the status reports: its state,
+/// and its firmware once the backend named it.
+pub fn radio_json(radio: &RadioState, details: &esl_hal::RadioDetails) -> Value {
+    let mut v = match radio {
         RadioState::Up => json!({"state": "up"}),
         RadioState::Down { reason } => json!({"state": "down", "reason": reason}),
+    };
+    if let Some(firmware) = &details.firmware {
+        v["firmware"] = json!(firmware);
     }
+    v
 }
 
 /// Fixed facts about the agent that every report carries.
@@ -86,7 +92,7 @@ pub fn build_chunks(h: &ReportHeader<'_>, s: &Snapshot, max_payload: usize) -> V
             "version": env!("CARGO_PKG_VERSION"), "at": h.at, "uptime_s": h.uptime_s,
             "report": h.report, "chunk": chunk, "chunks": chunks,
             "queues": {"pending": s.pending, "outbox": s.outbox},
-            "radio": radio_json(&s.radio),
+            "radio": radio_json(&s.radio, &s.radio_details),
             "store": {"ok": s.store_fault.is_none(), "fault": s.store_fault, "bytes": h.store_bytes},
             "counters": counters,
             "tags": tags,
@@ -207,6 +213,7 @@ mod tests {
             pending: 1,
             outbox: 2,
             radio: RadioState::Up,
+            radio_details: Default::default(),
             store_fault: None,
             tags: (0..tags)
                 .map(|i| TagView {

@@ -41,6 +41,18 @@ pub enum RadioEvent {
     Outcome(Outcome),
     /// The radio itself went up or down (adapter unplugged, controller reset…).
     State(RadioState),
+    /// Facts about the radio for status reports (its firmware…), sent when
+    /// they become known; radios that have none never send it.
+    Details(RadioDetails),
+}
+
+/// What a backend knows about its own hardware, for `agent.status` and the
+/// status reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RadioDetails {
+    /// The adapter's firmware as the backend names it
+    /// (`Z-Stack 3.x.0 (release 2.7.1, revision 20230507)`).
+    pub firmware: Option<String>,
 }
 
 /// A tag's periodic wake-up report.

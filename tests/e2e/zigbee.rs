@@ -232,11 +232,12 @@ async fn content_larger_than_a_frame_is_applied_in_segments() {
     assert!(FakeStats::get(&stats.data_requests) > 8, "{stats:?}");
 }
 
-/// Issue 15: joining is opened by a (signed, or explicitly allowed)
+/// Issue 15: the status reports name the stick's firmware; joining is
+/// opened by a (signed, or explicitly allowed)
 /// `network.permit_join` command and by the local CLI, and reaches the
 /// coordinator as a permit-join request for that many seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn permit_join_over_mqtt_and_the_cli_reaches_the_coordinator() {
+async fn firmware_is_reported_and_permit_join_reaches_the_coordinator() {
     let mut stack = Stack::start_on(TestRadio::Zigbee, "zb-permit-join", |c| {
         c.status_interval_s = STATUS_INTERVAL_S;
         c.extra = "[security]\nallow_unsigned_methods = [\"network.permit_join\"]\n".into();
@@ -248,6 +249,16 @@ async fn permit_join_over_mqtt_and_the_cli_reaches_the_coordinator() {
     fn requests(stack: &Stack) -> u64 {
         FakeStats::get(&stack.fake().stats().permit_join_requests)
     }
+    // Issue 15: the stick's firmware shows in the status reports.
+    let status = stack
+        .backend
+        .expect_status_where("the radio's firmware", Duration::from_secs(10), |s| {
+            s["radio"]["firmware"]
+                .as_str()
+                .is_some_and(|f| f.starts_with("Z-Stack"))
+        })
+        .await;
+    assert_eq!(status["radio"]["state"], "up", "{status}");
     eventually(
         "the agent to close joining at start",
         Duration::from_secs(10),

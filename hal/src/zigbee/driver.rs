@@ -203,6 +203,11 @@ impl Driver {
                     ZigbeeCounters::bump(&self.counters.adapter_starts);
                     backoff = self.cfg.reconnect_min;
                     self.state.report(RadioState::Up);
+                    self.state
+                        .outgoing
+                        .push_back(RadioEvent::Details(crate::RadioDetails {
+                            firmware: Some(started.firmware.to_string()),
+                        }));
                     match self.serve(znp, &started).await {
                         Stop::Shutdown => return,
                         Stop::Lost(reason) => {
