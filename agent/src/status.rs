@@ -84,9 +84,15 @@ pub struct ReportHeader<'a> {
 }
 
 /// Splits a snapshot into JSON payloads of at most `max_payload` bytes.
+///
+/// Each tag record is serialised straight to bytes, once, into one buffer,
+/// and the chunks are spliced from it: with 10 000 tags a `serde_json::Value`
+/// per tag (as this did before) held about 8 MiB at once, the largest part
+/// of the agent's peak memory (docs/BENCHMARKS.md).
 pub fn build_chunks(h: &ReportHeader<'_>, s: &Snapshot, max_payload: usize) -> Vec<Vec<u8>> {
+    const EMPTY_TAGS: &str = "\"tags\":[]";
     let counters = h.counters.to_json();
-    let base = |chunk: usize, chunks: usize, tags: &[Value]| {
+    let envelope = |chunk: usize, chunks: usize| {
         json!({
             "v": 1, "type": "status", "kind": h.kind.as_str(), "agent": h.agent,
             "version": env!("CARGO_PKG_VERSION"), "at": h.at, "uptime_s": h.uptime_s,
@@ -95,33 +101,73 @@ pub fn build_chunks(h: &ReportHeader<'_>, s: &Snapshot, max_payload: usize) -> V
             "radio": radio_json(&s.radio, &s.radio_details),
             "store": {"ok": s.store_fault.is_none(), "fault": s.store_fault, "bytes": h.store_bytes},
             "counters": counters,
-            "tags": tags,
+            "tags": [],
         })
+        .to_string()
     };
     // Room for the chunk numbers growing to their final width.
-    let envelope = base(999_999, 999_999, &[]).to_string().len();
-    let budget = max_payload.saturating_sub(envelope);
-    let mut groups: Vec<Vec<Value>> = vec![Vec::new()];
+    let budget = max_payload.saturating_sub(envelope(999_999, 999_999).len());
+    // Every tag's JSON, back to back; `groups` are the index ranges of the
+    // tags each chunk carries.
+    let mut all = Vec::new();
+    let mut ends = Vec::with_capacity(s.tags.len());
+    let mut groups: Vec<std::ops::Range<usize>> = Vec::with_capacity(1);
+    groups.push(0..0);
     let mut used = 0;
-    for tag in &s.tags {
-        let v = serde_json::to_value(tag).unwrap_or(Value::Null);
+    for (i, tag) in s.tags.iter().enumerate() {
+        let start = all.len();
+        if serde_json::to_writer(&mut all, tag).is_err() {
+            // A TagView has only strings and numbers; keep the array valid.
+            all.truncate(start);
+            all.extend_from_slice(b"null");
+        }
+        ends.push(all.len());
         // +1 for the comma between array items.
-        let len = v.to_string().len() + 1;
+        let len = all.len() - start + 1;
         let current = groups
             .last_mut()
             .expect("groups starts non-empty and only grows");
-        if !current.is_empty() && used + len > budget {
-            groups.push(Vec::new());
-            used = 0;
+        if current.end > current.start && used + len > budget {
+            groups.push(i..i + 1);
+            used = len;
+        } else {
+            current.end = i + 1;
+            used += len;
         }
-        used += len;
-        groups.last_mut().expect("just checked").push(v);
     }
     let chunks = groups.len();
     groups
-        .iter()
+        .into_iter()
         .enumerate()
-        .map(|(i, tags)| base(i, chunks, tags).to_string().into_bytes())
+        .map(|(n, range)| {
+            let head = envelope(n, chunks);
+            // The envelope's only empty `tags` array: the records go inside.
+            let at =
+                head.find(EMPTY_TAGS).expect("the envelope has \"tags\":[]") + EMPTY_TAGS.len() - 1;
+            let from = if range.start == 0 {
+                0
+            } else {
+                ends[range.start - 1]
+            };
+            let to = if range.end == 0 {
+                0
+            } else {
+                ends[range.end - 1]
+            };
+            let mut out = Vec::with_capacity(head.len() + (to - from) + range.len());
+            out.extend_from_slice(&head.as_bytes()[..at]);
+            let mut first = true;
+            for i in range {
+                let begin = if i == 0 { 0 } else { ends[i - 1] };
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                out.extend_from_slice(&all[begin..ends[i]]);
+            }
+            out.extend_from_slice(&head.as_bytes()[at..]);
+            out
+        })
         .collect()
 }
 
