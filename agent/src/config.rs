@@ -223,7 +223,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("/var/lib/esl-agent/store"),
-            cache_mb: 4,
+            cache_mb: 2,
         }
     }
 }

@@ -113,7 +113,7 @@ impl Size {
             saturation: 3_000,
             inflight: 1000,
             outbox_window: 32,
-            cache_mb: 4,
+            cache_mb: 2,
             disk_tags: 2_000,
             disk_burst: 300,
             trickle_secs: 1,
