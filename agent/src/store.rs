@@ -363,7 +363,7 @@ impl Writer {
                 let (status, final_at, detail) = match &r.state {
                     TaskState::Pending => ("pending", None, None),
                     TaskState::Final(f) => (
-                        status_str(&f.status),
+                        f.status.as_str(),
                         Some(f.at as i64),
                         f.detail.as_deref(),
                     ),
@@ -1378,29 +1378,6 @@ fn expiry_value(ms: u64) -> i64 {
     ms.min(i64::MAX as u64) as i64
 }
 
-fn status_str(s: &AckStatus) -> &'static str {
-    match s {
-        AckStatus::Accepted => "accepted",
-        AckStatus::Applied => "applied",
-        AckStatus::Failed => "failed",
-        AckStatus::Expired => "expired",
-        AckStatus::Superseded => "superseded",
-        AckStatus::Rejected => "rejected",
-    }
-}
-
-fn status_from(s: &str) -> Option<AckStatus> {
-    Some(match s {
-        "accepted" => AckStatus::Accepted,
-        "applied" => AckStatus::Applied,
-        "failed" => AckStatus::Failed,
-        "expired" => AckStatus::Expired,
-        "superseded" => AckStatus::Superseded,
-        "rejected" => AckStatus::Rejected,
-        _ => return None,
-    })
-}
-
 /// A `tasks` row (in the column order of the SELECTs above). The outer
 /// error is SQLite's; the inner one a value this agent did not write.
 fn task_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TaskRecord, StoreError>> {
@@ -1409,7 +1386,7 @@ fn task_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TaskRecord, S
     let final_at: Option<i64> = r.get(11)?;
     let state = match (status.as_str(), final_at) {
         ("pending", _) => TaskState::Pending,
-        (other, Some(at)) => match status_from(other) {
+        (other, Some(at)) => match AckStatus::from_name(other) {
             Some(status) => TaskState::Final(FinalState {
                 status,
                 at: at as u64,

@@ -406,6 +406,34 @@ pub enum AckStatus {
     Rejected,
 }
 
+impl AckStatus {
+    const ALL: [AckStatus; 6] = [
+        AckStatus::Accepted,
+        AckStatus::Applied,
+        AckStatus::Failed,
+        AckStatus::Expired,
+        AckStatus::Superseded,
+        AckStatus::Rejected,
+    ];
+
+    /// The wire name (what serde writes; the store keeps the same text).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckStatus::Accepted => "accepted",
+            AckStatus::Applied => "applied",
+            AckStatus::Failed => "failed",
+            AckStatus::Expired => "expired",
+            AckStatus::Superseded => "superseded",
+            AckStatus::Rejected => "rejected",
+        }
+    }
+
+    /// The status with this wire name.
+    pub fn from_name(name: &str) -> Option<AckStatus> {
+        AckStatus::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
 /// PROTOCOL §5 ack.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ack {
@@ -565,6 +593,15 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ack_status_names_are_the_serde_names() {
+        for status in AckStatus::ALL {
+            assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
+            assert_eq!(AckStatus::from_name(status.as_str()), Some(status));
+        }
+        assert_eq!(AckStatus::from_name("pending"), None);
+    }
 
     fn good() -> Value {
         serde_json::json!({
