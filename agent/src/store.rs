@@ -362,11 +362,9 @@ impl Writer {
             Op::PutTask(r) => {
                 let (status, final_at, detail) = match &r.state {
                     TaskState::Pending => ("pending", None, None),
-                    TaskState::Final(f) => (
-                        f.status.as_str(),
-                        Some(f.at as i64),
-                        f.detail.as_deref(),
-                    ),
+                    TaskState::Final(f) => {
+                        (f.status.as_str(), Some(f.at as i64), f.detail.as_deref())
+                    }
                 };
                 self.conn
                     .prepare_cached(

@@ -140,6 +140,23 @@ pub(crate) fn str_field<'a>(v: &'a Value, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("test bug: `{key}` is not a string in {v}"))
 }
 
+/// Runs `esl-agent ARGS --config CONFIG` (the operator's CLI) off the async
+/// runtime and returns what it printed.
+pub async fn run_cli(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let config = config.to_owned();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_esl-agent"))
+            .args(&args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("run the esl-agent binary")
+    })
+    .await
+    .expect("CLI thread")
+}
+
 /// Polls `probe` until it returns `Some` or `timeout` passes; panics with
 /// `what` on timeout.
 pub async fn eventually<T>(

@@ -8,22 +8,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{sim_tag, task, AckStatus, Stack, AGENT_CLIENT_ID, TAGS};
+use crate::harness::{run_cli, sim_tag, task, AckStatus, Stack, AGENT_CLIENT_ID, TAGS};
 
 /// Runs `esl-agent <args> --config <env>/agent.toml` off the async runtime.
 async fn cli(stack: &Stack, args: &[&str]) -> Output {
-    let config = stack.env.path().join("agent.toml");
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_esl-agent"))
-            .args(&args)
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .expect("run the esl-agent binary")
-    })
-    .await
-    .expect("CLI thread")
+    run_cli(&stack.env.path().join("agent.toml"), args).await
 }
 
 fn stdout(o: &Output) -> String {

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use esl_hal::zigbee::fake::FakeStats;
 
 use crate::harness::{
-    assert_journal_matches, eventually, task, task_ids, AckStatus, Stack, TestRadio,
+    assert_journal_matches, eventually, run_cli, task, task_ids, AckStatus, Stack, TestRadio,
 };
 
 /// Status reports every second, so state changes show quickly.
@@ -45,22 +45,6 @@ async fn publish_and_expect_applied(stack: &mut Stack, tasks: &[Value]) {
         .await;
     acks.assert_all(&task_ids(tasks), AckStatus::Applied);
     assert_journal_matches(tasks, &acks, &stack.env.journal());
-}
-
-/// Runs `esl-agent ARGS --config CONFIG` off the async runtime.
-async fn esl_agent(config: &std::path::Path, args: &[&str]) -> std::process::Output {
-    let config = config.to_owned();
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_esl-agent"))
-            .args(&args)
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .expect("run the esl-agent binary")
-    })
-    .await
-    .expect("CLI thread")
 }
 
 /// `out` ended well; else its stderr.
@@ -285,7 +269,7 @@ async fn firmware_is_reported_and_permit_join_reaches_the_coordinator() {
     .await;
     // The operator closes it again on the AP.
     let config = stack.env.path().join("agent.toml");
-    succeeded(&esl_agent(&config, &["zigbee", "permit-join", "0"]).await);
+    succeeded(&run_cli(&config, &["zigbee", "permit-join", "0"]).await);
     eventually(
         "the coordinator to be asked to close joining",
         Duration::from_secs(10),
@@ -327,7 +311,7 @@ async fn backup_and_restore_commands_move_a_network_to_a_blank_stick() {
     let old = FakeCoordinator::start(formed).expect("fake");
     let file = dir.path().join("backup.json");
     let backup_file = file.display().to_string();
-    succeeded(&esl_agent(&config, &["zigbee", "backup", &backup_file]).await);
+    succeeded(&run_cli(&config, &["zigbee", "backup", &backup_file]).await);
     let backup: Value =
         serde_json::from_slice(&std::fs::read(&file).expect("backup written")).expect("JSON");
     assert_eq!(
@@ -345,7 +329,7 @@ async fn backup_and_restore_commands_move_a_network_to_a_blank_stick() {
     .await;
 
     let blank = FakeCoordinator::start(FakeConfig::new(&port)).expect("fake");
-    succeeded(&esl_agent(&config, &["zigbee", "restore", &backup_file]).await);
+    succeeded(&run_cli(&config, &["zigbee", "restore", &backup_file]).await);
     assert_eq!(blank.network().await, Some(network));
     // A blank stick has nothing to back up: said, and exit 1.
     drop(blank);
@@ -355,7 +339,7 @@ async fn backup_and_restore_commands_move_a_network_to_a_blank_stick() {
     .await;
     let _blank = FakeCoordinator::start(FakeConfig::new(&port)).expect("fake");
     let second = dir.path().join("b2.json").display().to_string();
-    let out = esl_agent(&config, &["zigbee", "backup", &second]).await;
+    let out = run_cli(&config, &["zigbee", "backup", &second]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no network"));
 }
