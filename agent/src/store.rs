@@ -964,14 +964,14 @@ impl Store {
             None => 0,
         };
         // Entries the broker already has are skipped; ask for that many more.
-        let removed = lock(&self.removals).0.clone();
+        let removed_len = lock(&self.removals).0.len();
         let reader = lock(&self.reader);
         let reader = reader.as_ref().ok_or(StoreError::Closed)?;
         let mut stmt = reader.prepare_cached(
             "SELECT n, topic, payload FROM outbox WHERE n >= ?1 AND n < ?2 ORDER BY n LIMIT ?3",
         )?;
         let rows = stmt.query_map(
-            params![start as i64, durable as i64, (limit + removed.len()) as i64],
+            params![start as i64, durable as i64, (limit + removed_len) as i64],
             |r| {
                 Ok((
                     r.get::<_, i64>(0)? as u64,
@@ -982,10 +982,13 @@ impl Store {
                 ))
             },
         )?;
+        let rows = rows.collect::<Result<Vec<_>, _>>()?;
+        // Checked after the query, not copied before it: the set is the
+        // link's PUBACKed entries, and this runs at every outbox fill.
+        let removed = lock(&self.removals);
         let mut out = Vec::new();
-        for row in rows {
-            let (n, entry) = row?;
-            if !removed.contains(&n) {
+        for (n, entry) in rows {
+            if !removed.0.contains(&n) {
                 out.push((n, entry));
                 if out.len() == limit {
                     break;
