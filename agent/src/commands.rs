@@ -137,7 +137,7 @@ fn answer(
             (
                 bad.req_id,
                 bad.reply_to,
-                true,
+                bad.wants_reply,
                 Err(error(ErrorCode::BadRequest, bad.message)),
             )
         }
@@ -308,8 +308,7 @@ fn permit_join(state: &State, params: &Value) -> MethodResult {
     let Some(tx) = state.radio_control() else {
         return Err(error(ErrorCode::InvalidState, "no radio is running"));
     };
-    let (reply, _answer) = tokio::sync::oneshot::channel();
-    match tx.try_send(crate::radio::RadioControl::PermitJoin { seconds, reply }) {
+    match tx.try_send(crate::radio::RadioControl::PermitJoin { seconds }) {
         Ok(()) => Ok(json!({"requested": true, "seconds": seconds})),
         Err(_) => Err(error(
             ErrorCode::InvalidState,
@@ -628,7 +627,13 @@ mod tests {
         let mut quiet = request("agent.status");
         quiet.as_object_mut().unwrap().remove("reply_to");
         quiet["reply"] = false.into();
-        assert!(f.command(quiet).await.is_empty(), "reply: false");
+        assert!(f.command(quiet.clone()).await.is_empty(), "reply: false");
+        // Also when the request is otherwise bad (PROTOCOL §7).
+        quiet["v"] = 2.into();
+        assert!(
+            f.command(quiet).await.is_empty(),
+            "reply: false, bad request"
+        );
     }
 
     #[test]
@@ -796,6 +801,26 @@ mod tests {
             Counters::get(&f.state.counters().tasks_bad_signature),
             crate::limiter::BURST + 300
         );
+
+        // Bad input from the back end is not limited: each of those tasks
+        // was PUBACKed and gets its one final status (PROTOCOL §5).
+        let mut f = fixture("");
+        let before = f.store.outbox_len();
+        let mut change = Change::new();
+        for i in 0..(crate::limiter::BURST + 300) {
+            let bad = json!({"v": 2, "task_id": format!("t{i}")});
+            f.state
+                .on_task(bad.to_string().as_bytes(), 1, &mut change)
+                .unwrap();
+        }
+        f.store.apply(change).unwrap();
+        f.store.flush().await.unwrap();
+        assert_eq!(
+            f.store.outbox_len() - before,
+            crate::limiter::BURST + 300,
+            "every rejected task is acked"
+        );
+        assert_eq!(Counters::get(&f.state.counters().replies_dropped), 0);
     }
 
     #[tokio::test]

@@ -632,12 +632,14 @@ impl State {
         }
     }
 
+    /// Bad input gets its `rejected` ack always, whatever the rate: PROTOCOL
+    /// §5 gives every PUBACKed task exactly one final status, and the back
+    /// end may be ours with a bug. (Forged tasks, whose ack names no task,
+    /// and command replies are the ones limited.)
     fn reject(&mut self, change: &mut Change, r: wire::Rejection, now: u64) {
         debug!(task_id = ?r.task_id, detail = %r.detail, "task rejected");
         let ack = self.rejection_ack(r, now);
-        if self.admit_limited(now, "rejected ack") {
-            self.push_ack(change, &ack);
-        }
+        self.push_ack(change, &ack);
     }
 
     fn rejection_ack(&self, r: wire::Rejection, now: u64) -> Ack {

@@ -1,5 +1,5 @@
 //! The bound on what strangers can make the agent publish: command replies
-//! and `rejected` acks.
+//! and the `rejected` acks of forged (badly signed) tasks.
 //!
 //! Anyone who may publish to the AP's P2P topics can send these for free,
 //! so unbounded they let one sender fill the durable outbox (and the disk)
@@ -7,8 +7,9 @@
 //! token from a bucket (a sustained rate with a burst) and room in its
 //! share of the outbox; without either it is dropped, counted in
 //! `replies_dropped`, and logged once per [`LOG_INTERVAL_MS`]. Final acks
-//! of accepted tasks, and the repeated ack of a duplicate (PROTOCOL §4 rule
-//! 3), never pass through here: they are the agent's duty.
+//! of accepted tasks, `rejected` acks of malformed tasks (PROTOCOL §5) and
+//! the repeated ack of a duplicate (PROTOCOL §4 rule 3) never pass through
+//! here: they are the agent's duty.
 //!
 //! Owned by the engine's `State` (no task, no channel); time is the `now`
 //! the engine passes in (ms since the Unix epoch), so tests need no clock.

@@ -22,12 +22,9 @@ const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// local CLI ask for them through the engine).
 #[derive(Debug)]
 pub enum RadioControl {
-    /// Open the network for joining for `seconds` (0 closes it); the
-    /// answer goes back on `reply` (the asker may have gone).
-    PermitJoin {
-        seconds: u8,
-        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
-    },
+    /// Open the network for joining for `seconds` (0 closes it). The
+    /// outcome is logged: commands answer when the request is handed over.
+    PermitJoin { seconds: u8 },
 }
 
 /// Control requests not yet taken: operators ask one at a time.
@@ -75,14 +72,11 @@ impl<R: Radio> RadioTask<R> {
                     }
                 },
                 Some(control) = self.control_rx.recv() => match control {
-                    RadioControl::PermitJoin { seconds, reply } => {
-                        let result = self.radio.permit_join(seconds).await.map_err(|e| e.to_string());
-                        match &result {
+                    RadioControl::PermitJoin { seconds } => {
+                        match self.radio.permit_join(seconds).await {
                             Ok(()) => info!(seconds, "network open for joining"),
                             Err(e) => warn!(seconds, error = %e, "permit-join failed"),
                         }
-                        // The asker may have given up.
-                        let _ = reply.send(result);
                     }
                 },
                 Some(delivery) = self.delivery_rx.recv() => {

@@ -483,6 +483,9 @@ pub struct Command {
 pub struct BadCommand {
     pub req_id: Option<String>,
     pub reply_to: Option<String>,
+    /// False when the request said `"reply": false` (PROTOCOL §7: then no
+    /// reply at all, also for a bad request).
+    pub wants_reply: bool,
     pub message: String,
 }
 
@@ -490,6 +493,7 @@ pub fn decode_command(payload: &[u8], max_payload: usize) -> Result<Command, Bad
     let obj = parse_object(payload, max_payload).map_err(|r| BadCommand {
         req_id: None,
         reply_to: None,
+        wants_reply: true,
         message: r.detail,
     })?;
     command_from_object(&obj)
@@ -500,6 +504,7 @@ pub fn command_from_object(obj: &Map<String, Value>) -> Result<Command, BadComma
     let mut bad = BadCommand {
         req_id: None,
         reply_to: None,
+        wants_reply: obj.get("reply") != Some(&Value::Bool(false)),
         message: String::new(),
     };
     if let Some(Value::String(r)) = obj.get("req_id") {
