@@ -308,10 +308,6 @@ fn operate(
     }
 }
 
-/// Validates everything `run` would check before connecting, files
-/// included (CA, client key, secrets): "is valid" is printed only when all
-/// of it passed, and any problem exits with [`EXIT_CONFIG`] and prints
-/// nothing on stdout.
 /// Runs a ZigBee stick operation that needs the serial port to itself (the
 /// agent stopped): backup, restore. Exit 2 for a config problem, 1 when the
 /// stick operation fails.
@@ -356,6 +352,10 @@ where
     }
 }
 
+/// Validates everything `run` would check before connecting, files
+/// included (CA, client key, secrets): "is valid" is printed only when all
+/// of it passed, and any problem exits with [`EXIT_CONFIG`] and prints
+/// nothing on stdout.
 fn check_config(path: &std::path::Path) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,

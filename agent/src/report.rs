@@ -54,10 +54,11 @@ where
     E: std::error::Error + Send + Sync + 'static,
 {
     use std::io::ErrorKind;
-    let denied = has_io_kind(&error, ErrorKind::PermissionDenied) || not_writable(path).is_some();
+    let unwritable = not_writable(path);
+    let denied = has_io_kind(&error, ErrorKind::PermissionDenied) || unwritable.is_some();
     let text = chain(&error);
     let hint = if denied {
-        let dir = not_writable(path).unwrap_or_else(|| path.to_owned());
+        let dir = unwritable.unwrap_or_else(|| path.to_owned());
         let owner = std::fs::metadata(&dir)
             .map(|m| {
                 use std::os::unix::fs::MetadataExt;

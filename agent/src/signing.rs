@@ -213,12 +213,9 @@ impl Verifier {
                 "`hmac` must be 64 lowercase hex digits",
             ));
         }
-        let Ok(tag) = hex::decode(tag_hex) else {
-            return Err(SignatureError::Malformed(
-                "`hmac` must be 64 lowercase hex digits",
-            ));
-        };
-        if let Some(n) = first_unsafe_number(&Value::Object(message.clone())) {
+        // 64 lowercase hex digits, checked just above.
+        let tag = hex::decode(tag_hex).expect("checked to be hex");
+        if let Some(n) = message.values().find_map(first_unsafe_number) {
             return Err(SignatureError::UnsafeNumber(n));
         }
         let Some((_, key)) = self.keys.iter().find(|(id, _)| id == kid) else {
