@@ -584,6 +584,14 @@ impl Radio for BleRadio {
         // An image that cannot fit a tag whose Information is known is
         // refused at once (the session checks again after configuring).
         let invalid = |reason: String| RadioError::new(RadioErrorKind::InvalidRequest, reason);
+        // The size first: it is cheap, and an oversized content is not parsed.
+        if delivery.content.len() > self.max_content_bytes {
+            return Err(invalid(format!(
+                "content is {} bytes, radio.ble.max_content_bytes is {}",
+                delivery.content.len(),
+                self.max_content_bytes
+            )));
+        }
         match content::ImageContent::from_content(&delivery.content) {
             Err(error) => return Err(invalid(error.to_string())),
             Ok(Some(image)) => {
@@ -594,16 +602,6 @@ impl Radio for BleRadio {
                 }
             }
             Ok(None) => {}
-        }
-        if delivery.content.len() > self.max_content_bytes {
-            return Err(RadioError::new(
-                RadioErrorKind::InvalidRequest,
-                format!(
-                    "content is {} bytes, radio.ble.max_content_bytes is {}",
-                    delivery.content.len(),
-                    self.max_content_bytes
-                ),
-            ));
         }
         self.channels.deliver(delivery).await
     }
@@ -916,6 +914,11 @@ impl<C: Central> DriverState<C> {
             // First session since start: what an earlier run kept.
             if let Some(record) = self.store.tag(tag) {
                 state.response_key = Some(record.response_key);
+                // Shown (`tag_info`) and used by `deliver`'s early image
+                // check from the first session on, as after configuring.
+                if let Some(info) = &record.info {
+                    lock(&self.infos).insert(tag.to_owned(), info.clone());
+                }
                 state.info = record.info;
             }
         }

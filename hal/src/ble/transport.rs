@@ -928,6 +928,18 @@ impl<'a, L: Link> Session<'a, L> {
         value: &[u8],
         step: Step,
     ) -> Result<Vec<u8>, TransportError> {
+        let limit = self.settings.response_timeout;
+        self.request_within(short, value, step, limit).await
+    }
+
+    /// [`Session::request`] with its own wait for the answer.
+    async fn request_within(
+        &mut self,
+        short: u16,
+        value: &[u8],
+        step: Step,
+        limit: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
         let characteristic = uuid16(short);
         within(
             step,
@@ -935,7 +947,6 @@ impl<'a, L: Link> Session<'a, L> {
             self.link.write(characteristic, value),
         )
         .await?;
-        let limit = self.settings.response_timeout;
         self.answer(characteristic, step, limit).await
     }
 
@@ -1062,14 +1073,9 @@ impl<'a, L: Link> Session<'a, L> {
         let bytes = command
             .encode()
             .map_err(|error| TransportError::Malformed { step, error })?;
-        let cp = uuid16(CONTROL_POINT_CHARACTERISTIC);
-        within(
-            step,
-            self.settings.gatt_timeout,
-            self.link.write(cp, &bytes),
-        )
-        .await?;
-        let value = self.answer(cp, step, limit).await?;
+        let value = self
+            .request_within(CONTROL_POINT_CHARACTERISTIC, &bytes, step, limit)
+            .await?;
         match Response::decode(&value) {
             Ok(Response::Error(code)) => Err(TransportError::Esl { step, code }),
             Ok(response) => Ok(response),

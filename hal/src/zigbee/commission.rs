@@ -305,17 +305,7 @@ pub async fn form<P: AsyncRead + AsyncWrite + Unpin + Send>(
         ZStack::V1_2 => {
             // 1.2 has no BDB: the start-up forms the network from the NV
             // items (status 1 = new network).
-            let reply = znp
-                .request_within(
-                    znp::ZDO_STARTUP_FROM_APP,
-                    STARTUP_DELAY_MS.to_le_bytes().to_vec(),
-                    cfg.startup_timeout,
-                )
-                .await?;
-            let status = reply.first().copied().unwrap_or(0xFF);
-            fw.stack
-                .startup_status(status)
-                .map_err(StartError::Formation)?;
+            startup_from_app(znp, cfg, fw.stack).await?;
         }
         ZStack::V3_0 | ZStack::V3x => {
             let mut primary = vec![1];
@@ -441,6 +431,26 @@ async fn start_stored<P: AsyncRead + AsyncWrite + Unpin + Send>(
     if state == znp::DEV_ZB_COORD {
         return Ok(());
     }
+    match startup_from_app(znp, cfg, fw.stack).await? {
+        StartupStatus::Restored | StartupStatus::Starting => {}
+        // On 1.2 this means the stored network was gone: not ours any more.
+        StartupStatus::NewNetwork => {
+            return Err(StartError::Mismatch(
+                "the stick formed a new network instead of restoring its stored one".into(),
+            ))
+        }
+    }
+    wait_coordinator(znp, cfg).await?;
+    Ok(())
+}
+
+/// `ZDO_STARTUP_FROM_APP` with the commissioning time-out, its status read
+/// the way this firmware means it (a failure is a formation error).
+async fn startup_from_app<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    cfg: &ZigbeeConfig,
+    stack: ZStack,
+) -> Result<StartupStatus, StartError> {
     let reply = znp
         .request_within(
             znp::ZDO_STARTUP_FROM_APP,
@@ -449,18 +459,7 @@ async fn start_stored<P: AsyncRead + AsyncWrite + Unpin + Send>(
         )
         .await?;
     let status = reply.first().copied().unwrap_or(0xFF);
-    match fw.stack.startup_status(status) {
-        Ok(StartupStatus::Restored | StartupStatus::Starting) => {}
-        // On 1.2 this means the stored network was gone: not ours any more.
-        Ok(StartupStatus::NewNetwork) => {
-            return Err(StartError::Mismatch(
-                "the stick formed a new network instead of restoring its stored one".into(),
-            ))
-        }
-        Err(reason) => return Err(StartError::Formation(reason)),
-    }
-    wait_coordinator(znp, cfg).await?;
-    Ok(())
+    stack.startup_status(status).map_err(StartError::Formation)
 }
 
 async fn wait_coordinator<P: AsyncRead + AsyncWrite + Unpin + Send>(
