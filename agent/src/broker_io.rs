@@ -45,7 +45,7 @@ use crate::tls::LinkTransport;
 /// id beyond `limits.max_payload`: a packet up to the payload limit plus
 /// this passes the filter whole (and is then rejected by size if its
 /// payload is over), a larger one becomes a stand-in.
-const HEADER_ROOM: usize = 4 * 1024;
+const HEADER_ROOM: usize = crate::wire::OVER_LIMIT_READ;
 
 /// A byte stream to the broker.
 trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}

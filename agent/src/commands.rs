@@ -769,6 +769,48 @@ mod tests {
         }
     }
 
+    /// PROTOCOL §4 rule 2: a task a little over `limits.max_payload` is
+    /// rejected naming its `task_id`, except when signed tasks are required
+    /// (an unchecked message never names a task).
+    #[tokio::test]
+    async fn an_oversized_task_names_its_task_id_unless_signatures_are_required() {
+        let acked_id = |f: &mut Fixture| {
+            let mut task = json!({"v": 1, "task_id": "t-big", "tag_id": "T1", "issued_at": 1,
+                "content": {"pad": ""}});
+            task["content"]["pad"] = "x".repeat(f.state.settings().max_payload).into();
+            let mut change = Change::new();
+            f.state
+                .on_task(task.to_string().as_bytes(), 1, &mut change)
+                .unwrap();
+            let numbers = f.store.apply(change).unwrap();
+            assert_eq!(numbers.len(), 1, "one rejected ack");
+            numbers[0]
+        };
+        let mut f = fixture("");
+        let n = acked_id(&mut f);
+        f.store.flush().await.unwrap();
+        let ack: Value = serde_json::from_slice(
+            &f.store.outbox_after(n.checked_sub(1), 1).unwrap()[0]
+                .1
+                .payload,
+        )
+        .unwrap();
+        assert_eq!(ack["status"], "rejected");
+        assert_eq!(ack["task_id"], "t-big", "{ack}");
+
+        let mut f = fixture("");
+        let _ = signed_by(&mut f, true);
+        let n = acked_id(&mut f);
+        f.store.flush().await.unwrap();
+        let ack: Value = serde_json::from_slice(
+            &f.store.outbox_after(n.checked_sub(1), 1).unwrap()[0]
+                .1
+                .payload,
+        )
+        .unwrap();
+        assert_eq!(ack["task_id"], Value::Null, "{ack}");
+    }
+
     /// Issue 14 item 4: a command flood (or a forged-task flood with
     /// `require_signed_tasks`) grew the outbox without bound; replies and
     /// rejection acks now pass a rate limit, the rest is dropped, counted.

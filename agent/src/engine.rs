@@ -440,7 +440,12 @@ impl State {
         Counters::bump(&self.counters.tasks_received);
         let object = match wire::parse_object(payload, self.settings.max_payload) {
             Ok(o) => o,
-            Err(rejection) => {
+            Err(mut rejection) => {
+                // An oversized payload names its task (rule 2), but not
+                // when signatures are required: it was never checked.
+                if self.verifier.required(Purpose::Task) {
+                    rejection.task_id = None;
+                }
                 self.reject(change, rejection, now);
                 return Ok(());
             }

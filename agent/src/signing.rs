@@ -162,7 +162,7 @@ impl Verifier {
         })
     }
 
-    fn required(&self, purpose: Purpose) -> bool {
+    pub(crate) fn required(&self, purpose: Purpose) -> bool {
         match purpose {
             Purpose::Task => self.require_tasks,
             Purpose::Command => self.require_commands,

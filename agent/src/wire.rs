@@ -82,10 +82,26 @@ pub fn parse_object(payload: &[u8], max_payload: usize) -> Result<Map<String, Va
         })
     };
     if payload.len() > max_payload {
-        return reject(format!(
-            "payload: {} bytes is over the limit of {max_payload} bytes",
-            payload.len()
-        ));
+        // PROTOCOL §4 rule 2 still names the task when it can: a payload a
+        // little over the limit is whole in memory (the link passes up to
+        // OVER_LIMIT_READ more, and turns larger ones into stand-ins), so
+        // its `task_id` is read; nothing else is.
+        let task_id = (payload.len() <= max_payload.saturating_add(OVER_LIMIT_READ))
+            .then(|| parse_strict(payload).ok())
+            .flatten()
+            .and_then(|v| match v {
+                Value::Object(o) => readable_task_id(&o),
+                _ => None,
+            });
+        return Err(Rejection {
+            task_id,
+            tag_id: None,
+            reply_to: None,
+            detail: format!(
+                "payload: {} bytes is over the limit of {max_payload} bytes",
+                payload.len()
+            ),
+        });
     }
     let text = match std::str::from_utf8(payload) {
         Ok(t) => t,
@@ -105,6 +121,10 @@ pub fn parse_object(payload: &[u8], max_payload: usize) -> Result<Map<String, Va
     };
     Ok(obj)
 }
+
+/// How far over `limits.max_payload` a payload is still parsed for its
+/// `task_id` (the link's own room above the limit, `broker_io`).
+pub const OVER_LIMIT_READ: usize = 4 * 1024;
 
 /// Longest `task_id` a `rejected` ack echoes (PROTOCOL §4 rule 2): longer
 /// than any valid id, short enough that an ack stays small.
@@ -836,10 +856,16 @@ mod tests {
     }
 
     #[test]
-    fn payload_over_the_limit_is_rejected_before_parsing() {
-        let big = good().to_string();
-        let r = decode_task(big.as_bytes(), 10).unwrap_err();
+    fn payload_over_the_limit_is_rejected_naming_its_task_when_readable() {
+        let mut task = good();
+        task["content"]["padding"] = "x".repeat(2 * OVER_LIMIT_READ).into();
+        let big = task.to_string();
+        let r = decode_task(big.as_bytes(), big.len() - 10).unwrap_err();
         assert!(r.detail.contains("over the limit"), "{}", r.detail);
+        assert_eq!(r.task_id.as_deref(), task["task_id"].as_str(), "rule 2");
+        let far = decode_task(big.as_bytes(), big.len() - OVER_LIMIT_READ - 1).unwrap_err();
+        assert!(far.detail.contains("over the limit"), "{}", far.detail);
+        assert_eq!(far.task_id, None, "far over the limit: not parsed");
     }
 
     #[test]
