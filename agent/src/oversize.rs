@@ -247,13 +247,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for OversizeFilter<S> {
                 // Data, or the end of the stream (nothing more will come).
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [0u8; READ_CHUNK];
-            let mut read = ReadBuf::new(&mut chunk);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
-            if read.filled().is_empty() {
+            // Straight into the input buffer: no zeroed chunk, no copy.
+            this.input.reserve(READ_CHUNK);
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.inner),
+                cx,
+                &mut this.input
+            ))?;
+            if n == 0 {
                 this.eof = true;
-            } else {
-                this.input.extend_from_slice(read.filled());
             }
         }
     }

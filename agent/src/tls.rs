@@ -278,7 +278,7 @@ pub fn explain_tls(tls: &rustls::Error, host: &str) -> String {
     match tls {
         rustls::Error::InvalidCertificate(c) => match c {
             CertificateError::UnknownIssuer => format!(
-                "the broker's certificate is not signed by a CA in mqtt.ca_file ({tls})"
+                "the broker's certificate is not signed by a CA in mqtt.ca_file (or, when it is unset, in the system's CA bundle) ({tls})"
             ),
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => format!(
                 "the broker's certificate has expired, or the AP's clock is wrong ({tls})"
