@@ -982,12 +982,14 @@ impl Store {
                 ))
             },
         )?;
-        let rows = rows.collect::<Result<Vec<_>, _>>()?;
-        // Checked after the query, not copied before it: the set is the
-        // link's PUBACKed entries, and this runs at every outbox fill.
+        // Looked up under the lock while the rows stream, not copied: the
+        // set is the link's PUBACKed entries and this runs at every outbox
+        // fill; rows are read only until `limit` are kept. (No path takes
+        // the reader's lock while holding this one.)
         let removed = lock(&self.removals);
         let mut out = Vec::new();
-        for (n, entry) in rows {
+        for row in rows {
+            let (n, entry) = row?;
             if !removed.0.contains(&n) {
                 out.push((n, entry));
                 if out.len() == limit {
