@@ -391,7 +391,7 @@ fn tag_get(state: &State, params: &Value, now: u64) -> MethodResult {
         return Err(error(ErrorCode::BadParams, "params.tag_id: required"));
     };
     let view = state.tag_view(tag_id, now);
-    if view.last_seen.is_none() && view.pending_task.is_none() {
+    if view.last_seen.is_none() && view.pending_task.is_none() && view.radio.is_none() {
         return Err(error(
             ErrorCode::NotFound,
             format!("tag {tag_id:?} is not known"),

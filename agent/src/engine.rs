@@ -154,6 +154,11 @@ pub struct TagView {
     pub last_seen: Option<u64>,
     pub online: bool,
     pub pending_task: Option<String>,
+    /// What the radio told about the tag besides its check-ins
+    /// ([`esl_hal::TagDetails`]): in `tag.get` and `tags.list`, not in the
+    /// status reports (which stay small).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub radio: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Settings the engine needs, taken from the config once.
@@ -209,6 +214,9 @@ struct InFlight {
 #[derive(Debug, Clone, Default)]
 struct TagEntry {
     rec: TagRecord,
+    /// The radio's latest [`esl_hal::TagDetails`] for the tag (memory only:
+    /// radios report them again after a restart).
+    info: Option<serde_json::Map<String, serde_json::Value>>,
     /// When `rec` was last written to the store; 0 = never (or changed in a
     /// way that must be written at the next change).
     saved_at: u64,
@@ -270,7 +278,14 @@ impl State {
             .into_iter()
             .map(|(id, rec)| {
                 let saved_at = rec.last_seen.unwrap_or_default();
-                (id, TagEntry { rec, saved_at })
+                (
+                    id,
+                    TagEntry {
+                        rec,
+                        saved_at,
+                        info: None,
+                    },
+                )
             })
             .collect();
         Ok(State {
@@ -690,6 +705,11 @@ impl State {
                 self.radio_details = d;
                 Ok(())
             }
+            RadioEvent::Tag(d) => {
+                debug!(tag_id = %d.tag_id, "tag details from the radio");
+                self.tags.entry(d.tag_id).or_default().info = Some(d.info);
+                Ok(())
+            }
         }
     }
 
@@ -878,7 +898,12 @@ impl State {
     pub fn known_tag_views(&self, now: u64) -> Vec<TagView> {
         let mut ids: Vec<&str> = self.tags.keys().map(String::as_str).collect();
         ids.sort_unstable();
-        ids.into_iter().map(|id| self.tag_view(id, now)).collect()
+        ids.into_iter()
+            .map(|id| TagView {
+                radio: None,
+                ..self.tag_view(id, now)
+            })
+            .collect()
     }
 
     /// Up to `limit` tags, known or with a pending task, whose id is after
@@ -905,11 +930,8 @@ impl State {
     }
 
     pub fn tag_view(&self, tag_id: &str, now: u64) -> TagView {
-        let t = self
-            .tags
-            .get(tag_id)
-            .map(|t| t.rec.clone())
-            .unwrap_or_default();
+        let entry = self.tags.get(tag_id);
+        let t = entry.map(|t| t.rec.clone()).unwrap_or_default();
         TagView {
             tag_id: tag_id.to_owned(),
             online: t
@@ -920,6 +942,7 @@ impl State {
             content_hash: t.content_hash,
             last_seen: t.last_seen,
             pending_task: self.store.pending_of(tag_id).ok().flatten(),
+            radio: entry.and_then(|t| t.info.clone()),
         }
     }
 
@@ -1324,7 +1347,10 @@ impl Engine {
     ) -> Result<bool, StoreError> {
         let durable = !matches!(
             event,
-            RadioEvent::CheckIn(_) | RadioEvent::State(_) | RadioEvent::Details(_)
+            RadioEvent::CheckIn(_)
+                | RadioEvent::State(_)
+                | RadioEvent::Details(_)
+                | RadioEvent::Tag(_)
         );
         let mut change = Change::new();
         let mut these = Vec::new();
@@ -1811,6 +1837,32 @@ mod tests {
         );
         let d = f.state.tag_view("D", NOW);
         assert_eq!(d.pending_task.as_deref(), Some("t2"));
+    }
+
+    #[tokio::test]
+    async fn a_tag_the_radio_describes_is_listed_with_its_details_before_it_checks_in() {
+        let mut f = Fixture::new();
+        let info = json!({"ieee": "00:12:4b:00:01:02:03:04"});
+        let details = esl_hal::TagDetails {
+            tag_id: "Z1".into(),
+            info: info.as_object().unwrap().clone(),
+        };
+        assert!(f.radio(RadioEvent::Tag(details), NOW).is_empty());
+        let listed = f.state.tag_views_after(None, 10, NOW).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].tag_id, "Z1");
+        assert_eq!(listed[0].last_seen, None, "not seen yet");
+        let shown = serde_json::to_value(&listed[0]).unwrap();
+        assert_eq!(shown["radio"], info, "tags.list shows the details");
+        let status = f.state.known_tag_views(NOW);
+        assert_eq!(status[0].tag_id, "Z1");
+        assert!(
+            serde_json::to_value(&status[0])
+                .unwrap()
+                .get("radio")
+                .is_none(),
+            "status reports stay small"
+        );
     }
 
     #[tokio::test]

@@ -270,6 +270,7 @@ mod tests {
                     last_seen: Some(1_764_230_400_000),
                     online: true,
                     pending_task: None,
+                    radio: None,
                 })
                 .collect(),
         }

@@ -44,6 +44,21 @@ pub enum RadioEvent {
     /// Facts about the radio for status reports (its firmware…), sent when
     /// they become known; radios that have none never send it.
     Details(RadioDetails),
+    /// Facts about one tag learnt outside a check-in: it joined the network
+    /// (a ZigBee device announce) or the radio read what it can show (BLE
+    /// ESL Information). The agent lists the tag from then on, before its
+    /// first check-in, and shows `info` in `tag.get` and `tags.list`.
+    Tag(TagDetails),
+}
+
+/// What a backend knows about one tag besides its check-in readings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TagDetails {
+    pub tag_id: TagId,
+    /// Backend-specific facts as one JSON object (`{"ieee": "…", "nwk": …}`,
+    /// `{"displays": […]}`); the next report for the same tag replaces it
+    /// whole. Keep it small: `tags.list` pages carry it for every tag.
+    pub info: serde_json::Map<String, serde_json::Value>,
 }
 
 /// What a backend knows about its own hardware, for `agent.status` and the

@@ -1028,7 +1028,7 @@ mod tests {
                         assert!(outcomes.insert(outcome.task_id), "one outcome per delivery");
                     }
                     RadioEvent::CheckIn(_) => checkins += 1,
-                    RadioEvent::State(_) | RadioEvent::Details(_) => {}
+                    RadioEvent::State(_) | RadioEvent::Details(_) | RadioEvent::Tag(_) => {}
                 }
             }
         })
