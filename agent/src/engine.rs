@@ -262,6 +262,9 @@ pub struct State {
     /// Requests to the radio task (`network.permit_join`); `None` until
     /// [`State::set_radio_control`] (tests without a radio).
     radio_control: Option<mpsc::Sender<crate::radio::RadioControl>>,
+    /// The radio's check of content against the tag's capabilities
+    /// ([`esl_hal::Radio::content_check`]); `None` when its tags take any.
+    content_check: Option<Arc<dyn esl_hal::ContentCheck>>,
 }
 
 impl State {
@@ -301,6 +304,7 @@ impl State {
             refresh: Default::default(),
             link: None,
             radio_control: None,
+            content_check: None,
             radio_details: Default::default(),
             radio: RadioState::Down {
                 reason: "starting".into(),
@@ -513,6 +517,21 @@ impl State {
                 }
             }
             return Ok(());
+        }
+
+        // Content the tag can never show (the radio knows its display):
+        // rejected now, naming what the tag expects, not failed at delivery.
+        if let Some(check) = &self.content_check {
+            if let Err(detail) = check.check(&task.tag_id, task.content.as_bytes()) {
+                let rejection = wire::Rejection {
+                    task_id: Some(task.task_id),
+                    tag_id: Some(task.tag_id),
+                    reply_to: task.reply_to,
+                    detail,
+                };
+                self.reject(change, rejection, now);
+                return Ok(());
+            }
         }
 
         let ttl = task.ttl_ms.unwrap_or(self.settings.default_ttl_ms);
@@ -957,6 +976,11 @@ impl State {
     /// The radio task's control channel, for `network.permit_join`.
     pub fn set_radio_control(&mut self, tx: mpsc::Sender<crate::radio::RadioControl>) {
         self.radio_control = Some(tx);
+    }
+
+    /// The radio's content check, run on every new task.
+    pub fn set_content_check(&mut self, check: Option<Arc<dyn esl_hal::ContentCheck>>) {
+        self.content_check = check;
     }
 
     pub fn radio_control(&self) -> Option<&mpsc::Sender<crate::radio::RadioControl>> {
@@ -1837,6 +1861,42 @@ mod tests {
         );
         let d = f.state.tag_view("D", NOW);
         assert_eq!(d.pending_task.as_deref(), Some("t2"));
+    }
+
+    /// A radio that knows tag "small" can show content of at most 10 bytes.
+    #[derive(Debug)]
+    struct SmallDisplay;
+    impl esl_hal::ContentCheck for SmallDisplay {
+        fn check(&self, tag_id: &str, content: &[u8]) -> Result<(), String> {
+            if tag_id == "small" && content.len() > 10 {
+                return Err(format!(
+                    "content: {} bytes, the tag shows 20",
+                    content.len()
+                ));
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn content_the_radio_says_the_tag_cannot_show_is_rejected_naming_why() {
+        let mut f = Fixture::new();
+        f.state.set_content_check(Some(Arc::new(SmallDisplay)));
+        f.task(task("t1", "small", 1), NOW);
+        f.task(task("t2", "other", 1), NOW);
+        let acks: Vec<Value> = f.acks().await.into_iter().map(|(_, a)| a).collect();
+        assert_eq!(acks.len(), 1, "{acks:?}");
+        assert_eq!(acks[0]["status"], "rejected");
+        assert_eq!(acks[0]["task_id"], "t1");
+        assert_eq!(acks[0]["tag_id"], "small");
+        assert!(
+            acks[0]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("the tag shows 10"),
+            "{acks:?}"
+        );
+        assert_eq!(f.state.pending_len(), 1, "the other tag's task is pending");
     }
 
     #[tokio::test]

@@ -331,6 +331,7 @@ impl RadioWiring {
         tasks: &mut JoinSet<&'static str>,
     ) {
         state.add_known_tags(backend.known_tags());
+        state.set_content_check(backend.content_check());
         if let Some(radio_counters) = backend.counters() {
             counters.attach_radio(radio_counters);
         }

@@ -174,6 +174,14 @@ pub trait Radio: Send + 'static {
         None
     }
 
+    /// The radio's check of a task's content against what the tag can
+    /// show, which the agent runs when the task arrives (so a misfit is
+    /// `rejected` at once rather than `failed` at delivery). Radios whose
+    /// tags take any content return nothing.
+    fn content_check(&self) -> Option<Arc<dyn ContentCheck>> {
+        None
+    }
+
     /// Opens the network for new tags to join for `seconds` (0 closes it).
     /// Radios without a joining procedure answer `InvalidRequest`.
     fn permit_join(&mut self, seconds: u8) -> impl Future<Output = Result<(), RadioError>> + Send {
@@ -191,6 +199,17 @@ pub trait Radio: Send + 'static {
         &mut self,
         delivery: Delivery,
     ) -> impl Future<Output = Result<(), RadioError>> + Send;
+}
+
+/// A backend's intake check of content, readable from any thread at any
+/// time (it reads what the backend learnt about its tags).
+pub trait ContentCheck: Send + Sync + std::fmt::Debug {
+    /// `Err(detail)` when `tag_id` can never show `content` (the canonical
+    /// JSON of the task's `content`); the detail names the field and what
+    /// the tag expects (`content.ble_image.bitmap: 4 736 bytes, display 0
+    /// needs 5 000`). `Ok` when it fits, or when the backend does not know
+    /// the tag's capabilities yet (the delivery decides then).
+    fn check(&self, tag_id: &str, content: &[u8]) -> Result<(), String>;
 }
 
 /// Named counters of one backend, readable from any thread at any time.
