@@ -1870,7 +1870,7 @@ mod tests {
         fn check(&self, tag_id: &str, content: &[u8]) -> Result<(), String> {
             if tag_id == "small" && content.len() > 10 {
                 return Err(format!(
-                    "content: {} bytes, the tag shows 20",
+                    "content: {} bytes, the tag shows 10",
                     content.len()
                 ));
             }
