@@ -13,13 +13,13 @@
 //! and a task's way through them):
 //!
 //! ```text
-//! broker ⇄ mqtt::Link ──inbound_tx──▶ engine::Engine ──delivery_tx, control_tx──▶ radio::RadioTask ⇄ backend
+//! broker ⇄ link::Link ──inbound_tx──▶ engine::Engine ──delivery_tx, control_tx──▶ radio::RadioTask ⇄ backend
 //!              ▲  ▲ ◀──puback_tx, outbox_wake──┘  ▲  ▲ ◀──────────event_tx──────────────┘
 //!              │  └──report_tx── status::StatusTask ─query_tx─┘  │
 //!              └── link_tx (watch) ──▶ status                    └── store::Store (SQLite)
 //! ```
 //!
-//! - [`mqtt::Link`] — the only user of the rumqttc event loop. Routes
+//! - [`link::Link`] — the only user of the rumqttc event loop. Routes
 //!   incoming tasks and commands to the engine, sends PUBACKs the engine
 //!   released, publishes the outbox (oldest first, windowed) and status
 //!   reports, reconnects with backoff.
@@ -55,10 +55,7 @@
 //! flushes and releases its last PUBACKs; the link sends them and
 //! disconnects; [`Agent::wait`] joins everything within a deadline.
 
-pub mod auth;
-pub mod broker_io;
 pub mod cli;
-pub mod commands;
 pub mod config;
 pub mod control;
 pub mod counters;
@@ -66,18 +63,13 @@ pub mod counters;
 pub mod demo;
 pub mod engine;
 pub mod identity;
-pub mod limiter;
-pub mod mqtt;
-pub mod oversize;
+pub mod link;
 pub mod radio;
 pub mod report;
-pub mod secrets;
 pub mod security;
-pub mod signing;
 pub mod status;
 pub mod store;
 pub mod systemd;
-pub mod tls;
 pub mod wire;
 
 use std::sync::Arc;
@@ -96,7 +88,7 @@ use tracing::{info, warn};
 pub use config::Config;
 use counters::Counters;
 use identity::Identity;
-use mqtt::LinkState;
+use link::LinkState;
 use store::Store;
 
 /// How long shutdown may take before tasks are abandoned (PROTOCOL §9: 5 s).
@@ -141,7 +133,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let counters = Arc::new(Counters::default());
 
     let (inbound_tx, inbound_rx) = mpsc::channel(engine::INBOUND_CAPACITY);
-    let (puback_tx, puback_rx) = mpsc::channel(mqtt::PUBACK_CAPACITY);
+    let (puback_tx, puback_rx) = mpsc::channel(link::PUBACK_CAPACITY);
     let (event_tx, radio_rx) = mpsc::channel(engine::RADIO_EVENT_CAPACITY);
     let (delivery_tx, delivery_rx) = mpsc::channel(radio::DELIVERY_CAPACITY);
     let (query_tx, query_rx) = mpsc::channel(engine::QUERY_CAPACITY);
@@ -218,14 +210,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         "engine"
     });
 
-    let broker = mqtt::BrokerSocket::new(
+    let broker = link::BrokerSocket::new(
         security.transport.clone(),
         &config.mqtt,
         config.limits.max_payload,
     );
-    let link = mqtt::Link {
+    let link = link::Link {
         url: security.transport.url.clone(),
-        options: mqtt::mqtt_options(
+        options: link::mqtt_options(
             &config.mqtt,
             &identity,
             config.limits.max_payload,
@@ -233,7 +225,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             security.credentials,
         ),
         broker,
-        settings: mqtt::LinkSettings::from_config(&config.mqtt),
+        settings: link::LinkSettings::from_config(&config.mqtt),
         login: security.login,
         identity: identity.clone(),
         store: store.clone(),

@@ -38,7 +38,7 @@ use tracing::{debug, warn};
 
 use crate::counters::Counters;
 use crate::engine::{now_ms, Query, Snapshot};
-use crate::mqtt::{LinkState, Report};
+use crate::link::{LinkState, Report};
 use crate::store::Store;
 
 /// Reports handed to the link but not yet published: one report's chunks.

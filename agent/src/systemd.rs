@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::engine::Query;
-use crate::mqtt::LinkState;
+use crate::link::LinkState;
 
 /// A problem with the environment systemd hands us.
 #[derive(Debug, thiserror::Error)]

@@ -323,7 +323,7 @@ fn check_config_without_any_ca_bundle_says_what_to_install() {
     let missing = dir.path().join("no-bundle.pem");
     let out = check_config(&config, &BTreeMap::new(), &missing);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if esl_agent::tls::SYSTEM_CA_BUNDLES
+    if esl_agent::security::tls::SYSTEM_CA_BUNDLES
         .iter()
         .any(|p| Path::new(p).exists())
     {

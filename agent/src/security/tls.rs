@@ -31,7 +31,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore};
 
 use crate::config::MqttConfig;
-use crate::secrets::{read_private_file, SecretError};
+use crate::security::secrets::{read_private_file, SecretError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

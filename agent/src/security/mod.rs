@@ -1,20 +1,25 @@
 //! Everything security needs at start-up, read and checked in one place for
 //! both `esl-agent run` ([`crate::start`]) and `esl-agent check-config`:
-//! the link's transport ([`crate::tls`]), the MQTT login ([`crate::auth`])
-//! and the signing keys ([`crate::signing`]).
+//! the link's transport ([`crate::security::tls`]), the MQTT login ([`crate::security::auth`])
+//! and the signing keys ([`crate::security::signing`]).
 //!
 //! Reading every file and secret here means a missing CA, a key file that
 //! others can read or a short signing key stops the agent before it starts,
 //! with an error naming the config key, instead of surfacing at the first
 //! connection. Owns no task or channel.
 
+pub mod auth;
+pub mod secrets;
+pub mod signing;
+pub mod tls;
+
 use anyhow::Context;
 
-use crate::auth::{Credentials, Login};
+use crate::security::auth::{Credentials, Login};
 use crate::config::Config;
 use crate::identity::Identity;
-use crate::signing::Verifier;
-use crate::tls::LinkTransport;
+use crate::security::signing::Verifier;
+use crate::security::tls::LinkTransport;
 
 /// The security material of one agent run.
 pub struct Prepared {

@@ -19,7 +19,7 @@ use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
 use crate::config::{AuthMode, MqttConfig};
-use crate::secrets::{Secret, SecretError, SecretSource};
+use crate::security::secrets::{Secret, SecretError, SecretSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {

@@ -6,7 +6,7 @@
 //! one, also for unknown methods and bad params: at its `reply_to`, or at
 //! `mqtt.ack_to` when it names none (PROTOCOL §3/§7); a request with
 //! `"reply": false` gets none. Replies go through the durable outbox like
-//! acks, within the limit of [`crate::limiter`]. Listings are paged so that
+//! acks, within the limit of [`crate::engine::limiter`]. Listings are paged so that
 //! a reply always fits `limits.max_payload`.
 //!
 //! Least privilege: only methods in `security.allowed_methods` run (others
@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 
 use crate::counters::Counters;
 use crate::engine::{State, TagView};
-use crate::signing::{Purpose, Verdict};
+use crate::security::signing::{Purpose, Verdict};
 use crate::store::{Change, OutboxEntry, StoreError, TaskRecord, TaskState};
 use crate::wire::{self, ErrorCode, Reply, ReplyError};
 
@@ -693,11 +693,11 @@ mod tests {
         ))
         .unwrap();
         let verifier =
-            crate::signing::Verifier::from_config(&config.security, "GID_test@@@dev1").unwrap();
+            crate::security::signing::Verifier::from_config(&config.security, "GID_test@@@dev1").unwrap();
         f.state.set_verifier(verifier);
         move |mut v: Value| {
             let m = v.as_object_mut().unwrap();
-            crate::signing::add_signature(m, key, Purpose::Command, "GID_test@@@dev1", "k1");
+            crate::security::signing::add_signature(m, key, Purpose::Command, "GID_test@@@dev1", "k1");
             v
         }
     }
@@ -818,17 +818,17 @@ mod tests {
     async fn replies_and_rejection_acks_are_limited() {
         let mut f = fixture("");
         let mut queued = 0;
-        for _ in 0..(crate::limiter::BURST + 100) {
+        for _ in 0..(crate::engine::limiter::BURST + 100) {
             queued += f.command(request("tags.list")).await.len() as u64;
         }
-        assert_eq!(queued, crate::limiter::BURST);
+        assert_eq!(queued, crate::engine::limiter::BURST);
         assert_eq!(Counters::get(&f.state.counters().replies_dropped), 100);
 
         let mut f = fixture("");
         let _ = signed_by(&mut f, true);
         let before = f.store.outbox_len();
         let mut change = Change::new();
-        for i in 0..(crate::limiter::BURST + 300) {
+        for i in 0..(crate::engine::limiter::BURST + 300) {
             let forged = json!({"v": 1, "task_id": format!("t{i}"), "tag_id": "T1",
                 "issued_at": 1, "content": {}, "sig": {"kid": "k1", "hmac": "0".repeat(64)}});
             f.state
@@ -837,11 +837,11 @@ mod tests {
         }
         f.store.apply(change).unwrap();
         f.store.flush().await.unwrap();
-        assert_eq!(f.store.outbox_len() - before, crate::limiter::BURST);
+        assert_eq!(f.store.outbox_len() - before, crate::engine::limiter::BURST);
         assert_eq!(Counters::get(&f.state.counters().replies_dropped), 300);
         assert_eq!(
             Counters::get(&f.state.counters().tasks_bad_signature),
-            crate::limiter::BURST + 300
+            crate::engine::limiter::BURST + 300
         );
 
         // Bad input from the back end is not limited: each of those tasks
@@ -849,7 +849,7 @@ mod tests {
         let mut f = fixture("");
         let before = f.store.outbox_len();
         let mut change = Change::new();
-        for i in 0..(crate::limiter::BURST + 300) {
+        for i in 0..(crate::engine::limiter::BURST + 300) {
             let bad = json!({"v": 2, "task_id": format!("t{i}")});
             f.state
                 .on_task(bad.to_string().as_bytes(), 1, &mut change)
@@ -859,7 +859,7 @@ mod tests {
         f.store.flush().await.unwrap();
         assert_eq!(
             f.store.outbox_len() - before,
-            crate::limiter::BURST + 300,
+            crate::engine::limiter::BURST + 300,
             "every rejected task is acked"
         );
         assert_eq!(Counters::get(&f.state.counters().replies_dropped), 0);
@@ -902,7 +902,7 @@ mod tests {
         ))
         .unwrap();
         let verifier =
-            crate::signing::Verifier::from_config(&config.security, "GID_test@@@dev1").unwrap();
+            crate::security::signing::Verifier::from_config(&config.security, "GID_test@@@dev1").unwrap();
         f.state.set_verifier(verifier);
 
         assert!(
@@ -911,7 +911,7 @@ mod tests {
         );
         let mut signed = request("agent.status");
         let m = signed.as_object_mut().unwrap();
-        crate::signing::add_signature(m, key, Purpose::Command, "GID_test@@@dev1", "k1");
+        crate::security::signing::add_signature(m, key, Purpose::Command, "GID_test@@@dev1", "k1");
         let mut redirected = signed.clone();
         redirected["reply_to"] = "GID_evil@@@x".into();
         assert!(

@@ -529,7 +529,7 @@ impl Default for SecurityConfig {
             require_signed_tasks: false,
             require_signed_commands: false,
             signing_keys: Vec::new(),
-            allowed_methods: crate::commands::METHODS
+            allowed_methods: crate::engine::commands::METHODS
                 .iter()
                 .map(|m| (*m).to_owned())
                 .collect(),
@@ -1060,7 +1060,7 @@ fn validate_security(s: &SecurityConfig) -> Result<(), ConfigError> {
         ));
     }
     for (i, k) in s.signing_keys.iter().enumerate() {
-        if !crate::signing::is_key_id(&k.id) {
+        if !crate::security::signing::is_key_id(&k.id) {
             return Err(invalid(
                 "security.signing_keys.id",
                 format!(
@@ -1103,23 +1103,23 @@ fn validate_security(s: &SecurityConfig) -> Result<(), ConfigError> {
         }
     }
     for m in &s.allowed_methods {
-        if !crate::commands::METHODS.contains(&m.as_str()) {
+        if !crate::engine::commands::METHODS.contains(&m.as_str()) {
             return Err(invalid(
                 "security.allowed_methods",
                 format!(
                     "{m:?} is not a method of this agent; known: {}",
-                    crate::commands::METHODS.join(", ")
+                    crate::engine::commands::METHODS.join(", ")
                 ),
             ));
         }
     }
     for m in &s.allow_unsigned_methods {
-        if !crate::commands::MUTATING.contains(&m.as_str()) {
+        if !crate::engine::commands::MUTATING.contains(&m.as_str()) {
             return Err(invalid(
                 "security.allow_unsigned_methods",
                 format!(
                     "{m:?} is not a method that changes state; those are: {}",
-                    crate::commands::MUTATING.join(", ")
+                    crate::engine::commands::MUTATING.join(", ")
                 ),
             ));
         }

@@ -34,6 +34,9 @@
 //!   discarded without holding it, PUBACKed, and handed to the engine as
 //!   oversized, so it neither drops the connection nor comes back forever.
 
+pub mod broker_io;
+pub mod oversize;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,8 +52,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::auth::{Credentials, Login};
-pub use crate::broker_io::BrokerSocket;
+use crate::security::auth::{Credentials, Login};
+pub use crate::link::broker_io::BrokerSocket;
 use crate::config::MqttConfig;
 use crate::counters::Counters;
 use crate::engine::{AckToken, Inbound, InboundKind};
@@ -162,7 +165,7 @@ fn explain_error(e: &ConnectionError, host: &str) -> String {
         ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId) => {
             "the broker refused the client id (check mqtt.group_id and the device id)".to_owned()
         }
-        other => crate::tls::explain(other, host).unwrap_or_else(|| other.to_string()),
+        other => crate::security::tls::explain(other, host).unwrap_or_else(|| other.to_string()),
     }
 }
 

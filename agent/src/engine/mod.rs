@@ -31,6 +31,9 @@
 //! The decision logic lives in [`State`], which has no channels and takes the
 //! time as an argument, so unit tests drive it directly.
 
+pub mod commands;
+pub mod limiter;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,8 +48,8 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::counters::Counters;
 use crate::identity::Identity;
-use crate::limiter::ReplyLimiter;
-use crate::signing::{Purpose, SignatureError, Verdict, Verifier};
+use crate::engine::limiter::ReplyLimiter;
+use crate::security::signing::{Purpose, SignatureError, Verdict, Verifier};
 use crate::store::{
     Change, FinalState, OutboxEntry, Store, StoreError, TagRecord, TaskRecord, TaskState,
 };
@@ -251,7 +254,7 @@ pub struct State {
     refresh: std::collections::HashSet<String>,
     radio: RadioState,
     /// The link's connection state, for `agent.status`.
-    link: Option<tokio::sync::watch::Receiver<crate::mqtt::LinkState>>,
+    link: Option<tokio::sync::watch::Receiver<crate::link::LinkState>>,
     /// Signature check of tasks and commands; checks nothing until
     /// [`State::set_verifier`].
     verifier: Verifier,
@@ -987,11 +990,11 @@ impl State {
         self.radio_control.as_ref()
     }
 
-    pub fn set_link(&mut self, link: tokio::sync::watch::Receiver<crate::mqtt::LinkState>) {
+    pub fn set_link(&mut self, link: tokio::sync::watch::Receiver<crate::link::LinkState>) {
         self.link = Some(link);
     }
 
-    pub fn link_state(&self) -> crate::mqtt::LinkState {
+    pub fn link_state(&self) -> crate::link::LinkState {
         self.link.as_ref().map(|l| *l.borrow()).unwrap_or_default()
     }
 
@@ -1211,7 +1214,7 @@ impl Engine {
                     }
                     Query::Command { payload, reply } => {
                         let mut change = Change::new();
-                        let result = crate::commands::handle_local(&mut self.state, &payload, now_ms(), &mut change);
+                        let result = crate::engine::commands::handle_local(&mut self.state, &payload, now_ms(), &mut change);
                         let changed = !change.is_empty();
                         match result.and_then(|json| self.store.apply(change).map(|_| json)) {
                             // A read-only command (status, listings) needs no
@@ -1355,7 +1358,7 @@ impl Engine {
             (kind, Some(size)) => self.state.on_oversized(kind, size, now, &mut change),
             (InboundKind::Task, None) => self.state.on_task(&m.payload, now, &mut change)?,
             (InboundKind::Command, None) => {
-                crate::commands::handle(&mut self.state, &m.payload, now, &mut change)?
+                crate::engine::commands::handle(&mut self.state, &m.payload, now, &mut change)?
             }
         }
         self.store.apply(change).map(drop)
@@ -1508,7 +1511,7 @@ mod tests {
             max_payload: 65536,
             offline_after_ms: 300_000,
             ack_to: "GID_backend@@@be1".into(),
-            allowed_methods: crate::commands::METHODS
+            allowed_methods: crate::engine::commands::METHODS
                 .iter()
                 .map(|m| (*m).to_owned())
                 .collect(),
@@ -2035,7 +2038,7 @@ mod tests {
 
     fn sign(mut t: Value, key: &str) -> Value {
         let m = t.as_object_mut().unwrap();
-        crate::signing::add_signature(m, key, Purpose::Task, "GID_test@@@dev1", "k1");
+        crate::security::signing::add_signature(m, key, Purpose::Task, "GID_test@@@dev1", "k1");
         t
     }
 

@@ -38,8 +38,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::config::MqttConfig;
-use crate::oversize::{Marker, OversizeFilter};
-use crate::tls::LinkTransport;
+use crate::link::oversize::{Marker, OversizeFilter};
+use crate::security::tls::LinkTransport;
 
 /// Room in a PUBLISH for the fixed header's rest, the topic and the packet
 /// id beyond `limits.max_payload`: a packet up to the payload limit plus

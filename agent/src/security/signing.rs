@@ -37,7 +37,7 @@ use serde_json::{Map, Value};
 use sha2::Sha256;
 
 use crate::config::SecurityConfig;
-use crate::secrets::{Secret, SecretError, SecretSource};
+use crate::security::secrets::{Secret, SecretError, SecretSource};
 
 /// First line of the signed bytes: the scheme's version.
 const DOMAIN: &str = "esl-sig-v1";
