@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::engine::Query;
+use crate::msg::Query;
 
 /// Operators rarely run more than one CLI at a time; a few spare slots, and
 /// a stuck client cannot exhaust the agent.

@@ -5,8 +5,9 @@
 //! problem stops start-up with an error naming the value and the rule. The
 //! only I/O here is reading interface MAC addresses (nix `getifaddrs`).
 
-use crate::config::{is_id_char, Config};
-use crate::wire::{MAX_CLIENT_ID, MAX_TOPIC};
+use crate::config::Config;
+use crate::ids::is_id_char;
+use crate::ids::{MAX_CLIENT_ID, MAX_TOPIC};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

@@ -33,7 +33,7 @@
 //!   strangers can make it publish.
 //! - [`radio::RadioTask`] — owns the radio backend; takes deliveries and,
 //!   on `control_tx`, requests such as `network.permit_join`
-//!   ([`radio::RadioControl`]).
+//!   ([`msg::RadioControl`]).
 //! - [`status::StatusTask`] — hello and periodic status reports.
 //! - [`control::ControlServer`] — the local Unix socket behind
 //!   `esl-agent status|tags|tasks`; forwards requests to the engine.
@@ -56,6 +56,7 @@
 //! disconnects; [`Agent::wait`] joins everything within a deadline.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod counters;
@@ -63,7 +64,9 @@ pub mod counters;
 pub mod demo;
 pub mod engine;
 pub mod identity;
+pub mod ids;
 pub mod link;
+pub mod msg;
 pub mod radio;
 pub mod report;
 pub mod security;
@@ -88,7 +91,7 @@ use tracing::{info, warn};
 pub use config::Config;
 use counters::Counters;
 use identity::Identity;
-use link::LinkState;
+use msg::LinkState;
 use store::Store;
 
 /// How long shutdown may take before tasks are abandoned (PROTOCOL §9: 5 s).
@@ -308,7 +311,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 struct RadioWiring {
     event_tx: mpsc::Sender<RadioEvent>,
     delivery_rx: mpsc::Receiver<Delivery>,
-    control_rx: mpsc::Receiver<radio::RadioControl>,
+    control_rx: mpsc::Receiver<msg::RadioControl>,
     shutdown: CancellationToken,
 }
 

@@ -167,7 +167,7 @@ fn main() -> ExitCode {
                 serde_json::json!({"limit": 500}),
                 limit,
             )?;
-            let table = cli::render_tags(&tags, esl_agent::engine::now_ms());
+            let table = cli::render_tags(&tags, esl_agent::clock::now_ms());
             Ok((serde_json::Value::Array(tags), table))
         }),
         Command::Tasks {
@@ -178,7 +178,7 @@ fn main() -> ExitCode {
         } => operate(&target, |client| {
             let params = serde_json::json!({"limit": 500, "state": state, "tag_id": tag});
             let tasks = client.list_all("tasks.list", "tasks", params, limit)?;
-            let table = cli::render_tasks(&tasks, esl_agent::engine::now_ms());
+            let table = cli::render_tasks(&tasks, esl_agent::clock::now_ms());
             Ok((serde_json::Value::Array(tasks), table))
         }),
         Command::Zigbee(ZigbeeCommand::PermitJoin { target, seconds }) => {

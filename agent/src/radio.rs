@@ -12,20 +12,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::msg::RadioControl;
+
 /// Deliveries the engine handed over and the backend has not taken: the
 /// engine starts at most one per checked-in tag per batch.
 pub const DELIVERY_CAPACITY: usize = 256;
 /// Wait after a backend error before asking it again.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
-
-/// Requests to the radio that are not deliveries (remote commands and the
-/// local CLI ask for them through the engine).
-#[derive(Debug)]
-pub enum RadioControl {
-    /// Open the network for joining for `seconds` (0 closes it). The
-    /// outcome is logged: commands answer when the request is handed over.
-    PermitJoin { seconds: u8 },
-}
 
 /// Control requests not yet taken: operators ask one at a time.
 pub const CONTROL_CAPACITY: usize = 4;

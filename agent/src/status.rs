@@ -37,8 +37,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::counters::Counters;
-use crate::engine::{now_ms, Query, Snapshot};
-use crate::link::{LinkState, Report};
+use crate::clock::now_ms;
+use crate::msg::{Query, Snapshot};
+use crate::msg::{LinkState, Report};
 use crate::store::Store;
 
 /// Reports handed to the link but not yet published: one report's chunks.
@@ -252,7 +253,7 @@ impl StatusTask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::TagView;
+    use crate::msg::TagView;
 
     fn snapshot(tags: usize) -> Snapshot {
         Snapshot {

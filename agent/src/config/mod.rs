@@ -10,6 +10,7 @@
 //! This module does no I/O besides reading the file; resolving the device id
 //! from a network interface lives in `identity`.
 
+use crate::ids::is_id_char;
 use std::path::{Path, PathBuf};
 
 use esl_hal::zigbee::{FlowControl, NetworkMismatch, ZigbeeConfig};
@@ -553,11 +554,6 @@ pub struct SigningKeyConfig {
 /// for per-back-end keys without making a key search expensive.
 pub const MAX_SIGNING_KEYS: usize = 4;
 
-/// Characters allowed in group and device ids (PROTOCOL §2).
-pub(crate) fn is_id_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '_' || c == '-'
-}
-
 /// Characters allowed in a topic parent: no wildcards, no `/` tricks that
 /// could make an uplink parent equal a downlink one.
 fn is_parent_char(c: char) -> bool {
@@ -628,7 +624,7 @@ impl Config {
                 ));
             }
         }
-        if !crate::wire::is_valid_client_id(&m.ack_to) {
+        if !crate::ids::is_valid_client_id(&m.ack_to) {
             return Err(invalid(
                 "mqtt.ack_to",
                 format!(
@@ -741,7 +737,7 @@ impl Config {
         if s.tags > 1_000_000 {
             return Err(invalid("radio.sim.tags", "must be at most 1000000"));
         }
-        if s.id_prefix.len() > 26 || !s.id_prefix.chars().all(crate::wire::is_tag_char) {
+        if s.id_prefix.len() > 26 || !s.id_prefix.chars().all(crate::ids::is_tag_char) {
             return Err(invalid(
                 "radio.sim.id_prefix",
                 "must be at most 26 characters of letters, digits, '_', '.', ':' and '-'",
@@ -1060,7 +1056,7 @@ fn validate_security(s: &SecurityConfig) -> Result<(), ConfigError> {
         ));
     }
     for (i, k) in s.signing_keys.iter().enumerate() {
-        if !crate::security::signing::is_key_id(&k.id) {
+        if !crate::ids::is_key_id(&k.id) {
             return Err(invalid(
                 "security.signing_keys.id",
                 format!(
@@ -1126,7 +1122,7 @@ fn validate_security(s: &SecurityConfig) -> Result<(), ConfigError> {
     }
     for p in s.reply_to_allowed.iter().flatten() {
         let ok = !p.is_empty()
-            && p.len() <= crate::wire::MAX_CLIENT_ID
+            && p.len() <= crate::ids::MAX_CLIENT_ID
             && p.chars().all(|c| is_id_char(c) || c == '@' || c == '*');
         if !ok {
             return Err(invalid(

@@ -25,7 +25,8 @@ use serde_json::{json, Value};
 use tracing::{debug, warn};
 
 use crate::counters::Counters;
-use crate::engine::{State, TagView};
+use crate::engine::State;
+use crate::msg::TagView;
 use crate::security::signing::{Purpose, Verdict};
 use crate::store::{Change, OutboxEntry, StoreError, TaskRecord, TaskState};
 use crate::wire::{self, ErrorCode, Reply, ReplyError};
@@ -308,7 +309,7 @@ fn permit_join(state: &State, params: &Value) -> MethodResult {
     let Some(tx) = state.radio_control() else {
         return Err(error(ErrorCode::InvalidState, "no radio is running"));
     };
-    match tx.try_send(crate::radio::RadioControl::PermitJoin { seconds }) {
+    match tx.try_send(crate::msg::RadioControl::PermitJoin { seconds }) {
         Ok(()) => Ok(json!({"requested": true, "seconds": seconds})),
         Err(_) => Err(error(
             ErrorCode::InvalidState,
@@ -764,7 +765,7 @@ mod tests {
         let replies = f.command(permit(json!(120))).await;
         assert_eq!(replies[0].1["result"]["seconds"], 120, "{replies:?}");
         match rx.try_recv() {
-            Ok(crate::radio::RadioControl::PermitJoin { seconds, .. }) => assert_eq!(seconds, 120),
+            Ok(crate::msg::RadioControl::PermitJoin { seconds, .. }) => assert_eq!(seconds, 120),
             other => panic!("the radio got {other:?}"),
         }
     }

@@ -38,7 +38,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use esl_hal::{CheckIn, Delivery, Outcome, RadioEvent, RadioState};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
@@ -49,6 +48,7 @@ use crate::config::Config;
 use crate::counters::Counters;
 use crate::identity::Identity;
 use crate::engine::limiter::ReplyLimiter;
+use crate::msg::{AckToken, Inbound, InboundKind, Query, Snapshot, TagView};
 use crate::security::signing::{Purpose, SignatureError, Verdict, Verifier};
 use crate::store::{
     Change, FinalState, OutboxEntry, Store, StoreError, TagRecord, TaskRecord, TaskState,
@@ -93,76 +93,6 @@ const RECLAIM_INTERVAL_MS: u64 = 10 * 1000;
 
 /// Task id prefix of `tag.refresh` deliveries.
 pub const REFRESH_PREFIX: &str = "refresh:";
-
-/// Identifies one received MQTT message, so the link can PUBACK it once the
-/// engine says it is durable. `epoch` is the link's connection number: a
-/// PUBACK for an older connection must not be sent (its packet id belongs to
-/// a connection that no longer exists).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AckToken {
-    pub epoch: u64,
-    pub pkid: u16,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InboundKind {
-    Task,
-    Command,
-}
-
-/// One QoS 1 message for the engine.
-#[derive(Debug)]
-pub struct Inbound {
-    pub kind: InboundKind,
-    pub payload: Bytes,
-    pub token: AckToken,
-    /// The message was over the link's size limit and was discarded unread
-    /// (`oversize`); this is its payload size, and `payload` is empty.
-    pub oversized: Option<usize>,
-}
-
-/// A question to the engine from another task.
-#[derive(Debug)]
-pub enum Query {
-    Snapshot(oneshot::Sender<Snapshot>),
-    /// A command from the local control socket (same JSON as PROTOCOL §7).
-    /// The reply is sent once whatever the command changed is durable.
-    Command {
-        payload: Bytes,
-        reply: oneshot::Sender<Vec<u8>>,
-    },
-    /// Answered at once: proves the engine loop is turning (the systemd
-    /// watchdog pings only after an answer).
-    Ping(oneshot::Sender<()>),
-}
-
-/// What status reports need to know.
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    pub pending: usize,
-    pub outbox: u64,
-    pub radio: RadioState,
-    pub radio_details: esl_hal::RadioDetails,
-    pub store_fault: Option<String>,
-    pub tags: Vec<TagView>,
-}
-
-/// A tag as reported in status and `tags.list`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct TagView {
-    pub tag_id: String,
-    pub battery_mv: Option<u16>,
-    pub rssi: Option<i16>,
-    pub content_hash: Option<String>,
-    pub last_seen: Option<u64>,
-    pub online: bool,
-    pub pending_task: Option<String>,
-    /// What the radio told about the tag besides its check-ins
-    /// ([`esl_hal::TagDetails`]): in `tag.get` and `tags.list`, not in the
-    /// status reports (which stay small).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub radio: Option<serde_json::Map<String, serde_json::Value>>,
-}
 
 /// Settings the engine needs, taken from the config once.
 #[derive(Debug, Clone)]
@@ -254,7 +184,7 @@ pub struct State {
     refresh: std::collections::HashSet<String>,
     radio: RadioState,
     /// The link's connection state, for `agent.status`.
-    link: Option<tokio::sync::watch::Receiver<crate::link::LinkState>>,
+    link: Option<tokio::sync::watch::Receiver<crate::msg::LinkState>>,
     /// Signature check of tasks and commands; checks nothing until
     /// [`State::set_verifier`].
     verifier: Verifier,
@@ -264,7 +194,7 @@ pub struct State {
     radio_details: esl_hal::RadioDetails,
     /// Requests to the radio task (`network.permit_join`); `None` until
     /// [`State::set_radio_control`] (tests without a radio).
-    radio_control: Option<mpsc::Sender<crate::radio::RadioControl>>,
+    radio_control: Option<mpsc::Sender<crate::msg::RadioControl>>,
     /// The radio's check of content against the tag's capabilities
     /// ([`esl_hal::Radio::content_check`]); `None` when its tags take any.
     content_check: Option<Arc<dyn esl_hal::ContentCheck>>,
@@ -977,7 +907,7 @@ impl State {
     }
 
     /// The radio task's control channel, for `network.permit_join`.
-    pub fn set_radio_control(&mut self, tx: mpsc::Sender<crate::radio::RadioControl>) {
+    pub fn set_radio_control(&mut self, tx: mpsc::Sender<crate::msg::RadioControl>) {
         self.radio_control = Some(tx);
     }
 
@@ -986,15 +916,15 @@ impl State {
         self.content_check = check;
     }
 
-    pub fn radio_control(&self) -> Option<&mpsc::Sender<crate::radio::RadioControl>> {
+    pub fn radio_control(&self) -> Option<&mpsc::Sender<crate::msg::RadioControl>> {
         self.radio_control.as_ref()
     }
 
-    pub fn set_link(&mut self, link: tokio::sync::watch::Receiver<crate::link::LinkState>) {
+    pub fn set_link(&mut self, link: tokio::sync::watch::Receiver<crate::msg::LinkState>) {
         self.link = Some(link);
     }
 
-    pub fn link_state(&self) -> crate::link::LinkState {
+    pub fn link_state(&self) -> crate::msg::LinkState {
         self.link.as_ref().map(|l| *l.borrow()).unwrap_or_default()
     }
 
@@ -1052,12 +982,7 @@ impl State {
     }
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_ms;
 
 /// The engine task: [`State`] plus its channel ends.
 pub struct Engine {

@@ -56,7 +56,7 @@ use crate::security::auth::{Credentials, Login};
 pub use crate::link::broker_io::BrokerSocket;
 use crate::config::MqttConfig;
 use crate::counters::Counters;
-use crate::engine::{AckToken, Inbound, InboundKind};
+use crate::msg::{AckToken, Inbound, InboundKind, LinkState, Report};
 use crate::identity::Identity;
 use crate::store::{OutboxEntry, Store};
 
@@ -75,21 +75,6 @@ const RESEND_CHECK: Duration = Duration::from_secs(1);
 /// PUBACKs written per flush at most (the engine releases a flush's worth,
 /// typically 100–200, at once).
 const PUBACK_BATCH: usize = 1024;
-
-/// Connection state, published on a watch channel.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LinkState {
-    pub connected: bool,
-    /// Number of the current (or last) connection; 0 before the first.
-    pub epoch: u64,
-}
-
-/// A status payload to publish (QoS 1, not durable).
-#[derive(Debug, Clone)]
-pub struct Report {
-    pub topic: String,
-    pub payload: Vec<u8>,
-}
 
 /// Link settings taken from the config once.
 #[derive(Debug, Clone)]

@@ -46,8 +46,6 @@ const DOMAIN: &str = "esl-sig-v1";
 pub const MIN_KEY_LEN: usize = 32;
 /// Length of `sig.hmac`: SHA-256 in hex.
 const HMAC_HEX_LEN: usize = 64;
-/// Longest key id.
-const MAX_KEY_ID: usize = 32;
 
 /// What a signature is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,10 +106,7 @@ pub enum KeyError {
     NoSource { id: String },
 }
 
-/// Key ids: 1-32 of `[A-Za-z0-9_.:-]`.
-pub fn is_key_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_KEY_ID && s.chars().all(crate::wire::is_tag_char)
-}
+pub use crate::ids::is_key_id;
 
 /// The configured keys and which messages must be signed.
 #[derive(Debug, Clone)]

@@ -10,33 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-/// Longest `task_id` (PROTOCOL §4).
-pub const MAX_TASK_ID: usize = 64;
-/// Longest `tag_id` (PROTOCOL §4).
-pub const MAX_TAG_ID: usize = 32;
-/// Longest client id (PROTOCOL §2).
-pub const MAX_CLIENT_ID: usize = 64;
-/// Longest full topic (PROTOCOL §3).
-pub const MAX_TOPIC: usize = 64;
-
-/// Characters of `task_id` and `tag_id`: `[A-Za-z0-9_.:-]`.
-pub fn is_tag_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')
-}
-
-/// `GROUP@@@DEVICE`, both halves `[A-Za-z0-9_-]+`, at most 64 characters.
-pub fn is_valid_client_id(id: &str) -> bool {
-    if id.len() > MAX_CLIENT_ID {
-        return false;
-    }
-    match id.split_once("@@@") {
-        Some((group, device)) => {
-            let ok = |s: &str| !s.is_empty() && s.chars().all(crate::config::is_id_char);
-            ok(group) && ok(device)
-        }
-        None => false,
-    }
-}
+pub use crate::ids::{
+    is_tag_char, is_valid_client_id, MAX_CLIENT_ID, MAX_TAG_ID, MAX_TASK_ID, MAX_TOPIC,
+};
 
 /// A task that passed every syntactic rule of PROTOCOL §4.
 #[derive(Debug, Clone, PartialEq)]
