@@ -30,16 +30,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use esl_hal::RadioState;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::counters::Counters;
 use crate::clock::now_ms;
-use crate::msg::{Query, Snapshot};
+use crate::counters::Counters;
 use crate::msg::{LinkState, Report};
+use crate::msg::{Query, Snapshot};
 use crate::store::Store;
 
 /// Reports handed to the link but not yet published: one report's chunks.
@@ -58,19 +57,6 @@ impl ReportKind {
             ReportKind::Periodic => "periodic",
         }
     }
-}
-
-/// The radio's part of `agent.status` and the status reports: its state,
-/// and its firmware once the backend named it.
-pub fn radio_json(radio: &RadioState, details: &esl_hal::RadioDetails) -> Value {
-    let mut v = match radio {
-        RadioState::Up => json!({"state": "up"}),
-        RadioState::Down { reason } => json!({"state": "down", "reason": reason}),
-    };
-    if let Some(firmware) = &details.firmware {
-        v["firmware"] = json!(firmware);
-    }
-    v
 }
 
 /// Fixed facts about the agent that every report carries.
@@ -99,7 +85,7 @@ pub fn build_chunks(h: &ReportHeader<'_>, s: &Snapshot, max_payload: usize) -> V
             "version": env!("CARGO_PKG_VERSION"), "at": h.at, "uptime_s": h.uptime_s,
             "report": h.report, "chunk": chunk, "chunks": chunks,
             "queues": {"pending": s.pending, "outbox": s.outbox},
-            "radio": radio_json(&s.radio, &s.radio_details),
+            "radio": crate::wire::radio_json(&s.radio, &s.radio_details),
             "store": {"ok": s.store_fault.is_none(), "fault": s.store_fault, "bytes": h.store_bytes},
             "counters": counters,
             "tags": [],
@@ -254,6 +240,8 @@ impl StatusTask {
 mod tests {
     use super::*;
     use crate::msg::TagView;
+    use esl_hal::RadioState;
+    use serde_json::Value;
 
     fn snapshot(tags: usize) -> Snapshot {
         Snapshot {

@@ -36,8 +36,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::msg::Query;
 use crate::msg::LinkState;
+use crate::msg::Query;
 
 /// A problem with the environment systemd hands us.
 #[derive(Debug, thiserror::Error)]

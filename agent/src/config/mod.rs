@@ -11,6 +11,7 @@
 //! from a network interface lives in `identity`.
 
 use crate::ids::is_id_char;
+use crate::wire::Method;
 use std::path::{Path, PathBuf};
 
 use esl_hal::zigbee::{FlowControl, NetworkMismatch, ZigbeeConfig};
@@ -530,10 +531,7 @@ impl Default for SecurityConfig {
             require_signed_tasks: false,
             require_signed_commands: false,
             signing_keys: Vec::new(),
-            allowed_methods: crate::engine::commands::METHODS
-                .iter()
-                .map(|m| (*m).to_owned())
-                .collect(),
+            allowed_methods: Method::ALL.iter().map(|m| m.name().to_owned()).collect(),
             reply_to_allowed: None,
             allow_unsigned_methods: Vec::new(),
         }
@@ -1099,23 +1097,23 @@ fn validate_security(s: &SecurityConfig) -> Result<(), ConfigError> {
         }
     }
     for m in &s.allowed_methods {
-        if !crate::engine::commands::METHODS.contains(&m.as_str()) {
+        if Method::from_name(m).is_none() {
             return Err(invalid(
                 "security.allowed_methods",
                 format!(
                     "{m:?} is not a method of this agent; known: {}",
-                    crate::engine::commands::METHODS.join(", ")
+                    Method::names(|_| true)
                 ),
             ));
         }
     }
     for m in &s.allow_unsigned_methods {
-        if !crate::engine::commands::MUTATING.contains(&m.as_str()) {
+        if !Method::from_name(m).is_some_and(Method::mutating) {
             return Err(invalid(
                 "security.allow_unsigned_methods",
                 format!(
                     "{m:?} is not a method that changes state; those are: {}",
-                    crate::engine::commands::MUTATING.join(", ")
+                    Method::names(Method::mutating)
                 ),
             ));
         }

@@ -10,7 +10,7 @@
 //! a reply always fits `limits.max_payload`.
 //!
 //! Least privilege: only methods in `security.allowed_methods` run (others
-//! get a `forbidden` error); methods that change state ([`MUTATING`]) run
+//! get a `forbidden` error); methods that change state ([`Method::mutating`]) run
 //! only from signed commands unless `security.allow_unsigned_methods` names
 //! them. With `security.require_signed_commands`, a command without a valid
 //! signature gets no reply at all: its `reply_to` is not trusted, so it may
@@ -29,31 +29,35 @@ use crate::engine::State;
 use crate::msg::TagView;
 use crate::security::signing::{Purpose, Verdict};
 use crate::store::{Change, OutboxEntry, StoreError, TaskRecord, TaskState};
-use crate::wire::{self, ErrorCode, Reply, ReplyError};
-
-/// Every method the agent implements (PROTOCOL §7), in the order of the
-/// unknown-method message; `security.allowed_methods` is a subset.
-pub const METHODS: [&str; 7] = [
-    "agent.status",
-    "tags.list",
-    "tag.get",
-    "tasks.list",
-    "task.cancel",
-    "tag.refresh",
-    "network.permit_join",
-];
-
-/// Methods that change state: run only from signed commands unless
-/// `security.allow_unsigned_methods` names them. Every new method that
-/// changes anything belongs here.
-pub const MUTATING: [&str; 3] = ["task.cancel", "tag.refresh", "network.permit_join"];
+use crate::wire::{self, ErrorCode, Method, Reply, ReplyError};
 
 /// Page size of listings when the request names none.
 const DEFAULT_LIMIT: usize = 50;
 /// Largest page a request may ask for.
 const MAX_LIMIT: usize = 500;
 
-type MethodResult = Result<Value, ReplyError>;
+/// Why a method gave no result: an error reply for the caller, or a store
+/// failure, which answers nobody: the engine holds the command's PUBACK
+/// and runs it again once the store is back.
+#[derive(Debug)]
+enum MethodError {
+    Reply(ReplyError),
+    Store(StoreError),
+}
+
+impl From<ReplyError> for MethodError {
+    fn from(e: ReplyError) -> Self {
+        MethodError::Reply(e)
+    }
+}
+
+impl From<StoreError> for MethodError {
+    fn from(e: StoreError) -> Self {
+        MethodError::Store(e)
+    }
+}
+
+type MethodResult = Result<Value, MethodError>;
 
 fn error(code: ErrorCode, message: impl Into<String>) -> ReplyError {
     ReplyError {
@@ -70,7 +74,7 @@ struct Answered {
 }
 
 /// Who asked: remote requests are subject to `security.allowed_methods`
-/// and, for [`MUTATING`] methods, to a signature; the local socket (file
+/// and, for [`Method::mutating`] methods, to a signature; the local socket (file
 /// permissions already restrict it to the agent's user and root) may call
 /// every method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +105,7 @@ pub fn matches_pattern(pattern: &str, client_id: &str) -> bool {
     rest.len() >= last.len() && rest.ends_with(last)
 }
 
-fn reply(state: &State, req_id: Option<String>, outcome: MethodResult) -> Reply {
+fn reply(state: &State, req_id: Option<String>, outcome: Result<Value, ReplyError>) -> Reply {
     let (ok, result, error) = match outcome {
         Ok(result) => (true, Some(result), None),
         Err(e) => (false, None, Some(e)),
@@ -237,54 +241,54 @@ pub fn handle_local(
 
 fn dispatch(
     state: &mut State,
-    method: &str,
+    name: &str,
     params: &Value,
     caller: Caller,
     now: u64,
     change: &mut Change,
-) -> Result<MethodResult, StoreError> {
+) -> Result<Result<Value, ReplyError>, StoreError> {
+    let Some(method) = Method::from_name(name) else {
+        return Ok(Err(error(
+            ErrorCode::UnknownMethod,
+            format!(
+                "unknown method {name:?}; known: {}",
+                Method::names(|_| true)
+            ),
+        )));
+    };
     if let Caller::Remote { signed } = caller {
-        if METHODS.contains(&method)
-            && !state.settings().allowed_methods.iter().any(|m| m == method)
-        {
+        let settings = state.settings();
+        if !settings.allowed_methods.contains(&method) {
             Counters::bump(&state.counters().commands_forbidden);
             return Ok(Err(error(
                 ErrorCode::Forbidden,
-                format!(
-                    "method {method:?} is not allowed on this agent (security.allowed_methods)"
-                ),
+                format!("method {name:?} is not allowed on this agent (security.allowed_methods)"),
             )));
         }
-        if !signed
-            && MUTATING.contains(&method)
-            && !state
-                .settings()
-                .allow_unsigned_methods
-                .iter()
-                .any(|m| m == method)
-        {
+        if !signed && method.mutating() && !settings.allow_unsigned_methods.contains(&method) {
             Counters::bump(&state.counters().commands_forbidden);
             return Ok(Err(error(
                 ErrorCode::Forbidden,
                 format!(
-                    "method {method:?} changes state and runs only from a signed command (security.allow_unsigned_methods)"
+                    "method {name:?} changes state and runs only from a signed command (security.allow_unsigned_methods)"
                 ),
             )));
         }
     }
-    Ok(match method {
-        "agent.status" => Ok(agent_status(state, now)),
-        "tags.list" => tags_list(state, params, now),
-        "tag.get" => tag_get(state, params, now),
-        "tasks.list" => tasks_list(state, params)?,
-        "task.cancel" => task_cancel(state, params, now, change)?,
-        "tag.refresh" => tag_refresh(state, params, now)?,
-        "network.permit_join" => permit_join(state, params),
-        other => Err(error(
-            ErrorCode::UnknownMethod,
-            format!("unknown method {other:?}; known: {}", METHODS.join(", ")),
-        )),
-    })
+    let result = match method {
+        Method::AgentStatus => Ok(agent_status(state)),
+        Method::TagsList => tags_list(state, params, now),
+        Method::TagGet => tag_get(state, params, now),
+        Method::TasksList => tasks_list(state, params),
+        Method::TaskCancel => task_cancel(state, params, now, change),
+        Method::TagRefresh => tag_refresh(state, params, now),
+        Method::NetworkPermitJoin => permit_join(state, params),
+    };
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(MethodError::Reply(e)) => Ok(Err(e)),
+        Err(MethodError::Store(e)) => Err(e),
+    }
 }
 
 /// Longest permit-join the ZigBee standard allows in one request (255 means
@@ -303,29 +307,31 @@ fn permit_join(state: &State, params: &Value) -> MethodResult {
             return Err(error(
                 ErrorCode::BadParams,
                 format!("params.seconds must be a whole number from 0 to {MAX_PERMIT_JOIN_S}"),
-            ))
+            )
+            .into())
         }
     };
     let Some(tx) = state.radio_control() else {
-        return Err(error(ErrorCode::InvalidState, "no radio is running"));
+        return Err(error(ErrorCode::InvalidState, "no radio is running").into());
     };
     match tx.try_send(crate::msg::RadioControl::PermitJoin { seconds }) {
         Ok(()) => Ok(json!({"requested": true, "seconds": seconds})),
         Err(_) => Err(error(
             ErrorCode::InvalidState,
             "the radio is busy with earlier requests; try again in a moment",
-        )),
+        )
+        .into()),
     }
 }
 
-fn agent_status(state: &State, _now: u64) -> Value {
+fn agent_status(state: &State) -> Value {
     let counters = state.counters().to_json();
     json!({
         "agent": state.identity().client_id,
         "version": env!("CARGO_PKG_VERSION"),
         "pending": state.pending_len(),
         "outbox": state.store().outbox_len(),
-        "radio": crate::status::radio_json(state.radio_state(), state.radio_details()),
+        "radio": wire::radio_json(state.radio_state(), state.radio_details()),
         "mqtt": {"connected": state.link_state().connected, "connections": state.link_state().epoch},
         "counters": counters,
     })
@@ -389,14 +395,11 @@ fn tags_list(state: &State, params: &Value, now: u64) -> MethodResult {
 
 fn tag_get(state: &State, params: &Value, now: u64) -> MethodResult {
     let Some(tag_id) = str_param(params, "tag_id")? else {
-        return Err(error(ErrorCode::BadParams, "params.tag_id: required"));
+        return Err(error(ErrorCode::BadParams, "params.tag_id: required").into());
     };
     let view = state.tag_view(tag_id, now);
     if view.last_seen.is_none() && view.pending_task.is_none() && view.radio.is_none() {
-        return Err(error(
-            ErrorCode::NotFound,
-            format!("tag {tag_id:?} is not known"),
-        ));
+        return Err(error(ErrorCode::NotFound, format!("tag {tag_id:?} is not known")).into());
     }
     Ok(serde_json::to_value(view).unwrap_or(Value::Null))
 }
@@ -415,30 +418,22 @@ fn task_json(t: &TaskRecord) -> Value {
     })
 }
 
-fn tasks_list(state: &State, params: &Value) -> Result<MethodResult, StoreError> {
-    let parsed = (|| {
-        let filter = match str_param(params, "state")? {
-            None | Some("all") => None,
-            Some("pending") => Some(true),
-            Some("final") => Some(false),
-            Some(other) => {
-                return Err(error(
-                    ErrorCode::BadParams,
-                    format!("params.state: {other:?} must be pending, final or all"),
-                ))
-            }
-        };
-        Ok((
-            filter,
-            str_param(params, "tag_id")?,
-            str_param(params, "after")?,
-            limit_param(params)?,
-        ))
-    })();
-    let (pending_only, tag, after, limit) = match parsed {
-        Ok(p) => p,
-        Err(e) => return Ok(Err(e)),
+fn tasks_list(state: &State, params: &Value) -> MethodResult {
+    let pending_only = match str_param(params, "state")? {
+        None | Some("all") => None,
+        Some("pending") => Some(true),
+        Some("final") => Some(false),
+        Some(other) => {
+            return Err(error(
+                ErrorCode::BadParams,
+                format!("params.state: {other:?} must be pending, final or all"),
+            )
+            .into())
+        }
     };
+    let tag = str_param(params, "tag_id")?;
+    let after = str_param(params, "after")?;
+    let limit = limit_param(params)?;
     let mut found = Vec::new();
     let mut cursor = after.map(str::to_owned);
     let mut more = false;
@@ -460,32 +455,23 @@ fn tasks_list(state: &State, params: &Value) -> Result<MethodResult, StoreError>
             }
         }
     }
-    Ok(Ok(fit_page(&found, state.settings().max_payload, |page| {
+    Ok(fit_page(&found, state.settings().max_payload, |page| {
         let more = more || page.len() < found.len();
         json!({
             "tasks": page,
             "next": if more { page.last().and_then(|t| t["task_id"].as_str().map(str::to_owned)) } else { None },
         })
-    })))
+    }))
 }
 
-fn task_cancel(
-    state: &mut State,
-    params: &Value,
-    now: u64,
-    change: &mut Change,
-) -> Result<MethodResult, StoreError> {
-    let task_id = match str_param(params, "task_id") {
-        Ok(Some(id)) => id.to_owned(),
-        Ok(None) => return Ok(Err(error(ErrorCode::BadParams, "params.task_id: required"))),
-        Err(e) => return Ok(Err(e)),
+fn task_cancel(state: &mut State, params: &Value, now: u64, change: &mut Change) -> MethodResult {
+    let Some(task_id) = str_param(params, "task_id")?.map(str::to_owned) else {
+        return Err(error(ErrorCode::BadParams, "params.task_id: required").into());
     };
     if state.cancel(&task_id, now, change)? {
-        return Ok(Ok(
-            json!({"task_id": task_id, "status": "failed", "detail": "cancelled"}),
-        ));
+        return Ok(json!({"task_id": task_id, "status": "failed", "detail": "cancelled"}));
     }
-    Ok(Err(match state.store().task(&task_id)? {
+    Err(match state.store().task(&task_id)? {
         Some(_) => error(
             ErrorCode::InvalidState,
             format!("task {task_id:?} is already final"),
@@ -494,32 +480,31 @@ fn task_cancel(
             ErrorCode::NotFound,
             format!("task {task_id:?} is not known"),
         ),
-    }))
+    }
+    .into())
 }
 
-fn tag_refresh(state: &mut State, params: &Value, now: u64) -> Result<MethodResult, StoreError> {
-    let tag_id = match str_param(params, "tag_id") {
-        Ok(Some(id)) => id.to_owned(),
-        Ok(None) => return Ok(Err(error(ErrorCode::BadParams, "params.tag_id: required"))),
-        Err(e) => return Ok(Err(e)),
+fn tag_refresh(state: &mut State, params: &Value, now: u64) -> MethodResult {
+    let Some(tag_id) = str_param(params, "tag_id")?.map(str::to_owned) else {
+        return Err(error(ErrorCode::BadParams, "params.tag_id: required").into());
     };
     if let Some(task) = state.tag_view(&tag_id, now).pending_task {
-        return Ok(Err(error(
+        return Err(error(
             ErrorCode::InvalidState,
             format!("tag {tag_id:?} has pending task {task:?}; it is delivered at the next check-in anyway"),
-        )));
+        )
+        .into());
     }
     match state.store().last_content(&tag_id)? {
         Some((task_id, _)) => {
             state.request_refresh(&tag_id);
-            Ok(Ok(
-                json!({"tag_id": tag_id, "task_id": task_id, "when": "next check-in"}),
-            ))
+            Ok(json!({"tag_id": tag_id, "task_id": task_id, "when": "next check-in"}))
         }
-        None => Ok(Err(error(
+        None => Err(error(
             ErrorCode::NotFound,
             format!("no content was ever confirmed by tag {tag_id:?}"),
-        ))),
+        )
+        .into()),
     }
 }
 
@@ -694,11 +679,18 @@ mod tests {
         ))
         .unwrap();
         let verifier =
-            crate::security::signing::Verifier::from_config(&config.security, "GID_test@@@dev1").unwrap();
+            crate::security::signing::Verifier::from_config(&config.security, "GID_test@@@dev1")
+                .unwrap();
         f.state.set_verifier(verifier);
         move |mut v: Value| {
             let m = v.as_object_mut().unwrap();
-            crate::security::signing::add_signature(m, key, Purpose::Command, "GID_test@@@dev1", "k1");
+            crate::security::signing::add_signature(
+                m,
+                key,
+                Purpose::Command,
+                "GID_test@@@dev1",
+                "k1",
+            );
             v
         }
     }
@@ -903,7 +895,8 @@ mod tests {
         ))
         .unwrap();
         let verifier =
-            crate::security::signing::Verifier::from_config(&config.security, "GID_test@@@dev1").unwrap();
+            crate::security::signing::Verifier::from_config(&config.security, "GID_test@@@dev1")
+                .unwrap();
         f.state.set_verifier(verifier);
 
         assert!(

@@ -46,14 +46,14 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::counters::Counters;
-use crate::identity::Identity;
 use crate::engine::limiter::ReplyLimiter;
+use crate::identity::Identity;
 use crate::msg::{AckToken, Inbound, InboundKind, Query, Snapshot, TagView};
 use crate::security::signing::{Purpose, SignatureError, Verdict, Verifier};
 use crate::store::{
     Change, FinalState, OutboxEntry, Store, StoreError, TagRecord, TaskRecord, TaskState,
 };
-use crate::wire::{self, Ack, AckStatus};
+use crate::wire::{self, Ack, AckStatus, Method};
 
 /// Messages from the link that the engine has not taken yet. The broker
 /// never has more than its in-flight window (Mosquitto: 20 by default; a
@@ -107,13 +107,13 @@ pub struct EngineSettings {
     pub offline_after_ms: u64,
     pub ack_to: String,
     /// Remote methods the agent answers (`security.allowed_methods`).
-    pub allowed_methods: Vec<String>,
+    pub allowed_methods: Vec<Method>,
     /// Patterns a command's `reply_to` must match
     /// (`Config::reply_to_patterns`).
     pub reply_to_allowed: Vec<String>,
     /// State-changing methods allowed from unsigned commands
     /// (`security.allow_unsigned_methods`).
-    pub allow_unsigned_methods: Vec<String>,
+    pub allow_unsigned_methods: Vec<Method>,
 }
 
 impl EngineSettings {
@@ -128,11 +128,17 @@ impl EngineSettings {
             max_payload: c.limits.max_payload,
             offline_after_ms: c.status.offline_after_s.saturating_mul(1000),
             ack_to: c.mqtt.ack_to.clone(),
-            allowed_methods: c.security.allowed_methods.clone(),
+            allowed_methods: methods(&c.security.allowed_methods),
             reply_to_allowed: c.reply_to_patterns(),
-            allow_unsigned_methods: c.security.allow_unsigned_methods.clone(),
+            allow_unsigned_methods: methods(&c.security.allow_unsigned_methods),
         }
     }
+}
+
+/// The methods a validated config list names (validation refused unknown
+/// names, so none is dropped here).
+fn methods(names: &[String]) -> Vec<Method> {
+    names.iter().filter_map(|n| Method::from_name(n)).collect()
 }
 
 /// A delivery handed to the radio and not answered yet.
@@ -1436,10 +1442,7 @@ mod tests {
             max_payload: 65536,
             offline_after_ms: 300_000,
             ack_to: "GID_backend@@@be1".into(),
-            allowed_methods: crate::engine::commands::METHODS
-                .iter()
-                .map(|m| (*m).to_owned())
-                .collect(),
+            allowed_methods: Method::ALL.to_vec(),
             reply_to_allowed: vec!["GID_backend@@@*".into()],
             allow_unsigned_methods: Vec::new(),
         }

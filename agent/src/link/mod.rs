@@ -52,12 +52,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::security::auth::{Credentials, Login};
-pub use crate::link::broker_io::BrokerSocket;
 use crate::config::MqttConfig;
 use crate::counters::Counters;
-use crate::msg::{AckToken, Inbound, InboundKind, LinkState, Report};
 use crate::identity::Identity;
+pub use crate::link::broker_io::BrokerSocket;
+use crate::msg::{AckToken, Inbound, InboundKind, LinkState, Report};
+use crate::security::auth::{Credentials, Login};
 use crate::store::{OutboxEntry, Store};
 
 /// rumqttc's request channel: our publishes, subscriptions, and the rare

@@ -15,9 +15,9 @@ pub mod tls;
 
 use anyhow::Context;
 
-use crate::security::auth::{Credentials, Login};
 use crate::config::Config;
 use crate::identity::Identity;
+use crate::security::auth::{Credentials, Login};
 use crate::security::signing::Verifier;
 use crate::security::tls::LinkTransport;
 

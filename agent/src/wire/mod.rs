@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+pub mod method;
+
+pub use method::Method;
+
 pub use crate::ids::{
     is_tag_char, is_valid_client_id, MAX_CLIENT_ID, MAX_TAG_ID, MAX_TASK_ID, MAX_TOPIC,
 };
@@ -589,6 +593,21 @@ impl Reply {
         // Plain data and `Value`s: serialisation cannot fail.
         serde_json::to_vec(self).expect("a reply serialises")
     }
+}
+
+/// The radio's part of `agent.status` and the status reports: its state,
+/// and its firmware once the backend named it.
+pub fn radio_json(radio: &esl_hal::RadioState, details: &esl_hal::RadioDetails) -> Value {
+    let mut v = match radio {
+        esl_hal::RadioState::Up => serde_json::json!({"state": "up"}),
+        esl_hal::RadioState::Down { reason } => {
+            serde_json::json!({"state": "down", "reason": reason})
+        }
+    };
+    if let Some(firmware) = &details.firmware {
+        v["firmware"] = serde_json::json!(firmware);
+    }
+    v
 }
 
 #[cfg(test)]
