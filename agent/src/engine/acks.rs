@@ -25,6 +25,27 @@ impl State {
         });
     }
 
+    /// Every ack is made here: the fields all acks carry, for `status` at
+    /// `at`, addressed to `target`; the caller names the task it is about.
+    fn ack(&self, status: AckStatus, target: String, at: u64) -> Ack {
+        Ack {
+            v: 1,
+            kind: "ack".into(),
+            task_id: None,
+            tag_id: None,
+            status,
+            agent: self.identity.client_id.clone(),
+            at,
+            attempts: 0,
+            content_hash: None,
+            detail: None,
+            duplicate: false,
+            unverified_task_id: None,
+            target,
+        }
+    }
+
+    /// The ack of a task the agent keeps a record of.
     pub(super) fn ack_for(
         &self,
         rec: &TaskRecord,
@@ -33,38 +54,27 @@ impl State {
         at: u64,
     ) -> Ack {
         Ack {
-            v: 1,
-            kind: "ack".into(),
             task_id: Some(rec.task_id.clone()),
             tag_id: Some(rec.tag_id.clone()),
-            status,
-            agent: self.identity.client_id.clone(),
-            at,
             attempts: rec.attempts,
             content_hash: Some(rec.content_hash.clone()),
             detail,
-            duplicate: false,
-            unverified_task_id: None,
-            target: rec.ack_target.clone(),
+            ..self.ack(status, rec.ack_target.clone(), at)
         }
     }
 
+    /// The `rejected` ack of a message that never became a task record.
     pub(super) fn rejection_ack(&self, r: wire::Rejection, now: u64) -> Ack {
         Counters::bump(&self.counters.tasks_rejected);
         Ack {
-            v: 1,
-            kind: "ack".into(),
-            target: self.ack_target(r.reply_to.as_deref()),
             task_id: r.task_id,
             tag_id: r.tag_id,
-            status: AckStatus::Rejected,
-            agent: self.identity.client_id.clone(),
-            at: now,
-            attempts: 0,
-            content_hash: None,
             detail: Some(r.detail),
-            duplicate: false,
-            unverified_task_id: None,
+            ..self.ack(
+                AckStatus::Rejected,
+                self.ack_target(r.reply_to.as_deref()),
+                now,
+            )
         }
     }
 
