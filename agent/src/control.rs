@@ -35,19 +35,19 @@ use crate::msg::Query;
 
 /// Operators rarely run more than one CLI at a time; a few spare slots, and
 /// a stuck client cannot exhaust the agent.
-pub const MAX_CLIENTS: usize = 4;
+pub(crate) const MAX_CLIENTS: usize = 4;
 /// A connection that sends no (complete) request for this long is closed.
 /// The CLI sends its next request at once; a person typing into `socat`
 /// has this long per line.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A reply the client does not take within this long closes the
 /// connection (the CLI reads at once).
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// What a client beyond [`MAX_CLIENTS`] reads before the socket closes.
-pub const BUSY_REPLY: &str = "{\"v\":1,\"type\":\"reply\",\"req_id\":null,\"ok\":false,\"error\":{\"code\":\"busy\",\"message\":\"the agent is busy: every control connection is in use; try again\"}}\n";
+pub(crate) const BUSY_REPLY: &str = "{\"v\":1,\"type\":\"reply\",\"req_id\":null,\"ok\":false,\"error\":{\"code\":\"busy\",\"message\":\"the agent is busy: every control connection is in use; try again\"}}\n";
 
 #[derive(Debug, thiserror::Error)]
-pub enum ControlError {
+pub(crate) enum ControlError {
     #[error("control socket {path}: another agent is listening there")]
     InUse { path: PathBuf },
     #[error("config key `control.socket`: {path} exists and is not a socket; the agent does not replace it (choose another path or remove it)")]
@@ -59,7 +59,7 @@ pub enum ControlError {
     },
 }
 
-pub struct ControlServer {
+pub(crate) struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
     max_line: usize,
@@ -80,7 +80,7 @@ struct Timeouts {
 /// one is replaced by [`ControlServer::bind`]). Anything else — a regular
 /// file, a directory, a symbolic link — is a config error: the agent
 /// deletes only what it made.
-pub fn check_path(path: &Path) -> Result<(), ControlError> {
+pub(crate) fn check_path(path: &Path) -> Result<(), ControlError> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => Ok(()),
@@ -98,7 +98,7 @@ pub fn check_path(path: &Path) -> Result<(), ControlError> {
 impl ControlServer {
     /// Binds the socket, replacing a stale socket left by a crashed agent
     /// (and nothing else, see [`check_path`]).
-    pub fn bind(
+    pub(crate) fn bind(
         path: &Path,
         max_line: usize,
         query_tx: mpsc::Sender<Query>,
@@ -139,7 +139,7 @@ impl ControlServer {
         self
     }
 
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         info!(socket = %self.path.display(), "control socket ready");
         let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
         loop {

@@ -38,11 +38,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::clock::now_ms;
 use crate::config::{
     Config, LimitsConfig, MqttConfig, RadioConfig, RadioKind, SimRadioConfig, StatusConfig,
     StoreConfig, TasksConfig, TopicsConfig,
 };
-use crate::engine::now_ms;
 use crate::wire::AckStatus;
 use backend::{Backend, BACKEND_ID};
 use broker::EmbeddedBroker;

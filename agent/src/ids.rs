@@ -12,7 +12,7 @@ pub const MAX_CLIENT_ID: usize = 64;
 /// Longest full topic (PROTOCOL §3).
 pub const MAX_TOPIC: usize = 64;
 /// Longest signing key id.
-pub const MAX_KEY_ID: usize = 32;
+pub(crate) const MAX_KEY_ID: usize = 32;
 
 /// Characters of `task_id` and `tag_id`: `[A-Za-z0-9_.:-]`.
 pub fn is_tag_char(c: char) -> bool {
@@ -20,7 +20,7 @@ pub fn is_tag_char(c: char) -> bool {
 }
 
 /// Characters allowed in group and device ids (PROTOCOL §2).
-pub fn is_id_char(c: char) -> bool {
+pub(crate) fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_' || c == '-'
 }
 

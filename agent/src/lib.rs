@@ -55,24 +55,26 @@
 //! flushes and releases its last PUBACKs; the link sends them and
 //! disconnects; [`Agent::wait`] joins everything within a deadline.
 
+#![warn(unreachable_pub)]
+
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod control;
+mod control;
 pub mod counters;
 #[cfg(feature = "demo")]
 pub mod demo;
-pub mod engine;
+mod engine;
 pub mod identity;
-pub mod ids;
-pub mod link;
-pub mod msg;
-pub mod radio;
+mod ids;
+mod link;
+mod msg;
+mod radio;
 pub mod report;
 pub mod security;
-pub mod status;
-pub mod store;
-pub mod systemd;
+mod status;
+mod store;
+mod systemd;
 pub mod wire;
 
 use std::sync::Arc;

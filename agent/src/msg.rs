@@ -15,20 +15,20 @@ use tokio::sync::oneshot;
 /// PUBACK for an older connection must not be sent (its packet id belongs to
 /// a connection that no longer exists).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AckToken {
+pub(crate) struct AckToken {
     pub epoch: u64,
     pub pkid: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InboundKind {
+pub(crate) enum InboundKind {
     Task,
     Command,
 }
 
 /// One QoS 1 message for the engine.
 #[derive(Debug)]
-pub struct Inbound {
+pub(crate) struct Inbound {
     pub kind: InboundKind,
     pub payload: Bytes,
     pub token: AckToken,
@@ -39,7 +39,7 @@ pub struct Inbound {
 
 /// A question to the engine from another task.
 #[derive(Debug)]
-pub enum Query {
+pub(crate) enum Query {
     Snapshot(oneshot::Sender<Snapshot>),
     /// A command from the local control socket (same JSON as PROTOCOL §7).
     /// The reply is sent once whatever the command changed is durable.
@@ -54,7 +54,7 @@ pub enum Query {
 
 /// What status reports need to know.
 #[derive(Debug, Clone)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     pub pending: usize,
     pub outbox: u64,
     pub radio: RadioState,
@@ -65,7 +65,7 @@ pub struct Snapshot {
 
 /// A tag as reported in status and `tags.list`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct TagView {
+pub(crate) struct TagView {
     pub tag_id: String,
     pub battery_mv: Option<u16>,
     pub rssi: Option<i16>,
@@ -92,7 +92,7 @@ pub struct LinkState {
 
 /// A status payload to publish (QoS 1, not durable).
 #[derive(Debug, Clone)]
-pub struct Report {
+pub(crate) struct Report {
     pub topic: String,
     pub payload: Vec<u8>,
 }
@@ -102,7 +102,7 @@ pub struct Report {
 /// Requests to the radio that are not deliveries (remote commands and the
 /// local CLI ask for them through the engine).
 #[derive(Debug)]
-pub enum RadioControl {
+pub(crate) enum RadioControl {
     /// Open the network for joining for `seconds` (0 closes it). The
     /// outcome is logged: commands answer when the request is handed over.
     PermitJoin { seconds: u8 },

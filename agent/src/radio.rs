@@ -16,14 +16,14 @@ use crate::msg::RadioControl;
 
 /// Deliveries the engine handed over and the backend has not taken: the
 /// engine starts at most one per checked-in tag per batch.
-pub const DELIVERY_CAPACITY: usize = 256;
+pub(crate) const DELIVERY_CAPACITY: usize = 256;
 /// Wait after a backend error before asking it again.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 /// Control requests not yet taken: operators ask one at a time.
-pub const CONTROL_CAPACITY: usize = 4;
+pub(crate) const CONTROL_CAPACITY: usize = 4;
 
-pub struct RadioTask<R: Radio> {
+pub(crate) struct RadioTask<R: Radio> {
     pub radio: R,
     pub event_tx: mpsc::Sender<RadioEvent>,
     pub delivery_rx: mpsc::Receiver<Delivery>,
@@ -32,7 +32,7 @@ pub struct RadioTask<R: Radio> {
 }
 
 impl<R: Radio> RadioTask<R> {
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         if self
             .event_tx
             .send(RadioEvent::State(RadioState::Up))

@@ -42,10 +42,10 @@ use crate::msg::{Query, Snapshot};
 use crate::store::Store;
 
 /// Reports handed to the link but not yet published: one report's chunks.
-pub const REPORT_CAPACITY: usize = 64;
+pub(crate) const REPORT_CAPACITY: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReportKind {
+pub(crate) enum ReportKind {
     Hello,
     Periodic,
 }
@@ -60,7 +60,7 @@ impl ReportKind {
 }
 
 /// Fixed facts about the agent that every report carries.
-pub struct ReportHeader<'a> {
+pub(crate) struct ReportHeader<'a> {
     pub agent: &'a str,
     pub kind: ReportKind,
     pub report: u64,
@@ -76,7 +76,7 @@ pub struct ReportHeader<'a> {
 /// and the chunks are spliced from it: with 10 000 tags a `serde_json::Value`
 /// per tag (as this did before) held about 8 MiB at once, the largest part
 /// of the agent's peak memory (docs/BENCHMARKS.md).
-pub fn build_chunks(h: &ReportHeader<'_>, s: &Snapshot, max_payload: usize) -> Vec<Vec<u8>> {
+pub(crate) fn build_chunks(h: &ReportHeader<'_>, s: &Snapshot, max_payload: usize) -> Vec<Vec<u8>> {
     const EMPTY_TAGS: &str = "\"tags\":[]";
     let counters = h.counters.to_json();
     let envelope = |chunk: usize, chunks: usize| {
@@ -158,7 +158,7 @@ pub fn build_chunks(h: &ReportHeader<'_>, s: &Snapshot, max_payload: usize) -> V
         .collect()
 }
 
-pub struct StatusTask {
+pub(crate) struct StatusTask {
     pub agent: String,
     pub topic: String,
     pub interval: Duration,
@@ -172,7 +172,7 @@ pub struct StatusTask {
 }
 
 impl StatusTask {
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let started = Instant::now();
         let mut report_no = 0u64;
         let mut tick = tokio::time::interval(self.interval);

@@ -41,7 +41,7 @@ use crate::msg::Query;
 
 /// A problem with the environment systemd hands us.
 #[derive(Debug, thiserror::Error)]
-pub enum NotifyError {
+pub(crate) enum NotifyError {
     #[error("NOTIFY_SOCKET={0:?} is neither an absolute path nor an abstract socket (@name)")]
     Address(String),
     #[error("WATCHDOG_USEC={0:?} is not a positive number of microseconds")]
@@ -52,7 +52,7 @@ pub enum NotifyError {
 
 /// Where systemd listens for our notifications.
 #[derive(Debug)]
-pub struct NotifySocket {
+pub(crate) struct NotifySocket {
     socket: UnixDatagram,
     addr: SocketAddr,
     /// For logs: the address as systemd gave it.
@@ -62,7 +62,7 @@ pub struct NotifySocket {
 impl NotifySocket {
     /// The socket of `$NOTIFY_SOCKET`, or `None` when the agent does not run
     /// under systemd (or the variable is unusable: that is logged).
-    pub fn from_env() -> Option<NotifySocket> {
+    pub(crate) fn from_env() -> Option<NotifySocket> {
         let name = std::env::var("NOTIFY_SOCKET").ok()?;
         match NotifySocket::new(&name) {
             Ok(s) => Some(s),
@@ -75,7 +75,7 @@ impl NotifySocket {
 
     /// A socket that sends to `name`: an absolute path, or `@name` for a
     /// socket in the abstract namespace (what systemd uses in containers).
-    pub fn new(name: &str) -> Result<NotifySocket, NotifyError> {
+    pub(crate) fn new(name: &str) -> Result<NotifySocket, NotifyError> {
         let addr = if let Some(abstract_name) = name.strip_prefix('@') {
             abstract_addr(abstract_name.as_bytes())
                 .map_err(|_| NotifyError::Address(name.to_owned()))?
@@ -97,7 +97,7 @@ impl NotifySocket {
 
     /// Sends one notification (`KEY=VALUE` lines). Errors are logged, not
     /// returned: nothing the agent does depends on systemd hearing it.
-    pub fn send(&self, message: &str) {
+    pub(crate) fn send(&self, message: &str) {
         if let Err(e) = self.socket.send_to_addr(message.as_bytes(), &self.addr) {
             warn!(error = %e, socket = %self.name, message, "systemd notification not sent");
         }
@@ -121,7 +121,7 @@ fn abstract_addr(_name: &[u8]) -> io::Result<SocketAddr> {
 /// How often to ping the watchdog: half of `$WATCHDOG_USEC`, as systemd
 /// recommends, or `None` when the watchdog is off or meant for another
 /// process (`$WATCHDOG_PID` names a different PID).
-pub fn watchdog_interval_from_env() -> Option<Duration> {
+pub(crate) fn watchdog_interval_from_env() -> Option<Duration> {
     let usec = std::env::var("WATCHDOG_USEC").ok();
     let pid = std::env::var("WATCHDOG_PID").ok();
     match watchdog_interval(usec.as_deref(), pid.as_deref(), std::process::id()) {
@@ -134,7 +134,7 @@ pub fn watchdog_interval_from_env() -> Option<Duration> {
 }
 
 /// [`watchdog_interval_from_env`] on given values.
-pub fn watchdog_interval(
+pub(crate) fn watchdog_interval(
     usec: Option<&str>,
     pid: Option<&str>,
     my_pid: u32,
@@ -161,7 +161,7 @@ fn status_line(link: LinkState) -> &'static str {
 }
 
 /// The task: its socket, watchdog period and channel ends.
-pub struct SystemdTask {
+pub(crate) struct SystemdTask {
     pub socket: NotifySocket,
     /// Half of `WatchdogSec`; `None` without a watchdog.
     pub watchdog: Option<Duration>,
@@ -171,7 +171,7 @@ pub struct SystemdTask {
 }
 
 impl SystemdTask {
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let mut ready = false;
         let mut link_open = true;
         // A disabled watchdog still needs a timer for `select!`; it never

@@ -85,7 +85,7 @@ enum Caller {
 
 /// Whether `client_id` matches `pattern`, where `*` stands for any run of
 /// characters (also none) and everything else for itself.
-pub fn matches_pattern(pattern: &str, client_id: &str) -> bool {
+pub(crate) fn matches_pattern(pattern: &str, client_id: &str) -> bool {
     let mut parts = pattern.split('*');
     // `split` yields at least one part.
     let first = parts.next().unwrap_or_default();
@@ -157,7 +157,7 @@ fn answer(
 /// Handles one command that came over MQTT: the reply goes into the outbox
 /// for `reply_to` (or `mqtt.ack_to` without one), unless the request said
 /// `"reply": false`.
-pub fn handle(
+pub(crate) fn handle(
     state: &mut State,
     payload: &[u8],
     now: u64,
@@ -219,7 +219,7 @@ pub fn handle(
 
 /// Handles one command from the local control socket: the reply is
 /// returned to the caller, whatever `reply`/`reply_to` say.
-pub fn handle_local(
+pub(crate) fn handle_local(
     state: &mut State,
     payload: &[u8],
     now: u64,

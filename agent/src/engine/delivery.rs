@@ -12,7 +12,7 @@ use crate::wire::{self, AckStatus};
 
 impl State {
     /// A radio event: check-in (maybe start a delivery) or outcome.
-    pub fn on_radio(
+    pub(crate) fn on_radio(
         &mut self,
         event: RadioEvent,
         now: u64,
@@ -116,7 +116,7 @@ impl State {
 
     /// A delivery could not even be handed to the radio: it was never
     /// attempted, so the attempt is not counted against the task.
-    pub fn delivery_not_sent(&mut self, tag_id: &str, task_id: &str) {
+    pub(crate) fn delivery_not_sent(&mut self, tag_id: &str, task_id: &str) {
         if self
             .in_flight
             .get(tag_id)
@@ -178,7 +178,7 @@ impl State {
 
     /// Delivery time-outs, then expiry (up to `EXPIRE_LIMIT` per pass; the
     /// rest at the next pass).
-    pub fn sweep(&mut self, now: u64, change: &mut Change) -> Result<(), StoreError> {
+    pub(crate) fn sweep(&mut self, now: u64, change: &mut Change) -> Result<(), StoreError> {
         let timed_out: Vec<(String, String)> = self
             .in_flight
             .iter()
@@ -227,7 +227,7 @@ impl State {
 
     /// Cancels a pending task: it is acked `failed` with detail `cancelled`.
     /// Returns `false` when the task is not pending.
-    pub fn cancel(
+    pub(crate) fn cancel(
         &mut self,
         task_id: &str,
         now: u64,

@@ -12,7 +12,7 @@ use crate::wire::{self, AckStatus};
 
 impl State {
     /// PROTOCOL §4: one task message, rules 2–6.
-    pub fn on_task(
+    pub(crate) fn on_task(
         &mut self,
         payload: &[u8],
         now: u64,
@@ -184,7 +184,13 @@ impl State {
     /// 2): a task is acked `rejected` (`task_id` null, the detail names the
     /// size and the limit); a command cannot be answered (its `req_id` is
     /// unknown) and is counted as bad.
-    pub fn on_oversized(&mut self, kind: InboundKind, size: usize, now: u64, change: &mut Change) {
+    pub(crate) fn on_oversized(
+        &mut self,
+        kind: InboundKind,
+        size: usize,
+        now: u64,
+        change: &mut Change,
+    ) {
         match kind {
             InboundKind::Task => {
                 Counters::bump(&self.counters.tasks_received);

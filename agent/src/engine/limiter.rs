@@ -17,19 +17,19 @@
 use tracing::warn;
 
 /// Sustained rate of limited messages per second.
-pub const RATE_PER_S: u64 = 50;
+pub(crate) const RATE_PER_S: u64 = 50;
 /// Limited messages allowed at once after a quiet spell: a console that
 /// pages through `tags.list`, or a back end's burst of bad tasks, fits.
-pub const BURST: u64 = 200;
+pub(crate) const BURST: u64 = 200;
 /// Limited messages are stored only while the outbox holds fewer entries
 /// than this: their share of the outbox (each at most `limits.max_payload`).
-pub const OUTBOX_SHARE: u64 = 1_000;
+pub(crate) const OUTBOX_SHARE: u64 = 1_000;
 /// At most one log line about dropped messages per this interval.
-pub const LOG_INTERVAL_MS: u64 = 10_000;
+pub(crate) const LOG_INTERVAL_MS: u64 = 10_000;
 
 /// Token bucket plus the outbox share; see the module docs.
 #[derive(Debug)]
-pub struct ReplyLimiter {
+pub(crate) struct ReplyLimiter {
     /// Tokens × 1000 (milli-tokens), so refills of a few ms are not lost.
     milli_tokens: u64,
     refilled_at: u64,
@@ -53,7 +53,7 @@ impl ReplyLimiter {
     /// Whether one more limited message may go into an outbox that holds
     /// `outbox_len` entries. A `false` is the caller's cue to drop it and
     /// count it; the log line is written here.
-    pub fn admit(&mut self, now: u64, outbox_len: u64, what: &str) -> bool {
+    pub(crate) fn admit(&mut self, now: u64, outbox_len: u64, what: &str) -> bool {
         let elapsed = now.saturating_sub(self.refilled_at);
         self.refilled_at = self.refilled_at.max(now);
         self.milli_tokens = self

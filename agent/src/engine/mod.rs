@@ -32,14 +32,14 @@
 //! time as an argument, so unit tests drive it directly.
 
 mod acks;
-pub mod commands;
+pub(crate) mod commands;
 mod delivery;
 mod intake;
-pub mod limiter;
+pub(crate) mod limiter;
 mod state;
 mod views;
 
-pub use state::{EngineSettings, State};
+pub(crate) use state::{EngineSettings, State};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -51,6 +51,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::clock::now_ms;
 use crate::counters::Counters;
 use crate::msg::{AckToken, Inbound, InboundKind, Query, Snapshot};
 use crate::store::{Change, Store, StoreError};
@@ -65,16 +66,16 @@ use crate::store::{Change, Store, StoreError};
 /// against 2.9 KiB for 250-task groups (the store alone; docs/BENCHMARKS.md).
 /// Memory: the broker's window bounds it first (20 × `limits.max_payload`
 /// with Mosquitto's default); a typical 1 024 tasks are about 200 KiB.
-pub const INBOUND_CAPACITY: usize = 1024;
+pub(crate) const INBOUND_CAPACITY: usize = 1024;
 /// Radio events not yet taken: a burst of check-ins from many tags.
-pub const RADIO_EVENT_CAPACITY: usize = 1024;
+pub(crate) const RADIO_EVENT_CAPACITY: usize = 1024;
 /// Status snapshots asked for but not answered; the status task asks one at
 /// a time.
-pub const QUERY_CAPACITY: usize = 4;
+pub(crate) const QUERY_CAPACITY: usize = 4;
 
 /// `detail` of the ack for a task whose signature failed. Deliberately the
 /// same for every cause (missing, unknown key, mismatch): the log says which.
-pub const BAD_SIGNATURE: &str = "bad signature";
+pub(crate) const BAD_SIGNATURE: &str = "bad signature";
 
 /// How often expiry and delivery time-outs are looked at.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
@@ -92,12 +93,10 @@ const PRUNE_LIMIT: usize = 10_000;
 const RECLAIM_INTERVAL_MS: u64 = 10 * 1000;
 
 /// Task id prefix of `tag.refresh` deliveries.
-pub const REFRESH_PREFIX: &str = "refresh:";
-
-pub use crate::clock::now_ms;
+pub(crate) const REFRESH_PREFIX: &str = "refresh:";
 
 /// The engine task: [`State`] plus its channel ends.
-pub struct Engine {
+pub(crate) struct Engine {
     pub state: State,
     pub store: Arc<Store>,
     pub counters: Arc<Counters>,
@@ -130,7 +129,7 @@ struct StoreFault {
 }
 
 impl Engine {
-    pub async fn run(mut self) -> Result<(), StoreError> {
+    pub(crate) async fn run(mut self) -> Result<(), StoreError> {
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Messages taken from the link and not PUBACKed yet: applied and

@@ -19,7 +19,7 @@ use crate::wire::Method;
 
 /// Settings the engine needs, taken from the config once.
 #[derive(Debug, Clone)]
-pub struct EngineSettings {
+pub(crate) struct EngineSettings {
     pub default_ttl_ms: u64,
     pub max_attempts: u32,
     pub delivery_timeout_ms: u64,
@@ -40,7 +40,7 @@ pub struct EngineSettings {
 }
 
 impl EngineSettings {
-    pub fn from_config(c: &Config) -> Self {
+    pub(crate) fn from_config(c: &Config) -> Self {
         EngineSettings {
             default_ttl_ms: c.tasks.default_ttl_ms,
             max_attempts: c.tasks.max_attempts,
@@ -96,7 +96,7 @@ pub(super) const EXPIRE_LIMIT: usize = 1_000;
 /// The engine's decisions, without channels. Every method takes `now` (ms
 /// since the Unix epoch) and records its store writes in the given
 /// [`Change`]; deliveries to start are pushed to `deliveries`.
-pub struct State {
+pub(crate) struct State {
     pub(super) settings: EngineSettings,
     pub(super) identity: Identity,
     pub(super) store: Arc<Store>,
@@ -131,7 +131,7 @@ pub struct State {
 
 impl State {
     /// Loads pending tasks and known tags from the store.
-    pub fn load(
+    pub(crate) fn load(
         settings: EngineSettings,
         identity: Identity,
         store: Arc<Store>,
@@ -180,7 +180,7 @@ impl State {
     /// is still pending stays in flight, so its tag is not sent the same
     /// content again. (The tag table is best effort and at least as fresh in
     /// memory; it is kept, and written again at the next change.)
-    pub fn reload(&mut self) -> Result<(), StoreError> {
+    pub(crate) fn reload(&mut self) -> Result<(), StoreError> {
         self.pending_count = self.store.pending_count()?;
         let mut in_flight = std::mem::take(&mut self.in_flight);
         for (tag_id, f) in in_flight.drain() {
@@ -194,13 +194,13 @@ impl State {
         Ok(())
     }
 
-    pub fn pending_len(&self) -> usize {
+    pub(crate) fn pending_len(&self) -> usize {
         self.pending_count
     }
 
     /// Writes every tag report that changed since it was last written (at
     /// shutdown, so a restart shows the last check-ins).
-    pub fn save_tags(&mut self, change: &mut Change) {
+    pub(crate) fn save_tags(&mut self, change: &mut Change) {
         for (id, t) in &mut self.tags {
             if t.rec.last_seen.is_some_and(|seen| seen > t.saved_at) {
                 change.put_tag(id, &t.rec);
@@ -210,17 +210,17 @@ impl State {
     }
 
     /// Installs the signature policy of `[security]` (keys loaded at start).
-    pub fn set_verifier(&mut self, verifier: Verifier) {
+    pub(crate) fn set_verifier(&mut self, verifier: Verifier) {
         self.verifier = verifier;
     }
 
-    pub fn verifier(&self) -> &Verifier {
+    pub(crate) fn verifier(&self) -> &Verifier {
         &self.verifier
     }
 
     /// Whether one more command reply or rejection ack may go into
     /// the outbox now ([`ReplyLimiter`]); a refusal is counted here.
-    pub fn admit_limited(&mut self, now: u64, what: &str) -> bool {
+    pub(crate) fn admit_limited(&mut self, now: u64, what: &str) -> bool {
         let admitted = self.limiter.admit(now, self.store.outbox_len(), what);
         if !admitted {
             Counters::bump(&self.counters.replies_dropped);
@@ -228,62 +228,62 @@ impl State {
         admitted
     }
 
-    pub fn radio_details(&self) -> &esl_hal::RadioDetails {
+    pub(crate) fn radio_details(&self) -> &esl_hal::RadioDetails {
         &self.radio_details
     }
 
-    pub fn radio_state(&self) -> &RadioState {
+    pub(crate) fn radio_state(&self) -> &RadioState {
         &self.radio
     }
 
     /// The radio task's control channel, for `network.permit_join`.
-    pub fn set_radio_control(&mut self, tx: mpsc::Sender<crate::msg::RadioControl>) {
+    pub(crate) fn set_radio_control(&mut self, tx: mpsc::Sender<crate::msg::RadioControl>) {
         self.radio_control = Some(tx);
     }
 
     /// The radio's content check, run on every new task.
-    pub fn set_content_check(&mut self, check: Option<Arc<dyn esl_hal::ContentCheck>>) {
+    pub(crate) fn set_content_check(&mut self, check: Option<Arc<dyn esl_hal::ContentCheck>>) {
         self.content_check = check;
     }
 
-    pub fn radio_control(&self) -> Option<&mpsc::Sender<crate::msg::RadioControl>> {
+    pub(crate) fn radio_control(&self) -> Option<&mpsc::Sender<crate::msg::RadioControl>> {
         self.radio_control.as_ref()
     }
 
-    pub fn set_link(&mut self, link: tokio::sync::watch::Receiver<crate::msg::LinkState>) {
+    pub(crate) fn set_link(&mut self, link: tokio::sync::watch::Receiver<crate::msg::LinkState>) {
         self.link = Some(link);
     }
 
-    pub fn link_state(&self) -> crate::msg::LinkState {
+    pub(crate) fn link_state(&self) -> crate::msg::LinkState {
         self.link.as_ref().map(|l| *l.borrow()).unwrap_or_default()
     }
 
-    pub fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         &self.store
     }
 
-    pub fn counters(&self) -> &Counters {
+    pub(crate) fn counters(&self) -> &Counters {
         &self.counters
     }
 
-    pub fn settings(&self) -> &EngineSettings {
+    pub(crate) fn settings(&self) -> &EngineSettings {
         &self.settings
     }
 
-    pub fn identity(&self) -> &Identity {
+    pub(crate) fn identity(&self) -> &Identity {
         &self.identity
     }
 
     /// Adds tags the radio knows before their first check-in, so reports
     /// list them (as not yet seen).
-    pub fn add_known_tags(&mut self, tag_ids: Vec<String>) {
+    pub(crate) fn add_known_tags(&mut self, tag_ids: Vec<String>) {
         for id in tag_ids {
             self.tags.entry(id).or_default();
         }
     }
 
     /// Asks for the tag's last content to be sent again at its next check-in.
-    pub fn request_refresh(&mut self, tag_id: &str) {
+    pub(crate) fn request_refresh(&mut self, tag_id: &str) {
         self.refresh.insert(tag_id.to_owned());
     }
 }

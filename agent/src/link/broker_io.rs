@@ -52,7 +52,7 @@ trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
 
 /// See the module docs.
-pub struct BrokerSocket {
+pub(crate) struct BrokerSocket {
     transport: LinkTransport,
     host: String,
     port: u16,
@@ -70,7 +70,11 @@ pub struct BrokerSocket {
 }
 
 impl BrokerSocket {
-    pub fn new(transport: LinkTransport, m: &MqttConfig, max_payload: usize) -> BrokerSocket {
+    pub(crate) fn new(
+        transport: LinkTransport,
+        m: &MqttConfig,
+        max_payload: usize,
+    ) -> BrokerSocket {
         let marker = Marker::random();
         let name = format!(
             "\0esl-agent-link-{}-{}",
@@ -92,35 +96,35 @@ impl BrokerSocket {
 
     /// Waits until no pump runs (rumqttc closed its side and what it wrote
     /// went to the broker), at most `within`.
-    pub async fn wait_idle(&self, within: Duration) {
+    pub(crate) async fn wait_idle(&self, within: Duration) {
         let mut idle = self.pumping.subscribe();
         let _ = tokio::time::timeout(within, idle.wait_for(|running| *running == 0)).await;
     }
 
     /// The "host" rumqttc connects to with `Transport::Unix`.
-    pub fn rumqttc_addr(&self) -> &str {
+    pub(crate) fn rumqttc_addr(&self) -> &str {
         &self.name
     }
 
     /// What rumqttc's incoming packet limit must allow: a whole packet the
     /// filter passes, or a stand-in (topic of up to 64 KiB).
-    pub fn rumqttc_incoming_limit(&self) -> usize {
+    pub(crate) fn rumqttc_incoming_limit(&self) -> usize {
         self.limit + 64 * 1024 + 1024
     }
 
     /// The stand-in payload the link recognises.
-    pub fn marker(&self) -> &Marker {
+    pub(crate) fn marker(&self) -> &Marker {
         &self.marker
     }
 
     /// Why the last broker connection failed, if it did (taken once).
-    pub fn take_error(&self) -> Option<ConnectionError> {
+    pub(crate) fn take_error(&self) -> Option<ConnectionError> {
         self.error.lock().map_or(None, |mut e| e.take())
     }
 
     /// Binds the socket and serves rumqttc's connections until the
     /// returned guard is dropped.
-    pub fn spawn(&self) -> io::Result<AbortOnDrop> {
+    pub(crate) fn spawn(&self) -> io::Result<AbortOnDrop> {
         let listener = UnixListener::bind(&self.name)?;
         let opener = Opener {
             transport: self.transport.clone(),
@@ -202,7 +206,7 @@ impl Drop for Running {
 }
 
 /// A spawned task that ends when this is dropped.
-pub struct AbortOnDrop(JoinHandle<()>);
+pub(crate) struct AbortOnDrop(JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

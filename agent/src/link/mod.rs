@@ -34,8 +34,8 @@
 //!   discarded without holding it, PUBACKed, and handed to the engine as
 //!   oversized, so it neither drops the connection nor comes back forever.
 
-pub mod broker_io;
-pub mod oversize;
+pub(crate) mod broker_io;
+pub(crate) mod oversize;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -55,7 +55,7 @@ use tracing::{debug, info, warn};
 use crate::config::MqttConfig;
 use crate::counters::Counters;
 use crate::identity::Identity;
-pub use crate::link::broker_io::BrokerSocket;
+pub(crate) use crate::link::broker_io::BrokerSocket;
 use crate::msg::{AckToken, Inbound, InboundKind, LinkState, Report};
 use crate::security::auth::{Credentials, Login};
 use crate::store::{OutboxEntry, Store};
@@ -64,10 +64,10 @@ use crate::store::{OutboxEntry, Store};
 /// PUBACK of a message on an unexpected topic (released PUBACKs are written
 /// directly, see `Link::write_pubacks`). The outbox window and one status
 /// report bound what we put in at once, far below this.
-pub const REQUEST_CAPACITY: usize = 1024;
+pub(crate) const REQUEST_CAPACITY: usize = 1024;
 /// PUBACKs released by the engine and not yet written: one group commit's
 /// worth.
-pub const PUBACK_CAPACITY: usize = 1024;
+pub(crate) const PUBACK_CAPACITY: usize = 1024;
 /// How long shutdown waits for the engine's last PUBACKs and the DISCONNECT.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How often outbox messages are checked for a missing PUBACK.
@@ -78,7 +78,7 @@ const PUBACK_BATCH: usize = 1024;
 
 /// Link settings taken from the config once.
 #[derive(Debug, Clone)]
-pub struct LinkSettings {
+pub(crate) struct LinkSettings {
     pub p2p_subscribe: bool,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -90,7 +90,7 @@ pub struct LinkSettings {
 }
 
 impl LinkSettings {
-    pub fn from_config(m: &MqttConfig) -> Self {
+    pub(crate) fn from_config(m: &MqttConfig) -> Self {
         LinkSettings {
             p2p_subscribe: m.p2p_subscribe,
             reconnect_min: Duration::from_millis(m.reconnect_min_ms),
@@ -106,7 +106,7 @@ impl LinkSettings {
 /// rumqttc options for the config and identity, connecting through
 /// `broker` (which holds the transport, `tls::LinkTransport`), with the
 /// login (`auth::Login`) prepared at start-up.
-pub fn mqtt_options(
+pub(crate) fn mqtt_options(
     m: &MqttConfig,
     identity: &Identity,
     max_payload: usize,
@@ -173,7 +173,7 @@ struct OutboxTracker {
     read: VecDeque<(u64, OutboxEntry)>,
 }
 
-pub struct Link {
+pub(crate) struct Link {
     pub options: MqttOptions,
     /// Where the broker is, for the log (`mqtts://host:8883`).
     pub url: String,
@@ -194,7 +194,7 @@ pub struct Link {
 }
 
 impl Link {
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         // Ends with `run`.
         let _broker_io = match self.broker.spawn() {
             Ok(guard) => guard,

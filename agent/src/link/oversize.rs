@@ -39,12 +39,12 @@ const MARKER_PREFIX: &[u8] = b"\0esl-agent oversized ";
 /// nonce (so no message from the broker can pass for a stand-in), and the
 /// size of the discarded payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Marker {
+pub(crate) struct Marker {
     nonce: String,
 }
 
 impl Marker {
-    pub fn random() -> Marker {
+    pub(crate) fn random() -> Marker {
         use rand::Rng;
         let bytes: [u8; 16] = rand::thread_rng().gen();
         Marker {
@@ -60,7 +60,7 @@ impl Marker {
 
     /// The size of the discarded payload if `payload` is this link's
     /// stand-in.
-    pub fn parse(&self, payload: &[u8]) -> Option<usize> {
+    pub(crate) fn parse(&self, payload: &[u8]) -> Option<usize> {
         let rest = payload.strip_prefix(MARKER_PREFIX)?;
         let rest = std::str::from_utf8(rest).ok()?;
         let (nonce, size) = rest.split_once(' ')?;
@@ -86,7 +86,7 @@ enum State {
 
 /// See the module docs. `S` is the broker's byte stream (read half or
 /// whole).
-pub struct OversizeFilter<S> {
+pub(crate) struct OversizeFilter<S> {
     inner: S,
     /// A PUBLISH whose remaining length is above this is replaced.
     limit: usize,
@@ -98,7 +98,7 @@ pub struct OversizeFilter<S> {
 }
 
 impl<S> OversizeFilter<S> {
-    pub fn new(inner: S, limit: usize, marker: Marker) -> Self {
+    pub(crate) fn new(inner: S, limit: usize, marker: Marker) -> Self {
         OversizeFilter {
             inner,
             limit,

@@ -87,12 +87,12 @@ use serde::{Deserialize, Serialize};
 use crate::wire::AckStatus;
 
 /// The database file inside `store.path` (with `-wal` and `-shm` beside it).
-pub const DB_FILE: &str = "store.sqlite3";
+pub(crate) const DB_FILE: &str = "store.sqlite3";
 /// Held with `flock` while an agent has the store open.
 const LOCK_FILE: &str = "lock";
 
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     /// SQLite's own error (no `#[source]`: its text is already here, and an
     /// error chain would print it twice).
     #[error("store database: {0}")]
@@ -134,7 +134,7 @@ impl From<rusqlite::Error> for StoreError {
 
 /// What the store keeps about a task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskRecord {
+pub(crate) struct TaskRecord {
     pub task_id: String,
     pub tag_id: String,
     pub seq: u64,
@@ -152,14 +152,14 @@ pub struct TaskRecord {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum TaskState {
+pub(crate) enum TaskState {
     Pending,
     Final(FinalState),
 }
 
 /// The final ack of a task, kept so a duplicate can be answered with it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FinalState {
+pub(crate) struct FinalState {
     pub status: AckStatus,
     pub at: u64,
     pub detail: Option<String>,
@@ -167,14 +167,14 @@ pub struct FinalState {
 
 /// An ack or reply waiting for the broker's PUBACK.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OutboxEntry {
+pub(crate) struct OutboxEntry {
     pub topic: String,
     pub payload: Vec<u8>,
 }
 
 /// Last check-in of a tag.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct TagRecord {
+pub(crate) struct TagRecord {
     pub battery_mv: Option<u16>,
     pub rssi: Option<i16>,
     pub content_hash: Option<String>,
@@ -287,19 +287,19 @@ enum Op {
 
 /// Changes to apply atomically. Built by the engine, applied by the store.
 #[derive(Default)]
-pub struct Change {
+pub(crate) struct Change {
     ops: Vec<Op>,
     outbox: Vec<OutboxEntry>,
 }
 
 impl Change {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Change::default()
     }
 
     /// Writes the task; a pending one also becomes its tag's pending task
     /// and raises the tag's highest seq to its own.
-    pub fn put_task(&mut self, record: &TaskRecord) {
+    pub(crate) fn put_task(&mut self, record: &TaskRecord) {
         self.ops.push(Op::PutTask(record.clone()));
     }
 
@@ -307,19 +307,19 @@ impl Change {
     /// is being finished): the tag keeps its seq and has no pending task.
     /// The caller writes the final record with [`Change::put_task`], which
     /// also takes it out of the expiry index.
-    pub fn clear_pending(&mut self, record: &TaskRecord) {
+    pub(crate) fn clear_pending(&mut self, record: &TaskRecord) {
         self.ops.push(Op::ClearPending {
             tag_id: record.tag_id.clone(),
             seq: record.seq,
         });
     }
 
-    pub fn put_tag(&mut self, tag_id: &str, tag: &TagRecord) {
+    pub(crate) fn put_tag(&mut self, tag_id: &str, tag: &TagRecord) {
         self.ops.push(Op::PutTag(tag_id.to_owned(), tag.clone()));
     }
 
     /// Remembers what a tag displays, for `tag.refresh`.
-    pub fn put_last_content(&mut self, tag_id: &str, task_id: &str, content: &str) {
+    pub(crate) fn put_last_content(&mut self, tag_id: &str, task_id: &str, content: &str) {
         self.ops.push(Op::PutLastContent(
             tag_id.to_owned(),
             task_id.to_owned(),
@@ -329,11 +329,11 @@ impl Change {
 
     /// Queues a message for the broker; it gets its outbox number in
     /// [`Store::apply`].
-    pub fn push_outbox(&mut self, entry: OutboxEntry) {
+    pub(crate) fn push_outbox(&mut self, entry: OutboxEntry) {
         self.outbox.push(entry);
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.ops.is_empty() && self.outbox.is_empty()
     }
 }
@@ -473,7 +473,7 @@ impl CheckpointSignal {
 
 /// Handle to the store. Shared by the engine (writes and its reads), the
 /// link (outbox) and the status task (size).
-pub struct Store {
+pub(crate) struct Store {
     dir: PathBuf,
     cache_kib: i64,
     /// `flock`ed for as long as the store exists: one agent per store.
@@ -513,7 +513,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Store {
     /// Opens (or creates) the store in the directory `path` with a page
     /// cache of `cache_bytes`. The directory is created with mode 0700.
-    pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+    pub(crate) fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
         create_private_dir(path)?;
         let dir_err = |cause| StoreError::Dir {
             path: path.display().to_string(),
@@ -656,7 +656,7 @@ impl Store {
     /// afterwards; the caller must rebuild whatever it derived from them.
     /// Fails (and stays closed; try again later) while the disk is still
     /// unusable.
-    pub fn reopen(&self) -> Result<(), StoreError> {
+    pub(crate) fn reopen(&self) -> Result<(), StoreError> {
         self.faulted.store(true, Ordering::SeqCst);
         // Dropping the writer rolls back its open transaction.
         drop(lock(&self.writer).take());
@@ -686,7 +686,7 @@ impl Store {
     /// Applies one change (visible to the engine's reads at once, durable
     /// after the next [`Store::flush`]). Returns the outbox numbers it
     /// assigned.
-    pub fn apply(&self, change: Change) -> Result<Vec<u64>, StoreError> {
+    pub(crate) fn apply(&self, change: Change) -> Result<Vec<u64>, StoreError> {
         let mut w = self.writer()?;
         if change.is_empty() {
             // No transaction for nothing: an open one holds SQLite's write
@@ -725,7 +725,7 @@ impl Store {
     /// Makes every applied change durable: survives a process crash and a
     /// power cut. One flush covers any number of changes: this is the group
     /// commit.
-    pub async fn flush(self: &Arc<Self>) -> Result<(), StoreError> {
+    pub(crate) async fn flush(self: &Arc<Self>) -> Result<(), StoreError> {
         self.begin_flush()?.await
     }
 
@@ -733,7 +733,7 @@ impl Store {
     /// commit (and its fsync) runs on a blocking thread and holds the
     /// writer: the caller must not apply or read until it has ended (the
     /// engine does not), or it waits for the disk.
-    pub fn begin_flush(
+    pub(crate) fn begin_flush(
         self: &Arc<Self>,
     ) -> Result<
         impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
@@ -803,7 +803,7 @@ impl Store {
     /// `IDLE_COMMIT`: changes that asked for no flush (check-in reports)
     /// or outbox removals. The engine flushes then, so neither waits for
     /// the next task.
-    pub fn wants_commit(&self) -> bool {
+    pub(crate) fn wants_commit(&self) -> bool {
         let due = |since: Option<Instant>| since.is_some_and(|t| t.elapsed() >= IDLE_COMMIT);
         if due(lock(&self.removals).1) {
             return true;
@@ -813,7 +813,7 @@ impl Store {
             .is_some_and(|w| due(w.open_since))
     }
 
-    pub fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
+    pub(crate) fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
         self.read(|c| {
             c.prepare_cached(
                 "SELECT task_id, tag_id, seq, issued_at, expires_at, accepted_at, content,
@@ -827,7 +827,10 @@ impl Store {
     }
 
     /// The tag's highest accepted seq and its pending task, if any.
-    pub fn tag_slot(&self, tag_id: &str) -> Result<Option<(u64, Option<String>)>, StoreError> {
+    pub(crate) fn tag_slot(
+        &self,
+        tag_id: &str,
+    ) -> Result<Option<(u64, Option<String>)>, StoreError> {
         self.read(|c| {
             Ok(
                 c.prepare_cached("SELECT max_seq, pending_task FROM tags WHERE tag_id = ?1")?
@@ -840,12 +843,12 @@ impl Store {
     }
 
     /// The id of the tag's pending task, if it has one.
-    pub fn pending_of(&self, tag_id: &str) -> Result<Option<String>, StoreError> {
+    pub(crate) fn pending_of(&self, tag_id: &str) -> Result<Option<String>, StoreError> {
         Ok(self.tag_slot(tag_id)?.and_then(|(_, task)| task))
     }
 
     /// How many tags have a pending task (for start-up and after a reopen).
-    pub fn pending_count(&self) -> Result<usize, StoreError> {
+    pub(crate) fn pending_count(&self) -> Result<usize, StoreError> {
         self.read(|c| {
             Ok(c.query_row(
                 "SELECT count(*) FROM tasks WHERE status = 'pending'",
@@ -857,7 +860,7 @@ impl Store {
 
     /// Up to `limit` tags with a pending task whose id is after `after`, in
     /// id order.
-    pub fn pending_tags_after(
+    pub(crate) fn pending_tags_after(
         &self,
         after: Option<&str>,
         limit: usize,
@@ -874,7 +877,7 @@ impl Store {
 
     /// Up to `limit` pending tasks that expire before `now`, oldest expiry
     /// first, as `(expires_at, task_id)`.
-    pub fn expiring_before(
+    pub(crate) fn expiring_before(
         &self,
         now: u64,
         limit: usize,
@@ -893,7 +896,10 @@ impl Store {
     }
 
     /// The last task and content a tag confirmed.
-    pub fn last_content(&self, tag_id: &str) -> Result<Option<(String, String)>, StoreError> {
+    pub(crate) fn last_content(
+        &self,
+        tag_id: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
         self.read(|c| {
             Ok(
                 c.prepare_cached("SELECT task_id, content FROM tag_content WHERE tag_id = ?1")?
@@ -904,7 +910,7 @@ impl Store {
     }
 
     /// Every tag's last check-in, for the engine's start-up.
-    pub fn tags(&self) -> Result<Vec<(String, TagRecord)>, StoreError> {
+    pub(crate) fn tags(&self) -> Result<Vec<(String, TagRecord)>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare(
                 "SELECT tag_id, battery_mv, rssi, content_hash, last_seen FROM tag_reports
@@ -927,7 +933,7 @@ impl Store {
 
     /// Up to `limit` tasks whose id is greater than `after`, in id order
     /// (for paged listings).
-    pub fn tasks_after(
+    pub(crate) fn tasks_after(
         &self,
         after: Option<&str>,
         limit: usize,
@@ -949,7 +955,7 @@ impl Store {
 
     /// Up to `limit` durable outbox entries numbered above `after`, oldest
     /// first (the link's connection: committed rows only).
-    pub fn outbox_after(
+    pub(crate) fn outbox_after(
         &self,
         after: Option<u64>,
         limit: usize,
@@ -1003,7 +1009,7 @@ impl Store {
     /// The broker has the message: forget it (deleted at the next commit).
     /// Not flushed on purpose: if the removal is lost in a crash, the ack is
     /// sent once more, which receivers tolerate.
-    pub fn remove_outbox(&self, n: u64) -> Result<bool, StoreError> {
+    pub(crate) fn remove_outbox(&self, n: u64) -> Result<bool, StoreError> {
         self.check_open()?;
         let exists = {
             let guard = lock(&self.reader);
@@ -1026,14 +1032,14 @@ impl Store {
         Ok(true)
     }
 
-    pub fn outbox_len(&self) -> u64 {
+    pub(crate) fn outbox_len(&self) -> u64 {
         self.outbox_len.load(Ordering::Relaxed)
     }
 
     /// Forgets finished tasks that became final before `cutoff_ms` (at most
     /// `limit`, oldest first; in the open transaction). Returns how many
     /// were removed.
-    pub fn prune_final(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+    pub(crate) fn prune_final(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let mut w = self.writer()?;
         let w = w.as_mut().expect("writer() checked it is open");
         let result = (|| {
@@ -1060,7 +1066,7 @@ impl Store {
     /// the open transaction) once they are many and a quarter of the file:
     /// after pruning, and after a flood of acks or replies has been
     /// delivered. Returns the number of pages freed.
-    pub fn reclaim(&self) -> Result<u64, StoreError> {
+    pub(crate) fn reclaim(&self) -> Result<u64, StoreError> {
         let mut w = self.writer()?;
         let w = w.as_mut().expect("writer() checked it is open");
         let result = (|| {
@@ -1084,7 +1090,7 @@ impl Store {
     }
 
     /// On-disk size in bytes (database and WAL), for status reports.
-    pub fn size_on_disk(&self) -> u64 {
+    pub(crate) fn size_on_disk(&self) -> u64 {
         let db = self.db_path();
         [db.clone(), wal_path(&db)]
             .iter()
@@ -1112,19 +1118,19 @@ impl Drop for Store {
 /// forgets would need re-bonding. Reads come from memory. The file holds
 /// secrets: it is created 0600 in the 0700 store directory, and nothing
 /// here logs a key.
-pub struct BleKeys {
+pub(crate) struct BleKeys {
     conn: Option<Connection>,
     ap_sync_key: Option<esl_hal::ble::provision::KeyMaterial>,
     tags: std::collections::HashMap<String, esl_hal::ble::provision::TagRecord>,
 }
 
 /// The BLE key database inside `store.path`.
-pub const BLE_DB_FILE: &str = "ble.sqlite3";
+pub(crate) const BLE_DB_FILE: &str = "ble.sqlite3";
 
 impl BleKeys {
     /// Opens (or creates) `ble.sqlite3` in the store directory `dir` and
     /// reads it into memory.
-    pub fn open(dir: &Path) -> Result<BleKeys, StoreError> {
+    pub(crate) fn open(dir: &Path) -> Result<BleKeys, StoreError> {
         use esl_hal::ble::provision::{KeyMaterial, TagRecord as BleTag, KEY_MATERIAL_LEN};
         create_private_dir(dir)?;
         let path = dir.join(BLE_DB_FILE);
