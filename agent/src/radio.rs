@@ -53,8 +53,11 @@ impl<R: Radio> RadioTask<R> {
                     }
                     Err(e) => {
                         let closed = e.kind() == RadioErrorKind::Closed;
-                        warn!(error = %e, "radio error");
-                        let down = RadioEvent::State(RadioState::Down { reason: e.to_string() });
+                        // The backend's own error, if it gave one, is the
+                        // source: shown after the message, once.
+                        let reason = crate::report::chain(&e);
+                        warn!(error = %reason, "radio error");
+                        let down = RadioEvent::State(RadioState::Down { reason });
                         if self.event_tx.send(down).await.is_err() || closed {
                             break;
                         }
@@ -68,7 +71,7 @@ impl<R: Radio> RadioTask<R> {
                     RadioControl::PermitJoin { seconds } => {
                         match self.radio.permit_join(seconds).await {
                             Ok(()) => info!(seconds, "network open for joining"),
-                            Err(e) => warn!(seconds, error = %e, "permit-join failed"),
+                            Err(e) => warn!(seconds, error = %crate::report::chain(&e), "permit-join failed"),
                         }
                     }
                 },
@@ -78,11 +81,11 @@ impl<R: Radio> RadioTask<R> {
                         // The engine waits for exactly one outcome per
                         // delivery: make one up for a delivery the radio
                         // could not even take.
-                        let retryable = e.kind() != RadioErrorKind::InvalidRequest;
+                        let retryable = e.kind().is_retryable();
                         let outcome = Outcome {
                             tag_id,
                             task_id,
-                            result: Err(DeliveryFailure { retryable, reason: e.to_string() }),
+                            result: Err(DeliveryFailure { retryable, reason: crate::report::chain(&e) }),
                         };
                         if self.event_tx.send(RadioEvent::Outcome(outcome)).await.is_err() {
                             break;
@@ -92,5 +95,71 @@ impl<R: Radio> RadioTask<R> {
             }
         }
         info!("radio stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use esl_hal::RadioError;
+
+    use super::*;
+
+    /// A radio whose deliveries fail with a backend error underneath.
+    struct Refusing;
+
+    impl Radio for Refusing {
+        async fn next_event(&mut self) -> Result<RadioEvent, RadioError> {
+            std::future::pending().await
+        }
+
+        async fn deliver(&mut self, _: Delivery) -> Result<(), RadioError> {
+            let cause =
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "bitmap is 10 bytes short");
+            Err(RadioError::new(RadioErrorKind::InvalidRequest, "image refused").with_source(cause))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_delivery_is_one_final_outcome_that_keeps_the_backends_cause() {
+        let (event_tx, mut event_rx) = mpsc::channel(8);
+        let (delivery_tx, delivery_rx) = mpsc::channel(8);
+        let (_control_tx, control_rx) = mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        let task = RadioTask {
+            radio: Refusing,
+            event_tx,
+            delivery_rx,
+            control_rx,
+            shutdown: shutdown.clone(),
+        };
+        let running = tokio::spawn(task.run());
+        assert_eq!(
+            event_rx.recv().await,
+            Some(RadioEvent::State(RadioState::Up))
+        );
+        delivery_tx
+            .send(Delivery {
+                tag_id: "T1".into(),
+                task_id: "t1".into(),
+                content: b"{}".to_vec(),
+                content_hash: "h".into(),
+            })
+            .await
+            .unwrap();
+        let Some(RadioEvent::Outcome(outcome)) = event_rx.recv().await else {
+            panic!("an outcome for the refused delivery");
+        };
+        assert_eq!(outcome.task_id, "t1");
+        let failure = outcome.result.unwrap_err();
+        assert!(!failure.retryable, "an invalid request is final");
+        assert!(
+            failure
+                .reason
+                .ends_with("image refused: bitmap is 10 bytes short"),
+            "{}",
+            failure.reason
+        );
+        shutdown.cancel();
+        running.await.unwrap();
     }
 }

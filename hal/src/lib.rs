@@ -121,23 +121,39 @@ pub enum RadioState {
     Down { reason: String },
 }
 
-/// What kind of failure a [`RadioError`] is, for callers that branch on it.
+/// What kind of failure a [`RadioError`] is, for callers that branch on it
+/// (like embedded-hal's `ErrorKind`: the backend's own error stays
+/// available as the [`std::error::Error::source`]). New kinds may be added;
+/// match with a wildcard arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RadioErrorKind {
     /// The radio stopped for good (its task ended); no more events will come.
     Closed,
     /// The hardware is temporarily unreachable; try again later.
     Unavailable,
-    /// The request was malformed (e.g. content too large for this radio).
+    /// The request was malformed (e.g. content too large for this radio);
+    /// sending it again cannot succeed.
     InvalidRequest,
 }
 
-/// Error returned by [`Radio`] methods.
-#[derive(Debug, Clone, thiserror::Error)]
+impl RadioErrorKind {
+    /// Whether the same request may succeed later.
+    pub fn is_retryable(self) -> bool {
+        !matches!(self, RadioErrorKind::InvalidRequest)
+    }
+}
+
+/// Error returned by [`Radio`] methods: a kind to branch on, a message for
+/// people, and the backend's typed error (a ZNP status, a BlueZ error…)
+/// as its source, so nothing the backend knew is lost.
+#[derive(Debug, thiserror::Error)]
 #[error("radio error ({kind:?}): {message}")]
 pub struct RadioError {
     kind: RadioErrorKind,
     message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 impl RadioError {
@@ -145,7 +161,14 @@ impl RadioError {
         Self {
             kind,
             message: message.into(),
+            source: None,
         }
+    }
+
+    /// Keeps the backend's own error as the source of this one.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
     }
 
     pub fn kind(&self) -> RadioErrorKind {
