@@ -40,8 +40,8 @@ use tracing::warn;
 
 use crate::clock::now_ms;
 use crate::config::{
-    Config, LimitsConfig, MqttConfig, RadioConfig, RadioKind, SimRadioConfig, StatusConfig,
-    StoreConfig, TasksConfig, TopicsConfig,
+    Config, LimitsConfig, MqttConfig, RadioConfig, RadioKind, StatusConfig, StoreConfig,
+    TasksConfig, TopicsConfig,
 };
 use crate::wire::AckStatus;
 use backend::{Backend, BACKEND_ID};
@@ -241,7 +241,7 @@ pub async fn run_demo(
     let max_packet = LimitsConfig::default().max_payload + PACKET_HEADROOM;
     let (broker, backend) = start_broker_and_backend(max_packet).await?;
 
-    let prefix = SimRadioConfig::default().id_prefix;
+    let prefix = esl_hal::sim::SimConfig::default().id_prefix;
     let tag_ids: Vec<String> = (0..o.tags).map(|i| format!("{prefix}{i:06}")).collect();
     let offline = &tag_ids[(o.tags - o.offline) as usize..];
     let config = agent_config(o, broker.port, dir.path(), offline);
@@ -339,14 +339,14 @@ fn agent_config(o: &DemoOptions, port: u16, dir: &Path, offline: &[String]) -> C
         },
         radio: RadioConfig {
             kind: RadioKind::Sim,
-            sim: SimRadioConfig {
+            sim: esl_hal::sim::SimConfig {
                 tags: o.tags,
                 checkin_interval_ms: o.checkin_ms,
                 fail_rate: o.fail_rate,
                 offline: offline.to_vec(),
                 seed: o.seed,
                 journal: Some(dir.join("tag-journal.jsonl")),
-                ..SimRadioConfig::default()
+                ..esl_hal::sim::SimConfig::default()
             },
             ..RadioConfig::default()
         },

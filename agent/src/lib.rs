@@ -82,7 +82,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use esl_hal::ble::BleRadio;
-use esl_hal::sim::{SimConfig, SimRadio};
+use esl_hal::sim::SimRadio;
 use esl_hal::zigbee::ZigbeeRadio;
 use esl_hal::{Delivery, Radio, RadioEvent};
 use tokio::sync::{mpsc, watch, Notify};
@@ -167,18 +167,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     };
     match config.radio.kind {
         config::RadioKind::Sim => {
-            let s = &config.radio.sim;
-            let backend = SimRadio::start(SimConfig {
-                tags: s.tags,
-                id_prefix: s.id_prefix.clone(),
-                checkin_interval_ms: s.checkin_interval_ms,
-                fail_rate: s.fail_rate,
-                offline: s.offline.clone(),
-                seed: s.seed,
-                journal: s.journal.clone(),
-                apply_ms: s.apply_ms,
-            })
-            .context("radio.sim")?;
+            let backend = SimRadio::start(config.radio.sim.clone()).context("radio.sim")?;
             radio.spawn(backend, &mut state, &counters, &mut tasks);
         }
         config::RadioKind::Zigbee => {

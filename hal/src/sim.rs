@@ -88,8 +88,10 @@ const MALFORMED_WARNINGS: usize = 5;
 /// delivers.
 const EVENT_STREAM: u64 = 0x9E37_79B9_7F4A_7C15;
 
-/// Simulated radio settings (`[radio.sim]`, PROTOCOL §8).
-#[derive(Debug, Clone, PartialEq)]
+/// Simulated radio settings (`[radio.sim]`, PROTOCOL §8): the agent's
+/// config file deserialises straight into this, like every radio's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SimConfig {
     /// Number of simulated tags.
     pub tags: u32,

@@ -308,7 +308,8 @@ pub enum RadioKind {
 #[serde(deny_unknown_fields, default)]
 pub struct RadioConfig {
     pub kind: RadioKind,
-    pub sim: SimRadioConfig,
+    /// PROTOCOL §8; defaults and field docs in `esl_hal::sim::SimConfig`.
+    pub sim: esl_hal::sim::SimConfig,
     pub zigbee: ZigbeeRadioConfig,
     /// Validated by `esl_hal::ble::BleConfig::validate` (key names included).
     pub ble: esl_hal::ble::BleConfig,
@@ -434,36 +435,6 @@ fn parse_extended_pan_id(text: &str) -> Option<u64> {
     (text.len() == 16)
         .then(|| u64::from_str_radix(text, 16).ok())
         .flatten()
-}
-
-/// PROTOCOL §8. Converted to `esl_hal::sim::SimConfig` by the radio task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SimRadioConfig {
-    pub tags: u32,
-    pub id_prefix: String,
-    pub checkin_interval_ms: u64,
-    pub fail_rate: f64,
-    pub offline: Vec<String>,
-    pub seed: u64,
-    pub journal: Option<PathBuf>,
-    /// Time a simulated tag takes to render and confirm new content.
-    pub apply_ms: u64,
-}
-
-impl Default for SimRadioConfig {
-    fn default() -> Self {
-        Self {
-            tags: 16,
-            id_prefix: "SIM".into(),
-            checkin_interval_ms: 1_000,
-            fail_rate: 0.0,
-            offline: Vec::new(),
-            seed: 1,
-            journal: None,
-            apply_ms: 20,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
