@@ -34,15 +34,16 @@
 //!   discarded without holding it, PUBACKed, and handed to the engine as
 //!   oversized, so it neither drops the connection nor comes back forever.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+mod outbox;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions,
-    Outgoing, Packet, PubAck, Publish, QoS, Request, SubscribeFilter, SubscribeReasonCode,
-    Transport,
+    Outgoing, Packet, PubAck, Publish, QoS, Request, StateError, SubscribeFilter,
+    SubscribeReasonCode, Transport,
 };
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
@@ -56,6 +57,8 @@ use crate::counters::Counters;
 use crate::engine::{AckToken, Inbound, InboundKind};
 use crate::identity::Identity;
 use crate::store::{OutboxEntry, Store};
+
+use outbox::Outbox;
 
 /// rumqttc's request channel: our publishes, subscriptions, and the rare
 /// PUBACK of a message on an unexpected topic (released PUBACKs are written
@@ -166,25 +169,6 @@ fn explain_error(e: &ConnectionError, host: &str) -> String {
     }
 }
 
-/// Outbox messages of the current connection.
-#[derive(Default)]
-struct OutboxTracker {
-    /// Outbox numbers of our publish requests whose packet id is not known
-    /// yet, in request order (`None` for status reports).
-    awaiting_pkid: VecDeque<Option<u64>>,
-    /// Packet id → outbox number, for published and not yet PUBACKed.
-    by_pkid: HashMap<u16, u64>,
-    /// Outbox number → when it was (last) published.
-    sent_at: BTreeMap<u64, Instant>,
-    /// Highest outbox number read from the store on this connection.
-    cursor: Option<u64>,
-    /// Read from the store but not taken by rumqttc yet (its request channel
-    /// was full): published first at the next fill, which the event loop's
-    /// next turn triggers (no PUBACK or wake may come to do it). Kept here so
-    /// a retry costs one `try_publish`, not another store read.
-    read: VecDeque<(u64, OutboxEntry)>,
-}
-
 pub struct Link {
     pub options: MqttOptions,
     /// Where the broker is, for the log (`mqtts://host:8883`).
@@ -219,8 +203,7 @@ impl Link {
         let mut network = NetworkOptions::new();
         network.set_connection_timeout(self.settings.connect_timeout.as_secs());
         eventloop.set_network_options(network);
-        let mut state = LinkState::default();
-        let mut tracker = OutboxTracker::default();
+        let mut outbox = Outbox::new(self.settings.window, self.settings.publish_timeout);
         let mut backoff = self.settings.reconnect_min;
         let mut reconnect_at: Option<Instant> = None;
         let mut stopping_until: Option<Instant> = None;
@@ -243,7 +226,7 @@ impl Link {
                 // New acks are stored (at most once per engine flush): ahead
                 // of the busy branches below, or a burst of tasks, which
                 // keeps them ready, holds the acks back until it ends.
-                _ = self.outbox_wake.notified(), if state.connected => self.fill_outbox(&client, &mut tracker),
+                _ = self.outbox_wake.notified(), if outbox.connected() => self.fill_outbox(&client, &mut outbox),
                 // Released PUBACKs go before reading more from the broker: a
                 // broker with a large in-flight window must not starve them.
                 token = self.puback_rx.recv() => match token {
@@ -255,7 +238,7 @@ impl Link {
                                 Err(_) => break,
                             }
                         }
-                        self.write_pubacks(&mut eventloop, tokens, state).await;
+                        self.write_pubacks(&mut eventloop, &outbox, tokens).await;
                     }
                     // The engine has stopped: its last PUBACKs are out.
                     None => break,
@@ -263,12 +246,12 @@ impl Link {
                 event = eventloop.poll(), if reconnect_at.is_none() => {
                     // The poll drained requests: room for acks that did not
                     // fit before.
-                    if !tracker.read.is_empty() && state.connected {
-                        self.fill_outbox(&client, &mut tracker);
+                    if outbox.has_unpublished() {
+                        self.fill_outbox(&client, &mut outbox);
                     }
                     match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        state = LinkState { connected: true, epoch: state.epoch + 1 };
+                        let state = outbox.on_connack();
                         backoff = self.settings.reconnect_min;
                         Counters::bump(&self.counters.mqtt_connects);
                         info!(epoch = state.epoch, session_present = ack.session_present, "connected to broker");
@@ -284,7 +267,6 @@ impl Link {
                         // again, and old `Outgoing::Publish` events would
                         // shift the outbox's packet-id mapping.
                         eventloop.state.events.clear();
-                        tracker = OutboxTracker::default();
                         if self.settings.p2p_subscribe {
                             let topics = [&self.identity.task_topic, &self.identity.cmd_topic]
                                 .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
@@ -293,19 +275,17 @@ impl Link {
                             }
                         }
                         self.link_tx.send_replace(state);
-                        self.fill_outbox(&client, &mut tracker);
+                        self.fill_outbox(&client, &mut outbox);
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(&client, p, state.epoch).await,
+                    Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(&client, p, outbox.link().epoch).await,
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(n) = tracker.by_pkid.remove(&ack.pkid) {
-                            if tracker.sent_at.remove(&n).is_some() {
-                                Counters::bump(&self.counters.outbox_sent);
-                                if let Err(e) = self.store.remove_outbox(n) {
-                                    warn!(error = %e, outbox = n, "cannot remove a delivered ack from the store; it will be sent again");
-                                }
+                        if let Some(n) = outbox.on_puback(ack.pkid) {
+                            Counters::bump(&self.counters.outbox_sent);
+                            if let Err(e) = self.store.remove_outbox(n) {
+                                warn!(error = %e, outbox = n, "cannot remove a delivered ack from the store; it will be sent again");
                             }
                         }
-                        self.fill_outbox(&client, &mut tracker);
+                        self.fill_outbox(&client, &mut outbox);
                     }
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
                         if ack.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
@@ -314,11 +294,7 @@ impl Link {
                             info!("subscribed to the task and command topics");
                         }
                     }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(Some(n)) = tracker.awaiting_pkid.pop_front() {
-                            tracker.by_pkid.insert(pkid, n);
-                        }
-                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => outbox.on_outgoing_publish(pkid),
                     Ok(_) => {}
                     Err(e) => {
                         Counters::bump(&self.counters.mqtt_errors);
@@ -326,10 +302,9 @@ impl Link {
                         // connection could not be opened: say why.
                         let e = self.broker.take_error().unwrap_or(e);
                         let reason = explain_error(&e, &self.settings.host);
-                        if state.connected {
+                        if outbox.on_connection_lost() {
                             warn!(error = %reason, "connection to broker lost");
-                            state.connected = false;
-                            self.link_tx.send_replace(state);
+                            self.link_tx.send_replace(outbox.link());
                         } else {
                             warn!(error = %reason, retry_in_ms = backoff.as_millis() as u64, "cannot connect to broker");
                         }
@@ -344,21 +319,21 @@ impl Link {
                         backoff = (backoff * 2).min(self.settings.reconnect_max);
                     }
                 }},
-                Some(report) = self.report_rx.recv(), if state.connected => {
+                Some(report) = self.report_rx.recv(), if outbox.connected() => {
                     match client.try_publish(report.topic, QoS::AtLeastOnce, false, report.payload) {
-                        Ok(()) => tracker.awaiting_pkid.push_back(None),
+                        Ok(()) => outbox.report_published(),
                         Err(e) => debug!(error = %e, "status report not queued"),
                     }
                 }
-                _ = resend.tick(), if state.connected => {
-                    self.resend_overdue(&client, &mut tracker);
+                _ = resend.tick(), if outbox.connected() => {
+                    self.resend_overdue(&client, &mut outbox);
                     // Backstop: acks stored without a wake reaching the fill
                     // (none is known) wait at most one tick.
-                    self.fill_outbox(&client, &mut tracker);
+                    self.fill_outbox(&client, &mut outbox);
                 }
             }
         }
-        if state.connected {
+        if outbox.connected() {
             // Best effort: a DISCONNECT lets the broker drop the session at
             // once instead of waiting for the keepalive.
             if client.try_disconnect().is_ok() {
@@ -378,7 +353,7 @@ impl Link {
         }
         self.link_tx.send_replace(LinkState {
             connected: false,
-            epoch: state.epoch,
+            epoch: outbox.link().epoch,
         });
         info!("link stopped");
     }
@@ -445,74 +420,36 @@ impl Link {
         }
     }
 
-    /// Writes released PUBACKs straight into the connection, all of a batch
-    /// before one flush. Through rumqttc's request channel they went out one
-    /// per event-loop turn, and its loop hands out up to ten buffered
-    /// incoming messages before it looks at a request: under a burst the
-    /// PUBACKs fell behind, the broker's window stayed full and ingest sat
-    /// at ~10 600 tasks/s with the agent half idle (docs/BENCHMARKS.md).
-    /// This uses the event loop's public `state` (which turns the request
-    /// into the packet, as rumqttc's own loop does) and `network`. A PUBACK
-    /// needs no packet id or flow control of its own. Tokens of an earlier
-    /// connection are dropped: that connection's packet ids mean nothing on
+    /// Writes the released PUBACKs of the current connection straight into
+    /// it ([`write_pubacks`]). Tokens of an earlier connection are dropped
+    /// ([`Outbox::pubacks`]): that connection's packet ids mean nothing on
     /// this one, and the broker sends the message again.
     async fn write_pubacks(
         &self,
         eventloop: &mut EventLoop,
+        outbox: &Outbox,
         tokens: Vec<AckToken>,
-        state: LinkState,
     ) {
-        let Some(network) = eventloop.network.as_mut().filter(|_| state.connected) else {
+        let batch = outbox.pubacks(tokens);
+        if batch.stale > 0 {
             debug!(
-                count = tokens.len(),
-                "PUBACKs for a closed connection dropped; the broker sends those messages again"
+                count = batch.stale,
+                "PUBACKs for an earlier or closed connection dropped; the broker sends those messages again"
             );
+        }
+        if batch.send.is_empty() {
             return;
-        };
-        let write = async {
-            let mut written = 0;
-            for token in tokens {
-                if token.pkid == 0 {
-                    // QoS 0: nothing to acknowledge.
-                    continue;
-                }
-                if token.epoch != state.epoch {
-                    debug!(
-                        pkid = token.pkid,
-                        "PUBACK for an earlier connection dropped; the broker sends the message again"
-                    );
-                    continue;
-                }
-                let request = Request::PubAck(PubAck::new(token.pkid));
-                let packet = match eventloop.state.handle_outgoing_packet(request) {
-                    Ok(Some(packet)) => packet,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        debug!(error = %e, pkid = token.pkid, "PUBACK not written");
-                        continue;
-                    }
-                };
-                // rumqttc notes an `Outgoing::PubAck` event for its user; this
-                // link does not read those, so it does not let them pile up.
-                if matches!(
-                    eventloop.state.events.back(),
-                    Some(Event::Outgoing(Outgoing::PubAck(_)))
-                ) {
-                    eventloop.state.events.pop_back();
-                }
-                network.write(packet).await?;
-                written += 1;
-            }
-            if written > 0 {
-                network.flush().await?;
-            }
-            Ok::<_, rumqttc::StateError>(written)
-        };
+        }
         // A peer that stops reading must not freeze the link (shutdown,
         // keepalive): what did not go stays in the buffer for rumqttc's next
         // flush, or the connection fails and the broker sends the messages
         // again.
-        match tokio::time::timeout(self.settings.connect_timeout, write).await {
+        match tokio::time::timeout(
+            self.settings.connect_timeout,
+            write_pubacks(eventloop, &batch.send),
+        )
+        .await
+        {
             Ok(Ok(written)) => {
                 for _ in 0..written {
                     Counters::bump(&self.counters.mqtt_pubacks);
@@ -523,71 +460,87 @@ impl Link {
         }
     }
 
-    /// Publishes outbox entries, oldest first, until the window is full.
-    fn fill_outbox(&self, client: &AsyncClient, tracker: &mut OutboxTracker) {
-        loop {
-            while let Some((n, entry)) = tracker.read.front() {
-                if let Err(e) = client.try_publish(
-                    entry.topic.clone(),
-                    QoS::AtLeastOnce,
-                    false,
-                    entry.payload.clone(),
-                ) {
-                    debug!(error = %e, "outbox publish not queued; retried after the next event-loop turn");
-                    return;
-                }
-                let n = *n;
-                tracker.read.pop_front();
-                tracker.awaiting_pkid.push_back(Some(n));
-                tracker.sent_at.insert(n, Instant::now());
-            }
-            let room = self.settings.window.saturating_sub(tracker.sent_at.len());
-            if room == 0 {
-                return;
-            }
-            let entries = match self.store.outbox_after(tracker.cursor, room) {
-                Ok(e) => e,
-                Err(e) => {
-                    warn!(error = %e, "cannot read the outbox");
-                    return;
-                }
-            };
-            let Some((last, _)) = entries.last() else {
-                return;
-            };
-            tracker.cursor = Some(*last);
-            tracker.read.extend(entries);
+    /// Publishes outbox entries, oldest first, until the window is full
+    /// ([`Outbox::fill`]).
+    fn fill_outbox(&self, client: &AsyncClient, outbox: &mut Outbox) {
+        if let Err(e) = outbox.fill(
+            Instant::now(),
+            |after, limit| self.store.outbox_after(after, limit),
+            |entry| publish_entry(client, entry),
+        ) {
+            warn!(error = %e, "cannot read the outbox");
         }
     }
 
-    /// Publishes again what the broker has not PUBACKed in time (a request
-    /// lost in the client, or a broker that dropped it).
-    fn resend_overdue(&self, client: &AsyncClient, tracker: &mut OutboxTracker) {
-        let now = Instant::now();
-        let overdue: Vec<u64> = tracker
-            .sent_at
-            .iter()
-            .filter(|(_, at)| now.duration_since(**at) >= self.settings.publish_timeout)
-            .map(|(n, _)| *n)
-            .collect();
-        for n in overdue {
-            let entry = match self.store.outbox_after(n.checked_sub(1), 1) {
-                Ok(mut e) if e.first().is_some_and(|(m, _)| *m == n) => e.remove(0).1,
-                _ => {
-                    tracker.sent_at.remove(&n);
-                    continue;
-                }
-            };
-            if client
-                .try_publish(entry.topic, QoS::AtLeastOnce, false, entry.payload)
-                .is_err()
-            {
-                return;
-            }
+    /// Publishes again what the broker has not PUBACKed in time
+    /// ([`Outbox::resend_overdue`]).
+    fn resend_overdue(&self, client: &AsyncClient, outbox: &mut Outbox) {
+        let resent = outbox.resend_overdue(
+            Instant::now(),
+            |after, limit| self.store.outbox_after(after, limit),
+            |entry| publish_entry(client, entry),
+        );
+        for n in resent {
             Counters::bump(&self.counters.outbox_resent);
             debug!(outbox = n, "no PUBACK in time; published again");
-            tracker.awaiting_pkid.push_back(Some(n));
-            tracker.sent_at.insert(n, now);
         }
     }
+}
+
+/// Hands an outbox entry to rumqttc (QoS 1); false if its request channel
+/// is full.
+fn publish_entry(client: &AsyncClient, entry: &OutboxEntry) -> bool {
+    let queued = client.try_publish(
+        entry.topic.clone(),
+        QoS::AtLeastOnce,
+        false,
+        entry.payload.clone(),
+    );
+    if let Err(e) = &queued {
+        debug!(error = %e, "outbox publish not queued; retried after the next event-loop turn");
+    }
+    queued.is_ok()
+}
+
+/// Writes PUBACKs for `pkids` straight into rumqttc's connection, all
+/// before one flush; returns how many were written. Through rumqttc's
+/// request channel they went out one per event-loop turn, and its loop
+/// hands out up to ten buffered incoming messages before it looks at a
+/// request: under a burst the PUBACKs fell behind, the broker's window
+/// stayed full and ingest sat at ~10 600 tasks/s with the agent half idle
+/// (docs/BENCHMARKS.md). This uses the event loop's public `state` (which
+/// turns the request into the packet, as rumqttc's own loop does) and
+/// `network` (rumqttc internals, pinned by the tests below). A PUBACK needs
+/// no packet id or flow control of its own.
+async fn write_pubacks(eventloop: &mut EventLoop, pkids: &[u16]) -> Result<usize, StateError> {
+    let network = eventloop
+        .network
+        .as_mut()
+        .ok_or(StateError::ConnectionAborted)?;
+    let mut written = 0;
+    for &pkid in pkids {
+        let request = Request::PubAck(PubAck::new(pkid));
+        let packet = match eventloop.state.handle_outgoing_packet(request) {
+            Ok(Some(packet)) => packet,
+            Ok(None) => continue,
+            Err(e) => {
+                debug!(error = %e, pkid, "PUBACK not written");
+                continue;
+            }
+        };
+        // rumqttc notes an `Outgoing::PubAck` event for its user; this link
+        // does not read those, so it does not let them pile up.
+        if matches!(
+            eventloop.state.events.back(),
+            Some(Event::Outgoing(Outgoing::PubAck(_)))
+        ) {
+            eventloop.state.events.pop_back();
+        }
+        network.write(packet).await?;
+        written += 1;
+    }
+    if written > 0 {
+        network.flush().await?;
+    }
+    Ok(written)
 }
