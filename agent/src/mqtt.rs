@@ -544,3 +544,349 @@ async fn write_pubacks(eventloop: &mut EventLoop, pkids: &[u16]) -> Result<usize
     }
     Ok(written)
 }
+
+/// Pins the rumqttc behaviour listed at the top of this file against a
+/// fake broker that speaks raw MQTT 3.1.1 bytes on an abstract Unix
+/// socket, the way `broker_io` serves rumqttc. Each test fails if an
+/// upgrade changes what the link relies on.
+#[cfg(test)]
+mod rumqttc_pins {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{UnixListener, UnixStream};
+
+    use super::*;
+
+    /// Guards every wait: a changed rumqttc must fail the test, not hang it.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    struct FakeBroker {
+        listener: UnixListener,
+        name: String,
+    }
+
+    impl FakeBroker {
+        fn new() -> FakeBroker {
+            let name = format!(
+                "\0esl-agent-pin-{}-{}",
+                std::process::id(),
+                hex::encode(rand::random::<[u8; 8]>())
+            );
+            let listener = UnixListener::bind(&name).unwrap();
+            FakeBroker { listener, name }
+        }
+
+        /// The link's options that matter here: the Unix transport with an
+        /// abstract name as host, manual acks, no keepalive pings.
+        fn options(&self, inflight: u16) -> MqttOptions {
+            let mut o = MqttOptions::new("pin", self.name.clone(), 0);
+            o.set_transport(Transport::Unix);
+            o.set_manual_acks(true);
+            o.set_keep_alive(Duration::ZERO);
+            o.set_clean_session(false);
+            o.set_inflight(inflight);
+            o.set_pending_throttle(Duration::ZERO);
+            o
+        }
+
+        /// Serves one connection attempt while `eventloop` makes it:
+        /// returns the CONNECT's body and the socket, after answering with
+        /// CONNACK followed by `then` (in the same write).
+        async fn connect(
+            &self,
+            eventloop: &mut EventLoop,
+            session_present: bool,
+            then: &[u8],
+        ) -> (UnixStream, Vec<u8>) {
+            let broker = async {
+                let (mut s, _) = self.listener.accept().await.unwrap();
+                let (kind, connect) = read_packet(&mut s).await;
+                assert_eq!(kind, 0x10, "CONNECT");
+                let mut reply = vec![0x20, 2, u8::from(session_present), 0];
+                reply.extend_from_slice(then);
+                s.write_all(&reply).await.unwrap();
+                (s, connect)
+            };
+            let (served, event) = tokio::join!(broker, next(eventloop));
+            assert!(
+                matches!(event, Event::Incoming(Packet::ConnAck(_))),
+                "{event:?}"
+            );
+            served
+        }
+    }
+
+    async fn next(eventloop: &mut EventLoop) -> Event {
+        tokio::time::timeout(WAIT, eventloop.poll())
+            .await
+            .expect("an event")
+            .expect("no connection error")
+    }
+
+    async fn next_error(eventloop: &mut EventLoop) -> ConnectionError {
+        match tokio::time::timeout(WAIT, eventloop.poll()).await {
+            Ok(Err(e)) => e,
+            other => panic!("expected a connection error, got {other:?}"),
+        }
+    }
+
+    /// Reads one MQTT packet: its first byte and its body.
+    async fn read_packet(s: &mut UnixStream) -> (u8, Vec<u8>) {
+        tokio::time::timeout(WAIT, async {
+            let kind = s.read_u8().await.unwrap();
+            let (mut len, mut shift) = (0usize, 0);
+            loop {
+                let b = s.read_u8().await.unwrap();
+                len |= usize::from(b & 0x7f) << shift;
+                shift += 7;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            s.read_exact(&mut body).await.unwrap();
+            (kind, body)
+        })
+        .await
+        .expect("a packet from rumqttc")
+    }
+
+    /// A PUBLISH from rumqttc: (packet id, payload).
+    async fn read_publish(s: &mut UnixStream) -> (u16, Vec<u8>) {
+        let (kind, body) = read_packet(s).await;
+        assert_eq!(kind & 0xf0, 0x30, "PUBLISH, got {kind:#x}");
+        assert_eq!(kind & 0x06, 0x02, "QoS 1");
+        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let at = 2 + topic_len;
+        let pkid = u16::from_be_bytes([body[at], body[at + 1]]);
+        (pkid, body[at + 2..].to_vec())
+    }
+
+    fn publish_qos1(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+        let len = 2 + topic.len() + 2 + payload.len();
+        assert!(len < 128, "one length byte");
+        let mut p = vec![0x32, len as u8];
+        p.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        p.extend_from_slice(topic.as_bytes());
+        p.extend_from_slice(&pkid.to_be_bytes());
+        p.extend_from_slice(payload);
+        p
+    }
+
+    fn puback(pkid: u16) -> Vec<u8> {
+        let [hi, lo] = pkid.to_be_bytes();
+        vec![0x40, 2, hi, lo]
+    }
+
+    /// The user name in a CONNECT body (MQTT 3.1.1 §3.1.3).
+    fn connect_username(body: &[u8]) -> Option<String> {
+        let flags = body[7];
+        let field = |at: usize| {
+            let len = usize::from(u16::from_be_bytes([body[at], body[at + 1]]));
+            (body[at + 2..at + 2 + len].to_vec(), at + 2 + len)
+        };
+        let (_client_id, mut at) = field(10);
+        if flags & 0x04 != 0 {
+            at = field(field(at).1).1;
+        }
+        (flags & 0x80 != 0).then(|| String::from_utf8(field(at).0).unwrap())
+    }
+
+    fn publish_events(events: &[Event]) -> Vec<u16> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Outgoing(Outgoing::Publish(pkid)) => Some(*pkid),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn publish(client: &AsyncClient, payload: &str) {
+        client
+            .try_publish("acks", QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+            .unwrap();
+    }
+
+    /// Pin 1: every QoS 1 publish request becomes one
+    /// `Outgoing::Publish(pkid)` event, in request order, with the packet id
+    /// the PUBLISH carries; ids count up from 1 and wrap at `inflight`, and
+    /// one still unacknowledged is not reused: the request waits
+    /// (`AwaitAck`), holds back later ones, and goes out once PUBACKed.
+    #[tokio::test]
+    async fn outgoing_publish_events_follow_request_order_and_ids_are_not_reused_in_flight() {
+        let broker = FakeBroker::new();
+        let (client, mut eventloop) = AsyncClient::new(broker.options(4), 16);
+        let (mut s, _) = broker.connect(&mut eventloop, false, &[]).await;
+
+        for p in ["a", "b", "c"] {
+            publish(&client, p);
+        }
+        let mut events = Vec::new();
+        for _ in 0..3 {
+            events.push(next(&mut eventloop).await);
+        }
+        assert_eq!(publish_events(&events), [1, 2, 3]);
+        for (pkid, payload) in [(1, "a"), (2, "b"), (3, "c")] {
+            assert_eq!(read_publish(&mut s).await, (pkid, payload.into()));
+        }
+
+        // 1 stays unacknowledged; d takes 4, the last id, and e would
+        // take 1 again.
+        s.write_all(&[puback(2), puback(3)].concat()).await.unwrap();
+        for pkid in [2, 3] {
+            let event = next(&mut eventloop).await;
+            assert_eq!(event, Event::Incoming(Packet::PubAck(PubAck::new(pkid))));
+        }
+        for p in ["d", "e", "f"] {
+            publish(&client, p);
+        }
+        let mut events = vec![next(&mut eventloop).await, next(&mut eventloop).await];
+        assert_eq!(events[1], Event::Outgoing(Outgoing::AwaitAck(1)));
+        assert_eq!(read_publish(&mut s).await, (4, "d".into()));
+        s.write_all(&puback(1)).await.unwrap();
+        for _ in 0..3 {
+            events.push(next(&mut eventloop).await);
+        }
+        assert_eq!(
+            events[2],
+            Event::Incoming(Packet::PubAck(PubAck::new(1))),
+            "{events:?}"
+        );
+        assert_eq!(publish_events(&events), [4, 1, 2], "d, e, f");
+        assert_eq!(read_publish(&mut s).await, (1, "e".into()));
+        assert_eq!(read_publish(&mut s).await, (2, "f".into()));
+    }
+
+    /// Pin 2: with manual acks rumqttc does not PUBACK an incoming QoS 1
+    /// message by itself. Pin 3: `state.handle_outgoing_packet` turns a
+    /// PUBACK request into the packet and notes one `Outgoing::PubAck`
+    /// event at the back of `state.events`, and `network` (public while
+    /// connected) writes it straight away: what `write_pubacks` uses.
+    #[tokio::test]
+    async fn manual_acks_leave_pubacks_to_us_and_write_pubacks_sends_them_directly() {
+        let broker = FakeBroker::new();
+        let (client, mut eventloop) = AsyncClient::new(broker.options(4), 16);
+        let incoming = [
+            publish_qos1("tasks", 7, b"t1"),
+            publish_qos1("tasks", 8, b"t2"),
+        ]
+        .concat();
+        let (mut s, _) = broker.connect(&mut eventloop, false, &incoming).await;
+        for pkid in [7, 8] {
+            match next(&mut eventloop).await {
+                Event::Incoming(Packet::Publish(p)) => assert_eq!(p.pkid, pkid),
+                other => panic!("{other:?}"),
+            }
+        }
+        // A SUBSCRIBE as a fence: a PUBACK of rumqttc's own would come
+        // before it.
+        client.try_subscribe("x", QoS::AtLeastOnce).unwrap();
+        assert!(matches!(
+            next(&mut eventloop).await,
+            Event::Outgoing(Outgoing::Subscribe(_))
+        ));
+        assert_eq!(read_packet(&mut s).await.0, 0x82, "SUBSCRIBE, no PUBACK");
+
+        assert!(eventloop.state.events.is_empty());
+        let written = tokio::time::timeout(WAIT, write_pubacks(&mut eventloop, &[8, 7]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(written, 2);
+        assert_eq!(read_packet(&mut s).await, (0x40, vec![0, 8]));
+        assert_eq!(read_packet(&mut s).await, (0x40, vec![0, 7]));
+        assert!(
+            eventloop.state.events.is_empty(),
+            "the Outgoing::PubAck events were noted at the back and taken off: {:?}",
+            eventloop.state.events
+        );
+    }
+
+    /// Pin 4: events read on a connection that then fails stay in
+    /// `state.events` (rumqttc's `clean` keeps them), and after the next
+    /// CONNACK the event loop hands them out as if they came on the new
+    /// connection: why the link clears `state.events` at every CONNACK.
+    #[tokio::test]
+    async fn events_of_a_failed_connection_are_handed_out_after_the_next_connack() {
+        let broker = FakeBroker::new();
+        let (_client, mut eventloop) = AsyncClient::new(broker.options(4), 16);
+        // A message, then a PUBACK for nothing we sent, which fails the
+        // connection in the same read.
+        let then = [publish_qos1("tasks", 1, b"old"), puback(99)].concat();
+        let (_s, _) = broker.connect(&mut eventloop, false, &then).await;
+        let e = next_error(&mut eventloop).await;
+        assert!(
+            matches!(e, ConnectionError::MqttState(StateError::Unsolicited(99))),
+            "{e:?}"
+        );
+        assert!(
+            eventloop
+                .state
+                .events
+                .iter()
+                .any(|e| matches!(e, Event::Incoming(Packet::Publish(p)) if p.payload == "old")),
+            "kept: {:?}",
+            eventloop.state.events
+        );
+        let (_s, _) = broker.connect(&mut eventloop, false, &[]).await;
+        match next(&mut eventloop).await {
+            Event::Incoming(Packet::Publish(p)) => assert_eq!(p.payload, "old"),
+            other => panic!("the old connection's message, got {other:?}"),
+        }
+    }
+
+    /// Pin 5: a publish without PUBACK when the connection fails moves to
+    /// `pending` (with its old packet id), which rumqttc sends first on the
+    /// next connection if the broker resumes the session: why the link
+    /// clears `pending` at every CONNACK and replays the outbox instead.
+    #[tokio::test]
+    async fn unacknowledged_publishes_wait_in_pending_for_a_resumed_session() {
+        let broker = FakeBroker::new();
+        let (client, mut eventloop) = AsyncClient::new(broker.options(4), 16);
+        let (mut s, _) = broker.connect(&mut eventloop, false, &[]).await;
+        publish(&client, "old");
+        assert_eq!(
+            next(&mut eventloop).await,
+            Event::Outgoing(Outgoing::Publish(1))
+        );
+        assert_eq!(read_publish(&mut s).await, (1, "old".into()));
+        drop(s);
+        next_error(&mut eventloop).await;
+        let pending = |eventloop: &EventLoop| -> Vec<(u16, Vec<u8>)> {
+            eventloop
+                .pending
+                .iter()
+                .filter_map(|r| match r {
+                    Request::Publish(p) => Some((p.pkid, p.payload.to_vec())),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(pending(&eventloop), [(1, b"old".to_vec())]);
+
+        let (mut s, _) = broker.connect(&mut eventloop, true, &[]).await;
+        assert_eq!(pending(&eventloop), [(1, b"old".to_vec())], "kept");
+        assert_eq!(
+            next(&mut eventloop).await,
+            Event::Outgoing(Outgoing::Publish(1))
+        );
+        assert_eq!(read_publish(&mut s).await, (1, "old".into()), "sent again");
+    }
+
+    /// Pin 6: credentials set on the event loop's public `mqtt_options`
+    /// are used at its next connection (`refresh_credentials`).
+    #[tokio::test]
+    async fn credentials_changed_on_the_event_loop_apply_at_the_next_connect() {
+        let broker = FakeBroker::new();
+        let mut options = broker.options(4);
+        options.set_credentials("first", "secret");
+        let (_client, mut eventloop) = AsyncClient::new(options, 16);
+        let (s, connect) = broker.connect(&mut eventloop, false, &[]).await;
+        assert_eq!(connect_username(&connect).as_deref(), Some("first"));
+        drop(s);
+        next_error(&mut eventloop).await;
+        eventloop.mqtt_options.set_credentials("second", "secret");
+        let (_s, connect) = broker.connect(&mut eventloop, false, &[]).await;
+        assert_eq!(connect_username(&connect).as_deref(), Some("second"));
+    }
+}
