@@ -491,6 +491,11 @@ mod tests {
         assert_eq!(resend(&mut outbox, &store), [0u64; 0], "timer restarted");
         outbox.on_outgoing_publish(9);
         assert_eq!(outbox.on_puback(9), Some(1));
+        assert_eq!(
+            outbox.on_puback(2),
+            None,
+            "the first publish's late PUBACK: entry 1 is delivered already"
+        );
         // Entry 2 was forgotten: the window has room for two new ones.
         let more = FakeStore::with(0..6);
         assert_eq!(fill(&mut outbox, &more, Instant::now()), [3, 4, 5]);
