@@ -6,12 +6,17 @@
 //! and commands for the engine), `link_tx` (connection state), and removes
 //! outbox entries from the store once the broker PUBACKed them.
 //!
+//! What to publish, which PUBACK delivered which outbox entry and which
+//! released PUBACKs may be written is decided by `outbox::Outbox`, a state
+//! machine without I/O (unit-tested there); `Link` reads the store, drives
+//! rumqttc and feeds its events in.
+//!
 //! Invariants:
 //! - Incoming QoS 1 messages are PUBACKed only when the engine says so, and
 //!   only on the connection they arrived on (`AckToken::epoch`): a packet id
 //!   from an earlier connection means something else on the new one. The
 //!   PUBACKs of a released batch are written into the connection directly
-//!   with one flush (`Link::write_pubacks`): rumqttc's request channel
+//!   with one flush (`write_pubacks`): rumqttc's request channel
 //!   would send them one per event-loop turn, behind the incoming burst.
 //! - The outbox in the store is the only source of acks and replies. After
 //!   every CONNACK the link drops whatever rumqttc kept from the previous
@@ -33,6 +38,41 @@
 //!   the size limit by a stand-in (`oversize`): such a message is read and
 //!   discarded without holding it, PUBACKed, and handed to the engine as
 //!   oversized, so it neither drops the connection nor comes back forever.
+//!
+//! rumqttc behaviour this relies on that its documentation does not promise
+//! (0.25), each pinned by a test in `rumqttc_pins` that drives a real
+//! `EventLoop` against a fake broker speaking raw MQTT bytes:
+//! 1. Every QoS 1 publish request yields one `Outgoing::Publish(pkid)`
+//!    event, in request order, with the id the PUBLISH carries; ids count up
+//!    from 1 and wrap at `inflight`, and an id still unacknowledged is not
+//!    reused: the request waits (`Outgoing::AwaitAck`), holds back later
+//!    ones, and goes out when PUBACKed. The outbox's pkid mapping rests on
+//!    this. Pin: `outgoing_publish_events_follow_request_order_and_ids_are_not_reused_in_flight`.
+//! 2. With `set_manual_acks(true)` rumqttc writes no PUBACK for an incoming
+//!    QoS 1 message by itself. Pin: `manual_acks_leave_pubacks_to_us_and_write_pubacks_sends_them_directly`.
+//! 3. `EventLoop::state.handle_outgoing_packet(Request::PubAck)` returns the
+//!    packet and pushes one `Outgoing::PubAck` event at the back of
+//!    `state.events`; `EventLoop::network` (public field, type not exported)
+//!    is `Some` while connected and its `write`/`flush` put packets on the
+//!    wire at once. `write_pubacks` uses both. Pin: the same test.
+//! 4. `EventLoop::state.events` keeps events read on a connection that then
+//!    failed (`EventLoop::clean` does not clear it), and the next `poll`
+//!    after the new CONNACK hands them out: the link clears it at every
+//!    CONNACK. Pin: `events_of_a_failed_connection_are_handed_out_after_the_next_connack`.
+//! 5. `EventLoop::pending` receives the unacknowledged publishes (with their
+//!    old ids) when a connection fails, and rumqttc sends them first if the
+//!    broker resumes the session: the link clears it at every CONNACK and
+//!    replays the outbox instead. Pin: `unacknowledged_publishes_wait_in_pending_for_a_resumed_session`.
+//! 6. Credentials set on `EventLoop::mqtt_options` are used at the next
+//!    connection (`Link::refresh_credentials`). Pin:
+//!    `credentials_changed_on_the_event_loop_apply_at_the_next_connect`.
+//! 7. With `Transport::Unix` rumqttc connects to the options' host as a
+//!    socket path, and a name with a leading NUL reaches an abstract socket
+//!    (`broker_io`); no TLS or WebSocket of rumqttc's is involved. Pin: every
+//!    test above connects that way.
+//!
+//! Not pinned, bounded instead: the `Outgoing::Disconnect` event the
+//! shutdown waits for (at most 500 ms).
 
 mod outbox;
 
