@@ -4,7 +4,7 @@
 //! engine released may be written. It decides; `Link` (`mqtt.rs`) does the
 //! I/O: it reads the store, calls rumqttc and feeds rumqttc's events back in.
 //!
-//! Outbound (acks and replies, steps 6 of ARCHITECTURE.md):
+//! Outbound (acks and replies; step 6 in ARCHITECTURE.md):
 //! - Entries are published oldest first, at most `window` without PUBACK,
 //!   and only what the store hands out (`Store::outbox_after`, which stops at
 //!   the last flushed number): this type never makes an entry up.
@@ -20,9 +20,12 @@
 //!   the window and the read position are forgotten and the outbox is read
 //!   again from its oldest entry.
 //!
-//! Inbound: a released PUBACK is written only if its token belongs to the
-//! current connection; a packet id of an earlier one names another message
-//! here, and the broker sends the old message again.
+//! Inbound (step 3): a released PUBACK is written only if its token belongs
+//! to the current connection; a packet id of an earlier one names another
+//! message here, and the broker sends the old message again.
+//!
+//! Time comes in as an argument (`now`), so the tests drive it without a
+//! clock or a socket.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
@@ -63,10 +66,10 @@ struct Connection {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Pubacks {
     /// Packet ids to PUBACK on the current connection, in release order.
-    pub send: Vec<u16>,
+    pub(crate) send: Vec<u16>,
     /// Tokens of an earlier connection (or released while disconnected):
     /// dropped, the broker sends those messages again.
-    pub stale: usize,
+    pub(crate) stale: usize,
 }
 
 impl Outbox {
