@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use async_tungstenite::tungstenite;
 use rumqttc::{ConnectionError, TlsConfiguration, Transport};
+use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -125,9 +126,11 @@ impl BrokerSocket {
     /// Binds the socket and serves rumqttc's connections until the
     /// returned guard is dropped.
     pub(crate) fn spawn(&self) -> io::Result<AbortOnDrop> {
+        let route = Route::of(&self.transport.transport)?;
         let listener = UnixListener::bind(&self.name)?;
         let opener = Opener {
-            transport: self.transport.clone(),
+            route,
+            broker_addr: self.transport.broker_addr.clone(),
             host: self.host.clone(),
             port: self.port,
             // Shorter than rumqttc's own connect time-out, so the reason
@@ -247,10 +250,40 @@ async fn run_pump(
     }
 }
 
+/// How the broker is reached: the transports `tls.rs` makes, without the
+/// rumqttc variants the link never uses (`Transport::Unix` is rumqttc's way
+/// to this module; TLS configs other than a finished rustls one).
+#[derive(Clone)]
+enum Route {
+    Tcp,
+    Tls(Arc<ClientConfig>),
+    Ws,
+    Wss(Arc<ClientConfig>),
+}
+
+impl Route {
+    /// Checked once, when the link starts, not at every connection.
+    fn of(transport: &Transport) -> io::Result<Route> {
+        Ok(match transport {
+            Transport::Tcp => Route::Tcp,
+            Transport::Tls(TlsConfiguration::Rustls(c)) => Route::Tls(c.clone()),
+            Transport::Ws => Route::Ws,
+            Transport::Wss(TlsConfiguration::Rustls(c)) => Route::Wss(c.clone()),
+            _ => {
+                return Err(io::Error::other(
+                    "tls.rs made a transport the link does not support (it takes TCP, WebSocket, and a finished rustls config)",
+                ))
+            }
+        })
+    }
+}
+
 /// Opens the broker connection for one rumqttc connection.
 #[derive(Clone)]
 struct Opener {
-    transport: LinkTransport,
+    route: Route,
+    /// Host name for TCP/TLS, the full URL for WebSocket (`tls.rs`).
+    broker_addr: String,
     host: String,
     port: u16,
     timeout: Duration,
@@ -266,32 +299,22 @@ impl Opener {
 
     async fn open_now(&self) -> Result<Box<dyn Duplex>, ConnectionError> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
-        Ok(match &self.transport.transport {
-            Transport::Tcp => Box::new(tcp),
-            Transport::Tls(tls) => Box::new(self.tls(tls, tcp).await?),
-            Transport::Ws => Box::new(self.websocket(tcp).await?),
-            Transport::Wss(tls) => {
-                let tls = self.tls(tls, tcp).await?;
+        Ok(match &self.route {
+            Route::Tcp => Box::new(tcp),
+            Route::Tls(config) => Box::new(self.tls(config, tcp).await?),
+            Route::Ws => Box::new(self.websocket(tcp).await?),
+            Route::Wss(config) => {
+                let tls = self.tls(config, tcp).await?;
                 Box::new(self.websocket(tls).await?)
-            }
-            _ => {
-                return Err(ConnectionError::Io(io::Error::other(
-                    "tls.rs made a transport the link does not support",
-                )))
             }
         })
     }
 
     async fn tls(
         &self,
-        tls: &TlsConfiguration,
+        config: &Arc<ClientConfig>,
         tcp: TcpStream,
     ) -> Result<impl Duplex, ConnectionError> {
-        let TlsConfiguration::Rustls(config) = tls else {
-            return Err(ConnectionError::Io(io::Error::other(
-                "the link takes a finished rustls config only (tls.rs)",
-            )));
-        };
         let name = rustls::pki_types::ServerName::try_from(self.host.clone()).map_err(|e| {
             ConnectionError::Io(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -309,7 +332,7 @@ impl Opener {
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         use tungstenite::client::IntoClientRequest;
-        let mut request = self.transport.broker_addr.as_str().into_client_request()?;
+        let mut request = self.broker_addr.as_str().into_client_request()?;
         request.headers_mut().insert(
             "Sec-WebSocket-Protocol",
             tungstenite::http::HeaderValue::from_static("mqtt"),
@@ -335,6 +358,28 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+
+    /// The rumqttc transports the link never uses are refused once, when it
+    /// starts, rather than at every connection attempt.
+    #[tokio::test]
+    async fn a_transport_the_link_does_not_take_is_refused_at_start() {
+        let m = MqttConfig::default();
+        let transport = |transport| LinkTransport {
+            transport,
+            broker_addr: m.host.clone(),
+            url: String::new(),
+            trust: None,
+        };
+        let unix = BrokerSocket::new(transport(Transport::Unix), &m, 65536);
+        let err = unix.spawn().err().expect("refused");
+        assert!(err.to_string().contains("does not support"), "{err}");
+        assert!(
+            UnixStream::connect(unix.rumqttc_addr()).await.is_err(),
+            "no socket bound"
+        );
+        let tcp = BrokerSocket::new(transport(Transport::Tcp), &m, 65536);
+        assert!(tcp.spawn().is_ok());
+    }
 
     /// The link socket bridges this process to the broker, and nobody else:
     /// another local process gets its connection closed at once and no

@@ -6,12 +6,17 @@
 //! and commands for the engine), `link_tx` (connection state), and removes
 //! outbox entries from the store once the broker PUBACKed them.
 //!
+//! What to publish, which PUBACK delivered which outbox entry and which
+//! released PUBACKs may be written is decided by `outbox::Outbox`, a state
+//! machine without I/O (unit-tested there); `Link` reads the store, drives
+//! rumqttc and feeds its events in.
+//!
 //! Invariants:
 //! - Incoming QoS 1 messages are PUBACKed only when the engine says so, and
 //!   only on the connection they arrived on (`AckToken::epoch`): a packet id
 //!   from an earlier connection means something else on the new one. The
 //!   PUBACKs of a released batch are written into the connection directly
-//!   with one flush (`Link::write_pubacks`): rumqttc's request channel
+//!   with one flush (`write_pubacks`): rumqttc's request channel
 //!   would send them one per event-loop turn, behind the incoming burst.
 //! - The outbox in the store is the only source of acks and replies. After
 //!   every CONNACK the link drops whatever rumqttc kept from the previous
@@ -33,19 +38,55 @@
 //!   the size limit by a stand-in (`oversize`): such a message is read and
 //!   discarded without holding it, PUBACKed, and handed to the engine as
 //!   oversized, so it neither drops the connection nor comes back forever.
+//!
+//! rumqttc behaviour this relies on that its documentation does not promise
+//! (0.25), each pinned by a test in `rumqttc_pins` that drives a real
+//! `EventLoop` against a fake broker speaking raw MQTT bytes:
+//! 1. Every QoS 1 publish request yields one `Outgoing::Publish(pkid)`
+//!    event, in request order, with the id the PUBLISH carries; ids count up
+//!    from 1 and wrap at `inflight`, and an id still unacknowledged is not
+//!    reused: the request waits (`Outgoing::AwaitAck`), holds back later
+//!    ones, and goes out when PUBACKed. The outbox's pkid mapping rests on
+//!    this. Pin: `outgoing_publish_events_follow_request_order_and_ids_are_not_reused_in_flight`.
+//! 2. With `set_manual_acks(true)` rumqttc writes no PUBACK for an incoming
+//!    QoS 1 message by itself. Pin: `manual_acks_leave_pubacks_to_us_and_write_pubacks_sends_them_directly`.
+//! 3. `EventLoop::state.handle_outgoing_packet(Request::PubAck)` returns the
+//!    packet and pushes one `Outgoing::PubAck` event at the back of
+//!    `state.events`; `EventLoop::network` (public field, type not exported)
+//!    is `Some` while connected and its `write`/`flush` put packets on the
+//!    wire at once. `write_pubacks` uses both. Pin: the same test.
+//! 4. `EventLoop::state.events` keeps events read on a connection that then
+//!    failed (`EventLoop::clean` does not clear it), and the next `poll`
+//!    after the new CONNACK hands them out: the link clears it at every
+//!    CONNACK. Pin: `events_of_a_failed_connection_are_handed_out_after_the_next_connack`.
+//! 5. `EventLoop::pending` receives the unacknowledged publishes (with their
+//!    old ids) when a connection fails, and rumqttc sends them first if the
+//!    broker resumes the session: the link clears it at every CONNACK and
+//!    replays the outbox instead. Pin: `unacknowledged_publishes_wait_in_pending_for_a_resumed_session`.
+//! 6. Credentials set on `EventLoop::mqtt_options` are used at the next
+//!    connection (`Link::refresh_credentials`). Pin:
+//!    `credentials_changed_on_the_event_loop_apply_at_the_next_connect`.
+//! 7. With `Transport::Unix` rumqttc connects to the options' host as a
+//!    socket path, and a name with a leading NUL reaches an abstract socket
+//!    (`broker_io`); no TLS or WebSocket of rumqttc's is involved. Pin: every
+//!    test above connects that way.
+//!
+//! Not pinned, bounded instead: the `Outgoing::Disconnect` event the
+//! shutdown waits for (at most 500 ms).
+
+mod outbox;
 
 pub(crate) mod broker_io;
 pub(crate) mod oversize;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions,
-    Outgoing, Packet, PubAck, Publish, QoS, Request, SubscribeFilter, SubscribeReasonCode,
-    Transport,
+    Outgoing, Packet, PubAck, Publish, QoS, Request, StateError, SubscribeFilter,
+    SubscribeReasonCode, Transport,
 };
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
@@ -59,6 +100,8 @@ pub(crate) use crate::link::broker_io::BrokerSocket;
 use crate::msg::{AckToken, Inbound, InboundKind, LinkState, Report};
 use crate::security::auth::{Credentials, Login};
 use crate::store::{OutboxEntry, Store};
+
+use outbox::Outbox;
 
 /// rumqttc's request channel: our publishes, subscriptions, and the rare
 /// PUBACK of a message on an unexpected topic (released PUBACKs are written
@@ -154,25 +197,6 @@ fn explain_error(e: &ConnectionError, host: &str) -> String {
     }
 }
 
-/// Outbox messages of the current connection.
-#[derive(Default)]
-struct OutboxTracker {
-    /// Outbox numbers of our publish requests whose packet id is not known
-    /// yet, in request order (`None` for status reports).
-    awaiting_pkid: VecDeque<Option<u64>>,
-    /// Packet id → outbox number, for published and not yet PUBACKed.
-    by_pkid: HashMap<u16, u64>,
-    /// Outbox number → when it was (last) published.
-    sent_at: BTreeMap<u64, Instant>,
-    /// Highest outbox number read from the store on this connection.
-    cursor: Option<u64>,
-    /// Read from the store but not taken by rumqttc yet (its request channel
-    /// was full): published first at the next fill, which the event loop's
-    /// next turn triggers (no PUBACK or wake may come to do it). Kept here so
-    /// a retry costs one `try_publish`, not another store read.
-    read: VecDeque<(u64, OutboxEntry)>,
-}
-
 pub(crate) struct Link {
     pub options: MqttOptions,
     /// Where the broker is, for the log (`mqtts://host:8883`).
@@ -207,8 +231,7 @@ impl Link {
         let mut network = NetworkOptions::new();
         network.set_connection_timeout(self.settings.connect_timeout.as_secs());
         eventloop.set_network_options(network);
-        let mut state = LinkState::default();
-        let mut tracker = OutboxTracker::default();
+        let mut outbox = Outbox::new(self.settings.window, self.settings.publish_timeout);
         let mut backoff = self.settings.reconnect_min;
         let mut reconnect_at: Option<Instant> = None;
         let mut stopping_until: Option<Instant> = None;
@@ -231,7 +254,7 @@ impl Link {
                 // New acks are stored (at most once per engine flush): ahead
                 // of the busy branches below, or a burst of tasks, which
                 // keeps them ready, holds the acks back until it ends.
-                _ = self.outbox_wake.notified(), if state.connected => self.fill_outbox(&client, &mut tracker),
+                _ = self.outbox_wake.notified(), if outbox.connected() => self.fill_outbox(&client, &mut outbox),
                 // Released PUBACKs go before reading more from the broker: a
                 // broker with a large in-flight window must not starve them.
                 token = self.puback_rx.recv() => match token {
@@ -243,7 +266,7 @@ impl Link {
                                 Err(_) => break,
                             }
                         }
-                        self.write_pubacks(&mut eventloop, tokens, state).await;
+                        self.write_pubacks(&mut eventloop, &outbox, tokens).await;
                     }
                     // The engine has stopped: its last PUBACKs are out.
                     None => break,
@@ -251,12 +274,12 @@ impl Link {
                 event = eventloop.poll(), if reconnect_at.is_none() => {
                     // The poll drained requests: room for acks that did not
                     // fit before.
-                    if !tracker.read.is_empty() && state.connected {
-                        self.fill_outbox(&client, &mut tracker);
+                    if outbox.has_unpublished() {
+                        self.fill_outbox(&client, &mut outbox);
                     }
                     match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        state = LinkState { connected: true, epoch: state.epoch + 1 };
+                        let state = outbox.on_connack();
                         backoff = self.settings.reconnect_min;
                         Counters::bump(&self.counters.mqtt_connects);
                         info!(epoch = state.epoch, session_present = ack.session_present, "connected to broker");
@@ -272,7 +295,6 @@ impl Link {
                         // again, and old `Outgoing::Publish` events would
                         // shift the outbox's packet-id mapping.
                         eventloop.state.events.clear();
-                        tracker = OutboxTracker::default();
                         if self.settings.p2p_subscribe {
                             let topics = [&self.identity.task_topic, &self.identity.cmd_topic]
                                 .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
@@ -281,19 +303,17 @@ impl Link {
                             }
                         }
                         self.link_tx.send_replace(state);
-                        self.fill_outbox(&client, &mut tracker);
+                        self.fill_outbox(&client, &mut outbox);
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(&client, p, state.epoch).await,
+                    Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(&client, p, outbox.link().epoch).await,
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(n) = tracker.by_pkid.remove(&ack.pkid) {
-                            if tracker.sent_at.remove(&n).is_some() {
-                                Counters::bump(&self.counters.outbox_sent);
-                                if let Err(e) = self.store.remove_outbox(n) {
-                                    warn!(error = %e, outbox = n, "cannot remove a delivered ack from the store; it will be sent again");
-                                }
+                        if let Some(n) = outbox.on_puback(ack.pkid) {
+                            Counters::bump(&self.counters.outbox_sent);
+                            if let Err(e) = self.store.remove_outbox(n) {
+                                warn!(error = %e, outbox = n, "cannot remove a delivered ack from the store; it will be sent again");
                             }
                         }
-                        self.fill_outbox(&client, &mut tracker);
+                        self.fill_outbox(&client, &mut outbox);
                     }
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
                         if ack.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
@@ -302,11 +322,7 @@ impl Link {
                             info!("subscribed to the task and command topics");
                         }
                     }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(Some(n)) = tracker.awaiting_pkid.pop_front() {
-                            tracker.by_pkid.insert(pkid, n);
-                        }
-                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => outbox.on_outgoing_publish(pkid),
                     Ok(_) => {}
                     Err(e) => {
                         Counters::bump(&self.counters.mqtt_errors);
@@ -314,10 +330,9 @@ impl Link {
                         // connection could not be opened: say why.
                         let e = self.broker.take_error().unwrap_or(e);
                         let reason = explain_error(&e, &self.settings.host);
-                        if state.connected {
+                        if outbox.on_connection_lost() {
                             warn!(error = %reason, "connection to broker lost");
-                            state.connected = false;
-                            self.link_tx.send_replace(state);
+                            self.link_tx.send_replace(outbox.link());
                         } else {
                             warn!(error = %reason, retry_in_ms = backoff.as_millis() as u64, "cannot connect to broker");
                         }
@@ -332,21 +347,21 @@ impl Link {
                         backoff = (backoff * 2).min(self.settings.reconnect_max);
                     }
                 }},
-                Some(report) = self.report_rx.recv(), if state.connected => {
+                Some(report) = self.report_rx.recv(), if outbox.connected() => {
                     match client.try_publish(report.topic, QoS::AtLeastOnce, false, report.payload) {
-                        Ok(()) => tracker.awaiting_pkid.push_back(None),
+                        Ok(()) => outbox.report_published(),
                         Err(e) => debug!(error = %e, "status report not queued"),
                     }
                 }
-                _ = resend.tick(), if state.connected => {
-                    self.resend_overdue(&client, &mut tracker);
+                _ = resend.tick(), if outbox.connected() => {
+                    self.resend_overdue(&client, &mut outbox);
                     // Backstop: acks stored without a wake reaching the fill
                     // (none is known) wait at most one tick.
-                    self.fill_outbox(&client, &mut tracker);
+                    self.fill_outbox(&client, &mut outbox);
                 }
             }
         }
-        if state.connected {
+        if outbox.connected() {
             // Best effort: a DISCONNECT lets the broker drop the session at
             // once instead of waiting for the keepalive.
             if client.try_disconnect().is_ok() {
@@ -366,7 +381,7 @@ impl Link {
         }
         self.link_tx.send_replace(LinkState {
             connected: false,
-            epoch: state.epoch,
+            epoch: outbox.link().epoch,
         });
         info!("link stopped");
     }
@@ -433,74 +448,36 @@ impl Link {
         }
     }
 
-    /// Writes released PUBACKs straight into the connection, all of a batch
-    /// before one flush. Through rumqttc's request channel they went out one
-    /// per event-loop turn, and its loop hands out up to ten buffered
-    /// incoming messages before it looks at a request: under a burst the
-    /// PUBACKs fell behind, the broker's window stayed full and ingest sat
-    /// at ~10 600 tasks/s with the agent half idle (docs/BENCHMARKS.md).
-    /// This uses the event loop's public `state` (which turns the request
-    /// into the packet, as rumqttc's own loop does) and `network`. A PUBACK
-    /// needs no packet id or flow control of its own. Tokens of an earlier
-    /// connection are dropped: that connection's packet ids mean nothing on
+    /// Writes the released PUBACKs of the current connection straight into
+    /// it ([`write_pubacks`]). Tokens of an earlier connection are dropped
+    /// ([`Outbox::pubacks`]): that connection's packet ids mean nothing on
     /// this one, and the broker sends the message again.
     async fn write_pubacks(
         &self,
         eventloop: &mut EventLoop,
+        outbox: &Outbox,
         tokens: Vec<AckToken>,
-        state: LinkState,
     ) {
-        let Some(network) = eventloop.network.as_mut().filter(|_| state.connected) else {
+        let batch = outbox.pubacks(tokens);
+        if batch.stale > 0 {
             debug!(
-                count = tokens.len(),
-                "PUBACKs for a closed connection dropped; the broker sends those messages again"
+                count = batch.stale,
+                "PUBACKs for an earlier or closed connection dropped; the broker sends those messages again"
             );
+        }
+        if batch.send.is_empty() {
             return;
-        };
-        let write = async {
-            let mut written = 0;
-            for token in tokens {
-                if token.pkid == 0 {
-                    // QoS 0: nothing to acknowledge.
-                    continue;
-                }
-                if token.epoch != state.epoch {
-                    debug!(
-                        pkid = token.pkid,
-                        "PUBACK for an earlier connection dropped; the broker sends the message again"
-                    );
-                    continue;
-                }
-                let request = Request::PubAck(PubAck::new(token.pkid));
-                let packet = match eventloop.state.handle_outgoing_packet(request) {
-                    Ok(Some(packet)) => packet,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        debug!(error = %e, pkid = token.pkid, "PUBACK not written");
-                        continue;
-                    }
-                };
-                // rumqttc notes an `Outgoing::PubAck` event for its user; this
-                // link does not read those, so it does not let them pile up.
-                if matches!(
-                    eventloop.state.events.back(),
-                    Some(Event::Outgoing(Outgoing::PubAck(_)))
-                ) {
-                    eventloop.state.events.pop_back();
-                }
-                network.write(packet).await?;
-                written += 1;
-            }
-            if written > 0 {
-                network.flush().await?;
-            }
-            Ok::<_, rumqttc::StateError>(written)
-        };
+        }
         // A peer that stops reading must not freeze the link (shutdown,
         // keepalive): what did not go stays in the buffer for rumqttc's next
         // flush, or the connection fails and the broker sends the messages
         // again.
-        match tokio::time::timeout(self.settings.connect_timeout, write).await {
+        match tokio::time::timeout(
+            self.settings.connect_timeout,
+            write_pubacks(eventloop, &batch.send),
+        )
+        .await
+        {
             Ok(Ok(written)) => {
                 for _ in 0..written {
                     Counters::bump(&self.counters.mqtt_pubacks);
@@ -511,71 +488,433 @@ impl Link {
         }
     }
 
-    /// Publishes outbox entries, oldest first, until the window is full.
-    fn fill_outbox(&self, client: &AsyncClient, tracker: &mut OutboxTracker) {
-        loop {
-            while let Some((n, entry)) = tracker.read.front() {
-                if let Err(e) = client.try_publish(
-                    entry.topic.clone(),
-                    QoS::AtLeastOnce,
-                    false,
-                    entry.payload.clone(),
-                ) {
-                    debug!(error = %e, "outbox publish not queued; retried after the next event-loop turn");
-                    return;
-                }
-                let n = *n;
-                tracker.read.pop_front();
-                tracker.awaiting_pkid.push_back(Some(n));
-                tracker.sent_at.insert(n, Instant::now());
-            }
-            let room = self.settings.window.saturating_sub(tracker.sent_at.len());
-            if room == 0 {
-                return;
-            }
-            let entries = match self.store.outbox_after(tracker.cursor, room) {
-                Ok(e) => e,
-                Err(e) => {
-                    warn!(error = %e, "cannot read the outbox");
-                    return;
-                }
-            };
-            let Some((last, _)) = entries.last() else {
-                return;
-            };
-            tracker.cursor = Some(*last);
-            tracker.read.extend(entries);
+    /// Publishes outbox entries, oldest first, until the window is full
+    /// ([`Outbox::fill`]).
+    fn fill_outbox(&self, client: &AsyncClient, outbox: &mut Outbox) {
+        if let Err(e) = outbox.fill(
+            Instant::now(),
+            |after, limit| self.store.outbox_after(after, limit),
+            |entry| publish_entry(client, entry),
+        ) {
+            warn!(error = %e, "cannot read the outbox");
         }
     }
 
-    /// Publishes again what the broker has not PUBACKed in time (a request
-    /// lost in the client, or a broker that dropped it).
-    fn resend_overdue(&self, client: &AsyncClient, tracker: &mut OutboxTracker) {
-        let now = Instant::now();
-        let overdue: Vec<u64> = tracker
-            .sent_at
-            .iter()
-            .filter(|(_, at)| now.duration_since(**at) >= self.settings.publish_timeout)
-            .map(|(n, _)| *n)
-            .collect();
-        for n in overdue {
-            let entry = match self.store.outbox_after(n.checked_sub(1), 1) {
-                Ok(mut e) if e.first().is_some_and(|(m, _)| *m == n) => e.remove(0).1,
-                _ => {
-                    tracker.sent_at.remove(&n);
-                    continue;
-                }
-            };
-            if client
-                .try_publish(entry.topic, QoS::AtLeastOnce, false, entry.payload)
-                .is_err()
-            {
-                return;
-            }
+    /// Publishes again what the broker has not PUBACKed in time
+    /// ([`Outbox::resend_overdue`]).
+    fn resend_overdue(&self, client: &AsyncClient, outbox: &mut Outbox) {
+        let resent = outbox.resend_overdue(
+            Instant::now(),
+            |after, limit| self.store.outbox_after(after, limit),
+            |entry| publish_entry(client, entry),
+        );
+        for n in resent {
             Counters::bump(&self.counters.outbox_resent);
             debug!(outbox = n, "no PUBACK in time; published again");
-            tracker.awaiting_pkid.push_back(Some(n));
-            tracker.sent_at.insert(n, now);
         }
+    }
+}
+
+/// Hands an outbox entry to rumqttc (QoS 1); false if its request channel
+/// is full.
+fn publish_entry(client: &AsyncClient, entry: &OutboxEntry) -> bool {
+    let queued = client.try_publish(
+        entry.topic.clone(),
+        QoS::AtLeastOnce,
+        false,
+        entry.payload.clone(),
+    );
+    if let Err(e) = &queued {
+        debug!(error = %e, "outbox publish not queued; retried after the next event-loop turn");
+    }
+    queued.is_ok()
+}
+
+/// Writes PUBACKs for `pkids` straight into rumqttc's connection, all
+/// before one flush; returns how many were written. Through rumqttc's
+/// request channel they went out one per event-loop turn, and its loop
+/// hands out up to ten buffered incoming messages before it looks at a
+/// request: under a burst the PUBACKs fell behind, the broker's window
+/// stayed full and ingest sat at ~10 600 tasks/s with the agent half idle
+/// (docs/BENCHMARKS.md). This uses the event loop's public `state` (which
+/// turns the request into the packet, as rumqttc's own loop does) and
+/// `network` (rumqttc internals, pinned by the tests below). A PUBACK needs
+/// no packet id or flow control of its own.
+async fn write_pubacks(eventloop: &mut EventLoop, pkids: &[u16]) -> Result<usize, StateError> {
+    let network = eventloop
+        .network
+        .as_mut()
+        .ok_or(StateError::ConnectionAborted)?;
+    let mut written = 0;
+    for &pkid in pkids {
+        let request = Request::PubAck(PubAck::new(pkid));
+        let packet = match eventloop.state.handle_outgoing_packet(request) {
+            Ok(Some(packet)) => packet,
+            Ok(None) => continue,
+            Err(e) => {
+                debug!(error = %e, pkid, "PUBACK not written");
+                continue;
+            }
+        };
+        // rumqttc notes an `Outgoing::PubAck` event for its user; this link
+        // does not read those, so it does not let them pile up.
+        if matches!(
+            eventloop.state.events.back(),
+            Some(Event::Outgoing(Outgoing::PubAck(_)))
+        ) {
+            eventloop.state.events.pop_back();
+        }
+        network.write(packet).await?;
+        written += 1;
+    }
+    if written > 0 {
+        network.flush().await?;
+    }
+    Ok(written)
+}
+
+/// Pins the rumqttc behaviour listed at the top of this file against a
+/// fake broker that speaks raw MQTT 3.1.1 bytes on an abstract Unix
+/// socket, the way `broker_io` serves rumqttc. Each test fails if an
+/// upgrade changes what the link relies on.
+#[cfg(test)]
+mod rumqttc_pins {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{UnixListener, UnixStream};
+
+    use super::*;
+
+    /// Guards every wait: a changed rumqttc must fail the test, not hang it.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    struct FakeBroker {
+        listener: UnixListener,
+        name: String,
+    }
+
+    impl FakeBroker {
+        fn new() -> FakeBroker {
+            let name = format!(
+                "\0esl-agent-pin-{}-{}",
+                std::process::id(),
+                hex::encode(rand::random::<[u8; 8]>())
+            );
+            let listener = UnixListener::bind(&name).unwrap();
+            FakeBroker { listener, name }
+        }
+
+        /// The link's options that matter here: the Unix transport with an
+        /// abstract name as host, manual acks, no keepalive pings.
+        fn options(&self, inflight: u16) -> MqttOptions {
+            let mut o = MqttOptions::new("pin", self.name.clone(), 0);
+            o.set_transport(Transport::Unix);
+            o.set_manual_acks(true);
+            o.set_keep_alive(Duration::ZERO);
+            o.set_clean_session(false);
+            o.set_inflight(inflight);
+            o.set_pending_throttle(Duration::ZERO);
+            o
+        }
+
+        /// Serves one connection attempt while `eventloop` makes it:
+        /// returns the CONNECT's body and the socket, after answering with
+        /// CONNACK followed by `then` (in the same write).
+        async fn connect(
+            &self,
+            eventloop: &mut EventLoop,
+            session_present: bool,
+            then: &[u8],
+        ) -> (UnixStream, Vec<u8>) {
+            let broker = async {
+                let (mut s, _) = self.listener.accept().await.unwrap();
+                let (kind, connect) = read_packet(&mut s).await;
+                assert_eq!(kind, 0x10, "CONNECT");
+                let mut reply = vec![0x20, 2, u8::from(session_present), 0];
+                reply.extend_from_slice(then);
+                s.write_all(&reply).await.unwrap();
+                (s, connect)
+            };
+            let (served, event) = tokio::join!(broker, next(eventloop));
+            assert!(
+                matches!(event, Event::Incoming(Packet::ConnAck(_))),
+                "{event:?}"
+            );
+            served
+        }
+    }
+
+    async fn next(eventloop: &mut EventLoop) -> Event {
+        tokio::time::timeout(WAIT, eventloop.poll())
+            .await
+            .expect("an event")
+            .expect("no connection error")
+    }
+
+    async fn next_error(eventloop: &mut EventLoop) -> ConnectionError {
+        match tokio::time::timeout(WAIT, eventloop.poll()).await {
+            Ok(Err(e)) => e,
+            other => panic!("expected a connection error, got {other:?}"),
+        }
+    }
+
+    /// Reads one MQTT packet: its first byte and its body.
+    async fn read_packet(s: &mut UnixStream) -> (u8, Vec<u8>) {
+        tokio::time::timeout(WAIT, async {
+            let kind = s.read_u8().await.unwrap();
+            let (mut len, mut shift) = (0usize, 0);
+            loop {
+                let b = s.read_u8().await.unwrap();
+                len |= usize::from(b & 0x7f) << shift;
+                shift += 7;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            s.read_exact(&mut body).await.unwrap();
+            (kind, body)
+        })
+        .await
+        .expect("a packet from rumqttc")
+    }
+
+    /// A PUBLISH from rumqttc: (packet id, payload).
+    async fn read_publish(s: &mut UnixStream) -> (u16, Vec<u8>) {
+        let (kind, body) = read_packet(s).await;
+        assert_eq!(kind & 0xf0, 0x30, "PUBLISH, got {kind:#x}");
+        assert_eq!(kind & 0x06, 0x02, "QoS 1");
+        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let at = 2 + topic_len;
+        let pkid = u16::from_be_bytes([body[at], body[at + 1]]);
+        (pkid, body[at + 2..].to_vec())
+    }
+
+    fn publish_qos1(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+        let len = 2 + topic.len() + 2 + payload.len();
+        assert!(len < 128, "one length byte");
+        let mut p = vec![0x32, len as u8];
+        p.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        p.extend_from_slice(topic.as_bytes());
+        p.extend_from_slice(&pkid.to_be_bytes());
+        p.extend_from_slice(payload);
+        p
+    }
+
+    fn puback(pkid: u16) -> Vec<u8> {
+        let [hi, lo] = pkid.to_be_bytes();
+        vec![0x40, 2, hi, lo]
+    }
+
+    /// The user name in a CONNECT body (MQTT 3.1.1 §3.1.3).
+    fn connect_username(body: &[u8]) -> Option<String> {
+        let flags = body[7];
+        let field = |at: usize| {
+            let len = usize::from(u16::from_be_bytes([body[at], body[at + 1]]));
+            (body[at + 2..at + 2 + len].to_vec(), at + 2 + len)
+        };
+        let (_client_id, mut at) = field(10);
+        if flags & 0x04 != 0 {
+            at = field(field(at).1).1;
+        }
+        (flags & 0x80 != 0).then(|| String::from_utf8(field(at).0).unwrap())
+    }
+
+    fn publish_events(events: &[Event]) -> Vec<u16> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Outgoing(Outgoing::Publish(pkid)) => Some(*pkid),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn publish(client: &AsyncClient, payload: &str) {
+        client
+            .try_publish("acks", QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+            .unwrap();
+    }
+
+    /// Pin 1: every QoS 1 publish request becomes one
+    /// `Outgoing::Publish(pkid)` event, in request order, with the packet id
+    /// the PUBLISH carries; ids count up from 1 and wrap at `inflight`, and
+    /// one still unacknowledged is not reused: the request waits
+    /// (`AwaitAck`), holds back later ones, and goes out once PUBACKed.
+    #[tokio::test]
+    async fn outgoing_publish_events_follow_request_order_and_ids_are_not_reused_in_flight() {
+        let broker = FakeBroker::new();
+        let (client, mut eventloop) = AsyncClient::new(broker.options(4), 16);
+        let (mut s, _) = broker.connect(&mut eventloop, false, &[]).await;
+
+        for p in ["a", "b", "c"] {
+            publish(&client, p);
+        }
+        let mut events = Vec::new();
+        for _ in 0..3 {
+            events.push(next(&mut eventloop).await);
+        }
+        assert_eq!(publish_events(&events), [1, 2, 3]);
+        for (pkid, payload) in [(1, "a"), (2, "b"), (3, "c")] {
+            assert_eq!(read_publish(&mut s).await, (pkid, payload.into()));
+        }
+
+        // 1 stays unacknowledged; d takes 4, the last id, and e would
+        // take 1 again.
+        s.write_all(&[puback(2), puback(3)].concat()).await.unwrap();
+        for pkid in [2, 3] {
+            let event = next(&mut eventloop).await;
+            assert_eq!(event, Event::Incoming(Packet::PubAck(PubAck::new(pkid))));
+        }
+        for p in ["d", "e", "f"] {
+            publish(&client, p);
+        }
+        let mut events = vec![next(&mut eventloop).await, next(&mut eventloop).await];
+        assert_eq!(events[1], Event::Outgoing(Outgoing::AwaitAck(1)));
+        assert_eq!(read_publish(&mut s).await, (4, "d".into()));
+        s.write_all(&puback(1)).await.unwrap();
+        for _ in 0..3 {
+            events.push(next(&mut eventloop).await);
+        }
+        assert_eq!(
+            events[2],
+            Event::Incoming(Packet::PubAck(PubAck::new(1))),
+            "{events:?}"
+        );
+        assert_eq!(publish_events(&events), [4, 1, 2], "d, e, f");
+        assert_eq!(read_publish(&mut s).await, (1, "e".into()));
+        assert_eq!(read_publish(&mut s).await, (2, "f".into()));
+    }
+
+    /// Pin 2: with manual acks rumqttc does not PUBACK an incoming QoS 1
+    /// message by itself. Pin 3: `state.handle_outgoing_packet` turns a
+    /// PUBACK request into the packet and notes one `Outgoing::PubAck`
+    /// event at the back of `state.events`, and `network` (public while
+    /// connected) writes it straight away: what `write_pubacks` uses.
+    #[tokio::test]
+    async fn manual_acks_leave_pubacks_to_us_and_write_pubacks_sends_them_directly() {
+        let broker = FakeBroker::new();
+        let (client, mut eventloop) = AsyncClient::new(broker.options(4), 16);
+        let incoming = [
+            publish_qos1("tasks", 7, b"t1"),
+            publish_qos1("tasks", 8, b"t2"),
+        ]
+        .concat();
+        let (mut s, _) = broker.connect(&mut eventloop, false, &incoming).await;
+        for pkid in [7, 8] {
+            match next(&mut eventloop).await {
+                Event::Incoming(Packet::Publish(p)) => assert_eq!(p.pkid, pkid),
+                other => panic!("{other:?}"),
+            }
+        }
+        // A SUBSCRIBE as a fence: a PUBACK of rumqttc's own would come
+        // before it.
+        client.try_subscribe("x", QoS::AtLeastOnce).unwrap();
+        assert!(matches!(
+            next(&mut eventloop).await,
+            Event::Outgoing(Outgoing::Subscribe(_))
+        ));
+        assert_eq!(read_packet(&mut s).await.0, 0x82, "SUBSCRIBE, no PUBACK");
+
+        assert!(eventloop.state.events.is_empty());
+        let written = tokio::time::timeout(WAIT, write_pubacks(&mut eventloop, &[8, 7]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(written, 2);
+        assert_eq!(read_packet(&mut s).await, (0x40, vec![0, 8]));
+        assert_eq!(read_packet(&mut s).await, (0x40, vec![0, 7]));
+        assert!(
+            eventloop.state.events.is_empty(),
+            "the Outgoing::PubAck events were noted at the back and taken off: {:?}",
+            eventloop.state.events
+        );
+    }
+
+    /// Pin 4: events read on a connection that then fails stay in
+    /// `state.events` (rumqttc's `clean` keeps them), and after the next
+    /// CONNACK the event loop hands them out as if they came on the new
+    /// connection: why the link clears `state.events` at every CONNACK.
+    #[tokio::test]
+    async fn events_of_a_failed_connection_are_handed_out_after_the_next_connack() {
+        let broker = FakeBroker::new();
+        let (_client, mut eventloop) = AsyncClient::new(broker.options(4), 16);
+        // A message, then a PUBACK for nothing we sent, which fails the
+        // connection in the same read.
+        let then = [publish_qos1("tasks", 1, b"old"), puback(99)].concat();
+        let (_s, _) = broker.connect(&mut eventloop, false, &then).await;
+        let e = next_error(&mut eventloop).await;
+        assert!(
+            matches!(e, ConnectionError::MqttState(StateError::Unsolicited(99))),
+            "{e:?}"
+        );
+        assert!(
+            eventloop
+                .state
+                .events
+                .iter()
+                .any(|e| matches!(e, Event::Incoming(Packet::Publish(p)) if p.payload == "old")),
+            "kept: {:?}",
+            eventloop.state.events
+        );
+        let (_s, _) = broker.connect(&mut eventloop, false, &[]).await;
+        match next(&mut eventloop).await {
+            Event::Incoming(Packet::Publish(p)) => assert_eq!(p.payload, "old"),
+            other => panic!("the old connection's message, got {other:?}"),
+        }
+    }
+
+    /// Pin 5: a publish without PUBACK when the connection fails moves to
+    /// `pending` (with its old packet id), which rumqttc sends first on the
+    /// next connection if the broker resumes the session: why the link
+    /// clears `pending` at every CONNACK and replays the outbox instead.
+    #[tokio::test]
+    async fn unacknowledged_publishes_wait_in_pending_for_a_resumed_session() {
+        let broker = FakeBroker::new();
+        let (client, mut eventloop) = AsyncClient::new(broker.options(4), 16);
+        let (mut s, _) = broker.connect(&mut eventloop, false, &[]).await;
+        publish(&client, "old");
+        assert_eq!(
+            next(&mut eventloop).await,
+            Event::Outgoing(Outgoing::Publish(1))
+        );
+        assert_eq!(read_publish(&mut s).await, (1, "old".into()));
+        drop(s);
+        next_error(&mut eventloop).await;
+        let pending = |eventloop: &EventLoop| -> Vec<(u16, Vec<u8>)> {
+            eventloop
+                .pending
+                .iter()
+                .filter_map(|r| match r {
+                    Request::Publish(p) => Some((p.pkid, p.payload.to_vec())),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(pending(&eventloop), [(1, b"old".to_vec())]);
+
+        let (mut s, _) = broker.connect(&mut eventloop, true, &[]).await;
+        assert_eq!(pending(&eventloop), [(1, b"old".to_vec())], "kept");
+        assert_eq!(
+            next(&mut eventloop).await,
+            Event::Outgoing(Outgoing::Publish(1))
+        );
+        assert_eq!(read_publish(&mut s).await, (1, "old".into()), "sent again");
+    }
+
+    /// Pin 6: credentials set on the event loop's public `mqtt_options`
+    /// are used at its next connection (`refresh_credentials`).
+    #[tokio::test]
+    async fn credentials_changed_on_the_event_loop_apply_at_the_next_connect() {
+        let broker = FakeBroker::new();
+        let mut options = broker.options(4);
+        options.set_credentials("first", "secret");
+        let (_client, mut eventloop) = AsyncClient::new(options, 16);
+        let (s, connect) = broker.connect(&mut eventloop, false, &[]).await;
+        assert_eq!(connect_username(&connect).as_deref(), Some("first"));
+        drop(s);
+        next_error(&mut eventloop).await;
+        eventloop.mqtt_options.set_credentials("second", "secret");
+        let (_s, connect) = broker.connect(&mut eventloop, false, &[]).await;
+        assert_eq!(connect_username(&connect).as_deref(), Some("second"));
     }
 }
