@@ -192,10 +192,11 @@ async fn ble_tag_that_garbles_content_gets_failed_with_the_reason() {
     stack.agent.assert_running();
 }
 
-/// `tag.get` for `tag`: the reply's result (PROTOCOL §7).
-async fn tag_get(stack: &mut Stack, req_id: &str, tag: &str) -> Value {
-    let command = json!({"v": 1, "req_id": req_id, "method": "tag.get",
-        "params": {"tag_id": tag}, "reply": true, "reply_to": "GID_backend@@@be1"});
+/// Calls `method` (PROTOCOL §7) and returns the result of its successful
+/// reply.
+async fn call(stack: &mut Stack, req_id: &str, method: &str, params: Value) -> Value {
+    let command = json!({"v": 1, "req_id": req_id, "method": method, "params": params,
+        "reply": true, "reply_to": "GID_backend@@@be1"});
     stack.backend.publish_command(&command).await;
     let reply = stack
         .backend
@@ -211,7 +212,8 @@ async fn tag_get(stack: &mut Stack, req_id: &str, tag: &str) -> Value {
 async fn configured_details(stack: &mut Stack, tag: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     for attempt in 0.. {
-        let result = tag_get(stack, &format!("r-get-{attempt}"), tag).await;
+        let request = format!("r-get-{attempt}");
+        let result = call(stack, &request, "tag.get", json!({ "tag_id": tag })).await;
         if result["radio"]["configured"] == true {
             return result["radio"].clone();
         }
@@ -262,17 +264,8 @@ async fn ble_tag_information_is_shown_and_a_misfit_image_is_rejected_naming_the_
     assert_eq!(details["sensors"][0]["mesh_property"], 0x0059, "{details}");
 
     // tags.list carries the same details; status reports do not.
-    let command = json!({"v": 1, "req_id": "r-list", "method": "tags.list",
-        "params": {}, "reply": true, "reply_to": "GID_backend@@@be1"});
-    stack.backend.publish_command(&command).await;
-    let reply = stack
-        .backend
-        .expect_reply("r-list", Duration::from_secs(10))
-        .await;
-    let listed = reply["result"]["tags"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let reply = call(&mut stack, "r-list", "tags.list", json!({})).await;
+    let listed = reply["tags"].as_array().cloned().unwrap_or_default();
     let record = listed
         .iter()
         .find(|r| r["tag_id"] == tag.as_str())
