@@ -626,7 +626,8 @@ impl BleRadio {
     }
 
     /// What `tag` reported about itself (displays, image slots, sensors,
-    /// LEDs) when it was last configured; `None` before that.
+    /// LEDs) when it was last configured, by this run or (through the
+    /// store) an earlier one; `None` before that.
     pub fn tag_info(&self, tag: &str) -> Option<TagInfo> {
         lock(&self.check.profiles)
             .get(tag)
