@@ -1,9 +1,11 @@
 //! The BLE radio end to end: the real agent binary with `radio.kind = "ble"`
 //! on fake ESL tags (`[radio.ble.fake]`), real Mosquitto, the back end on
 //! rumqttc. Every task goes through the ESL Service sessions (vendor
-//! content transfer, Display Image, Update Complete) against the fake tags,
-//! which journal what they display, so `applied` is checked against what a
-//! tag shows and not only against what the agent says.
+//! content transfer or an OTS image, Display Image, Update Complete)
+//! against the fake tags, which journal what they display, so `applied` is
+//! checked against what a tag shows and not only against what the agent
+//! says. The tags' Information reaches `tag.get` and `tags.list`, and an
+//! image that cannot fit is `rejected` at intake.
 //!
 //! No Bluetooth controller is involved (there is none on these machines);
 //! docs/BLE.md lists what this does and does not cover.
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use esl_hal::ble::fake_esl::fake_address as ble_tag;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::harness::{
@@ -187,5 +189,114 @@ async fn ble_tag_that_garbles_content_gets_failed_with_the_reason() {
         "{bad} displayed garbled content: {shown:?}"
     );
     assert_eq!(shown.len(), 1, "{shown:?}");
+    stack.agent.assert_running();
+}
+
+/// Calls `method` (PROTOCOL §7) and returns the result of its successful
+/// reply.
+async fn call(stack: &mut Stack, req_id: &str, method: &str, params: Value) -> Value {
+    let command = json!({"v": 1, "req_id": req_id, "method": method, "params": params,
+        "reply": true, "reply_to": "GID_backend@@@be1"});
+    stack.backend.publish_command(&command).await;
+    let reply = stack
+        .backend
+        .expect_reply(req_id, Duration::from_secs(10))
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    reply["result"].clone()
+}
+
+/// The tag's details once the radio has configured it (its first
+/// advertisement brings a battery poll, which configures it); panics after
+/// `timeout`.
+async fn configured_details(stack: &mut Stack, tag: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    for attempt in 0.. {
+        let request = format!("r-get-{attempt}");
+        let result = call(stack, &request, "tag.get", json!({ "tag_id": tag })).await;
+        if result["radio"]["configured"] == true {
+            return result["radio"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{tag} not configured within {timeout:?}: {result}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    unreachable!("the loop returns or panics")
+}
+
+/// A task whose content is a `ble_image` of `len` bytes for display 0,
+/// image slot 1.
+fn image_task(task_id: &str, tag: &str, len: usize) -> Value {
+    use base64::Engine as _;
+    let mut t = task(task_id, tag, 1);
+    t["content"] = json!({"ble_image": {"display": 0, "image": 1,
+        "bitmap": base64::engine::general_purpose::STANDARD.encode(vec![0x0Fu8; len])}});
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ble_tag_information_is_shown_and_a_misfit_image_is_rejected_naming_the_size() {
+    let mut stack = Stack::start("ble-info", |c| {
+        c.status_interval_s = 1;
+        c.radio_toml = Some(ble_radio(&journal_path(&c.store), &[]));
+    })
+    .await;
+    let tag = ble_tag(0);
+
+    // tag.get: what the radio read while configuring the tag.
+    let details = configured_details(&mut stack, &tag, Duration::from_secs(20)).await;
+    assert_eq!(
+        details["displays"],
+        json!([{"index": 0, "width": 296, "height": 128, "type": "black_white",
+                "image_bytes": 4736}]),
+        "{details}"
+    );
+    assert_eq!(details["image_slots"], 2, "{details}");
+    assert_eq!(details["bonded"], true, "{details}");
+    assert_eq!(
+        details["content_paths"],
+        json!(["ots", "vendor"]),
+        "{details}"
+    );
+    assert!(details["esl_address"]["esl_id"].is_number(), "{details}");
+    assert_eq!(details["sensors"][0]["mesh_property"], 0x0059, "{details}");
+
+    // tags.list carries the same details; status reports do not.
+    let reply = call(&mut stack, "r-list", "tags.list", json!({})).await;
+    let listed = reply["tags"].as_array().cloned().unwrap_or_default();
+    let record = listed
+        .iter()
+        .find(|r| r["tag_id"] == tag.as_str())
+        .unwrap_or_else(|| panic!("{tag} not in tags.list: {reply}"));
+    assert_eq!(record["radio"]["displays"], details["displays"], "{record}");
+    let report = stack
+        .backend
+        .expect_status("periodic", Duration::from_secs(10))
+        .await;
+    let tags = report["tags"].as_array().cloned().unwrap_or_default();
+    assert!(!tags.is_empty(), "{report}");
+    assert!(tags.iter().all(|r| r.get("radio").is_none()), "{report}");
+
+    // An image of the wrong size is rejected at once, naming the size the
+    // display takes; one of the right size is applied over OTS.
+    let tasks = vec![
+        image_task("t-img-small", &tag, 10),
+        image_task("t-img-fits", &tag, 4736),
+    ];
+    let acks = stack.settle(&tasks, Duration::from_secs(30)).await;
+    let rejected = acks.final_ack("t-img-small");
+    assert_eq!(rejected.status(), AckStatus::Rejected, "{}", rejected.json);
+    assert_eq!(
+        rejected.detail(),
+        Some(
+            "content.ble_image.bitmap is 10 bytes; display 0 (296x128, BlackWhite) takes \
+             4736 bytes"
+        ),
+        "{}",
+        rejected.json
+    );
+    assert_eq!(acks.status("t-img-fits"), AckStatus::Applied);
     stack.agent.assert_running();
 }

@@ -54,7 +54,7 @@ pub enum ContentError {
     Hash(String),
     #[error("unknown transfer state {0}")]
     State(u8),
-    #[error("BLE image content: {0}")]
+    #[error("content.ble_image: {0}")]
     Image(String),
 }
 
@@ -64,6 +64,8 @@ pub enum ContentError {
 /// exactly Display Information width × height × bits per pixel (rounded up
 /// to a byte); other keys of the content are ignored.
 pub const IMAGE_KEY: &str = "ble_image";
+/// [`IMAGE_KEY`] as a task's field, as error details name it.
+pub const IMAGE_FIELD: &str = "content.ble_image";
 
 /// An image to store in an ESL's image slot through OTS.
 #[derive(Debug, Clone, PartialEq, Eq)]

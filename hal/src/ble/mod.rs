@@ -45,7 +45,12 @@
 //! session, a tag that showed it lost its configuration or bond, or one
 //! whose last session is older than `reconfigure_after_s`), keeps each
 //! tag's Response Key material and Information, and exposes the latter
-//! through [`BleRadio::tag_info`].
+//! through [`BleRadio::tag_info`]. It describes each tag to the agent
+//! ([`RadioEvent::Tag`]: ESL address, bond, configured, Information,
+//! content paths; docs/BLE.md "Tag details") at start for the tags the
+//! store kept, and whenever a session changes one of those. What the
+//! sessions learnt also backs [`BleContentCheck`], the agent's intake
+//! check of a task's content (run on the engine's thread).
 
 pub mod codec;
 pub mod content;
@@ -63,7 +68,7 @@ pub mod bluez;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -73,15 +78,15 @@ use tokio::time::{sleep_until, timeout, Instant};
 use uuid::Uuid;
 
 use crate::{
-    CheckIn, Delivery, DeliveryFailure, DriverChannels, Outcome, Radio, RadioError, RadioErrorKind,
-    RadioEvent, RadioState, TagId,
+    CheckIn, ContentCheck, Delivery, DeliveryFailure, DriverChannels, Outcome, Radio, RadioError,
+    RadioErrorKind, RadioEvent, RadioState, TagDetails, TagId,
 };
 use codec::{uuid16, EslAddress, ESL_SERVICE};
 use fake_esl::{FakeAir, FakeConfig, FakeError};
 use provision::{KeyMaterial, MemoryStore, ProvisionStore, TagInfo, TagRecord};
 use transport::{
-    Advertisement, BatterySource, Central, GattError, Provisioning, Scan, SessionPlan,
-    SessionReport, SessionSettings, Step, TransportError,
+    Advertisement, BatterySource, Central, ContentPaths, GattError, Provisioning, Scan,
+    SessionPlan, SessionReport, SessionSettings, Step, TransportError,
 };
 
 /// Capacity of the delivery channel. The driver takes from it on every turn
@@ -447,11 +452,77 @@ pub enum BleError {
 /// the driver, which aborts its sessions.
 pub struct BleRadio {
     channels: DriverChannels,
-    /// What each configured tag reported about itself (driver writes).
-    infos: Arc<Mutex<HashMap<TagId, TagInfo>>>,
+    /// The intake check, over what the driver learnt about each tag.
+    check: Arc<BleContentCheck>,
     known: Vec<TagId>,
-    max_content_bytes: usize,
     fake: Option<FakeAir>,
+}
+
+/// What the driver learnt about one tag that others read: the intake
+/// check ([`BleContentCheck`], on the engine's thread) and
+/// [`BleRadio::tag_info`]. The driver writes.
+#[derive(Debug, Clone, Default)]
+struct TagProfile {
+    /// From the last configuring session, or from the store.
+    info: Option<TagInfo>,
+    /// From the last session of this run.
+    paths: Option<ContentPaths>,
+}
+
+/// The profiles by tag, behind a lock held only for a lookup or an insert.
+type Profiles = Arc<Mutex<HashMap<TagId, TagProfile>>>;
+
+/// The profile map's lock; nothing panics while holding it.
+fn lock(
+    profiles: &Mutex<HashMap<TagId, TagProfile>>,
+) -> MutexGuard<'_, HashMap<TagId, TagProfile>> {
+    profiles.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The BLE radio's [`ContentCheck`]: content a tag can never show, judged
+/// from what its sessions learnt (docs/BLE.md, "Content for BLE tags").
+/// Cheap enough for the engine's thread: it parses the content (bounded by
+/// `radio.ble.max_content_bytes`) and looks the tag up under a lock; no
+/// I/O. A tag it knows nothing about passes (the delivery decides then).
+#[derive(Debug)]
+pub struct BleContentCheck {
+    profiles: Profiles,
+    max_content_bytes: usize,
+}
+
+impl ContentCheck for BleContentCheck {
+    fn check(&self, tag_id: &str, content: &[u8]) -> Result<(), String> {
+        // The size first: it is cheap, and an oversized content is not parsed.
+        if content.len() > self.max_content_bytes {
+            return Err(format!(
+                "content is {} bytes, radio.ble.max_content_bytes is {}",
+                content.len(),
+                self.max_content_bytes
+            ));
+        }
+        let image = content::ImageContent::from_content(content).map_err(|e| e.to_string())?;
+        let profiles = lock(&self.profiles);
+        let Some(profile) = profiles.get(tag_id) else {
+            return Ok(());
+        };
+        match (&image, profile.paths) {
+            (Some(_), Some(paths)) if !paths.ots => Err(format!(
+                "{}: the tag has no Object Transfer Service (0x1825); it takes only \
+                 content without it, over the vendor characteristic",
+                content::IMAGE_FIELD
+            )),
+            (None, Some(paths)) if !paths.vendor => Err(format!(
+                "content: the tag shows only images ({}) as it has no vendor content \
+                 characteristic (radio.ble.content_characteristic)",
+                content::IMAGE_FIELD
+            )),
+            (Some(image), _) => match &profile.info {
+                Some(info) => transport::image_fits(info, image),
+                None => Ok(()),
+            },
+            (None, _) => Ok(()),
+        }
+    }
 }
 
 impl BleRadio {
@@ -506,13 +577,13 @@ impl BleRadio {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| BleError::NoRuntime)?;
         let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_CAPACITY);
         let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
-        let infos = Arc::new(Mutex::new(HashMap::new()));
+        let profiles: Profiles = Arc::default();
         let ap_sync_key = store.ap_sync_key().unwrap_or_else(|| {
             let key = KeyMaterial::generate();
             store.set_ap_sync_key(&key);
             key
         });
-        let driver = Driver {
+        let mut driver = Driver {
             delivery_rx,
             event_tx,
             state: DriverState {
@@ -530,16 +601,21 @@ impl BleRadio {
                 ap_sync_key,
                 store: Box::new(store),
                 epoch: Instant::now(),
-                infos: infos.clone(),
+                profiles: profiles.clone(),
                 cfg: cfg.clone(),
             },
         };
+        // Before the first delivery can arrive: the intake check and
+        // `tag_info` know the stored tags from the start.
+        driver.state.load_stored();
         runtime.spawn(driver.run());
         Ok(BleRadio {
             channels: DriverChannels::new("BLE radio driver", delivery_tx, event_rx),
-            infos,
+            check: Arc::new(BleContentCheck {
+                profiles,
+                max_content_bytes: cfg.max_content_bytes,
+            }),
             known: cfg.tags.clone(),
-            max_content_bytes: cfg.max_content_bytes,
             fake: None,
         })
     }
@@ -550,22 +626,21 @@ impl BleRadio {
     }
 
     /// What `tag` reported about itself (displays, image slots, sensors,
-    /// LEDs) when it was last configured; `None` before that.
+    /// LEDs) when it was last configured, by this run or (through the
+    /// store) an earlier one; `None` before that.
     pub fn tag_info(&self, tag: &str) -> Option<TagInfo> {
-        lock(&self.infos).get(tag).cloned()
+        lock(&self.check.profiles)
+            .get(tag)
+            .and_then(|p| p.info.clone())
     }
 
     /// [`BleRadio::tag_info`] of every configured tag.
     pub fn tag_infos(&self) -> HashMap<TagId, TagInfo> {
-        lock(&self.infos).clone()
+        lock(&self.check.profiles)
+            .iter()
+            .filter_map(|(tag, p)| Some((tag.clone(), p.info.clone()?)))
+            .collect()
     }
-}
-
-/// The info map's lock; nothing panics while holding it.
-fn lock(
-    infos: &Mutex<HashMap<TagId, TagInfo>>,
-) -> std::sync::MutexGuard<'_, HashMap<TagId, TagInfo>> {
-    infos.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Radio for BleRadio {
@@ -576,33 +651,21 @@ impl Radio for BleRadio {
         }
     }
 
+    fn content_check(&self) -> Option<Arc<dyn ContentCheck>> {
+        Some(self.check.clone())
+    }
+
     async fn next_event(&mut self) -> Result<RadioEvent, RadioError> {
         self.channels.next_event().await
     }
 
     async fn deliver(&mut self, delivery: Delivery) -> Result<(), RadioError> {
-        // An image that cannot fit a tag whose Information is known is
-        // refused at once (the session checks again after configuring).
-        let invalid = |reason: String| RadioError::new(RadioErrorKind::InvalidRequest, reason);
-        // The size first: it is cheap, and an oversized content is not parsed.
-        if delivery.content.len() > self.max_content_bytes {
-            return Err(invalid(format!(
-                "content is {} bytes, radio.ble.max_content_bytes is {}",
-                delivery.content.len(),
-                self.max_content_bytes
-            )));
-        }
-        match content::ImageContent::from_content(&delivery.content) {
-            Err(error) => return Err(invalid(error.to_string())),
-            Ok(Some(image)) => {
-                if let Some(info) = self.tag_info(&delivery.tag_id) {
-                    transport::image_fits(&info, &image).map_err(|reason| {
-                        invalid(format!("image does not fit the tag: {reason}"))
-                    })?;
-                }
-            }
-            Ok(None) => {}
-        }
+        // The agent ran the same check at intake; the driver may have
+        // learnt more about the tag since (the session checks an image
+        // again after configuring).
+        self.check
+            .check(&delivery.tag_id, &delivery.content)
+            .map_err(|reason| RadioError::new(RadioErrorKind::InvalidRequest, reason))?;
         self.channels.deliver(delivery).await
     }
 }
@@ -653,7 +716,10 @@ impl Ord for Delayed {
 struct TagState {
     rssi: Option<i16>,
     battery_mv: Option<u16>,
-    battery_read_at: Option<Instant>,
+    /// End of the last session (any result): a battery poll is due
+    /// `battery_poll_interval_s` after it, so a tag that fails its polls
+    /// is not polled again at every advertisement.
+    battery_tried_at: Option<Instant>,
     last_checkin_sent: Option<Instant>,
     checkin_queued: bool,
     /// A session with this tag is open.
@@ -661,15 +727,22 @@ struct TagState {
     /// A delivery for this tag waits for its retry.
     retrying: bool,
     poll_queued: bool,
-    /// From the last configuring session.
-    info: Option<TagInfo>,
+    /// The store's record for the tag was looked up (once per run).
+    loaded: bool,
     /// This tag's ESL Response Key material (a secret; never logged).
     response_key: Option<KeyMaterial>,
-    /// End of the last successful session: the tag's fall-back timer
-    /// started then.
+    /// Whether this AP holds a bond with the tag (`TagRecord::bonded`);
+    /// `None` before any session or record says.
+    bonded: Option<bool>,
+    /// This run configured the tag and no session since showed it lost
+    /// that (the tag's own 60-minute fall-back is not guessed at).
+    configured: bool,
+    /// End of the last successful session (with its Update Complete):
+    /// the tag's fall-back timer started then.
     updated_at: Option<Instant>,
     /// The tag showed it lost its configuration: configure next time.
     reconfigure: bool,
+    details_queued: bool,
 }
 
 /// An event waiting for room in the event channel.
@@ -677,6 +750,8 @@ struct TagState {
 enum Pending {
     /// Built when sent, so it carries the tag's latest signal and battery.
     CheckIn(TagId),
+    /// The tag's details, built when sent (queued at most once).
+    Tag(TagId),
     Outcome(Outcome),
     State(RadioState),
 }
@@ -719,7 +794,7 @@ struct DriverState<C: Central> {
     epoch: Instant,
     /// Key material, Information and bond state across restarts.
     store: Box<dyn ProvisionStore>,
-    infos: Arc<Mutex<HashMap<TagId, TagInfo>>>,
+    profiles: Profiles,
 }
 
 /// The next advertisement, or never while there is no scan.
@@ -909,19 +984,9 @@ impl<C: Central> DriverState<C> {
     fn plan(&mut self, tag: &str) -> SessionPlan {
         let now = Instant::now();
         let stale = Duration::from_secs(self.cfg.reconfigure_after_s);
+        self.load(tag);
+        let info = lock(&self.profiles).get(tag).and_then(|p| p.info.clone());
         let state = self.tags.entry(tag.to_owned()).or_default();
-        if state.response_key.is_none() {
-            // First session since start: what an earlier run kept.
-            if let Some(record) = self.store.tag(tag) {
-                state.response_key = Some(record.response_key);
-                // Shown (`tag_info`) and used by `deliver`'s early image
-                // check from the first session on, as after configuring.
-                if let Some(info) = &record.info {
-                    lock(&self.infos).insert(tag.to_owned(), info.clone());
-                }
-                state.info = record.info;
-            }
-        }
         let due = state.reconfigure
             || state
                 .updated_at
@@ -934,10 +999,78 @@ impl<C: Central> DriverState<C> {
                 .clone(),
             absolute_time: absolute_time(self.epoch, now),
         });
-        SessionPlan {
-            configure,
-            info: state.info.clone(),
+        SessionPlan { configure, info }
+    }
+
+    /// Takes what an earlier run kept about `tag` (its Response Key,
+    /// Information and bond state), once per run; whether there was a
+    /// record.
+    fn load(&mut self, tag: &str) -> bool {
+        let state = self.tags.entry(tag.to_owned()).or_default();
+        if std::mem::replace(&mut state.loaded, true) {
+            return false;
         }
+        let Some(record) = self.store.tag(tag) else {
+            return false;
+        };
+        state.response_key = Some(record.response_key);
+        state.bonded = Some(record.bonded);
+        if let Some(info) = record.info {
+            lock(&self.profiles).entry(tag.to_owned()).or_default().info = Some(info);
+        }
+        true
+    }
+
+    /// At start: loads the tags the store kept (those it lists, and those
+    /// in `radio.ble.tags`) and describes each to the agent.
+    fn load_stored(&mut self) {
+        let mut stored = self.store.tag_ids();
+        stored.extend(self.cfg.tags.iter().cloned());
+        for tag in stored {
+            let served = self.cfg.tags.is_empty() || self.cfg.tags.contains(&tag);
+            if served && self.load(&tag) {
+                self.queue_details(&tag);
+            }
+        }
+    }
+
+    /// Queues the tag's details for the agent (at most once at a time).
+    fn queue_details(&mut self, tag: &str) {
+        let state = self.tags.entry(tag.to_owned()).or_default();
+        if !std::mem::replace(&mut state.details_queued, true) {
+            self.outgoing.push_back(Pending::Tag(tag.to_owned()));
+        }
+    }
+
+    /// What the agent shows for the tag in `tag.get` and `tags.list`
+    /// (docs/BLE.md, "Tag details").
+    fn details(&self, tag: &str) -> serde_json::Map<String, serde_json::Value> {
+        use serde_json::json;
+        let address = self.cfg.address_for(tag);
+        let profile = lock(&self.profiles).get(tag).cloned().unwrap_or_default();
+        let state = self.tags.get(tag);
+        let mut details = profile.info.map(|i| i.summary()).unwrap_or_default();
+        details.insert(
+            "esl_address".into(),
+            json!({"group_id": address.group_id(), "esl_id": address.esl_id()}),
+        );
+        if let Some(bonded) = state.and_then(|s| s.bonded) {
+            details.insert("bonded".into(), bonded.into());
+        }
+        details.insert(
+            "configured".into(),
+            state.is_some_and(|s| s.configured).into(),
+        );
+        if let Some(paths) = profile.paths {
+            let names = [(paths.ots, "ots"), (paths.vendor, "vendor")];
+            let offered: Vec<&str> = names
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, n)| *n)
+                .collect();
+            details.insert("content_paths".into(), json!(offered));
+        }
+        details
     }
 
     fn next_poll(&mut self) -> Option<Job> {
@@ -957,17 +1090,34 @@ impl<C: Central> DriverState<C> {
         let tag_id = done.job.tag().to_owned();
         let tag = self.tags.entry(tag_id.clone()).or_default();
         tag.in_session = false;
+        tag.battery_tried_at = Some(Instant::now());
+        let before = (tag.bonded, tag.configured);
+        let mut described = false;
         match &done.result {
             Ok(report) => {
                 if let Some(mv) = report.battery_mv {
                     tag.battery_mv = Some(mv);
                 }
-                tag.battery_read_at = Some(Instant::now());
                 tag.updated_at = Some(Instant::now());
+                // The session secured the link with our bond first.
+                tag.bonded = Some(true);
+                {
+                    // Not held across the store's write below (a disk
+                    // sync): the engine's intake check takes this lock.
+                    let mut profiles = lock(&self.profiles);
+                    let profile = profiles.entry(tag_id.clone()).or_default();
+                    if report.paths.is_some() && report.paths != profile.paths {
+                        profile.paths = report.paths;
+                        described = true;
+                    }
+                    if let Some(info) = &report.info {
+                        profile.info = Some(info.clone());
+                    }
+                }
                 if let Some(info) = &report.info {
                     tag.reconfigure = false;
-                    tag.info = Some(info.clone());
-                    lock(&self.infos).insert(tag_id.clone(), info.clone());
+                    tag.configured = true;
+                    described = true;
                     if let Some(response_key) = &tag.response_key {
                         self.store.set_tag(
                             &tag_id,
@@ -983,6 +1133,8 @@ impl<C: Central> DriverState<C> {
             Err(TransportError::BondLost) => {
                 tracing::info!(tag = %tag_id, "BLE tag lost its bond; pairing and configuring it again");
                 tag.reconfigure = true;
+                tag.configured = false;
+                tag.bonded = Some(false);
                 if let Some(mut record) = self.store.tag(&tag_id) {
                     record.bonded = false;
                     self.store.set_tag(&tag_id, &record);
@@ -991,9 +1143,14 @@ impl<C: Central> DriverState<C> {
             Err(error) if error.needs_configuring() => {
                 tracing::info!(tag = %tag_id, %error, "BLE tag lost its configuration; configuring it again");
                 tag.reconfigure = true;
+                tag.configured = false;
             }
             Err(_) => {}
         }
+        if described || before != (tag.bonded, tag.configured) {
+            self.queue_details(&tag_id);
+        }
+        let tag = self.tags.entry(tag_id.clone()).or_default();
         match (done.job, done.result) {
             (Job::Deliver { delivery, .. }, Ok(report)) => {
                 tracing::debug!(tag = %tag_id, task = %delivery.task_id, sent = report.transferred,
@@ -1069,7 +1226,7 @@ impl<C: Central> DriverState<C> {
                 .push_back(Pending::CheckIn(advertisement.address.clone()));
         }
         let battery_stale = tag
-            .battery_read_at
+            .battery_tried_at
             .is_none_or(|at| now.duration_since(at) >= poll_interval);
         if self.cfg.battery_poll_interval_s > 0
             && battery_stale
@@ -1086,6 +1243,13 @@ impl<C: Central> DriverState<C> {
         match pending {
             Pending::Outcome(outcome) => RadioEvent::Outcome(outcome),
             Pending::State(state) => RadioEvent::State(state),
+            Pending::Tag(tag_id) => {
+                let info = self.details(&tag_id);
+                if let Some(tag) = self.tags.get_mut(&tag_id) {
+                    tag.details_queued = false;
+                }
+                RadioEvent::Tag(TagDetails { tag_id, info })
+            }
             Pending::CheckIn(tag_id) => {
                 let tag = self.tags.entry(tag_id.clone()).or_default();
                 tag.checkin_queued = false;
@@ -1141,15 +1305,284 @@ mod tests {
     /// (paused) time.
     async fn next_outcome(radio: &mut BleRadio) -> (Duration, Outcome) {
         let start = Instant::now();
-        let deadline = start + Duration::from_secs(3600);
+        let (_, outcome) = until_outcome(radio).await;
+        (start.elapsed(), outcome)
+    }
+
+    /// The events before the next outcome, and the outcome; panics after
+    /// an hour of (paused) time.
+    async fn until_outcome(radio: &mut BleRadio) -> (Vec<RadioEvent>, Outcome) {
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        let mut before = Vec::new();
         loop {
             match timeout_at(deadline, radio.next_event()).await {
-                Ok(Ok(RadioEvent::Outcome(outcome))) => return (start.elapsed(), outcome),
-                Ok(Ok(_)) => {}
+                Ok(Ok(RadioEvent::Outcome(outcome))) => return (before, outcome),
+                Ok(Ok(event)) => before.push(event),
                 Ok(Err(error)) => panic!("radio error: {error}"),
                 Err(_) => panic!("no outcome within an hour"),
             }
         }
+    }
+
+    /// The tag details among `events`, in order.
+    fn details_in(events: &[RadioEvent]) -> Vec<&TagDetails> {
+        events
+            .iter()
+            .filter_map(|event| match event {
+                RadioEvent::Tag(details) => Some(details),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// What `fake_esl::fake_tag_info()` shows, for `tag` in `state`.
+    fn fake_tag_details(tag: &str, bonded: bool, configured: bool) -> serde_json::Value {
+        let address = derived_address(tag);
+        serde_json::json!({
+            "displays": [{"index": 0, "width": 296, "height": 128,
+                          "type": "black_white", "image_bytes": 4736}],
+            "image_slots": 2,
+            "sensors": [{"index": 0, "mesh_property": 0x0059}],
+            "leds": [{"index": 0, "type": "srgb", "color": 0x3F}],
+            "esl_address": {"group_id": address.group_id(), "esl_id": address.esl_id()},
+            "bonded": bonded,
+            "configured": configured,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_configured_tag_is_described_and_again_when_its_bond_or_configuration_changes() {
+        let tag = fake_address(0);
+        let mut radio = BleRadio::start(fake_config(1)).expect("start");
+        radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
+        let (events, outcome) = until_outcome(&mut radio).await;
+        assert_eq!(outcome.result, Ok(()));
+        let described = details_in(&events);
+        assert_eq!(described.len(), 1, "{described:?}");
+        assert_eq!(described[0].tag_id, tag);
+        let mut expected = fake_tag_details(&tag, true, true);
+        expected["content_paths"] = serde_json::json!(["ots", "vendor"]);
+        assert_eq!(
+            serde_json::Value::Object(described[0].info.clone()),
+            expected
+        );
+
+        // Nothing changed: no new details.
+        radio.deliver(delivery(&tag, "t2")).await.expect("deliver");
+        let (events, outcome) = until_outcome(&mut radio).await;
+        assert_eq!(outcome.result, Ok(()));
+        assert!(details_in(&events).is_empty(), "{events:?}");
+
+        // The tag falls back and deletes its bond (Nordic): the failed
+        // session says so, the retry bonds and configures it again.
+        radio.fake_air().expect("fake").unassociate(&tag);
+        radio.deliver(delivery(&tag, "t3")).await.expect("deliver");
+        let (events, outcome) = until_outcome(&mut radio).await;
+        assert_eq!(outcome.result, Ok(()));
+        let states: Vec<(bool, bool)> = details_in(&events)
+            .iter()
+            .map(|d| (d.info["bonded"] == true, d.info["configured"] == true))
+            .collect();
+        assert_eq!(states, [(false, false), (true, true)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stored_tags_are_described_and_their_content_checked_from_the_start() {
+        let tag = fake_address(0);
+        let mut store = MemoryStore::default();
+        store.set_tag(
+            &tag,
+            &TagRecord {
+                response_key: KeyMaterial::generate(),
+                info: Some(fake_esl::fake_tag_info()),
+                bonded: false,
+            },
+        );
+        let cfg = fake_config(1);
+        let air =
+            FakeAir::new(cfg.fake.as_ref().unwrap(), cfg.content_uuid().unwrap()).expect("air");
+        let mut radio = BleRadio::start_with_store(cfg, air.clone(), store).expect("start");
+        // Before any session: the intake check knows the display...
+        let check = radio.content_check().expect("a content check");
+        let error = check
+            .check(
+                &tag,
+                image_delivery(&tag, "t1", &[0; 10]).content.as_slice(),
+            )
+            .expect_err("misfit");
+        assert!(error.contains("takes 4736 bytes"), "{error}");
+        // ... and the agent hears of the tag first.
+        let first = radio.next_event().await.expect("open");
+        let RadioEvent::Tag(described) = first else {
+            panic!("expected the tag's details first, got {first:?}");
+        };
+        assert_eq!(described.tag_id, tag);
+        assert_eq!(
+            serde_json::Value::Object(described.info),
+            fake_tag_details(&tag, false, false),
+            "as stored: no content paths before a session"
+        );
+        assert_eq!(air.connects(), 0);
+    }
+
+    /// A store that cannot list its tags (as the agent's may not).
+    struct Unlisted(MemoryStore);
+
+    impl ProvisionStore for Unlisted {
+        fn ap_sync_key(&mut self) -> Option<KeyMaterial> {
+            self.0.ap_sync_key()
+        }
+        fn set_ap_sync_key(&mut self, key: &KeyMaterial) {
+            self.0.set_ap_sync_key(key);
+        }
+        fn tag(&mut self, tag: &str) -> Option<TagRecord> {
+            self.0.tag(tag)
+        }
+        fn set_tag(&mut self, tag: &str, record: &TagRecord) {
+            self.0.set_tag(tag, record);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_lists_nothing_still_describes_the_tags_served_by_name() {
+        let (named, other) = (fake_address(0), fake_address(1));
+        let mut store = MemoryStore::default();
+        for tag in [&named, &other] {
+            store.set_tag(
+                tag,
+                &TagRecord {
+                    response_key: KeyMaterial::generate(),
+                    info: Some(fake_esl::fake_tag_info()),
+                    bonded: true,
+                },
+            );
+        }
+        let cfg = BleConfig {
+            tags: vec![named.clone()],
+            battery_poll_interval_s: 0,
+            ..fake_config(2)
+        };
+        let air =
+            FakeAir::new(cfg.fake.as_ref().unwrap(), cfg.content_uuid().unwrap()).expect("air");
+        let mut radio = BleRadio::start_with_store(cfg, air, Unlisted(store)).expect("start");
+        let events: Vec<RadioEvent> = events_for(&mut radio, 100)
+            .await
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect();
+        let described: Vec<&str> = details_in(&events)
+            .iter()
+            .map(|d| d.tag_id.as_str())
+            .collect();
+        assert_eq!(described, [named.as_str()]);
+    }
+
+    #[test]
+    fn the_content_check_rejects_only_what_a_known_tag_can_never_show() {
+        use base64::Engine as _;
+        let image = |display: u8, image: u8, len: usize| {
+            serde_json::json!({"ble_image": {"display": display, "image": image,
+                "bitmap": base64::engine::general_purpose::STANDARD.encode(vec![0u8; len])}})
+            .to_string()
+        };
+        let profile = |ots: bool, vendor: bool| TagProfile {
+            info: Some(fake_esl::fake_tag_info()),
+            paths: Some(ContentPaths { ots, vendor }),
+        };
+        let check = BleContentCheck {
+            profiles: Arc::new(Mutex::new(HashMap::from([
+                ("stock".to_owned(), profile(true, false)),
+                ("vendor-only".to_owned(), profile(false, true)),
+                (
+                    "unprobed".to_owned(),
+                    TagProfile {
+                        info: Some(fake_esl::fake_tag_info()),
+                        paths: None,
+                    },
+                ),
+            ]))),
+            max_content_bytes: 8 * 1024,
+        };
+        let text = br#"{"name":"Milk 1L"}"#;
+        let cases: Vec<(&str, Vec<u8>, Result<(), &str>)> = vec![
+            ("stock", image(0, 1, 4736).into_bytes(), Ok(())),
+            ("unknown", image(0, 1, 10).into_bytes(), Ok(())),
+            ("unprobed", text.to_vec(), Ok(())),
+            ("vendor-only", text.to_vec(), Ok(())),
+            (
+                "stock",
+                image(0, 1, 10).into_bytes(),
+                Err(
+                    "content.ble_image.bitmap is 10 bytes; display 0 (296x128, BlackWhite) \
+                     takes 4736 bytes",
+                ),
+            ),
+            (
+                "unprobed",
+                image(1, 0, 4736).into_bytes(),
+                Err("content.ble_image.display is 1; the tag has displays 0..=0"),
+            ),
+            (
+                "stock",
+                image(0, 2, 4736).into_bytes(),
+                Err("content.ble_image.image is 2; the tag has image slots 0..=1"),
+            ),
+            (
+                "stock",
+                text.to_vec(),
+                Err(
+                    "content: the tag shows only images (content.ble_image) as it has no \
+                     vendor content characteristic (radio.ble.content_characteristic)",
+                ),
+            ),
+            (
+                "vendor-only",
+                image(0, 1, 4736).into_bytes(),
+                Err(
+                    "content.ble_image: the tag has no Object Transfer Service (0x1825); it \
+                     takes only content without it, over the vendor characteristic",
+                ),
+            ),
+            (
+                "unknown",
+                br#"{"ble_image":{"display":0,"image":0}}"#.to_vec(),
+                Err("content.ble_image: missing field `bitmap`"),
+            ),
+            (
+                "unknown",
+                image(0, 1, 8 * 1024).into_bytes(),
+                Err("content is 10973 bytes, radio.ble.max_content_bytes is 8192"),
+            ),
+        ];
+        for (tag, content, expected) in cases {
+            assert_eq!(
+                check.check(tag, &content),
+                expected.map_err(str::to_owned),
+                "{tag}: {}",
+                String::from_utf8_lossy(&content[..content.len().min(60)])
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tag_that_fails_its_battery_poll_is_not_polled_at_every_advertisement() {
+        let mut radio = BleRadio::start(BleConfig {
+            battery_poll_interval_s: 3600,
+            fake: Some(FakeConfig {
+                connect_fail_rate: 1.0,
+                ..fake_config(1).fake.unwrap()
+            }),
+            ..fake_config(1)
+        })
+        .expect("start");
+        // Advertising every ~200 ms for 10 s.
+        let events = events_for(&mut radio, 10_000).await;
+        assert!(checkins(&events).len() > 10);
+        assert_eq!(
+            radio.fake_air().expect("fake").connects(),
+            1,
+            "one poll, failed; the next is due in an hour"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1394,9 +1827,15 @@ mod tests {
             "the tag shows exactly the bytes sent"
         );
         assert!(air.configured(&tag));
+    }
 
-        // Content without an image has no way onto a stock tag.
-        radio.deliver(delivery(&tag, "t2")).await.expect("deliver");
+    #[tokio::test(start_paused = true)]
+    async fn content_without_an_image_fails_a_stock_tag_for_good() {
+        // The tag's characteristics are unknown: the session finds no
+        // vendor content characteristic.
+        let tag = fake_address(0);
+        let mut radio = BleRadio::start(stock_tags(1, |_| {})).expect("start");
+        radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
         let failure = next_outcome(&mut radio)
             .await
             .1
@@ -1448,8 +1887,8 @@ mod tests {
         assert!(!failure.retryable);
         assert_eq!(
             failure.reason,
-            "BLE image does not fit the tag: bitmap is 10 bytes; display 0 (296x128, \
-             BlackWhite) takes 4736 bytes"
+            "BLE image does not fit the tag: content.ble_image.bitmap is 10 bytes; display 0 \
+             (296x128, BlackWhite) takes 4736 bytes"
         );
     }
 

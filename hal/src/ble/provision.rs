@@ -94,8 +94,11 @@ pub struct TagRecord {
     pub response_key: KeyMaterial,
     /// From the last configuring session.
     pub info: Option<TagInfo>,
-    /// This AP holds a bond with the tag. The bond's keys themselves stay
-    /// with the Bluetooth stack (BlueZ keeps them under /var/lib/bluetooth).
+    /// This AP holds a bond with the tag: `true` after a session secured
+    /// the link with it, `false` once the tag showed it lost it (until a
+    /// session pairs again). Shown as `bonded` in the tag's details. The
+    /// bond's keys themselves stay with the Bluetooth stack (BlueZ keeps
+    /// them under /var/lib/bluetooth).
     pub bonded: bool,
 }
 
@@ -109,6 +112,13 @@ pub trait ProvisionStore: Send + 'static {
     fn set_ap_sync_key(&mut self, key: &KeyMaterial);
     fn tag(&mut self, tag: &str) -> Option<TagRecord>;
     fn set_tag(&mut self, tag: &str, record: &TagRecord);
+    /// Every tag with a record, so the radio can describe them (and check
+    /// content against their Information) from the start. A store that
+    /// lists nothing still works: the radio then looks up only the tags in
+    /// `radio.ble.tags` at start, and the others at their first session.
+    fn tag_ids(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A [`ProvisionStore`] in memory; clones share it (tests look inside).
@@ -145,6 +155,10 @@ impl ProvisionStore for MemoryStore {
 
     fn set_tag(&mut self, tag: &str, record: &TagRecord) {
         self.lock().tags.insert(tag.to_owned(), record.clone());
+    }
+
+    fn tag_ids(&mut self) -> Vec<String> {
+        self.lock().tags.keys().cloned().collect()
     }
 }
 
@@ -212,6 +226,19 @@ impl DisplayType {
             DisplayType::SixteenColor => 0x0A,
             DisplayType::FullRgb => 0x0B,
             DisplayType::Other(b) => b,
+        }
+    }
+
+    /// The type as the tag's details show it: the snake_case name of an
+    /// assigned number (`black_white`), else the number (`0x0C`).
+    pub fn name(self) -> String {
+        match self {
+            DisplayType::Other(byte) => format!("0x{byte:02X}"),
+            // A unit variant serialises to its name.
+            known => serde_json::to_value(known)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
         }
     }
 
@@ -293,6 +320,48 @@ pub struct TagInfo {
 }
 
 impl TagInfo {
+    /// The Information as the tag's details show it (docs/BLE.md, "Tag
+    /// details"): `displays` (index, width, height, type, image_bytes),
+    /// `image_slots`, `sensors` and `leds` (each with its index). Compact
+    /// on purpose: `tags.list` carries it for every tag.
+    pub fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
+        use serde_json::{json, Value};
+        let displays = self.displays.iter().enumerate().map(|(index, d)| {
+            json!({
+                "index": index,
+                "width": d.width,
+                "height": d.height,
+                "type": d.display_type.name(),
+                "image_bytes": d.image_bytes(),
+            })
+        });
+        let sensors = self.sensors.iter().enumerate().map(|(index, s)| match s {
+            SensorType::MeshProperty(id) => json!({"index": index, "mesh_property": id}),
+            SensorType::Vendor {
+                company_id,
+                sensor_code,
+            } => json!({"index": index, "company_id": company_id, "sensor_code": sensor_code}),
+        });
+        let leds = self.leds.iter().enumerate().map(|(index, l)| match l {
+            LedType::Srgb { color } => json!({"index": index, "type": "srgb", "color": color}),
+            LedType::Monochrome { color } => {
+                json!({"index": index, "type": "monochrome", "color": color})
+            }
+            LedType::Other(byte) => json!({"index": index, "type": "other", "byte": byte}),
+        });
+        let mut summary = serde_json::Map::new();
+        summary.insert("displays".into(), Value::Array(displays.collect()));
+        summary.insert(
+            "image_slots".into(),
+            self.max_image_index
+                .map_or(0, |max| u16::from(max) + 1)
+                .into(),
+        );
+        summary.insert("sensors".into(), Value::Array(sensors.collect()));
+        summary.insert("leds".into(), Value::Array(leds.collect()));
+        summary
+    }
+
     /// The sensor that reports the battery voltage, if any.
     pub fn voltage_sensor(&self) -> Option<u8> {
         self.sensors
@@ -476,6 +545,42 @@ mod tests {
             ..TagInfo::default()
         };
         assert_eq!(info.voltage_sensor(), Some(1));
+    }
+
+    #[test]
+    fn the_summary_lists_every_display_slot_sensor_and_led_with_its_index() {
+        let info = TagInfo {
+            displays: vec![DisplayInfo {
+                width: 296,
+                height: 128,
+                display_type: DisplayType::BlackWhite,
+            }],
+            max_image_index: Some(1),
+            sensors: vec![
+                SensorType::MeshProperty(PRESENT_INPUT_VOLTAGE),
+                SensorType::Vendor {
+                    company_id: 0x02FF,
+                    sensor_code: 7,
+                },
+            ],
+            leds: vec![LedType::Srgb { color: 0x3F }, LedType::Other(0xC1)],
+        };
+        assert_eq!(
+            serde_json::Value::Object(info.summary()),
+            serde_json::json!({
+                "displays": [{"index": 0, "width": 296, "height": 128,
+                              "type": "black_white", "image_bytes": 4736}],
+                "image_slots": 2,
+                "sensors": [{"index": 0, "mesh_property": 0x0059},
+                            {"index": 1, "company_id": 0x02FF, "sensor_code": 7}],
+                "leds": [{"index": 0, "type": "srgb", "color": 0x3F},
+                         {"index": 1, "type": "other", "byte": 0xC1}],
+            })
+        );
+        assert_eq!(DisplayType::from_byte(0x0C).name(), "0x0C");
+        assert_eq!(DisplayType::RedBlackWhite.name(), "red_black_white");
+        let empty = TagInfo::default().summary();
+        assert_eq!(empty["image_slots"], 0, "no Image Information: no slots");
     }
 
     #[test]

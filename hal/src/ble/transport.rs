@@ -369,11 +369,33 @@ pub struct SessionPlan {
     pub info: Option<TagInfo>,
 }
 
+/// Which ways a tag offers to store content, from the characteristics a
+/// session discovered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentPaths {
+    /// The Object Transfer Service (OACP and OLCP): `ble_image` content.
+    pub ots: bool,
+    /// The vendor content characteristic: any other content.
+    pub vendor: bool,
+}
+
+impl ContentPaths {
+    fn of(characteristics: &[Uuid], settings: &SessionSettings) -> ContentPaths {
+        let has = |short: u16| characteristics.contains(&uuid16(short));
+        ContentPaths {
+            ots: has(OACP_CHARACTERISTIC) && has(OLCP_CHARACTERISTIC),
+            vendor: characteristics.contains(&settings.content_characteristic),
+        }
+    }
+}
+
 /// What a session learned besides success.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionReport {
     /// The Information read while configuring (only then).
     pub info: Option<TagInfo>,
+    /// What the session discovered (`None` only in tests' scripted reports).
+    pub paths: Option<ContentPaths>,
     pub battery_mv: Option<u16>,
     /// The Basic State from Update Complete (or Ping), when it came.
     pub basic_state: Option<BasicState>,
@@ -442,37 +464,41 @@ pub async fn poll<C: Central>(
 
 /// Whether `image` fits a tag with this Information: the display and the
 /// image slot exist and the bitmap has exactly the display's size. The
-/// error says why, naming the expected size.
+/// error names the content field at fault and what the tag expects
+/// (`content.ble_image.bitmap is 10 bytes; display 0 (296x128, BlackWhite)
+/// takes 4736 bytes`).
 pub fn image_fits(info: &TagInfo, image: &ImageContent) -> Result<(), String> {
-    let Some(display) = info.displays.get(usize::from(image.display_index)) else {
-        return Err(format!(
-            "display {} does not exist; the tag has {} display(s)",
-            image.display_index,
-            info.displays.len()
-        ));
+    const FIELD: &str = content::IMAGE_FIELD;
+    let index = image.display_index;
+    let Some(display) = info.displays.get(usize::from(index)) else {
+        return Err(match info.displays.len() {
+            0 => format!("{FIELD}.display is {index}; the tag has no display"),
+            n => format!(
+                "{FIELD}.display is {index}; the tag has displays 0..={}",
+                n - 1
+            ),
+        });
     };
     match info.max_image_index {
         Some(max) if image.image_index <= max => {}
         Some(max) => {
             return Err(format!(
-                "image slot {} does not exist; the tag has slots 0..={max}",
+                "{FIELD}.image is {}; the tag has image slots 0..={max}",
                 image.image_index
             ))
         }
-        None => return Err("the tag has no image slots".to_owned()),
+        None => return Err(format!("{FIELD}.image: the tag has no image slots")),
     }
     let Some(expected) = display.image_bytes() else {
         return Err(format!(
-            "display {} has display type 0x{:02X}, which has no known format",
-            image.display_index,
+            "{FIELD}.display is {index}, of display type 0x{:02X}, whose bitmap format is unknown",
             display.display_type.to_byte()
         ));
     };
     if image.bitmap.len() != expected {
         return Err(format!(
-            "bitmap is {} bytes; display {} ({}x{}, {:?}) takes {expected} bytes",
+            "{FIELD}.bitmap is {} bytes; display {index} ({}x{}, {:?}) takes {expected} bytes",
             image.bitmap.len(),
-            image.display_index,
             display.width,
             display.height,
             display.display_type
@@ -587,16 +613,14 @@ impl<'a, L: Link> Session<'a, L> {
         if !has(CONTROL_POINT_CHARACTERISTIC) {
             return Err(TransportError::Missing("ESL Control Point (0x2BFE)"));
         }
-        let ots = has(OACP_CHARACTERISTIC) && has(OLCP_CHARACTERISTIC);
+        let paths = ContentPaths::of(&characteristics, self.settings);
         match self.path {
-            Some(Path::Ots) if !ots => {
+            Some(Path::Ots) if !paths.ots => {
                 return Err(TransportError::Missing(
                     "Object Transfer Service (0x1825: OACP 0x2AC5, OLCP 0x2AC6)",
                 ))
             }
-            Some(Path::Vendor)
-                if !characteristics.contains(&self.settings.content_characteristic) =>
-            {
+            Some(Path::Vendor) if !paths.vendor => {
                 return Err(TransportError::Missing(
                     "vendor content (radio.ble.content_characteristic)",
                 ));
@@ -745,10 +769,7 @@ impl<'a, L: Link> Session<'a, L> {
         content_hash: &str,
     ) -> Result<SessionReport, TransportError> {
         let s = self.settings;
-        let mut report = SessionReport {
-            info: self.fresh_info.clone(),
-            ..SessionReport::default()
-        };
+        let mut report = self.report();
         let before = self.read_status().await?;
         if before.holds(s.image_index, content, content_hash) {
             tracing::debug!(
@@ -791,12 +812,21 @@ impl<'a, L: Link> Session<'a, L> {
     ) -> Result<SessionReport, TransportError> {
         self.check_fits(image)?;
         let report = SessionReport {
-            info: self.fresh_info.clone(),
             transferred: self.store_object(image).await?,
-            ..SessionReport::default()
+            ..self.report()
         };
         self.show(image.display_index, image.image_index, report)
             .await
+    }
+
+    /// What every report carries: the Information read now, and the
+    /// content paths found at discovery.
+    fn report(&self) -> SessionReport {
+        SessionReport {
+            info: self.fresh_info.clone(),
+            paths: Some(ContentPaths::of(&self.characteristics, self.settings)),
+            ..SessionReport::default()
+        }
     }
 
     /// The image against the tag's Display and Image Information.
@@ -1009,10 +1039,9 @@ impl<'a, L: Link> Session<'a, L> {
         let battery_mv = self.battery().await;
         let basic_state = self.update_complete().await?.or(Some(state));
         Ok(SessionReport {
-            info: self.fresh_info.clone(),
             battery_mv,
             basic_state,
-            transferred: false,
+            ..self.report()
         })
     }
 
@@ -1361,6 +1390,11 @@ mod tests {
             report,
             SessionReport {
                 info: None,
+                // The vendor characteristic, no OTS.
+                paths: Some(ContentPaths {
+                    ots: false,
+                    vendor: true
+                }),
                 battery_mv: Some(BATTERY_MV),
                 basic_state: Some(BasicState(BasicState::SYNCHRONIZED)),
                 transferred: true,
@@ -1796,16 +1830,18 @@ mod tests {
         let cases = [
             (
                 image_content(0, 1, &[0; 100]),
-                "image does not fit the tag: bitmap is 100 bytes; display 0 (296x128, \
-                 BlackWhite) takes 4736 bytes",
+                "image does not fit the tag: content.ble_image.bitmap is 100 bytes; display 0 \
+                 (296x128, BlackWhite) takes 4736 bytes",
             ),
             (
                 image_content(0, 2, &bitmap()),
-                "image does not fit the tag: image slot 2 does not exist; the tag has slots 0..=1",
+                "image does not fit the tag: content.ble_image.image is 2; the tag has image \
+                 slots 0..=1",
             ),
             (
                 image_content(1, 0, &bitmap()),
-                "image does not fit the tag: display 1 does not exist; the tag has 1 display(s)",
+                "image does not fit the tag: content.ble_image.display is 1; the tag has \
+                 displays 0..=0",
             ),
         ];
         for (content, message) in cases {
