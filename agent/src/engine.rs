@@ -1062,12 +1062,7 @@ pub struct Engine {
     state: State,
     store: Arc<Store>,
     counters: Arc<Counters>,
-    inbound_rx: mpsc::Receiver<Inbound>,
-    radio_rx: mpsc::Receiver<RadioEvent>,
-    query_rx: mpsc::Receiver<Query>,
-    delivery_tx: mpsc::Sender<Delivery>,
-    puback_tx: mpsc::Sender<AckToken>,
-    outbox_wake: Arc<Notify>,
+    channels: EngineChannels,
     shutdown: CancellationToken,
     /// When finished tasks were last pruned and free pages last given back
     /// (`now_ms`).
@@ -1096,24 +1091,11 @@ impl Engine {
         channels: EngineChannels,
         shutdown: CancellationToken,
     ) -> Engine {
-        let EngineChannels {
-            inbound_rx,
-            radio_rx,
-            query_rx,
-            delivery_tx,
-            puback_tx,
-            outbox_wake,
-        } = channels;
         Engine {
             state,
             store,
             counters,
-            inbound_rx,
-            radio_rx,
-            query_rx,
-            delivery_tx,
-            puback_tx,
-            outbox_wake,
+            channels,
             shutdown,
             last_prune: now_ms(),
             last_reclaim: now_ms(),
@@ -1135,7 +1117,7 @@ impl Engine {
         );
         // Acks restored from the store wait for the link's first CONNACK;
         // wake it in case the link is already connected.
-        self.outbox_wake.notify_one();
+        self.channels.outbox_wake.notify_one();
         loop {
             tokio::select! {
                 biased;
@@ -1149,10 +1131,10 @@ impl Engine {
                         Err(e) => self.store_failed(&mut pipeline, e, "store flush failed"),
                     }
                 }
-                Some(first) = self.inbound_rx.recv(), if pipeline.accepts_intake() => {
+                Some(first) = self.channels.inbound_rx.recv(), if pipeline.accepts_intake() => {
                     let mut batch = vec![first];
                     while batch.len() < batch_max {
-                        match self.inbound_rx.try_recv() {
+                        match self.channels.inbound_rx.try_recv() {
                             Ok(m) => batch.push(m),
                             Err(_) => break,
                         }
@@ -1167,10 +1149,10 @@ impl Engine {
                         pipeline.taken(m);
                     }
                 }
-                Some(first) = self.radio_rx.recv(), if pipeline.accepts_intake() => {
+                Some(first) = self.channels.radio_rx.recv(), if pipeline.accepts_intake() => {
                     let mut events = vec![first];
                     while events.len() < RADIO_EVENT_CAPACITY {
-                        match self.radio_rx.try_recv() {
+                        match self.channels.radio_rx.try_recv() {
                             Ok(e) => events.push(e),
                             Err(_) => break,
                         }
@@ -1187,7 +1169,7 @@ impl Engine {
                         pipeline.radio_event(event, needs_flush);
                     }
                     for d in deliveries {
-                        if let Err(e) = self.delivery_tx.try_send(d) {
+                        if let Err(e) = self.channels.delivery_tx.try_send(d) {
                             let d = match e {
                                 mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d) => d,
                             };
@@ -1196,7 +1178,7 @@ impl Engine {
                         }
                     }
                 }
-                Some(q) = self.query_rx.recv(), if !pipeline.flush_running() => match q {
+                Some(q) = self.channels.query_rx.recv(), if !pipeline.flush_running() => match q {
                     Query::Snapshot(reply) => self.snapshot(reply, pipeline.fault().map(str::to_owned)),
                     Query::Ping(reply) => {
                         // The asker may have given up; nothing to do then.
@@ -1253,7 +1235,7 @@ impl Engine {
             match self.store.flush().await {
                 Ok(_) => {
                     pipeline.flushed_at_shutdown();
-                    pipeline.release_pubacks(|t| self.puback_tx.try_send(t));
+                    pipeline.release_pubacks(|t| self.channels.puback_tx.try_send(t));
                 }
                 Err(e) => warn!(error = %e, "final store flush failed"),
             }
@@ -1341,7 +1323,7 @@ impl Engine {
         if !pipeline.is_faulted() && self.store.wants_commit() {
             pipeline.changed();
         }
-        pipeline.release_pubacks(|t| self.puback_tx.try_send(t));
+        pipeline.release_pubacks(|t| self.channels.puback_tx.try_send(t));
     }
 
     /// A write or the flush failed: the pipeline enters (or stays in) the
@@ -1416,8 +1398,8 @@ impl Engine {
     /// Hands the PUBACKs the pipeline released to the link and wakes the
     /// link for the acks the flush made publishable.
     fn release(&mut self, pipeline: &mut Pipeline<FlushRun>) {
-        pipeline.release_pubacks(|t| self.puback_tx.try_send(t));
-        self.outbox_wake.notify_one();
+        pipeline.release_pubacks(|t| self.channels.puback_tx.try_send(t));
+        self.channels.outbox_wake.notify_one();
     }
 
     fn snapshot(&self, reply: oneshot::Sender<Snapshot>, store_fault: Option<String>) {

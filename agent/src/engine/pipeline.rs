@@ -193,9 +193,14 @@ impl<F> Pipeline<F> {
         self.unflushed && matches!(self.mode, Mode::Idle)
     }
 
-    /// A flush started: it covers everything applied until now.
+    /// A flush started: it covers everything applied until now. Only when
+    /// [`Pipeline::flush_due`] said so (never during a fault: that would
+    /// forget what the fault holds).
     pub(crate) fn flush_started(&mut self, flush: F) {
-        debug_assert!(matches!(self.mode, Mode::Idle), "one flush at a time");
+        if !matches!(self.mode, Mode::Idle) {
+            debug_assert!(false, "a flush started while the store was not free");
+            return;
+        }
         self.unflushed = false;
         let covers = std::mem::take(&mut self.next);
         self.mode = Mode::Flushing { flush, covers };
