@@ -7,7 +7,8 @@
 //! again oldest first, and is released only once that is durable.
 //!
 //! [`Pipeline`] does no I/O, like rumqttc's `MqttState` or quinn-proto's
-//! `Connection`: it has no store, no channels and no clock. The engine tells
+//! `Connection`: it has no store, no channels and no clock (the time is an
+//! argument, so tests drive it in paused time). The engine tells
 //! it what happened (a message was taken, a write failed, a flush ended) and
 //! asks it what may happen next (may the engine take messages? is a flush
 //! due? is the reopen due? which PUBACKs may go?); [`super::Engine::run`]
