@@ -185,18 +185,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         }
     }
 
-    let engine = engine::Engine {
+    let engine = engine::Engine::new(
         state,
-        store: store.clone(),
-        counters: counters.clone(),
-        inbound_rx,
-        radio_rx,
-        query_rx,
-        delivery_tx,
-        puback_tx,
-        outbox_wake: outbox_wake.clone(),
-        shutdown: shutdown.clone(),
-    };
+        store.clone(),
+        counters.clone(),
+        engine::EngineChannels {
+            inbound_rx,
+            radio_rx,
+            query_rx,
+            delivery_tx,
+            puback_tx,
+            outbox_wake: outbox_wake.clone(),
+        },
+        shutdown.clone(),
+    );
     tasks.spawn(async move {
         if let Err(e) = engine.run().await {
             tracing::error!(error = %e, "engine stopped with an error");

@@ -23,7 +23,9 @@
 //! loop that reads or writes the store is off until the flush has ended.
 //! Messages queue in `inbound_rx` meanwhile and make the next group larger,
 //! so a slower disk gives bigger groups rather than fewer tasks per second.
-//! What a flush covered is released when it ends.
+//! What a flush covered is released when it ends. These rules are the
+//! commit [`Pipeline`] (`engine/pipeline.rs`), a type with no I/O that
+//! [`Engine::run`] drives.
 //! Pending tasks live only in the store (the engine reads a tag's record at
 //! its check-in and the expiry index in the sweep), so memory does not grow
 //! with the pending count.
@@ -36,12 +38,14 @@ pub(crate) mod commands;
 mod delivery;
 mod intake;
 pub(crate) mod limiter;
+mod pipeline;
 mod state;
 mod views;
 
 pub(crate) use state::{EngineSettings, State};
 
-use std::collections::VecDeque;
+use pipeline::{Pipeline, Replay};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,10 +83,6 @@ pub(crate) const BAD_SIGNATURE: &str = "bad signature";
 
 /// How often expiry and delivery time-outs are looked at.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
-/// After a store fault, how long between two attempts to reopen the store:
-/// often enough to resume within a second or two of the disk recovering,
-/// rarely enough that a disk that stays full costs little.
-const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 /// How often finished tasks older than `tasks.keep_final_h` are pruned.
 const PRUNE_INTERVAL_MS: u64 = 3600 * 1000;
 /// Finished tasks removed per prune pass, so one pass never stalls intake.
@@ -95,65 +95,58 @@ const RECLAIM_INTERVAL_MS: u64 = 10 * 1000;
 /// Task id prefix of `tag.refresh` deliveries.
 pub(crate) const REFRESH_PREFIX: &str = "refresh:";
 
-/// The engine task: [`State`] plus its channel ends.
+/// The engine task: [`State`], the commit [`Pipeline`] and its channel ends.
 pub(crate) struct Engine {
-    pub state: State,
-    pub store: Arc<Store>,
-    pub counters: Arc<Counters>,
+    state: State,
+    store: Arc<Store>,
+    counters: Arc<Counters>,
+    channels: EngineChannels,
+    shutdown: CancellationToken,
+    /// When finished tasks were last pruned and free pages last given back
+    /// (`now_ms`).
+    last_prune: u64,
+    last_reclaim: u64,
+}
+
+/// The engine's channel ends (see the map in ARCHITECTURE.md).
+pub(crate) struct EngineChannels {
     pub inbound_rx: mpsc::Receiver<Inbound>,
     pub radio_rx: mpsc::Receiver<RadioEvent>,
     pub query_rx: mpsc::Receiver<Query>,
     pub delivery_tx: mpsc::Sender<Delivery>,
     pub puback_tx: mpsc::Sender<AckToken>,
     pub outbox_wake: Arc<Notify>,
-    pub shutdown: CancellationToken,
 }
 
-/// A flush running in the background and what it releases when it ends.
-struct FlushRun {
-    done: tokio::task::JoinHandle<Result<(), StoreError>>,
-    /// Messages whose PUBACKs wait for this flush.
-    held: Vec<Inbound>,
-    /// Local command replies that wait for it.
-    replies: Vec<(oneshot::Sender<Vec<u8>>, Vec<u8>)>,
-    /// Radio outcomes it makes durable (recorded again if it fails).
-    outcomes: Vec<RadioEvent>,
-}
-
-/// A store fault the engine is waiting out: intake and radio events pause,
-/// PUBACKs are held, and the store is reopened until that works.
-struct StoreFault {
-    /// Reported in status (`store.fault`).
-    error: String,
-    next_reopen: Instant,
-}
+/// The handle of a flush running in the background.
+type FlushRun = tokio::task::JoinHandle<Result<(), StoreError>>;
 
 impl Engine {
+    pub(crate) fn new(
+        state: State,
+        store: Arc<Store>,
+        counters: Arc<Counters>,
+        channels: EngineChannels,
+        shutdown: CancellationToken,
+    ) -> Engine {
+        Engine {
+            state,
+            store,
+            counters,
+            channels,
+            shutdown,
+            last_prune: now_ms(),
+            last_reclaim: now_ms(),
+        }
+    }
+
+    /// Drives the commit [`Pipeline`]: each branch does the I/O for one
+    /// kind of event and tells the pipeline what happened; the pipeline's
+    /// mode says which branches are on (see its module docs).
     pub(crate) async fn run(mut self) -> Result<(), StoreError> {
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Messages taken from the link and not PUBACKed yet: applied and
-        // waiting for the flush that covers them, or (during a store fault)
-        // waiting to be applied again once the store is reopened.
-        let mut held: Vec<Inbound> = Vec::new();
-        // Radio outcomes and state changes a store fault kept from being
-        // recorded, replayed after the reopen: a tag's confirmation must not
-        // be lost. (Check-ins are not kept: the tag checks in again.)
-        let mut radio_held: Vec<RadioEvent> = Vec::new();
-        // Radio outcomes recorded since the last good flush: if that flush
-        // fails they are not on disk and join `radio_held`.
-        let mut radio_unflushed: Vec<RadioEvent> = Vec::new();
-        // PUBACKs of durable messages the link had no room for yet.
-        let mut releasable: VecDeque<AckToken> = VecDeque::new();
-        // Replies to local commands, sent once their changes are durable.
-        let mut held_replies: Vec<(oneshot::Sender<Vec<u8>>, Vec<u8>)> = Vec::new();
-        let mut unflushed = false;
-        // The flush in progress and what waits for it. While it runs, the
-        // branches that use the store are off (see the module docs).
-        let mut flushing: Option<FlushRun> = None;
-        let mut fault: Option<StoreFault> = None;
-        let mut last_prune = now_ms();
-        let mut last_reclaim = now_ms();
+        let mut pipeline: Pipeline<FlushRun> = Pipeline::new();
         let batch_max = self.state.settings.batch_max;
         info!(
             pending = self.state.pending_len(),
@@ -162,78 +155,59 @@ impl Engine {
         );
         // Acks restored from the store wait for the link's first CONNACK;
         // wake it in case the link is already connected.
-        self.outbox_wake.notify_one();
+        self.channels.outbox_wake.notify_one();
         loop {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => break,
-                result = async { (&mut flushing.as_mut().expect("guarded").done).await }, if flushing.is_some() => {
-                    let run = flushing.take().expect("guarded");
+                result = async { pipeline.running_flush().expect("guarded").await }, if pipeline.flush_running() => {
                     match result.unwrap_or(Err(StoreError::Closed)) {
-                        Ok(()) => self.flushed(run, &mut releasable),
-                        Err(e) => {
-                            // Not on disk: its messages are applied again after
-                            // the reopen (before those taken since), its
-                            // outcomes recorded again (before the newer ones,
-                            // which the fault handling below adds), its local
-                            // callers get no answer.
-                            let mut replay = run.held;
-                            replay.append(&mut held);
-                            held = replay;
-                            let mut outcomes = run.outcomes;
-                            outcomes.append(&mut radio_held);
-                            radio_held = outcomes;
-                            self.store_failed(&mut fault, e, "store flush failed");
-                        }
+                        Ok(()) => self.flushed(&mut pipeline),
+                        // Not on disk: its messages are applied again after
+                        // the reopen, its outcomes recorded again, its local
+                        // callers get no answer.
+                        Err(e) => self.store_failed(&mut pipeline, e, "store flush failed"),
                     }
                 }
-                Some(first) = self.inbound_rx.recv(), if fault.is_none() && flushing.is_none() => {
+                Some(first) = self.channels.inbound_rx.recv(), if pipeline.accepts_intake() => {
                     let mut batch = vec![first];
                     while batch.len() < batch_max {
-                        match self.inbound_rx.try_recv() {
+                        match self.channels.inbound_rx.try_recv() {
                             Ok(m) => batch.push(m),
                             Err(_) => break,
                         }
                     }
                     for m in batch {
-                        if fault.is_none() {
-                            match self.take(&m) {
-                                Ok(()) => unflushed = true,
+                        if !pipeline.is_faulted() {
+                            if let Err(e) = self.take(&m) {
                                 // Not PUBACKed: it is applied again after the reopen.
-                                Err(e) => self.store_failed(&mut fault, e, "store write failed"),
+                                self.store_failed(&mut pipeline, e, "store write failed");
                             }
                         }
-                        held.push(m);
+                        pipeline.taken(m);
                     }
                 }
-                Some(first) = self.radio_rx.recv(), if fault.is_none() && flushing.is_none() => {
+                Some(first) = self.channels.radio_rx.recv(), if pipeline.accepts_intake() => {
                     let mut events = vec![first];
                     while events.len() < RADIO_EVENT_CAPACITY {
-                        match self.radio_rx.try_recv() {
+                        match self.channels.radio_rx.try_recv() {
                             Ok(e) => events.push(e),
                             Err(_) => break,
                         }
                     }
                     let mut deliveries = Vec::new();
                     for event in events {
-                        if fault.is_none() {
+                        let mut needs_flush = false;
+                        if !pipeline.is_faulted() {
                             match self.record_radio(event.clone(), &mut deliveries) {
-                                Ok(needs_flush) => {
-                                    unflushed |= needs_flush;
-                                    if matches!(event, RadioEvent::Outcome(_)) {
-                                        radio_unflushed.push(event);
-                                    }
-                                    continue;
-                                }
-                                Err(e) => self.store_failed(&mut fault, e, "store write failed while handling a radio event"),
+                                Ok(n) => needs_flush = n,
+                                Err(e) => self.store_failed(&mut pipeline, e, "store write failed while handling a radio event"),
                             }
                         }
-                        if !matches!(event, RadioEvent::CheckIn(_)) {
-                            radio_held.push(event);
-                        }
+                        pipeline.radio_event(event, needs_flush);
                     }
                     for d in deliveries {
-                        if let Err(e) = self.delivery_tx.try_send(d) {
+                        if let Err(e) = self.channels.delivery_tx.try_send(d) {
                             let d = match e {
                                 mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d) => d,
                             };
@@ -242,8 +216,8 @@ impl Engine {
                         }
                     }
                 }
-                Some(q) = self.query_rx.recv(), if flushing.is_none() => match q {
-                    Query::Snapshot(reply) => self.snapshot(reply, fault.as_ref().map(|f| f.error.clone())),
+                Some(q) = self.channels.query_rx.recv(), if !pipeline.flush_running() => match q {
+                    Query::Snapshot(reply) => self.snapshot(reply, pipeline.fault().map(str::to_owned)),
                     Query::Ping(reply) => {
                         // The asker may have given up; nothing to do then.
                         let _ = reply.send(());
@@ -256,119 +230,41 @@ impl Engine {
                             // A read-only command (status, listings) needs no
                             // flush; the caller may have hung up.
                             Ok(json) if !changed => drop(reply.send(json)),
-                            Ok(json) => {
-                                held_replies.push((reply, json));
-                                unflushed = true;
-                            }
-                            Err(e) => self.store_failed(&mut fault, e, "store write failed while handling a local command"),
+                            Ok(json) => pipeline.reply_after_flush((reply, json)),
+                            Err(e) => self.store_failed(&mut pipeline, e, "store write failed while handling a local command"),
                         }
                     }
                 },
-                _ = sweep.tick(), if flushing.is_none() => {
-                    if let Some(f) = &mut fault {
-                        if Instant::now() < f.next_reopen {
-                            continue;
-                        }
-                        match self.recover(&held, &radio_held).await {
-                            Ok(()) => {
-                                info!(replayed = held.len(), outcomes = radio_held.len(), "store reopened; intake resumes");
-                                fault = None;
-                                radio_held.clear();
-                                // `recover` flushed: what it applied is durable.
-                                unflushed = false;
-                                self.release(&mut held, &mut releasable);
-                            }
-                            Err(e) => {
-                                Counters::bump(&self.counters.store_errors);
-                                debug!(error = %e, "store still unusable; trying again");
-                                f.error = e.to_string();
-                                f.next_reopen = Instant::now() + REOPEN_INTERVAL;
-                            }
-                        }
-                        continue;
-                    }
-                    let now = now_ms();
-                    let mut change = Change::new();
-                    let result = self.state.sweep(now, &mut change);
-                    let changed = !change.is_empty();
-                    match result.and_then(|()| self.store.apply(change).map(drop)) {
-                        Ok(()) => unflushed |= changed,
-                        Err(e) => self.store_failed(&mut fault, e, "store write failed during the sweep"),
-                    }
-                    if fault.is_none() && now.saturating_sub(last_prune) >= PRUNE_INTERVAL_MS {
-                        last_prune = now;
-                        let cutoff = now.saturating_sub(self.state.settings.keep_final_ms);
-                        match self.store.prune_final(cutoff, PRUNE_LIMIT) {
-                            Ok(0) => {}
-                            Ok(n) => {
-                                info!(removed = n, "pruned finished tasks");
-                                unflushed = true;
-                            }
-                            Err(e) => self.store_failed(&mut fault, e, "pruning finished tasks failed"),
-                        }
-                    }
-                    if fault.is_none() && now.saturating_sub(last_reclaim) >= RECLAIM_INTERVAL_MS {
-                        last_reclaim = now;
-                        match self.store.reclaim() {
-                            Ok(0) => {}
-                            Ok(pages) => {
-                                debug!(pages, "free store pages given back");
-                                unflushed = true;
-                            }
-                            Err(e) => self.store_failed(&mut fault, e, "giving free store pages back failed"),
-                        }
-                    }
-                    // Check-in reports and outbox removals need no flush of
-                    // their own, but should not wait for the next task long.
-                    unflushed |= fault.is_none() && self.store.wants_commit();
-                    // PUBACKs the link had no room for at the last flush.
-                    if !releasable.is_empty() {
-                        self.release_pubacks(&mut releasable);
+                _ = sweep.tick(), if !pipeline.flush_running() => {
+                    if pipeline.is_faulted() {
+                        self.try_recovery(&mut pipeline).await;
+                    } else {
+                        self.sweep(&mut pipeline);
                     }
                 }
             }
-            if unflushed && fault.is_none() && flushing.is_none() {
+            if pipeline.flush_due() {
                 match self.store.begin_flush() {
-                    Ok(flush) => {
-                        unflushed = false;
-                        flushing = Some(FlushRun {
-                            done: tokio::spawn(flush),
-                            held: std::mem::take(&mut held),
-                            replies: std::mem::take(&mut held_replies),
-                            outcomes: std::mem::take(&mut radio_unflushed),
-                        });
-                    }
-                    Err(e) => self.store_failed(&mut fault, e, "store flush failed"),
+                    Ok(flush) => pipeline.flush_started(tokio::spawn(flush)),
+                    Err(e) => self.store_failed(&mut pipeline, e, "store flush failed"),
                 }
-            }
-            if fault.is_some() {
-                // Whatever was recorded since the last good flush is not on
-                // disk, and the reopen drops what was staged, whichever step
-                // failed: outcomes are recorded again after it, and local
-                // callers get no answer (their change is lost; they may ask
-                // again) rather than one the disk does not back.
-                radio_held.append(&mut radio_unflushed);
-                held_replies.clear();
             }
         }
         // A flush in progress ends first; what it covered is released.
-        if let Some(mut run) = flushing.take() {
-            match (&mut run.done).await.unwrap_or(Err(StoreError::Closed)) {
-                Ok(()) => self.flushed(run, &mut releasable),
+        if let Some(run) = pipeline.running_flush() {
+            match run.await.unwrap_or(Err(StoreError::Closed)) {
+                Ok(()) => self.flushed(&mut pipeline),
                 Err(e) => {
                     warn!(error = %e, "store flush failed at shutdown");
                     Counters::bump(&self.counters.store_errors);
-                    fault.get_or_insert(StoreFault {
-                        error: e.to_string(),
-                        next_reopen: Instant::now(),
-                    });
+                    pipeline.failed(e.to_string(), Instant::now());
                 }
             }
         }
         // Shutdown: make what was taken durable and release its PUBACKs, so
         // the broker does not send those messages again after the restart.
         // After a fault nothing is released: what was held is not on disk.
-        if fault.is_none() {
+        if !pipeline.is_faulted() {
             let mut change = Change::new();
             self.state.save_tags(&mut change);
             if let Err(e) = self.store.apply(change) {
@@ -376,8 +272,8 @@ impl Engine {
             }
             match self.store.flush().await {
                 Ok(_) => {
-                    releasable.extend(held.drain(..).map(|m| m.token));
-                    self.release_pubacks(&mut releasable);
+                    pipeline.flushed_at_shutdown();
+                    pipeline.release_pubacks(|t| self.channels.puback_tx.try_send(t));
                 }
                 Err(e) => warn!(error = %e, "final store flush failed"),
             }
@@ -425,18 +321,80 @@ impl Engine {
         Ok(durable || self.store.outbox_len() != outbox_before)
     }
 
-    /// Enters (or stays in) the store-fault state: intake and radio events
-    /// pause, PUBACKs are held, and the sweep reopens the store.
-    fn store_failed(&self, fault: &mut Option<StoreFault>, e: StoreError, what: &str) {
+    /// The sweep: expiry and delivery time-outs, and now and then pruning
+    /// and giving free pages back; then PUBACKs the link had no room for.
+    fn sweep(&mut self, pipeline: &mut Pipeline<FlushRun>) {
+        let now = now_ms();
+        let mut change = Change::new();
+        let result = self.state.sweep(now, &mut change);
+        let changed = !change.is_empty();
+        match result.and_then(|()| self.store.apply(change).map(drop)) {
+            Ok(()) if changed => pipeline.changed(),
+            Ok(()) => {}
+            Err(e) => self.store_failed(pipeline, e, "store write failed during the sweep"),
+        }
+        if !pipeline.is_faulted() && now.saturating_sub(self.last_prune) >= PRUNE_INTERVAL_MS {
+            self.last_prune = now;
+            let cutoff = now.saturating_sub(self.state.settings.keep_final_ms);
+            match self.store.prune_final(cutoff, PRUNE_LIMIT) {
+                Ok(0) => {}
+                Ok(n) => {
+                    info!(removed = n, "pruned finished tasks");
+                    pipeline.changed();
+                }
+                Err(e) => self.store_failed(pipeline, e, "pruning finished tasks failed"),
+            }
+        }
+        if !pipeline.is_faulted() && now.saturating_sub(self.last_reclaim) >= RECLAIM_INTERVAL_MS {
+            self.last_reclaim = now;
+            match self.store.reclaim() {
+                Ok(0) => {}
+                Ok(pages) => {
+                    debug!(pages, "free store pages given back");
+                    pipeline.changed();
+                }
+                Err(e) => self.store_failed(pipeline, e, "giving free store pages back failed"),
+            }
+        }
+        // Check-in reports and outbox removals need no flush of their own,
+        // but should not wait for the next task long.
+        if !pipeline.is_faulted() && self.store.wants_commit() {
+            pipeline.changed();
+        }
+        pipeline.release_pubacks(|t| self.channels.puback_tx.try_send(t));
+    }
+
+    /// A write or the flush failed: the pipeline enters (or stays in) the
+    /// store fault, so intake and radio events pause, PUBACKs are held, and
+    /// the sweep reopens the store.
+    fn store_failed(&self, pipeline: &mut Pipeline<FlushRun>, e: StoreError, what: &str) {
         Counters::bump(&self.counters.store_errors);
-        match fault {
-            Some(f) => f.error = e.to_string(),
-            None => {
-                warn!(error = %e, "{what}; holding PUBACKs and pausing intake until the store can be reopened");
-                *fault = Some(StoreFault {
-                    error: e.to_string(),
-                    next_reopen: Instant::now(),
-                });
+        if pipeline.failed(e.to_string(), Instant::now()) {
+            warn!(error = %e, "{what}; holding PUBACKs and pausing intake until the store can be reopened");
+        }
+    }
+
+    /// During a store fault, at the sweep: reopens the store when that is
+    /// due, and on success releases what was held.
+    async fn try_recovery(&mut self, pipeline: &mut Pipeline<FlushRun>) {
+        if !pipeline.reopen_due(Instant::now()) {
+            return;
+        }
+        let replay = pipeline.replay();
+        let (messages, outcomes) = (replay.messages.len(), replay.radio.len());
+        match self.recover(replay).await {
+            Ok(()) => {
+                info!(
+                    replayed = messages,
+                    outcomes, "store reopened; intake resumes"
+                );
+                pipeline.recovered();
+                self.release(pipeline);
+            }
+            Err(e) => {
+                Counters::bump(&self.counters.store_errors);
+                debug!(error = %e, "store still unusable; trying again");
+                pipeline.recovery_failed(e.to_string(), Instant::now());
             }
         }
     }
@@ -445,22 +403,18 @@ impl Engine {
     /// call after one failed write), rebuild the pending set from what is on
     /// disk, apply the held messages and radio outcomes again (duplicates of
     /// what survived are recognised as such), and flush.
-    async fn recover(
-        &mut self,
-        held: &[Inbound],
-        radio_held: &[RadioEvent],
-    ) -> Result<(), StoreError> {
+    async fn recover(&mut self, replay: Replay<'_>) -> Result<(), StoreError> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.reopen())
             .await
             .map_err(|_| StoreError::Closed)??;
         self.state.reload()?;
-        for m in held {
+        for m in replay.messages {
             self.take(m)?;
         }
         // Outcomes only finish tasks; they start no deliveries.
         let mut deliveries = Vec::new();
-        for event in radio_held {
+        for event in replay.radio {
             self.record_radio(event.clone(), &mut deliveries)?;
         }
         self.store.flush().await?;
@@ -468,42 +422,22 @@ impl Engine {
         Ok(())
     }
 
-    /// A flush ended well: what it covered is released.
-    fn flushed(&mut self, run: FlushRun, releasable: &mut VecDeque<AckToken>) {
+    /// The running flush ended well: what it covered is released.
+    fn flushed(&mut self, pipeline: &mut Pipeline<FlushRun>) {
         Counters::bump(&self.counters.store_flushes);
-        let mut held = run.held;
-        self.release(&mut held, releasable);
-        for (reply, json) in run.replies {
+        let replies = pipeline.flush_succeeded();
+        self.release(pipeline);
+        for (reply, json) in replies {
             // The caller may have hung up; nothing to do then.
             let _ = reply.send(json);
         }
     }
 
-    /// Everything held is durable now: hand its PUBACKs to the link and
-    /// wake the link for the acks the flush made publishable.
-    fn release(&mut self, held: &mut Vec<Inbound>, releasable: &mut VecDeque<AckToken>) {
-        releasable.extend(held.drain(..).map(|m| m.token));
-        self.release_pubacks(releasable);
-        self.outbox_wake.notify_one();
-    }
-
-    /// Hands durable messages' PUBACKs to the link without waiting: if its
-    /// channel is full the rest stay held and go at the next round (the
-    /// sweep retries), so the engine never blocks on the link while the link
-    /// waits for the engine to take more messages.
-    fn release_pubacks(&self, held: &mut VecDeque<AckToken>) {
-        while let Some(token) = held.front() {
-            match self.puback_tx.try_send(*token) {
-                Ok(()) => {
-                    held.pop_front();
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => break,
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    held.clear();
-                    break;
-                }
-            }
-        }
+    /// Hands the PUBACKs the pipeline released to the link and wakes the
+    /// link for the acks the flush made publishable.
+    fn release(&mut self, pipeline: &mut Pipeline<FlushRun>) {
+        pipeline.release_pubacks(|t| self.channels.puback_tx.try_send(t));
+        self.channels.outbox_wake.notify_one();
     }
 
     fn snapshot(&self, reply: oneshot::Sender<Snapshot>, store_fault: Option<String>) {
@@ -1166,8 +1100,11 @@ mod tests {
     /// failed write (sled did; the SQLite store does so on purpose, since
     /// SQLite may roll the transaction back), so the engine used to retry the flush forever and never
     /// recovered once the disk had room again. Now it holds PUBACKs, reports
-    /// the fault, reopens the store and resumes.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    /// the fault, reopens the store and resumes. The pipeline's rules have
+    /// unit tests of their own (`pipeline::tests`); this one drives them
+    /// through `Engine::run` and a real store, in paused time (the store's
+    /// blocking threads hold the clock while they run).
+    #[tokio::test(start_paused = true)]
     async fn a_store_fault_holds_pubacks_reports_and_recovers_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 1 << 20).unwrap());
@@ -1179,18 +1116,20 @@ mod tests {
         let (delivery_tx, _delivery_rx) = mpsc::channel(16);
         let (puback_tx, mut puback_rx) = mpsc::channel(16);
         let shutdown = CancellationToken::new();
-        let engine = Engine {
+        let engine = Engine::new(
             state,
-            store: store.clone(),
-            counters: counters.clone(),
-            inbound_rx,
-            radio_rx,
-            query_rx,
-            delivery_tx,
-            puback_tx,
-            outbox_wake: Arc::new(Notify::new()),
-            shutdown: shutdown.clone(),
-        };
+            store.clone(),
+            counters.clone(),
+            EngineChannels {
+                inbound_rx,
+                radio_rx,
+                query_rx,
+                delivery_tx,
+                puback_tx,
+                outbox_wake: Arc::new(Notify::new()),
+            },
+            shutdown.clone(),
+        );
         let running = tokio::spawn(engine.run());
         let send = |id: &str, pkid: u16| Inbound {
             kind: InboundKind::Task,
@@ -1218,14 +1157,12 @@ mod tests {
         // The disk fills: the write fails, and so do the next two reopens.
         store.inject_fault(2);
         inbound_tx.send(send("t2", 2)).await.unwrap();
-        let deadline = Instant::now() + within;
-        let fault = loop {
-            if let Some(f) = fault_of(query_tx.clone()).await {
-                break f;
-            }
-            assert!(Instant::now() < deadline, "the fault was never reported");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+        // The engine takes messages before it answers queries, so the
+        // answer comes after t2's write has failed.
+        let fault = fault_of(query_tx.clone())
+            .await
+            .expect("the fault is reported");
+        let faulted_at = Instant::now();
         assert!(fault.contains("disk is full"), "{fault}");
         assert!(
             puback_rx.try_recv().is_err(),
@@ -1237,6 +1174,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(token.map(|t| t.pkid), Some(2));
+        assert!(
+            faulted_at.elapsed() >= 2 * pipeline::REOPEN_INTERVAL,
+            "two failed reopens, a reopen interval apart: {:?}",
+            faulted_at.elapsed()
+        );
         assert_eq!(fault_of(query_tx.clone()).await, None, "fault cleared");
         assert_eq!(store.task("t2").unwrap().unwrap().state, TaskState::Pending);
         assert!(Counters::get(&counters.store_errors) >= 3);
@@ -1249,7 +1191,5 @@ mod tests {
         assert_eq!(token.map(|t| t.pkid), Some(3));
         shutdown.cancel();
         running.await.unwrap().unwrap();
-        let reopened = Store::open(dir.path(), 1 << 20);
-        drop(reopened);
     }
 }
