@@ -2,7 +2,7 @@
 //! and `tasks` for someone logged into the AP.
 //!
 //! Blocking std I/O on purpose: one request at a time, no runtime needed.
-//! Talks to [`crate::control`] with the PROTOCOL §7 command JSON, fetches
+//! Talks to the control server (`control.rs`) with the PROTOCOL §7 command JSON, fetches
 //! every page of a listing, and renders readable tables (or the raw JSON
 //! with `--json`). Rendering is pure (JSON in, text out) so it is unit
 //! tested without a daemon.

@@ -5,51 +5,62 @@
 //! radio (see the `esl-hal` crate), and reports every task's end back to the
 //! back end through a durable outbox. The wire contract is PROTOCOL.md.
 //!
-//! # Layout: tasks and channels
+//! # Tasks and channels
 //!
-//! Long-running tasks, one file each, joined by bounded channels: the
-//! four of the diagram, plus the link's broker socket, the control server
-//! and (under systemd) the notifier below (ARCHITECTURE.md has the diagram
-//! and a task's way through them):
+//! Six long-running tasks joined by bounded channels (and, under systemd,
+//! a seventh: the notifier); ARCHITECTURE.md has the diagram and a task's
+//! way through them. Their messages are in `msg`, below every task.
 //!
 //! ```text
 //! broker ⇄ link::Link ──inbound_tx──▶ engine::Engine ──delivery_tx, control_tx──▶ radio::RadioTask ⇄ backend
 //!              ▲  ▲ ◀──puback_tx, outbox_wake──┘  ▲  ▲ ◀──────────event_tx──────────────┘
-//!              │  └──report_tx── status::StatusTask ─query_tx─┘  │
-//!              └── link_tx (watch) ──▶ status                    └── store::Store (SQLite)
+//!              │  └──report_tx── status::StatusTask ─query_tx─┘  │        ▲
+//!              └── link_tx (watch) ──▶ status, systemd           │        └─query_tx── control::ControlServer
+//!                                                                └── store::Store (SQLite)
 //! ```
 //!
-//! - [`link::Link`] — the only user of the rumqttc event loop. Routes
+//! - `link::Link` — the only user of the rumqttc event loop. Routes
 //!   incoming tasks and commands to the engine, sends PUBACKs the engine
-//!   released, publishes the outbox (oldest first, windowed) and status
-//!   reports, reconnects with backoff.
-//!   It reaches the broker through [`broker_io`] (a private Unix socket
-//!   whose other end opens TCP/TLS/wss), where [`oversize`] turns any
-//!   PUBLISH over the size limit into a small stand-in.
-//! - [`engine::Engine`] — decides every task's fate (PROTOCOL §4), schedules
-//!   deliveries at check-ins, retries, expires; group-commits to the store and
-//!   releases PUBACKs only after the flush; answers commands
-//!   ([`commands`]); [`limiter`] bounds the replies and rejection acks
-//!   strangers can make it publish.
-//! - [`radio::RadioTask`] — owns the radio backend; takes deliveries and,
-//!   on `control_tx`, requests such as `network.permit_join`
-//!   ([`msg::RadioControl`]).
-//! - [`status::StatusTask`] — hello and periodic status reports.
-//! - [`control::ControlServer`] — the local Unix socket behind
-//!   `esl-agent status|tags|tasks`; forwards requests to the engine.
-//! - [`store::Store`] — the only opener of the SQLite database; its
-//!   checkpoint thread copies the WAL into the database file off the
-//!   engine's path. [`store::BleKeys`] keeps the BLE radio's key material
-//!   in a database of its own beside it.
-//! - [`systemd::SystemdTask`] — only under systemd (`$NOTIFY_SOCKET`):
+//!   released, publishes the outbox (oldest first, windowed, decided by the
+//!   sans-IO `link::outbox::Outbox`) and status reports, reconnects with
+//!   backoff. It reaches the broker through `link::broker_io` (a private
+//!   Unix socket whose other end opens TCP/TLS/wss), where
+//!   `link::oversize` turns any PUBLISH over the size limit into a small
+//!   stand-in.
+//! - `engine::Engine` — decides every task's fate (PROTOCOL §4), schedules
+//!   deliveries at check-ins, retries, expires (`engine::State`, split by
+//!   concern into intake, delivery, acks and views); answers commands
+//!   (`engine::commands`, bounded by `engine::limiter`); group-commits to
+//!   the store, releasing PUBACKs only after the flush, through the sans-IO
+//!   commit pipeline `engine::pipeline::Pipeline` (Idle / Flushing /
+//!   Faulted).
+//! - `radio::RadioTask` — owns the radio backend (`esl_hal::Radio`); takes
+//!   deliveries and, on `control_tx`, requests such as
+//!   `network.permit_join`.
+//! - `status::StatusTask` — hello and periodic status reports.
+//! - `control::ControlServer` — the local Unix socket behind
+//!   `esl-agent status|tags|tasks` ([`cli`] is its client); forwards
+//!   requests to the engine.
+//! - `systemd::SystemdTask` — only under systemd (`$NOTIFY_SOCKET`):
 //!   READY after the first CONNACK, watchdog pings while the engine answers
-//!   [`engine::Query::Ping`] on `query_tx`, STOPPING at shutdown.
+//!   `Query::Ping` on `query_tx`, STOPPING at shutdown.
+//!
+//! `store::Store` is no task: the only opener of the SQLite database; its
+//! checkpoint thread copies the WAL into the database file off the
+//! engine's path, and `store::BleKeys` keeps the BLE radio's key material
+//! in a database of its own beside it.
+//!
+//! # Layers
+//!
+//! Modules import only lower layers (ARCHITECTURE.md, "Source layout";
+//! checked by the test `layering::modules_use_only_lower_layers`): leaves
+//! ([`clock`], `ids`, [`counters`], [`report`]) → [`wire`] → [`config`] →
+//! [`identity`] → [`security`] (tls, auth, signing, secrets) → `store` →
+//! `msg` → `engine` → `link` → the other tasks → [`cli`], [`demo`] → this
+//! file's wiring ([`start`]).
 //!
 //! Security (docs/SECURITY.md) is prepared before anything starts
-//! ([`security::Prepared`]): [`tls`] builds the transport, [`auth`] the MQTT
-//! login, [`signing`] loads the keys that signed tasks and commands are
-//! checked with; [`secrets`] reads every secret and refuses files others
-//! could read.
+//! ([`security::Prepared`]).
 //!
 //! Shutdown is one [`CancellationToken`] seen by every task. The engine
 //! flushes and releases its last PUBACKs; the link sends them and
@@ -384,5 +395,91 @@ impl Agent {
             Some(name) => anyhow::bail!("the {name} task ended unexpectedly"),
             None => Ok(()),
         }
+    }
+}
+
+/// The import rule of ARCHITECTURE.md ("Source layout"), checked on the
+/// source: a module may use only modules of a lower layer. Test modules
+/// (which may use anything) and comments are left out.
+#[cfg(test)]
+mod layering {
+    use std::path::Path;
+
+    /// Top-level modules by layer, lowest first.
+    const LAYERS: &[&[&str]] = &[
+        &["ids", "clock", "counters", "report"],
+        &["wire"],
+        &["config"],
+        &["identity"],
+        &["security"],
+        &["store"],
+        &["msg"],
+        &["engine"],
+        &["link"],
+        &["radio", "status", "control", "systemd"],
+        &["cli"],
+        &["demo"],
+    ];
+
+    fn layer(module: &str) -> Option<usize> {
+        LAYERS.iter().position(|l| l.contains(&module))
+    }
+
+    /// `crate::x` paths in `text`, outside comments and the test module.
+    fn uses(text: &str) -> Vec<String> {
+        let code = match text.find("#[cfg(test)]\nmod ") {
+            Some(at) => &text[..at],
+            None => text,
+        };
+        let mut found = Vec::new();
+        for line in code.lines() {
+            let line = line.split("//").next().unwrap_or_default();
+            let mut rest = line;
+            while let Some(at) = rest.find("crate::") {
+                rest = &rest[at + "crate::".len()..];
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                found.push(name);
+            }
+        }
+        found
+    }
+
+    fn visit(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                visit(&path, files);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn modules_use_only_lower_layers() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        visit(&src, &mut files);
+        let mut wrong = Vec::new();
+        for file in files {
+            let rel = file.strip_prefix(&src).unwrap();
+            let top = rel.iter().next().unwrap().to_string_lossy();
+            let top = top.trim_end_matches(".rs");
+            if top == "lib" || top == "main" {
+                continue;
+            }
+            let own = layer(top).unwrap_or_else(|| panic!("{top} is in no layer of LAYERS"));
+            for used in uses(&std::fs::read_to_string(&file).unwrap()) {
+                // Items of lib.rs itself (`start`, `Config`) are wiring.
+                let Some(theirs) = layer(&used) else { continue };
+                if used != top && theirs >= own {
+                    wrong.push(format!("{}: crate::{used}", rel.display()));
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "imports against the layers: {wrong:#?}");
     }
 }
