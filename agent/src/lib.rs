@@ -329,9 +329,10 @@ impl RadioWiring {
         counters: &Counters,
         tasks: &mut JoinSet<&'static str>,
     ) {
-        state.add_known_tags(backend.known_tags());
-        state.set_content_check(backend.content_check());
-        if let Some(radio_counters) = backend.counters() {
+        let inventory = backend.inventory();
+        state.add_known_tags(inventory.known_tags);
+        state.set_content_check(inventory.content_check);
+        if let Some(radio_counters) = inventory.counters {
             counters.attach_radio(radio_counters);
         }
         let task = radio::RadioTask {

@@ -183,26 +183,12 @@ pub trait Radio: Send + 'static {
     /// inside `select!`, and dropping the future must not lose an event.
     fn next_event(&mut self) -> impl Future<Output = Result<RadioEvent, RadioError>> + Send;
 
-    /// Tags this radio knows about before they check in (configured or
-    /// paired tags), so status reports can list them from the start. Radios
-    /// that learn tags only from check-ins return nothing.
-    fn known_tags(&self) -> Vec<TagId> {
-        Vec::new()
-    }
-
-    /// Counters the backend keeps about its own link (bad frames, timeouts),
-    /// which the agent shows next to its own. Radios without any return
-    /// nothing.
-    fn counters(&self) -> Option<Arc<dyn RadioCounters>> {
-        None
-    }
-
-    /// The radio's check of a task's content against what the tag can
-    /// show, which the agent runs when the task arrives (so a misfit is
-    /// `rejected` at once rather than `failed` at delivery). Radios whose
-    /// tags take any content return nothing.
-    fn content_check(&self) -> Option<Arc<dyn ContentCheck>> {
-        None
+    /// What the backend tells the agent once, when the agent takes it
+    /// over: tags it knows before they check in, its counters, its content
+    /// check. Apart from the events and requests below, which are the
+    /// radio's work; radios with nothing to tell keep the default.
+    fn inventory(&self) -> RadioInventory {
+        RadioInventory::default()
     }
 
     /// Opens the network for new tags to join for `seconds` (0 closes it).
@@ -222,6 +208,33 @@ pub trait Radio: Send + 'static {
         &mut self,
         delivery: Delivery,
     ) -> impl Future<Output = Result<(), RadioError>> + Send;
+}
+
+/// What a backend tells the agent besides its events ([`Radio::inventory`]).
+#[derive(Default)]
+pub struct RadioInventory {
+    /// Tags the radio knows before they check in (configured or paired
+    /// tags), so status reports list them from the start. Radios that
+    /// learn tags only from check-ins leave it empty.
+    pub known_tags: Vec<TagId>,
+    /// Counters the backend keeps about its own link (bad frames,
+    /// timeouts), which the agent shows next to its own.
+    pub counters: Option<Arc<dyn RadioCounters>>,
+    /// The radio's check of a task's content against what the tag can
+    /// show, which the agent runs when the task arrives (so a misfit is
+    /// `rejected` at once rather than `failed` at delivery). `None` when the
+    /// radio's tags take any content.
+    pub content_check: Option<Arc<dyn ContentCheck>>,
+}
+
+impl std::fmt::Debug for RadioInventory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RadioInventory")
+            .field("known_tags", &self.known_tags.len())
+            .field("counters", &self.counters.is_some())
+            .field("content_check", &self.content_check.is_some())
+            .finish()
+    }
 }
 
 /// A backend's intake check of content, readable from any thread at any

@@ -44,7 +44,7 @@ use tokio::time::{sleep_until, Instant};
 
 use crate::{
     CheckIn, Delivery, DeliveryFailure, DriverChannels, Outcome, Radio, RadioError, RadioEvent,
-    TagId,
+    RadioInventory, TagId,
 };
 
 /// Capacity of the delivery channel. The driver takes from it on every turn
@@ -179,8 +179,11 @@ impl SimRadio {
 }
 
 impl Radio for SimRadio {
-    fn known_tags(&self) -> Vec<TagId> {
-        self.tag_ids()
+    fn inventory(&self) -> RadioInventory {
+        RadioInventory {
+            known_tags: self.tag_ids(),
+            ..RadioInventory::default()
+        }
     }
 
     async fn next_event(&mut self) -> Result<RadioEvent, RadioError> {

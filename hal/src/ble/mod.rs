@@ -79,7 +79,7 @@ use uuid::Uuid;
 
 use crate::{
     CheckIn, ContentCheck, Delivery, DeliveryFailure, DriverChannels, Outcome, Radio, RadioError,
-    RadioErrorKind, RadioEvent, RadioState, TagDetails, TagId,
+    RadioErrorKind, RadioEvent, RadioInventory, RadioState, TagDetails, TagId,
 };
 use codec::{uuid16, EslAddress, ESL_SERVICE};
 use fake_esl::{FakeAir, FakeConfig, FakeError};
@@ -644,15 +644,16 @@ impl BleRadio {
 }
 
 impl Radio for BleRadio {
-    fn known_tags(&self) -> Vec<TagId> {
-        match &self.fake {
+    fn inventory(&self) -> RadioInventory {
+        let known_tags = match &self.fake {
             Some(air) if self.known.is_empty() => air.tag_ids(),
             _ => self.known.clone(),
+        };
+        RadioInventory {
+            known_tags,
+            counters: None,
+            content_check: Some(self.check.clone()),
         }
-    }
-
-    fn content_check(&self) -> Option<Arc<dyn ContentCheck>> {
-        Some(self.check.clone())
     }
 
     async fn next_event(&mut self) -> Result<RadioEvent, RadioError> {
@@ -1403,7 +1404,7 @@ mod tests {
             FakeAir::new(cfg.fake.as_ref().unwrap(), cfg.content_uuid().unwrap()).expect("air");
         let mut radio = BleRadio::start_with_store(cfg, air.clone(), store).expect("start");
         // Before any session: the intake check knows the display...
-        let check = radio.content_check().expect("a content check");
+        let check = radio.inventory().content_check.expect("a content check");
         let error = check
             .check(
                 &tag,
@@ -1609,7 +1610,7 @@ mod tests {
             }
             assert!((6..=10).contains(&times.len()), "{tag}: {}", times.len());
         }
-        assert_eq!(radio.known_tags().len(), 3, "fake tags are known");
+        assert_eq!(radio.inventory().known_tags.len(), 3, "fake tags are known");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1620,7 +1621,7 @@ mod tests {
             ..fake_config(3)
         })
         .expect("start");
-        assert_eq!(radio.known_tags(), std::slice::from_ref(&only));
+        assert_eq!(radio.inventory().known_tags, std::slice::from_ref(&only));
         let events = events_for(&mut radio, 3000).await;
         let tags: HashSet<&str> = checkins(&events)
             .iter()

@@ -48,6 +48,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     Delivery, DriverChannels, Radio, RadioCounters, RadioError, RadioErrorKind, RadioEvent,
+    RadioInventory,
 };
 
 /// Capacity of the delivery channel. The driver sends one AF_DATA_REQUEST
@@ -409,8 +410,11 @@ impl Radio for ZigbeeRadio {
         self.channels.deliver(delivery).await
     }
 
-    fn counters(&self) -> Option<Arc<dyn RadioCounters>> {
-        Some(self.counters.clone())
+    fn inventory(&self) -> RadioInventory {
+        RadioInventory {
+            counters: Some(self.counters.clone()),
+            ..RadioInventory::default()
+        }
     }
 
     async fn permit_join(&mut self, seconds: u8) -> Result<(), RadioError> {
