@@ -24,6 +24,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 pub mod ble;
+mod outgoing;
 pub mod sim;
 #[cfg(test)]
 mod test_util;

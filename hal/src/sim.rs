@@ -16,15 +16,9 @@
 //! FIFO holds the deliveries being rendered, and a local outgoing queue holds
 //! events not yet handed to the agent.
 //!
-//! Why the outgoing queue: the agent's radio task alternates between awaiting
-//! `next_event()` and awaiting `deliver()`. A driver that awaited an event send
-//! on its own would deadlock against an agent waiting on a full delivery
-//! channel. So the driver never waits on one thing: it `select!`s over
-//! accepting a delivery, the next timer, and reserving channel space for the
-//! front of its queue. A slow reader costs bounded memory: a tag has at most
-//! one check-in queued (built when it is sent, so it is fresh), and outcomes,
-//! which are never dropped, number at most the deliveries the agent has in
-//! flight.
+//! The outgoing queue is every driver's ([`crate::outgoing`]): the driver
+//! never waits on one thing; it `select!`s over accepting a delivery, the
+//! next timer, and reserving channel space for the front of its queue.
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
@@ -42,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
+use crate::outgoing::{Outgoing, Pending};
 use crate::{
     CheckIn, Delivery, DeliveryFailure, DriverChannels, Outcome, Radio, RadioError, RadioEvent,
     RadioInventory, TagId,
@@ -261,7 +256,6 @@ fn build(cfg: SimConfig) -> Result<(SimRadio, Driver), SimError> {
                 fresh_battery_mv,
                 updates,
                 displayed,
-                checkin_queued: false,
             }
         })
         .collect();
@@ -284,7 +278,7 @@ fn build(cfg: SimConfig) -> Result<(SimRadio, Driver), SimError> {
             event_rng: SmallRng::seed_from_u64(cfg.seed ^ EVENT_STREAM),
             wakeups,
             rendering: VecDeque::new(),
-            outgoing: VecDeque::new(),
+            outgoing: Outgoing::default(),
             journal,
         },
         delivery_rx,
@@ -472,8 +466,6 @@ struct SimTag {
     updates: u32,
     /// Hash of what the e-paper shows now.
     displayed: Option<String>,
-    /// A check-in for this tag is in the outgoing queue (coalescing).
-    checkin_queued: bool,
 }
 
 impl SimTag {
@@ -485,14 +477,6 @@ impl SimTag {
             .saturating_sub(drain)
             .max(EMPTY_BATTERY_MV)
     }
-}
-
-/// An event waiting for room in the event channel.
-#[derive(Debug)]
-enum Pending {
-    /// Built when sent, so it reports the tag as it is then.
-    CheckIn(usize),
-    Outcome(Outcome),
 }
 
 /// The driver task: the simulation state plus the driver's channel ends.
@@ -524,7 +508,8 @@ struct SimState {
     /// constant and deliveries arrive in order, so this is sorted as built.
     rendering: VecDeque<(Instant, Delivery)>,
     /// Events waiting for room in the event channel, oldest first.
-    outgoing: VecDeque<Pending>,
+    /// Events not yet taken by the agent; check-ins by tag index.
+    outgoing: Outgoing<usize>,
     journal: Option<Journal>,
 }
 
@@ -556,7 +541,7 @@ impl Driver {
                 }
                 permit = event_tx.reserve(), if !state.outgoing.is_empty() => match permit {
                     Ok(permit) => {
-                        if let Some(pending) = state.outgoing.pop_front() {
+                        if let Some(pending) = state.outgoing.pop() {
                             permit.send(state.event(pending));
                         }
                     }
@@ -587,18 +572,14 @@ impl SimState {
                 break;
             }
             let outcome = self.render(delivery);
-            self.outgoing.push_back(Pending::Outcome(outcome));
+            self.outgoing.event(RadioEvent::Outcome(outcome));
         }
         while let Some(&Reverse((due, index))) = self.wakeups.peek() {
             if due > now {
                 break;
             }
             self.wakeups.pop();
-            let tag = &mut self.tags[index];
-            if !tag.checkin_queued {
-                tag.checkin_queued = true;
-                self.outgoing.push_back(Pending::CheckIn(index));
-            }
+            self.outgoing.checkin(index);
             // From `now`, not `due`: a driver that fell behind resumes the
             // cadence instead of firing a catch-up burst.
             let next = now + self.next_gap();
@@ -655,12 +636,13 @@ impl SimState {
     }
 
     /// Turns a queued entry into the event to send now.
-    fn event(&mut self, pending: Pending) -> RadioEvent {
+    fn event(&mut self, pending: Pending<usize>) -> RadioEvent {
         match pending {
-            Pending::Outcome(outcome) => RadioEvent::Outcome(outcome),
-            Pending::CheckIn(index) => {
-                let tag = &mut self.tags[index];
-                tag.checkin_queued = false;
+            Pending::Event(event) => event,
+            // The simulator queues no details; a tag index stands for the
+            // tag either way.
+            Pending::CheckIn(index) | Pending::Details(index) => {
+                let tag = &self.tags[index];
                 let noise = self.event_rng.gen_range(-RSSI_NOISE_DB..=RSSI_NOISE_DB);
                 RadioEvent::CheckIn(CheckIn {
                     tag_id: self.names.id(index),

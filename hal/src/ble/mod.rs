@@ -77,6 +77,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout, Instant};
 use uuid::Uuid;
 
+use crate::outgoing::{Outgoing, Pending};
 use crate::{
     CheckIn, ContentCheck, Delivery, DeliveryFailure, DriverChannels, Outcome, Radio, RadioError,
     RadioErrorKind, RadioEvent, RadioInventory, RadioState, TagDetails, TagId,
@@ -594,7 +595,7 @@ impl BleRadio {
                 delayed: BinaryHeap::new(),
                 delayed_seq: 0,
                 polls: VecDeque::new(),
-                outgoing: VecDeque::new(),
+                outgoing: Outgoing::default(),
                 radio_up: true,
                 scan_retry: None,
                 scan_backoff: SCAN_RETRY_MIN,
@@ -722,7 +723,6 @@ struct TagState {
     /// is not polled again at every advertisement.
     battery_tried_at: Option<Instant>,
     last_checkin_sent: Option<Instant>,
-    checkin_queued: bool,
     /// A session with this tag is open.
     in_session: bool,
     /// A delivery for this tag waits for its retry.
@@ -743,18 +743,6 @@ struct TagState {
     updated_at: Option<Instant>,
     /// The tag showed it lost its configuration: configure next time.
     reconfigure: bool,
-    details_queued: bool,
-}
-
-/// An event waiting for room in the event channel.
-#[derive(Debug)]
-enum Pending {
-    /// Built when sent, so it carries the tag's latest signal and battery.
-    CheckIn(TagId),
-    /// The tag's details, built when sent (queued at most once).
-    Tag(TagId),
-    Outcome(Outcome),
-    State(RadioState),
 }
 
 /// A session's end.
@@ -783,7 +771,8 @@ struct DriverState<C: Central> {
     delayed_seq: u64,
     /// Battery polls, served only when no delivery waits.
     polls: VecDeque<TagId>,
-    outgoing: VecDeque<Pending>,
+    /// Events not yet taken by the agent; check-ins and details by tag.
+    outgoing: Outgoing<TagId>,
     /// What the agent was last told.
     radio_up: bool,
     /// When to try scanning again after the adapter failed.
@@ -854,7 +843,7 @@ impl<C: Central> Driver<C> {
                 }
                 permit = event_tx.reserve(), if !state.outgoing.is_empty() => match permit {
                     Ok(permit) => {
-                        if let Some(pending) = state.outgoing.pop_front() {
+                        if let Some(pending) = state.outgoing.pop() {
                             permit.send(state.event(pending));
                         }
                     }
@@ -881,7 +870,7 @@ impl<C: Central> DriverState<C> {
                 if !self.radio_up {
                     tracing::info!("Bluetooth adapter back; scanning");
                     self.radio_up = true;
-                    self.outgoing.push_back(Pending::State(RadioState::Up));
+                    self.outgoing.event(RadioEvent::State(RadioState::Up));
                 }
                 Some(scan)
             }
@@ -897,7 +886,7 @@ impl<C: Central> DriverState<C> {
         tracing::warn!(%error, retry_in = ?self.scan_backoff, "BLE scan stopped");
         if self.radio_up {
             self.radio_up = false;
-            self.outgoing.push_back(Pending::State(RadioState::Down {
+            self.outgoing.event(RadioEvent::State(RadioState::Down {
                 reason: error.to_string(),
             }));
         }
@@ -1037,10 +1026,8 @@ impl<C: Central> DriverState<C> {
 
     /// Queues the tag's details for the agent (at most once at a time).
     fn queue_details(&mut self, tag: &str) {
-        let state = self.tags.entry(tag.to_owned()).or_default();
-        if !std::mem::replace(&mut state.details_queued, true) {
-            self.outgoing.push_back(Pending::Tag(tag.to_owned()));
-        }
+        self.tags.entry(tag.to_owned()).or_default();
+        self.outgoing.details(tag.to_owned());
     }
 
     /// What the agent shows for the tag in `tag.get` and `tags.list`
@@ -1156,7 +1143,7 @@ impl<C: Central> DriverState<C> {
             (Job::Deliver { delivery, .. }, Ok(report)) => {
                 tracing::debug!(tag = %tag_id, task = %delivery.task_id, sent = report.transferred,
                     "BLE delivery confirmed by the tag");
-                self.outgoing.push_back(Pending::Outcome(Outcome {
+                self.outgoing.event(RadioEvent::Outcome(Outcome {
                     tag_id,
                     task_id: delivery.task_id,
                     result: Ok(()),
@@ -1180,7 +1167,7 @@ impl<C: Central> DriverState<C> {
                 } else {
                     tracing::warn!(tag = %tag_id, task = %delivery.task_id, %error,
                         sessions = retries + 1, "BLE delivery failed");
-                    self.outgoing.push_back(Pending::Outcome(Outcome {
+                    self.outgoing.event(RadioEvent::Outcome(Outcome {
                         tag_id,
                         task_id: delivery.task_id,
                         result: Err(DeliveryFailure {
@@ -1221,10 +1208,8 @@ impl<C: Central> DriverState<C> {
         let due = tag
             .last_checkin_sent
             .is_none_or(|sent| now.duration_since(sent) >= checkin_interval);
-        if due && !tag.checkin_queued {
-            tag.checkin_queued = true;
-            self.outgoing
-                .push_back(Pending::CheckIn(advertisement.address.clone()));
+        if due {
+            self.outgoing.checkin(advertisement.address.clone());
         }
         let battery_stale = tag
             .battery_tried_at
@@ -1240,20 +1225,15 @@ impl<C: Central> DriverState<C> {
         }
     }
 
-    fn event(&mut self, pending: Pending) -> RadioEvent {
+    fn event(&mut self, pending: Pending<TagId>) -> RadioEvent {
         match pending {
-            Pending::Outcome(outcome) => RadioEvent::Outcome(outcome),
-            Pending::State(state) => RadioEvent::State(state),
-            Pending::Tag(tag_id) => {
+            Pending::Event(event) => event,
+            Pending::Details(tag_id) => {
                 let info = self.details(&tag_id);
-                if let Some(tag) = self.tags.get_mut(&tag_id) {
-                    tag.details_queued = false;
-                }
                 RadioEvent::Tag(TagDetails { tag_id, info })
             }
             Pending::CheckIn(tag_id) => {
                 let tag = self.tags.entry(tag_id.clone()).or_default();
-                tag.checkin_queued = false;
                 tag.last_checkin_sent = Some(Instant::now());
                 RadioEvent::CheckIn(CheckIn {
                     tag_id,
