@@ -183,7 +183,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         }
         config::RadioKind::Zigbee => {
             let backend =
-                ZigbeeRadio::start(config.radio.zigbee.to_hal()).context("radio.zigbee")?;
+                ZigbeeRadio::start(config.radio.zigbee.settings()).context("radio.zigbee")?;
             radio.spawn(backend, &mut state, &counters, &mut tasks);
         }
         config::RadioKind::Ble => {

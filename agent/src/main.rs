@@ -340,7 +340,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(op(config.radio.zigbee.to_hal())) {
+    match runtime.block_on(op(config.radio.zigbee.settings())) {
         Ok(done) => {
             println!("{done}");
             ExitCode::SUCCESS

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use mqtt::{is_loopback_host, AuthMode, MqttConfig};
-pub use radio::{RadioConfig, RadioKind, ZigbeeRadioConfig};
+pub use radio::{RadioConfig, RadioKind};
 pub use security::{SecurityConfig, SigningKeyConfig, MAX_SIGNING_KEYS};
 
 use crate::ids::is_id_char;
@@ -511,7 +511,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.radio.kind, RadioKind::Zigbee);
-        let z = c.radio.zigbee.to_hal();
+        let z = c.radio.zigbee.settings();
         assert_eq!(z.port, PathBuf::from("/dev/ttyACM0"));
         assert_eq!(z.baud_rate, 230_400);
         assert_eq!(z.flow_control, FlowControl::Hardware);
@@ -541,7 +541,7 @@ mod tests {
              bootloader_pins = []\nbootloader_skip_byte = false\nmax_in_flight = 8",
         ))
         .unwrap();
-        let z = c.radio.zigbee.to_hal();
+        let z = c.radio.zigbee.settings();
         assert_eq!(z.channels, [15, 20]);
         assert_eq!(z.pan_id, Some(0x1A62));
         assert_eq!(z.extended_pan_id, Some(0x0012_4B00_1234_5678));

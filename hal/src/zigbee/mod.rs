@@ -37,7 +37,10 @@ pub mod frame;
 pub mod nv;
 #[cfg(test)]
 mod pty_tests;
+mod section;
 pub mod znp;
+
+pub use section::ZigbeeSection;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
