@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::app::{ESL_CLUSTER, ESL_DEVICE_ID, ESL_PROFILE};
 use super::backup::{BackupError, NetworkBackup};
+use super::devices::Devices;
 use super::firmware::{self, Firmware, StartupStatus, ZStack};
 use super::nv::{self, StickNetwork};
 use super::znp::{self, Znp, ZnpError};
@@ -237,6 +238,21 @@ pub fn save(cfg: &ZigbeeConfig, network: &StickNetwork, fw: &Firmware) -> Result
     };
     backup.save(&cfg.network_file)?;
     info!(file = %cfg.network_file.display(), "saved the ZigBee network (Open Coordinator Backup)");
+    Ok(())
+}
+
+/// Writes `devices` into the saved network's `devices` (merged by IEEE
+/// address: what other hosts wrote there stays). Nothing without a saved
+/// network.
+pub fn save_devices(cfg: &ZigbeeConfig, devices: &Devices) -> Result<(), StartError> {
+    let Some(mut backup) = NetworkBackup::load(&cfg.network_file)? else {
+        return Ok(());
+    };
+    let before = backup.devices.clone();
+    devices.merge_into(&mut backup.devices);
+    if backup.devices != before {
+        backup.save(&cfg.network_file)?;
+    }
     Ok(())
 }
 

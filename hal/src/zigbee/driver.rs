@@ -37,7 +37,9 @@ use tokio_serial::SerialPortBuilderExt;
 use tracing::{debug, info, warn};
 
 use super::app::{self, AppMessage, ESL_CLUSTER};
+use super::backup::NetworkBackup;
 use super::commission::{self, Started};
+use super::devices::Devices;
 use super::firmware;
 use super::frame::FrameType;
 use super::nv;
@@ -148,6 +150,9 @@ struct State {
     /// the same `Down`.
     reported: Option<RadioState>,
     tags: HashMap<TagId, Address>,
+    /// Devices by IEEE address (joins, announces, check-ins; the saved
+    /// network's `devices`), and the tag ids they go by.
+    devices: Devices,
     /// By handle.
     in_flight: HashMap<u16, InFlight>,
     next_handle: u16,
@@ -181,6 +186,16 @@ impl Driver {
         self.state.report(RadioState::Down {
             reason: format!("connecting to the ZigBee adapter at {port}"),
         });
+        // Tags known from the saved network are listed from the start,
+        // with what is known of them (the agent keeps such details in
+        // memory only).
+        let known: Vec<RadioEvent> = self
+            .state
+            .devices
+            .iter()
+            .map(|d| RadioEvent::Tag(d.details()))
+            .collect();
+        self.state.outgoing.extend(known);
         let mut backoff = self.cfg.reconnect_min;
         loop {
             let connect = connect(&self.cfg, self.counters.clone());
@@ -476,6 +491,13 @@ pub(super) fn confirm_failure(status: u8) -> DeliveryFailure {
     }
 }
 
+/// A little-endian IEEE address from its first 8 bytes (`bytes` has them).
+fn le_u64(bytes: &[u8]) -> u64 {
+    let mut le = [0u8; 8];
+    le.copy_from_slice(&bytes[..8]);
+    u64::from_le_bytes(le)
+}
+
 fn is_tag_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_TAG_ID
@@ -489,7 +511,17 @@ impl State {
         // Handles start somewhere random so that a result from before a
         // restart of the agent is unlikely to match a new offer.
         let first_handle: u16 = SmallRng::from_entropy().gen();
+        let devices = match NetworkBackup::load(&cfg.network_file) {
+            Ok(Some(backup)) => Devices::from_backup(&backup.devices),
+            Ok(None) => Devices::default(),
+            Err(error) => {
+                // The start-up reports it (the file decides the network).
+                debug!(%error, "no devices from the saved network");
+                Devices::default()
+            }
+        };
         State {
+            devices,
             cfg,
             counters,
             outgoing: VecDeque::new(),
@@ -798,20 +830,21 @@ impl State {
                 payload.first()
             )));
         } else if znp::ZDO_END_DEVICE_ANNCE_IND.is(frame, FrameType::Areq) {
-            // source, network address, IEEE address, capabilities.
-            if let [_, _, lo, hi, ieee @ ..] = payload {
-                ZigbeeCounters::bump(&self.counters.device_announces);
-                let ieee: Vec<String> = ieee
-                    .iter()
-                    .take(8)
-                    .rev()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                info!(
-                    nwk = format_args!("{:#06x}", u16::from_le_bytes([*lo, *hi])),
-                    ieee = ieee.concat(),
-                    "device joined or rejoined the network"
-                );
+            // Source, network address, IEEE address, capabilities.
+            match payload {
+                [_, _, lo, hi, ieee @ ..] if ieee.len() >= 8 => {
+                    self.on_join(u16::from_le_bytes([*lo, *hi]), le_u64(ieee), None);
+                }
+                _ => ZigbeeCounters::bump(&self.counters.unexpected_frames),
+            }
+        } else if znp::ZDO_TC_DEV_IND.is(frame, FrameType::Areq) {
+            // Network address, IEEE address, parent's network address.
+            match payload {
+                [lo, hi, ieee @ ..] if ieee.len() >= 10 => {
+                    let parent = u16::from_le_bytes([ieee[8], ieee[9]]);
+                    self.on_join(u16::from_le_bytes([*lo, *hi]), le_u64(ieee), Some(parent));
+                }
+                _ => ZigbeeCounters::bump(&self.counters.unexpected_frames),
             }
         } else if znp::ZDO_STATE_CHANGE_IND.is(frame, FrameType::Areq) {
             if payload.first() != Some(&znp::DEV_ZB_COORD) {
@@ -824,6 +857,34 @@ impl State {
             debug!(?frame, "AREQ not used by the ESL backend");
         }
         Ok(())
+    }
+
+    /// A device joined (`ZDO_TC_DEV_IND`, with its parent) or announced
+    /// itself (`ZDO_END_DEVICE_ANNCE_IND`: joined, rejoined, or moved to
+    /// another parent): reported as a tag at once, under its tag id
+    /// (`devices`), and a tag that rejoined at a new address is answered
+    /// there.
+    fn on_join(&mut self, nwk: u16, ieee: u64, parent: Option<u16>) {
+        ZigbeeCounters::bump(&self.counters.device_announces);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let details = self.devices.announced(ieee, nwk, parent, now_ms).details();
+        info!(tag_id = %details.tag_id, nwk = format_args!("{nwk:#06x}"),
+            ieee = format_args!("{ieee:016x}"), "device joined or announced itself");
+        if let Some(address) = self.tags.get_mut(&details.tag_id) {
+            address.nwk = nwk;
+        }
+        self.outgoing.push_back(RadioEvent::Tag(details));
+        self.save_devices();
+    }
+
+    /// Writes the device table into the saved network (its `devices`).
+    /// A failure is logged: the table is rebuilt from joins and check-ins.
+    fn save_devices(&self) {
+        if let Err(error) = commission::save_devices(&self.cfg, &self.devices) {
+            warn!(%error, "cannot save the ZigBee devices in the network file");
+        }
     }
 
     fn on_confirm(&mut self, status: u8, trans: u8) {
@@ -954,6 +1015,16 @@ impl State {
                     endpoint: source_endpoint,
                 };
                 self.tags.insert(c.tag_id.to_owned(), address);
+                if let Some(device) = self.devices.checked_in(source, c.tag_id) {
+                    info!(
+                        tag_id = c.tag_id,
+                        ieee = format_args!("{:016x}", device.ieee),
+                        "tag id bound to the device"
+                    );
+                    let details = device.details();
+                    self.outgoing.push_back(RadioEvent::Tag(details));
+                    self.save_devices();
+                }
                 if self.outgoing.len() >= OUTGOING_LIMIT {
                     ZigbeeCounters::bump(&self.counters.checkins_dropped);
                     return;

@@ -115,6 +115,20 @@ impl std::fmt::Debug for FakeNetwork {
 
 /// The fake stick's IEEE address.
 pub const FAKE_IEEE: u64 = 0x00124B00_11223344;
+/// The first tag's IEEE address; tag `i` has `FIRST_TAG_IEEE + i`.
+pub const FIRST_TAG_IEEE: u64 = 0x00124B00_AA000000;
+/// `ZDO_END_DEVICE_ANNCE_IND` capabilities of a sleepy tag: allocate
+/// address, receiver off when idle.
+const SLEEPY_CAPABILITIES: u8 = 0x80;
+
+/// A tag that joined the fake's network ([`FakeCoordinator::join_tag`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeJoin {
+    /// Its IEEE address as a tag id (the rule in `devices`).
+    pub tag_id: String,
+    pub ieee: u64,
+    pub nwk: u16,
+}
 
 /// Settings of the fake coordinator and its tags. Tag ids follow the
 /// simulator's scheme (`{id_prefix}{index:06}`), so tests can use the same
@@ -225,6 +239,11 @@ enum Control {
     Network(oneshot::Sender<Option<FakeNetwork>>),
     NvItem(u16, oneshot::Sender<Option<Vec<u8>>>),
     FrameCounter(oneshot::Sender<Option<u32>>),
+    Join {
+        checks_in: bool,
+        reply: oneshot::Sender<Result<FakeJoin, String>>,
+    },
+    Rejoin(String, oneshot::Sender<Option<u16>>),
 }
 
 /// Handle on the fake's task. Dropping it stops the task and closes the PTY.
@@ -257,6 +276,7 @@ impl FakeCoordinator {
                 }
                 FakeTag {
                     id,
+                    ieee: FIRST_TAG_IEEE + u64::from(i),
                     nwk: FIRST_NWK + i as u16,
                     awake_until: None,
                     receiving: None,
@@ -276,6 +296,7 @@ impl FakeCoordinator {
             store_network(&mut nv, &mut ex_nv, cfg.firmware, network);
         }
         let task = FakeTask {
+            joining_until: None,
             in_bootloader: cfg.in_bootloader,
             rebooting_until: None,
             bdb_channels: 0,
@@ -376,6 +397,25 @@ impl FakeCoordinator {
         rx.await.expect("the fake answers")
     }
 
+    /// A new tag joins the network (only while joining is open, as on a
+    /// real network: `Err` otherwise): the coordinator reports it
+    /// (`ZDO_TC_DEV_IND`) and the tag announces itself
+    /// (`ZDO_END_DEVICE_ANNCE_IND`). Its id is its IEEE address; it checks
+    /// in every interval when `checks_in`, else never.
+    pub async fn join_tag(&self, checks_in: bool) -> Result<FakeJoin, String> {
+        let (reply, rx) = oneshot::channel();
+        self.control(Control::Join { checks_in, reply }).await;
+        rx.await.expect("the fake answers")
+    }
+
+    /// Tag `tag_id` rejoins at a new network address and announces
+    /// itself; returns the address (`None`: no such tag).
+    pub async fn rejoin(&self, tag_id: &str) -> Option<u16> {
+        let (tx, rx) = oneshot::channel();
+        self.control(Control::Rejoin(tag_id.to_owned(), tx)).await;
+        rx.await.expect("the fake answers")
+    }
+
     /// Changes the tags' check-in interval; each tag's next check-in comes
     /// within the new interval.
     pub async fn set_checkin_interval(&self, ms: u64) {
@@ -423,6 +463,7 @@ impl Pty {
 
 struct FakeTag {
     id: String,
+    ieee: u64,
     nwk: u16,
     awake_until: Option<Instant>,
     /// The offer being received, segment by segment.
@@ -487,6 +528,8 @@ impl Timers {
 
 struct FakeTask {
     cfg: FakeConfig,
+    /// Joining is open until then (`ZDO_MGMT_PERMIT_JOIN_REQ`).
+    joining_until: Option<Instant>,
     in_bootloader: bool,
     /// Frames are lost until then.
     rebooting_until: Option<Instant>,
@@ -583,6 +626,20 @@ impl FakeTask {
                 let _ = reply.send(self.nv.get(&item).cloned());
             }
             Control::Silent(silent) => self.silent = silent,
+            Control::Join { checks_in, reply } => {
+                let _ = reply.send(self.join(checks_in));
+            }
+            Control::Rejoin(tag_id, reply) => {
+                let index = self.tags.iter().position(|t| t.id == tag_id);
+                let nwk = index.map(|i| {
+                    // A fresh address above every other one.
+                    let nwk = self.tags.iter().map(|t| t.nwk).max().unwrap_or(FIRST_NWK) + 1;
+                    self.tags[i].nwk = nwk;
+                    self.announce(i, None);
+                    nwk
+                });
+                let _ = reply.send(nwk);
+            }
             Control::CheckinInterval(ms) => {
                 self.cfg.checkin_interval_ms = ms.max(1);
                 let now = Instant::now();
@@ -601,6 +658,50 @@ impl FakeTask {
                 }
             }
         }
+    }
+
+    fn join(&mut self, checks_in: bool) -> Result<FakeJoin, String> {
+        let now = Instant::now();
+        if !self.running || self.joining_until.is_none_or(|until| now >= until) {
+            return Err("joining is closed".into());
+        }
+        let index = self.tags.len();
+        let ieee = FIRST_TAG_IEEE + index as u64;
+        let nwk = self.tags.iter().map(|t| t.nwk).max().unwrap_or(FIRST_NWK) + 1;
+        let tag_id = super::devices::ieee_tag_id(ieee);
+        self.tags.push(FakeTag {
+            id: tag_id.clone(),
+            ieee,
+            nwk,
+            awake_until: None,
+            receiving: None,
+            displayed: None,
+            battery_mv: 3000,
+            rssi_dbm: -60,
+        });
+        if checks_in {
+            let first = Duration::from_millis(self.cfg.checkin_interval_ms);
+            self.timers.add(now + first, Action::CheckIn(index));
+        }
+        self.announce(index, Some(0x0000));
+        Ok(FakeJoin { tag_id, ieee, nwk })
+    }
+
+    /// Tag `index` joined through `parent` (the trust centre says so), and
+    /// announces itself.
+    fn announce(&mut self, index: usize, parent: Option<u16>) {
+        let (nwk, ieee) = (self.tags[index].nwk, self.tags[index].ieee);
+        if let Some(parent) = parent {
+            let mut joined = nwk.to_le_bytes().to_vec();
+            joined.extend(ieee.to_le_bytes());
+            joined.extend(parent.to_le_bytes());
+            self.send(znp::ZDO_TC_DEV_IND, FrameType::Areq, joined);
+        }
+        let mut announce = nwk.to_le_bytes().to_vec();
+        announce.extend(nwk.to_le_bytes());
+        announce.extend(ieee.to_le_bytes());
+        announce.push(SLEEPY_CAPABILITIES);
+        self.send(znp::ZDO_END_DEVICE_ANNCE_IND, FrameType::Areq, announce);
     }
 
     fn unplug(&mut self) {
@@ -816,6 +917,8 @@ impl FakeTask {
             let status = match payload.as_slice() {
                 [_, _, _, seconds, _] => {
                     bump(&self.stats.permit_join_requests);
+                    self.joining_until =
+                        (*seconds > 0).then(|| now + Duration::from_secs(u64::from(*seconds)));
                     self.stats
                         .last_permit_join_s
                         .store(u64::from(*seconds), Ordering::Relaxed);

@@ -29,6 +29,7 @@
 pub mod app;
 pub mod backup;
 pub mod commission;
+pub mod devices;
 mod driver;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
@@ -248,7 +249,7 @@ zigbee_counters! {
     result_timeouts,
     /// Confirms and tag results for deliveries no longer in flight.
     late_replies,
-    /// Device announces (a device joined or rejoined).
+    /// Joins and device announces (a device joined, rejoined or moved).
     device_announces,
     /// Route discoveries after a "no route" confirm (0xCD).
     route_discoveries,

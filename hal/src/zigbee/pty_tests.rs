@@ -761,3 +761,76 @@ async fn scheduled_backups_keep_the_frame_counter_current() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The next `RadioEvent::Tag` for `tag_id`.
+async fn wait_tag(radio: &mut ZigbeeRadio, tag_id: &str) -> crate::TagDetails {
+    match wait_for(
+        radio,
+        &format!("details of {tag_id}"),
+        |e| matches!(e, RadioEvent::Tag(d) if d.tag_id == tag_id),
+    )
+    .await
+    {
+        RadioEvent::Tag(details) => details,
+        _ => unreachable!("matched Tag above"),
+    }
+}
+
+/// Issue 15: a tag that joins is reported (`RadioEvent::Tag`, under its
+/// IEEE address) before it ever checks in; a tag whose check-in names
+/// another id is reported under that id at every later announce, and
+/// after a restart of the radio, from the saved network.
+#[tokio::test]
+async fn joining_tags_are_reported_at_once_and_keep_their_bound_ids() {
+    let mut rig = rig(|c| c.tags = 2);
+    wait_up(&mut rig.radio).await;
+    let closed = rig.fake.join_tag(false).await;
+    assert!(closed.is_err(), "joining is closed at start: {closed:?}");
+    rig.radio.permit_join(60).await.expect("opened");
+    let joined = rig.fake.join_tag(false).await.expect("joins while open");
+    let details = wait_tag(&mut rig.radio, &joined.tag_id).await;
+    assert_eq!(joined.tag_id, format!("{:016x}", joined.ieee));
+    assert_eq!(details.info["ieee"], joined.tag_id.as_str());
+    assert_eq!(details.info["nwk"], format!("{:#06x}", joined.nwk).as_str());
+    assert_eq!(details.info["parent"], "0x0000");
+    assert!(details.info["announced_at"].as_u64() > Some(0));
+
+    // SIM000001 moves (a new address): announced under its IEEE address
+    // until its check-in binds its own id; from then on under that id.
+    let nwk = rig.fake.rejoin("SIM000001").await.expect("a tag");
+    let ieee_id = format!("{:016x}", super::fake::FIRST_TAG_IEEE + 1);
+    wait_tag(&mut rig.radio, &ieee_id).await;
+    let bound = wait_tag(&mut rig.radio, "SIM000001").await;
+    assert_eq!(bound.info["ieee"], ieee_id.as_str());
+    assert_eq!(bound.info["nwk"], format!("{nwk:#06x}").as_str());
+    let nwk = rig.fake.rejoin("SIM000001").await.expect("a tag");
+    let again = wait_tag(&mut rig.radio, "SIM000001").await;
+    assert_eq!(again.info["nwk"], format!("{nwk:#06x}").as_str());
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000001", "t-moved", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+
+    // A restarted radio lists both from the saved network before anything
+    // else happens.
+    let cfg = radio_config(rig.fake.port());
+    drop(std::mem::replace(
+        &mut rig.radio,
+        ZigbeeRadio::start(cfg).expect("radio"),
+    ));
+    let mut listed = Vec::new();
+    while listed.len() < 2 {
+        match wait_for(&mut rig.radio, "the saved tags", |e| {
+            matches!(e, RadioEvent::Tag(_) | RadioEvent::State(RadioState::Up))
+        })
+        .await
+        {
+            RadioEvent::Tag(d) => listed.push(d.tag_id),
+            other => panic!("the saved tags come first: {other:?}"),
+        }
+    }
+    listed.sort();
+    assert_eq!(listed, [joined.tag_id.clone(), "SIM000001".to_owned()]);
+}

@@ -89,7 +89,19 @@ pub const ZDO_MGMT_PERMIT_JOIN_REQ: Command =
     Command::new("ZDO_MGMT_PERMIT_JOIN_REQ", subsystem::ZDO, 0x36);
 pub const ZDO_END_DEVICE_ANNCE_IND: Command =
     Command::new("ZDO_END_DEVICE_ANNCE_IND", subsystem::ZDO, 0xC1);
+/// A device joined through the trust centre: its network address, IEEE
+/// address and parent (zigpy-znp `ZDO.TCDevInd`).
+pub const ZDO_TC_DEV_IND: Command = Command::new("ZDO_TC_DEV_IND", subsystem::ZDO, 0xCA);
 pub const ZDO_EXT_ROUTE_DISC: Command = Command::new("ZDO_EXT_ROUTE_DISC", subsystem::ZDO, 0x45);
+/// The coordinator's association entry of a device, by IEEE (or network)
+/// address (zigpy-znp `UTIL.AssocGetWithAddress`).
+pub const UTIL_ASSOC_GET_WITH_ADDRESS: Command =
+    Command::new("UTIL_ASSOC_GET_WITH_ADDRESS", subsystem::UTIL, 0x4A);
+/// Drops a device from the coordinator's association table; only in
+/// Koenkk's Z-Stack 3.x.0 builds (zigpy-znp `UTIL.AssocRemove`).
+pub const UTIL_ASSOC_REMOVE: Command = Command::new("UTIL_ASSOC_REMOVE", subsystem::UTIL, 0x63);
+/// Puts a device back in it (same builds; `UTIL.AssocAdd`).
+pub const UTIL_ASSOC_ADD: Command = Command::new("UTIL_ASSOC_ADD", subsystem::UTIL, 0x64);
 pub const UTIL_GET_DEVICE_INFO: Command =
     Command::new("UTIL_GET_DEVICE_INFO", subsystem::UTIL, 0x00);
 pub const ZDO_STARTUP_FROM_APP: Command =
