@@ -12,9 +12,11 @@
 //! **The tag-id rule** (docs/ZIGBEE.md, "Pairing tags"): a ZigBee tag's id
 //! is its IEEE address as 16 lowercase hex digits (`00124b0001abcdef`, the
 //! form on its label), so that a tag is listed under its id the moment it
-//! joins, before its first check-in. A tag whose check-in names another id
-//! is bound to that id from then on (kept in the saved network), and every
-//! later join or announce of it is reported under the bound id.
+//! announces itself as an end device, before its first check-in. A tag
+//! whose check-in names another id is bound to that id from then on (kept
+//! in the saved network), and every later announce of it is reported under
+//! the bound id. Routers, and devices known only from the stick's tables,
+//! are no tags until they announce as end devices or check in.
 
 use std::collections::BTreeMap;
 
@@ -38,8 +40,10 @@ pub struct Device {
     /// A sleepy end device (a child of the coordinator or of a router); the
     /// backup's `is_child`.
     pub is_child: bool,
-    /// The id its check-in named; `None` until one did.
-    pub bound_tag_id: Option<TagId>,
+    /// The id it is listed under: its IEEE address once it announced as an
+    /// end device, the id its check-in named once it checked in; `None`: no
+    /// tag (a router, or only known from the stick's tables).
+    pub tag_id: Option<TagId>,
     /// The parent it last joined through (`ZDO_TC_DEV_IND`), this run only.
     pub parent: Option<u16>,
     /// When it last joined or announced, ms since the Unix epoch, this run
@@ -48,16 +52,23 @@ pub struct Device {
 }
 
 impl Device {
-    /// Its tag id: the bound one, else its IEEE address.
-    pub fn tag_id(&self) -> TagId {
-        self.bound_tag_id
-            .clone()
-            .unwrap_or_else(|| ieee_tag_id(self.ieee))
+    /// A device at `nwk`, no tag (yet).
+    pub fn new(ieee: u64, nwk: u16, is_child: bool) -> Device {
+        Device {
+            ieee,
+            nwk,
+            is_child,
+            tag_id: None,
+            parent: None,
+            announced_at: None,
+        }
     }
 
     /// What `tags.list` and `tag.get` show of it (`radio`): `ieee`, `nwk`,
-    /// and when known `parent` and `announced_at`.
-    pub fn details(&self) -> TagDetails {
+    /// and when known `parent` and `announced_at`; `None` when it is no
+    /// tag.
+    pub fn details(&self) -> Option<TagDetails> {
+        let tag_id = self.tag_id.clone()?;
         let mut info = Map::new();
         info.insert("ieee".into(), json!(ieee_tag_id(self.ieee)));
         info.insert("nwk".into(), json!(format!("{:#06x}", self.nwk)));
@@ -67,10 +78,7 @@ impl Device {
         if let Some(at) = self.announced_at {
             info.insert("announced_at".into(), json!(at));
         }
-        TagDetails {
-            tag_id: self.tag_id(),
-            info,
-        }
+        Some(TagDetails { tag_id, info })
     }
 
     /// Its backup entry (`nwk_address` and `ieee_address` big-endian hex,
@@ -81,7 +89,7 @@ impl Device {
             "ieee_address": ieee_tag_id(self.ieee),
             "is_child": self.is_child,
         });
-        if let Some(tag_id) = &self.bound_tag_id {
+        if let Some(tag_id) = &self.tag_id {
             entry[TAG_ID_KEY] = json!(tag_id);
         }
         entry
@@ -93,20 +101,16 @@ impl Device {
         let ieee = entry.get("ieee_address")?.as_str()?.replace(':', "");
         let ieee = u64::from_str_radix(&ieee, 16).ok()?;
         let nwk = u16::from_str_radix(entry.get("nwk_address")?.as_str()?, 16).ok()?;
-        Some(Device {
-            ieee,
-            nwk,
-            is_child: entry
-                .get("is_child")
-                .and_then(Value::as_bool)
-                .unwrap_or(true),
-            bound_tag_id: entry
-                .get(TAG_ID_KEY)
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            parent: None,
-            announced_at: None,
-        })
+        let is_child = entry
+            .get("is_child")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let mut device = Device::new(ieee, nwk, is_child);
+        device.tag_id = entry
+            .get(TAG_ID_KEY)
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        Some(device)
     }
 }
 
@@ -161,27 +165,37 @@ impl Devices {
     }
 
     pub fn by_tag_id(&self, tag_id: &str) -> Option<&Device> {
-        self.by_ieee.values().find(|d| d.tag_id() == tag_id)
+        self.by_ieee
+            .values()
+            .find(|d| d.tag_id.as_deref() == Some(tag_id))
     }
 
-    /// A device joined or announced itself at `nwk`; returns it. Another
+    /// A device joined through `parent` (`ZDO_TC_DEV_IND`; its announce
+    /// follows) or announced itself at `nwk` (`end_device`: whether it
+    /// said it is one; then it is a tag from now on). Returns it. Another
     /// device that had `nwk` before loses it (addresses are reused).
-    pub fn announced(&mut self, ieee: u64, nwk: u16, parent: Option<u16>, now_ms: u64) -> &Device {
+    pub fn announced(
+        &mut self,
+        ieee: u64,
+        nwk: u16,
+        parent: Option<u16>,
+        end_device: bool,
+        now_ms: u64,
+    ) -> &Device {
         for other in self.by_ieee.values_mut() {
             if other.nwk == nwk && other.ieee != ieee {
                 // 0xFFFE: "no network address" in Z-Stack's tables.
                 other.nwk = 0xFFFE;
             }
         }
-        let device = self.by_ieee.entry(ieee).or_insert(Device {
-            ieee,
-            nwk,
-            is_child: true,
-            bound_tag_id: None,
-            parent: None,
-            announced_at: None,
-        });
+        let device = self
+            .by_ieee
+            .entry(ieee)
+            .or_insert_with(|| Device::new(ieee, nwk, true));
         device.nwk = nwk;
+        if end_device && device.tag_id.is_none() {
+            device.tag_id = Some(ieee_tag_id(ieee));
+        }
         device.parent = parent.or(device.parent);
         device.announced_at = Some(now_ms);
         device
@@ -192,14 +206,10 @@ impl Devices {
     /// reported); `None` when nothing changed or no device has `nwk`.
     pub fn checked_in(&mut self, nwk: u16, tag_id: &str) -> Option<&Device> {
         let device = self.by_ieee.values_mut().find(|d| d.nwk == nwk)?;
-        if device.tag_id() == tag_id && device.bound_tag_id.is_some() {
+        if device.tag_id.as_deref() == Some(tag_id) {
             return None;
         }
-        if device.tag_id() == tag_id && tag_id == ieee_tag_id(device.ieee) {
-            // The rule's own id: nothing to bind.
-            return None;
-        }
-        device.bound_tag_id = Some(tag_id.to_owned());
+        device.tag_id = Some(tag_id.to_owned());
         Some(device)
     }
 
@@ -231,9 +241,14 @@ mod tests {
     #[test]
     fn a_new_device_is_named_by_its_ieee_address_until_a_check_in_binds_another_id() {
         let mut devices = Devices::default();
-        let d = devices.announced(IEEE, 0x1234, Some(0), 1_000);
-        assert_eq!(d.tag_id(), "00124b0001020304");
-        let details = d.details();
+        // A router is no tag; an end device is one, by its IEEE address.
+        assert!(devices
+            .announced(IEEE + 9, 0x0009, None, false, 1)
+            .details()
+            .is_none());
+        let d = devices.announced(IEEE, 0x1234, Some(0), true, 1_000);
+        assert_eq!(d.tag_id.as_deref(), Some("00124b0001020304"));
+        let details = d.details().expect("a tag");
         assert_eq!(details.info["ieee"], "00124b0001020304");
         assert_eq!(details.info["nwk"], "0x1234");
         assert_eq!(details.info["parent"], "0x0000");
@@ -243,8 +258,8 @@ mod tests {
         assert!(devices.checked_in(0x1234, "SHELF-7").is_some());
         assert!(devices.checked_in(0x1234, "SHELF-7").is_none());
         // A rejoin at a new address keeps the bound id.
-        let d = devices.announced(IEEE, 0x4321, None, 2_000);
-        assert_eq!((d.tag_id().as_str(), d.nwk), ("SHELF-7", 0x4321));
+        let d = devices.announced(IEEE, 0x4321, None, true, 2_000);
+        assert_eq!((d.tag_id.as_deref(), d.nwk), (Some("SHELF-7"), 0x4321));
         assert_eq!(d.parent, Some(0), "the parent stays known");
         assert!(devices.checked_in(0x9999, "X").is_none(), "unknown address");
     }
@@ -252,29 +267,32 @@ mod tests {
     #[test]
     fn an_address_taken_by_another_device_is_no_longer_the_first_ones() {
         let mut devices = Devices::default();
-        devices.announced(IEEE, 0x1234, None, 1);
-        devices.announced(IEEE + 1, 0x1234, None, 2);
+        devices.announced(IEEE, 0x1234, None, true, 1);
+        devices.announced(IEEE + 1, 0x1234, None, true, 2);
         assert_eq!(devices.by_nwk(0x1234).map(|d| d.ieee), Some(IEEE + 1));
     }
 
     #[test]
     fn backup_entries_round_trip_and_foreign_fields_stay() {
         let mut devices = Devices::default();
-        devices.announced(IEEE, 0x1234, None, 1);
+        devices.announced(IEEE, 0x1234, None, true, 1);
         devices.checked_in(0x1234, "SHELF-7");
-        devices.announced(IEEE + 1, 0x0042, None, 1);
+        devices.announced(IEEE + 1, 0x0042, None, true, 1);
+        devices.update_from_stick([Device::new(IEEE + 2, 0x0077, false)]);
         // An entry zigpy wrote for the first device, with its link key.
         let mut entries = vec![json!({
             "nwk_address": "0999", "ieee_address": "00:12:4b:00:01:02:03:04",
             "is_child": true, "link_key": {"key": "aa", "tx_counter": 1, "rx_counter": 2},
         })];
         devices.merge_into(&mut entries);
-        assert_eq!(entries.len(), 2);
+        assert_eq!(entries.len(), 3);
         assert_eq!(entries[0]["nwk_address"], "1234");
         assert_eq!(entries[0]["esl_tag_id"], "SHELF-7");
         assert_eq!(entries[0]["link_key"]["tx_counter"], 1);
         assert_eq!(entries[1]["ieee_address"], "00124b0001020305");
-        assert!(entries[1].get("esl_tag_id").is_none());
+        assert_eq!(entries[1]["esl_tag_id"], "00124b0001020305");
+        assert!(entries[2].get("esl_tag_id").is_none(), "no tag");
+        assert_eq!(entries[2]["is_child"], false);
         let read = Devices::from_backup(&entries);
         assert_eq!(read.by_tag_id("SHELF-7").map(|d| d.nwk), Some(0x1234));
         assert_eq!(

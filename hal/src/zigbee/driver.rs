@@ -66,6 +66,9 @@ const INCOMING_EXT_HEADER: usize = 27;
 const ADDR_MODE_16BIT: u8 = 2;
 /// `ZDO_EXT_ROUTE_DISC` options: a plain route discovery.
 const ROUTE_DISC_OPTIONS: u8 = 0;
+/// `ZDO_END_DEVICE_ANNCE_IND` capability bit of a router (full-function
+/// device); tags are end devices.
+const CAPABILITY_ROUTER: u8 = 0x02;
 /// Longest tag id accepted in a check-in (PROTOCOL §4 `tag_id`).
 const MAX_TAG_ID: usize = 32;
 
@@ -193,7 +196,7 @@ impl Driver {
             .state
             .devices
             .iter()
-            .map(|d| RadioEvent::Tag(d.details()))
+            .filter_map(|d| d.details().map(RadioEvent::Tag))
             .collect();
         self.state.outgoing.extend(known);
         let mut backoff = self.cfg.reconnect_min;
@@ -832,8 +835,14 @@ impl State {
         } else if znp::ZDO_END_DEVICE_ANNCE_IND.is(frame, FrameType::Areq) {
             // Source, network address, IEEE address, capabilities.
             match payload {
-                [_, _, lo, hi, ieee @ ..] if ieee.len() >= 8 => {
-                    self.on_join(u16::from_le_bytes([*lo, *hi]), le_u64(ieee), None);
+                [_, _, lo, hi, ieee @ ..] if ieee.len() >= 9 => {
+                    let end_device = ieee[8] & CAPABILITY_ROUTER == 0;
+                    self.on_join(
+                        u16::from_le_bytes([*lo, *hi]),
+                        le_u64(ieee),
+                        None,
+                        end_device,
+                    );
                 }
                 _ => ZigbeeCounters::bump(&self.counters.unexpected_frames),
             }
@@ -842,7 +851,12 @@ impl State {
             match payload {
                 [lo, hi, ieee @ ..] if ieee.len() >= 10 => {
                     let parent = u16::from_le_bytes([ieee[8], ieee[9]]);
-                    self.on_join(u16::from_le_bytes([*lo, *hi]), le_u64(ieee), Some(parent));
+                    self.on_join(
+                        u16::from_le_bytes([*lo, *hi]),
+                        le_u64(ieee),
+                        Some(parent),
+                        false,
+                    );
                 }
                 _ => ZigbeeCounters::bump(&self.counters.unexpected_frames),
             }
@@ -859,23 +873,27 @@ impl State {
         Ok(())
     }
 
-    /// A device joined (`ZDO_TC_DEV_IND`, with its parent) or announced
-    /// itself (`ZDO_END_DEVICE_ANNCE_IND`: joined, rejoined, or moved to
-    /// another parent): reported as a tag at once, under its tag id
-    /// (`devices`), and a tag that rejoined at a new address is answered
-    /// there.
-    fn on_join(&mut self, nwk: u16, ieee: u64, parent: Option<u16>) {
+    /// A device joined (`ZDO_TC_DEV_IND`, with its parent; its announce
+    /// follows) or announced itself (`ZDO_END_DEVICE_ANNCE_IND`: joined,
+    /// rejoined, or moved to another parent). An end device is reported as
+    /// a tag at once, under its tag id (`devices`), and a tag that rejoined
+    /// at a new address is answered there.
+    fn on_join(&mut self, nwk: u16, ieee: u64, parent: Option<u16>, end_device: bool) {
         ZigbeeCounters::bump(&self.counters.device_announces);
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let details = self.devices.announced(ieee, nwk, parent, now_ms).details();
-        info!(tag_id = %details.tag_id, nwk = format_args!("{nwk:#06x}"),
+        let device = self
+            .devices
+            .announced(ieee, nwk, parent, end_device, now_ms);
+        info!(tag_id = ?device.tag_id, nwk = format_args!("{nwk:#06x}"),
             ieee = format_args!("{ieee:016x}"), "device joined or announced itself");
-        if let Some(address) = self.tags.get_mut(&details.tag_id) {
-            address.nwk = nwk;
+        if let Some(details) = device.details() {
+            if let Some(address) = self.tags.get_mut(&details.tag_id) {
+                address.nwk = nwk;
+            }
+            self.outgoing.push_back(RadioEvent::Tag(details));
         }
-        self.outgoing.push_back(RadioEvent::Tag(details));
         self.save_devices();
     }
 
@@ -1021,8 +1039,9 @@ impl State {
                         ieee = format_args!("{:016x}", device.ieee),
                         "tag id bound to the device"
                     );
-                    let details = device.details();
-                    self.outgoing.push_back(RadioEvent::Tag(details));
+                    if let Some(details) = device.details() {
+                        self.outgoing.push_back(RadioEvent::Tag(details));
+                    }
                     self.save_devices();
                 }
                 if self.outgoing.len() >= OUTGOING_LIMIT {
