@@ -40,7 +40,7 @@ use super::app::{self, AppMessage, ESL_CLUSTER};
 use super::backup::NetworkBackup;
 use super::commission::{self, Started};
 use super::devices::Devices;
-use super::firmware;
+use super::firmware::{self, ZStack};
 use super::frame::FrameType;
 use super::nv;
 use super::znp::{self, Znp, ZnpError};
@@ -64,6 +64,15 @@ const NWK_NO_ROUTE: u8 = 0xCD;
 const INCOMING_EXT_HEADER: usize = 27;
 /// Address mode of a 16-bit network address.
 const ADDR_MODE_16BIT: u8 = 2;
+/// Confirm status: the sleeping tag did not poll in time.
+const MAC_TRANSACTION_EXPIRED: u8 = 0xF0;
+/// First firmware revision (build date) with `UTIL_ASSOC_REMOVE` and
+/// `UTIL_ASSOC_ADD` (zigbee-herdsman `supportsAssocAdd`).
+const ASSOC_COMMANDS_SINCE: u32 = 20_201_026;
+/// `UTIL_ASSOC_GET_WITH_ADDRESS`: the network address of no entry, and
+/// the relation of an unused one.
+const ASSOC_NO_ADDRESS: u16 = 0xFFFE;
+const RELATION_NOT_USED: u8 = 0xFF;
 /// `ZDO_EXT_ROUTE_DISC` options: a plain route discovery.
 const ROUTE_DISC_OPTIONS: u8 = 0;
 /// `ZDO_END_DEVICE_ANNCE_IND` capability bit of a router (full-function
@@ -93,9 +102,13 @@ struct InFlight {
     sent: Option<Vec<u8>>,
     /// A route discovery was done for this delivery (once only).
     rediscovered: bool,
+    /// What was done about a stale child entry of the tag (`on_confirm`).
+    stale: StaleChild,
     stage: Stage,
     /// When the current stage times out (unused in [`Stage::Next`]).
     deadline: Instant,
+    /// The outcome waiting for [`Stage::Readd`].
+    failure: Option<DeliveryFailure>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +117,12 @@ enum Stage {
     Next,
     /// The last segment found no route: discover one, then send it again.
     Rediscover,
+    /// The tag's last two offers expired (0xF0): drop its entry from the
+    /// coordinator's association table if it has one, then send again.
+    DropStale,
+    /// The offer failed after a stale entry was dropped: put the entry
+    /// back, then end with `InFlight::failure`.
+    Readd,
     /// Waiting for `AF_DATA_CONFIRM` with this transaction id.
     Confirm { trans: u8 },
     /// The network delivered every segment; waiting for the tag's result.
@@ -116,6 +135,25 @@ impl Stage {
     fn has_deadline(self) -> bool {
         matches!(self, Stage::Confirm { .. } | Stage::Result)
     }
+}
+
+/// A tag's entry in the coordinator's association table, for the 0xF0
+/// handling zigbee-herdsman (`zStackAdapter.ts`,
+/// `sendZclFrameToEndpointInternal`) and zigpy-znp
+/// (`zigbee/application.py`, `RetryMethod.AssocRemove`) share: with child
+/// aging off, a tag that moved to another parent stays the coordinator's
+/// "child", so frames for it wait for polls that never come. Both hosts
+/// drop the entry (`UTIL_ASSOC_REMOVE`) after a second expiry, so the frame
+/// is routed to the new parent, and put it back (`UTIL_ASSOC_ADD`) when
+/// that fails too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StaleChild {
+    /// Nothing done.
+    Unchecked,
+    /// Looked at; nothing to drop (or dropping failed).
+    Kept,
+    /// Dropped: the entry to put back if the offer still fails.
+    Dropped { ieee: u64, nwk: u16, relation: u8 },
 }
 
 /// Whether a delivery got an SRSP from the adapter (proof that it lives).
@@ -163,6 +201,13 @@ struct State {
     /// Deliveries in flight at once, at most (by firmware, or
     /// `radio.zigbee.max_in_flight`); more wait in the delivery channel.
     max_in_flight: usize,
+    /// The firmware has `UTIL_ASSOC_REMOVE`/`ADD` (Koenkk's Z-Stack 3.x.0
+    /// builds from 2020-10-26 on, as zigbee-herdsman checks); cleared when
+    /// the stick refuses them.
+    assoc_commands: bool,
+    /// Tags whose last offer expired (0xF0); a second expiry in a row
+    /// checks for a stale child entry.
+    expired: std::collections::HashSet<TagId>,
 }
 
 impl Driver {
@@ -213,6 +258,17 @@ impl Driver {
             };
             match connected {
                 Ok((znp, started)) => {
+                    // The stick's tables give the IEEE address of every
+                    // child (needed to drop a stale one, see `on_confirm`).
+                    self.state
+                        .devices
+                        .update_from_stick(started.devices.iter().cloned());
+                    self.state.save_devices();
+                    self.state.assoc_commands = started.firmware.stack == ZStack::V3x
+                        && started
+                            .firmware
+                            .revision
+                            .is_some_and(|r| r >= ASSOC_COMMANDS_SINCE);
                     self.state.max_in_flight = self
                         .cfg
                         .max_in_flight
@@ -325,6 +381,10 @@ impl Driver {
                 () = sleep_until(wake) => {
                     let now = Instant::now();
                     self.state.expire(now);
+                    // An expired offer may have a child entry to put back.
+                    if let Err(stop) = self.state.send_due(&mut znp).await {
+                        return stop;
+                    }
                     if now >= next_ping {
                         if let Err(stop) = check_alive(&mut znp).await {
                             return stop;
@@ -332,7 +392,7 @@ impl Driver {
                         next_ping = Instant::now() + self.cfg.ping_interval;
                     }
                     if next_backup.is_some_and(|at| now >= at) {
-                        if let Err(stop) = scheduled_backup(&self.cfg, &mut znp, started).await {
+                        if let Err(stop) = scheduled_backup(&mut self.state, &mut znp, started).await {
                             return stop;
                         }
                         next_backup = Some(Instant::now() + self.cfg.backup_interval);
@@ -383,13 +443,23 @@ impl Away<'_> {
 /// counter and channel move), saved over the network file. A stick
 /// that shows another network is not saved: the next start decides.
 async fn scheduled_backup<P: AsyncRead + AsyncWrite + Unpin + Send>(
-    cfg: &ZigbeeConfig,
+    state: &mut State,
     znp: &mut Znp<P>,
     started: &Started,
 ) -> Result<(), Stop> {
     match nv::read_network(znp, started.firmware.stack).await {
         Ok(Some(network)) if network.same_network(&started.network) => {
-            match commission::save(cfg, &network, &started.firmware) {
+            match nv::read_devices(znp, started.firmware.stack).await {
+                Ok(devices) => state.devices.update_from_stick(devices),
+                Err(error) if error.is_link_lost() => {
+                    return Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))
+                }
+                Err(error) => warn!(%error, "scheduled ZigBee backup: cannot read the devices"),
+            }
+            let cfg = &state.cfg;
+            match commission::save(cfg, &network, &started.firmware)
+                .and_then(|()| commission::save_devices(cfg, &state.devices))
+            {
                 Ok(()) => debug!(
                     frame_counter = network.frame_counter,
                     "scheduled ZigBee backup"
@@ -534,6 +604,8 @@ impl State {
             next_handle: first_handle,
             next_trans: first_handle as u8,
             max_in_flight: 1,
+            assoc_commands: false,
+            expired: std::collections::HashSet::new(),
         }
     }
 
@@ -595,7 +667,7 @@ impl State {
             .collect();
         for (handle, stage) in overdue {
             let reason = match stage {
-                Stage::Next | Stage::Rediscover => continue,
+                Stage::Next | Stage::Rediscover | Stage::DropStale | Stage::Readd => continue,
                 Stage::Confirm { .. } => {
                     ZigbeeCounters::bump(&self.counters.confirm_timeouts);
                     format!("no AF_DATA_CONFIRM within {:?}", self.cfg.confirm_timeout)
@@ -608,7 +680,19 @@ impl State {
                     )
                 }
             };
-            self.finish(handle, Err(retry_later(reason)));
+            self.fail_or_readd(handle, retry_later(reason));
+        }
+    }
+
+    /// Ends offer `handle` with `failure`, unless a stale child entry was
+    /// dropped for it: then `send_due` puts the entry back first.
+    fn fail_or_readd(&mut self, handle: u16, failure: DeliveryFailure) {
+        match self.in_flight.get_mut(&handle) {
+            Some(flight) if matches!(flight.stale, StaleChild::Dropped { .. }) => {
+                flight.failure = Some(failure);
+                flight.stage = Stage::Readd;
+            }
+            _ => self.finish(handle, Err(failure)),
         }
     }
 
@@ -683,8 +767,10 @@ impl State {
                 unsent: segments.into(),
                 sent: None,
                 rediscovered: false,
+                stale: StaleChild::Unchecked,
                 stage: Stage::Next,
                 deadline: Instant::now(),
+                failure: None,
             },
         );
         self.send_next(znp, handle).await
@@ -703,12 +789,157 @@ impl State {
             .map(|(handle, f)| (*handle, f.stage))
             .collect();
         for (handle, stage) in due {
-            if stage == Stage::Rediscover {
-                self.rediscover(znp, handle).await?;
+            match stage {
+                Stage::Rediscover => self.rediscover(znp, handle).await?,
+                Stage::DropStale => {
+                    if !self.drop_stale_child(znp, handle).await? {
+                        continue;
+                    }
+                }
+                Stage::Readd => {
+                    self.readd_child(znp, handle).await?;
+                    continue;
+                }
+                Stage::Next | Stage::Confirm { .. } | Stage::Result => {}
             }
             self.send_next(znp, handle).await?;
         }
         Ok(())
+    }
+
+    /// The tag of offer `handle` let two offers expire: if the coordinator
+    /// holds it as a child (`UTIL_ASSOC_GET_WITH_ADDRESS` by its IEEE
+    /// address), the entry is dropped (`UTIL_ASSOC_REMOVE`), a route
+    /// discovered (as zigpy-znp does right after) and the segment queued
+    /// again: `Ok(true)`. Otherwise the offer ends as expired: `Ok(false)`.
+    /// `Err` only when the adapter is lost.
+    async fn drop_stale_child<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        znp: &mut Znp<P>,
+        handle: u16,
+    ) -> Result<bool, Stop> {
+        let Some(flight) = self.in_flight.get_mut(&handle) else {
+            return Ok(false);
+        };
+        flight.stale = StaleChild::Kept;
+        let ieee = self
+            .devices
+            .by_tag_id(&flight.tag_id)
+            .or_else(|| self.devices.by_nwk(flight.address.nwk))
+            .map(|d| d.ieee);
+        let expired = confirm_failure(MAC_TRANSACTION_EXPIRED);
+        let Some(ieee) = ieee else {
+            self.finish(handle, Err(expired));
+            return Ok(false);
+        };
+        let mut lookup = ieee.to_le_bytes().to_vec();
+        // The IEEE address takes priority over this network address.
+        lookup.extend(0u16.to_le_bytes());
+        let entry = match self
+            .assoc_request(znp, znp::UTIL_ASSOC_GET_WITH_ADDRESS, lookup)
+            .await?
+        {
+            Some(reply) => reply,
+            None => {
+                self.finish(handle, Err(expired));
+                return Ok(false);
+            }
+        };
+        let (nwk, relation) = match entry.as_slice() {
+            [lo, hi, _, _, relation, ..] => (u16::from_le_bytes([*lo, *hi]), *relation),
+            _ => (ASSOC_NO_ADDRESS, RELATION_NOT_USED),
+        };
+        if nwk == ASSOC_NO_ADDRESS || relation == RELATION_NOT_USED {
+            // Not the coordinator's child: it was simply asleep.
+            self.finish(handle, Err(expired));
+            return Ok(false);
+        }
+        match self
+            .assoc_request(znp, znp::UTIL_ASSOC_REMOVE, ieee.to_le_bytes().to_vec())
+            .await?
+        {
+            Some(reply) if reply.first() == Some(&0) => {}
+            _ => {
+                self.finish(handle, Err(expired));
+                return Ok(false);
+            }
+        }
+        ZigbeeCounters::bump(&self.counters.stale_children_dropped);
+        info!(ieee = format_args!("{ieee:016x}"), nwk = format_args!("{nwk:#06x}"),
+            "offers to the tag expired twice: dropped it as the coordinator's child so frames are routed to its parent");
+        if let Some(flight) = self.in_flight.get_mut(&handle) {
+            flight.stale = StaleChild::Dropped {
+                ieee,
+                nwk,
+                relation,
+            };
+            // The route discovery below, once, stands for the one 0xCD
+            // would ask for.
+            flight.rediscovered = false;
+            flight.stage = Stage::Rediscover;
+        }
+        self.rediscover(znp, handle).await?;
+        Ok(true)
+    }
+
+    /// Puts back the child entry dropped for offer `handle` (the offer
+    /// failed anyway: the tag may still be the coordinator's child), then
+    /// ends the offer with its failure. `Err` only when the adapter is
+    /// lost.
+    async fn readd_child<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        znp: &mut Znp<P>,
+        handle: u16,
+    ) -> Result<(), Stop> {
+        let Some(flight) = self.in_flight.get_mut(&handle) else {
+            return Ok(());
+        };
+        let failure = flight
+            .failure
+            .take()
+            .unwrap_or_else(|| confirm_failure(MAC_TRANSACTION_EXPIRED));
+        if let StaleChild::Dropped {
+            ieee,
+            nwk,
+            relation,
+        } = std::mem::replace(&mut flight.stale, StaleChild::Kept)
+        {
+            let mut entry = nwk.to_le_bytes().to_vec();
+            entry.extend(ieee.to_le_bytes());
+            entry.push(relation);
+            if self
+                .assoc_request(znp, znp::UTIL_ASSOC_ADD, entry)
+                .await?
+                .is_some()
+            {
+                ZigbeeCounters::bump(&self.counters.stale_children_restored);
+                debug!(ieee = format_args!("{ieee:016x}"), "child entry put back");
+            }
+        }
+        self.finish(handle, Err(failure));
+        Ok(())
+    }
+
+    /// One association-table request; `None` when the stick refused it
+    /// (then the firmware is taken not to have these commands). `Err`
+    /// only when the adapter is lost.
+    async fn assoc_request<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        znp: &mut Znp<P>,
+        command: znp::Command,
+        payload: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, Stop> {
+        match znp.request(command, payload).await {
+            Ok(reply) => Ok(Some(reply)),
+            Err(error) if error.is_link_lost() => {
+                Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))
+            }
+            Err(error) => {
+                warn!(%error, command = command.name, "association-table command refused; not used again");
+                self.assoc_commands = false;
+                Ok(None)
+            }
+        }
     }
 
     /// `ZDO_EXT_ROUTE_DISC` to offer `handle`'s tag, and its last segment
@@ -915,11 +1146,30 @@ impl State {
             debug!(trans, status, "AF_DATA_CONFIRM for nothing in flight");
             return;
         };
+        let tag_id = flight.tag_id.clone();
+        if status == MAC_TRANSACTION_EXPIRED
+            && self.assoc_commands
+            && flight.stale == StaleChild::Unchecked
+            && self.expired.contains(&tag_id)
+        {
+            // Expired twice in a row: `send_due` looks for a stale child
+            // entry.
+            flight.stage = Stage::DropStale;
+            return;
+        }
+        if status == MAC_TRANSACTION_EXPIRED {
+            self.expired.insert(tag_id);
+        } else if status == 0 {
+            self.expired.remove(&tag_id);
+        }
+        let Some(flight) = self.in_flight.get_mut(&handle) else {
+            return;
+        };
         if status == NWK_NO_ROUTE && !flight.rediscovered {
             // `send_due` discovers a route and sends the segment again.
             flight.stage = Stage::Rediscover;
         } else if status != 0 {
-            self.finish(handle, Err(confirm_failure(status)));
+            self.fail_or_readd(handle, confirm_failure(status));
         } else if flight.unsent.is_empty() {
             flight.stage = Stage::Result;
             flight.deadline = Instant::now() + self.cfg.result_timeout;
@@ -1127,8 +1377,10 @@ mod tests {
                 unsent: vec![vec![0u8]; more].into(),
                 sent: Some(vec![0u8]),
                 rediscovered: false,
+                stale: StaleChild::Unchecked,
                 stage: Stage::Confirm { trans },
                 deadline: Instant::now() + CONFIRM,
+                failure: None,
             },
         );
     }

@@ -69,6 +69,9 @@ const CONTROL_CAPACITY: usize = 16;
 const FIRST_NWK: u16 = 0x1000;
 /// Endpoint of the ESL application on every tag.
 const TAG_ENDPOINT: u8 = 1;
+/// Entries of the fake 3.x.0 stick's address manager (real builds have
+/// tens).
+const ADDRMGR_SIZE: u16 = 32;
 /// Time the fake takes for an SRSP-less step (reset, network start, confirm
 /// of an awake tag).
 const STEP: Duration = Duration::from_millis(5);
@@ -163,6 +166,16 @@ pub struct FakeConfig {
     /// Tags the coordinator has no route to (confirm 0xCD) until a
     /// `ZDO_EXT_ROUTE_DISC` names them.
     pub unrouted: Vec<String>,
+    /// The configured tags are children of the stick (in its address
+    /// manager, Z-Stack 3.x.0) once it has a network; `false` models a
+    /// new stick that knows none of them: offers to them find no route
+    /// (0xCD) until a restore writes them back.
+    pub tags_joined: bool,
+    /// Tags that moved to another parent while the coordinator still holds
+    /// them as children (child aging off): offers to them expire (0xF0)
+    /// until `UTIL_ASSOC_REMOVE` drops the stale entry; then they are
+    /// routed to the new parent.
+    pub moved: Vec<String>,
 }
 
 impl FakeConfig {
@@ -185,6 +198,8 @@ impl FakeConfig {
             in_bootloader: false,
             reboot_ms: 5,
             unrouted: Vec::new(),
+            tags_joined: true,
+            moved: Vec::new(),
         }
     }
 }
@@ -221,6 +236,10 @@ pub struct FakeStats {
     pub last_permit_join_s: AtomicU64,
     /// Most offers tags were receiving or rendering at the same time.
     pub max_offers_at_once: AtomicU64,
+    /// `UTIL_ASSOC_REMOVE` and `UTIL_ASSOC_ADD` requests that changed the
+    /// association table.
+    pub assoc_removals: AtomicU64,
+    pub assoc_adds: AtomicU64,
 }
 
 impl FakeStats {
@@ -318,6 +337,10 @@ impl FakeCoordinator {
             stats: stats.clone(),
             control_rx,
         };
+        let mut task = task;
+        if task.cfg.network.is_some() {
+            task.join_configured_tags();
+        }
         tokio::spawn(task.run());
         Ok(FakeCoordinator {
             control_tx,
@@ -635,6 +658,9 @@ impl FakeTask {
                     // A fresh address above every other one.
                     let nwk = self.tags.iter().map(|t| t.nwk).max().unwrap_or(FIRST_NWK) + 1;
                     self.tags[i].nwk = nwk;
+                    if let Some((_, entry)) = self.addrmgr_find(self.tags[i].ieee) {
+                        self.addrmgr_set(self.tags[i].ieee, nwk, entry[0]);
+                    }
                     self.announce(i, None);
                     nwk
                 });
@@ -679,12 +705,73 @@ impl FakeTask {
             battery_mv: 3000,
             rssi_dbm: -60,
         });
+        self.addrmgr_set(ieee, nwk, nv::ADDRMGR_ASSOC | nv::ADDRMGR_SECURITY);
         if checks_in {
             let first = Duration::from_millis(self.cfg.checkin_interval_ms);
             self.timers.add(now + first, Action::CheckIn(index));
         }
         self.announce(index, Some(0x0000));
         Ok(FakeJoin { tag_id, ieee, nwk })
+    }
+
+    /// The configured tags become the stick's children, when they are
+    /// joined (`tags_joined`).
+    fn join_configured_tags(&mut self) {
+        if !self.cfg.tags_joined {
+            return;
+        }
+        let joined: Vec<(u64, u16)> = self.tags.iter().map(|t| (t.ieee, t.nwk)).collect();
+        for (ieee, nwk) in joined {
+            self.addrmgr_set(ieee, nwk, nv::ADDRMGR_ASSOC | nv::ADDRMGR_SECURITY);
+        }
+    }
+
+    /// The address-manager entry of `ieee`: its sub id and value. Only
+    /// Z-Stack 3.x.0 keeps it (in extended NV).
+    fn addrmgr_find(&self, ieee: u64) -> Option<(u16, Vec<u8>)> {
+        self.ex_nv
+            .iter()
+            .find(|((item, _), e)| {
+                *item == nvid::EX_ADDRMGR && e.get(4..12) == Some(&ieee.to_le_bytes()[..])
+            })
+            .map(|((_, sub), e)| (*sub, e.clone()))
+    }
+
+    /// Sets `ieee`'s entry (its own, else the first free one; a full table
+    /// keeps nothing).
+    fn addrmgr_set(&mut self, ieee: u64, nwk: u16, user: u8) {
+        let sub = self.addrmgr_find(ieee).map(|(sub, _)| sub).or_else(|| {
+            (0..ADDRMGR_SIZE).find(|sub| {
+                self.ex_nv
+                    .get(&(nvid::EX_ADDRMGR, *sub))
+                    .is_some_and(|e| e[0] == 0xFF)
+            })
+        });
+        if let Some(sub) = sub {
+            let mut device = super::devices::Device::new(ieee, nwk, true);
+            device.is_child = user & nv::ADDRMGR_ASSOC != 0;
+            let mut entry = nv::addrmgr_entry(&device).to_vec();
+            entry[0] = user;
+            self.ex_nv.insert((nvid::EX_ADDRMGR, sub), entry);
+        }
+    }
+
+    /// Whether offers to tag `index` find it: `Err(status)` with the
+    /// confirm status when they do not. Z-Stack 3.x.0 only (the fake's 1.2
+    /// keeps no address manager).
+    fn reachable(&self, index: usize) -> Result<(), u8> {
+        if self.cfg.firmware != FakeFirmware::ZStack3x {
+            return Ok(());
+        }
+        let tag = &self.tags[index];
+        match self.addrmgr_find(tag.ieee) {
+            // Neither a child nor a known device: no route.
+            None => Err(0xCD),
+            Some((_, e)) if e[0] & nv::ADDRMGR_ASSOC != 0 && self.cfg.moved.contains(&tag.id) => {
+                Err(0xF0)
+            }
+            Some(_) => Ok(()),
+        }
     }
 
     /// Tag `index` joined through `parent` (the trust centre says so), and
@@ -933,6 +1020,72 @@ impl FakeTask {
                 self.routed.insert(u16::from_le_bytes([*lo, *hi]));
             }
             self.send(znp::ZDO_EXT_ROUTE_DISC, FrameType::Srsp, vec![0]);
+        } else if znp::UTIL_ASSOC_GET_WITH_ADDRESS.is(&frame, FrameType::Sreq) && !z12 {
+            // IEEE address (all zeros: look up by the network address).
+            let found = match payload.as_slice() {
+                [ieee @ .., lo, hi] if ieee.len() == 8 => {
+                    let ieee = u64::from_le_bytes(ieee.try_into().expect("8 bytes"));
+                    let nwk = u16::from_le_bytes([*lo, *hi]);
+                    self.tags
+                        .iter()
+                        .find(|t| {
+                            if ieee != 0 {
+                                t.ieee == ieee
+                            } else {
+                                t.nwk == nwk
+                            }
+                        })
+                        .and_then(|t| self.addrmgr_find(t.ieee))
+                        .filter(|(_, e)| e[0] & nv::ADDRMGR_ASSOC != 0)
+                }
+                _ => None,
+            };
+            // associated_devices_t: short address, index, relation, then
+            // fields nobody here reads.
+            let mut device = match found {
+                Some((sub, e)) => {
+                    let mut d = e[2..4].to_vec();
+                    d.extend(sub.to_le_bytes());
+                    d.push(1); // CHILD_RFD
+                    d
+                }
+                None => vec![0xFE, 0xFF, 0xFF, 0xFF, 0xFF],
+            };
+            device.resize(19, 0);
+            self.send(znp::UTIL_ASSOC_GET_WITH_ADDRESS, FrameType::Srsp, device);
+        } else if znp::UTIL_ASSOC_REMOVE.is(&frame, FrameType::Sreq) && !z12 {
+            let status = match <[u8; 8]>::try_from(payload.as_slice()) {
+                Ok(ieee) => match self.addrmgr_find(u64::from_le_bytes(ieee)) {
+                    Some((sub, mut e)) if e[0] & nv::ADDRMGR_ASSOC != 0 => {
+                        e[0] &= !nv::ADDRMGR_ASSOC;
+                        self.ex_nv.insert((nvid::EX_ADDRMGR, sub), e);
+                        bump(&self.stats.assoc_removals);
+                        0
+                    }
+                    _ => 1,
+                },
+                Err(_) => 0x02,
+            };
+            self.send(znp::UTIL_ASSOC_REMOVE, FrameType::Srsp, vec![status]);
+        } else if znp::UTIL_ASSOC_ADD.is(&frame, FrameType::Sreq) && !z12 {
+            // Network address, IEEE address, relation.
+            let status = match payload.as_slice() {
+                [lo, hi, rest @ ..] if rest.len() == 9 => {
+                    let ieee = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+                    let user = self
+                        .addrmgr_find(ieee)
+                        .map_or(nv::ADDRMGR_SECURITY, |(_, e)| e[0]);
+                    self.addrmgr_set(
+                        ieee,
+                        u16::from_le_bytes([*lo, *hi]),
+                        user | nv::ADDRMGR_ASSOC,
+                    );
+                    bump(&self.stats.assoc_adds);
+                    0
+                }
+                _ => 0x02,
+            };
+            self.send(znp::UTIL_ASSOC_ADD, FrameType::Srsp, vec![status]);
         } else if znp::UTIL_GET_DEVICE_INFO.is(&frame, FrameType::Sreq) {
             let state = if self.running { znp::DEV_ZB_COORD } else { 0 };
             let mut info = vec![0];
@@ -1019,6 +1172,7 @@ impl FakeTask {
             network_key,
         };
         store_network(&mut self.nv, &mut self.ex_nv, self.cfg.firmware, &network);
+        self.join_configured_tags();
     }
 
     /// The network frame counter's bytes: the network's own entry (3.30+)
@@ -1081,6 +1235,21 @@ impl FakeTask {
         if self.cfg.unrouted.contains(&self.tags[tag].id) && !self.routed.contains(&nwk) {
             self.timers.add(now + STEP, Action::Send(confirm(0xCD)));
             return;
+        }
+        match self.reachable(tag) {
+            Ok(()) => {}
+            Err(0xF0) => {
+                // Held for a poll that never comes: the tag polls another
+                // parent.
+                bump(&self.stats.confirms_expired);
+                let expire = now + Duration::from_millis(self.cfg.expire_ms);
+                self.timers.add(expire, Action::Send(confirm(0xF0)));
+                return;
+            }
+            Err(status) => {
+                self.timers.add(now + STEP, Action::Send(confirm(status)));
+                return;
+            }
         }
         let awake = self.tags[tag].awake_until.is_some_and(|until| now <= until);
         if !awake {
@@ -1330,6 +1499,10 @@ fn store_network(
     };
     match firmware {
         FakeFirmware::ZStack3x => {
+            for sub in 0..ADDRMGR_SIZE {
+                let empty = [0xFF; nv::ADDRMGR_ENTRY_LEN].to_vec();
+                ex_nv.insert((nvid::EX_ADDRMGR, sub), empty);
+            }
             ex_nv.insert((nvid::EX_NWK_SEC_MATERIAL_TABLE, 0), entry(7, u64::MAX));
             ex_nv.insert(
                 (nvid::EX_NWK_SEC_MATERIAL_TABLE, 1),

@@ -253,6 +253,10 @@ zigbee_counters! {
     device_announces,
     /// Route discoveries after a "no route" confirm (0xCD).
     route_discoveries,
+    /// Tags dropped as the coordinator's child after two expired offers
+    /// (0xF0), and entries put back because the offer failed anyway.
+    stale_children_dropped,
+    stale_children_restored,
     /// Check-ins dropped because the agent did not keep up.
     checkins_dropped,
     /// Successful start-ups of the adapter, and losses of it.

@@ -15,6 +15,7 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::devices::Device;
 use super::firmware::ZStack;
 use super::znp::{self, Znp, ZnpError};
 
@@ -54,7 +55,23 @@ pub mod id {
     /// Z-Stack 3.30+ (extended NV, system ZSTACK): the security material
     /// table, one entry per sub id (zigpy-znp `ExNvIds`).
     pub const EX_NWK_SEC_MATERIAL_TABLE: u16 = 0x0007;
+    /// Z-Stack 3.30+ (extended NV): the address manager, one device per
+    /// sub id (zigpy-znp `ExNvIds.ADDRMGR`).
+    pub const EX_ADDRMGR: u16 = 0x0001;
 }
+
+/// An address-manager entry on Z-Stack 3.30+ (CC26x2, natural alignment):
+/// user type (1), padding (1), network address (2), IEEE address (8)
+/// (zigpy-znp `AddrMgrEntry`, `align_structs`).
+pub const ADDRMGR_ENTRY_LEN: usize = 12;
+/// Address-manager entries read at most (the firmware's table has a fixed
+/// size, tens of entries; an uninitialised sub id ends it sooner).
+const ADDRMGR_MAX: u16 = 512;
+/// Address-manager user types: a child associated with the coordinator,
+/// and a device the trust centre holds keys for (zigpy-znp
+/// `AddrMgrUserType`).
+pub const ADDRMGR_ASSOC: u8 = 0x01;
+pub const ADDRMGR_SECURITY: u8 = 0x02;
 
 /// Extended NV system id of Z-Stack's items (zigpy-znp `NvSysIds.ZSTACK`).
 pub const NV_SYS_ZSTACK: u8 = 1;
@@ -460,7 +477,9 @@ async fn find_counter<P: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         ZStack::V3x => {
             for sub in 0..SEC_MATERIAL_MAX {
-                let Some(entry) = ex_read(znp, id::EX_NWK_SEC_MATERIAL_TABLE, sub).await? else {
+                let Some(entry) =
+                    ex_read(znp, id::EX_NWK_SEC_MATERIAL_TABLE, sub, SEC_MATERIAL_LEN).await?
+                else {
                     break;
                 };
                 match counter_of(&entry) {
@@ -515,36 +534,133 @@ pub async fn write_frame_counter<P: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
         CounterAt::Ex { sub } => {
-            let mut request = vec![NV_SYS_ZSTACK];
-            request.extend(id::EX_NWK_SEC_MATERIAL_TABLE.to_le_bytes());
-            request.extend(sub.to_le_bytes());
-            request.extend(0u16.to_le_bytes());
-            request.push(value.len() as u8);
-            request.extend(value);
-            let reply = znp.request(znp::SYS_NV_WRITE, request).await?;
-            match reply.first() {
-                Some(0) => Ok(()),
+            match ex_write(znp, id::EX_NWK_SEC_MATERIAL_TABLE, sub, &value).await? {
+                0 => Ok(()),
                 other => Err(nv_failed(
                     znp::SYS_NV_WRITE.name,
                     id::EX_NWK_SEC_MATERIAL_TABLE,
-                    other,
+                    Some(&other),
                 )),
             }
         }
     }
 }
 
-/// One extended-NV security-material entry; `None` past the table's end.
+/// Writes an existing extended-NV entry from its start; the NV status.
+async fn ex_write<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    item: u16,
+    sub: u16,
+    value: &[u8],
+) -> Result<u8, ZnpError> {
+    let mut request = vec![NV_SYS_ZSTACK];
+    request.extend(item.to_le_bytes());
+    request.extend(sub.to_le_bytes());
+    request.extend(0u16.to_le_bytes());
+    // Entries here are 12 or 4 bytes.
+    request.push(value.len() as u8);
+    request.extend(value);
+    let reply = znp.request(znp::SYS_NV_WRITE, request).await?;
+    reply.first().copied().ok_or_else(|| ZnpError::Malformed {
+        name: znp::SYS_NV_WRITE.name,
+        detail: "empty reply".into(),
+    })
+}
+
+/// The devices in the stick's address manager (children of the
+/// coordinator, and devices the trust centre knows), as zigpy-znp
+/// `read_devices` reads them. Only Z-Stack 3.x.0 (extended NV); older
+/// firmware keeps the table in one OSAL item this backend does not read
+/// yet: nothing.
+pub async fn read_devices<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    stack: ZStack,
+) -> Result<Vec<Device>, ZnpError> {
+    let mut devices = Vec::new();
+    if stack != ZStack::V3x {
+        return Ok(devices);
+    }
+    for sub in 0..ADDRMGR_MAX {
+        let Some(entry) = ex_read(znp, id::EX_ADDRMGR, sub, ADDRMGR_ENTRY_LEN).await? else {
+            break;
+        };
+        devices.extend(parse_addrmgr_entry(&entry));
+    }
+    Ok(devices)
+}
+
+/// One address-manager entry; `None` for an empty one or a user type that
+/// is neither a child nor a secured device.
+pub fn parse_addrmgr_entry(entry: &[u8]) -> Option<Device> {
+    let user = *entry.first()?;
+    let nwk = u16::from_le_bytes(entry.get(2..4)?.try_into().ok()?);
+    let ieee = u64::from_le_bytes(entry.get(4..12)?.try_into().ok()?);
+    if ieee == 0 || ieee == u64::MAX || user == 0xFF {
+        return None;
+    }
+    (user & (ADDRMGR_ASSOC | ADDRMGR_SECURITY) != 0)
+        .then(|| Device::new(ieee, nwk, user & ADDRMGR_ASSOC != 0))
+}
+
+/// The address-manager entry of `device` (a child is associated and
+/// secured, as zigpy-znp writes it).
+pub fn addrmgr_entry(device: &Device) -> [u8; ADDRMGR_ENTRY_LEN] {
+    let user = if device.is_child {
+        ADDRMGR_ASSOC | ADDRMGR_SECURITY
+    } else {
+        ADDRMGR_SECURITY
+    };
+    let mut entry = [0xFF; ADDRMGR_ENTRY_LEN];
+    entry[0] = user;
+    entry[2..4].copy_from_slice(&device.nwk.to_le_bytes());
+    entry[4..12].copy_from_slice(&device.ieee.to_le_bytes());
+    entry
+}
+
+/// Writes `devices` into the address manager of a freshly formed stick
+/// (from its first entry); returns how many fitted (the table's size is
+/// the firmware's). Only Z-Stack 3.x.0: elsewhere nothing is written.
+pub async fn write_devices<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    stack: ZStack,
+    devices: &[Device],
+) -> Result<usize, ZnpError> {
+    if stack != ZStack::V3x {
+        return Ok(0);
+    }
+    for (sub, device) in devices.iter().enumerate() {
+        // The table ends where an entry does not exist.
+        let Ok(sub) = u16::try_from(sub) else {
+            return Ok(sub);
+        };
+        match ex_write(znp, id::EX_ADDRMGR, sub, &addrmgr_entry(device)).await? {
+            0 => {}
+            NV_ITEM_UNINIT => return Ok(usize::from(sub)),
+            other => {
+                return Err(nv_failed(
+                    znp::SYS_NV_WRITE.name,
+                    id::EX_ADDRMGR,
+                    Some(&other),
+                ))
+            }
+        }
+    }
+    Ok(devices.len())
+}
+
+/// One extended-NV table entry of `len` bytes; `None` past the table's
+/// end.
 async fn ex_read<P: AsyncRead + AsyncWrite + Unpin + Send>(
     znp: &mut Znp<P>,
     item: u16,
     sub: u16,
+    len: usize,
 ) -> Result<Option<Vec<u8>>, ZnpError> {
     let mut request = vec![NV_SYS_ZSTACK];
     request.extend(item.to_le_bytes());
     request.extend(sub.to_le_bytes());
     request.extend(0u16.to_le_bytes());
-    request.push(SEC_MATERIAL_LEN as u8);
+    request.push(len as u8);
     let reply = match znp.request(znp::SYS_NV_READ, request).await {
         Ok(reply) => reply,
         // A 3.0 build mistaken for 3.30+: no extended NV.
@@ -621,6 +737,32 @@ mod tests {
         assert_eq!(channel_mask(&[11, 15, 20, 25]), 0x0210_8800);
         assert_eq!(mask_channels(0x0210_8800), [11, 15, 20, 25]);
         assert_eq!(channel_mask(&[10, 27]), 0, "out of range ignored");
+    }
+
+    #[test]
+    fn address_manager_entries_follow_the_aligned_layout() {
+        let ieee = 0x0012_4B00_0102_0304u64;
+        // type, padding, nwk (LE), IEEE (LE): zigpy-znp `AddrMgrEntry` on
+        // CC26x2.
+        let mut entry = vec![0x03, 0xFF, 0x34, 0x12];
+        entry.extend(ieee.to_le_bytes());
+        let device = parse_addrmgr_entry(&entry).expect("a child");
+        assert_eq!(
+            (device.ieee, device.nwk, device.is_child),
+            (ieee, 0x1234, true)
+        );
+        assert_eq!(addrmgr_entry(&device).to_vec(), entry, "written as read");
+        entry[0] = ADDRMGR_SECURITY;
+        assert!(!parse_addrmgr_entry(&entry).expect("known").is_child);
+        let mut router = Device::new(ieee, 0x1234, false);
+        router.tag_id = Some("x".into());
+        assert_eq!(addrmgr_entry(&router)[0], ADDRMGR_SECURITY);
+        // Empty (Z-Stack 3 fills with 0xFF), default-type and blank ones.
+        assert!(parse_addrmgr_entry(&[0xFF; ADDRMGR_ENTRY_LEN]).is_none());
+        entry[0] = 0;
+        assert!(parse_addrmgr_entry(&entry).is_none());
+        assert!(parse_addrmgr_entry(&[0x01, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_none());
+        assert!(parse_addrmgr_entry(&entry[..5]).is_none());
     }
 
     #[test]
