@@ -84,6 +84,10 @@ pub enum FakeFirmware {
     ZStack3x,
     /// Z-Stack Home 1.2 on a CC2531 (no APP_CNF, packed NIB).
     ZStack12,
+    /// Z-Stack 3.0.x on a CC2531 (product 2, APP_CNF, packed NIB, no
+    /// extended NV: the frame counter in the legacy security-material items
+    /// 0x0075…, no address manager modelled, no `UTIL_ASSOC_*`).
+    ZStack30,
 }
 
 impl FakeFirmware {
@@ -93,6 +97,8 @@ impl FakeFirmware {
             FakeFirmware::ZStack3x => 0x0659,
             // SYS AF ZDO SAPI UTIL APP, no APP_CNF.
             FakeFirmware::ZStack12 => 0x0179,
+            // SYS AF ZDO UTIL GP APP_CNF.
+            FakeFirmware::ZStack30 => 0x0659,
         }
     }
 }
@@ -841,7 +847,9 @@ impl FakeTask {
                 .get(&nvid::STARTUP_OPTION)
                 .and_then(|v| v.first().copied());
             if option.is_some_and(|o| o & 0x02 != 0) {
-                for item in NETWORK_STATE_ITEMS {
+                let legacy = nvid::LEGACY_NWK_SEC_MATERIAL_TABLE_START
+                    ..=nvid::LEGACY_NWK_SEC_MATERIAL_TABLE_END;
+                for item in NETWORK_STATE_ITEMS.into_iter().chain(legacy) {
                     self.nv.remove(&item);
                 }
                 self.ex_nv.clear();
@@ -862,6 +870,8 @@ impl FakeTask {
             return;
         }
         let z12 = self.cfg.firmware == FakeFirmware::ZStack12;
+        // Extended NV and the association commands: 3.x.0 builds only.
+        let z3x = self.cfg.firmware == FakeFirmware::ZStack3x;
         if frame.subsystem() == super::frame::subsystem::APP_CNF && z12 {
             // Invalid subsystem: 1.2 has no APP_CNF.
             let error = vec![1, frame.cmd0(), frame.cmd1()];
@@ -876,6 +886,8 @@ impl FakeTask {
             let version = match self.cfg.firmware {
                 FakeFirmware::ZStack3x => vec![2, 1, 2, 7, 1, 0xAB, 0xB2, 0x34, 0x01],
                 FakeFirmware::ZStack12 => vec![2, 0, 2, 6, 3, 0x7D, 0x7A, 0x34, 0x01],
+                // 2.7.2, 20190608.
+                FakeFirmware::ZStack30 => vec![2, 2, 2, 7, 2, 0x90, 0x15, 0x34, 0x01],
             };
             self.send(znp::SYS_VERSION, FrameType::Srsp, version);
         } else if znp::SYS_OSAL_NV_READ.is(&frame, FrameType::Sreq) {
@@ -912,7 +924,7 @@ impl FakeTask {
                 _ => 0x02,
             };
             self.send(znp::SYS_OSAL_NV_WRITE, FrameType::Srsp, vec![status]);
-        } else if znp::SYS_NV_READ.is(&frame, FrameType::Sreq) && !z12 {
+        } else if znp::SYS_NV_READ.is(&frame, FrameType::Sreq) && z3x {
             let reply = match payload.as_slice() {
                 [1, il, ih, sl, sh, ol, oh, len] => {
                     let key = (
@@ -934,7 +946,7 @@ impl FakeTask {
                 _ => vec![0x02, 0],
             };
             self.send(znp::SYS_NV_READ, FrameType::Srsp, reply);
-        } else if znp::SYS_NV_WRITE.is(&frame, FrameType::Sreq) && !z12 {
+        } else if znp::SYS_NV_WRITE.is(&frame, FrameType::Sreq) && z3x {
             let status = match payload.as_slice() {
                 [1, il, ih, sl, sh, ol, oh, len, value @ ..]
                     if value.len() == usize::from(*len) =>
@@ -1020,7 +1032,7 @@ impl FakeTask {
                 self.routed.insert(u16::from_le_bytes([*lo, *hi]));
             }
             self.send(znp::ZDO_EXT_ROUTE_DISC, FrameType::Srsp, vec![0]);
-        } else if znp::UTIL_ASSOC_GET_WITH_ADDRESS.is(&frame, FrameType::Sreq) && !z12 {
+        } else if znp::UTIL_ASSOC_GET_WITH_ADDRESS.is(&frame, FrameType::Sreq) && z3x {
             // IEEE address (all zeros: look up by the network address).
             let found = match payload.as_slice() {
                 [ieee @ .., lo, hi] if ieee.len() == 8 => {
@@ -1053,7 +1065,7 @@ impl FakeTask {
             };
             device.resize(19, 0);
             self.send(znp::UTIL_ASSOC_GET_WITH_ADDRESS, FrameType::Srsp, device);
-        } else if znp::UTIL_ASSOC_REMOVE.is(&frame, FrameType::Sreq) && !z12 {
+        } else if znp::UTIL_ASSOC_REMOVE.is(&frame, FrameType::Sreq) && z3x {
             let status = match <[u8; 8]>::try_from(payload.as_slice()) {
                 Ok(ieee) => match self.addrmgr_find(u64::from_le_bytes(ieee)) {
                     Some((sub, mut e)) if e[0] & nv::ADDRMGR_ASSOC != 0 => {
@@ -1067,7 +1079,7 @@ impl FakeTask {
                 Err(_) => 0x02,
             };
             self.send(znp::UTIL_ASSOC_REMOVE, FrameType::Srsp, vec![status]);
-        } else if znp::UTIL_ASSOC_ADD.is(&frame, FrameType::Sreq) && !z12 {
+        } else if znp::UTIL_ASSOC_ADD.is(&frame, FrameType::Sreq) && z3x {
             // Network address, IEEE address, relation.
             let status = match payload.as_slice() {
                 [lo, hi, rest @ ..] if rest.len() == 9 => {
@@ -1192,6 +1204,16 @@ impl FakeTask {
                 .nv
                 .get_mut(&nvid::NWKKEY)
                 .and_then(|k| k.get_mut(17..21)),
+            FakeFirmware::ZStack30 => self
+                .nv
+                .iter_mut()
+                .find(|(item, e)| {
+                    (nvid::LEGACY_NWK_SEC_MATERIAL_TABLE_START
+                        ..=nvid::LEGACY_NWK_SEC_MATERIAL_TABLE_END)
+                        .contains(*item)
+                        && e.get(4..12) == Some(&ext.to_le_bytes()[..])
+                })
+                .map(|(_, e)| &mut e[..4]),
         }
     }
 
@@ -1515,6 +1537,11 @@ fn store_network(
             item.extend(0u32.to_le_bytes());
             nv.insert(nvid::NWKKEY, item);
         }
+        FakeFirmware::ZStack30 => {
+            let first = nvid::LEGACY_NWK_SEC_MATERIAL_TABLE_START;
+            nv.insert(first, entry(7, u64::MAX));
+            nv.insert(first + 1, entry(0, network.extended_pan_id));
+        }
     }
     let nib = Nib {
         security_level: 5,
@@ -1525,10 +1552,10 @@ fn store_network(
         key_loaded: true,
         update_id: 0,
     };
-    let z3 = firmware == FakeFirmware::ZStack3x;
-    nv.insert(nvid::NIB, nib.encode(z3));
+    // 32-bit CC26x2 aligns the NIB; 8-bit CC2531 packs it.
+    nv.insert(nvid::NIB, nib.encode(firmware == FakeFirmware::ZStack3x));
     nv.insert(nvid::PRECFGKEY, network.network_key.to_vec());
-    if z3 {
+    if firmware != FakeFirmware::ZStack12 {
         let mut key_info = vec![0];
         key_info.extend(network.network_key);
         nv.insert(nvid::NWK_ACTIVE_KEY_INFO, key_info);

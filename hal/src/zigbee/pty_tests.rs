@@ -964,3 +964,49 @@ async fn devices_backed_up_from_one_stick_are_reached_through_the_new_one() {
     .await;
     assert_eq!(outcome.result, Ok(()), "{outcome:?}");
 }
+
+/// Z-Stack 3.0.x (CC2531) keeps the network frame counter in the legacy
+/// security-material items (0x0075…): the agent forms its network there,
+/// a backup reads the counter the stick has reached, and a restore to a
+/// blank 3.0.x stick starts above it.
+#[tokio::test]
+async fn a_zstack_30_stick_frame_counter_is_backed_up_and_restored_above() {
+    use super::commission::{backup_stick, restore_stick};
+    let mut rig = rig(|c| c.firmware = FakeFirmware::ZStack30);
+    wait_up(&mut rig.radio).await;
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000001", "t-30", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+    let sent = rig.fake.frame_counter().await.expect("a counter");
+    assert!(sent > 0);
+    let cfg = radio_config(rig.fake.port());
+    let ours = saved_network(&cfg);
+    let Rig { radio, fake, _dir } = rig;
+    drop(radio);
+    let deadline = Instant::now() + PATIENCE;
+    let backup = loop {
+        match backup_stick(&cfg).await {
+            Ok(backup) => break backup.expect("a network"),
+            Err(error) => assert!(Instant::now() < deadline, "{error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(backup.network_key.frame_counter, sent, "read from 0x0075…");
+    drop(fake);
+    while cfg.port.symlink_metadata().is_ok() {
+        assert!(Instant::now() < deadline, "the old fake never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut blank = FakeConfig::new(&cfg.port);
+    blank.firmware = FakeFirmware::ZStack30;
+    let blank = FakeCoordinator::start(blank).expect("fake");
+    restore_stick(&cfg, &backup).await.expect("restored");
+    assert_eq!(blank.network().await, Some(ours));
+    assert_eq!(
+        blank.frame_counter().await,
+        Some(sent + super::commission::FRAME_COUNTER_MARGIN)
+    );
+}
