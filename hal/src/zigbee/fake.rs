@@ -664,8 +664,8 @@ impl FakeTask {
                     // A fresh address above every other one.
                     let nwk = self.tags.iter().map(|t| t.nwk).max().unwrap_or(FIRST_NWK) + 1;
                     self.tags[i].nwk = nwk;
-                    if let Some((_, entry)) = self.addrmgr_find(self.tags[i].ieee) {
-                        self.addrmgr_set(self.tags[i].ieee, nwk, entry[0]);
+                    if let Some((_, user)) = self.addrmgr_find(self.tags[i].ieee) {
+                        self.addrmgr_set(self.tags[i].ieee, nwk, user);
                     }
                     self.announce(i, None);
                     nwk
@@ -732,48 +732,78 @@ impl FakeTask {
         }
     }
 
-    /// The address-manager entry of `ieee`: its sub id and value. Only
-    /// Z-Stack 3.x.0 keeps it (in extended NV).
-    fn addrmgr_find(&self, ieee: u64) -> Option<(u16, Vec<u8>)> {
-        self.ex_nv
-            .iter()
-            .find(|((item, _), e)| {
-                *item == nvid::EX_ADDRMGR && e.get(4..12) == Some(&ieee.to_le_bytes()[..])
+    /// The address manager's entries in order: on 3.x.0 one extended-NV
+    /// entry per sub id (aligned), on older firmware one OSAL item holding
+    /// the table (packed, as on a CC2531).
+    fn addrmgr_entries(&self) -> Vec<Vec<u8>> {
+        if self.aligned() {
+            (0..ADDRMGR_SIZE)
+                .map_while(|sub| self.ex_nv.get(&(nvid::EX_ADDRMGR, sub)).cloned())
+                .collect()
+        } else {
+            self.nv.get(&nvid::ADDRMGR).map_or_else(Vec::new, |table| {
+                table
+                    .chunks_exact(nv::ADDRMGR_ENTRY_LEN_PACKED)
+                    .map(<[u8]>::to_vec)
+                    .collect()
             })
-            .map(|((_, sub), e)| (*sub, e.clone()))
+        }
+    }
+
+    /// Whether this stick aligns its structs (CC26x2) or packs them.
+    fn aligned(&self) -> bool {
+        self.cfg.firmware == FakeFirmware::ZStack3x
+    }
+
+    /// The IEEE address in an address-manager entry.
+    fn entry_ieee(&self, entry: &[u8]) -> Option<u64> {
+        let at = 3 + usize::from(self.aligned());
+        Some(u64::from_le_bytes(entry.get(at..at + 8)?.try_into().ok()?))
+    }
+
+    /// `ieee`'s address-manager entry: its index and user type.
+    fn addrmgr_find(&self, ieee: u64) -> Option<(usize, u8)> {
+        self.addrmgr_entries()
+            .iter()
+            .enumerate()
+            .find(|(_, e)| self.entry_ieee(e) == Some(ieee))
+            .map(|(index, e)| (index, e[0]))
     }
 
     /// Sets `ieee`'s entry (its own, else the first free one; a full table
     /// keeps nothing).
     fn addrmgr_set(&mut self, ieee: u64, nwk: u16, user: u8) {
-        let sub = self.addrmgr_find(ieee).map(|(sub, _)| sub).or_else(|| {
-            (0..ADDRMGR_SIZE).find(|sub| {
-                self.ex_nv
-                    .get(&(nvid::EX_ADDRMGR, *sub))
-                    .is_some_and(|e| e[0] == 0xFF)
-            })
+        let entries = self.addrmgr_entries();
+        let index = self.addrmgr_find(ieee).map(|(i, _)| i).or_else(|| {
+            entries
+                .iter()
+                .position(|e| self.entry_ieee(e) == Some(u64::MAX))
         });
-        if let Some(sub) = sub {
-            let mut device = super::devices::Device::new(ieee, nwk, true);
-            device.is_child = user & nv::ADDRMGR_ASSOC != 0;
-            let mut entry = nv::addrmgr_entry(&device).to_vec();
-            entry[0] = user;
-            self.ex_nv.insert((nvid::EX_ADDRMGR, sub), entry);
+        let Some(index) = index else {
+            return;
+        };
+        let device = super::devices::Device::new(ieee, nwk, true);
+        let mut entry = nv::addrmgr_entry(&device, self.aligned());
+        entry[0] = user;
+        if self.aligned() {
+            // The table has ADDRMGR_SIZE entries, far below u16::MAX.
+            self.ex_nv.insert((nvid::EX_ADDRMGR, index as u16), entry);
+        } else if let Some(table) = self.nv.get_mut(&nvid::ADDRMGR) {
+            let at = index * nv::ADDRMGR_ENTRY_LEN_PACKED;
+            table[at..at + entry.len()].copy_from_slice(&entry);
         }
     }
 
     /// Whether offers to tag `index` find it: `Err(status)` with the
-    /// confirm status when they do not. Z-Stack 3.x.0 only (the fake's 1.2
-    /// keeps no address manager).
+    /// confirm status when they do not.
     fn reachable(&self, index: usize) -> Result<(), u8> {
-        if self.cfg.firmware != FakeFirmware::ZStack3x {
-            return Ok(());
-        }
         let tag = &self.tags[index];
         match self.addrmgr_find(tag.ieee) {
             // Neither a child nor a known device: no route.
             None => Err(0xCD),
-            Some((_, e)) if e[0] & nv::ADDRMGR_ASSOC != 0 && self.cfg.moved.contains(&tag.id) => {
+            Some((_, user))
+                if user & nv::ADDRMGR_ASSOC != 0 && self.cfg.moved.contains(&tag.id) =>
+            {
                 Err(0xF0)
             }
             Some(_) => Ok(()),
@@ -924,6 +954,52 @@ impl FakeTask {
                 _ => 0x02,
             };
             self.send(znp::SYS_OSAL_NV_WRITE, FrameType::Srsp, vec![status]);
+        } else if znp::SYS_OSAL_NV_LENGTH.is(&frame, FrameType::Sreq) {
+            let len = match payload.as_slice() {
+                [lo, hi] => self
+                    .nv
+                    .get(&u16::from_le_bytes([*lo, *hi]))
+                    .map_or(0, Vec::len),
+                _ => 0,
+            };
+            // Fake items are short.
+            let reply = (len as u16).to_le_bytes().to_vec();
+            self.send(znp::SYS_OSAL_NV_LENGTH, FrameType::Srsp, reply);
+        } else if znp::SYS_OSAL_NV_READ_EXT.is(&frame, FrameType::Sreq) {
+            let reply = match payload.as_slice() {
+                [lo, hi, ol, oh] => match self.nv.get(&u16::from_le_bytes([*lo, *hi])) {
+                    Some(value) => {
+                        let at = usize::from(u16::from_le_bytes([*ol, *oh]));
+                        let rest = value.get(at..).unwrap_or(&[]);
+                        let rest = &rest[..rest.len().min(246)];
+                        let mut r = vec![0, rest.len() as u8];
+                        r.extend(rest);
+                        r
+                    }
+                    None => vec![NV_OPER_FAILED, 0],
+                },
+                _ => vec![0x02, 0],
+            };
+            self.send(znp::SYS_OSAL_NV_READ_EXT, FrameType::Srsp, reply);
+        } else if znp::SYS_OSAL_NV_WRITE_EXT.is(&frame, FrameType::Sreq) {
+            let status = match payload.as_slice() {
+                [lo, hi, ol, oh, ll, lh, value @ ..]
+                    if value.len() == usize::from(u16::from_le_bytes([*ll, *lh])) =>
+                {
+                    let at = usize::from(u16::from_le_bytes([*ol, *oh]));
+                    match self.nv.get_mut(&u16::from_le_bytes([*lo, *hi])) {
+                        Some(item) if at + value.len() <= item.len() => {
+                            bump(&self.stats.nv_writes);
+                            item[at..at + value.len()].copy_from_slice(value);
+                            0
+                        }
+                        Some(_) => 0x02,
+                        None => NV_ITEM_UNINIT,
+                    }
+                }
+                _ => 0x02,
+            };
+            self.send(znp::SYS_OSAL_NV_WRITE_EXT, FrameType::Srsp, vec![status]);
         } else if znp::SYS_NV_READ.is(&frame, FrameType::Sreq) && z3x {
             let reply = match payload.as_slice() {
                 [1, il, ih, sl, sh, ol, oh, len] => {
@@ -1047,17 +1123,17 @@ impl FakeTask {
                                 t.nwk == nwk
                             }
                         })
-                        .and_then(|t| self.addrmgr_find(t.ieee))
-                        .filter(|(_, e)| e[0] & nv::ADDRMGR_ASSOC != 0)
+                        .and_then(|t| Some((t.nwk, self.addrmgr_find(t.ieee)?)))
+                        .filter(|(_, (_, user))| user & nv::ADDRMGR_ASSOC != 0)
                 }
                 _ => None,
             };
             // associated_devices_t: short address, index, relation, then
             // fields nobody here reads.
             let mut device = match found {
-                Some((sub, e)) => {
-                    let mut d = e[2..4].to_vec();
-                    d.extend(sub.to_le_bytes());
+                Some((nwk, (index, _))) => {
+                    let mut d = nwk.to_le_bytes().to_vec();
+                    d.extend((index as u16).to_le_bytes());
                     d.push(1); // CHILD_RFD
                     d
                 }
@@ -1067,15 +1143,18 @@ impl FakeTask {
             self.send(znp::UTIL_ASSOC_GET_WITH_ADDRESS, FrameType::Srsp, device);
         } else if znp::UTIL_ASSOC_REMOVE.is(&frame, FrameType::Sreq) && z3x {
             let status = match <[u8; 8]>::try_from(payload.as_slice()) {
-                Ok(ieee) => match self.addrmgr_find(u64::from_le_bytes(ieee)) {
-                    Some((sub, mut e)) if e[0] & nv::ADDRMGR_ASSOC != 0 => {
-                        e[0] &= !nv::ADDRMGR_ASSOC;
-                        self.ex_nv.insert((nvid::EX_ADDRMGR, sub), e);
-                        bump(&self.stats.assoc_removals);
-                        0
+                Ok(ieee) => {
+                    let ieee = u64::from_le_bytes(ieee);
+                    let tag_nwk = self.tags.iter().find(|t| t.ieee == ieee).map(|t| t.nwk);
+                    match (self.addrmgr_find(ieee), tag_nwk) {
+                        (Some((_, user)), Some(nwk)) if user & nv::ADDRMGR_ASSOC != 0 => {
+                            self.addrmgr_set(ieee, nwk, user & !nv::ADDRMGR_ASSOC);
+                            bump(&self.stats.assoc_removals);
+                            0
+                        }
+                        _ => 1,
                     }
-                    _ => 1,
-                },
+                }
                 Err(_) => 0x02,
             };
             self.send(znp::UTIL_ASSOC_REMOVE, FrameType::Srsp, vec![status]);
@@ -1086,7 +1165,7 @@ impl FakeTask {
                     let ieee = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
                     let user = self
                         .addrmgr_find(ieee)
-                        .map_or(nv::ADDRMGR_SECURITY, |(_, e)| e[0]);
+                        .map_or(nv::ADDRMGR_SECURITY, |(_, user)| user);
                     self.addrmgr_set(
                         ieee,
                         u16::from_le_bytes([*lo, *hi]),
@@ -1450,7 +1529,8 @@ const NV_ITEM_UNINIT: u8 = 0x09;
 const NV_OPER_FAILED: u8 = 0x0A;
 
 /// Items a "clear network state" start-up option removes.
-const NETWORK_STATE_ITEMS: [u16; 6] = [
+const NETWORK_STATE_ITEMS: [u16; 7] = [
+    nvid::ADDRMGR,
     nvid::NIB,
     nvid::NWKKEY,
     nvid::NWK_ACTIVE_KEY_INFO,
@@ -1537,6 +1617,16 @@ fn store_network(
             item.extend(0u32.to_le_bytes());
             nv.insert(nvid::NWKKEY, item);
         }
+        FakeFirmware::ZStack30 => {}
+    }
+    if firmware != FakeFirmware::ZStack3x {
+        // Empty packed entries: user type 0, no addresses.
+        let mut empty = vec![0x00];
+        empty.extend([0xFF; nv::ADDRMGR_ENTRY_LEN_PACKED - 1]);
+        nv.insert(nvid::ADDRMGR, empty.repeat(usize::from(ADDRMGR_SIZE)));
+    }
+    match firmware {
+        FakeFirmware::ZStack3x | FakeFirmware::ZStack12 => {}
         FakeFirmware::ZStack30 => {
             let first = nvid::LEGACY_NWK_SEC_MATERIAL_TABLE_START;
             nv.insert(first, entry(7, u64::MAX));

@@ -22,6 +22,9 @@ use super::znp::{self, Znp, ZnpError};
 /// OSAL NV item ids this backend reads or writes.
 pub mod id {
     pub const EXTADDR: u16 = 0x0001;
+    /// Z-Stack 1.2 and 3.0.x: the address manager, the whole table in one
+    /// item (zigpy-znp `OsalNvIds.ADDRMGR`).
+    pub const ADDRMGR: u16 = 0x0023;
     /// Bit 0: clear configuration, bit 1: clear network state, at the next
     /// reset (zigpy-znp `StartupOptions`).
     pub const STARTUP_OPTION: u16 = 0x0003;
@@ -60,10 +63,15 @@ pub mod id {
     pub const EX_ADDRMGR: u16 = 0x0001;
 }
 
-/// An address-manager entry on Z-Stack 3.30+ (CC26x2, natural alignment):
-/// user type (1), padding (1), network address (2), IEEE address (8)
-/// (zigpy-znp `AddrMgrEntry`, `align_structs`).
+/// An address-manager entry with natural alignment (CC2538/CC26x2): user
+/// type (1), padding (1), network address (2), IEEE address (8)
+/// (zigpy-znp `AddrMgrEntry`, `align_structs`); packed (CC253x) it is one
+/// byte shorter, without the padding.
 pub const ADDRMGR_ENTRY_LEN: usize = 12;
+pub const ADDRMGR_ENTRY_LEN_PACKED: usize = 11;
+/// Bytes of an item `SYS_OSAL_NV_WRITE_EXT` writes at once (zigpy-znp
+/// `osal_write`).
+const NV_WRITE_CHUNK: usize = 244;
 /// Address-manager entries read at most (the firmware's table has a fixed
 /// size, tens of entries; an uninitialised sub id ends it sooner).
 const ADDRMGR_MAX: u16 = 512;
@@ -567,34 +575,127 @@ async fn ex_write<P: AsyncRead + AsyncWrite + Unpin + Send>(
     })
 }
 
+/// Reads a whole OSAL item of any length (`SYS_OSAL_NV_LENGTH`, then
+/// `SYS_OSAL_NV_READ_EXT` from each offset, as zigpy-znp `osal_read`);
+/// `None` when the stick does not have it.
+pub async fn read_long<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    item: u16,
+) -> Result<Option<Vec<u8>>, ZnpError> {
+    let reply = znp
+        .request(znp::SYS_OSAL_NV_LENGTH, item.to_le_bytes().to_vec())
+        .await?;
+    let len = match reply.as_slice() {
+        [lo, hi, ..] => usize::from(u16::from_le_bytes([*lo, *hi])),
+        _ => 0,
+    };
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut value = Vec::with_capacity(len);
+    while value.len() < len {
+        let mut request = item.to_le_bytes().to_vec();
+        // `len` came as a u16.
+        request.extend((value.len() as u16).to_le_bytes());
+        let reply = znp.request(znp::SYS_OSAL_NV_READ_EXT, request).await?;
+        match reply.as_slice() {
+            [0, n, chunk @ ..] if *n > 0 && chunk.len() >= usize::from(*n) => {
+                value.extend(&chunk[..usize::from(*n)]);
+            }
+            other => {
+                return Err(nv_failed(
+                    znp::SYS_OSAL_NV_READ_EXT.name,
+                    item,
+                    other.first(),
+                ))
+            }
+        }
+    }
+    value.truncate(len);
+    Ok(Some(value))
+}
+
+/// Overwrites an existing OSAL item of the same length, in chunks
+/// (`SYS_OSAL_NV_WRITE_EXT`).
+pub async fn write_long<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    item: u16,
+    value: &[u8],
+) -> Result<(), ZnpError> {
+    for (i, chunk) in value.chunks(NV_WRITE_CHUNK).enumerate() {
+        let mut request = item.to_le_bytes().to_vec();
+        // Items are far shorter than 64 KiB.
+        request.extend(((i * NV_WRITE_CHUNK) as u16).to_le_bytes());
+        request.extend((chunk.len() as u16).to_le_bytes());
+        request.extend(chunk);
+        let reply = znp.request(znp::SYS_OSAL_NV_WRITE_EXT, request).await?;
+        if reply.first() != Some(&0) {
+            return Err(nv_failed(
+                znp::SYS_OSAL_NV_WRITE_EXT.name,
+                item,
+                reply.first(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the stick lays out structs with natural alignment (32-bit
+/// CC2538/CC26x2) rather than packed (8-bit CC253x): told by its NIB's
+/// length, as zigpy-znp `determine_alignment` does.
+async fn aligned_structs<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+) -> Result<bool, ZnpError> {
+    Ok(read(znp, id::NIB)
+        .await?
+        .is_some_and(|nib| nib.len() == NIB_ALIGNED.len))
+}
+
 /// The devices in the stick's address manager (children of the
 /// coordinator, and devices the trust centre knows), as zigpy-znp
-/// `read_devices` reads them. Only Z-Stack 3.x.0 (extended NV); older
-/// firmware keeps the table in one OSAL item this backend does not read
-/// yet: nothing.
+/// `read_devices` reads them: Z-Stack 3.x.0 one extended-NV entry per
+/// device, older firmware one OSAL item holding the table.
 pub async fn read_devices<P: AsyncRead + AsyncWrite + Unpin + Send>(
     znp: &mut Znp<P>,
     stack: ZStack,
 ) -> Result<Vec<Device>, ZnpError> {
     let mut devices = Vec::new();
     if stack != ZStack::V3x {
+        let aligned = aligned_structs(znp).await?;
+        let len = entry_len(aligned);
+        if let Some(table) = read_long(znp, id::ADDRMGR).await? {
+            devices.extend(
+                table
+                    .chunks_exact(len)
+                    .filter_map(|e| parse_addrmgr_entry(e, aligned)),
+            );
+        }
         return Ok(devices);
     }
     for sub in 0..ADDRMGR_MAX {
         let Some(entry) = ex_read(znp, id::EX_ADDRMGR, sub, ADDRMGR_ENTRY_LEN).await? else {
             break;
         };
-        devices.extend(parse_addrmgr_entry(&entry));
+        devices.extend(parse_addrmgr_entry(&entry, true));
     }
     Ok(devices)
 }
 
-/// One address-manager entry; `None` for an empty one or a user type that
-/// is neither a child nor a secured device.
-pub fn parse_addrmgr_entry(entry: &[u8]) -> Option<Device> {
+fn entry_len(aligned: bool) -> usize {
+    if aligned {
+        ADDRMGR_ENTRY_LEN
+    } else {
+        ADDRMGR_ENTRY_LEN_PACKED
+    }
+}
+
+/// One address-manager entry in either layout; `None` for an empty one or
+/// a user type that is neither a child nor a secured device.
+pub fn parse_addrmgr_entry(entry: &[u8], aligned: bool) -> Option<Device> {
+    let at = usize::from(aligned);
     let user = *entry.first()?;
-    let nwk = u16::from_le_bytes(entry.get(2..4)?.try_into().ok()?);
-    let ieee = u64::from_le_bytes(entry.get(4..12)?.try_into().ok()?);
+    let nwk = u16::from_le_bytes(entry.get(1 + at..3 + at)?.try_into().ok()?);
+    let ieee = u64::from_le_bytes(entry.get(3 + at..11 + at)?.try_into().ok()?);
     if ieee == 0 || ieee == u64::MAX || user == 0xFF {
         return None;
     }
@@ -602,38 +703,51 @@ pub fn parse_addrmgr_entry(entry: &[u8]) -> Option<Device> {
         .then(|| Device::new(ieee, nwk, user & ADDRMGR_ASSOC != 0))
 }
 
-/// The address-manager entry of `device` (a child is associated and
-/// secured, as zigpy-znp writes it).
-pub fn addrmgr_entry(device: &Device) -> [u8; ADDRMGR_ENTRY_LEN] {
+/// The address-manager entry of `device` in the layout `aligned` picks (a
+/// child is associated and secured, as zigpy-znp writes it).
+pub fn addrmgr_entry(device: &Device, aligned: bool) -> Vec<u8> {
     let user = if device.is_child {
         ADDRMGR_ASSOC | ADDRMGR_SECURITY
     } else {
         ADDRMGR_SECURITY
     };
-    let mut entry = [0xFF; ADDRMGR_ENTRY_LEN];
+    let at = usize::from(aligned);
+    let mut entry = vec![0xFF; entry_len(aligned)];
     entry[0] = user;
-    entry[2..4].copy_from_slice(&device.nwk.to_le_bytes());
-    entry[4..12].copy_from_slice(&device.ieee.to_le_bytes());
+    entry[1 + at..3 + at].copy_from_slice(&device.nwk.to_le_bytes());
+    entry[3 + at..11 + at].copy_from_slice(&device.ieee.to_le_bytes());
     entry
 }
 
 /// Writes `devices` into the address manager of a freshly formed stick
 /// (from its first entry); returns how many fitted (the table's size is
-/// the firmware's). Only Z-Stack 3.x.0: elsewhere nothing is written.
+/// the firmware's).
 pub async fn write_devices<P: AsyncRead + AsyncWrite + Unpin + Send>(
     znp: &mut Znp<P>,
     stack: ZStack,
     devices: &[Device],
 ) -> Result<usize, ZnpError> {
     if stack != ZStack::V3x {
-        return Ok(0);
+        let aligned = aligned_structs(znp).await?;
+        let len = entry_len(aligned);
+        let Some(mut table) = read_long(znp, id::ADDRMGR).await? else {
+            return Ok(0);
+        };
+        let fitted = devices.len().min(table.len() / len);
+        for (slot, device) in table.chunks_exact_mut(len).zip(&devices[..fitted]) {
+            slot.copy_from_slice(&addrmgr_entry(device, aligned));
+        }
+        if fitted > 0 {
+            write_long(znp, id::ADDRMGR, &table).await?;
+        }
+        return Ok(fitted);
     }
     for (sub, device) in devices.iter().enumerate() {
         // The table ends where an entry does not exist.
         let Ok(sub) = u16::try_from(sub) else {
             return Ok(sub);
         };
-        match ex_write(znp, id::EX_ADDRMGR, sub, &addrmgr_entry(device)).await? {
+        match ex_write(znp, id::EX_ADDRMGR, sub, &addrmgr_entry(device, true)).await? {
             0 => {}
             NV_ITEM_UNINIT => return Ok(usize::from(sub)),
             other => {
@@ -746,23 +860,28 @@ mod tests {
         // CC26x2.
         let mut entry = vec![0x03, 0xFF, 0x34, 0x12];
         entry.extend(ieee.to_le_bytes());
-        let device = parse_addrmgr_entry(&entry).expect("a child");
+        let device = parse_addrmgr_entry(&entry, true).expect("a child");
         assert_eq!(
             (device.ieee, device.nwk, device.is_child),
             (ieee, 0x1234, true)
         );
-        assert_eq!(addrmgr_entry(&device).to_vec(), entry, "written as read");
+        assert_eq!(addrmgr_entry(&device, true), entry, "written as read");
+        // Packed (CC253x): no padding byte.
+        let mut packed = entry.clone();
+        packed.remove(1);
+        assert_eq!(parse_addrmgr_entry(&packed, false), Some(device.clone()));
+        assert_eq!(addrmgr_entry(&device, false), packed);
         entry[0] = ADDRMGR_SECURITY;
-        assert!(!parse_addrmgr_entry(&entry).expect("known").is_child);
-        let mut router = Device::new(ieee, 0x1234, false);
-        router.tag_id = Some("x".into());
-        assert_eq!(addrmgr_entry(&router)[0], ADDRMGR_SECURITY);
-        // Empty (Z-Stack 3 fills with 0xFF), default-type and blank ones.
-        assert!(parse_addrmgr_entry(&[0xFF; ADDRMGR_ENTRY_LEN]).is_none());
+        assert!(!parse_addrmgr_entry(&entry, true).expect("known").is_child);
+        let router = Device::new(ieee, 0x1234, false);
+        assert_eq!(addrmgr_entry(&router, true)[0], ADDRMGR_SECURITY);
+        // Empty (Z-Stack 3 fills with 0xFF, 1.2 has type 0), and blank ones.
+        assert!(parse_addrmgr_entry(&[0xFF; ADDRMGR_ENTRY_LEN], true).is_none());
         entry[0] = 0;
-        assert!(parse_addrmgr_entry(&entry).is_none());
-        assert!(parse_addrmgr_entry(&[0x01, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_none());
-        assert!(parse_addrmgr_entry(&entry[..5]).is_none());
+        assert!(parse_addrmgr_entry(&entry, true).is_none());
+        let blank = [0x01, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert!(parse_addrmgr_entry(&blank, true).is_none());
+        assert!(parse_addrmgr_entry(&entry[..5], true).is_none());
     }
 
     #[test]

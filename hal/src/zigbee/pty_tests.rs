@@ -966,11 +966,13 @@ async fn devices_backed_up_from_one_stick_are_reached_through_the_new_one() {
 }
 
 /// Z-Stack 3.0.x (CC2531) keeps the network frame counter in the legacy
-/// security-material items (0x0075…): the agent forms its network there,
-/// a backup reads the counter the stick has reached, and a restore to a
-/// blank 3.0.x stick starts above it.
+/// security-material items (0x0075…) and its address manager in one
+/// packed OSAL item (0x0023): the agent forms its network there, a backup
+/// reads the counter the stick has reached and its devices, and a restore
+/// to a blank 3.0.x stick that knows no tag starts above the counter and
+/// reaches the tags.
 #[tokio::test]
-async fn a_zstack_30_stick_frame_counter_is_backed_up_and_restored_above() {
+async fn a_zstack_30_stick_is_backed_up_and_restored_with_its_counter_and_devices() {
     use super::commission::{backup_stick, restore_stick};
     let mut rig = rig(|c| c.firmware = FakeFirmware::ZStack30);
     wait_up(&mut rig.radio).await;
@@ -995,6 +997,7 @@ async fn a_zstack_30_stick_frame_counter_is_backed_up_and_restored_above() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(backup.network_key.frame_counter, sent, "read from 0x0075…");
+    assert_eq!(backup.devices.len(), 8, "read from 0x0023");
     drop(fake);
     while cfg.port.symlink_metadata().is_ok() {
         assert!(Instant::now() < deadline, "the old fake never ended");
@@ -1002,6 +1005,8 @@ async fn a_zstack_30_stick_frame_counter_is_backed_up_and_restored_above() {
     }
     let mut blank = FakeConfig::new(&cfg.port);
     blank.firmware = FakeFirmware::ZStack30;
+    blank.tags_joined = false;
+    blank.awake_ms = 2_000;
     let blank = FakeCoordinator::start(blank).expect("fake");
     restore_stick(&cfg, &backup).await.expect("restored");
     assert_eq!(blank.network().await, Some(ours));
@@ -1009,4 +1014,12 @@ async fn a_zstack_30_stick_frame_counter_is_backed_up_and_restored_above() {
         blank.frame_counter().await,
         Some(sent + super::commission::FRAME_COUNTER_MARGIN)
     );
+    let mut radio = ZigbeeRadio::start(cfg).expect("radio");
+    wait_up(&mut radio).await;
+    let outcome = deliver_at_checkin(
+        &mut radio,
+        delivery("SIM000003", "t-30-restored", "8899aabbccddeeff"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
 }

@@ -73,6 +73,12 @@ pub const SYS_OSAL_NV_READ: Command = Command::new("SYS_OSAL_NV_READ", subsystem
 pub const SYS_OSAL_NV_WRITE: Command = Command::new("SYS_OSAL_NV_WRITE", subsystem::SYS, 0x09);
 pub const SYS_OSAL_NV_DELETE: Command = Command::new("SYS_OSAL_NV_DELETE", subsystem::SYS, 0x12);
 pub const SYS_OSAL_NV_LENGTH: Command = Command::new("SYS_OSAL_NV_LENGTH", subsystem::SYS, 0x13);
+/// `SYS_OSAL_NV_READ`/`WRITE` with a 16-bit offset, for items longer than
+/// one frame (zigpy-znp `SYS.OSALNVReadExt`, `OSALNVWriteExt`).
+pub const SYS_OSAL_NV_READ_EXT: Command =
+    Command::new("SYS_OSAL_NV_READ_EXT", subsystem::SYS, 0x1C);
+pub const SYS_OSAL_NV_WRITE_EXT: Command =
+    Command::new("SYS_OSAL_NV_WRITE_EXT", subsystem::SYS, 0x1D);
 /// The extended NV API of Z-Stack 3.30+ (system id, item id, sub id).
 pub const SYS_NV_READ: Command = Command::new("SYS_NV_READ", subsystem::SYS, 0x33);
 pub const SYS_NV_WRITE: Command = Command::new("SYS_NV_WRITE", subsystem::SYS, 0x34);
