@@ -282,8 +282,8 @@ async fn firmware_is_reported_and_permit_join_reaches_the_coordinator() {
 }
 
 /// Issue 15: `esl-agent zigbee backup FILE` reads the network of a stick
-/// someone else formed into an Open Coordinator Backup (0600: it holds the
-/// key), and `esl-agent zigbee restore FILE` writes it to a blank stick,
+/// someone else formed, with its devices, into an Open Coordinator Backup
+/// (0600: it holds the key), and `esl-agent zigbee restore FILE` writes it to a blank stick,
 /// which then has that network.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_and_restore_commands_move_a_network_to_a_blank_stick() {
@@ -322,6 +322,10 @@ async fn backup_and_restore_commands_move_a_network_to_a_blank_stick() {
     );
     assert_eq!(backup["pan_id"], "0bad");
     assert_eq!(backup["channel"], 25);
+    // The stick's address manager: its eight tags, by IEEE address.
+    let devices = backup["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), 8, "{devices:?}");
+    assert!(devices.iter().all(|d| d["is_child"] == true), "{devices:?}");
     let mode = std::fs::metadata(&file).expect("stat").permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the backup holds the network key");
     drop(old);

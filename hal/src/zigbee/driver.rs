@@ -16,7 +16,9 @@
 //! 2. **Serve**: a delivery becomes an offer of one or more segments, each
 //!    an `AF_DATA_REQUEST` sent once the previous one's `AF_DATA_CONFIRM`
 //!    (matched by transaction id) says the network delivered it; the tag's
-//!    `UpdateResult` (matched by handle) ends the delivery. A
+//!    `UpdateResult` (matched by handle) ends the delivery; a second expiry
+//!    (0xF0) in a row drops a stale child entry first. Joins and announces
+//!    report the tag at once (`RadioEvent::Tag`, `devices`). A
 //!    quiet adapter is pinged; no answer, a read error or an unexpected
 //!    reset means the adapter is lost.
 //! 3. **Lost**: report `Down`, fail what was in flight (retryable), and
@@ -898,6 +900,12 @@ impl State {
             .failure
             .take()
             .unwrap_or_else(|| confirm_failure(MAC_TRANSACTION_EXPIRED));
+        // Two more expiries before the next try.
+        let tag_id = flight.tag_id.clone();
+        self.expired.remove(&tag_id);
+        let Some(flight) = self.in_flight.get_mut(&handle) else {
+            return Ok(());
+        };
         if let StaleChild::Dropped {
             ieee,
             nwk,
@@ -1165,6 +1173,11 @@ impl State {
         let Some(flight) = self.in_flight.get_mut(&handle) else {
             return;
         };
+        if status == 0 && matches!(flight.stale, StaleChild::Dropped { .. }) {
+            // Routed to the tag's parent: the entry stays dropped, whatever
+            // the tag answers.
+            flight.stale = StaleChild::Kept;
+        }
         if status == NWK_NO_ROUTE && !flight.rediscovered {
             // `send_due` discovers a route and sends the segment again.
             flight.stage = Stage::Rediscover;
@@ -1640,6 +1653,41 @@ mod tests {
         s.on_incoming_ext(&cut);
         assert!(s.outgoing.is_empty());
         assert_eq!(s.counters.get("bad_app_messages"), Some(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_offer_failing_after_a_dropped_child_entry_puts_it_back_unless_it_was_routed() {
+        let mut s = state();
+        s.assoc_commands = true;
+        let dropped = StaleChild::Dropped {
+            ieee: 1,
+            nwk: TAG_NWK,
+            relation: 1,
+        };
+        // Routed (confirm 0), then no result: the entry stays dropped.
+        in_flight(&mut s, 1, "t1", 7, 0);
+        s.in_flight.get_mut(&1).expect("in flight").stale = dropped.clone();
+        s.on_confirm(0, 7);
+        advance(RESULT).await;
+        s.expire(Instant::now());
+        assert!(outcomes(&mut s)[0].result.is_err());
+        // Expired again after the drop: put back first (`send_due`), then
+        // failed.
+        in_flight(&mut s, 2, "t2", 8, 0);
+        s.in_flight.get_mut(&2).expect("in flight").stale = dropped;
+        s.on_confirm(0xF0, 8);
+        assert_eq!(s.in_flight[&2].stage, Stage::Readd);
+        assert!(outcomes(&mut s).is_empty(), "not before the entry is back");
+        // A first expiry is a plain retryable failure; the second in a row
+        // looks for a stale entry.
+        s.expired.clear();
+        in_flight(&mut s, 3, "t3", 9, 0);
+        s.on_confirm(0xF0, 9);
+        assert!(!s.in_flight.contains_key(&3));
+        assert!(s.expired.contains("ZB1"));
+        in_flight(&mut s, 4, "t4", 10, 0);
+        s.on_confirm(0xF0, 10);
+        assert_eq!(s.in_flight[&4].stage, Stage::DropStale);
     }
 
     #[test]

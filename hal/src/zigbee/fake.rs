@@ -20,8 +20,15 @@
 //!
 //! The stick it models ([`FakeConfig::firmware`], [`FakeConfig::network`],
 //! [`FakeConfig::in_bootloader`]): Z-Stack 3.x.0 (CC2652: aligned NIB,
-//! BDB) or Home 1.2 (CC2531: packed NIB, no APP_CNF, no active-key item,
-//! `ZDO_STARTUP_FROM_APP` forms); blank (no network; a start-up without
+//! BDB, extended NV, `UTIL_ASSOC_*`), 3.0.x (CC2531: packed NIB, BDB, the
+//! frame counter in the legacy security-material items) or Home 1.2
+//! (CC2531: packed NIB, no APP_CNF, no active-key item,
+//! `ZDO_STARTUP_FROM_APP` forms); an address manager holding the tags that
+//! joined (all configured ones unless [`FakeConfig::tags_joined`] is off;
+//! offers to a tag it does not know find no route); tags that moved to
+//! another parent ([`FakeConfig::moved`]); new tags joining while joining
+//! is open, and tags rejoining, with `ZDO_TC_DEV_IND` and
+//! `ZDO_END_DEVICE_ANNCE_IND`; blank (no network; a start-up without
 //! forming makes the firmware pick its defaults, as a real stick does), or
 //! formed by someone else; waiting in its serial bootloader until the skip
 //! byte 0xEF, then sending its power-up `SYS_RESET_IND`. NV layouts are

@@ -4,7 +4,8 @@
 //! Layout: [`frame`] (MT framing), [`znp`] (request layer: SREQ/SRSP,
 //! AREQs, timeouts), [`firmware`] (bootloader skip, probe, Z-Stack version),
 //! [`nv`] (NV items, the stick's stored network), [`backup`] (the saved
-//! network as Open Coordinator Backup JSON), [`commission`] (start-up:
+//! network as Open Coordinator Backup JSON), [`devices`] (the devices on
+//! the network by IEEE address, and the tag-id rule), [`commission`] (start-up:
 //! forming, resuming, restoring or adopting the network), [`app`] (the ESL
 //! messages inside AF frames, postcard), `driver` (the one task that owns
 //! the port: connect, delivery, adapter loss and reconnect), this file
