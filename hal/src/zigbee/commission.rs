@@ -120,7 +120,7 @@ pub async fn backup_stick(cfg: &ZigbeeConfig) -> Result<Option<NetworkBackup>, S
         _ => Devices::default(),
     };
     devices.update_from_stick(
-        nv::read_devices(&mut znp, fw.stack)
+        nv::read_devices(&mut znp, fw.stack, network.tclk_seed.as_ref())
             .await
             .map_err(|e| e.to_string())?,
     );
@@ -154,7 +154,7 @@ pub async fn start_up<P: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<Started, StartError> {
     let firmware = wake(znp, cfg).await?;
     let (network, outcome) = own_network(znp, cfg, &firmware).await?;
-    let devices = nv::read_devices(znp, firmware.stack).await?;
+    let devices = nv::read_devices(znp, firmware.stack, network.tclk_seed.as_ref()).await?;
     register_endpoint(znp, cfg).await?;
     // Joining is closed until an operator opens it.
     permit_join(znp, 0).await?;
@@ -430,7 +430,7 @@ pub async fn restore<P: AsyncRead + AsyncWrite + Unpin + Send>(
     // answers its children's polls and routes to the others.
     let known: Vec<Device> = devices.iter().filter(|d| d.nwk < 0xFFF8).cloned().collect();
     let written = nv::write_devices(znp, fw.stack, &known).await?;
-    if written < known.len() && fw.stack == ZStack::V3x {
+    if written < known.len() {
         warn!(
             written,
             devices = known.len(),
@@ -441,6 +441,16 @@ pub async fn restore<P: AsyncRead + AsyncWrite + Unpin + Send>(
             devices = written,
             "restored the devices to the stick's address manager"
         );
+    }
+    if let Some(seed) = &saved.tclk_seed {
+        let keys = nv::write_link_keys(znp, fw.stack, seed, &known).await?;
+        let with_keys = known.iter().filter(|d| d.link_key.is_some()).count();
+        if keys < with_keys {
+            warn!(restored = keys, link_keys = with_keys,
+                "link keys not derived from the seed (or beyond the table) are not restored: those devices may have to be paired again");
+        } else if keys > 0 {
+            info!(link_keys = keys, "restored the devices' link keys");
+        }
     }
     // Joined devices drop frames whose counter is not above the last one
     // they saw: start above the saved one, with a margin for the frames

@@ -3,11 +3,14 @@
 //! (`ZDO_END_DEVICE_ANNCE_IND`) and check-ins, and how it names them as
 //! tags.
 //!
-//! Owns: the tag-id rule for ZigBee tags and the `devices` entries of the
+//! Owns: the tag-id rule for ZigBee tags, the `devices` entries of the
 //! saved network (Open Coordinator Backup: `ieee_address`, `nwk_address`,
-//! `is_child`, as zigpy-znp and zigbee-herdsman write them, plus this
-//! agent's `esl_tag_id`, which both ignore). Must not: talk to the stick,
-//! or write the file (the driver and `commission` do).
+//! `is_child` and `link_key`, as zigpy-znp and zigbee-herdsman write them,
+//! plus this agent's `esl_tag_id`, which both ignore) and Z-Stack 3's
+//! hashed link keys (a device's key is the trust centre's seed rotated by
+//! a per-device shift, XOR its IEEE address twice: zigpy-znp
+//! `znp/security.py`, `compute_key`). Must not: talk to the stick, write
+//! the file (the driver and `commission` do), or log a key.
 //!
 //! **The tag-id rule** (docs/ZIGBEE.md, "Pairing tags"): a ZigBee tag's id
 //! is its IEEE address as 16 lowercase hex digits (`00124b0001abcdef`, the
@@ -32,6 +35,39 @@ pub fn ieee_tag_id(ieee: u64) -> TagId {
     format!("{ieee:016x}")
 }
 
+/// A device's trust-centre link key and its frame counters (the backup's
+/// `link_key`). Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LinkKey {
+    pub key: [u8; 16],
+    pub tx_counter: u32,
+    pub rx_counter: u32,
+}
+
+impl std::fmt::Debug for LinkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LinkKey(tx {}, rx {})", self.tx_counter, self.rx_counter)
+    }
+}
+
+/// The link key Z-Stack 3 derives for `ieee` from the trust centre's
+/// `seed` and the device's `shift` (0..=15).
+pub fn hashed_key(ieee: u64, seed: &[u8; 16], shift: u8) -> [u8; 16] {
+    let ieee = ieee.to_le_bytes();
+    let mut key = *seed;
+    key.rotate_left(usize::from(shift) % 16);
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte ^= ieee[i % 8];
+    }
+    key
+}
+
+/// The shift that derives `key` for `ieee` from `seed`; `None` when the key
+/// is not derived from it (an install-code or otherwise unhashed key).
+pub fn key_shift(ieee: u64, key: &[u8; 16], seed: &[u8; 16]) -> Option<u8> {
+    (0..16).find(|shift| hashed_key(ieee, seed, *shift) == *key)
+}
+
 /// One device on the network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
@@ -49,6 +85,8 @@ pub struct Device {
     /// When it last joined or announced, ms since the Unix epoch, this run
     /// only.
     pub announced_at: Option<u64>,
+    /// Its trust-centre link key, when the stick's tables have it.
+    pub link_key: Option<LinkKey>,
 }
 
 impl Device {
@@ -61,6 +99,7 @@ impl Device {
             tag_id: None,
             parent: None,
             announced_at: None,
+            link_key: None,
         }
     }
 
@@ -92,6 +131,13 @@ impl Device {
         if let Some(tag_id) = &self.tag_id {
             entry[TAG_ID_KEY] = json!(tag_id);
         }
+        if let Some(link) = &self.link_key {
+            entry["link_key"] = json!({
+                "key": link.key.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                "tx_counter": link.tx_counter,
+                "rx_counter": link.rx_counter,
+            });
+        }
         entry
     }
 
@@ -110,6 +156,26 @@ impl Device {
             .get(TAG_ID_KEY)
             .and_then(Value::as_str)
             .map(str::to_owned);
+        device.link_key = entry.get("link_key").and_then(|link| {
+            let hex = link.get("key")?.as_str()?.replace(':', "");
+            let mut key = [0u8; 16];
+            if hex.len() != 32 {
+                return None;
+            }
+            for (i, byte) in key.iter_mut().enumerate() {
+                *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+            }
+            let counter = |name| {
+                link.get(name)
+                    .and_then(Value::as_u64)
+                    .and_then(|c| u32::try_from(c).ok())
+            };
+            Some(LinkKey {
+                key,
+                tx_counter: counter("tx_counter")?,
+                rx_counter: counter("rx_counter")?,
+            })
+        });
         Some(device)
     }
 }
@@ -223,6 +289,9 @@ impl Devices {
                 Some(known) => {
                     known.nwk = fresh.nwk;
                     known.is_child = fresh.is_child;
+                    if fresh.link_key.is_some() {
+                        known.link_key = fresh.link_key;
+                    }
                 }
                 None => {
                     self.by_ieee.insert(fresh.ieee, fresh);
@@ -265,6 +334,23 @@ mod tests {
     }
 
     #[test]
+    fn hashed_keys_follow_the_seed_rotation_and_the_shift_is_found_again() {
+        let seed: [u8; 16] = std::array::from_fn(|i| i as u8);
+        // Shift 0: the seed XOR the IEEE address (little-endian) twice.
+        let key = hashed_key(IEEE, &seed, 0);
+        let ieee = IEEE.to_le_bytes();
+        assert_eq!(key[0], ieee[0]);
+        assert_eq!(key[9], 9 ^ ieee[1]);
+        // Shift 3: the seed rotated left by three first.
+        assert_eq!(hashed_key(IEEE, &seed, 3)[0], 3 ^ ieee[0]);
+        for shift in 0..16 {
+            let key = hashed_key(IEEE, &seed, shift);
+            assert_eq!(key_shift(IEEE, &key, &seed), Some(shift));
+        }
+        assert_eq!(key_shift(IEEE, &[0x42; 16], &seed), None);
+    }
+
+    #[test]
     fn an_address_taken_by_another_device_is_no_longer_the_first_ones() {
         let mut devices = Devices::default();
         devices.announced(IEEE, 0x1234, None, true, 1);
@@ -278,7 +364,13 @@ mod tests {
         devices.announced(IEEE, 0x1234, None, true, 1);
         devices.checked_in(0x1234, "SHELF-7");
         devices.announced(IEEE + 1, 0x0042, None, true, 1);
-        devices.update_from_stick([Device::new(IEEE + 2, 0x0077, false)]);
+        let mut router = Device::new(IEEE + 2, 0x0077, false);
+        router.link_key = Some(LinkKey {
+            key: [0xAB; 16],
+            tx_counter: 5,
+            rx_counter: 6,
+        });
+        devices.update_from_stick([router.clone()]);
         // An entry zigpy wrote for the first device, with its link key.
         let mut entries = vec![json!({
             "nwk_address": "0999", "ieee_address": "00:12:4b:00:01:02:03:04",
@@ -293,7 +385,11 @@ mod tests {
         assert_eq!(entries[1]["esl_tag_id"], "00124b0001020305");
         assert!(entries[2].get("esl_tag_id").is_none(), "no tag");
         assert_eq!(entries[2]["is_child"], false);
+        assert_eq!(entries[2]["link_key"]["key"], "ab".repeat(16));
+        assert_eq!(entries[2]["link_key"]["tx_counter"], 5);
         let read = Devices::from_backup(&entries);
+        let link = read.iter().find(|d| d.ieee == IEEE + 2).expect("router");
+        assert_eq!(link.link_key, router.link_key, "read back");
         assert_eq!(read.by_tag_id("SHELF-7").map(|d| d.nwk), Some(0x1234));
         assert_eq!(
             read.by_tag_id("00124b0001020305").map(|d| d.nwk),

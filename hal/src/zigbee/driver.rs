@@ -451,7 +451,7 @@ async fn scheduled_backup<P: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<(), Stop> {
     match nv::read_network(znp, started.firmware.stack).await {
         Ok(Some(network)) if network.same_network(&started.network) => {
-            match nv::read_devices(znp, started.firmware.stack).await {
+            match nv::read_devices(znp, started.firmware.stack, network.tclk_seed.as_ref()).await {
                 Ok(devices) => state.devices.update_from_stick(devices),
                 Err(error) if error.is_link_lost() => {
                     return Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))

@@ -718,7 +718,7 @@ impl FakeTask {
             battery_mv: 3000,
             rssi_dbm: -60,
         });
-        self.addrmgr_set(ieee, nwk, nv::ADDRMGR_ASSOC | nv::ADDRMGR_SECURITY);
+        self.admit(ieee, nwk);
         if checks_in {
             let first = Duration::from_millis(self.cfg.checkin_interval_ms);
             self.timers.add(now + first, Action::CheckIn(index));
@@ -735,7 +735,45 @@ impl FakeTask {
         }
         let joined: Vec<(u64, u16)> = self.tags.iter().map(|t| (t.ieee, t.nwk)).collect();
         for (ieee, nwk) in joined {
-            self.addrmgr_set(ieee, nwk, nv::ADDRMGR_ASSOC | nv::ADDRMGR_SECURITY);
+            self.admit(ieee, nwk);
+        }
+    }
+
+    /// A tag joined: the coordinator's child, with a hashed link key in
+    /// the TCLK table (Z-Stack 3; its shift and counters made up from its
+    /// address).
+    fn admit(&mut self, ieee: u64, nwk: u16) {
+        self.addrmgr_set(ieee, nwk, nv::ADDRMGR_ASSOC | nv::ADDRMGR_SECURITY);
+        let low = (ieee & 0xFF) as u32;
+        let key = super::devices::LinkKey {
+            key: [0; 16],
+            tx_counter: 100 + low,
+            rx_counter: 200 + low,
+        };
+        let shift = (ieee % 16) as u8;
+        match self.cfg.firmware {
+            FakeFirmware::ZStack12 => {}
+            FakeFirmware::ZStack3x => {
+                let free = (0..ADDRMGR_SIZE).find(|sub| {
+                    self.ex_nv
+                        .get(&(nvid::EX_TCLK_TABLE, *sub))
+                        .is_some_and(|e| e[8..16] == [0; 8])
+                });
+                if let Some(sub) = free {
+                    // The entry as stored: the counter the stick has now.
+                    let mut entry = nv::tclk_entry(ieee, &key, shift, true);
+                    entry[..4].copy_from_slice(&key.tx_counter.to_le_bytes());
+                    self.ex_nv.insert((nvid::EX_TCLK_TABLE, sub), entry);
+                }
+            }
+            FakeFirmware::ZStack30 => {
+                let legacy = nvid::LEGACY_TCLK_TABLE_START..=nvid::LEGACY_TCLK_TABLE_END;
+                if let Some(item) = legacy.into_iter().find(|i| !self.nv.contains_key(i)) {
+                    let mut entry = nv::tclk_entry(ieee, &key, shift, false);
+                    entry[..4].copy_from_slice(&key.tx_counter.to_le_bytes());
+                    self.nv.insert(item, entry);
+                }
+            }
         }
     }
 
@@ -886,7 +924,8 @@ impl FakeTask {
             if option.is_some_and(|o| o & 0x02 != 0) {
                 let legacy = nvid::LEGACY_NWK_SEC_MATERIAL_TABLE_START
                     ..=nvid::LEGACY_NWK_SEC_MATERIAL_TABLE_END;
-                for item in NETWORK_STATE_ITEMS.into_iter().chain(legacy) {
+                let tclk = nvid::LEGACY_TCLK_TABLE_START..=nvid::LEGACY_TCLK_TABLE_END;
+                for item in NETWORK_STATE_ITEMS.into_iter().chain(legacy).chain(tclk) {
                     self.nv.remove(&item);
                 }
                 self.ex_nv.clear();
@@ -1626,7 +1665,19 @@ fn store_network(
         }
         FakeFirmware::ZStack30 => {}
     }
-    if firmware != FakeFirmware::ZStack3x {
+    if firmware != FakeFirmware::ZStack12 {
+        // The trust centre's link-key seed (a real stick draws it at
+        // random).
+        let seed: [u8; 16] =
+            std::array::from_fn(|i| (network.extended_pan_id >> (8 * (i % 8))) as u8 ^ i as u8);
+        nv.insert(nvid::TCLK_SEED, seed.to_vec());
+    }
+    if firmware == FakeFirmware::ZStack3x {
+        for sub in 0..ADDRMGR_SIZE {
+            let empty = vec![0; nv::TCLK_ENTRY_LEN];
+            ex_nv.insert((nvid::EX_TCLK_TABLE, sub), empty);
+        }
+    } else {
         // Empty packed entries: user type 0, no addresses.
         let mut empty = vec![0x00];
         empty.extend([0xFF; nv::ADDRMGR_ENTRY_LEN_PACKED - 1]);

@@ -15,7 +15,7 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::devices::Device;
+use super::devices::{self, Device, LinkKey};
 use super::firmware::ZStack;
 use super::znp::{self, Znp, ZnpError};
 
@@ -61,6 +61,13 @@ pub mod id {
     /// Z-Stack 3.30+ (extended NV): the address manager, one device per
     /// sub id (zigpy-znp `ExNvIds.ADDRMGR`).
     pub const EX_ADDRMGR: u16 = 0x0001;
+    /// Z-Stack 3.30+ (extended NV): the hashed trust-centre link keys, one
+    /// device per sub id (zigpy-znp `ExNvIds.TCLK_TABLE`).
+    pub const EX_TCLK_TABLE: u16 = 0x0004;
+    /// Z-Stack 3.0.x: the same table, one device per OSAL item from here…
+    pub const LEGACY_TCLK_TABLE_START: u16 = 0x0111;
+    /// …to here.
+    pub const LEGACY_TCLK_TABLE_END: u16 = 0x01FF;
 }
 
 /// An address-manager entry with natural alignment (CC2538/CC26x2): user
@@ -69,6 +76,17 @@ pub mod id {
 /// byte shorter, without the padding.
 pub const ADDRMGR_ENTRY_LEN: usize = 12;
 pub const ADDRMGR_ENTRY_LEN_PACKED: usize = 11;
+/// A hashed-link-key entry (zigpy-znp `TCLKDevEntry`): transmit and
+/// receive frame counters (4 each), IEEE address (8), key attributes, key
+/// type, seed shift (1 each); padded to 20 bytes when aligned.
+pub const TCLK_ENTRY_LEN: usize = 20;
+pub const TCLK_ENTRY_LEN_PACKED: usize = 19;
+/// `keyAttributes` of a unique key the coordinator verified, as zigpy-znp
+/// writes restored keys.
+const KEY_VERIFIED: u8 = 0x02;
+/// Added to a restored link key's transmit counter, as zigpy-znp does
+/// (`write_devices`, `counter_increment`).
+pub const LINK_COUNTER_MARGIN: u32 = 2_500;
 /// Bytes of an item `SYS_OSAL_NV_WRITE_EXT` writes at once (zigpy-znp
 /// `osal_write`).
 const NV_WRITE_CHUNK: usize = 244;
@@ -652,10 +670,29 @@ async fn aligned_structs<P: AsyncRead + AsyncWrite + Unpin + Send>(
 }
 
 /// The devices in the stick's address manager (children of the
-/// coordinator, and devices the trust centre knows), as zigpy-znp
-/// `read_devices` reads them: Z-Stack 3.x.0 one extended-NV entry per
-/// device, older firmware one OSAL item holding the table.
+/// coordinator, and devices the trust centre knows) with their hashed link
+/// keys when the trust centre's `seed` is known, as zigpy-znp
+/// `read_devices` reads them. Keys of devices the address manager does not
+/// list are dropped, as there.
 pub async fn read_devices<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    stack: ZStack,
+    seed: Option<&[u8; 16]>,
+) -> Result<Vec<Device>, ZnpError> {
+    let mut devices = read_addrmgr(znp, stack).await?;
+    if let Some(seed) = seed {
+        for (ieee, key) in read_link_keys(znp, stack, seed).await? {
+            if let Some(device) = devices.iter_mut().find(|d| d.ieee == ieee) {
+                device.link_key = Some(key);
+            }
+        }
+    }
+    Ok(devices)
+}
+
+/// The address manager: Z-Stack 3.x.0 one extended-NV entry per device,
+/// older firmware one OSAL item holding the table.
+async fn read_addrmgr<P: AsyncRead + AsyncWrite + Unpin + Send>(
     znp: &mut Znp<P>,
     stack: ZStack,
 ) -> Result<Vec<Device>, ZnpError> {
@@ -679,6 +716,128 @@ pub async fn read_devices<P: AsyncRead + AsyncWrite + Unpin + Send>(
         devices.extend(parse_addrmgr_entry(&entry, true));
     }
     Ok(devices)
+}
+
+/// The hashed link keys in the stick's TCLK table, derived from `seed`
+/// (zigpy-znp `read_hashed_link_keys`): Z-Stack 3.x.0 extended NV, 3.0.x
+/// one OSAL item per entry; Z-Stack 1.2 keeps none (its unhashed APS keys
+/// are not read).
+pub async fn read_link_keys<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    stack: ZStack,
+    seed: &[u8; 16],
+) -> Result<Vec<(u64, LinkKey)>, ZnpError> {
+    let mut entries: Vec<Vec<u8>> = Vec::new();
+    match stack {
+        ZStack::V1_2 => return Ok(Vec::new()),
+        ZStack::V3x => {
+            for sub in 0..ADDRMGR_MAX {
+                let Some(entry) = ex_read(znp, id::EX_TCLK_TABLE, sub, TCLK_ENTRY_LEN).await?
+                else {
+                    break;
+                };
+                entries.push(entry);
+            }
+        }
+        ZStack::V3_0 => {
+            for item in id::LEGACY_TCLK_TABLE_START..=id::LEGACY_TCLK_TABLE_END {
+                let Some(entry) = read(znp, item).await? else {
+                    break;
+                };
+                entries.push(entry);
+            }
+        }
+    }
+    Ok(entries
+        .iter()
+        .filter_map(|e| parse_tclk_entry(e, seed))
+        .collect())
+}
+
+/// One TCLK entry (either layout: the fields before the padding are the
+/// same); `None` for an empty one.
+pub fn parse_tclk_entry(entry: &[u8], seed: &[u8; 16]) -> Option<(u64, LinkKey)> {
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(entry.get(at..at + 4)?.try_into().ok()?))
+    };
+    let ieee = u64::from_le_bytes(entry.get(8..16)?.try_into().ok()?);
+    if ieee == 0 || ieee == u64::MAX {
+        return None;
+    }
+    let shift = *entry.get(18)?;
+    Some((
+        ieee,
+        LinkKey {
+            key: devices::hashed_key(ieee, seed, shift),
+            tx_counter: u32_at(0)?,
+            rx_counter: u32_at(4)?,
+        },
+    ))
+}
+
+/// The TCLK entry of `ieee`'s `key` derived with `shift`, its transmit
+/// counter above the saved one.
+pub fn tclk_entry(ieee: u64, key: &LinkKey, shift: u8, aligned: bool) -> Vec<u8> {
+    let mut entry = key
+        .tx_counter
+        .saturating_add(LINK_COUNTER_MARGIN)
+        .to_le_bytes()
+        .to_vec();
+    entry.extend(key.rx_counter.to_le_bytes());
+    entry.extend(ieee.to_le_bytes());
+    entry.extend([KEY_VERIFIED, 0, shift]);
+    if aligned {
+        entry.push(0);
+    }
+    entry
+}
+
+/// Writes the link keys of `devices` that derive from `seed` into a freshly
+/// formed stick's TCLK table (zigpy-znp `write_devices`); returns how many
+/// it wrote. Keys not derived from the seed (install codes) are skipped:
+/// zigpy-znp writes those to the APS key tables, which this backend does
+/// not.
+pub async fn write_link_keys<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    stack: ZStack,
+    seed: &[u8; 16],
+    devices: &[Device],
+) -> Result<usize, ZnpError> {
+    if stack == ZStack::V1_2 {
+        return Ok(0);
+    }
+    let aligned = stack == ZStack::V3x || aligned_structs(znp).await?;
+    let hashed = devices.iter().filter_map(|d| {
+        let key = d.link_key.as_ref()?;
+        let shift = devices::key_shift(d.ieee, &key.key, seed)?;
+        Some(tclk_entry(d.ieee, key, shift, aligned))
+    });
+    let mut written = 0;
+    for (index, entry) in hashed.enumerate() {
+        // The tables hold far fewer than 0xEF entries.
+        let index = index as u16;
+        if stack == ZStack::V3x {
+            match ex_write(znp, id::EX_TCLK_TABLE, index, &entry).await? {
+                0 => {}
+                NV_ITEM_UNINIT => break,
+                other => {
+                    return Err(nv_failed(
+                        znp::SYS_NV_WRITE.name,
+                        id::EX_TCLK_TABLE,
+                        Some(&other),
+                    ))
+                }
+            }
+        } else {
+            let item = id::LEGACY_TCLK_TABLE_START + index;
+            if item > id::LEGACY_TCLK_TABLE_END {
+                break;
+            }
+            write(znp, item, &entry).await?;
+        }
+        written += 1;
+    }
+    Ok(written)
 }
 
 fn entry_len(aligned: bool) -> usize {
@@ -851,6 +1010,37 @@ mod tests {
         assert_eq!(channel_mask(&[11, 15, 20, 25]), 0x0210_8800);
         assert_eq!(mask_channels(0x0210_8800), [11, 15, 20, 25]);
         assert_eq!(channel_mask(&[10, 27]), 0, "out of range ignored");
+    }
+
+    #[test]
+    fn tclk_entries_carry_counters_address_and_shift() {
+        let ieee = 0x0012_4B00_0102_0304u64;
+        let seed = [0x11; 16];
+        let key = LinkKey {
+            key: devices::hashed_key(ieee, &seed, 5),
+            tx_counter: 7,
+            rx_counter: 9,
+        };
+        for aligned in [true, false] {
+            let entry = tclk_entry(ieee, &key, 5, aligned);
+            let len = if aligned {
+                TCLK_ENTRY_LEN
+            } else {
+                TCLK_ENTRY_LEN_PACKED
+            };
+            assert_eq!(entry.len(), len);
+            // tx (above the saved one), rx, IEEE, verified, type, shift.
+            assert_eq!(entry[..4], (7 + LINK_COUNTER_MARGIN).to_le_bytes());
+            assert_eq!(entry[4..8], 9u32.to_le_bytes());
+            assert_eq!(entry[8..16], ieee.to_le_bytes());
+            assert_eq!(entry[16..19], [KEY_VERIFIED, 0, 5]);
+            let (read_ieee, read) = parse_tclk_entry(&entry, &seed).expect("an entry");
+            assert_eq!((read_ieee, read.key), (ieee, key.key));
+        }
+        assert!(
+            parse_tclk_entry(&[0; TCLK_ENTRY_LEN], &seed).is_none(),
+            "empty"
+        );
     }
 
     #[test]

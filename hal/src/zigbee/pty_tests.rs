@@ -905,10 +905,10 @@ async fn a_sleeping_child_keeps_its_entry_after_two_expired_offers() {
 }
 
 /// Issue 15, backup completeness: the devices in stick A's address manager
-/// (and the tag ids the agent bound to them) go into the backup; restored
-/// to a new stick B that knows none of them, they are written back, so
-/// B reaches the tags (without them: no route, 0xCD) and the agent lists
-/// them from the start.
+/// (with their hashed link keys, and the tag ids the agent bound to them)
+/// go into the backup; restored to a new stick B that knows none of them,
+/// they are written back, so B reaches the tags (without them: no route,
+/// 0xCD), has their link keys, and the agent lists them from the start.
 #[tokio::test]
 async fn devices_backed_up_from_one_stick_are_reached_through_the_new_one() {
     use super::commission::{backup_stick, restore_stick};
@@ -941,6 +941,10 @@ async fn devices_backed_up_from_one_stick_are_reached_through_the_new_one() {
     );
     assert_eq!(sim1["nwk_address"], "1001");
     assert_eq!(sim1["is_child"], true);
+    // Its hashed link key, derived from the TCLK seed the backup keeps.
+    assert_eq!(sim1["link_key"]["tx_counter"], 101);
+    assert_eq!(sim1["link_key"]["rx_counter"], 201);
+    let old_key = sim1["link_key"]["key"].clone();
     drop(fake);
     while port.symlink_metadata().is_ok() {
         assert!(Instant::now() < deadline, "the old fake never ended");
@@ -953,6 +957,18 @@ async fn devices_backed_up_from_one_stick_are_reached_through_the_new_one() {
     new_stick.awake_ms = 2_000;
     let _new = FakeCoordinator::start(new_stick).expect("fake");
     restore_stick(&cfg, &backup).await.expect("restored");
+    // The new stick has the key, its transmit counter above the old one's.
+    let again = backup_stick(&cfg).await.expect("read").expect("a network");
+    let again = serde_json::to_value(&again.devices).expect("json");
+    let sim1 = again
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["esl_tag_id"] == "SIM000001"))
+        .expect("still there");
+    assert_eq!(sim1["link_key"]["key"], old_key);
+    assert_eq!(
+        sim1["link_key"]["tx_counter"],
+        101 + super::nv::LINK_COUNTER_MARGIN
+    );
     let mut radio = ZigbeeRadio::start(cfg).expect("radio");
     let listed = wait_tag(&mut radio, "SIM000001").await;
     assert_eq!(listed.info["nwk"], "0x1001");
@@ -998,6 +1014,12 @@ async fn a_zstack_30_stick_is_backed_up_and_restored_with_its_counter_and_device
     };
     assert_eq!(backup.network_key.frame_counter, sent, "read from 0x0075…");
     assert_eq!(backup.devices.len(), 8, "read from 0x0023");
+    let keys = backup
+        .devices
+        .iter()
+        .filter(|d| d["link_key"]["tx_counter"].is_u64())
+        .count();
+    assert_eq!(keys, 8, "link keys from 0x0111…");
     drop(fake);
     while cfg.port.symlink_metadata().is_ok() {
         assert!(Instant::now() < deadline, "the old fake never ended");
@@ -1014,6 +1036,11 @@ async fn a_zstack_30_stick_is_backed_up_and_restored_with_its_counter_and_device
         blank.frame_counter().await,
         Some(sent + super::commission::FRAME_COUNTER_MARGIN)
     );
+    let tclk = blank
+        .nv_item(nvid::LEGACY_TCLK_TABLE_START)
+        .await
+        .expect("a link key written");
+    assert_eq!(tclk.len(), super::nv::TCLK_ENTRY_LEN_PACKED, "packed");
     let mut radio = ZigbeeRadio::start(cfg).expect("radio");
     wait_up(&mut radio).await;
     let outcome = deliver_at_checkin(
