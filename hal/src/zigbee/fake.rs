@@ -76,9 +76,9 @@ const CONTROL_CAPACITY: usize = 16;
 const FIRST_NWK: u16 = 0x1000;
 /// Endpoint of the ESL application on every tag.
 const TAG_ENDPOINT: u8 = 1;
-/// Entries of the fake 3.x.0 stick's address manager (real builds have
-/// tens).
-const ADDRMGR_SIZE: u16 = 32;
+/// Entries of the fake stick's address manager and TCLK table at least
+/// (real builds have tens); more when more tags are configured.
+const ADDRMGR_MIN: u16 = 32;
 /// Time the fake takes for an SRSP-less step (reset, network start, confirm
 /// of an awake tag).
 const STEP: Duration = Duration::from_millis(5);
@@ -325,7 +325,7 @@ impl FakeCoordinator {
         let mut nv = default_nv();
         let mut ex_nv = HashMap::new();
         if let Some(network) = &cfg.network {
-            store_network(&mut nv, &mut ex_nv, cfg.firmware, network);
+            store_network(&mut nv, &mut ex_nv, &cfg, network);
         }
         let task = FakeTask {
             joining_until: None,
@@ -754,7 +754,7 @@ impl FakeTask {
         match self.cfg.firmware {
             FakeFirmware::ZStack12 => {}
             FakeFirmware::ZStack3x => {
-                let free = (0..ADDRMGR_SIZE).find(|sub| {
+                let free = (0..table_size(&self.cfg)).find(|sub| {
                     self.ex_nv
                         .get(&(nvid::EX_TCLK_TABLE, *sub))
                         .is_some_and(|e| e[8..16] == [0; 8])
@@ -782,7 +782,7 @@ impl FakeTask {
     /// the table (packed, as on a CC2531).
     fn addrmgr_entries(&self) -> Vec<Vec<u8>> {
         if self.aligned() {
-            (0..ADDRMGR_SIZE)
+            (0..table_size(&self.cfg))
                 .map_while(|sub| self.ex_nv.get(&(nvid::EX_ADDRMGR, sub)).cloned())
                 .collect()
         } else {
@@ -831,7 +831,7 @@ impl FakeTask {
         let mut entry = nv::addrmgr_entry(&device, self.aligned());
         entry[0] = user;
         if self.aligned() {
-            // The table has ADDRMGR_SIZE entries, far below u16::MAX.
+            // The table has `table_size` entries, a u16.
             self.ex_nv.insert((nvid::EX_ADDRMGR, index as u16), entry);
         } else if let Some(table) = self.nv.get_mut(&nvid::ADDRMGR) {
             let at = index * nv::ADDRMGR_ENTRY_LEN_PACKED;
@@ -1308,7 +1308,7 @@ impl FakeTask {
             extended_pan_id,
             network_key,
         };
-        store_network(&mut self.nv, &mut self.ex_nv, self.cfg.firmware, &network);
+        store_network(&mut self.nv, &mut self.ex_nv, &self.cfg, &network);
         self.join_configured_tags();
     }
 
@@ -1630,13 +1630,23 @@ fn default_nv() -> HashMap<u16, Vec<u8>> {
     ])
 }
 
+/// Entries of the address manager and the TCLK table: room for every
+/// configured tag and 16 that join later.
+fn table_size(cfg: &FakeConfig) -> u16 {
+    u16::try_from(cfg.tags.saturating_add(16))
+        .unwrap_or(u16::MAX)
+        .max(ADDRMGR_MIN)
+}
+
 /// Stores `network` as the firmware would after forming it.
 fn store_network(
     nv: &mut HashMap<u16, Vec<u8>>,
     ex_nv: &mut HashMap<(u16, u16), Vec<u8>>,
-    firmware: FakeFirmware,
+    cfg: &FakeConfig,
     network: &FakeNetwork,
 ) {
+    let firmware = cfg.firmware;
+    let size = table_size(cfg);
     // The frame counter: Z-Stack 3.30+ keeps it in the security-material
     // table (a global entry, then the network's), 1.2 after the key in
     // NWKKEY.
@@ -1647,7 +1657,7 @@ fn store_network(
     };
     match firmware {
         FakeFirmware::ZStack3x => {
-            for sub in 0..ADDRMGR_SIZE {
+            for sub in 0..size {
                 let empty = [0xFF; nv::ADDRMGR_ENTRY_LEN].to_vec();
                 ex_nv.insert((nvid::EX_ADDRMGR, sub), empty);
             }
@@ -1673,7 +1683,7 @@ fn store_network(
         nv.insert(nvid::TCLK_SEED, seed.to_vec());
     }
     if firmware == FakeFirmware::ZStack3x {
-        for sub in 0..ADDRMGR_SIZE {
+        for sub in 0..size {
             let empty = vec![0; nv::TCLK_ENTRY_LEN];
             ex_nv.insert((nvid::EX_TCLK_TABLE, sub), empty);
         }
@@ -1681,7 +1691,7 @@ fn store_network(
         // Empty packed entries: user type 0, no addresses.
         let mut empty = vec![0x00];
         empty.extend([0xFF; nv::ADDRMGR_ENTRY_LEN_PACKED - 1]);
-        nv.insert(nvid::ADDRMGR, empty.repeat(usize::from(ADDRMGR_SIZE)));
+        nv.insert(nvid::ADDRMGR, empty.repeat(usize::from(size)));
     }
     match firmware {
         FakeFirmware::ZStack3x | FakeFirmware::ZStack12 => {}

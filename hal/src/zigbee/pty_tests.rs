@@ -1050,3 +1050,20 @@ async fn a_zstack_30_stick_is_backed_up_and_restored_with_its_counter_and_device
     .await;
     assert_eq!(outcome.result, Ok(()), "{outcome:?}");
 }
+
+/// The fake's address manager has room for every configured tag (a fake
+/// with many tags must not turn into "no route" for the last ones).
+#[tokio::test]
+async fn every_configured_tag_is_the_fake_sticks_child() {
+    let mut rig = rig(|c| {
+        c.tags = 60;
+        c.checkin_interval_ms = 50;
+    });
+    wait_up(&mut rig.radio).await;
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000059", "t-last", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+}
