@@ -14,7 +14,9 @@
 //!   after the replug the radio is up again and the task is applied. The
 //!   agent never exits because of the adapter;
 //! - `network.permit_join` over MQTT and `esl-agent zigbee permit-join`
-//!   on the control socket open (and close) the coordinator's network.
+//!   on the control socket open (and close) the coordinator's network;
+//! - a tag that joins is listed by `tags.list` (with its IEEE and network
+//!   address) before its first check-in.
 
 use std::time::Duration;
 
@@ -280,8 +282,8 @@ async fn firmware_is_reported_and_permit_join_reaches_the_coordinator() {
 }
 
 /// Issue 15: `esl-agent zigbee backup FILE` reads the network of a stick
-/// someone else formed into an Open Coordinator Backup (0600: it holds the
-/// key), and `esl-agent zigbee restore FILE` writes it to a blank stick,
+/// someone else formed, with its devices, into an Open Coordinator Backup
+/// (0600: it holds the key), and `esl-agent zigbee restore FILE` writes it to a blank stick,
 /// which then has that network.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_and_restore_commands_move_a_network_to_a_blank_stick() {
@@ -320,6 +322,10 @@ async fn backup_and_restore_commands_move_a_network_to_a_blank_stick() {
     );
     assert_eq!(backup["pan_id"], "0bad");
     assert_eq!(backup["channel"], 25);
+    // The stick's address manager: its eight tags, by IEEE address.
+    let devices = backup["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), 8, "{devices:?}");
+    assert!(devices.iter().all(|d| d["is_child"] == true), "{devices:?}");
     let mode = std::fs::metadata(&file).expect("stat").permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the backup holds the network key");
     drop(old);
@@ -342,4 +348,71 @@ async fn backup_and_restore_commands_move_a_network_to_a_blank_stick() {
     let out = run_cli(&config, &["zigbee", "backup", &second]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no network"));
+}
+
+/// Issue 15, the installer's view: joining opened on the AP, a new tag
+/// joins, and `tags.list` shows it at once — with its IEEE and network
+/// address — although it has not checked in (it never does here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_that_joins_is_listed_before_its_first_check_in() {
+    let mut stack = zigbee_stack("zb-join-listed").await;
+    stack
+        .backend
+        .expect_status_where("radio up", Duration::from_secs(10), |s| {
+            s["radio"]["state"] == "up"
+        })
+        .await;
+    let config = stack.env.path().join("agent.toml");
+    succeeded(&run_cli(&config, &["zigbee", "permit-join", "60"]).await);
+    // The CLI answers once the request is handed on; the coordinator opens
+    // joining when it gets it.
+    eventually(
+        "the coordinator to be asked for 60 s of joining",
+        Duration::from_secs(10),
+        || (FakeStats::get(&stack.fake().stats().last_permit_join_s) == 60).then_some(()),
+    )
+    .await;
+    let joined = stack.fake().join_tag(false).await.expect("joining is open");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut attempt = 0;
+    let listed = loop {
+        attempt += 1;
+        let req_id = format!("tl-{attempt}");
+        stack
+            .backend
+            .publish_command(&json!({"v": 1, "req_id": req_id, "method": "tags.list",
+                "params": {"limit": 100}, "reply_to": "GID_backend@@@be1"}))
+            .await;
+        let reply = stack
+            .backend
+            .expect_reply(&req_id, Duration::from_secs(10))
+            .await;
+        assert_eq!(reply["ok"], true, "{reply}");
+        if let Some(tag) = reply["result"]["tags"]
+            .as_array()
+            .and_then(|tags| tags.iter().find(|t| t["tag_id"] == joined.tag_id.as_str()))
+        {
+            break tag.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} not listed: {reply}",
+            joined.tag_id
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(listed["radio"]["ieee"], joined.tag_id.as_str(), "{listed}");
+    assert_eq!(
+        listed["radio"]["nwk"],
+        format!("{:#06x}", joined.nwk).as_str(),
+        "{listed}"
+    );
+    // The fake's new tag never checks in: listed from its join alone.
+    assert!(listed["last_seen"].is_null(), "never checked in: {listed}");
+    let status = stack
+        .backend
+        .expect_status("periodic", Duration::from_secs(5))
+        .await;
+    assert!(counter(&status, "zigbee_device_announces") >= 1, "{status}");
 }

@@ -43,10 +43,9 @@ pub enum BackupError {
     Invalid { path: PathBuf, reason: String },
 }
 
-/// One Open Coordinator Backup document. Devices are kept as they were
-/// read (this backend does not read the stick's device tables yet) so a
-/// restore of a zigpy or Zigbee2MQTT backup does not lose them from the
-/// file.
+/// One Open Coordinator Backup document. Devices are kept as JSON values:
+/// [`super::devices`] reads and updates the fields it knows, and whatever
+/// else a zigpy or Zigbee2MQTT backup holds stays in the file.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct NetworkBackup {
     pub metadata: Metadata,

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::app::{ESL_CLUSTER, ESL_DEVICE_ID, ESL_PROFILE};
 use super::backup::{BackupError, NetworkBackup};
+use super::devices::{Device, Devices};
 use super::firmware::{self, Firmware, StartupStatus, ZStack};
 use super::nv::{self, StickNetwork};
 use super::znp::{self, Znp, ZnpError};
@@ -78,6 +79,8 @@ pub struct Started {
     pub firmware: Firmware,
     pub network: StickNetwork,
     pub outcome: NetworkOutcome,
+    /// The devices in the stick's address manager (`nv::read_devices`).
+    pub devices: Vec<Device>,
 }
 
 /// Finds the stick, knows its firmware and resets it: what every use of
@@ -94,17 +97,35 @@ async fn wake<P: AsyncRead + AsyncWrite + Unpin + Send>(
     Ok(firmware)
 }
 
-/// A backup of the network on the stick at `cfg.port` (the agent must not
-/// hold the port: it is opened exclusively). `None` when the stick has no
-/// network.
+/// A backup of the network on the stick at `cfg.port`, with the devices
+/// in its address manager (and the tag ids the agent's saved file of the
+/// same network knows). The agent must not hold the port: it is opened
+/// exclusively. `None` when the stick has no network.
 pub async fn backup_stick(cfg: &ZigbeeConfig) -> Result<Option<NetworkBackup>, String> {
     let counters = std::sync::Arc::new(super::ZigbeeCounters::default());
     let mut znp = super::driver::open_port(cfg, counters).await?;
     let fw = wake(&mut znp, cfg).await.map_err(|e| e.to_string())?;
-    let network = nv::read_network(&mut znp, fw.stack)
+    let Some(network) = nv::read_network(&mut znp, fw.stack)
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(network.map(|n| NetworkBackup::from_network(&n, &fw.to_string())))
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let mut backup = NetworkBackup::from_network(&network, &fw.to_string());
+    // The agent's own file of this network knows which tag is which.
+    let mut devices = match NetworkBackup::load(&cfg.network_file) {
+        Ok(Some(saved)) if saved.to_network().is_ok_and(|n| n.same_network(&network)) => {
+            Devices::from_backup(&saved.devices)
+        }
+        _ => Devices::default(),
+    };
+    devices.update_from_stick(
+        nv::read_devices(&mut znp, fw.stack, network.tclk_seed.as_ref())
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    devices.merge_into(&mut backup.devices);
+    Ok(Some(backup))
 }
 
 /// Writes `backup`'s network to the stick at `cfg.port` (replacing what it
@@ -115,7 +136,8 @@ pub async fn restore_stick(cfg: &ZigbeeConfig, backup: &NetworkBackup) -> Result
     let counters = std::sync::Arc::new(super::ZigbeeCounters::default());
     let mut znp = super::driver::open_port(cfg, counters).await?;
     let fw = wake(&mut znp, cfg).await.map_err(|e| e.to_string())?;
-    restore(&mut znp, cfg, &fw, &saved)
+    let devices = Devices::from_backup(&backup.devices);
+    restore(&mut znp, cfg, &fw, &saved, &devices)
         .await
         .map_err(|e| e.to_string())?;
     // Keep what the backup holds beyond the network (devices, metadata).
@@ -132,6 +154,7 @@ pub async fn start_up<P: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<Started, StartError> {
     let firmware = wake(znp, cfg).await?;
     let (network, outcome) = own_network(znp, cfg, &firmware).await?;
+    let devices = nv::read_devices(znp, firmware.stack, network.tclk_seed.as_ref()).await?;
     register_endpoint(znp, cfg).await?;
     // Joining is closed until an operator opens it.
     permit_join(znp, 0).await?;
@@ -139,6 +162,7 @@ pub async fn start_up<P: AsyncRead + AsyncWrite + Unpin + Send>(
         firmware,
         network,
         outcome,
+        devices,
     })
 }
 
@@ -206,7 +230,11 @@ async fn own_network<P: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         (NetworkMismatch::Restore, _, Some(ours)) => {
             warn!("writing the saved network to the stick (on_network_mismatch = \"restore\")");
-            let network = restore(znp, cfg, fw, &ours).await?;
+            let devices = saved
+                .as_ref()
+                .map(|b| Devices::from_backup(&b.devices))
+                .unwrap_or_default();
+            let network = restore(znp, cfg, fw, &ours, &devices).await?;
             Ok((network, NetworkOutcome::Restored))
         }
         (NetworkMismatch::Form, _, _) => {
@@ -237,6 +265,21 @@ pub fn save(cfg: &ZigbeeConfig, network: &StickNetwork, fw: &Firmware) -> Result
     };
     backup.save(&cfg.network_file)?;
     info!(file = %cfg.network_file.display(), "saved the ZigBee network (Open Coordinator Backup)");
+    Ok(())
+}
+
+/// Writes `devices` into the saved network's `devices` (merged by IEEE
+/// address: what other hosts wrote there stays). Nothing without a saved
+/// network.
+pub fn save_devices(cfg: &ZigbeeConfig, devices: &Devices) -> Result<(), StartError> {
+    let Some(mut backup) = NetworkBackup::load(&cfg.network_file)? else {
+        return Ok(());
+    };
+    let before = backup.devices.clone();
+    devices.merge_into(&mut backup.devices);
+    if backup.devices != before {
+        backup.save(&cfg.network_file)?;
+    }
     Ok(())
 }
 
@@ -355,14 +398,15 @@ pub async fn form<P: AsyncRead + AsyncWrite + Unpin + Send>(
 
 /// Writes a saved network to the stick: forms it with the saved channel,
 /// PAN ids and key, then the saved key sequence number, coordinator
-/// address, (Z-Stack 3) link-key seed, and the frame counter (plus
-/// [`FRAME_COUNTER_MARGIN`]), and restarts. The device tables are not
-/// restored (docs/ZIGBEE.md).
+/// address, (Z-Stack 3) link-key seed, the devices (address manager,
+/// Z-Stack 3.x.0 only; no link keys), and the frame counter (plus
+/// [`FRAME_COUNTER_MARGIN`]), and restarts (docs/ZIGBEE.md).
 pub async fn restore<P: AsyncRead + AsyncWrite + Unpin + Send>(
     znp: &mut Znp<P>,
     cfg: &ZigbeeConfig,
     fw: &Firmware,
     saved: &StickNetwork,
+    devices: &Devices,
 ) -> Result<StickNetwork, StartError> {
     let new = NewNetwork {
         channel_mask: nv::channel_mask(&[saved.channel]),
@@ -381,6 +425,32 @@ pub async fn restore<P: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     if saved.coordinator_ieee != 0 {
         nv::write(znp, nv::id::EXTADDR, &saved.coordinator_ieee.to_le_bytes()).await?;
+    }
+    // Known devices go back in the address manager, so the new stick
+    // answers its children's polls and routes to the others.
+    let known: Vec<Device> = devices.iter().filter(|d| d.nwk < 0xFFF8).cloned().collect();
+    let written = nv::write_devices(znp, fw.stack, &known).await?;
+    if written < known.len() {
+        warn!(
+            written,
+            devices = known.len(),
+            "the stick's address manager is full: the other devices must rejoin"
+        );
+    } else if written > 0 {
+        info!(
+            devices = written,
+            "restored the devices to the stick's address manager"
+        );
+    }
+    if let Some(seed) = &saved.tclk_seed {
+        let keys = nv::write_link_keys(znp, fw.stack, seed, &known).await?;
+        let with_keys = known.iter().filter(|d| d.link_key.is_some()).count();
+        if keys < with_keys {
+            warn!(restored = keys, link_keys = with_keys,
+                "link keys not derived from the seed (or beyond the table) are not restored: those devices may have to be paired again");
+        } else if keys > 0 {
+            info!(link_keys = keys, "restored the devices' link keys");
+        }
     }
     // Joined devices drop frames whose counter is not above the last one
     // they saw: start above the saved one, with a margin for the frames

@@ -16,7 +16,9 @@
 //! 2. **Serve**: a delivery becomes an offer of one or more segments, each
 //!    an `AF_DATA_REQUEST` sent once the previous one's `AF_DATA_CONFIRM`
 //!    (matched by transaction id) says the network delivered it; the tag's
-//!    `UpdateResult` (matched by handle) ends the delivery. A
+//!    `UpdateResult` (matched by handle) ends the delivery; a second expiry
+//!    (0xF0) in a row drops a stale child entry first. Joins and announces
+//!    report the tag at once (`RadioEvent::Tag`, `devices`). A
 //!    quiet adapter is pinged; no answer, a read error or an unexpected
 //!    reset means the adapter is lost.
 //! 3. **Lost**: report `Down`, fail what was in flight (retryable), and
@@ -37,8 +39,10 @@ use tokio_serial::SerialPortBuilderExt;
 use tracing::{debug, info, warn};
 
 use super::app::{self, AppMessage, ESL_CLUSTER};
+use super::backup::NetworkBackup;
 use super::commission::{self, Started};
-use super::firmware;
+use super::devices::Devices;
+use super::firmware::{self, ZStack};
 use super::frame::FrameType;
 use super::nv;
 use super::znp::{self, Znp, ZnpError};
@@ -62,8 +66,20 @@ const NWK_NO_ROUTE: u8 = 0xCD;
 const INCOMING_EXT_HEADER: usize = 27;
 /// Address mode of a 16-bit network address.
 const ADDR_MODE_16BIT: u8 = 2;
+/// Confirm status: the sleeping tag did not poll in time.
+const MAC_TRANSACTION_EXPIRED: u8 = 0xF0;
+/// First firmware revision (build date) with `UTIL_ASSOC_REMOVE` and
+/// `UTIL_ASSOC_ADD` (zigbee-herdsman `supportsAssocAdd`).
+const ASSOC_COMMANDS_SINCE: u32 = 20_201_026;
+/// `UTIL_ASSOC_GET_WITH_ADDRESS`: the network address of no entry, and
+/// the relation of an unused one.
+const ASSOC_NO_ADDRESS: u16 = 0xFFFE;
+const RELATION_NOT_USED: u8 = 0xFF;
 /// `ZDO_EXT_ROUTE_DISC` options: a plain route discovery.
 const ROUTE_DISC_OPTIONS: u8 = 0;
+/// `ZDO_END_DEVICE_ANNCE_IND` capability bit of a router (full-function
+/// device); tags are end devices.
+const CAPABILITY_ROUTER: u8 = 0x02;
 /// Longest tag id accepted in a check-in (PROTOCOL §4 `tag_id`).
 const MAX_TAG_ID: usize = 32;
 
@@ -88,9 +104,13 @@ struct InFlight {
     sent: Option<Vec<u8>>,
     /// A route discovery was done for this delivery (once only).
     rediscovered: bool,
+    /// What was done about a stale child entry of the tag (`on_confirm`).
+    stale: StaleChild,
     stage: Stage,
     /// When the current stage times out (unused in [`Stage::Next`]).
     deadline: Instant,
+    /// The outcome waiting for [`Stage::Readd`].
+    failure: Option<DeliveryFailure>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +119,12 @@ enum Stage {
     Next,
     /// The last segment found no route: discover one, then send it again.
     Rediscover,
+    /// The tag's last two offers expired (0xF0): drop its entry from the
+    /// coordinator's association table if it has one, then send again.
+    DropStale,
+    /// The offer failed after a stale entry was dropped: put the entry
+    /// back, then end with `InFlight::failure`.
+    Readd,
     /// Waiting for `AF_DATA_CONFIRM` with this transaction id.
     Confirm { trans: u8 },
     /// The network delivered every segment; waiting for the tag's result.
@@ -111,6 +137,25 @@ impl Stage {
     fn has_deadline(self) -> bool {
         matches!(self, Stage::Confirm { .. } | Stage::Result)
     }
+}
+
+/// A tag's entry in the coordinator's association table, for the 0xF0
+/// handling zigbee-herdsman (`zStackAdapter.ts`,
+/// `sendZclFrameToEndpointInternal`) and zigpy-znp
+/// (`zigbee/application.py`, `RetryMethod.AssocRemove`) share: with child
+/// aging off, a tag that moved to another parent stays the coordinator's
+/// "child", so frames for it wait for polls that never come. Both hosts
+/// drop the entry (`UTIL_ASSOC_REMOVE`) after a second expiry, so the frame
+/// is routed to the new parent, and put it back (`UTIL_ASSOC_ADD`) when
+/// that fails too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StaleChild {
+    /// Nothing done.
+    Unchecked,
+    /// Looked at; nothing to drop (or dropping failed).
+    Kept,
+    /// Dropped: the entry to put back if the offer still fails.
+    Dropped { ieee: u64, nwk: u16, relation: u8 },
 }
 
 /// Whether a delivery got an SRSP from the adapter (proof that it lives).
@@ -148,6 +193,9 @@ struct State {
     /// the same `Down`.
     reported: Option<RadioState>,
     tags: HashMap<TagId, Address>,
+    /// Devices by IEEE address (joins, announces, check-ins; the saved
+    /// network's `devices`), and the tag ids they go by.
+    devices: Devices,
     /// By handle.
     in_flight: HashMap<u16, InFlight>,
     next_handle: u16,
@@ -155,6 +203,13 @@ struct State {
     /// Deliveries in flight at once, at most (by firmware, or
     /// `radio.zigbee.max_in_flight`); more wait in the delivery channel.
     max_in_flight: usize,
+    /// The firmware has `UTIL_ASSOC_REMOVE`/`ADD` (Koenkk's Z-Stack 3.x.0
+    /// builds from 2020-10-26 on, as zigbee-herdsman checks); cleared when
+    /// the stick refuses them.
+    assoc_commands: bool,
+    /// Tags whose last offer expired (0xF0); a second expiry in a row
+    /// checks for a stale child entry.
+    expired: std::collections::HashSet<TagId>,
 }
 
 impl Driver {
@@ -181,6 +236,16 @@ impl Driver {
         self.state.report(RadioState::Down {
             reason: format!("connecting to the ZigBee adapter at {port}"),
         });
+        // Tags known from the saved network are listed from the start,
+        // with what is known of them (the agent keeps such details in
+        // memory only).
+        let known: Vec<RadioEvent> = self
+            .state
+            .devices
+            .iter()
+            .filter_map(|d| d.details().map(RadioEvent::Tag))
+            .collect();
+        self.state.outgoing.extend(known);
         let mut backoff = self.cfg.reconnect_min;
         loop {
             let connect = connect(&self.cfg, self.counters.clone());
@@ -195,6 +260,17 @@ impl Driver {
             };
             match connected {
                 Ok((znp, started)) => {
+                    // The stick's tables give the IEEE address of every
+                    // child (needed to drop a stale one, see `on_confirm`).
+                    self.state
+                        .devices
+                        .update_from_stick(started.devices.iter().cloned());
+                    self.state.save_devices();
+                    self.state.assoc_commands = started.firmware.stack == ZStack::V3x
+                        && started
+                            .firmware
+                            .revision
+                            .is_some_and(|r| r >= ASSOC_COMMANDS_SINCE);
                     self.state.max_in_flight = self
                         .cfg
                         .max_in_flight
@@ -307,6 +383,10 @@ impl Driver {
                 () = sleep_until(wake) => {
                     let now = Instant::now();
                     self.state.expire(now);
+                    // An expired offer may have a child entry to put back.
+                    if let Err(stop) = self.state.send_due(&mut znp).await {
+                        return stop;
+                    }
                     if now >= next_ping {
                         if let Err(stop) = check_alive(&mut znp).await {
                             return stop;
@@ -314,7 +394,7 @@ impl Driver {
                         next_ping = Instant::now() + self.cfg.ping_interval;
                     }
                     if next_backup.is_some_and(|at| now >= at) {
-                        if let Err(stop) = scheduled_backup(&self.cfg, &mut znp, started).await {
+                        if let Err(stop) = scheduled_backup(&mut self.state, &mut znp, started).await {
                             return stop;
                         }
                         next_backup = Some(Instant::now() + self.cfg.backup_interval);
@@ -365,13 +445,23 @@ impl Away<'_> {
 /// counter and channel move), saved over the network file. A stick
 /// that shows another network is not saved: the next start decides.
 async fn scheduled_backup<P: AsyncRead + AsyncWrite + Unpin + Send>(
-    cfg: &ZigbeeConfig,
+    state: &mut State,
     znp: &mut Znp<P>,
     started: &Started,
 ) -> Result<(), Stop> {
     match nv::read_network(znp, started.firmware.stack).await {
         Ok(Some(network)) if network.same_network(&started.network) => {
-            match commission::save(cfg, &network, &started.firmware) {
+            match nv::read_devices(znp, started.firmware.stack, network.tclk_seed.as_ref()).await {
+                Ok(devices) => state.devices.update_from_stick(devices),
+                Err(error) if error.is_link_lost() => {
+                    return Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))
+                }
+                Err(error) => warn!(%error, "scheduled ZigBee backup: cannot read the devices"),
+            }
+            let cfg = &state.cfg;
+            match commission::save(cfg, &network, &started.firmware)
+                .and_then(|()| commission::save_devices(cfg, &state.devices))
+            {
                 Ok(()) => debug!(
                     frame_counter = network.frame_counter,
                     "scheduled ZigBee backup"
@@ -476,6 +566,13 @@ pub(super) fn confirm_failure(status: u8) -> DeliveryFailure {
     }
 }
 
+/// A little-endian IEEE address from its first 8 bytes (`bytes` has them).
+fn le_u64(bytes: &[u8]) -> u64 {
+    let mut le = [0u8; 8];
+    le.copy_from_slice(&bytes[..8]);
+    u64::from_le_bytes(le)
+}
+
 fn is_tag_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_TAG_ID
@@ -489,7 +586,17 @@ impl State {
         // Handles start somewhere random so that a result from before a
         // restart of the agent is unlikely to match a new offer.
         let first_handle: u16 = SmallRng::from_entropy().gen();
+        let devices = match NetworkBackup::load(&cfg.network_file) {
+            Ok(Some(backup)) => Devices::from_backup(&backup.devices),
+            Ok(None) => Devices::default(),
+            Err(error) => {
+                // The start-up reports it (the file decides the network).
+                debug!(%error, "no devices from the saved network");
+                Devices::default()
+            }
+        };
         State {
+            devices,
             cfg,
             counters,
             outgoing: VecDeque::new(),
@@ -499,6 +606,8 @@ impl State {
             next_handle: first_handle,
             next_trans: first_handle as u8,
             max_in_flight: 1,
+            assoc_commands: false,
+            expired: std::collections::HashSet::new(),
         }
     }
 
@@ -560,7 +669,7 @@ impl State {
             .collect();
         for (handle, stage) in overdue {
             let reason = match stage {
-                Stage::Next | Stage::Rediscover => continue,
+                Stage::Next | Stage::Rediscover | Stage::DropStale | Stage::Readd => continue,
                 Stage::Confirm { .. } => {
                     ZigbeeCounters::bump(&self.counters.confirm_timeouts);
                     format!("no AF_DATA_CONFIRM within {:?}", self.cfg.confirm_timeout)
@@ -573,7 +682,19 @@ impl State {
                     )
                 }
             };
-            self.finish(handle, Err(retry_later(reason)));
+            self.fail_or_readd(handle, retry_later(reason));
+        }
+    }
+
+    /// Ends offer `handle` with `failure`, unless a stale child entry was
+    /// dropped for it: then `send_due` puts the entry back first.
+    fn fail_or_readd(&mut self, handle: u16, failure: DeliveryFailure) {
+        match self.in_flight.get_mut(&handle) {
+            Some(flight) if matches!(flight.stale, StaleChild::Dropped { .. }) => {
+                flight.failure = Some(failure);
+                flight.stage = Stage::Readd;
+            }
+            _ => self.finish(handle, Err(failure)),
         }
     }
 
@@ -648,8 +769,10 @@ impl State {
                 unsent: segments.into(),
                 sent: None,
                 rediscovered: false,
+                stale: StaleChild::Unchecked,
                 stage: Stage::Next,
                 deadline: Instant::now(),
+                failure: None,
             },
         );
         self.send_next(znp, handle).await
@@ -668,12 +791,163 @@ impl State {
             .map(|(handle, f)| (*handle, f.stage))
             .collect();
         for (handle, stage) in due {
-            if stage == Stage::Rediscover {
-                self.rediscover(znp, handle).await?;
+            match stage {
+                Stage::Rediscover => self.rediscover(znp, handle).await?,
+                Stage::DropStale => {
+                    if !self.drop_stale_child(znp, handle).await? {
+                        continue;
+                    }
+                }
+                Stage::Readd => {
+                    self.readd_child(znp, handle).await?;
+                    continue;
+                }
+                Stage::Next | Stage::Confirm { .. } | Stage::Result => {}
             }
             self.send_next(znp, handle).await?;
         }
         Ok(())
+    }
+
+    /// The tag of offer `handle` let two offers expire: if the coordinator
+    /// holds it as a child (`UTIL_ASSOC_GET_WITH_ADDRESS` by its IEEE
+    /// address), the entry is dropped (`UTIL_ASSOC_REMOVE`), a route
+    /// discovered (as zigpy-znp does right after) and the segment queued
+    /// again: `Ok(true)`. Otherwise the offer ends as expired: `Ok(false)`.
+    /// `Err` only when the adapter is lost.
+    async fn drop_stale_child<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        znp: &mut Znp<P>,
+        handle: u16,
+    ) -> Result<bool, Stop> {
+        let Some(flight) = self.in_flight.get_mut(&handle) else {
+            return Ok(false);
+        };
+        flight.stale = StaleChild::Kept;
+        let ieee = self
+            .devices
+            .by_tag_id(&flight.tag_id)
+            .or_else(|| self.devices.by_nwk(flight.address.nwk))
+            .map(|d| d.ieee);
+        let expired = confirm_failure(MAC_TRANSACTION_EXPIRED);
+        let Some(ieee) = ieee else {
+            self.finish(handle, Err(expired));
+            return Ok(false);
+        };
+        let mut lookup = ieee.to_le_bytes().to_vec();
+        // The IEEE address takes priority over this network address.
+        lookup.extend(0u16.to_le_bytes());
+        let entry = match self
+            .assoc_request(znp, znp::UTIL_ASSOC_GET_WITH_ADDRESS, lookup)
+            .await?
+        {
+            Some(reply) => reply,
+            None => {
+                self.finish(handle, Err(expired));
+                return Ok(false);
+            }
+        };
+        let (nwk, relation) = match entry.as_slice() {
+            [lo, hi, _, _, relation, ..] => (u16::from_le_bytes([*lo, *hi]), *relation),
+            _ => (ASSOC_NO_ADDRESS, RELATION_NOT_USED),
+        };
+        if nwk == ASSOC_NO_ADDRESS || relation == RELATION_NOT_USED {
+            // Not the coordinator's child: it was simply asleep.
+            self.finish(handle, Err(expired));
+            return Ok(false);
+        }
+        match self
+            .assoc_request(znp, znp::UTIL_ASSOC_REMOVE, ieee.to_le_bytes().to_vec())
+            .await?
+        {
+            Some(reply) if reply.first() == Some(&0) => {}
+            _ => {
+                self.finish(handle, Err(expired));
+                return Ok(false);
+            }
+        }
+        ZigbeeCounters::bump(&self.counters.stale_children_dropped);
+        info!(ieee = format_args!("{ieee:016x}"), nwk = format_args!("{nwk:#06x}"),
+            "offers to the tag expired twice: dropped it as the coordinator's child so frames are routed to its parent");
+        if let Some(flight) = self.in_flight.get_mut(&handle) {
+            flight.stale = StaleChild::Dropped {
+                ieee,
+                nwk,
+                relation,
+            };
+            // The route discovery below, once, stands for the one 0xCD
+            // would ask for.
+            flight.rediscovered = false;
+            flight.stage = Stage::Rediscover;
+        }
+        self.rediscover(znp, handle).await?;
+        Ok(true)
+    }
+
+    /// Puts back the child entry dropped for offer `handle` (the offer
+    /// failed anyway: the tag may still be the coordinator's child), then
+    /// ends the offer with its failure. `Err` only when the adapter is
+    /// lost.
+    async fn readd_child<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        znp: &mut Znp<P>,
+        handle: u16,
+    ) -> Result<(), Stop> {
+        let Some(flight) = self.in_flight.get_mut(&handle) else {
+            return Ok(());
+        };
+        let failure = flight
+            .failure
+            .take()
+            .unwrap_or_else(|| confirm_failure(MAC_TRANSACTION_EXPIRED));
+        // Two more expiries before the next try.
+        let tag_id = flight.tag_id.clone();
+        self.expired.remove(&tag_id);
+        let Some(flight) = self.in_flight.get_mut(&handle) else {
+            return Ok(());
+        };
+        if let StaleChild::Dropped {
+            ieee,
+            nwk,
+            relation,
+        } = std::mem::replace(&mut flight.stale, StaleChild::Kept)
+        {
+            let mut entry = nwk.to_le_bytes().to_vec();
+            entry.extend(ieee.to_le_bytes());
+            entry.push(relation);
+            if self
+                .assoc_request(znp, znp::UTIL_ASSOC_ADD, entry)
+                .await?
+                .is_some()
+            {
+                ZigbeeCounters::bump(&self.counters.stale_children_restored);
+                debug!(ieee = format_args!("{ieee:016x}"), "child entry put back");
+            }
+        }
+        self.finish(handle, Err(failure));
+        Ok(())
+    }
+
+    /// One association-table request; `None` when the stick refused it
+    /// (then the firmware is taken not to have these commands). `Err`
+    /// only when the adapter is lost.
+    async fn assoc_request<P: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        znp: &mut Znp<P>,
+        command: znp::Command,
+        payload: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, Stop> {
+        match znp.request(command, payload).await {
+            Ok(reply) => Ok(Some(reply)),
+            Err(error) if error.is_link_lost() => {
+                Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))
+            }
+            Err(error) => {
+                warn!(%error, command = command.name, "association-table command refused; not used again");
+                self.assoc_commands = false;
+                Ok(None)
+            }
+        }
     }
 
     /// `ZDO_EXT_ROUTE_DISC` to offer `handle`'s tag, and its last segment
@@ -798,20 +1072,32 @@ impl State {
                 payload.first()
             )));
         } else if znp::ZDO_END_DEVICE_ANNCE_IND.is(frame, FrameType::Areq) {
-            // source, network address, IEEE address, capabilities.
-            if let [_, _, lo, hi, ieee @ ..] = payload {
-                ZigbeeCounters::bump(&self.counters.device_announces);
-                let ieee: Vec<String> = ieee
-                    .iter()
-                    .take(8)
-                    .rev()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                info!(
-                    nwk = format_args!("{:#06x}", u16::from_le_bytes([*lo, *hi])),
-                    ieee = ieee.concat(),
-                    "device joined or rejoined the network"
-                );
+            // Source, network address, IEEE address, capabilities.
+            match payload {
+                [_, _, lo, hi, ieee @ ..] if ieee.len() >= 9 => {
+                    let end_device = ieee[8] & CAPABILITY_ROUTER == 0;
+                    self.on_join(
+                        u16::from_le_bytes([*lo, *hi]),
+                        le_u64(ieee),
+                        None,
+                        end_device,
+                    );
+                }
+                _ => ZigbeeCounters::bump(&self.counters.unexpected_frames),
+            }
+        } else if znp::ZDO_TC_DEV_IND.is(frame, FrameType::Areq) {
+            // Network address, IEEE address, parent's network address.
+            match payload {
+                [lo, hi, ieee @ ..] if ieee.len() >= 10 => {
+                    let parent = u16::from_le_bytes([ieee[8], ieee[9]]);
+                    self.on_join(
+                        u16::from_le_bytes([*lo, *hi]),
+                        le_u64(ieee),
+                        Some(parent),
+                        false,
+                    );
+                }
+                _ => ZigbeeCounters::bump(&self.counters.unexpected_frames),
             }
         } else if znp::ZDO_STATE_CHANGE_IND.is(frame, FrameType::Areq) {
             if payload.first() != Some(&znp::DEV_ZB_COORD) {
@@ -826,6 +1112,38 @@ impl State {
         Ok(())
     }
 
+    /// A device joined (`ZDO_TC_DEV_IND`, with its parent; its announce
+    /// follows) or announced itself (`ZDO_END_DEVICE_ANNCE_IND`: joined,
+    /// rejoined, or moved to another parent). An end device is reported as
+    /// a tag at once, under its tag id (`devices`), and a tag that rejoined
+    /// at a new address is answered there.
+    fn on_join(&mut self, nwk: u16, ieee: u64, parent: Option<u16>, end_device: bool) {
+        ZigbeeCounters::bump(&self.counters.device_announces);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let device = self
+            .devices
+            .announced(ieee, nwk, parent, end_device, now_ms);
+        info!(tag_id = ?device.tag_id, nwk = format_args!("{nwk:#06x}"),
+            ieee = format_args!("{ieee:016x}"), "device joined or announced itself");
+        if let Some(details) = device.details() {
+            if let Some(address) = self.tags.get_mut(&details.tag_id) {
+                address.nwk = nwk;
+            }
+            self.outgoing.push_back(RadioEvent::Tag(details));
+        }
+        self.save_devices();
+    }
+
+    /// Writes the device table into the saved network (its `devices`).
+    /// A failure is logged: the table is rebuilt from joins and check-ins.
+    fn save_devices(&self) {
+        if let Err(error) = commission::save_devices(&self.cfg, &self.devices) {
+            warn!(%error, "cannot save the ZigBee devices in the network file");
+        }
+    }
+
     fn on_confirm(&mut self, status: u8, trans: u8) {
         let found = self
             .in_flight
@@ -836,11 +1154,35 @@ impl State {
             debug!(trans, status, "AF_DATA_CONFIRM for nothing in flight");
             return;
         };
+        let tag_id = flight.tag_id.clone();
+        if status == MAC_TRANSACTION_EXPIRED
+            && self.assoc_commands
+            && flight.stale == StaleChild::Unchecked
+            && self.expired.contains(&tag_id)
+        {
+            // Expired twice in a row: `send_due` looks for a stale child
+            // entry.
+            flight.stage = Stage::DropStale;
+            return;
+        }
+        if status == MAC_TRANSACTION_EXPIRED {
+            self.expired.insert(tag_id);
+        } else if status == 0 {
+            self.expired.remove(&tag_id);
+        }
+        let Some(flight) = self.in_flight.get_mut(&handle) else {
+            return;
+        };
+        if status == 0 && matches!(flight.stale, StaleChild::Dropped { .. }) {
+            // Routed to the tag's parent: the entry stays dropped, whatever
+            // the tag answers.
+            flight.stale = StaleChild::Kept;
+        }
         if status == NWK_NO_ROUTE && !flight.rediscovered {
             // `send_due` discovers a route and sends the segment again.
             flight.stage = Stage::Rediscover;
         } else if status != 0 {
-            self.finish(handle, Err(confirm_failure(status)));
+            self.fail_or_readd(handle, confirm_failure(status));
         } else if flight.unsent.is_empty() {
             flight.stage = Stage::Result;
             flight.deadline = Instant::now() + self.cfg.result_timeout;
@@ -954,6 +1296,17 @@ impl State {
                     endpoint: source_endpoint,
                 };
                 self.tags.insert(c.tag_id.to_owned(), address);
+                if let Some(device) = self.devices.checked_in(source, c.tag_id) {
+                    info!(
+                        tag_id = c.tag_id,
+                        ieee = format_args!("{:016x}", device.ieee),
+                        "tag id bound to the device"
+                    );
+                    if let Some(details) = device.details() {
+                        self.outgoing.push_back(RadioEvent::Tag(details));
+                    }
+                    self.save_devices();
+                }
                 if self.outgoing.len() >= OUTGOING_LIMIT {
                     ZigbeeCounters::bump(&self.counters.checkins_dropped);
                     return;
@@ -1037,8 +1390,10 @@ mod tests {
                 unsent: vec![vec![0u8]; more].into(),
                 sent: Some(vec![0u8]),
                 rediscovered: false,
+                stale: StaleChild::Unchecked,
                 stage: Stage::Confirm { trans },
                 deadline: Instant::now() + CONFIRM,
+                failure: None,
             },
         );
     }
@@ -1298,6 +1653,41 @@ mod tests {
         s.on_incoming_ext(&cut);
         assert!(s.outgoing.is_empty());
         assert_eq!(s.counters.get("bad_app_messages"), Some(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_offer_failing_after_a_dropped_child_entry_puts_it_back_unless_it_was_routed() {
+        let mut s = state();
+        s.assoc_commands = true;
+        let dropped = StaleChild::Dropped {
+            ieee: 1,
+            nwk: TAG_NWK,
+            relation: 1,
+        };
+        // Routed (confirm 0), then no result: the entry stays dropped.
+        in_flight(&mut s, 1, "t1", 7, 0);
+        s.in_flight.get_mut(&1).expect("in flight").stale = dropped.clone();
+        s.on_confirm(0, 7);
+        advance(RESULT).await;
+        s.expire(Instant::now());
+        assert!(outcomes(&mut s)[0].result.is_err());
+        // Expired again after the drop: put back first (`send_due`), then
+        // failed.
+        in_flight(&mut s, 2, "t2", 8, 0);
+        s.in_flight.get_mut(&2).expect("in flight").stale = dropped;
+        s.on_confirm(0xF0, 8);
+        assert_eq!(s.in_flight[&2].stage, Stage::Readd);
+        assert!(outcomes(&mut s).is_empty(), "not before the entry is back");
+        // A first expiry is a plain retryable failure; the second in a row
+        // looks for a stale entry.
+        s.expired.clear();
+        in_flight(&mut s, 3, "t3", 9, 0);
+        s.on_confirm(0xF0, 9);
+        assert!(!s.in_flight.contains_key(&3));
+        assert!(s.expired.contains("ZB1"));
+        in_flight(&mut s, 4, "t4", 10, 0);
+        s.on_confirm(0xF0, 10);
+        assert_eq!(s.in_flight[&4].stage, Stage::DropStale);
     }
 
     #[test]

@@ -20,8 +20,15 @@
 //!
 //! The stick it models ([`FakeConfig::firmware`], [`FakeConfig::network`],
 //! [`FakeConfig::in_bootloader`]): Z-Stack 3.x.0 (CC2652: aligned NIB,
-//! BDB) or Home 1.2 (CC2531: packed NIB, no APP_CNF, no active-key item,
-//! `ZDO_STARTUP_FROM_APP` forms); blank (no network; a start-up without
+//! BDB, extended NV, `UTIL_ASSOC_*`), 3.0.x (CC2531: packed NIB, BDB, the
+//! frame counter in the legacy security-material items) or Home 1.2
+//! (CC2531: packed NIB, no APP_CNF, no active-key item,
+//! `ZDO_STARTUP_FROM_APP` forms); an address manager holding the tags that
+//! joined (all configured ones unless [`FakeConfig::tags_joined`] is off;
+//! offers to a tag it does not know find no route); tags that moved to
+//! another parent ([`FakeConfig::moved`]); new tags joining while joining
+//! is open, and tags rejoining, with `ZDO_TC_DEV_IND` and
+//! `ZDO_END_DEVICE_ANNCE_IND`; blank (no network; a start-up without
 //! forming makes the firmware pick its defaults, as a real stick does), or
 //! formed by someone else; waiting in its serial bootloader until the skip
 //! byte 0xEF, then sending its power-up `SYS_RESET_IND`. NV layouts are
@@ -69,6 +76,9 @@ const CONTROL_CAPACITY: usize = 16;
 const FIRST_NWK: u16 = 0x1000;
 /// Endpoint of the ESL application on every tag.
 const TAG_ENDPOINT: u8 = 1;
+/// Entries of the fake stick's address manager and TCLK table at least
+/// (real builds have tens); more when more tags are configured.
+const ADDRMGR_MIN: u16 = 32;
 /// Time the fake takes for an SRSP-less step (reset, network start, confirm
 /// of an awake tag).
 const STEP: Duration = Duration::from_millis(5);
@@ -81,6 +91,10 @@ pub enum FakeFirmware {
     ZStack3x,
     /// Z-Stack Home 1.2 on a CC2531 (no APP_CNF, packed NIB).
     ZStack12,
+    /// Z-Stack 3.0.x on a CC2531 (product 2, APP_CNF, packed NIB, no
+    /// extended NV: the frame counter in the legacy security-material items
+    /// 0x0075…, no address manager modelled, no `UTIL_ASSOC_*`).
+    ZStack30,
 }
 
 impl FakeFirmware {
@@ -90,6 +104,8 @@ impl FakeFirmware {
             FakeFirmware::ZStack3x => 0x0659,
             // SYS AF ZDO SAPI UTIL APP, no APP_CNF.
             FakeFirmware::ZStack12 => 0x0179,
+            // SYS AF ZDO UTIL GP APP_CNF.
+            FakeFirmware::ZStack30 => 0x0659,
         }
     }
 }
@@ -115,6 +131,20 @@ impl std::fmt::Debug for FakeNetwork {
 
 /// The fake stick's IEEE address.
 pub const FAKE_IEEE: u64 = 0x00124B00_11223344;
+/// The first tag's IEEE address; tag `i` has `FIRST_TAG_IEEE + i`.
+pub const FIRST_TAG_IEEE: u64 = 0x00124B00_AA000000;
+/// `ZDO_END_DEVICE_ANNCE_IND` capabilities of a sleepy tag: allocate
+/// address, receiver off when idle.
+const SLEEPY_CAPABILITIES: u8 = 0x80;
+
+/// A tag that joined the fake's network ([`FakeCoordinator::join_tag`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeJoin {
+    /// Its IEEE address as a tag id (the rule in `devices`).
+    pub tag_id: String,
+    pub ieee: u64,
+    pub nwk: u16,
+}
 
 /// Settings of the fake coordinator and its tags. Tag ids follow the
 /// simulator's scheme (`{id_prefix}{index:06}`), so tests can use the same
@@ -149,6 +179,16 @@ pub struct FakeConfig {
     /// Tags the coordinator has no route to (confirm 0xCD) until a
     /// `ZDO_EXT_ROUTE_DISC` names them.
     pub unrouted: Vec<String>,
+    /// The configured tags are children of the stick (in its address
+    /// manager, Z-Stack 3.x.0) once it has a network; `false` models a
+    /// new stick that knows none of them: offers to them find no route
+    /// (0xCD) until a restore writes them back.
+    pub tags_joined: bool,
+    /// Tags that moved to another parent while the coordinator still holds
+    /// them as children (child aging off): offers to them expire (0xF0)
+    /// until `UTIL_ASSOC_REMOVE` drops the stale entry; then they are
+    /// routed to the new parent.
+    pub moved: Vec<String>,
 }
 
 impl FakeConfig {
@@ -171,6 +211,8 @@ impl FakeConfig {
             in_bootloader: false,
             reboot_ms: 5,
             unrouted: Vec::new(),
+            tags_joined: true,
+            moved: Vec::new(),
         }
     }
 }
@@ -207,6 +249,10 @@ pub struct FakeStats {
     pub last_permit_join_s: AtomicU64,
     /// Most offers tags were receiving or rendering at the same time.
     pub max_offers_at_once: AtomicU64,
+    /// `UTIL_ASSOC_REMOVE` and `UTIL_ASSOC_ADD` requests that changed the
+    /// association table.
+    pub assoc_removals: AtomicU64,
+    pub assoc_adds: AtomicU64,
 }
 
 impl FakeStats {
@@ -225,6 +271,11 @@ enum Control {
     Network(oneshot::Sender<Option<FakeNetwork>>),
     NvItem(u16, oneshot::Sender<Option<Vec<u8>>>),
     FrameCounter(oneshot::Sender<Option<u32>>),
+    Join {
+        checks_in: bool,
+        reply: oneshot::Sender<Result<FakeJoin, String>>,
+    },
+    Rejoin(String, oneshot::Sender<Option<u16>>),
 }
 
 /// Handle on the fake's task. Dropping it stops the task and closes the PTY.
@@ -257,6 +308,7 @@ impl FakeCoordinator {
                 }
                 FakeTag {
                     id,
+                    ieee: FIRST_TAG_IEEE + u64::from(i),
                     nwk: FIRST_NWK + i as u16,
                     awake_until: None,
                     receiving: None,
@@ -273,9 +325,10 @@ impl FakeCoordinator {
         let mut nv = default_nv();
         let mut ex_nv = HashMap::new();
         if let Some(network) = &cfg.network {
-            store_network(&mut nv, &mut ex_nv, cfg.firmware, network);
+            store_network(&mut nv, &mut ex_nv, &cfg, network);
         }
         let task = FakeTask {
+            joining_until: None,
             in_bootloader: cfg.in_bootloader,
             rebooting_until: None,
             bdb_channels: 0,
@@ -297,6 +350,10 @@ impl FakeCoordinator {
             stats: stats.clone(),
             control_rx,
         };
+        let mut task = task;
+        if task.cfg.network.is_some() {
+            task.join_configured_tags();
+        }
         tokio::spawn(task.run());
         Ok(FakeCoordinator {
             control_tx,
@@ -376,6 +433,25 @@ impl FakeCoordinator {
         rx.await.expect("the fake answers")
     }
 
+    /// A new tag joins the network (only while joining is open, as on a
+    /// real network: `Err` otherwise): the coordinator reports it
+    /// (`ZDO_TC_DEV_IND`) and the tag announces itself
+    /// (`ZDO_END_DEVICE_ANNCE_IND`). Its id is its IEEE address; it checks
+    /// in every interval when `checks_in`, else never.
+    pub async fn join_tag(&self, checks_in: bool) -> Result<FakeJoin, String> {
+        let (reply, rx) = oneshot::channel();
+        self.control(Control::Join { checks_in, reply }).await;
+        rx.await.expect("the fake answers")
+    }
+
+    /// Tag `tag_id` rejoins at a new network address and announces
+    /// itself; returns the address (`None`: no such tag).
+    pub async fn rejoin(&self, tag_id: &str) -> Option<u16> {
+        let (tx, rx) = oneshot::channel();
+        self.control(Control::Rejoin(tag_id.to_owned(), tx)).await;
+        rx.await.expect("the fake answers")
+    }
+
     /// Changes the tags' check-in interval; each tag's next check-in comes
     /// within the new interval.
     pub async fn set_checkin_interval(&self, ms: u64) {
@@ -423,6 +499,7 @@ impl Pty {
 
 struct FakeTag {
     id: String,
+    ieee: u64,
     nwk: u16,
     awake_until: Option<Instant>,
     /// The offer being received, segment by segment.
@@ -487,6 +564,8 @@ impl Timers {
 
 struct FakeTask {
     cfg: FakeConfig,
+    /// Joining is open until then (`ZDO_MGMT_PERMIT_JOIN_REQ`).
+    joining_until: Option<Instant>,
     in_bootloader: bool,
     /// Frames are lost until then.
     rebooting_until: Option<Instant>,
@@ -583,6 +662,23 @@ impl FakeTask {
                 let _ = reply.send(self.nv.get(&item).cloned());
             }
             Control::Silent(silent) => self.silent = silent,
+            Control::Join { checks_in, reply } => {
+                let _ = reply.send(self.join(checks_in));
+            }
+            Control::Rejoin(tag_id, reply) => {
+                let index = self.tags.iter().position(|t| t.id == tag_id);
+                let nwk = index.map(|i| {
+                    // A fresh address above every other one.
+                    let nwk = self.tags.iter().map(|t| t.nwk).max().unwrap_or(FIRST_NWK) + 1;
+                    self.tags[i].nwk = nwk;
+                    if let Some((_, user)) = self.addrmgr_find(self.tags[i].ieee) {
+                        self.addrmgr_set(self.tags[i].ieee, nwk, user);
+                    }
+                    self.announce(i, None);
+                    nwk
+                });
+                let _ = reply.send(nwk);
+            }
             Control::CheckinInterval(ms) => {
                 self.cfg.checkin_interval_ms = ms.max(1);
                 let now = Instant::now();
@@ -601,6 +697,179 @@ impl FakeTask {
                 }
             }
         }
+    }
+
+    fn join(&mut self, checks_in: bool) -> Result<FakeJoin, String> {
+        let now = Instant::now();
+        if !self.running || self.joining_until.is_none_or(|until| now >= until) {
+            return Err("joining is closed".into());
+        }
+        let index = self.tags.len();
+        let ieee = FIRST_TAG_IEEE + index as u64;
+        let nwk = self.tags.iter().map(|t| t.nwk).max().unwrap_or(FIRST_NWK) + 1;
+        let tag_id = super::devices::ieee_tag_id(ieee);
+        self.tags.push(FakeTag {
+            id: tag_id.clone(),
+            ieee,
+            nwk,
+            awake_until: None,
+            receiving: None,
+            displayed: None,
+            battery_mv: 3000,
+            rssi_dbm: -60,
+        });
+        self.admit(ieee, nwk);
+        if checks_in {
+            let first = Duration::from_millis(self.cfg.checkin_interval_ms);
+            self.timers.add(now + first, Action::CheckIn(index));
+        }
+        self.announce(index, Some(0x0000));
+        Ok(FakeJoin { tag_id, ieee, nwk })
+    }
+
+    /// The configured tags become the stick's children, when they are
+    /// joined (`tags_joined`).
+    fn join_configured_tags(&mut self) {
+        if !self.cfg.tags_joined {
+            return;
+        }
+        let joined: Vec<(u64, u16)> = self.tags.iter().map(|t| (t.ieee, t.nwk)).collect();
+        for (ieee, nwk) in joined {
+            self.admit(ieee, nwk);
+        }
+    }
+
+    /// A tag joined: the coordinator's child, with a hashed link key in
+    /// the TCLK table (Z-Stack 3; its shift and counters made up from its
+    /// address).
+    fn admit(&mut self, ieee: u64, nwk: u16) {
+        self.addrmgr_set(ieee, nwk, nv::ADDRMGR_ASSOC | nv::ADDRMGR_SECURITY);
+        let low = (ieee & 0xFF) as u32;
+        let key = super::devices::LinkKey {
+            key: [0; 16],
+            tx_counter: 100 + low,
+            rx_counter: 200 + low,
+        };
+        let shift = (ieee % 16) as u8;
+        match self.cfg.firmware {
+            FakeFirmware::ZStack12 => {}
+            FakeFirmware::ZStack3x => {
+                let free = (0..table_size(&self.cfg)).find(|sub| {
+                    self.ex_nv
+                        .get(&(nvid::EX_TCLK_TABLE, *sub))
+                        .is_some_and(|e| e[8..16] == [0; 8])
+                });
+                if let Some(sub) = free {
+                    // The entry as stored: the counter the stick has now.
+                    let mut entry = nv::tclk_entry(ieee, &key, shift, true);
+                    entry[..4].copy_from_slice(&key.tx_counter.to_le_bytes());
+                    self.ex_nv.insert((nvid::EX_TCLK_TABLE, sub), entry);
+                }
+            }
+            FakeFirmware::ZStack30 => {
+                let legacy = nvid::LEGACY_TCLK_TABLE_START..=nvid::LEGACY_TCLK_TABLE_END;
+                if let Some(item) = legacy.into_iter().find(|i| !self.nv.contains_key(i)) {
+                    let mut entry = nv::tclk_entry(ieee, &key, shift, false);
+                    entry[..4].copy_from_slice(&key.tx_counter.to_le_bytes());
+                    self.nv.insert(item, entry);
+                }
+            }
+        }
+    }
+
+    /// The address manager's entries in order: on 3.x.0 one extended-NV
+    /// entry per sub id (aligned), on older firmware one OSAL item holding
+    /// the table (packed, as on a CC2531).
+    fn addrmgr_entries(&self) -> Vec<Vec<u8>> {
+        if self.aligned() {
+            (0..table_size(&self.cfg))
+                .map_while(|sub| self.ex_nv.get(&(nvid::EX_ADDRMGR, sub)).cloned())
+                .collect()
+        } else {
+            self.nv.get(&nvid::ADDRMGR).map_or_else(Vec::new, |table| {
+                table
+                    .chunks_exact(nv::ADDRMGR_ENTRY_LEN_PACKED)
+                    .map(<[u8]>::to_vec)
+                    .collect()
+            })
+        }
+    }
+
+    /// Whether this stick aligns its structs (CC26x2) or packs them.
+    fn aligned(&self) -> bool {
+        self.cfg.firmware == FakeFirmware::ZStack3x
+    }
+
+    /// The IEEE address in an address-manager entry.
+    fn entry_ieee(&self, entry: &[u8]) -> Option<u64> {
+        let at = 3 + usize::from(self.aligned());
+        Some(u64::from_le_bytes(entry.get(at..at + 8)?.try_into().ok()?))
+    }
+
+    /// `ieee`'s address-manager entry: its index and user type.
+    fn addrmgr_find(&self, ieee: u64) -> Option<(usize, u8)> {
+        self.addrmgr_entries()
+            .iter()
+            .enumerate()
+            .find(|(_, e)| self.entry_ieee(e) == Some(ieee))
+            .map(|(index, e)| (index, e[0]))
+    }
+
+    /// Sets `ieee`'s entry (its own, else the first free one; a full table
+    /// keeps nothing).
+    fn addrmgr_set(&mut self, ieee: u64, nwk: u16, user: u8) {
+        let entries = self.addrmgr_entries();
+        let index = self.addrmgr_find(ieee).map(|(i, _)| i).or_else(|| {
+            entries
+                .iter()
+                .position(|e| self.entry_ieee(e) == Some(u64::MAX))
+        });
+        let Some(index) = index else {
+            return;
+        };
+        let device = super::devices::Device::new(ieee, nwk, true);
+        let mut entry = nv::addrmgr_entry(&device, self.aligned());
+        entry[0] = user;
+        if self.aligned() {
+            // The table has `table_size` entries, a u16.
+            self.ex_nv.insert((nvid::EX_ADDRMGR, index as u16), entry);
+        } else if let Some(table) = self.nv.get_mut(&nvid::ADDRMGR) {
+            let at = index * nv::ADDRMGR_ENTRY_LEN_PACKED;
+            table[at..at + entry.len()].copy_from_slice(&entry);
+        }
+    }
+
+    /// Whether offers to tag `index` find it: `Err(status)` with the
+    /// confirm status when they do not.
+    fn reachable(&self, index: usize) -> Result<(), u8> {
+        let tag = &self.tags[index];
+        match self.addrmgr_find(tag.ieee) {
+            // Neither a child nor a known device: no route.
+            None => Err(0xCD),
+            Some((_, user))
+                if user & nv::ADDRMGR_ASSOC != 0 && self.cfg.moved.contains(&tag.id) =>
+            {
+                Err(0xF0)
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Tag `index` joined through `parent` (the trust centre says so), and
+    /// announces itself.
+    fn announce(&mut self, index: usize, parent: Option<u16>) {
+        let (nwk, ieee) = (self.tags[index].nwk, self.tags[index].ieee);
+        if let Some(parent) = parent {
+            let mut joined = nwk.to_le_bytes().to_vec();
+            joined.extend(ieee.to_le_bytes());
+            joined.extend(parent.to_le_bytes());
+            self.send(znp::ZDO_TC_DEV_IND, FrameType::Areq, joined);
+        }
+        let mut announce = nwk.to_le_bytes().to_vec();
+        announce.extend(nwk.to_le_bytes());
+        announce.extend(ieee.to_le_bytes());
+        announce.push(SLEEPY_CAPABILITIES);
+        self.send(znp::ZDO_END_DEVICE_ANNCE_IND, FrameType::Areq, announce);
     }
 
     fn unplug(&mut self) {
@@ -653,7 +922,10 @@ impl FakeTask {
                 .get(&nvid::STARTUP_OPTION)
                 .and_then(|v| v.first().copied());
             if option.is_some_and(|o| o & 0x02 != 0) {
-                for item in NETWORK_STATE_ITEMS {
+                let legacy = nvid::LEGACY_NWK_SEC_MATERIAL_TABLE_START
+                    ..=nvid::LEGACY_NWK_SEC_MATERIAL_TABLE_END;
+                let tclk = nvid::LEGACY_TCLK_TABLE_START..=nvid::LEGACY_TCLK_TABLE_END;
+                for item in NETWORK_STATE_ITEMS.into_iter().chain(legacy).chain(tclk) {
                     self.nv.remove(&item);
                 }
                 self.ex_nv.clear();
@@ -674,6 +946,8 @@ impl FakeTask {
             return;
         }
         let z12 = self.cfg.firmware == FakeFirmware::ZStack12;
+        // Extended NV and the association commands: 3.x.0 builds only.
+        let z3x = self.cfg.firmware == FakeFirmware::ZStack3x;
         if frame.subsystem() == super::frame::subsystem::APP_CNF && z12 {
             // Invalid subsystem: 1.2 has no APP_CNF.
             let error = vec![1, frame.cmd0(), frame.cmd1()];
@@ -688,6 +962,8 @@ impl FakeTask {
             let version = match self.cfg.firmware {
                 FakeFirmware::ZStack3x => vec![2, 1, 2, 7, 1, 0xAB, 0xB2, 0x34, 0x01],
                 FakeFirmware::ZStack12 => vec![2, 0, 2, 6, 3, 0x7D, 0x7A, 0x34, 0x01],
+                // 2.7.2, 20190608.
+                FakeFirmware::ZStack30 => vec![2, 2, 2, 7, 2, 0x90, 0x15, 0x34, 0x01],
             };
             self.send(znp::SYS_VERSION, FrameType::Srsp, version);
         } else if znp::SYS_OSAL_NV_READ.is(&frame, FrameType::Sreq) {
@@ -724,7 +1000,53 @@ impl FakeTask {
                 _ => 0x02,
             };
             self.send(znp::SYS_OSAL_NV_WRITE, FrameType::Srsp, vec![status]);
-        } else if znp::SYS_NV_READ.is(&frame, FrameType::Sreq) && !z12 {
+        } else if znp::SYS_OSAL_NV_LENGTH.is(&frame, FrameType::Sreq) {
+            let len = match payload.as_slice() {
+                [lo, hi] => self
+                    .nv
+                    .get(&u16::from_le_bytes([*lo, *hi]))
+                    .map_or(0, Vec::len),
+                _ => 0,
+            };
+            // Fake items are short.
+            let reply = (len as u16).to_le_bytes().to_vec();
+            self.send(znp::SYS_OSAL_NV_LENGTH, FrameType::Srsp, reply);
+        } else if znp::SYS_OSAL_NV_READ_EXT.is(&frame, FrameType::Sreq) {
+            let reply = match payload.as_slice() {
+                [lo, hi, ol, oh] => match self.nv.get(&u16::from_le_bytes([*lo, *hi])) {
+                    Some(value) => {
+                        let at = usize::from(u16::from_le_bytes([*ol, *oh]));
+                        let rest = value.get(at..).unwrap_or(&[]);
+                        let rest = &rest[..rest.len().min(246)];
+                        let mut r = vec![0, rest.len() as u8];
+                        r.extend(rest);
+                        r
+                    }
+                    None => vec![NV_OPER_FAILED, 0],
+                },
+                _ => vec![0x02, 0],
+            };
+            self.send(znp::SYS_OSAL_NV_READ_EXT, FrameType::Srsp, reply);
+        } else if znp::SYS_OSAL_NV_WRITE_EXT.is(&frame, FrameType::Sreq) {
+            let status = match payload.as_slice() {
+                [lo, hi, ol, oh, ll, lh, value @ ..]
+                    if value.len() == usize::from(u16::from_le_bytes([*ll, *lh])) =>
+                {
+                    let at = usize::from(u16::from_le_bytes([*ol, *oh]));
+                    match self.nv.get_mut(&u16::from_le_bytes([*lo, *hi])) {
+                        Some(item) if at + value.len() <= item.len() => {
+                            bump(&self.stats.nv_writes);
+                            item[at..at + value.len()].copy_from_slice(value);
+                            0
+                        }
+                        Some(_) => 0x02,
+                        None => NV_ITEM_UNINIT,
+                    }
+                }
+                _ => 0x02,
+            };
+            self.send(znp::SYS_OSAL_NV_WRITE_EXT, FrameType::Srsp, vec![status]);
+        } else if znp::SYS_NV_READ.is(&frame, FrameType::Sreq) && z3x {
             let reply = match payload.as_slice() {
                 [1, il, ih, sl, sh, ol, oh, len] => {
                     let key = (
@@ -746,7 +1068,7 @@ impl FakeTask {
                 _ => vec![0x02, 0],
             };
             self.send(znp::SYS_NV_READ, FrameType::Srsp, reply);
-        } else if znp::SYS_NV_WRITE.is(&frame, FrameType::Sreq) && !z12 {
+        } else if znp::SYS_NV_WRITE.is(&frame, FrameType::Sreq) && z3x {
             let status = match payload.as_slice() {
                 [1, il, ih, sl, sh, ol, oh, len, value @ ..]
                     if value.len() == usize::from(*len) =>
@@ -816,6 +1138,8 @@ impl FakeTask {
             let status = match payload.as_slice() {
                 [_, _, _, seconds, _] => {
                     bump(&self.stats.permit_join_requests);
+                    self.joining_until =
+                        (*seconds > 0).then(|| now + Duration::from_secs(u64::from(*seconds)));
                     self.stats
                         .last_permit_join_s
                         .store(u64::from(*seconds), Ordering::Relaxed);
@@ -830,6 +1154,75 @@ impl FakeTask {
                 self.routed.insert(u16::from_le_bytes([*lo, *hi]));
             }
             self.send(znp::ZDO_EXT_ROUTE_DISC, FrameType::Srsp, vec![0]);
+        } else if znp::UTIL_ASSOC_GET_WITH_ADDRESS.is(&frame, FrameType::Sreq) && z3x {
+            // IEEE address (all zeros: look up by the network address).
+            let found = match payload.as_slice() {
+                [ieee @ .., lo, hi] if ieee.len() == 8 => {
+                    let ieee = u64::from_le_bytes(ieee.try_into().expect("8 bytes"));
+                    let nwk = u16::from_le_bytes([*lo, *hi]);
+                    self.tags
+                        .iter()
+                        .find(|t| {
+                            if ieee != 0 {
+                                t.ieee == ieee
+                            } else {
+                                t.nwk == nwk
+                            }
+                        })
+                        .and_then(|t| Some((t.nwk, self.addrmgr_find(t.ieee)?)))
+                        .filter(|(_, (_, user))| user & nv::ADDRMGR_ASSOC != 0)
+                }
+                _ => None,
+            };
+            // associated_devices_t: short address, index, relation, then
+            // fields nobody here reads.
+            let mut device = match found {
+                Some((nwk, (index, _))) => {
+                    let mut d = nwk.to_le_bytes().to_vec();
+                    d.extend((index as u16).to_le_bytes());
+                    d.push(1); // CHILD_RFD
+                    d
+                }
+                None => vec![0xFE, 0xFF, 0xFF, 0xFF, 0xFF],
+            };
+            device.resize(19, 0);
+            self.send(znp::UTIL_ASSOC_GET_WITH_ADDRESS, FrameType::Srsp, device);
+        } else if znp::UTIL_ASSOC_REMOVE.is(&frame, FrameType::Sreq) && z3x {
+            let status = match <[u8; 8]>::try_from(payload.as_slice()) {
+                Ok(ieee) => {
+                    let ieee = u64::from_le_bytes(ieee);
+                    let tag_nwk = self.tags.iter().find(|t| t.ieee == ieee).map(|t| t.nwk);
+                    match (self.addrmgr_find(ieee), tag_nwk) {
+                        (Some((_, user)), Some(nwk)) if user & nv::ADDRMGR_ASSOC != 0 => {
+                            self.addrmgr_set(ieee, nwk, user & !nv::ADDRMGR_ASSOC);
+                            bump(&self.stats.assoc_removals);
+                            0
+                        }
+                        _ => 1,
+                    }
+                }
+                Err(_) => 0x02,
+            };
+            self.send(znp::UTIL_ASSOC_REMOVE, FrameType::Srsp, vec![status]);
+        } else if znp::UTIL_ASSOC_ADD.is(&frame, FrameType::Sreq) && z3x {
+            // Network address, IEEE address, relation.
+            let status = match payload.as_slice() {
+                [lo, hi, rest @ ..] if rest.len() == 9 => {
+                    let ieee = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+                    let user = self
+                        .addrmgr_find(ieee)
+                        .map_or(nv::ADDRMGR_SECURITY, |(_, user)| user);
+                    self.addrmgr_set(
+                        ieee,
+                        u16::from_le_bytes([*lo, *hi]),
+                        user | nv::ADDRMGR_ASSOC,
+                    );
+                    bump(&self.stats.assoc_adds);
+                    0
+                }
+                _ => 0x02,
+            };
+            self.send(znp::UTIL_ASSOC_ADD, FrameType::Srsp, vec![status]);
         } else if znp::UTIL_GET_DEVICE_INFO.is(&frame, FrameType::Sreq) {
             let state = if self.running { znp::DEV_ZB_COORD } else { 0 };
             let mut info = vec![0];
@@ -915,7 +1308,8 @@ impl FakeTask {
             extended_pan_id,
             network_key,
         };
-        store_network(&mut self.nv, &mut self.ex_nv, self.cfg.firmware, &network);
+        store_network(&mut self.nv, &mut self.ex_nv, &self.cfg, &network);
+        self.join_configured_tags();
     }
 
     /// The network frame counter's bytes: the network's own entry (3.30+)
@@ -935,6 +1329,16 @@ impl FakeTask {
                 .nv
                 .get_mut(&nvid::NWKKEY)
                 .and_then(|k| k.get_mut(17..21)),
+            FakeFirmware::ZStack30 => self
+                .nv
+                .iter_mut()
+                .find(|(item, e)| {
+                    (nvid::LEGACY_NWK_SEC_MATERIAL_TABLE_START
+                        ..=nvid::LEGACY_NWK_SEC_MATERIAL_TABLE_END)
+                        .contains(*item)
+                        && e.get(4..12) == Some(&ext.to_le_bytes()[..])
+                })
+                .map(|(_, e)| &mut e[..4]),
         }
     }
 
@@ -978,6 +1382,21 @@ impl FakeTask {
         if self.cfg.unrouted.contains(&self.tags[tag].id) && !self.routed.contains(&nwk) {
             self.timers.add(now + STEP, Action::Send(confirm(0xCD)));
             return;
+        }
+        match self.reachable(tag) {
+            Ok(()) => {}
+            Err(0xF0) => {
+                // Held for a poll that never comes: the tag polls another
+                // parent.
+                bump(&self.stats.confirms_expired);
+                let expire = now + Duration::from_millis(self.cfg.expire_ms);
+                self.timers.add(expire, Action::Send(confirm(0xF0)));
+                return;
+            }
+            Err(status) => {
+                self.timers.add(now + STEP, Action::Send(confirm(status)));
+                return;
+            }
         }
         let awake = self.tags[tag].awake_until.is_some_and(|until| now <= until);
         if !awake {
@@ -1156,7 +1575,8 @@ const NV_ITEM_UNINIT: u8 = 0x09;
 const NV_OPER_FAILED: u8 = 0x0A;
 
 /// Items a "clear network state" start-up option removes.
-const NETWORK_STATE_ITEMS: [u16; 6] = [
+const NETWORK_STATE_ITEMS: [u16; 7] = [
+    nvid::ADDRMGR,
     nvid::NIB,
     nvid::NWKKEY,
     nvid::NWK_ACTIVE_KEY_INFO,
@@ -1210,13 +1630,23 @@ fn default_nv() -> HashMap<u16, Vec<u8>> {
     ])
 }
 
+/// Entries of the address manager and the TCLK table: room for every
+/// configured tag and 16 that join later.
+fn table_size(cfg: &FakeConfig) -> u16 {
+    u16::try_from(cfg.tags.saturating_add(16))
+        .unwrap_or(u16::MAX)
+        .max(ADDRMGR_MIN)
+}
+
 /// Stores `network` as the firmware would after forming it.
 fn store_network(
     nv: &mut HashMap<u16, Vec<u8>>,
     ex_nv: &mut HashMap<(u16, u16), Vec<u8>>,
-    firmware: FakeFirmware,
+    cfg: &FakeConfig,
     network: &FakeNetwork,
 ) {
+    let firmware = cfg.firmware;
+    let size = table_size(cfg);
     // The frame counter: Z-Stack 3.30+ keeps it in the security-material
     // table (a global entry, then the network's), 1.2 after the key in
     // NWKKEY.
@@ -1227,6 +1657,10 @@ fn store_network(
     };
     match firmware {
         FakeFirmware::ZStack3x => {
+            for sub in 0..size {
+                let empty = [0xFF; nv::ADDRMGR_ENTRY_LEN].to_vec();
+                ex_nv.insert((nvid::EX_ADDRMGR, sub), empty);
+            }
             ex_nv.insert((nvid::EX_NWK_SEC_MATERIAL_TABLE, 0), entry(7, u64::MAX));
             ex_nv.insert(
                 (nvid::EX_NWK_SEC_MATERIAL_TABLE, 1),
@@ -1239,6 +1673,33 @@ fn store_network(
             item.extend(0u32.to_le_bytes());
             nv.insert(nvid::NWKKEY, item);
         }
+        FakeFirmware::ZStack30 => {}
+    }
+    if firmware != FakeFirmware::ZStack12 {
+        // The trust centre's link-key seed (a real stick draws it at
+        // random).
+        let seed: [u8; 16] =
+            std::array::from_fn(|i| (network.extended_pan_id >> (8 * (i % 8))) as u8 ^ i as u8);
+        nv.insert(nvid::TCLK_SEED, seed.to_vec());
+    }
+    if firmware == FakeFirmware::ZStack3x {
+        for sub in 0..size {
+            let empty = vec![0; nv::TCLK_ENTRY_LEN];
+            ex_nv.insert((nvid::EX_TCLK_TABLE, sub), empty);
+        }
+    } else {
+        // Empty packed entries: user type 0, no addresses.
+        let mut empty = vec![0x00];
+        empty.extend([0xFF; nv::ADDRMGR_ENTRY_LEN_PACKED - 1]);
+        nv.insert(nvid::ADDRMGR, empty.repeat(usize::from(size)));
+    }
+    match firmware {
+        FakeFirmware::ZStack3x | FakeFirmware::ZStack12 => {}
+        FakeFirmware::ZStack30 => {
+            let first = nvid::LEGACY_NWK_SEC_MATERIAL_TABLE_START;
+            nv.insert(first, entry(7, u64::MAX));
+            nv.insert(first + 1, entry(0, network.extended_pan_id));
+        }
     }
     let nib = Nib {
         security_level: 5,
@@ -1249,10 +1710,10 @@ fn store_network(
         key_loaded: true,
         update_id: 0,
     };
-    let z3 = firmware == FakeFirmware::ZStack3x;
-    nv.insert(nvid::NIB, nib.encode(z3));
+    // 32-bit CC26x2 aligns the NIB; 8-bit CC2531 packs it.
+    nv.insert(nvid::NIB, nib.encode(firmware == FakeFirmware::ZStack3x));
     nv.insert(nvid::PRECFGKEY, network.network_key.to_vec());
-    if z3 {
+    if firmware != FakeFirmware::ZStack12 {
         let mut key_info = vec![0];
         key_info.extend(network.network_key);
         nv.insert(nvid::NWK_ACTIVE_KEY_INFO, key_info);

@@ -4,7 +4,8 @@
 //! Layout: [`frame`] (MT framing), [`znp`] (request layer: SREQ/SRSP,
 //! AREQs, timeouts), [`firmware`] (bootloader skip, probe, Z-Stack version),
 //! [`nv`] (NV items, the stick's stored network), [`backup`] (the saved
-//! network as Open Coordinator Backup JSON), [`commission`] (start-up:
+//! network as Open Coordinator Backup JSON), [`devices`] (the devices on
+//! the network by IEEE address, and the tag-id rule), [`commission`] (start-up:
 //! forming, resuming, restoring or adopting the network), [`app`] (the ESL
 //! messages inside AF frames, postcard), `driver` (the one task that owns
 //! the port: connect, delivery, adapter loss and reconnect), this file
@@ -29,6 +30,7 @@
 pub mod app;
 pub mod backup;
 pub mod commission;
+pub mod devices;
 mod driver;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
@@ -252,10 +254,14 @@ zigbee_counters! {
     result_timeouts,
     /// Confirms and tag results for deliveries no longer in flight.
     late_replies,
-    /// Device announces (a device joined or rejoined).
+    /// Joins and device announces (a device joined, rejoined or moved).
     device_announces,
     /// Route discoveries after a "no route" confirm (0xCD).
     route_discoveries,
+    /// Tags dropped as the coordinator's child after two expired offers
+    /// (0xF0), and entries put back because the offer failed anyway.
+    stale_children_dropped,
+    stale_children_restored,
     /// Check-ins dropped because the agent did not keep up.
     checkins_dropped,
     /// Successful start-ups of the adapter, and losses of it.

@@ -15,12 +15,16 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::devices::{self, Device, LinkKey};
 use super::firmware::ZStack;
 use super::znp::{self, Znp, ZnpError};
 
 /// OSAL NV item ids this backend reads or writes.
 pub mod id {
     pub const EXTADDR: u16 = 0x0001;
+    /// Z-Stack 1.2 and 3.0.x: the address manager, the whole table in one
+    /// item (zigpy-znp `OsalNvIds.ADDRMGR`).
+    pub const ADDRMGR: u16 = 0x0023;
     /// Bit 0: clear configuration, bit 1: clear network state, at the next
     /// reset (zigpy-znp `StartupOptions`).
     pub const STARTUP_OPTION: u16 = 0x0003;
@@ -54,7 +58,46 @@ pub mod id {
     /// Z-Stack 3.30+ (extended NV, system ZSTACK): the security material
     /// table, one entry per sub id (zigpy-znp `ExNvIds`).
     pub const EX_NWK_SEC_MATERIAL_TABLE: u16 = 0x0007;
+    /// Z-Stack 3.30+ (extended NV): the address manager, one device per
+    /// sub id (zigpy-znp `ExNvIds.ADDRMGR`).
+    pub const EX_ADDRMGR: u16 = 0x0001;
+    /// Z-Stack 3.30+ (extended NV): the hashed trust-centre link keys, one
+    /// device per sub id (zigpy-znp `ExNvIds.TCLK_TABLE`).
+    pub const EX_TCLK_TABLE: u16 = 0x0004;
+    /// Z-Stack 3.0.x: the same table, one device per OSAL item from here…
+    pub const LEGACY_TCLK_TABLE_START: u16 = 0x0111;
+    /// …to here.
+    pub const LEGACY_TCLK_TABLE_END: u16 = 0x01FF;
 }
+
+/// An address-manager entry with natural alignment (CC2538/CC26x2): user
+/// type (1), padding (1), network address (2), IEEE address (8)
+/// (zigpy-znp `AddrMgrEntry`, `align_structs`); packed (CC253x) it is one
+/// byte shorter, without the padding.
+pub const ADDRMGR_ENTRY_LEN: usize = 12;
+pub const ADDRMGR_ENTRY_LEN_PACKED: usize = 11;
+/// A hashed-link-key entry (zigpy-znp `TCLKDevEntry`): transmit and
+/// receive frame counters (4 each), IEEE address (8), key attributes, key
+/// type, seed shift (1 each); padded to 20 bytes when aligned.
+pub const TCLK_ENTRY_LEN: usize = 20;
+pub const TCLK_ENTRY_LEN_PACKED: usize = 19;
+/// `keyAttributes` of a unique key the coordinator verified, as zigpy-znp
+/// writes restored keys.
+const KEY_VERIFIED: u8 = 0x02;
+/// Added to a restored link key's transmit counter, as zigpy-znp does
+/// (`write_devices`, `counter_increment`).
+pub const LINK_COUNTER_MARGIN: u32 = 2_500;
+/// Bytes of an item `SYS_OSAL_NV_WRITE_EXT` writes at once (zigpy-znp
+/// `osal_write`).
+const NV_WRITE_CHUNK: usize = 244;
+/// Address-manager entries read at most (the firmware's table has a fixed
+/// size, tens of entries; an uninitialised sub id ends it sooner).
+const ADDRMGR_MAX: u16 = 512;
+/// Address-manager user types: a child associated with the coordinator,
+/// and a device the trust centre holds keys for (zigpy-znp
+/// `AddrMgrUserType`).
+pub const ADDRMGR_ASSOC: u8 = 0x01;
+pub const ADDRMGR_SECURITY: u8 = 0x02;
 
 /// Extended NV system id of Z-Stack's items (zigpy-znp `NvSysIds.ZSTACK`).
 pub const NV_SYS_ZSTACK: u8 = 1;
@@ -460,7 +503,9 @@ async fn find_counter<P: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         ZStack::V3x => {
             for sub in 0..SEC_MATERIAL_MAX {
-                let Some(entry) = ex_read(znp, id::EX_NWK_SEC_MATERIAL_TABLE, sub).await? else {
+                let Some(entry) =
+                    ex_read(znp, id::EX_NWK_SEC_MATERIAL_TABLE, sub, SEC_MATERIAL_LEN).await?
+                else {
                     break;
                 };
                 match counter_of(&entry) {
@@ -515,36 +560,380 @@ pub async fn write_frame_counter<P: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
         CounterAt::Ex { sub } => {
-            let mut request = vec![NV_SYS_ZSTACK];
-            request.extend(id::EX_NWK_SEC_MATERIAL_TABLE.to_le_bytes());
-            request.extend(sub.to_le_bytes());
-            request.extend(0u16.to_le_bytes());
-            request.push(value.len() as u8);
-            request.extend(value);
-            let reply = znp.request(znp::SYS_NV_WRITE, request).await?;
-            match reply.first() {
-                Some(0) => Ok(()),
+            match ex_write(znp, id::EX_NWK_SEC_MATERIAL_TABLE, sub, &value).await? {
+                0 => Ok(()),
                 other => Err(nv_failed(
                     znp::SYS_NV_WRITE.name,
                     id::EX_NWK_SEC_MATERIAL_TABLE,
-                    other,
+                    Some(&other),
                 )),
             }
         }
     }
 }
 
-/// One extended-NV security-material entry; `None` past the table's end.
+/// Writes an existing extended-NV entry from its start; the NV status.
+async fn ex_write<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    item: u16,
+    sub: u16,
+    value: &[u8],
+) -> Result<u8, ZnpError> {
+    let mut request = vec![NV_SYS_ZSTACK];
+    request.extend(item.to_le_bytes());
+    request.extend(sub.to_le_bytes());
+    request.extend(0u16.to_le_bytes());
+    // Entries here are 12 or 4 bytes.
+    request.push(value.len() as u8);
+    request.extend(value);
+    let reply = znp.request(znp::SYS_NV_WRITE, request).await?;
+    reply.first().copied().ok_or_else(|| ZnpError::Malformed {
+        name: znp::SYS_NV_WRITE.name,
+        detail: "empty reply".into(),
+    })
+}
+
+/// Reads a whole OSAL item of any length (`SYS_OSAL_NV_LENGTH`, then
+/// `SYS_OSAL_NV_READ_EXT` from each offset, as zigpy-znp `osal_read`);
+/// `None` when the stick does not have it.
+pub async fn read_long<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    item: u16,
+) -> Result<Option<Vec<u8>>, ZnpError> {
+    let reply = znp
+        .request(znp::SYS_OSAL_NV_LENGTH, item.to_le_bytes().to_vec())
+        .await?;
+    let len = match reply.as_slice() {
+        [lo, hi, ..] => usize::from(u16::from_le_bytes([*lo, *hi])),
+        _ => 0,
+    };
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut value = Vec::with_capacity(len);
+    while value.len() < len {
+        let mut request = item.to_le_bytes().to_vec();
+        // `len` came as a u16.
+        request.extend((value.len() as u16).to_le_bytes());
+        let reply = znp.request(znp::SYS_OSAL_NV_READ_EXT, request).await?;
+        match reply.as_slice() {
+            [0, n, chunk @ ..] if *n > 0 && chunk.len() >= usize::from(*n) => {
+                value.extend(&chunk[..usize::from(*n)]);
+            }
+            other => {
+                return Err(nv_failed(
+                    znp::SYS_OSAL_NV_READ_EXT.name,
+                    item,
+                    other.first(),
+                ))
+            }
+        }
+    }
+    value.truncate(len);
+    Ok(Some(value))
+}
+
+/// Overwrites an existing OSAL item of the same length, in chunks
+/// (`SYS_OSAL_NV_WRITE_EXT`).
+pub async fn write_long<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    item: u16,
+    value: &[u8],
+) -> Result<(), ZnpError> {
+    for (i, chunk) in value.chunks(NV_WRITE_CHUNK).enumerate() {
+        let mut request = item.to_le_bytes().to_vec();
+        // Items are far shorter than 64 KiB.
+        request.extend(((i * NV_WRITE_CHUNK) as u16).to_le_bytes());
+        request.extend((chunk.len() as u16).to_le_bytes());
+        request.extend(chunk);
+        let reply = znp.request(znp::SYS_OSAL_NV_WRITE_EXT, request).await?;
+        if reply.first() != Some(&0) {
+            return Err(nv_failed(
+                znp::SYS_OSAL_NV_WRITE_EXT.name,
+                item,
+                reply.first(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the stick lays out structs with natural alignment (32-bit
+/// CC2538/CC26x2) rather than packed (8-bit CC253x): told by its NIB's
+/// length, as zigpy-znp `determine_alignment` does.
+async fn aligned_structs<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+) -> Result<bool, ZnpError> {
+    Ok(read(znp, id::NIB)
+        .await?
+        .is_some_and(|nib| nib.len() == NIB_ALIGNED.len))
+}
+
+/// The devices in the stick's address manager (children of the
+/// coordinator, and devices the trust centre knows) with their hashed link
+/// keys when the trust centre's `seed` is known, as zigpy-znp
+/// `read_devices` reads them. Keys of devices the address manager does not
+/// list are dropped, as there.
+pub async fn read_devices<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    stack: ZStack,
+    seed: Option<&[u8; 16]>,
+) -> Result<Vec<Device>, ZnpError> {
+    let mut devices = read_addrmgr(znp, stack).await?;
+    if let Some(seed) = seed {
+        for (ieee, key) in read_link_keys(znp, stack, seed).await? {
+            if let Some(device) = devices.iter_mut().find(|d| d.ieee == ieee) {
+                device.link_key = Some(key);
+            }
+        }
+    }
+    Ok(devices)
+}
+
+/// The address manager: Z-Stack 3.x.0 one extended-NV entry per device,
+/// older firmware one OSAL item holding the table.
+async fn read_addrmgr<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    stack: ZStack,
+) -> Result<Vec<Device>, ZnpError> {
+    let mut devices = Vec::new();
+    if stack != ZStack::V3x {
+        let aligned = aligned_structs(znp).await?;
+        let len = entry_len(aligned);
+        if let Some(table) = read_long(znp, id::ADDRMGR).await? {
+            devices.extend(
+                table
+                    .chunks_exact(len)
+                    .filter_map(|e| parse_addrmgr_entry(e, aligned)),
+            );
+        }
+        return Ok(devices);
+    }
+    for sub in 0..ADDRMGR_MAX {
+        let Some(entry) = ex_read(znp, id::EX_ADDRMGR, sub, ADDRMGR_ENTRY_LEN).await? else {
+            break;
+        };
+        devices.extend(parse_addrmgr_entry(&entry, true));
+    }
+    Ok(devices)
+}
+
+/// The hashed link keys in the stick's TCLK table, derived from `seed`
+/// (zigpy-znp `read_hashed_link_keys`): Z-Stack 3.x.0 extended NV, 3.0.x
+/// one OSAL item per entry; Z-Stack 1.2 keeps none (its unhashed APS keys
+/// are not read).
+pub async fn read_link_keys<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    stack: ZStack,
+    seed: &[u8; 16],
+) -> Result<Vec<(u64, LinkKey)>, ZnpError> {
+    let mut entries: Vec<Vec<u8>> = Vec::new();
+    match stack {
+        ZStack::V1_2 => return Ok(Vec::new()),
+        ZStack::V3x => {
+            for sub in 0..ADDRMGR_MAX {
+                let Some(entry) = ex_read(znp, id::EX_TCLK_TABLE, sub, TCLK_ENTRY_LEN).await?
+                else {
+                    break;
+                };
+                entries.push(entry);
+            }
+        }
+        ZStack::V3_0 => {
+            for item in id::LEGACY_TCLK_TABLE_START..=id::LEGACY_TCLK_TABLE_END {
+                let Some(entry) = read(znp, item).await? else {
+                    break;
+                };
+                entries.push(entry);
+            }
+        }
+    }
+    Ok(entries
+        .iter()
+        .filter_map(|e| parse_tclk_entry(e, seed))
+        .collect())
+}
+
+/// One TCLK entry (either layout: the fields before the padding are the
+/// same); `None` for an empty one.
+pub fn parse_tclk_entry(entry: &[u8], seed: &[u8; 16]) -> Option<(u64, LinkKey)> {
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(entry.get(at..at + 4)?.try_into().ok()?))
+    };
+    let ieee = u64::from_le_bytes(entry.get(8..16)?.try_into().ok()?);
+    if ieee == 0 || ieee == u64::MAX {
+        return None;
+    }
+    let shift = *entry.get(18)?;
+    Some((
+        ieee,
+        LinkKey {
+            key: devices::hashed_key(ieee, seed, shift),
+            tx_counter: u32_at(0)?,
+            rx_counter: u32_at(4)?,
+        },
+    ))
+}
+
+/// The TCLK entry of `ieee`'s `key` derived with `shift`, its transmit
+/// counter above the saved one.
+pub fn tclk_entry(ieee: u64, key: &LinkKey, shift: u8, aligned: bool) -> Vec<u8> {
+    let mut entry = key
+        .tx_counter
+        .saturating_add(LINK_COUNTER_MARGIN)
+        .to_le_bytes()
+        .to_vec();
+    entry.extend(key.rx_counter.to_le_bytes());
+    entry.extend(ieee.to_le_bytes());
+    entry.extend([KEY_VERIFIED, 0, shift]);
+    if aligned {
+        entry.push(0);
+    }
+    entry
+}
+
+/// Writes the link keys of `devices` that derive from `seed` into a freshly
+/// formed stick's TCLK table (zigpy-znp `write_devices`); returns how many
+/// it wrote. Keys not derived from the seed (install codes) are skipped:
+/// zigpy-znp writes those to the APS key tables, which this backend does
+/// not.
+pub async fn write_link_keys<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    stack: ZStack,
+    seed: &[u8; 16],
+    devices: &[Device],
+) -> Result<usize, ZnpError> {
+    if stack == ZStack::V1_2 {
+        return Ok(0);
+    }
+    let aligned = stack == ZStack::V3x || aligned_structs(znp).await?;
+    let hashed = devices.iter().filter_map(|d| {
+        let key = d.link_key.as_ref()?;
+        let shift = devices::key_shift(d.ieee, &key.key, seed)?;
+        Some(tclk_entry(d.ieee, key, shift, aligned))
+    });
+    let mut written = 0;
+    for (index, entry) in hashed.enumerate() {
+        // The tables hold far fewer than 0xEF entries.
+        let index = index as u16;
+        if stack == ZStack::V3x {
+            match ex_write(znp, id::EX_TCLK_TABLE, index, &entry).await? {
+                0 => {}
+                NV_ITEM_UNINIT => break,
+                other => {
+                    return Err(nv_failed(
+                        znp::SYS_NV_WRITE.name,
+                        id::EX_TCLK_TABLE,
+                        Some(&other),
+                    ))
+                }
+            }
+        } else {
+            let item = id::LEGACY_TCLK_TABLE_START + index;
+            if item > id::LEGACY_TCLK_TABLE_END {
+                break;
+            }
+            write(znp, item, &entry).await?;
+        }
+        written += 1;
+    }
+    Ok(written)
+}
+
+fn entry_len(aligned: bool) -> usize {
+    if aligned {
+        ADDRMGR_ENTRY_LEN
+    } else {
+        ADDRMGR_ENTRY_LEN_PACKED
+    }
+}
+
+/// One address-manager entry in either layout; `None` for an empty one or
+/// a user type that is neither a child nor a secured device.
+pub fn parse_addrmgr_entry(entry: &[u8], aligned: bool) -> Option<Device> {
+    let at = usize::from(aligned);
+    let user = *entry.first()?;
+    let nwk = u16::from_le_bytes(entry.get(1 + at..3 + at)?.try_into().ok()?);
+    let ieee = u64::from_le_bytes(entry.get(3 + at..11 + at)?.try_into().ok()?);
+    if ieee == 0 || ieee == u64::MAX || user == 0xFF {
+        return None;
+    }
+    (user & (ADDRMGR_ASSOC | ADDRMGR_SECURITY) != 0)
+        .then(|| Device::new(ieee, nwk, user & ADDRMGR_ASSOC != 0))
+}
+
+/// The address-manager entry of `device` in the layout `aligned` picks (a
+/// child is associated and secured, as zigpy-znp writes it).
+pub fn addrmgr_entry(device: &Device, aligned: bool) -> Vec<u8> {
+    let user = if device.is_child {
+        ADDRMGR_ASSOC | ADDRMGR_SECURITY
+    } else {
+        ADDRMGR_SECURITY
+    };
+    let at = usize::from(aligned);
+    let mut entry = vec![0xFF; entry_len(aligned)];
+    entry[0] = user;
+    entry[1 + at..3 + at].copy_from_slice(&device.nwk.to_le_bytes());
+    entry[3 + at..11 + at].copy_from_slice(&device.ieee.to_le_bytes());
+    entry
+}
+
+/// Writes `devices` into the address manager of a freshly formed stick
+/// (from its first entry); returns how many fitted (the table's size is
+/// the firmware's).
+pub async fn write_devices<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    stack: ZStack,
+    devices: &[Device],
+) -> Result<usize, ZnpError> {
+    if stack != ZStack::V3x {
+        let aligned = aligned_structs(znp).await?;
+        let len = entry_len(aligned);
+        let Some(mut table) = read_long(znp, id::ADDRMGR).await? else {
+            return Ok(0);
+        };
+        let fitted = devices.len().min(table.len() / len);
+        for (slot, device) in table.chunks_exact_mut(len).zip(&devices[..fitted]) {
+            slot.copy_from_slice(&addrmgr_entry(device, aligned));
+        }
+        if fitted > 0 {
+            write_long(znp, id::ADDRMGR, &table).await?;
+        }
+        return Ok(fitted);
+    }
+    for (sub, device) in devices.iter().enumerate() {
+        // The table ends where an entry does not exist.
+        let Ok(sub) = u16::try_from(sub) else {
+            return Ok(sub);
+        };
+        match ex_write(znp, id::EX_ADDRMGR, sub, &addrmgr_entry(device, true)).await? {
+            0 => {}
+            NV_ITEM_UNINIT => return Ok(usize::from(sub)),
+            other => {
+                return Err(nv_failed(
+                    znp::SYS_NV_WRITE.name,
+                    id::EX_ADDRMGR,
+                    Some(&other),
+                ))
+            }
+        }
+    }
+    Ok(devices.len())
+}
+
+/// One extended-NV table entry of `len` bytes; `None` past the table's
+/// end.
 async fn ex_read<P: AsyncRead + AsyncWrite + Unpin + Send>(
     znp: &mut Znp<P>,
     item: u16,
     sub: u16,
+    len: usize,
 ) -> Result<Option<Vec<u8>>, ZnpError> {
     let mut request = vec![NV_SYS_ZSTACK];
     request.extend(item.to_le_bytes());
     request.extend(sub.to_le_bytes());
     request.extend(0u16.to_le_bytes());
-    request.push(SEC_MATERIAL_LEN as u8);
+    request.push(len as u8);
     let reply = match znp.request(znp::SYS_NV_READ, request).await {
         Ok(reply) => reply,
         // A 3.0 build mistaken for 3.30+: no extended NV.
@@ -621,6 +1010,68 @@ mod tests {
         assert_eq!(channel_mask(&[11, 15, 20, 25]), 0x0210_8800);
         assert_eq!(mask_channels(0x0210_8800), [11, 15, 20, 25]);
         assert_eq!(channel_mask(&[10, 27]), 0, "out of range ignored");
+    }
+
+    #[test]
+    fn tclk_entries_carry_counters_address_and_shift() {
+        let ieee = 0x0012_4B00_0102_0304u64;
+        let seed = [0x11; 16];
+        let key = LinkKey {
+            key: devices::hashed_key(ieee, &seed, 5),
+            tx_counter: 7,
+            rx_counter: 9,
+        };
+        for aligned in [true, false] {
+            let entry = tclk_entry(ieee, &key, 5, aligned);
+            let len = if aligned {
+                TCLK_ENTRY_LEN
+            } else {
+                TCLK_ENTRY_LEN_PACKED
+            };
+            assert_eq!(entry.len(), len);
+            // tx (above the saved one), rx, IEEE, verified, type, shift.
+            assert_eq!(entry[..4], (7 + LINK_COUNTER_MARGIN).to_le_bytes());
+            assert_eq!(entry[4..8], 9u32.to_le_bytes());
+            assert_eq!(entry[8..16], ieee.to_le_bytes());
+            assert_eq!(entry[16..19], [KEY_VERIFIED, 0, 5]);
+            let (read_ieee, read) = parse_tclk_entry(&entry, &seed).expect("an entry");
+            assert_eq!((read_ieee, read.key), (ieee, key.key));
+        }
+        assert!(
+            parse_tclk_entry(&[0; TCLK_ENTRY_LEN], &seed).is_none(),
+            "empty"
+        );
+    }
+
+    #[test]
+    fn address_manager_entries_follow_the_aligned_layout() {
+        let ieee = 0x0012_4B00_0102_0304u64;
+        // type, padding, nwk (LE), IEEE (LE): zigpy-znp `AddrMgrEntry` on
+        // CC26x2.
+        let mut entry = vec![0x03, 0xFF, 0x34, 0x12];
+        entry.extend(ieee.to_le_bytes());
+        let device = parse_addrmgr_entry(&entry, true).expect("a child");
+        assert_eq!(
+            (device.ieee, device.nwk, device.is_child),
+            (ieee, 0x1234, true)
+        );
+        assert_eq!(addrmgr_entry(&device, true), entry, "written as read");
+        // Packed (CC253x): no padding byte.
+        let mut packed = entry.clone();
+        packed.remove(1);
+        assert_eq!(parse_addrmgr_entry(&packed, false), Some(device.clone()));
+        assert_eq!(addrmgr_entry(&device, false), packed);
+        entry[0] = ADDRMGR_SECURITY;
+        assert!(!parse_addrmgr_entry(&entry, true).expect("known").is_child);
+        let router = Device::new(ieee, 0x1234, false);
+        assert_eq!(addrmgr_entry(&router, true)[0], ADDRMGR_SECURITY);
+        // Empty (Z-Stack 3 fills with 0xFF, 1.2 has type 0), and blank ones.
+        assert!(parse_addrmgr_entry(&[0xFF; ADDRMGR_ENTRY_LEN], true).is_none());
+        entry[0] = 0;
+        assert!(parse_addrmgr_entry(&entry, true).is_none());
+        let blank = [0x01, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert!(parse_addrmgr_entry(&blank, true).is_none());
+        assert!(parse_addrmgr_entry(&entry[..5], true).is_none());
     }
 
     #[test]

@@ -761,3 +761,309 @@ async fn scheduled_backups_keep_the_frame_counter_current() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The next `RadioEvent::Tag` for `tag_id`.
+async fn wait_tag(radio: &mut ZigbeeRadio, tag_id: &str) -> crate::TagDetails {
+    match wait_for(
+        radio,
+        &format!("details of {tag_id}"),
+        |e| matches!(e, RadioEvent::Tag(d) if d.tag_id == tag_id),
+    )
+    .await
+    {
+        RadioEvent::Tag(details) => details,
+        _ => unreachable!("matched Tag above"),
+    }
+}
+
+/// Issue 15: a tag that joins is reported (`RadioEvent::Tag`, under its
+/// IEEE address) before it ever checks in; a tag whose check-in names
+/// another id is reported under that id at every later announce, and
+/// after a restart of the radio, from the saved network.
+#[tokio::test]
+async fn joining_tags_are_reported_at_once_and_keep_their_bound_ids() {
+    let mut rig = rig(|c| c.tags = 2);
+    wait_up(&mut rig.radio).await;
+    let closed = rig.fake.join_tag(false).await;
+    assert!(closed.is_err(), "joining is closed at start: {closed:?}");
+    rig.radio.permit_join(60).await.expect("opened");
+    let joined = rig.fake.join_tag(false).await.expect("joins while open");
+    let details = wait_tag(&mut rig.radio, &joined.tag_id).await;
+    assert_eq!(joined.tag_id, format!("{:016x}", joined.ieee));
+    assert_eq!(details.info["ieee"], joined.tag_id.as_str());
+    assert_eq!(details.info["nwk"], format!("{:#06x}", joined.nwk).as_str());
+    assert_eq!(details.info["parent"], "0x0000");
+    assert!(details.info["announced_at"].as_u64() > Some(0));
+
+    // SIM000001 is in the stick's address manager: its first check-in
+    // binds its id to its IEEE address, and it is reported under it, at
+    // its new address after a rejoin.
+    let ieee_id = format!("{:016x}", super::fake::FIRST_TAG_IEEE + 1);
+    let bound = wait_tag(&mut rig.radio, "SIM000001").await;
+    assert_eq!(bound.info["ieee"], ieee_id.as_str());
+    let nwk = rig.fake.rejoin("SIM000001").await.expect("a tag");
+    let again = wait_tag(&mut rig.radio, "SIM000001").await;
+    assert_eq!(again.info["nwk"], format!("{nwk:#06x}").as_str());
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000001", "t-moved", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+
+    // A restarted radio lists both from the saved network before anything
+    // else happens.
+    let cfg = radio_config(rig.fake.port());
+    drop(std::mem::replace(
+        &mut rig.radio,
+        ZigbeeRadio::start(cfg).expect("radio"),
+    ));
+    let mut listed = Vec::new();
+    while let RadioEvent::Tag(d) = wait_for(&mut rig.radio, "the saved tags", |e| {
+        matches!(e, RadioEvent::Tag(_) | RadioEvent::State(RadioState::Up))
+    })
+    .await
+    {
+        listed.push(d.tag_id);
+    }
+    for tag in [&joined.tag_id, "SIM000001"] {
+        assert!(listed.iter().any(|t| t == tag), "{tag} in {listed:?}");
+    }
+}
+
+/// Issue 15, stale children: a tag that moved to another parent while the
+/// coordinator still holds it as its child (child aging off) lets offers
+/// expire (0xF0). The first expiry is retried plainly at the next
+/// check-in; the second drops the stale entry (`UTIL_ASSOC_REMOVE`) and
+/// the offer is routed to the tag's new parent, as zigbee-herdsman and
+/// zigpy-znp do.
+#[tokio::test]
+async fn a_tag_that_moved_parent_is_dropped_as_a_stale_child_and_then_reached() {
+    let mut rig = rig(|c| {
+        c.moved = vec!["SIM000002".to_owned()];
+        c.awake_ms = 2_000;
+    });
+    wait_up(&mut rig.radio).await;
+    let first = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000002", "t-moved-1", "0011223344556677"),
+    )
+    .await;
+    let failure = first.result.expect_err("held for polls that never come");
+    assert!(
+        failure.retryable && failure.reason.contains("0xf0"),
+        "{failure:?}"
+    );
+    let stats = rig.fake.stats();
+    assert_eq!(FakeStats::get(&stats.assoc_removals), 0, "not on the first");
+    let second = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000002", "t-moved-2", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(second.result, Ok(()), "{second:?}");
+    assert_eq!(FakeStats::get(&stats.assoc_removals), 1);
+    assert_eq!(
+        FakeStats::get(&stats.assoc_adds),
+        0,
+        "it worked: not put back"
+    );
+    let counters = rig.radio.zigbee_counters();
+    assert_eq!(counters.get("stale_children_dropped"), Some(1));
+    let third = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000002", "t-moved-3", "8899aabbccddeeff"),
+    )
+    .await;
+    assert_eq!(third.result, Ok(()), "{third:?}");
+    assert_eq!(FakeStats::get(&stats.assoc_removals), 1, "dropped once");
+}
+
+/// The same for a tag that is the coordinator's child and simply asleep:
+/// dropping its entry does not help, so it is put back
+/// (`UTIL_ASSOC_ADD`) and the offer fails retryably.
+#[tokio::test]
+async fn a_sleeping_child_keeps_its_entry_after_two_expired_offers() {
+    let mut rig = rig(|c| c.awake_ms = 0);
+    wait_up(&mut rig.radio).await;
+    for task in ["t-asleep-1", "t-asleep-2"] {
+        let outcome = deliver_at_checkin(
+            &mut rig.radio,
+            delivery("SIM000004", task, "cccccccccccccccc"),
+        )
+        .await;
+        let failure = outcome.result.expect_err("asleep");
+        assert!(failure.retryable, "{failure:?}");
+    }
+    let stats = rig.fake.stats();
+    assert_eq!(FakeStats::get(&stats.assoc_removals), 1);
+    assert_eq!(FakeStats::get(&stats.assoc_adds), 1, "put back");
+    assert_eq!(
+        rig.radio.zigbee_counters().get("stale_children_restored"),
+        Some(1)
+    );
+}
+
+/// Issue 15, backup completeness: the devices in stick A's address manager
+/// (with their hashed link keys, and the tag ids the agent bound to them)
+/// go into the backup; restored to a new stick B that knows none of them,
+/// they are written back, so B reaches the tags (without them: no route,
+/// 0xCD), has their link keys, and the agent lists them from the start.
+#[tokio::test]
+async fn devices_backed_up_from_one_stick_are_reached_through_the_new_one() {
+    use super::commission::{backup_stick, restore_stick};
+    let mut rig = rig(|c| c.tags = 4);
+    wait_up(&mut rig.radio).await;
+    wait_tag(&mut rig.radio, "SIM000001").await;
+    let cfg = radio_config(rig.fake.port());
+    let port = cfg.port.clone();
+    let Rig { radio, fake, _dir } = rig;
+    drop(radio);
+    // The driver lets go of the port once it sees its handle dropped.
+    let deadline = Instant::now() + PATIENCE;
+    let backup = loop {
+        match backup_stick(&cfg).await {
+            Ok(backup) => break backup.expect("a network"),
+            Err(error) => assert!(Instant::now() < deadline, "{error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let devices = serde_json::to_value(&backup.devices).expect("json");
+    let devices = devices.as_array().expect("devices");
+    assert_eq!(devices.len(), 4, "{devices:?}");
+    let sim1 = devices
+        .iter()
+        .find(|d| d["esl_tag_id"] == "SIM000001")
+        .expect("the bound tag id kept");
+    assert_eq!(
+        sim1["ieee_address"],
+        format!("{:016x}", super::fake::FIRST_TAG_IEEE + 1).as_str()
+    );
+    assert_eq!(sim1["nwk_address"], "1001");
+    assert_eq!(sim1["is_child"], true);
+    // Its hashed link key, derived from the TCLK seed the backup keeps.
+    assert_eq!(sim1["link_key"]["tx_counter"], 101);
+    assert_eq!(sim1["link_key"]["rx_counter"], 201);
+    let old_key = sim1["link_key"]["key"].clone();
+    drop(fake);
+    while port.symlink_metadata().is_ok() {
+        assert!(Instant::now() < deadline, "the old fake never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let mut new_stick = FakeConfig::new(&port);
+    new_stick.tags = 4;
+    new_stick.tags_joined = false;
+    new_stick.awake_ms = 2_000;
+    let _new = FakeCoordinator::start(new_stick).expect("fake");
+    restore_stick(&cfg, &backup).await.expect("restored");
+    // The new stick has the key, its transmit counter above the old one's.
+    let again = backup_stick(&cfg).await.expect("read").expect("a network");
+    let again = serde_json::to_value(&again.devices).expect("json");
+    let sim1 = again
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["esl_tag_id"] == "SIM000001"))
+        .expect("still there");
+    assert_eq!(sim1["link_key"]["key"], old_key);
+    assert_eq!(
+        sim1["link_key"]["tx_counter"],
+        101 + super::nv::LINK_COUNTER_MARGIN
+    );
+    let mut radio = ZigbeeRadio::start(cfg).expect("radio");
+    let listed = wait_tag(&mut radio, "SIM000001").await;
+    assert_eq!(listed.info["nwk"], "0x1001");
+    wait_up(&mut radio).await;
+    let outcome = deliver_at_checkin(
+        &mut radio,
+        delivery("SIM000003", "t-new-stick", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+}
+
+/// Z-Stack 3.0.x (CC2531) keeps the network frame counter in the legacy
+/// security-material items (0x0075…) and its address manager in one
+/// packed OSAL item (0x0023): the agent forms its network there, a backup
+/// reads the counter the stick has reached and its devices, and a restore
+/// to a blank 3.0.x stick that knows no tag starts above the counter and
+/// reaches the tags.
+#[tokio::test]
+async fn a_zstack_30_stick_is_backed_up_and_restored_with_its_counter_and_devices() {
+    use super::commission::{backup_stick, restore_stick};
+    let mut rig = rig(|c| c.firmware = FakeFirmware::ZStack30);
+    wait_up(&mut rig.radio).await;
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000001", "t-30", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+    let sent = rig.fake.frame_counter().await.expect("a counter");
+    assert!(sent > 0);
+    let cfg = radio_config(rig.fake.port());
+    let ours = saved_network(&cfg);
+    let Rig { radio, fake, _dir } = rig;
+    drop(radio);
+    let deadline = Instant::now() + PATIENCE;
+    let backup = loop {
+        match backup_stick(&cfg).await {
+            Ok(backup) => break backup.expect("a network"),
+            Err(error) => assert!(Instant::now() < deadline, "{error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(backup.network_key.frame_counter, sent, "read from 0x0075…");
+    assert_eq!(backup.devices.len(), 8, "read from 0x0023");
+    let keys = backup
+        .devices
+        .iter()
+        .filter(|d| d["link_key"]["tx_counter"].is_u64())
+        .count();
+    assert_eq!(keys, 8, "link keys from 0x0111…");
+    drop(fake);
+    while cfg.port.symlink_metadata().is_ok() {
+        assert!(Instant::now() < deadline, "the old fake never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut blank = FakeConfig::new(&cfg.port);
+    blank.firmware = FakeFirmware::ZStack30;
+    blank.tags_joined = false;
+    blank.awake_ms = 2_000;
+    let blank = FakeCoordinator::start(blank).expect("fake");
+    restore_stick(&cfg, &backup).await.expect("restored");
+    assert_eq!(blank.network().await, Some(ours));
+    assert_eq!(
+        blank.frame_counter().await,
+        Some(sent + super::commission::FRAME_COUNTER_MARGIN)
+    );
+    let tclk = blank
+        .nv_item(nvid::LEGACY_TCLK_TABLE_START)
+        .await
+        .expect("a link key written");
+    assert_eq!(tclk.len(), super::nv::TCLK_ENTRY_LEN_PACKED, "packed");
+    let mut radio = ZigbeeRadio::start(cfg).expect("radio");
+    wait_up(&mut radio).await;
+    let outcome = deliver_at_checkin(
+        &mut radio,
+        delivery("SIM000003", "t-30-restored", "8899aabbccddeeff"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+}
+
+/// The fake's address manager has room for every configured tag (a fake
+/// with many tags must not turn into "no route" for the last ones).
+#[tokio::test]
+async fn every_configured_tag_is_the_fake_sticks_child() {
+    let mut rig = rig(|c| {
+        c.tags = 60;
+        c.checkin_interval_ms = 50;
+    });
+    wait_up(&mut rig.radio).await;
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000059", "t-last", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+}

@@ -73,6 +73,12 @@ pub const SYS_OSAL_NV_READ: Command = Command::new("SYS_OSAL_NV_READ", subsystem
 pub const SYS_OSAL_NV_WRITE: Command = Command::new("SYS_OSAL_NV_WRITE", subsystem::SYS, 0x09);
 pub const SYS_OSAL_NV_DELETE: Command = Command::new("SYS_OSAL_NV_DELETE", subsystem::SYS, 0x12);
 pub const SYS_OSAL_NV_LENGTH: Command = Command::new("SYS_OSAL_NV_LENGTH", subsystem::SYS, 0x13);
+/// `SYS_OSAL_NV_READ`/`WRITE` with a 16-bit offset, for items longer than
+/// one frame (zigpy-znp `SYS.OSALNVReadExt`, `OSALNVWriteExt`).
+pub const SYS_OSAL_NV_READ_EXT: Command =
+    Command::new("SYS_OSAL_NV_READ_EXT", subsystem::SYS, 0x1C);
+pub const SYS_OSAL_NV_WRITE_EXT: Command =
+    Command::new("SYS_OSAL_NV_WRITE_EXT", subsystem::SYS, 0x1D);
 /// The extended NV API of Z-Stack 3.30+ (system id, item id, sub id).
 pub const SYS_NV_READ: Command = Command::new("SYS_NV_READ", subsystem::SYS, 0x33);
 pub const SYS_NV_WRITE: Command = Command::new("SYS_NV_WRITE", subsystem::SYS, 0x34);
@@ -89,7 +95,19 @@ pub const ZDO_MGMT_PERMIT_JOIN_REQ: Command =
     Command::new("ZDO_MGMT_PERMIT_JOIN_REQ", subsystem::ZDO, 0x36);
 pub const ZDO_END_DEVICE_ANNCE_IND: Command =
     Command::new("ZDO_END_DEVICE_ANNCE_IND", subsystem::ZDO, 0xC1);
+/// A device joined through the trust centre: its network address, IEEE
+/// address and parent (zigpy-znp `ZDO.TCDevInd`).
+pub const ZDO_TC_DEV_IND: Command = Command::new("ZDO_TC_DEV_IND", subsystem::ZDO, 0xCA);
 pub const ZDO_EXT_ROUTE_DISC: Command = Command::new("ZDO_EXT_ROUTE_DISC", subsystem::ZDO, 0x45);
+/// The coordinator's association entry of a device, by IEEE (or network)
+/// address (zigpy-znp `UTIL.AssocGetWithAddress`).
+pub const UTIL_ASSOC_GET_WITH_ADDRESS: Command =
+    Command::new("UTIL_ASSOC_GET_WITH_ADDRESS", subsystem::UTIL, 0x4A);
+/// Drops a device from the coordinator's association table; only in
+/// Koenkk's Z-Stack 3.x.0 builds (zigpy-znp `UTIL.AssocRemove`).
+pub const UTIL_ASSOC_REMOVE: Command = Command::new("UTIL_ASSOC_REMOVE", subsystem::UTIL, 0x63);
+/// Puts a device back in it (same builds; `UTIL.AssocAdd`).
+pub const UTIL_ASSOC_ADD: Command = Command::new("UTIL_ASSOC_ADD", subsystem::UTIL, 0x64);
 pub const UTIL_GET_DEVICE_INFO: Command =
     Command::new("UTIL_GET_DEVICE_INFO", subsystem::UTIL, 0x00);
 pub const ZDO_STARTUP_FROM_APP: Command =
