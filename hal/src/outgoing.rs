@@ -90,6 +90,10 @@ impl<K: Eq + Hash + Clone> Outgoing<K> {
         self.queue.is_empty()
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
     /// The oldest entry; its tag may queue a new check-in or details
     /// report from now on.
     pub(crate) fn pop(&mut self) -> Option<Pending<K>> {
@@ -104,6 +108,18 @@ impl<K: Eq + Hash + Clone> Outgoing<K> {
             Pending::Event(_) => {}
         }
         Some(pending)
+    }
+}
+
+/// A driver that builds every event when it queues it (the ZigBee driver:
+/// a check-in's readings come in the tag's own message) names no tags.
+impl Outgoing<std::convert::Infallible> {
+    /// The oldest event.
+    pub(crate) fn pop_event(&mut self) -> Option<RadioEvent> {
+        self.pop().map(|pending| match pending {
+            Pending::Event(event) => event,
+            Pending::CheckIn(never) | Pending::Details(never) => match never {},
+        })
     }
 }
 

@@ -4,7 +4,7 @@
 //! Reads `delivery_rx` (offers from the agent), `command_rx` (permit-join)
 //! and the adapter's AREQs;
 //! writes `event_tx` (check-ins, outcomes, radio state) through its own
-//! `outgoing` queue, so that it never waits on the agent outside its
+//! `outgoing` queue (`crate::outgoing`, every driver's), so that it never waits on the agent outside its
 //! `select!` (the agent may be blocked in `deliver` meanwhile).
 //!
 //! Life cycle, forever until the agent drops its handle:
@@ -31,6 +31,7 @@
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -47,6 +48,7 @@ use super::frame::FrameType;
 use super::nv;
 use super::znp::{self, Znp, ZnpError};
 use super::{FlowControl, NetworkCommand, ZigbeeConfig, ZigbeeCounters};
+use crate::outgoing::Outgoing;
 use crate::{CheckIn, Delivery, DeliveryFailure, Outcome, RadioEvent, RadioState, TagId};
 
 /// Events waiting for room in the event channel, at most. Outcomes are never
@@ -188,7 +190,8 @@ pub(super) struct Driver {
 struct State {
     cfg: ZigbeeConfig,
     counters: std::sync::Arc<ZigbeeCounters>,
-    outgoing: VecDeque<RadioEvent>,
+    /// Events not yet taken by the agent (built when queued).
+    outgoing: Outgoing<Infallible>,
     /// The last state reported, so a failing reconnect loop does not repeat
     /// the same `Down`.
     reported: Option<RadioState>,
@@ -245,7 +248,9 @@ impl Driver {
             .iter()
             .filter_map(|d| d.details().map(RadioEvent::Tag))
             .collect();
-        self.state.outgoing.extend(known);
+        for event in known {
+            self.state.outgoing.event(event);
+        }
         let mut backoff = self.cfg.reconnect_min;
         loop {
             let connect = connect(&self.cfg, self.counters.clone());
@@ -281,7 +286,7 @@ impl Driver {
                     self.state.report(RadioState::Up);
                     self.state
                         .outgoing
-                        .push_back(RadioEvent::Details(crate::RadioDetails {
+                        .event(RadioEvent::Details(crate::RadioDetails {
                             firmware: Some(started.firmware.to_string()),
                         }));
                     match self.serve(znp, &started).await {
@@ -377,7 +382,7 @@ impl Driver {
                     Err(error) => return Stop::Lost(format!("ZigBee adapter lost: {error}")),
                 },
                 permit = self.event_tx.reserve(), if !self.state.outgoing.is_empty() => match permit {
-                    Ok(permit) => permit.send(self.state.outgoing.pop_front().expect("checked non-empty")),
+                    Ok(permit) => permit.send(self.state.outgoing.pop_event().expect("checked non-empty")),
                     Err(_) => return Stop::Shutdown,
                 },
                 () = sleep_until(wake) => {
@@ -432,7 +437,7 @@ impl Away<'_> {
                     }
                 },
                 permit = self.event_tx.reserve(), if !self.state.outgoing.is_empty() => match permit {
-                    Ok(permit) => permit.send(self.state.outgoing.pop_front().expect("checked non-empty")),
+                    Ok(permit) => permit.send(self.state.outgoing.pop_event().expect("checked non-empty")),
                     Err(_) => return None,
                 },
                 output = &mut until => return Some(output),
@@ -599,7 +604,7 @@ impl State {
             devices,
             cfg,
             counters,
-            outgoing: VecDeque::new(),
+            outgoing: Outgoing::default(),
             reported: None,
             tags: HashMap::new(),
             in_flight: HashMap::new(),
@@ -614,7 +619,7 @@ impl State {
     fn report(&mut self, state: RadioState) {
         if self.reported.as_ref() != Some(&state) {
             self.reported = Some(state.clone());
-            self.outgoing.push_back(RadioEvent::State(state));
+            self.outgoing.event(RadioEvent::State(state));
         }
     }
 
@@ -622,7 +627,7 @@ impl State {
         if let Err(failure) = &result {
             debug!(%tag_id, %task_id, reason = %failure.reason, retryable = failure.retryable, "delivery failed");
         }
-        self.outgoing.push_back(RadioEvent::Outcome(Outcome {
+        self.outgoing.event(RadioEvent::Outcome(Outcome {
             tag_id,
             task_id,
             result,
@@ -1131,7 +1136,7 @@ impl State {
             if let Some(address) = self.tags.get_mut(&details.tag_id) {
                 address.nwk = nwk;
             }
-            self.outgoing.push_back(RadioEvent::Tag(details));
+            self.outgoing.event(RadioEvent::Tag(details));
         }
         self.save_devices();
     }
@@ -1303,7 +1308,7 @@ impl State {
                         "tag id bound to the device"
                     );
                     if let Some(details) = device.details() {
-                        self.outgoing.push_back(RadioEvent::Tag(details));
+                        self.outgoing.event(RadioEvent::Tag(details));
                     }
                     self.save_devices();
                 }
@@ -1311,7 +1316,7 @@ impl State {
                     ZigbeeCounters::bump(&self.counters.checkins_dropped);
                     return;
                 }
-                self.outgoing.push_back(RadioEvent::CheckIn(CheckIn {
+                self.outgoing.event(RadioEvent::CheckIn(CheckIn {
                     tag_id: c.tag_id.to_owned(),
                     battery_mv: c.battery_mv,
                     rssi: c.rssi_dbm.map(i16::from),
@@ -1399,9 +1404,7 @@ mod tests {
     }
 
     fn outcomes(state: &mut State) -> Vec<Outcome> {
-        state
-            .outgoing
-            .drain(..)
+        std::iter::from_fn(|| state.outgoing.pop_event())
             .filter_map(|e| match e {
                 RadioEvent::Outcome(o) => Some(o),
                 _ => None,
@@ -1562,7 +1565,7 @@ mod tests {
         let payload = incoming(&s, TAG_NWK, good);
         s.on_incoming(&payload);
         assert_eq!(s.tags["ZB1"].nwk, TAG_NWK);
-        let Some(RadioEvent::CheckIn(c)) = s.outgoing.pop_front() else {
+        let Some(RadioEvent::CheckIn(c)) = s.outgoing.pop_event() else {
             panic!("a check-in event")
         };
         assert_eq!(c.content_hash.as_deref(), Some("abababababababab"));
@@ -1642,7 +1645,7 @@ mod tests {
         assert!(s.on_areq(&frame).is_ok());
         assert_eq!(s.tags["ZB7"].nwk, TAG_NWK);
         assert!(
-            matches!(s.outgoing.pop_front(), Some(RadioEvent::CheckIn(c)) if c.tag_id == "ZB7")
+            matches!(s.outgoing.pop_event(), Some(RadioEvent::CheckIn(c)) if c.tag_id == "ZB7")
         );
         // A 64-bit source cannot be answered; data left out is refused.
         let mut ieee = p.clone();
