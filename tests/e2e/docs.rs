@@ -612,6 +612,55 @@ fn commands_md_lists_every_counter() {
     );
 }
 
+/// Every key of every config section, as the defaults serialise, is in
+/// docs/CONFIG.md under that section's heading (keys whose default is
+/// "absent" do not serialise and are not checked).
+#[test]
+fn config_md_lists_every_key_of_every_section() {
+    let doc = read(&repo().join("docs/CONFIG.md"));
+    let defaults: toml::Table = toml::from_str(&esl_agent::Config::default().redacted_toml())
+        .expect("the defaults serialise to TOML");
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    let mut sections = vec![(String::new(), defaults)];
+    while let Some((path, table)) = sections.pop() {
+        let text = if path.is_empty() {
+            None
+        } else {
+            // `## [mqtt]`, `### [radio.sim]`: the section runs to the next
+            // heading.
+            let heading = format!("# `[{path}]`\n");
+            let Some(at) = doc.find(&heading) else {
+                missing.push(format!("[{path}] (no heading)"));
+                continue;
+            };
+            let rest = &doc[at + heading.len()..];
+            let end = [rest.find("\n## "), rest.find("\n### ")]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(rest.len());
+            Some(&rest[..end])
+        };
+        for (key, value) in table {
+            let full = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+            match value {
+                // A map with entries of the user's choosing (empty by
+                // default) is one key.
+                toml::Value::Table(t) if !t.is_empty() => sections.push((full, t)),
+                _ => {
+                    checked += 1;
+                    if !text.is_some_and(|t| t.contains(&format!("`{key}`"))) {
+                        missing.push(full);
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 50, "only {checked} keys found");
+    assert!(missing.is_empty(), "docs/CONFIG.md lacks {missing:?}");
+}
+
 /// Issue 19 item 3: an agent whose user may not create its store says
 /// "permission denied", names the directory and the fix, does not blame a
 /// lock, and prints the OS error once. As root (CI) the agent runs as
