@@ -64,7 +64,7 @@ counters! {
     /// limit on them (`limiter`): over the rate, or the outbox share full.
     replies_dropped,
     /// PUBLISH packets over the link's size limit, read and discarded
-    /// without holding them (`mqtt::oversize`), each answered `rejected`
+    /// without holding them (`link::oversize`), each answered `rejected`
     /// (tasks) or counted in `commands_bad` (commands).
     messages_oversized,
     /// Delivery attempts handed to the radio, and those that failed.

@@ -7,9 +7,10 @@
 //!
 //! # Tasks and channels
 //!
-//! Six long-running tasks joined by bounded channels (and, under systemd,
-//! a seventh: the notifier); ARCHITECTURE.md has the diagram and a task's
-//! way through them. Their messages are in `msg`, below every task.
+//! Six long-running tasks joined by bounded channels: the link and its
+//! broker socket, the engine, the radio, status, the control server (and,
+//! under systemd, a seventh: the notifier); ARCHITECTURE.md has the diagram
+//! and a task's way through them. Their messages are in `msg`, below every task.
 //!
 //! ```text
 //! broker ⇄ link::Link ──inbound_tx──▶ engine::Engine ──delivery_tx, control_tx──▶ radio::RadioTask ⇄ backend
@@ -426,23 +427,55 @@ mod layering {
         LAYERS.iter().position(|l| l.contains(&module))
     }
 
-    /// `crate::x` paths in `text`, outside comments and the test module.
+    /// The top-level modules `text` names through `crate::` paths
+    /// (`crate::x::…`, and each name of a `crate::{x::…, y}` group), outside
+    /// comments and the test module. `super::super` is reported as `super`:
+    /// a path that climbs out of its own module must say `crate::`.
     fn uses(text: &str) -> Vec<String> {
         let code = match text.find("#[cfg(test)]\nmod ") {
             Some(at) => &text[..at],
             None => text,
         };
+        let code: Vec<&str> = code
+            .lines()
+            .map(|line| line.split("//").next().unwrap_or_default())
+            .collect();
+        let code = code.join("\n");
+        let name = |s: &str| -> String {
+            s.trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
+        };
         let mut found = Vec::new();
-        for line in code.lines() {
-            let line = line.split("//").next().unwrap_or_default();
-            let mut rest = line;
-            while let Some(at) = rest.find("crate::") {
-                rest = &rest[at + "crate::".len()..];
-                let name: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
-                found.push(name);
+        if code.contains("super::super") {
+            found.push("super".to_owned());
+        }
+        let mut rest = code.as_str();
+        while let Some(at) = rest.find("crate::") {
+            rest = &rest[at + "crate::".len()..];
+            let Some(group) = rest.strip_prefix('{') else {
+                found.push(name(rest));
+                continue;
+            };
+            // Each item of the group at depth 1 starts with a module name.
+            let (mut depth, mut item_start) = (1, 0);
+            for (i, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' | ',' if depth == 1 => {
+                        let item = &group[item_start..i];
+                        if !item.trim().is_empty() {
+                            found.push(name(item));
+                        }
+                        item_start = i + 1;
+                        if c == '}' {
+                            break;
+                        }
+                    }
+                    '}' => depth -= 1,
+                    _ => {}
+                }
             }
         }
         found
@@ -460,6 +493,13 @@ mod layering {
     }
 
     #[test]
+    fn paths_are_read_in_groups_and_across_lines() {
+        let text = "use crate::{\n    engine::State,\n    msg::{A, B}, wire,\n};\nfn f() { crate::ids::x(); } // crate::demo\n";
+        assert_eq!(uses(text), ["engine", "msg", "wire", "ids"]);
+        assert_eq!(uses("use super::super::x;"), ["super"]);
+    }
+
+    #[test]
     fn modules_use_only_lower_layers() {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let mut files = Vec::new();
@@ -474,6 +514,10 @@ mod layering {
             }
             let own = layer(top).unwrap_or_else(|| panic!("{top} is in no layer of LAYERS"));
             for used in uses(&std::fs::read_to_string(&file).unwrap()) {
+                if used.is_empty() || used == "super" {
+                    wrong.push(format!("{}: unreadable path {used:?}", rel.display()));
+                    continue;
+                }
                 // Items of lib.rs itself (`start`, `Config`) are wiring.
                 let Some(theirs) = layer(&used) else { continue };
                 if used != top && theirs >= own {

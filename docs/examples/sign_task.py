@@ -92,7 +92,7 @@ def sign(key, purpose, client_id, kid, message):
 
 
 def self_test():
-    """The reference vector of agent/src/signing.rs (computed with Node)."""
+    """The reference vector of agent/src/security/signing.rs (computed with Node)."""
     task = {"v": 1, "task_id": "t-1", "tag_id": "SIM000001", "seq": 5,
             "issued_at": 1764230400000, "ttl_ms": 3600000,
             "content": {"price": "9.90", "name": "Milk 1L", "w": 1.5}}

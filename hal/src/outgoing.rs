@@ -20,10 +20,12 @@
 //! },
 //! ```
 //!
-//! A slow reader costs bounded memory: a tag has at most one check-in and
-//! one details report queued (coalesced, and built when sent, so they are
-//! fresh), and outcomes, which are never dropped, number at most the
-//! deliveries the agent has in flight.
+//! A slow reader costs bounded memory: where the driver can build a
+//! check-in or a tag's details when it is sent (the simulator, BLE), a tag
+//! has at most one of each queued (coalesced, so they are fresh); a driver
+//! whose check-ins carry readings only the tag's own message has (ZigBee)
+//! queues built events and caps check-ins itself. Outcomes, which are never
+//! dropped, number at most the deliveries the agent has in flight.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::Hash;

@@ -106,6 +106,44 @@ pub struct SimConfig {
     pub apply_ms: u64,
 }
 
+impl SimConfig {
+    /// Checks every setting; the error names the key
+    /// (`radio.sim.fail_rate`).
+    pub fn validate(&self) -> Result<(), SimError> {
+        let invalid = |key, reason: &str| {
+            Err(SimError::InvalidConfig {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.tags > MAX_TAGS {
+            return invalid(
+                "radio.sim.tags",
+                "must be at most 1000000 (ids have 6 digits)",
+            );
+        }
+        // Tag ids are at most 32 characters: prefix plus 6 digits.
+        if self.id_prefix.len() > 26
+            || !self
+                .id_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'))
+        {
+            return invalid(
+                "radio.sim.id_prefix",
+                "must be at most 26 characters of letters, digits, '_', '.', ':' and '-'",
+            );
+        }
+        if self.checkin_interval_ms == 0 {
+            return invalid("radio.sim.checkin_interval_ms", "must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.fail_rate) {
+            return invalid("radio.sim.fail_rate", "must be between 0.0 and 1.0");
+        }
+        Ok(())
+    }
+}
+
 impl Default for SimConfig {
     fn default() -> Self {
         Self {
@@ -124,8 +162,9 @@ impl Default for SimConfig {
 /// Why the simulated radio could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
-    /// A setting is out of range; `key` is its name in `[radio.sim]`.
-    #[error("invalid radio.sim.{key}: {reason}")]
+    /// A setting is out of range; `key` is its full name
+    /// (`radio.sim.fail_rate`).
+    #[error("invalid {key}: {reason}")]
     InvalidConfig { key: &'static str, reason: String },
     /// The journal could not be opened, read or repaired. The I/O error is
     /// part of the message (not only the source) so that it shows however
@@ -193,24 +232,10 @@ impl Radio for SimRadio {
 /// Validates the config, reads the journal and sets up both ends. Split from
 /// [`SimRadio::start`] so tests can hold a driver without running it.
 fn build(cfg: SimConfig) -> Result<(SimRadio, Driver), SimError> {
-    if cfg.tags > MAX_TAGS {
-        return Err(SimError::InvalidConfig {
-            key: "tags",
-            reason: format!(
-                "{} is more than the {MAX_TAGS} a 6-digit id allows",
-                cfg.tags
-            ),
-        });
-    }
-    if cfg.checkin_interval_ms == 0 {
-        return Err(SimError::InvalidConfig {
-            key: "checkin_interval_ms",
-            reason: "must be at least 1".to_owned(),
-        });
-    }
+    cfg.validate()?;
     let failure = Bernoulli::new(cfg.fail_rate).map_err(|_| SimError::InvalidConfig {
-        key: "fail_rate",
-        reason: format!("{} is not a probability in [0, 1]", cfg.fail_rate),
+        key: "radio.sim.fail_rate",
+        reason: "must be between 0.0 and 1.0".to_owned(),
     })?;
 
     let names = TagNames {

@@ -643,7 +643,11 @@ fn config_md_lists_every_key_of_every_section() {
             Some(&rest[..end])
         };
         for (key, value) in table {
-            let full = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+            let full = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
             match value {
                 // A map with entries of the user's choosing (empty by
                 // default) is one key.

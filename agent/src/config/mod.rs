@@ -243,6 +243,11 @@ impl Config {
         self.control.validate()?;
         self.radio.validate(&self.tasks)?;
         self.security.validate()?;
+        // Last, as before the sections validated themselves: a file with
+        // errors in both names the `security` key first.
+        if self.radio.kind == RadioKind::Zigbee {
+            self.radio.validate_zigbee(&self.tasks)?;
+        }
         Ok(())
     }
 
@@ -445,6 +450,22 @@ mod tests {
     /// `rest` after it.
     fn with(mqtt_extra: &str, rest: &str) -> String {
         format!("{MINIMAL}{mqtt_extra}\n{rest}")
+    }
+
+    #[test]
+    fn with_errors_in_several_sections_the_first_named_is_as_before() {
+        // Sections validate themselves in the order the single validate
+        // had: mqtt … control, sim, BLE, security, then ZigBee.
+        let both = with(
+            "",
+            "[security]\nallowed_methods = [\"nope\"]\n[radio]\nkind = \"zigbee\"\n[radio.zigbee]\nendpoint = 0",
+        );
+        assert_eq!(rule_for(&both).0, "security.allowed_methods");
+        let sim_and_security = with(
+            "",
+            "[security]\nallowed_methods = [\"nope\"]\n[radio.sim]\nfail_rate = 2.0",
+        );
+        assert_eq!(rule_for(&sim_and_security).0, "radio.sim.fail_rate");
     }
 
     #[test]

@@ -35,27 +35,8 @@ impl RadioConfig {
     /// Rules of the radio sections; `tasks` for the time-outs the radio
     /// must stay within.
     pub(crate) fn validate(&self, tasks: &TasksConfig) -> Result<(), ConfigError> {
-        let s = &self.sim;
-        if s.tags > 1_000_000 {
-            return Err(invalid("radio.sim.tags", "must be at most 1000000"));
-        }
-        if s.id_prefix.len() > 26 || !s.id_prefix.chars().all(crate::ids::is_tag_char) {
-            return Err(invalid(
-                "radio.sim.id_prefix",
-                "must be at most 26 characters of letters, digits, '_', '.', ':' and '-'",
-            ));
-        }
-        if s.checkin_interval_ms == 0 {
-            return Err(invalid(
-                "radio.sim.checkin_interval_ms",
-                "must be at least 1",
-            ));
-        }
-        if !(0.0..=1.0).contains(&s.fail_rate) {
-            return Err(invalid(
-                "radio.sim.fail_rate",
-                "must be between 0.0 and 1.0",
-            ));
+        if let Err(esl_hal::sim::SimError::InvalidConfig { key, reason }) = self.sim.validate() {
+            return Err(invalid(key, reason));
         }
         if self.kind == RadioKind::Ble {
             let ble = &self.ble;
@@ -73,13 +54,11 @@ impl RadioConfig {
                 ));
             }
         }
-        if self.kind == RadioKind::Zigbee {
-            self.validate_zigbee(tasks)?;
-        }
         Ok(())
     }
 
-    fn validate_zigbee(&self, tasks: &TasksConfig) -> Result<(), ConfigError> {
+    /// `[radio.zigbee]`, checked after `[security]` (`Config::validate`).
+    pub(crate) fn validate_zigbee(&self, tasks: &TasksConfig) -> Result<(), ConfigError> {
         let z = &self.zigbee;
         if let Err(esl_hal::zigbee::ZigbeeError::InvalidConfig { key, reason }) = z.validate() {
             return Err(invalid(key, reason));

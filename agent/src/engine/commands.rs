@@ -133,7 +133,13 @@ fn answer(
     let (req_id, reply_to, wants_reply, outcome) = match wire::command_from_object(object) {
         Ok(cmd) => {
             debug!(method = %cmd.method, req_id = ?cmd.req_id, ?caller, "command");
-            let outcome = dispatch(state, &cmd.method, &cmd.params, caller, now, change)?;
+            let outcome = match dispatch(state, &cmd.method, &cmd.params, caller, now, change) {
+                Ok(value) => Ok(value),
+                Err(MethodError::Reply(e)) => Err(e),
+                // Nobody is answered: the engine holds the PUBACK and runs
+                // the command again once the store is back.
+                Err(MethodError::Store(e)) => return Err(e),
+            };
             (cmd.req_id, cmd.reply_to, cmd.reply, outcome)
         }
         Err(bad) => {
@@ -246,36 +252,39 @@ fn dispatch(
     caller: Caller,
     now: u64,
     change: &mut Change,
-) -> Result<Result<Value, ReplyError>, StoreError> {
+) -> MethodResult {
     let Some(method) = Method::from_name(name) else {
-        return Ok(Err(error(
+        return Err(error(
             ErrorCode::UnknownMethod,
             format!(
                 "unknown method {name:?}; known: {}",
                 Method::names(|_| true)
             ),
-        )));
+        )
+        .into());
     };
     if let Caller::Remote { signed } = caller {
         let settings = state.settings();
         if !settings.allowed_methods.contains(&method) {
             Counters::bump(&state.counters().commands_forbidden);
-            return Ok(Err(error(
+            return Err(error(
                 ErrorCode::Forbidden,
                 format!("method {name:?} is not allowed on this agent (security.allowed_methods)"),
-            )));
+            )
+            .into());
         }
         if !signed && method.mutating() && !settings.allow_unsigned_methods.contains(&method) {
             Counters::bump(&state.counters().commands_forbidden);
-            return Ok(Err(error(
+            return Err(error(
                 ErrorCode::Forbidden,
                 format!(
                     "method {name:?} changes state and runs only from a signed command (security.allow_unsigned_methods)"
                 ),
-            )));
+            )
+            .into());
         }
     }
-    let result = match method {
+    match method {
         Method::AgentStatus => Ok(agent_status(state)),
         Method::TagsList => tags_list(state, params, now),
         Method::TagGet => tag_get(state, params, now),
@@ -283,11 +292,6 @@ fn dispatch(
         Method::TaskCancel => task_cancel(state, params, now, change),
         Method::TagRefresh => tag_refresh(state, params, now),
         Method::NetworkPermitJoin => permit_join(state, params),
-    };
-    match result {
-        Ok(value) => Ok(Ok(value)),
-        Err(MethodError::Reply(e)) => Ok(Err(e)),
-        Err(MethodError::Store(e)) => Err(e),
     }
 }
 

@@ -5,14 +5,17 @@ use esl_hal::{CheckIn, Delivery, Outcome, RadioEvent, RadioState};
 use tracing::{debug, info, warn};
 
 use super::state::{InFlight, EXPIRE_LIMIT, TAG_SAVE_INTERVAL_MS};
-use super::{State, REFRESH_PREFIX};
+use super::State;
 use crate::counters::Counters;
 use crate::store::{Change, StoreError, TaskRecord, TaskState};
 use crate::wire::{self, AckStatus};
 
+/// Task id prefix of `tag.refresh` deliveries.
+const REFRESH_PREFIX: &str = "refresh:";
+
 impl State {
     /// A radio event: check-in (maybe start a delivery) or outcome.
-    pub(crate) fn on_radio(
+    pub(super) fn on_radio(
         &mut self,
         event: RadioEvent,
         now: u64,
@@ -116,7 +119,7 @@ impl State {
 
     /// A delivery could not even be handed to the radio: it was never
     /// attempted, so the attempt is not counted against the task.
-    pub(crate) fn delivery_not_sent(&mut self, tag_id: &str, task_id: &str) {
+    pub(super) fn delivery_not_sent(&mut self, tag_id: &str, task_id: &str) {
         if self
             .in_flight
             .get(tag_id)
@@ -178,7 +181,7 @@ impl State {
 
     /// Delivery time-outs, then expiry (up to `EXPIRE_LIMIT` per pass; the
     /// rest at the next pass).
-    pub(crate) fn sweep(&mut self, now: u64, change: &mut Change) -> Result<(), StoreError> {
+    pub(super) fn sweep(&mut self, now: u64, change: &mut Change) -> Result<(), StoreError> {
         let timed_out: Vec<(String, String)> = self
             .in_flight
             .iter()
@@ -227,7 +230,7 @@ impl State {
 
     /// Cancels a pending task: it is acked `failed` with detail `cancelled`.
     /// Returns `false` when the task is not pending.
-    pub(crate) fn cancel(
+    pub(super) fn cancel(
         &mut self,
         task_id: &str,
         now: u64,

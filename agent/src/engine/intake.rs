@@ -3,16 +3,20 @@
 
 use tracing::{debug, warn};
 
-use super::{State, BAD_SIGNATURE};
+use super::State;
 use crate::counters::Counters;
 use crate::msg::InboundKind;
 use crate::security::signing::{Purpose, SignatureError, Verdict};
 use crate::store::{Change, StoreError, TaskRecord, TaskState};
 use crate::wire::{self, AckStatus};
 
+/// `detail` of the ack for a task whose signature failed. Deliberately the
+/// same for every cause (missing, unknown key, mismatch): the log says which.
+const BAD_SIGNATURE: &str = "bad signature";
+
 impl State {
     /// PROTOCOL §4: one task message, rules 2–6.
-    pub(crate) fn on_task(
+    pub(super) fn on_task(
         &mut self,
         payload: &[u8],
         now: u64,
@@ -184,7 +188,7 @@ impl State {
     /// 2): a task is acked `rejected` (`task_id` null, the detail names the
     /// size and the limit); a command cannot be answered (its `req_id` is
     /// unknown) and is counted as bad.
-    pub(crate) fn on_oversized(
+    pub(super) fn on_oversized(
         &mut self,
         kind: InboundKind,
         size: usize,

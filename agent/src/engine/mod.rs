@@ -77,10 +77,6 @@ pub(crate) const RADIO_EVENT_CAPACITY: usize = 1024;
 /// a time.
 pub(crate) const QUERY_CAPACITY: usize = 4;
 
-/// `detail` of the ack for a task whose signature failed. Deliberately the
-/// same for every cause (missing, unknown key, mismatch): the log says which.
-pub(crate) const BAD_SIGNATURE: &str = "bad signature";
-
 /// How often expiry and delivery time-outs are looked at.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 /// How often finished tasks older than `tasks.keep_final_h` are pruned.
@@ -91,9 +87,6 @@ const PRUNE_LIMIT: usize = 10_000;
 /// there are few): after a flood of commands or acks has been delivered, the
 /// file shrinks within this long.
 const RECLAIM_INTERVAL_MS: u64 = 10 * 1000;
-
-/// Task id prefix of `tag.refresh` deliveries.
-pub(crate) const REFRESH_PREFIX: &str = "refresh:";
 
 /// The engine task: [`State`], the commit [`Pipeline`] and its channel ends.
 pub(crate) struct Engine {

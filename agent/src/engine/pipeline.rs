@@ -41,7 +41,7 @@ use esl_hal::RadioEvent;
 use tokio::sync::{mpsc::error::TrySendError, oneshot};
 use tokio::time::Instant;
 
-use super::{AckToken, Inbound};
+use crate::msg::{AckToken, Inbound};
 
 /// After a store fault, how long between two attempts to reopen the store:
 /// often enough to resume within a second or two of the disk recovering,

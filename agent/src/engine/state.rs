@@ -180,7 +180,7 @@ impl State {
     /// is still pending stays in flight, so its tag is not sent the same
     /// content again. (The tag table is best effort and at least as fresh in
     /// memory; it is kept, and written again at the next change.)
-    pub(crate) fn reload(&mut self) -> Result<(), StoreError> {
+    pub(super) fn reload(&mut self) -> Result<(), StoreError> {
         self.pending_count = self.store.pending_count()?;
         let mut in_flight = std::mem::take(&mut self.in_flight);
         for (tag_id, f) in in_flight.drain() {
@@ -194,13 +194,13 @@ impl State {
         Ok(())
     }
 
-    pub(crate) fn pending_len(&self) -> usize {
+    pub(super) fn pending_len(&self) -> usize {
         self.pending_count
     }
 
     /// Writes every tag report that changed since it was last written (at
     /// shutdown, so a restart shows the last check-ins).
-    pub(crate) fn save_tags(&mut self, change: &mut Change) {
+    pub(super) fn save_tags(&mut self, change: &mut Change) {
         for (id, t) in &mut self.tags {
             if t.rec.last_seen.is_some_and(|seen| seen > t.saved_at) {
                 change.put_tag(id, &t.rec);
@@ -214,13 +214,13 @@ impl State {
         self.verifier = verifier;
     }
 
-    pub(crate) fn verifier(&self) -> &Verifier {
+    pub(super) fn verifier(&self) -> &Verifier {
         &self.verifier
     }
 
     /// Whether one more command reply or rejection ack may go into
     /// the outbox now ([`ReplyLimiter`]); a refusal is counted here.
-    pub(crate) fn admit_limited(&mut self, now: u64, what: &str) -> bool {
+    pub(super) fn admit_limited(&mut self, now: u64, what: &str) -> bool {
         let admitted = self.limiter.admit(now, self.store.outbox_len(), what);
         if !admitted {
             Counters::bump(&self.counters.replies_dropped);
@@ -228,11 +228,11 @@ impl State {
         admitted
     }
 
-    pub(crate) fn radio_details(&self) -> &esl_hal::RadioDetails {
+    pub(super) fn radio_details(&self) -> &esl_hal::RadioDetails {
         &self.radio_details
     }
 
-    pub(crate) fn radio_state(&self) -> &RadioState {
+    pub(super) fn radio_state(&self) -> &RadioState {
         &self.radio
     }
 
@@ -246,7 +246,7 @@ impl State {
         self.content_check = check;
     }
 
-    pub(crate) fn radio_control(&self) -> Option<&mpsc::Sender<crate::msg::RadioControl>> {
+    pub(super) fn radio_control(&self) -> Option<&mpsc::Sender<crate::msg::RadioControl>> {
         self.radio_control.as_ref()
     }
 
@@ -254,23 +254,23 @@ impl State {
         self.link = Some(link);
     }
 
-    pub(crate) fn link_state(&self) -> crate::msg::LinkState {
+    pub(super) fn link_state(&self) -> crate::msg::LinkState {
         self.link.as_ref().map(|l| *l.borrow()).unwrap_or_default()
     }
 
-    pub(crate) fn store(&self) -> &Store {
+    pub(super) fn store(&self) -> &Store {
         &self.store
     }
 
-    pub(crate) fn counters(&self) -> &Counters {
+    pub(super) fn counters(&self) -> &Counters {
         &self.counters
     }
 
-    pub(crate) fn settings(&self) -> &EngineSettings {
+    pub(super) fn settings(&self) -> &EngineSettings {
         &self.settings
     }
 
-    pub(crate) fn identity(&self) -> &Identity {
+    pub(super) fn identity(&self) -> &Identity {
         &self.identity
     }
 
@@ -283,7 +283,7 @@ impl State {
     }
 
     /// Asks for the tag's last content to be sent again at its next check-in.
-    pub(crate) fn request_refresh(&mut self, tag_id: &str) {
+    pub(super) fn request_refresh(&mut self, tag_id: &str) {
         self.refresh.insert(tag_id.to_owned());
     }
 }

@@ -10,7 +10,7 @@ impl State {
     /// named only by pending tasks have no readings to report (they may be
     /// out of this AP's range); they count in the pending queue and
     /// `tags.list` shows them.
-    pub(crate) fn known_tag_views(&self, now: u64) -> Vec<TagView> {
+    pub(super) fn known_tag_views(&self, now: u64) -> Vec<TagView> {
         let mut ids: Vec<&str> = self.tags.keys().map(String::as_str).collect();
         ids.sort_unstable();
         ids.into_iter()
@@ -24,7 +24,7 @@ impl State {
     /// Up to `limit` tags, known or with a pending task, whose id is after
     /// `after`, sorted by id (`tags.list`). Reads only what the page needs,
     /// however many tags have pending tasks.
-    pub(crate) fn tag_views_after(
+    pub(super) fn tag_views_after(
         &self,
         after: Option<&str>,
         limit: usize,
@@ -44,7 +44,7 @@ impl State {
         Ok(ids.into_iter().map(|id| self.tag_view(id, now)).collect())
     }
 
-    pub(crate) fn tag_view(&self, tag_id: &str, now: u64) -> TagView {
+    pub(super) fn tag_view(&self, tag_id: &str, now: u64) -> TagView {
         let entry = self.tags.get(tag_id);
         let t = entry.map(|t| t.rec.clone()).unwrap_or_default();
         TagView {

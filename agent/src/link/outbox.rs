@@ -1,7 +1,7 @@
 //! The link's protocol state, without I/O (in the style of rumqttc's
 //! `MqttState`): which connection is current, which outbox entries to
 //! publish, which PUBACK delivered which entry, and which PUBACKs the
-//! engine released may be written. It decides; `Link` (`mqtt.rs`) does the
+//! engine released may be written. It decides; `Link` (`link/mod.rs`) does the
 //! I/O: it reads the store, calls rumqttc and feeds rumqttc's events back in.
 //!
 //! Outbound (acks and replies; step 6 in ARCHITECTURE.md):
@@ -10,7 +10,7 @@
 //!   the last flushed number): this type never makes an entry up.
 //! - rumqttc assigns the packet id when its event loop takes the request,
 //!   and reports it as `Outgoing::Publish(pkid)`, in request order (pinned
-//!   in `mqtt.rs`). Each of our QoS 1 publish requests (status reports too)
+//!   in `link/mod.rs`). Each of our QoS 1 publish requests (status reports too)
 //!   queues one slot that the next such event fills.
 //! - A PUBACK maps back to its entry, which the link then removes from the
 //!   store; a packet id we do not know (a status report's, or one forgotten

@@ -23,7 +23,7 @@ pub(crate) struct BleKeys {
 }
 
 /// The BLE key database inside `store.path`.
-pub(crate) const BLE_DB_FILE: &str = "ble.sqlite3";
+const BLE_DB_FILE: &str = "ble.sqlite3";
 
 impl BleKeys {
     /// Opens (or creates) `ble.sqlite3` in the store directory `dir` and

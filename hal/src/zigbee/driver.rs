@@ -47,7 +47,7 @@ use super::firmware::{self, ZStack};
 use super::frame::FrameType;
 use super::nv;
 use super::znp::{self, Znp, ZnpError};
-use super::{FlowControl, NetworkCommand, ZigbeeConfig, ZigbeeCounters};
+use super::{FlowControl, NetworkCommand, ZigbeeConfig, ZigbeeCounters, ZigbeeError};
 use crate::outgoing::Outgoing;
 use crate::{CheckIn, Delivery, DeliveryFailure, Outcome, RadioEvent, RadioState, TagId};
 
@@ -359,11 +359,12 @@ impl Driver {
                                 let _ = reply.send(Ok(()));
                             }
                             Err(error) if error.is_link_lost() => {
-                                let _ = reply.send(Err(error.to_string()));
-                                return Stop::Lost(format!("ZigBee adapter lost: {error}"));
+                                let lost = format!("ZigBee adapter lost: {error}");
+                                let _ = reply.send(Err(ZigbeeError::Coordinator(error)));
+                                return Stop::Lost(lost);
                             }
                             Err(error) => {
-                                let _ = reply.send(Err(error.to_string()));
+                                let _ = reply.send(Err(ZigbeeError::Coordinator(error)));
                             }
                         }
                     }
@@ -433,7 +434,7 @@ impl Away<'_> {
                 },
                 Some(command) = self.command_rx.recv() => match command {
                     NetworkCommand::PermitJoin { reply, .. } => {
-                        let _ = reply.send(Err("ZigBee adapter not connected".to_owned()));
+                        let _ = reply.send(Err(ZigbeeError::Unavailable("ZigBee adapter not connected")));
                     }
                 },
                 permit = self.event_tx.reserve(), if !self.state.outgoing.is_empty() => match permit {

@@ -76,7 +76,7 @@ pub const MAX_PERMIT_JOIN_S: u8 = 254;
 pub(crate) enum NetworkCommand {
     PermitJoin {
         seconds: u8,
-        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+        reply: tokio::sync::oneshot::Sender<Result<(), ZigbeeError>>,
     },
 }
 
@@ -210,6 +210,16 @@ pub enum ZigbeeError {
     InvalidConfig { key: &'static str, reason: String },
     #[error("the ZigBee radio must be started inside a tokio runtime")]
     NoRuntime,
+    /// A network request that can never be carried out as asked.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The adapter is not connected (unplugged, restarting), or the driver
+    /// has stopped; the request may work later.
+    #[error("{0}")]
+    Unavailable(&'static str),
+    /// The coordinator refused or did not answer a network request.
+    #[error("the coordinator did not carry out the request")]
+    Coordinator(#[source] znp::ZnpError),
 }
 
 macro_rules! zigbee_counters {
@@ -316,20 +326,19 @@ impl ZigbeeRadio {
     /// coordinator and every router (`ZDO_MGMT_PERMIT_JOIN_REQ` broadcast).
     /// Fails when the adapter is not up, or `seconds` is over
     /// [`MAX_PERMIT_JOIN_S`].
-    pub async fn permit_join(&self, seconds: u8) -> Result<(), String> {
+    pub async fn permit_join(&self, seconds: u8) -> Result<(), ZigbeeError> {
         if seconds > MAX_PERMIT_JOIN_S {
-            return Err(format!(
+            return Err(ZigbeeError::InvalidRequest(format!(
                 "permit-join of {seconds} s: at most {MAX_PERMIT_JOIN_S}"
-            ));
+            )));
         }
+        let stopped = || ZigbeeError::Unavailable("the ZigBee driver has stopped");
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.command_tx
             .send(NetworkCommand::PermitJoin { seconds, reply })
             .await
-            .map_err(|_| "the ZigBee driver has stopped".to_owned())?;
-        answer
-            .await
-            .map_err(|_| "the ZigBee driver has stopped".to_owned())?
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     pub fn zigbee_counters(&self) -> &Arc<ZigbeeCounters> {
@@ -427,14 +436,15 @@ impl Radio for ZigbeeRadio {
     }
 
     async fn permit_join(&mut self, seconds: u8) -> Result<(), RadioError> {
-        let kind = if seconds > MAX_PERMIT_JOIN_S {
-            RadioErrorKind::InvalidRequest
-        } else {
-            RadioErrorKind::Unavailable
-        };
-        ZigbeeRadio::permit_join(self, seconds)
-            .await
-            .map_err(|e| RadioError::new(kind, e))
+        ZigbeeRadio::permit_join(self, seconds).await.map_err(|e| {
+            let kind = match e {
+                ZigbeeError::InvalidRequest(_) | ZigbeeError::InvalidConfig { .. } => {
+                    RadioErrorKind::InvalidRequest
+                }
+                _ => RadioErrorKind::Unavailable,
+            };
+            RadioError::new(kind, "permit-join").with_source(e)
+        })
     }
 }
 
