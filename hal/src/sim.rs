@@ -16,7 +16,7 @@
 //! FIFO holds the deliveries being rendered, and a local outgoing queue holds
 //! events not yet handed to the agent.
 //!
-//! The outgoing queue is every driver's ([`crate::outgoing`]): the driver
+//! The outgoing queue is every driver's (`outgoing.rs`): the driver
 //! never waits on one thing; it `select!`s over accepting a delivery, the
 //! next timer, and reserving channel space for the front of its queue.
 
