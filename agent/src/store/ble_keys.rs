@@ -35,8 +35,8 @@ const BLE_MIGRATIONS: &[&str] = &[
     "ALTER TABLE ble_tags ADD COLUMN content_paths TEXT;",
 ];
 
-/// The BLE radio's key material, tag Information and bond state
-/// (`esl_hal::ble::ProvisionStore`), kept in a database of its own,
+/// The BLE radio's key material, tag Information, bond state and content
+/// paths (`esl_hal::ble::ProvisionStore`), kept in a database of its own,
 /// `ble.sqlite3` beside the task store, so the radio's driver writes
 /// without going through the engine's transaction. Written through at
 /// once (`synchronous = FULL`): a tag configured with a key the AP then

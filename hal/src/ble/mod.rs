@@ -534,8 +534,8 @@ impl BleRadio {
         BleRadio::start_persisted(cfg, MemoryStore::default())
     }
 
-    /// [`BleRadio::start`], keeping key material, Information and bond
-    /// state in `store` (the agent's store, across restarts).
+    /// [`BleRadio::start`], keeping key material, Information, bond state
+    /// and content paths in `store` (the agent's store, across restarts).
     pub fn start_persisted(
         cfg: BleConfig,
         store: impl ProvisionStore,
@@ -783,7 +783,8 @@ struct DriverState<C: Central> {
     ap_sync_key: KeyMaterial,
     /// Zero of the AP's ESL absolute time.
     epoch: Instant,
-    /// Key material, Information and bond state across restarts.
+    /// Key material, Information, bond state and content paths across
+    /// restarts.
     store: Box<dyn ProvisionStore>,
     profiles: Profiles,
 }

@@ -3,8 +3,9 @@
 //! characteristics (Display, Image, Sensor, LED).
 //!
 //! Also [`ProvisionStore`], the interface through which the radio keeps key
-//! material, Information and bond state across restarts (the agent's store
-//! implements it; [`MemoryStore`] keeps them for the process's life).
+//! material, Information, bond state and content paths across restarts
+//! (the agent's store implements it; [`MemoryStore`] keeps them for the
+//! process's life).
 //!
 //! Owns: the byte layouts of AP Sync Key Material (0x2BF7), ESL Response Key
 //! Material (0x2BF8), ESL Current Absolute Time (0x2BF9), Display / Image /
