@@ -1290,6 +1290,29 @@ mod tests {
         }
     }
 
+    /// The fake tags `cfg` asks for.
+    fn fake_air(cfg: &BleConfig) -> FakeAir {
+        FakeAir::new(cfg.fake.as_ref().unwrap(), cfg.content_uuid().unwrap()).expect("air")
+    }
+
+    /// The radio on `cfg`'s fake tags, with `store`; the tags too.
+    fn start_stored(cfg: BleConfig, store: &MemoryStore) -> (BleRadio, FakeAir) {
+        let air = fake_air(&cfg);
+        let radio = BleRadio::start_with_store(cfg, air.clone(), store.clone()).expect("start");
+        (radio, air)
+    }
+
+    /// A record of a fake tag configured by an earlier run that did not
+    /// keep content paths.
+    fn stored_record(bonded: bool) -> TagRecord {
+        TagRecord {
+            response_key: KeyMaterial::generate(),
+            info: Some(fake_esl::fake_tag_info()),
+            bonded,
+            content_paths: None,
+        }
+    }
+
     fn delivery(tag: &str, task: &str) -> Delivery {
         Delivery {
             tag_id: tag.to_owned(),
@@ -1388,19 +1411,8 @@ mod tests {
     async fn stored_tags_are_described_and_their_content_checked_from_the_start() {
         let tag = fake_address(0);
         let mut store = MemoryStore::default();
-        store.set_tag(
-            &tag,
-            &TagRecord {
-                response_key: KeyMaterial::generate(),
-                info: Some(fake_esl::fake_tag_info()),
-                bonded: false,
-                content_paths: None,
-            },
-        );
-        let cfg = fake_config(1);
-        let air =
-            FakeAir::new(cfg.fake.as_ref().unwrap(), cfg.content_uuid().unwrap()).expect("air");
-        let mut radio = BleRadio::start_with_store(cfg, air.clone(), store).expect("start");
+        store.set_tag(&tag, &stored_record(false));
+        let (mut radio, air) = start_stored(fake_config(1), &store);
         // Before any session: the intake check knows the display...
         let check = radio.inventory().content_check.expect("a content check");
         let error = check
@@ -1447,24 +1459,15 @@ mod tests {
         let (named, other) = (fake_address(0), fake_address(1));
         let mut store = MemoryStore::default();
         for tag in [&named, &other] {
-            store.set_tag(
-                tag,
-                &TagRecord {
-                    response_key: KeyMaterial::generate(),
-                    info: Some(fake_esl::fake_tag_info()),
-                    bonded: true,
-                    content_paths: None,
-                },
-            );
+            store.set_tag(tag, &stored_record(true));
         }
         let cfg = BleConfig {
             tags: vec![named.clone()],
             battery_poll_interval_s: 0,
             ..fake_config(2)
         };
-        let air =
-            FakeAir::new(cfg.fake.as_ref().unwrap(), cfg.content_uuid().unwrap()).expect("air");
-        let mut radio = BleRadio::start_with_store(cfg, air, Unlisted(store)).expect("start");
+        let mut radio = BleRadio::start_with_store(cfg.clone(), fake_air(&cfg), Unlisted(store))
+            .expect("start");
         let events: Vec<RadioEvent> = events_for(&mut radio, 100)
             .await
             .into_iter()
@@ -1742,11 +1745,8 @@ mod tests {
     async fn key_material_and_information_are_kept_in_the_store_across_restarts() {
         let tag = fake_address(0);
         let cfg = fake_config(1);
-        let air =
-            FakeAir::new(cfg.fake.as_ref().unwrap(), cfg.content_uuid().unwrap()).expect("air");
         let mut store = MemoryStore::default();
-        let mut radio =
-            BleRadio::start_with_store(cfg.clone(), air.clone(), store.clone()).expect("start");
+        let (mut radio, air) = start_stored(cfg.clone(), &store);
         radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
         assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
         drop(radio);
@@ -1829,14 +1829,6 @@ mod tests {
         assert!(air.configured(&tag));
     }
 
-    /// The radio on `cfg`'s fake tags, with `store`; the air too.
-    fn start_stored(cfg: BleConfig, store: &MemoryStore) -> (BleRadio, FakeAir) {
-        let air =
-            FakeAir::new(cfg.fake.as_ref().unwrap(), cfg.content_uuid().unwrap()).expect("air");
-        let radio = BleRadio::start_with_store(cfg, air.clone(), store.clone()).expect("start");
-        (radio, air)
-    }
-
     const STOCK_PATHS: ContentPaths = ContentPaths {
         ots: true,
         vendor: false,
@@ -1849,15 +1841,7 @@ mod tests {
         // finds no vendor content characteristic.
         let tag = fake_address(0);
         let mut store = MemoryStore::default();
-        store.set_tag(
-            &tag,
-            &TagRecord {
-                response_key: KeyMaterial::generate(),
-                info: Some(fake_esl::fake_tag_info()),
-                bonded: true,
-                content_paths: None,
-            },
-        );
+        store.set_tag(&tag, &stored_record(true));
         let (mut radio, air) = start_stored(stock_tags(1, |_| {}), &store);
         radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
         let (events, outcome) = until_outcome(&mut radio).await;
