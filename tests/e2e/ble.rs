@@ -27,6 +27,11 @@ const FAKE_TAGS: u32 = 4;
 
 /// The `[radio]` section: BLE on fake tags advertising every 100 ms.
 fn ble_radio(journal: &Path, corrupt: &[String]) -> String {
+    ble_radio_with(journal, corrupt, &[], "")
+}
+
+/// [`ble_radio`] with stock (OTS-only) tags and more `[radio.ble]` lines.
+fn ble_radio_with(journal: &Path, corrupt: &[String], ots_only: &[String], ble: &str) -> String {
     format!(
         "[radio]\n\
          kind = \"ble\"\n\
@@ -34,13 +39,16 @@ fn ble_radio(journal: &Path, corrupt: &[String]) -> String {
          [radio.ble]\n\
          checkin_interval_ms = 100\n\
          retry_backoff_ms = 100\n\
+         {ble}\n\
          \n\
          [radio.ble.fake]\n\
          tags = {FAKE_TAGS}\n\
          adv_interval_ms = 100\n\
          corrupt = {corrupt}\n\
+         ots_only = {ots_only}\n\
          journal = {journal}\n",
         corrupt = Value::from(corrupt.to_vec()),
+        ots_only = Value::from(ots_only.to_vec()),
         journal = toml_path(journal),
     )
 }
@@ -192,34 +200,41 @@ async fn ble_tag_that_garbles_content_gets_failed_with_the_reason() {
     stack.agent.assert_running();
 }
 
-/// Calls `method` (PROTOCOL §7) and returns the result of its successful
-/// reply.
-async fn call(stack: &mut Stack, req_id: &str, method: &str, params: Value) -> Value {
+/// Calls `method` (PROTOCOL §7) and returns its reply.
+async fn reply_to(stack: &mut Stack, req_id: &str, method: &str, params: Value) -> Value {
     let command = json!({"v": 1, "req_id": req_id, "method": method, "params": params,
         "reply": true, "reply_to": "GID_backend@@@be1"});
     stack.backend.publish_command(&command).await;
-    let reply = stack
+    stack
         .backend
         .expect_reply(req_id, Duration::from_secs(10))
-        .await;
+        .await
+}
+
+/// Calls `method` (PROTOCOL §7) and returns the result of its successful
+/// reply.
+async fn call(stack: &mut Stack, req_id: &str, method: &str, params: Value) -> Value {
+    let reply = reply_to(stack, req_id, method, params).await;
     assert_eq!(reply["ok"], true, "{reply}");
     reply["result"].clone()
 }
 
 /// The tag's details once the radio has configured it (its first
 /// advertisement brings a battery poll, which configures it); panics after
-/// `timeout`.
+/// `timeout`. Until its first check-in the agent does not know the tag.
 async fn configured_details(stack: &mut Stack, tag: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     for attempt in 0.. {
         let request = format!("r-get-{attempt}");
-        let result = call(stack, &request, "tag.get", json!({ "tag_id": tag })).await;
-        if result["radio"]["configured"] == true {
-            return result["radio"].clone();
+        let reply = reply_to(stack, &request, "tag.get", json!({ "tag_id": tag })).await;
+        if reply["ok"] != true {
+            assert_eq!(reply["error"]["code"], "not_found", "{reply}");
+        } else if reply["result"]["radio"]["configured"] == true {
+            return reply["result"]["radio"].clone();
         }
         assert!(
             Instant::now() < deadline,
-            "{tag} not configured within {timeout:?}: {result}"
+            "{tag} not configured within {timeout:?}: {reply}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -298,5 +313,59 @@ async fn ble_tag_information_is_shown_and_a_misfit_image_is_rejected_naming_the_
         rejected.json
     );
     assert_eq!(acks.status("t-img-fits"), AckStatus::Applied);
+    stack.agent.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_tags_content_paths_survive_a_restart_and_other_content_is_rejected() {
+    let tag = ble_tag(0);
+    let stock = [tag.clone()];
+    let mut stack = Stack::start("ble-paths", |c| {
+        c.radio_toml = Some(ble_radio_with(&journal_path(&c.store), &[], &stock, ""));
+    })
+    .await;
+    // The first run's battery poll configures the tag and finds its paths.
+    let details = configured_details(&mut stack, &tag, Duration::from_secs(20)).await;
+    assert_eq!(details["content_paths"], json!(["ots"]), "{details}");
+    stack.agent.terminate().await;
+
+    // The next run never connects before a delivery (no battery polls),
+    // yet knows the paths from the store.
+    let since = stack.broker.log_len();
+    stack.start_next_agent(|c| {
+        c.radio_toml = Some(ble_radio_with(
+            &journal_path(&c.store),
+            &[],
+            &stock,
+            "battery_poll_interval_s = 0",
+        ));
+    });
+    stack
+        .agent
+        .wait_subscribed(&stack.broker, since, Duration::from_secs(15))
+        .await;
+    let result = call(&mut stack, "r-get", "tag.get", json!({ "tag_id": &tag })).await;
+    assert_eq!(result["radio"]["content_paths"], json!(["ots"]), "{result}");
+    assert_eq!(result["radio"]["configured"], false, "{result}");
+
+    // Without the stored paths this would go to the tag and fail there.
+    let acks = stack
+        .settle(&[task("t-text", &tag, 1)], Duration::from_secs(30))
+        .await;
+    let rejected = acks.final_ack("t-text");
+    assert_eq!(rejected.status(), AckStatus::Rejected, "{}", rejected.json);
+    let detail = rejected.detail().unwrap_or_default();
+    assert!(
+        detail.starts_with("content: the tag shows only images"),
+        "{}",
+        rejected.json
+    );
+    let acks = stack
+        .settle(
+            &[image_task("t-image", &tag, 4736)],
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(acks.status("t-image"), AckStatus::Applied);
     stack.agent.assert_running();
 }

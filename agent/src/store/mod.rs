@@ -237,9 +237,6 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;",
 ];
 
-/// The schema version this agent writes.
-const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
-
 /// Database page size for new stores. Every commit writes each page it
 /// changed into the WAL, so at a trickle (one task per commit, 5–6 pages)
 /// smaller pages write less: measured with the store alone, bytes written
@@ -579,7 +576,7 @@ impl Store {
     fn open_db(&self) -> Result<(), StoreError> {
         let mut conn = Connection::open(self.db_path())?;
         configure(&conn, self.cache_kib)?;
-        migrate(&mut conn, &self.dir)?;
+        migrate(&mut conn, &self.dir, MIGRATIONS)?;
         let next_outbox: u64 = conn
             .query_row(
                 "SELECT value FROM meta WHERE key = 'next_outbox'",
@@ -1140,18 +1137,20 @@ fn configure(conn: &Connection, cache_kib: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Brings the schema to [`SCHEMA_VERSION`], one transaction per step, or
-/// refuses a store from a newer agent.
-fn migrate(conn: &mut Connection, dir: &Path) -> Result<(), StoreError> {
+/// Brings the schema of the database at `path` to the end of `migrations`
+/// ([`MIGRATIONS`], or the BLE database's), one transaction per step, or
+/// refuses a database from a newer agent.
+fn migrate(conn: &mut Connection, path: &Path, migrations: &[&str]) -> Result<(), StoreError> {
+    let supported = migrations.len() as i64;
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if found > SCHEMA_VERSION {
+    if found > supported {
         return Err(StoreError::Newer {
-            path: dir.display().to_string(),
+            path: path.display().to_string(),
             found,
-            supported: SCHEMA_VERSION,
+            supported,
         });
     }
-    for (version, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+    for (version, sql) in migrations.iter().enumerate().skip(found.max(0) as usize) {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", version as i64 + 1)?;
@@ -1579,6 +1578,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_from_a_newer_agent_is_refused() {
+        const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
         let dir = tempfile::tempdir().unwrap();
         drop(open(dir.path()));
         let c = Connection::open(dir.path().join(DB_FILE)).unwrap();

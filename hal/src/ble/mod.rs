@@ -84,10 +84,10 @@ use crate::{
 };
 use codec::{uuid16, EslAddress, ESL_SERVICE};
 use fake_esl::{FakeAir, FakeConfig, FakeError};
-use provision::{KeyMaterial, MemoryStore, ProvisionStore, TagInfo, TagRecord};
+use provision::{ContentPaths, KeyMaterial, MemoryStore, ProvisionStore, TagInfo, TagRecord};
 use transport::{
-    Advertisement, BatterySource, Central, ContentPaths, GattError, Provisioning, Scan,
-    SessionPlan, SessionReport, SessionSettings, Step, TransportError,
+    Advertisement, BatterySource, Central, GattError, Provisioning, Scan, SessionPlan,
+    SessionReport, SessionSettings, Step, TransportError,
 };
 
 /// Capacity of the delivery channel. The driver takes from it on every turn
@@ -466,7 +466,8 @@ pub struct BleRadio {
 struct TagProfile {
     /// From the last configuring session, or from the store.
     info: Option<TagInfo>,
-    /// From the last session of this run.
+    /// From the last session that found them (`TagRecord::content_paths`),
+    /// of this run or, through the store, an earlier one.
     paths: Option<ContentPaths>,
 }
 
@@ -533,8 +534,8 @@ impl BleRadio {
         BleRadio::start_persisted(cfg, MemoryStore::default())
     }
 
-    /// [`BleRadio::start`], keeping key material, Information and bond
-    /// state in `store` (the agent's store, across restarts).
+    /// [`BleRadio::start`], keeping key material, Information, bond state
+    /// and content paths in `store` (the agent's store, across restarts).
     pub fn start_persisted(
         cfg: BleConfig,
         store: impl ProvisionStore,
@@ -782,7 +783,8 @@ struct DriverState<C: Central> {
     ap_sync_key: KeyMaterial,
     /// Zero of the AP's ESL absolute time.
     epoch: Instant,
-    /// Key material, Information and bond state across restarts.
+    /// Key material, Information, bond state and content paths across
+    /// restarts.
     store: Box<dyn ProvisionStore>,
     profiles: Profiles,
 }
@@ -993,8 +995,8 @@ impl<C: Central> DriverState<C> {
     }
 
     /// Takes what an earlier run kept about `tag` (its Response Key,
-    /// Information and bond state), once per run; whether there was a
-    /// record.
+    /// Information, bond state and content paths), once per run; whether
+    /// there was a record.
     fn load(&mut self, tag: &str) -> bool {
         let state = self.tags.entry(tag.to_owned()).or_default();
         if std::mem::replace(&mut state.loaded, true) {
@@ -1005,10 +1007,33 @@ impl<C: Central> DriverState<C> {
         };
         state.response_key = Some(record.response_key);
         state.bonded = Some(record.bonded);
-        if let Some(info) = record.info {
-            lock(&self.profiles).entry(tag.to_owned()).or_default().info = Some(info);
-        }
+        let mut profiles = lock(&self.profiles);
+        let profile = profiles.entry(tag.to_owned()).or_default();
+        profile.info = record.info;
+        profile.paths = record.content_paths;
         true
+    }
+
+    /// Writes what the store keeps of `tag` after a session changed it.
+    /// Nothing before the tag has a Response Key (its first session's plan
+    /// makes one).
+    fn save(&mut self, tag: &str) {
+        let Some(state) = self.tags.get(tag) else {
+            return;
+        };
+        let Some(response_key) = state.response_key.clone() else {
+            return;
+        };
+        // Copied out: the lock is not held across the store's write (a disk
+        // sync), as the engine's intake check takes it.
+        let profile = lock(&self.profiles).get(tag).cloned().unwrap_or_default();
+        let record = TagRecord {
+            response_key,
+            info: profile.info,
+            bonded: state.bonded.unwrap_or(false),
+            content_paths: profile.paths,
+        };
+        self.store.set_tag(tag, &record);
     }
 
     /// At start: loads the tags the store kept (those it lists, and those
@@ -1050,13 +1075,7 @@ impl<C: Central> DriverState<C> {
             state.is_some_and(|s| s.configured).into(),
         );
         if let Some(paths) = profile.paths {
-            let names = [(paths.ots, "ots"), (paths.vendor, "vendor")];
-            let offered: Vec<&str> = names
-                .iter()
-                .filter(|(on, _)| *on)
-                .map(|(_, n)| *n)
-                .collect();
-            details.insert("content_paths".into(), json!(offered));
+            details.insert("content_paths".into(), json!(paths.names()));
         }
         details
     }
@@ -1080,7 +1099,12 @@ impl<C: Central> DriverState<C> {
         tag.in_session = false;
         tag.battery_tried_at = Some(Instant::now());
         let before = (tag.bonded, tag.configured);
-        let mut described = false;
+        // Changed what the store keeps (the bond is compared below).
+        let mut changed = false;
+        let (paths, info) = match &done.result {
+            Ok(report) => (report.paths, report.info.clone()),
+            Err(error) => (error.paths_found(), None),
+        };
         match &done.result {
             Ok(report) => {
                 if let Some(mv) = report.battery_mv {
@@ -1089,44 +1113,21 @@ impl<C: Central> DriverState<C> {
                 tag.updated_at = Some(Instant::now());
                 // The session secured the link with our bond first.
                 tag.bonded = Some(true);
-                {
-                    // Not held across the store's write below (a disk
-                    // sync): the engine's intake check takes this lock.
-                    let mut profiles = lock(&self.profiles);
-                    let profile = profiles.entry(tag_id.clone()).or_default();
-                    if report.paths.is_some() && report.paths != profile.paths {
-                        profile.paths = report.paths;
-                        described = true;
-                    }
-                    if let Some(info) = &report.info {
-                        profile.info = Some(info.clone());
-                    }
-                }
-                if let Some(info) = &report.info {
+                if report.info.is_some() {
                     tag.reconfigure = false;
                     tag.configured = true;
-                    described = true;
-                    if let Some(response_key) = &tag.response_key {
-                        self.store.set_tag(
-                            &tag_id,
-                            &TagRecord {
-                                response_key: response_key.clone(),
-                                info: Some(info.clone()),
-                                bonded: true,
-                            },
-                        );
-                    }
+                    changed = true;
                 }
+            }
+            Err(TransportError::NoContentPath { .. }) => {
+                // Discovery comes after the link was secured with our bond.
+                tag.bonded = Some(true);
             }
             Err(TransportError::BondLost) => {
                 tracing::info!(tag = %tag_id, "BLE tag lost its bond; pairing and configuring it again");
                 tag.reconfigure = true;
                 tag.configured = false;
                 tag.bonded = Some(false);
-                if let Some(mut record) = self.store.tag(&tag_id) {
-                    record.bonded = false;
-                    self.store.set_tag(&tag_id, &record);
-                }
             }
             Err(error) if error.needs_configuring() => {
                 tracing::info!(tag = %tag_id, %error, "BLE tag lost its configuration; configuring it again");
@@ -1135,7 +1136,23 @@ impl<C: Central> DriverState<C> {
             }
             Err(_) => {}
         }
-        if described || before != (tag.bonded, tag.configured) {
+        let bond_changed = before.0 != tag.bonded;
+        let state_changed = before != (tag.bonded, tag.configured);
+        {
+            let mut profiles = lock(&self.profiles);
+            let profile = profiles.entry(tag_id.clone()).or_default();
+            if paths.is_some() && paths != profile.paths {
+                profile.paths = paths;
+                changed = true;
+            }
+            if info.is_some() {
+                profile.info = info;
+            }
+        }
+        if changed || bond_changed {
+            self.save(&tag_id);
+        }
+        if changed || state_changed {
             self.queue_details(&tag_id);
         }
         let tag = self.tags.entry(tag_id.clone()).or_default();
@@ -1273,6 +1290,29 @@ mod tests {
         }
     }
 
+    /// The fake tags `cfg` asks for.
+    fn fake_air(cfg: &BleConfig) -> FakeAir {
+        FakeAir::new(cfg.fake.as_ref().unwrap(), cfg.content_uuid().unwrap()).expect("air")
+    }
+
+    /// The radio on `cfg`'s fake tags, with `store`; the tags too.
+    fn start_stored(cfg: BleConfig, store: &MemoryStore) -> (BleRadio, FakeAir) {
+        let air = fake_air(&cfg);
+        let radio = BleRadio::start_with_store(cfg, air.clone(), store.clone()).expect("start");
+        (radio, air)
+    }
+
+    /// A record of a fake tag configured by an earlier run that did not
+    /// keep content paths.
+    fn stored_record(bonded: bool) -> TagRecord {
+        TagRecord {
+            response_key: KeyMaterial::generate(),
+            info: Some(fake_esl::fake_tag_info()),
+            bonded,
+            content_paths: None,
+        }
+    }
+
     fn delivery(tag: &str, task: &str) -> Delivery {
         Delivery {
             tag_id: tag.to_owned(),
@@ -1371,18 +1411,8 @@ mod tests {
     async fn stored_tags_are_described_and_their_content_checked_from_the_start() {
         let tag = fake_address(0);
         let mut store = MemoryStore::default();
-        store.set_tag(
-            &tag,
-            &TagRecord {
-                response_key: KeyMaterial::generate(),
-                info: Some(fake_esl::fake_tag_info()),
-                bonded: false,
-            },
-        );
-        let cfg = fake_config(1);
-        let air =
-            FakeAir::new(cfg.fake.as_ref().unwrap(), cfg.content_uuid().unwrap()).expect("air");
-        let mut radio = BleRadio::start_with_store(cfg, air.clone(), store).expect("start");
+        store.set_tag(&tag, &stored_record(false));
+        let (mut radio, air) = start_stored(fake_config(1), &store);
         // Before any session: the intake check knows the display...
         let check = radio.inventory().content_check.expect("a content check");
         let error = check
@@ -1429,23 +1459,15 @@ mod tests {
         let (named, other) = (fake_address(0), fake_address(1));
         let mut store = MemoryStore::default();
         for tag in [&named, &other] {
-            store.set_tag(
-                tag,
-                &TagRecord {
-                    response_key: KeyMaterial::generate(),
-                    info: Some(fake_esl::fake_tag_info()),
-                    bonded: true,
-                },
-            );
+            store.set_tag(tag, &stored_record(true));
         }
         let cfg = BleConfig {
             tags: vec![named.clone()],
             battery_poll_interval_s: 0,
             ..fake_config(2)
         };
-        let air =
-            FakeAir::new(cfg.fake.as_ref().unwrap(), cfg.content_uuid().unwrap()).expect("air");
-        let mut radio = BleRadio::start_with_store(cfg, air, Unlisted(store)).expect("start");
+        let mut radio = BleRadio::start_with_store(cfg.clone(), fake_air(&cfg), Unlisted(store))
+            .expect("start");
         let events: Vec<RadioEvent> = events_for(&mut radio, 100)
             .await
             .into_iter()
@@ -1723,11 +1745,8 @@ mod tests {
     async fn key_material_and_information_are_kept_in_the_store_across_restarts() {
         let tag = fake_address(0);
         let cfg = fake_config(1);
-        let air =
-            FakeAir::new(cfg.fake.as_ref().unwrap(), cfg.content_uuid().unwrap()).expect("air");
         let mut store = MemoryStore::default();
-        let mut radio =
-            BleRadio::start_with_store(cfg.clone(), air.clone(), store.clone()).expect("start");
+        let (mut radio, air) = start_stored(cfg.clone(), &store);
         radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
         assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
         drop(radio);
@@ -1810,24 +1829,96 @@ mod tests {
         assert!(air.configured(&tag));
     }
 
+    const STOCK_PATHS: ContentPaths = ContentPaths {
+        ots: true,
+        vendor: false,
+    };
+
     #[tokio::test(start_paused = true)]
-    async fn content_without_an_image_fails_a_stock_tag_for_good() {
-        // The tag's characteristics are unknown: the session finds no
-        // vendor content characteristic.
+    async fn content_without_an_image_fails_a_stock_tag_for_good_and_is_refused_after() {
+        // The tag's paths are unknown: its record comes from an agent that
+        // did not keep them, and there are no battery polls. The session
+        // finds no vendor content characteristic.
         let tag = fake_address(0);
-        let mut radio = BleRadio::start(stock_tags(1, |_| {})).expect("start");
+        let mut store = MemoryStore::default();
+        store.set_tag(&tag, &stored_record(true));
+        let (mut radio, air) = start_stored(stock_tags(1, |_| {}), &store);
         radio.deliver(delivery(&tag, "t1")).await.expect("deliver");
-        let failure = next_outcome(&mut radio)
-            .await
-            .1
-            .result
-            .expect_err("no vendor path");
+        let (events, outcome) = until_outcome(&mut radio).await;
+        let failure = outcome.result.expect_err("no vendor path");
         assert!(!failure.retryable);
         assert!(
             failure.reason.contains("vendor content"),
             "{}",
             failure.reason
         );
+        // That failure is certain: the tag's paths are learnt from it,
+        // shown, kept, and the next such content is refused at once.
+        let paths: Vec<Option<&serde_json::Value>> = details_in(&events)
+            .iter()
+            .map(|d| d.info.get("content_paths"))
+            .collect();
+        assert_eq!(
+            paths,
+            [None, Some(&serde_json::json!(["ots"]))],
+            "as stored at start, then as learnt"
+        );
+        let record = store.tag(&tag).expect("tag record");
+        assert_eq!(record.content_paths, Some(STOCK_PATHS));
+        assert!(record.bonded, "the link was secured before the discovery");
+        let connects = air.connects();
+        let error = radio
+            .deliver(delivery(&tag, "t2"))
+            .await
+            .expect_err("refused");
+        assert_eq!(error.kind(), RadioErrorKind::InvalidRequest);
+        assert!(
+            error
+                .to_string()
+                .contains("no vendor content characteristic"),
+            "{error}"
+        );
+        assert_eq!(air.connects(), connects);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn content_paths_survive_a_restart_and_refuse_content_at_once() {
+        let tag = fake_address(0);
+        let mut store = MemoryStore::default();
+        let (mut radio, _) = start_stored(stock_tags(1, |_| {}), &store);
+        radio
+            .deliver(image_delivery(&tag, "t1", &[0; 4736]))
+            .await
+            .expect("deliver");
+        assert_eq!(next_outcome(&mut radio).await.1.result, Ok(()));
+        drop(radio);
+        let record = store.tag(&tag).expect("tag record saved");
+        assert_eq!(record.content_paths, Some(STOCK_PATHS));
+
+        // A restart with no battery polls: no session before the task.
+        let (mut radio, air) = start_stored(stock_tags(1, |_| {}), &store);
+        let check = radio.inventory().content_check.expect("a content check");
+        let error = check.check(&tag, CONTENT).expect_err("no vendor path");
+        assert!(
+            error.starts_with("content: the tag shows only images"),
+            "{error}"
+        );
+        assert_eq!(
+            check.check(&tag, &image_delivery(&tag, "t2", &[0; 4736]).content),
+            Ok(()),
+            "an image still fits"
+        );
+        let error = radio
+            .deliver(delivery(&tag, "t3"))
+            .await
+            .expect_err("refused");
+        assert_eq!(error.kind(), RadioErrorKind::InvalidRequest);
+        let first = radio.next_event().await.expect("open");
+        let RadioEvent::Tag(described) = first else {
+            panic!("expected the tag's details first, got {first:?}");
+        };
+        assert_eq!(described.info["content_paths"], serde_json::json!(["ots"]));
+        assert_eq!(air.connects(), 0);
     }
 
     #[tokio::test(start_paused = true)]

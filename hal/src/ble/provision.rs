@@ -3,8 +3,9 @@
 //! characteristics (Display, Image, Sensor, LED).
 //!
 //! Also [`ProvisionStore`], the interface through which the radio keeps key
-//! material, Information and bond state across restarts (the agent's store
-//! implements it; [`MemoryStore`] keeps them for the process's life).
+//! material, Information, bond state and content paths across restarts
+//! (the agent's store implements it; [`MemoryStore`] keeps them for the
+//! process's life).
 //!
 //! Owns: the byte layouts of AP Sync Key Material (0x2BF7), ESL Response Key
 //! Material (0x2BF8), ESL Current Absolute Time (0x2BF9), Display / Image /
@@ -100,6 +101,32 @@ pub struct TagRecord {
     /// bond's keys themselves stay with the Bluetooth stack (BlueZ keeps
     /// them under /var/lib/bluetooth).
     pub bonded: bool,
+    /// What the tag's last session found (a successful one, or one that
+    /// failed because the content's path is missing): the intake check
+    /// rejects content the tag can never show from the start of a run.
+    /// `None` in records of agents that did not keep it.
+    pub content_paths: Option<ContentPaths>,
+}
+
+/// Which ways a tag offers to store content. A session finds them in the
+/// characteristics it discovered (`transport`); the driver keeps them per
+/// tag and the store keeps them across restarts (as this JSON object).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentPaths {
+    /// The Object Transfer Service (OACP and OLCP): `ble_image` content.
+    pub ots: bool,
+    /// The vendor content characteristic: any other content.
+    pub vendor: bool,
+}
+
+impl ContentPaths {
+    /// The names the tag's details list (`content_paths`).
+    pub fn names(self) -> Vec<&'static str> {
+        [(self.ots, "ots"), (self.vendor, "vendor")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect()
+    }
 }
 
 /// Persistence for the radio's secrets and per-tag records. Called from the

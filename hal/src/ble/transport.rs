@@ -51,7 +51,7 @@ use super::ots::{
     OBJECT_SIZE_CHARACTERISTIC, OLCP_CHARACTERISTIC, OTS_PSM,
 };
 use super::provision::{
-    self, InfoError, KeyMaterial, TagInfo, ABSOLUTE_TIME_CHARACTERISTIC,
+    self, ContentPaths, InfoError, KeyMaterial, TagInfo, ABSOLUTE_TIME_CHARACTERISTIC,
     AP_SYNC_KEY_CHARACTERISTIC, DISPLAY_INFO_CHARACTERISTIC, IMAGE_INFO_CHARACTERISTIC,
     LED_INFO_CHARACTERISTIC, RESPONSE_KEY_CHARACTERISTIC, SENSOR_INFO_CHARACTERISTIC,
 };
@@ -231,6 +231,14 @@ pub enum TransportError {
     Timeout { step: Step, after: Duration },
     #[error("tag has no {0} characteristic")]
     Missing(&'static str),
+    /// The tag has no way to store this content. The discovery that showed
+    /// it completed, so `paths` is what the tag offers (the driver keeps it
+    /// as a successful session's).
+    #[error("tag has no {missing} characteristic")]
+    NoContentPath {
+        missing: &'static str,
+        paths: ContentPaths,
+    },
     #[error("{step}: malformed response: {error}")]
     Malformed { step: Step, error: CodecError },
     #[error("{step}: tag answered {code}")]
@@ -275,6 +283,7 @@ impl TransportError {
             TransportError::Oacp { result, .. } => result.retryable(),
             TransportError::Olcp(result) => *result == OlcpResult::OperationFailed,
             TransportError::Missing(_)
+            | TransportError::NoContentPath { .. }
             | TransportError::Content(_)
             | TransportError::Info(_)
             | TransportError::Image(_) => false,
@@ -299,6 +308,15 @@ impl TransportError {
                 *step == Step::Command(UPDATE_COMPLETE) && *code == ErrorCode::InvalidState
             }
             _ => false,
+        }
+    }
+
+    /// The content paths a failed session found for certain: only when it
+    /// failed for want of one, after a complete discovery.
+    pub fn paths_found(&self) -> Option<ContentPaths> {
+        match self {
+            TransportError::NoContentPath { paths, .. } => Some(*paths),
+            _ => None,
         }
     }
 
@@ -369,17 +387,8 @@ pub struct SessionPlan {
     pub info: Option<TagInfo>,
 }
 
-/// Which ways a tag offers to store content, from the characteristics a
-/// session discovered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ContentPaths {
-    /// The Object Transfer Service (OACP and OLCP): `ble_image` content.
-    pub ots: bool,
-    /// The vendor content characteristic: any other content.
-    pub vendor: bool,
-}
-
 impl ContentPaths {
+    /// The paths the tag offers, judged from everything a session discovered.
     fn of(characteristics: &[Uuid], settings: &SessionSettings) -> ContentPaths {
         let has = |short: u16| characteristics.contains(&uuid16(short));
         ContentPaths {
@@ -614,18 +623,17 @@ impl<'a, L: Link> Session<'a, L> {
             return Err(TransportError::Missing("ESL Control Point (0x2BFE)"));
         }
         let paths = ContentPaths::of(&characteristics, self.settings);
-        match self.path {
+        let missing = match self.path {
             Some(Path::Ots) if !paths.ots => {
-                return Err(TransportError::Missing(
-                    "Object Transfer Service (0x1825: OACP 0x2AC5, OLCP 0x2AC6)",
-                ))
+                Some("Object Transfer Service (0x1825: OACP 0x2AC5, OLCP 0x2AC6)")
             }
             Some(Path::Vendor) if !paths.vendor => {
-                return Err(TransportError::Missing(
-                    "vendor content (radio.ble.content_characteristic)",
-                ));
+                Some("vendor content (radio.ble.content_characteristic)")
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some(missing) = missing {
+            return Err(TransportError::NoContentPath { missing, paths });
         }
         self.has_battery_level = has(BATTERY_LEVEL_CHARACTERISTIC);
         within(
@@ -1873,6 +1881,13 @@ mod tests {
             "tag has no Object Transfer Service (0x1825: OACP 0x2AC5, OLCP 0x2AC6) characteristic"
         );
         assert!(!error.retryable());
+        assert_eq!(
+            error.paths_found(),
+            Some(ContentPaths {
+                ots: false,
+                vendor: true
+            })
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -2069,17 +2084,24 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_tag_without_the_needed_characteristics_is_not_retried() {
+        // A missing content path is certain after the discovery: the
+        // error carries what the tag offers, for the driver to keep.
         let cases = [
             (
                 vec![uuid16(CONTROL_POINT_CHARACTERISTIC)],
                 "tag has no vendor content (radio.ble.content_characteristic) characteristic",
+                Some(ContentPaths {
+                    ots: false,
+                    vendor: false,
+                }),
             ),
             (
                 vec![content_char(), uuid16(ESL_SERVICE)],
                 "tag has no ESL Control Point (0x2BFE) characteristic",
+                None,
             ),
         ];
-        for (discovered, message) in cases {
+        for (discovered, message, paths) in cases {
             let central = script(vec![vec![
                 Expect::Connect(Ok(())),
                 Expect::Pair(Ok(Pairing::Existing)),
@@ -2090,6 +2112,7 @@ mod tests {
             central.assert_done();
             assert_eq!(error.to_string(), message);
             assert!(!error.retryable());
+            assert_eq!(error.paths_found(), paths, "{message}");
         }
     }
 
