@@ -183,8 +183,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             radio.spawn(backend, &mut state, &counters, &mut tasks);
         }
         config::RadioKind::Zigbee => {
-            let backend =
-                ZigbeeRadio::start(config.radio.zigbee.settings()).context("radio.zigbee")?;
+            let backend = ZigbeeRadio::start(security::zigbee_settings(&config.radio.zigbee)?)
+                .context("radio.zigbee")?;
             radio.spawn(backend, &mut state, &counters, &mut tasks);
         }
         config::RadioKind::Ble => {

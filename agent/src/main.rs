@@ -340,7 +340,14 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(op(config.radio.zigbee.settings())) {
+    let settings = match esl_agent::security::zigbee_settings(&config.radio.zigbee) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("esl-agent: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match runtime.block_on(op(settings)) {
         Ok(done) => {
             println!("{done}");
             ExitCode::SUCCESS

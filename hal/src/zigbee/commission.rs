@@ -25,7 +25,7 @@ use super::devices::{Device, Devices};
 use super::firmware::{self, Firmware, StartupStatus, ZStack};
 use super::nv::{self, StickNetwork};
 use super::znp::{self, Znp, ZnpError};
-use super::{NetworkMismatch, ZigbeeConfig};
+use super::{NetworkMismatch, TcLinkKey, ZigbeeConfig};
 
 /// `ZDO_STARTUP_FROM_APP` start delay, ms.
 const STARTUP_DELAY_MS: u16 = 100;
@@ -189,13 +189,20 @@ async fn own_network<P: AsyncRead + AsyncWrite + Unpin + Send>(
             save(cfg, &network, fw)?;
             return Ok((network, NetworkOutcome::Formed));
         }
-        (Some(stick), Some(ours)) if stick.same_network(ours) => {
+        (Some(stick), Some(ours))
+            if stick.same_network(ours) && ours.tc_link_key == *cfg.tc_link_key.bytes() =>
+        {
             start_stored(znp, cfg, fw).await?;
             if stick.channel != ours.channel {
                 info!(from = ours.channel, to = stick.channel, "the network moved to another channel; saving it");
                 save(cfg, stick, fw)?;
             }
             return Ok((stick.clone(), NetworkOutcome::Resumed));
+        }
+        // The stick has the saved network, but the config names another
+        // link key: only a new network can have it.
+        (Some(stick), Some(ours)) if stick.same_network(ours) => {
+            link_key_mismatch(&format!("the agent's network (saved in {shown})"))
         }
         (None, Some(_)) => format!(
             "the ZigBee stick has no network, but the agent saved one in {shown} (was the stick reset or replaced?): \
@@ -218,6 +225,14 @@ async fn own_network<P: AsyncRead + AsyncWrite + Unpin + Send>(
     };
     match (cfg.on_network_mismatch, on_stick, saved_net) {
         (NetworkMismatch::Report, _, _) => Err(StartError::Mismatch(problem)),
+        (NetworkMismatch::Adopt, Some(stick), _)
+            if stick.tc_link_key != *cfg.tc_link_key.bytes() =>
+        {
+            Err(StartError::Mismatch(format!(
+                "{problem}; and on_network_mismatch = \"adopt\" does not apply: {}",
+                link_key_mismatch("the stick's network")
+            )))
+        }
         (NetworkMismatch::Adopt, Some(stick), _) => {
             warn!(
                 pan_id = format_args!("{:#06x}", stick.pan_id),
@@ -251,6 +266,17 @@ async fn own_network<P: AsyncRead + AsyncWrite + Unpin + Send>(
             policy.name()
         ))),
     }
+}
+
+/// Why `network` cannot be the agent's under its config's link key, with
+/// the remedy. Names no key.
+fn link_key_mismatch(network: &str) -> String {
+    format!(
+        "{network} uses another trust-centre link key than radio.zigbee.tc_link_key_file names (no file: the \
+         well-known default); the key is set when a network is formed: put the network's key in the file (or \
+         remove the setting if it is the default), or set radio.zigbee.on_network_mismatch = \"form\" to form \
+         a new network with the configured key (every tag must join again)"
+    )
 }
 
 /// Saves `network` as the agent's; a saved file of the same network is
@@ -300,6 +326,7 @@ pub struct NewNetwork {
     pub pan_id: u16,
     pub extended_pan_id: u64,
     pub network_key: [u8; 16],
+    pub tc_link_key: TcLinkKey,
 }
 
 /// From the config, the rest random: the PAN id in 0x0001..=0xFFF6
@@ -316,7 +343,22 @@ pub fn new_network(cfg: &ZigbeeConfig) -> NewNetwork {
             .extended_pan_id
             .unwrap_or_else(|| rng.gen_range(1..u64::MAX)),
         network_key,
+        tc_link_key: cfg.tc_link_key.clone(),
     }
+}
+
+/// Why `key` cannot be the link key of a network on `fw`: Z-Stack 3 builds
+/// have the global trust-centre link key compiled in, and a host cannot
+/// change it (zigpy-znp `write_network_info` warns "configured at build
+/// time in Z-Stack 3 and cannot be changed at runtime"; herdsman writes it
+/// only on 1.2).
+fn unsupported_link_key(fw: &Firmware, key: &TcLinkKey) -> Option<StartError> {
+    (fw.stack != ZStack::V1_2 && !key.is_default()).then(|| {
+        StartError::Formation(format!(
+            "{fw} has its trust-centre link key built in (the well-known default) and a host cannot change it: \
+             radio.zigbee.tc_link_key_file needs a Z-Stack Home 1.2 stick; remove the setting to use the default key"
+        ))
+    })
 }
 
 /// Clears the stick and forms `new` on it (herdsman `beginCommissioning`).
@@ -326,6 +368,10 @@ pub async fn form<P: AsyncRead + AsyncWrite + Unpin + Send>(
     fw: &Firmware,
     new: &NewNetwork,
 ) -> Result<StickNetwork, StartError> {
+    // Before anything on the stick is cleared.
+    if let Some(error) = unsupported_link_key(fw, &new.tc_link_key) {
+        return Err(error);
+    }
     nv::write(znp, nv::id::STARTUP_OPTION, &[nv::STARTUP_CLEAR_ALL]).await?;
     znp.reset(cfg.reset_timeout).await?;
     nv::write(znp, nv::id::STARTUP_OPTION, &[0]).await?;
@@ -343,6 +389,11 @@ pub async fn form<P: AsyncRead + AsyncWrite + Unpin + Send>(
     // to each joining tag, encrypted with the link key.
     nv::write(znp, nv::id::PRECFGKEYS_ENABLE, &[0]).await?;
     nv::write(znp, nv::id::PRECFGKEY, &new.network_key).await?;
+    if fw.stack == ZStack::V1_2 {
+        // The global entry of 1.2's link-key table (Z-Stack 3: built in).
+        let entry = nv::global_tc_link_key_entry(new.tc_link_key.bytes());
+        nv::write(znp, nv::id::TCLK_TABLE_START_12, &entry).await?;
+    }
 
     match fw.stack {
         ZStack::V1_2 => {
@@ -413,7 +464,13 @@ pub async fn restore<P: AsyncRead + AsyncWrite + Unpin + Send>(
         pan_id: saved.pan_id,
         extended_pan_id: saved.extended_pan_id,
         network_key: saved.network_key,
+        tc_link_key: TcLinkKey::new(saved.tc_link_key),
     };
+    if new.tc_link_key != cfg.tc_link_key {
+        return Err(StartError::Mismatch(link_key_mismatch(
+            "the network to restore",
+        )));
+    }
     form(znp, cfg, fw, &new).await?;
     let mut key_info = vec![saved.key_sequence];
     key_info.extend(saved.network_key);

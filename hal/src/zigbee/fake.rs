@@ -323,6 +323,14 @@ impl FakeCoordinator {
         stats.last_permit_join_s.store(u64::MAX, Ordering::Relaxed);
         let link = cfg.link.clone();
         let mut nv = default_nv();
+        if cfg.firmware == FakeFirmware::ZStack12 {
+            // 1.2 keeps the global trust-centre link key in NV, the
+            // well-known one from the factory.
+            nv.insert(
+                nvid::TCLK_TABLE_START_12,
+                nv::global_tc_link_key_entry(super::TcLinkKey::DEFAULT.bytes()),
+            );
+        }
         let mut ex_nv = HashMap::new();
         if let Some(network) = &cfg.network {
             store_network(&mut nv, &mut ex_nv, &cfg, network);

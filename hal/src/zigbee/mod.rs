@@ -122,6 +122,55 @@ impl NetworkMismatch {
     }
 }
 
+/// The global trust-centre link key a network is formed with: the key
+/// every tag must hold to be sent the network key at joining (`PRECFGKEYS_
+/// ENABLE = 0`). A secret: `Debug` never shows it (only whether it is the
+/// well-known default).
+#[derive(Clone, PartialEq, Eq)]
+pub struct TcLinkKey([u8; 16]);
+
+impl TcLinkKey {
+    /// "ZigBeeAlliance09", the key of the ZigBee 3.0 and HA specifications
+    /// that every tag knows, and the one Z-Stack 3 builds have compiled in
+    /// (zigpy-znp `const.DEFAULT_TC_LINK_KEY`).
+    pub const DEFAULT: TcLinkKey = TcLinkKey(*b"ZigBeeAlliance09");
+
+    pub fn new(key: [u8; 16]) -> TcLinkKey {
+        TcLinkKey(key)
+    }
+
+    /// 32 hex digits (surrounding whitespace ignored), the key's bytes in
+    /// order, as in the key file and in backups.
+    pub fn from_hex(text: &str) -> Option<TcLinkKey> {
+        backup::unhex16(text.trim()).map(TcLinkKey)
+    }
+
+    /// The key's bytes: only for the stick and the saved network.
+    pub fn bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == TcLinkKey::DEFAULT
+    }
+}
+
+impl Default for TcLinkKey {
+    fn default() -> Self {
+        TcLinkKey::DEFAULT
+    }
+}
+
+impl std::fmt::Debug for TcLinkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_default() {
+            f.write_str("TcLinkKey(default)")
+        } else {
+            f.write_str("TcLinkKey(<secret>)")
+        }
+    }
+}
+
 /// ZigBee backend settings (`[radio.zigbee]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ZigbeeConfig {
@@ -147,6 +196,11 @@ pub struct ZigbeeConfig {
     pub pan_id: Option<u16>,
     pub extended_pan_id: Option<u64>,
     pub on_network_mismatch: NetworkMismatch,
+    /// The global trust-centre link key of a new network
+    /// (`radio.zigbee.tc_link_key_file`, read by the agent; default: the
+    /// well-known key). Saved with the network and compared at every
+    /// start.
+    pub tc_link_key: TcLinkKey,
     /// How often the network file is refreshed from the stick (frame
     /// counter, channel) while it runs; zero: never.
     pub backup_interval: Duration,
@@ -187,6 +241,7 @@ impl Default for ZigbeeConfig {
             pan_id: None,
             extended_pan_id: None,
             on_network_mismatch: NetworkMismatch::Report,
+            tc_link_key: TcLinkKey::DEFAULT,
             backup_interval: Duration::from_secs(3600),
             max_in_flight: None,
             sreq_timeout: Duration::from_millis(2_000),

@@ -770,6 +770,19 @@ async fn scheduled_backups_keep_the_frame_counter_current() {
     }
 }
 
+/// A backup of the stick at `cfg.port` as soon as a dropped radio's
+/// driver has let go of the port.
+async fn backup_once_released(cfg: &ZigbeeConfig) -> NetworkBackup {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match super::commission::backup_stick(cfg).await {
+            Ok(backup) => return backup.expect("a network"),
+            Err(error) => assert!(Instant::now() < deadline, "{error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The next `RadioEvent::Tag` for `tag_id`.
 async fn wait_tag(radio: &mut ZigbeeRadio, tag_id: &str) -> crate::TagDetails {
     match wait_for(
@@ -929,13 +942,7 @@ async fn devices_backed_up_from_one_stick_are_reached_through_the_new_one() {
     drop(radio);
     // The driver lets go of the port once it sees its handle dropped.
     let deadline = Instant::now() + PATIENCE;
-    let backup = loop {
-        match backup_stick(&cfg).await {
-            Ok(backup) => break backup.expect("a network"),
-            Err(error) => assert!(Instant::now() < deadline, "{error}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let backup = backup_once_released(&cfg).await;
     let devices = serde_json::to_value(&backup.devices).expect("json");
     let devices = devices.as_array().expect("devices");
     assert_eq!(devices.len(), 4, "{devices:?}");
@@ -997,7 +1004,7 @@ async fn devices_backed_up_from_one_stick_are_reached_through_the_new_one() {
 /// reaches the tags.
 #[tokio::test]
 async fn a_zstack_30_stick_is_backed_up_and_restored_with_its_counter_and_devices() {
-    use super::commission::{backup_stick, restore_stick};
+    use super::commission::restore_stick;
     let mut rig = rig(|c| c.firmware = FakeFirmware::ZStack30);
     wait_up(&mut rig.radio).await;
     let outcome = deliver_at_checkin(
@@ -1013,13 +1020,7 @@ async fn a_zstack_30_stick_is_backed_up_and_restored_with_its_counter_and_device
     let Rig { radio, fake, _dir } = rig;
     drop(radio);
     let deadline = Instant::now() + PATIENCE;
-    let backup = loop {
-        match backup_stick(&cfg).await {
-            Ok(backup) => break backup.expect("a network"),
-            Err(error) => assert!(Instant::now() < deadline, "{error}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let backup = backup_once_released(&cfg).await;
     assert_eq!(backup.network_key.frame_counter, sent, "read from 0x0075…");
     assert_eq!(backup.devices.len(), 8, "read from 0x0023");
     let keys = backup
@@ -1074,4 +1075,89 @@ async fn every_configured_tag_is_the_fake_sticks_child() {
     )
     .await;
     assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+}
+
+/// The link key tags are provisioned with, in tests.
+const OUR_LINK_KEY: [u8; 16] = [0x5C; 16];
+
+#[tokio::test]
+async fn a_configured_tc_link_key_is_formed_saved_compared_and_restored() {
+    use super::commission::restore_stick;
+    use super::TcLinkKey;
+    let keyed = |c: &mut ZigbeeConfig| c.tc_link_key = TcLinkKey::new(OUR_LINK_KEY);
+    // Z-Stack 1.2 keeps the global link key in NV: formed with ours.
+    let mut rig = rig_with(|c| c.firmware = FakeFirmware::ZStack12, keyed);
+    wait_up(&mut rig.radio).await;
+    let entry = |key: &[u8; 16]| Some(super::nv::global_tc_link_key_entry(key));
+    assert_eq!(
+        rig.fake.nv_item(nvid::TCLK_TABLE_START_12).await,
+        entry(&OUR_LINK_KEY)
+    );
+    let mut cfg = radio_config(rig.fake.port());
+    keyed(&mut cfg);
+    let saved = || {
+        NetworkBackup::load(&cfg.network_file)
+            .expect("readable")
+            .expect("saved")
+            .to_network()
+            .expect("valid")
+            .tc_link_key
+    };
+    assert_eq!(saved(), OUR_LINK_KEY, "saved with the network");
+    drop(rig.radio);
+
+    // The key file is gone (the well-known default now): the network is
+    // not the configured one any more.
+    let mut radio = ZigbeeRadio::start(radio_config(&cfg.port)).expect("radio");
+    let reason = wait_down_matching(&mut radio, "trust-centre link key").await;
+    assert!(reason.contains("tc_link_key_file"), "{reason}");
+    assert!(reason.contains("\"form\""), "{reason}");
+    assert!(!reason.contains("5c5c"), "no key in the reason: {reason}");
+    drop(radio);
+    // With it, resumed.
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    wait_up(&mut radio).await;
+    assert_eq!(FakeStats::get(&rig.fake.stats().formations), 1);
+    drop(radio);
+
+    // Backed up with it, restored to a blank 1.2 stick with it.
+    let backup = backup_once_released(&cfg).await;
+    assert_eq!(
+        backup.to_network().expect("valid").tc_link_key,
+        OUR_LINK_KEY
+    );
+    drop(rig.fake);
+    let deadline = Instant::now() + PATIENCE;
+    while cfg.port.symlink_metadata().is_ok() {
+        assert!(Instant::now() < deadline, "the old fake never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut blank = FakeConfig::new(&cfg.port);
+    blank.firmware = FakeFirmware::ZStack12;
+    let blank = FakeCoordinator::start(blank).expect("fake");
+    // Not under another configured key.
+    let error = restore_stick(&radio_config(&cfg.port), &backup)
+        .await
+        .expect_err("the config names the default key");
+    assert!(error.contains("trust-centre link key"), "{error}");
+    restore_stick(&cfg, &backup).await.expect("restored");
+    assert_eq!(
+        blank.nv_item(nvid::TCLK_TABLE_START_12).await,
+        entry(&OUR_LINK_KEY)
+    );
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    wait_up(&mut radio).await;
+}
+
+#[tokio::test]
+async fn a_zstack_3_stick_is_not_formed_with_a_key_it_cannot_hold() {
+    let mut rig = rig_with(
+        |_| {},
+        |c| c.tc_link_key = super::TcLinkKey::new(OUR_LINK_KEY),
+    );
+    let reason = wait_down_matching(&mut rig.radio, "built in").await;
+    assert!(reason.contains("tc_link_key_file"), "{reason}");
+    assert_eq!(FakeStats::get(&rig.fake.stats().formations), 0);
+    assert_eq!(rig.fake.network().await, None, "left blank");
+    assert_eq!(FakeStats::get(&rig.fake.stats().nv_writes), 0, "untouched");
 }
