@@ -40,6 +40,11 @@ pub const FRAME_COUNTER_MARGIN: u32 = 10_000;
 const ADDR_MODE_BROADCAST: u8 = 0x0F;
 /// Broadcast address of the coordinator and all routers.
 const BROADCAST_ROUTERS: u16 = 0xFFFC;
+/// Broadcast address of every device, sleepy ones included (their parents
+/// hold the frame for their next poll, for the broadcast delivery time).
+const BROADCAST_ALL: u16 = 0xFFFF;
+/// `ZDO_MGMT_NWK_UPDATE_REQ` scan duration meaning "change channel".
+const NWK_UPDATE_CHANGE_CHANNEL: u8 = 0xFE;
 /// How often the NIB is read while it settles after a formation.
 const SETTLE_POLL: std::time::Duration = std::time::Duration::from_millis(1000);
 
@@ -655,6 +660,50 @@ pub async fn permit_join<P: AsyncRead + AsyncWrite + Unpin + Send>(
             name: znp::ZDO_MGMT_PERMIT_JOIN_REQ.name,
             detail: format!("refused (status {other:02X?})"),
         }),
+    }
+}
+
+/// Moves the running network to `channel` as zigbee-herdsman
+/// (`controller.ts` `changeChannel`) and zigpy (`move_network_to_channel`)
+/// do: one `ZDO_MGMT_NWK_UPDATE_REQ` broadcast to every device (0xFFFF,
+/// address mode 0x0F) with the new channel's mask and scan duration 0xFE
+/// (scan count and manager address 0: Z-Stack increments the network's
+/// update id itself), which the coordinator acts on too after the
+/// broadcast delivery time; then the NIB is read until it shows the new
+/// channel (within `startup_timeout`, as zigpy waits for it). Devices that
+/// did not hear the broadcast (a sleepy tag whose parent dropped the
+/// frame before its next poll) stay on the old channel until they rejoin.
+/// Returns the network as the stick has it then.
+pub async fn change_channel<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    cfg: &ZigbeeConfig,
+    fw: &Firmware,
+    channel: u8,
+) -> Result<StickNetwork, ZnpError> {
+    let name = znp::ZDO_MGMT_NWK_UPDATE_REQ.name;
+    let failed = |detail: String| ZnpError::Malformed { name, detail };
+    let mut request = BROADCAST_ALL.to_le_bytes().to_vec();
+    request.push(ADDR_MODE_BROADCAST);
+    request.extend(nv::channel_mask(&[channel]).to_le_bytes());
+    request.extend([NWK_UPDATE_CHANGE_CHANNEL, 0, 0, 0]);
+    let reply = znp.request(znp::ZDO_MGMT_NWK_UPDATE_REQ, request).await?;
+    if reply.first() != Some(&0) {
+        return Err(failed(format!("refused (status {:02X?})", reply.first())));
+    }
+    let deadline = Instant::now() + cfg.startup_timeout;
+    loop {
+        match nv::read_network(znp, fw.stack).await? {
+            Some(network) if network.channel == channel => return Ok(network),
+            Some(_) => {}
+            None => return Err(failed("the stick has no network any more".into())),
+        }
+        if Instant::now() + SETTLE_POLL > deadline {
+            return Err(failed(format!(
+                "the coordinator did not move to channel {channel} within {:?}",
+                cfg.startup_timeout
+            )));
+        }
+        sleep(SETTLE_POLL).await;
     }
 }
 

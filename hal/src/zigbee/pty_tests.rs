@@ -1161,3 +1161,75 @@ async fn a_zstack_3_stick_is_not_formed_with_a_key_it_cannot_hold() {
     assert_eq!(rig.fake.network().await, None, "left blank");
     assert_eq!(FakeStats::get(&rig.fake.stats().nv_writes), 0, "untouched");
 }
+
+#[tokio::test]
+async fn the_network_moves_to_another_channel_and_a_tag_that_missed_it_rejoins() {
+    let mut rig = rig(|c| c.asleep_at_channel_change = vec!["SIM000003".into()]);
+    wait_up(&mut rig.radio).await;
+    let cfg = radio_config(rig.fake.port());
+    assert_eq!(rig.fake.network().await.expect("formed").channel, 11);
+    wait_checkin(&mut rig.radio, "SIM000003").await;
+    let error = rig
+        .radio
+        .change_channel(27)
+        .await
+        .expect_err("no channel 27");
+    assert!(
+        matches!(error, super::ZigbeeError::InvalidRequest(_)),
+        "{error:?}"
+    );
+
+    rig.radio.change_channel(20).await.expect("moved");
+    let stats = rig.fake.stats();
+    assert_eq!(FakeStats::get(&stats.channel_changes), 1);
+    assert_eq!(rig.fake.network().await.expect("formed").channel, 20);
+    let nib = rig.fake.nv_item(nvid::NIB).await.expect("a NIB");
+    assert_eq!(super::nv::Nib::parse(&nib).expect("NIB").update_id, 1);
+    let saved = NetworkBackup::load(&cfg.network_file)
+        .expect("readable")
+        .expect("saved");
+    assert_eq!(
+        (
+            saved.channel,
+            saved.channel_mask.clone(),
+            saved.nwk_update_id
+        ),
+        (20, vec![20], 1),
+        "the saved network follows at once"
+    );
+    // The tags that heard the broadcast (through their parent, at their
+    // next poll) are reached on the new channel.
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000001", "t-ch1", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+    // The one that slept through it is heard no more until it rejoins.
+    let deadline = Instant::now() + PATIENCE;
+    while FakeStats::get(&stats.checkins_lost) == 0 {
+        assert!(Instant::now() < deadline, "SIM000003 never checked in");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rig.fake.rejoin("SIM000003").await.expect("a tag");
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000003", "t-ch3", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+
+    // The next start resumes the moved network: no mismatch.
+    drop(rig.radio);
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    wait_up(&mut radio).await;
+    assert_eq!(FakeStats::get(&stats.formations), 1, "not formed again");
+    // Without an adapter the request is refused at once.
+    rig.fake.unplug().await;
+    wait_down(&mut radio).await;
+    let error = radio.change_channel(15).await.expect_err("no adapter");
+    assert!(
+        matches!(error, super::ZigbeeError::Unavailable(_)),
+        "{error:?}"
+    );
+}
