@@ -37,7 +37,7 @@
 //!   Faulted).
 //! - `radio::RadioTask` — owns the radio backend (`esl_hal::Radio`); takes
 //!   deliveries and, on `control_tx`, requests such as
-//!   `network.permit_join`.
+//!   `network.permit_join` and `network.change_channel`.
 //! - `status::StatusTask` — hello and periodic status reports.
 //! - `control::ControlServer` — the local Unix socket behind
 //!   `esl-agent status|tags|tasks` ([`cli`] is its client); forwards
