@@ -2,7 +2,9 @@
 //! (bootloader probe), know its firmware, reset it, make sure the network
 //! on it is the agent's — forming one on a blank stick, restoring or
 //! adopting only when the config says so — write the NV settings sleepy
-//! tags need, start the coordinator and register the ESL endpoint.
+//! tags need, start the coordinator and register the ESL endpoint. Also the
+//! network requests of a running coordinator: permit-join and the channel
+//! change.
 //!
 //! Owns: the start-up sequence and the network decision. Must not: serve
 //! deliveries (the driver does), or log key material. The saved network is
@@ -12,7 +14,10 @@
 //! manager.ts` (`determineStrategy`, `beginCommissioning`,
 //! `updateCommissioningNvItems`, `clearAdapter`, `beginStartup`) and
 //! zigpy-znp `api.py` (`start_network`, `reset_network_info`) and
-//! `zigbee/application.py` (`_write_stack_settings`).
+//! `zigbee/application.py` (`_write_stack_settings`); the trust-centre
+//! link key against zigpy-znp `write_network_info` and herdsman
+//! `updateCommissioningNvItems`; the channel change against herdsman
+//! `controller.ts` `changeChannel` and zigpy `move_network_to_channel`.
 
 use rand::{Rng, RngCore};
 use tokio::io::{AsyncRead, AsyncWrite};

@@ -519,11 +519,7 @@ async fn replaced_stick_is_down_until_the_saved_network_is_restored_to_it() {
     drop(first.fake);
     // The old fake's task removes its link as it ends; wait for that, or
     // it could remove the new one's.
-    let deadline = Instant::now() + PATIENCE;
-    while cfg.port.symlink_metadata().is_ok() {
-        assert!(Instant::now() < deadline, "the old fake never ended");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    old_fake_gone(&cfg.port).await;
 
     // …which is replaced by a blank one (a 1.2 CC2531, to cover its
     // start-up answers too).
@@ -620,11 +616,7 @@ async fn backup_of_one_stick_restored_to_a_blank_one_is_resumed_by_the_agent() {
     // As if it came from another stick that sent 5000 frames.
     backup.coordinator_ieee = "00124b00aabbccdd".to_owned();
     backup.network_key.frame_counter = 5_000;
-    let deadline = Instant::now() + PATIENCE;
-    while port.symlink_metadata().is_ok() {
-        assert!(Instant::now() < deadline, "the old fake never ended");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    old_fake_gone(&port).await;
 
     // A blank stick gets it; the agent then resumes it as its own.
     let blank = FakeCoordinator::start(FakeConfig::new(&port)).expect("fake");
@@ -767,6 +759,16 @@ async fn scheduled_backups_keep_the_frame_counter_current() {
     while file_counter() < sent {
         assert!(Instant::now() < deadline, "no backup with counter {sent}");
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until a dropped fake's task has removed its link at `port`, or
+/// it could remove the next fake's.
+async fn old_fake_gone(port: &Path) {
+    let deadline = Instant::now() + PATIENCE;
+    while port.symlink_metadata().is_ok() {
+        assert!(Instant::now() < deadline, "the old fake never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -941,7 +943,6 @@ async fn devices_backed_up_from_one_stick_are_reached_through_the_new_one() {
     let Rig { radio, fake, _dir } = rig;
     drop(radio);
     // The driver lets go of the port once it sees its handle dropped.
-    let deadline = Instant::now() + PATIENCE;
     let backup = backup_once_released(&cfg).await;
     let devices = serde_json::to_value(&backup.devices).expect("json");
     let devices = devices.as_array().expect("devices");
@@ -961,10 +962,7 @@ async fn devices_backed_up_from_one_stick_are_reached_through_the_new_one() {
     assert_eq!(sim1["link_key"]["rx_counter"], 201);
     let old_key = sim1["link_key"]["key"].clone();
     drop(fake);
-    while port.symlink_metadata().is_ok() {
-        assert!(Instant::now() < deadline, "the old fake never ended");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    old_fake_gone(&port).await;
 
     let mut new_stick = FakeConfig::new(&port);
     new_stick.tags = 4;
@@ -1019,7 +1017,6 @@ async fn a_zstack_30_stick_is_backed_up_and_restored_with_its_counter_and_device
     let ours = saved_network(&cfg);
     let Rig { radio, fake, _dir } = rig;
     drop(radio);
-    let deadline = Instant::now() + PATIENCE;
     let backup = backup_once_released(&cfg).await;
     assert_eq!(backup.network_key.frame_counter, sent, "read from 0x0075…");
     assert_eq!(backup.devices.len(), 8, "read from 0x0023");
@@ -1030,10 +1027,7 @@ async fn a_zstack_30_stick_is_backed_up_and_restored_with_its_counter_and_device
         .count();
     assert_eq!(keys, 8, "link keys from 0x0111…");
     drop(fake);
-    while cfg.port.symlink_metadata().is_ok() {
-        assert!(Instant::now() < deadline, "the old fake never ended");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    old_fake_gone(&cfg.port).await;
     let mut blank = FakeConfig::new(&cfg.port);
     blank.firmware = FakeFirmware::ZStack30;
     blank.tags_joined = false;
@@ -1127,11 +1121,7 @@ async fn a_configured_tc_link_key_is_formed_saved_compared_and_restored() {
         OUR_LINK_KEY
     );
     drop(rig.fake);
-    let deadline = Instant::now() + PATIENCE;
-    while cfg.port.symlink_metadata().is_ok() {
-        assert!(Instant::now() < deadline, "the old fake never ended");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    old_fake_gone(&cfg.port).await;
     let mut blank = FakeConfig::new(&cfg.port);
     blank.firmware = FakeFirmware::ZStack12;
     let blank = FakeCoordinator::start(blank).expect("fake");
