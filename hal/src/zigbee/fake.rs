@@ -282,6 +282,7 @@ enum Control {
     CheckinInterval(u64),
     Network(oneshot::Sender<Option<FakeNetwork>>),
     NvItem(u16, oneshot::Sender<Option<Vec<u8>>>),
+    SetNvItem(u16, Vec<u8>, oneshot::Sender<()>),
     FrameCounter(oneshot::Sender<Option<u32>>),
     Join {
         checks_in: bool,
@@ -452,6 +453,14 @@ impl FakeCoordinator {
         let (tx, rx) = oneshot::channel();
         self.control(Control::NvItem(item, tx)).await;
         rx.await.expect("the fake answers")
+    }
+
+    /// Overwrites one NV item, as another tool writing the stick's NV
+    /// memory would.
+    pub async fn set_nv_item(&self, item: u16, value: Vec<u8>) {
+        let (tx, rx) = oneshot::channel();
+        self.control(Control::SetNvItem(item, value, tx)).await;
+        rx.await.expect("the fake answers");
     }
 
     /// A new tag joins the network (only while joining is open, as on a
@@ -689,6 +698,10 @@ impl FakeTask {
             }
             Control::NvItem(item, reply) => {
                 let _ = reply.send(self.nv.get(&item).cloned());
+            }
+            Control::SetNvItem(item, value, done) => {
+                self.nv.insert(item, value);
+                let _ = done.send(());
             }
             Control::Silent(silent) => self.silent = silent,
             Control::Join { checks_in, reply } => {

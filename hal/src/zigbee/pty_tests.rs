@@ -1114,6 +1114,27 @@ async fn a_configured_tc_link_key_is_formed_saved_compared_and_restored() {
     assert_eq!(FakeStats::get(&rig.fake.stats().formations), 1);
     drop(radio);
 
+    // Another tool put the well-known key back on the stick: not the
+    // saved network any more…
+    let default_entry = entry(TcLinkKey::DEFAULT.bytes()).expect("an entry");
+    rig.fake
+        .set_nv_item(nvid::TCLK_TABLE_START_12, default_entry)
+        .await;
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    let reason = wait_down_matching(&mut radio, "trust-centre link key differs").await;
+    assert!(reason.contains("\"restore\""), "{reason}");
+    drop(radio);
+    // …until the saved network is restored to it.
+    let mut restoring = cfg.clone();
+    restoring.on_network_mismatch = NetworkMismatch::Restore;
+    let mut radio = ZigbeeRadio::start(restoring).expect("radio");
+    wait_up(&mut radio).await;
+    assert_eq!(
+        rig.fake.nv_item(nvid::TCLK_TABLE_START_12).await,
+        entry(&OUR_LINK_KEY)
+    );
+    drop(radio);
+
     // Backed up with it, restored to a blank 1.2 stick with it.
     let backup = backup_once_released(&cfg).await;
     assert_eq!(
