@@ -37,7 +37,7 @@
 //!   Faulted).
 //! - `radio::RadioTask` — owns the radio backend (`esl_hal::Radio`); takes
 //!   deliveries and, on `control_tx`, requests such as
-//!   `network.permit_join`.
+//!   `network.permit_join` and `network.change_channel`.
 //! - `status::StatusTask` — hello and periodic status reports.
 //! - `control::ControlServer` — the local Unix socket behind
 //!   `esl-agent status|tags|tasks` ([`cli`] is its client); forwards
@@ -183,8 +183,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             radio.spawn(backend, &mut state, &counters, &mut tasks);
         }
         config::RadioKind::Zigbee => {
-            let backend =
-                ZigbeeRadio::start(config.radio.zigbee.settings()).context("radio.zigbee")?;
+            let backend = ZigbeeRadio::start(security::zigbee_settings(&config.radio.zigbee)?)
+                .context("radio.zigbee")?;
             radio.spawn(backend, &mut state, &counters, &mut tasks);
         }
         config::RadioKind::Ble => {

@@ -93,6 +93,15 @@ enum ZigbeeCommand {
         /// How long joining stays open.
         seconds: u64,
     },
+    /// Move the running agent's network to CHANNEL (11-26): the coordinator
+    /// and every device that hears the broadcast switch; sleepy tags that
+    /// miss it must rejoin (docs/ZIGBEE.md, "Changing channel").
+    ChangeChannel {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// The new channel.
+        channel: u64,
+    },
     /// Read the network on the stick into FILE (Open Coordinator Backup JSON,
     /// mode 0600: it holds the network key). Stop the agent first.
     Backup {
@@ -195,6 +204,19 @@ fn main() -> ExitCode {
                          (the agent's log says when it is open)"
                     )
                 };
+                Ok((answer, text))
+            })
+        }
+        Command::Zigbee(ZigbeeCommand::ChangeChannel { target, channel }) => {
+            operate(&target, |client| {
+                let answer = client.call(
+                    "network.change_channel",
+                    serde_json::json!({"channel": channel}),
+                )?;
+                let text = format!(
+                    "asked the radio to move the network to channel {channel} \
+                     (the agent's log says when the coordinator is there)"
+                );
                 Ok((answer, text))
             })
         }
@@ -340,7 +362,14 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(op(config.radio.zigbee.settings())) {
+    let settings = match esl_agent::security::zigbee_settings(&config.radio.zigbee) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("esl-agent: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match runtime.block_on(op(settings)) {
         Ok(done) => {
             println!("{done}");
             ExitCode::SUCCESS

@@ -106,4 +106,7 @@ pub(crate) enum RadioControl {
     /// Open the network for joining for `seconds` (0 closes it). The
     /// outcome is logged: commands answer when the request is handed over.
     PermitJoin { seconds: u8 },
+    /// Move the radio's network to `channel` (ZigBee 11..=26). The outcome
+    /// is logged, as for `PermitJoin`.
+    ChangeChannel { channel: u8 },
 }

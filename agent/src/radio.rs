@@ -1,7 +1,7 @@
 //! The radio task: bridges one [`Radio`] backend to the engine's channels.
 //!
 //! Reads: the backend's events, `delivery_rx` (content the engine wants
-//! shown), `control_rx` (permit-join requests from commands). Writes: `event_tx` (check-ins, outcomes, radio state). It owns the
+//! shown), `control_rx` (permit-join and channel-change requests from commands). Writes: `event_tx` (check-ins, outcomes, radio state). It owns the
 //! backend; nothing else calls it. A backend error never ends the agent: it
 //! is reported as `RadioState::Down` and the task keeps trying.
 
@@ -72,6 +72,12 @@ impl<R: Radio> RadioTask<R> {
                         match self.radio.permit_join(seconds).await {
                             Ok(()) => info!(seconds, "network open for joining"),
                             Err(e) => warn!(seconds, error = %crate::report::chain(&e), "permit-join failed"),
+                        }
+                    }
+                    RadioControl::ChangeChannel { channel } => {
+                        match self.radio.change_channel(channel).await {
+                            Ok(()) => info!(channel, "network moved to the new channel"),
+                            Err(e) => warn!(channel, error = %crate::report::chain(&e), "channel change failed"),
                         }
                     }
                 },

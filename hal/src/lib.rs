@@ -202,6 +202,19 @@ pub trait Radio: Send + 'static {
         )))
     }
 
+    /// Moves the radio's network to `channel` (ZigBee: 11..=26). Radios
+    /// without a network of their own answer `InvalidRequest`.
+    fn change_channel(
+        &mut self,
+        channel: u8,
+    ) -> impl Future<Output = Result<(), RadioError>> + Send {
+        let _ = channel;
+        std::future::ready(Err(RadioError::new(
+            RadioErrorKind::InvalidRequest,
+            "this radio has no network channel to change (only ZigBee has)",
+        )))
+    }
+
     /// Queues content for a tag that has just checked in. Returns once the
     /// request is accepted; the result comes later as one
     /// [`RadioEvent::Outcome`] with the same `task_id`.

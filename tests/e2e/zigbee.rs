@@ -16,7 +16,9 @@
 //! - `network.permit_join` over MQTT and `esl-agent zigbee permit-join`
 //!   on the control socket open (and close) the coordinator's network;
 //! - a tag that joins is listed by `tags.list` (with its IEEE and network
-//!   address) before its first check-in.
+//!   address) before its first check-in;
+//! - `esl-agent zigbee change-channel` moves the network, the saved network
+//!   follows, and the next run resumes it (unsigned over MQTT: refused).
 
 use std::time::Duration;
 
@@ -25,7 +27,8 @@ use serde_json::{json, Value};
 use esl_hal::zigbee::fake::FakeStats;
 
 use crate::harness::{
-    assert_journal_matches, eventually, run_cli, task, task_ids, AckStatus, Stack, TestRadio,
+    assert_journal_matches, eventually, run_cli, sim_tag, task, task_ids, AckStatus, Stack,
+    TestRadio,
 };
 
 /// Status reports every second, so state changes show quickly.
@@ -415,4 +418,75 @@ async fn a_tag_that_joins_is_listed_before_its_first_check_in() {
         .expect_status("periodic", Duration::from_secs(5))
         .await;
     assert!(counter(&status, "zigbee_device_announces") >= 1, "{status}");
+}
+
+/// Issue 15: `esl-agent zigbee change-channel 20` on the AP moves the
+/// running network (the fake coordinator and its tags follow the
+/// broadcast), the saved network follows, tasks still apply, and the next
+/// agent run resumes the moved network instead of reporting a mismatch.
+/// Over MQTT the method changes state: refused unsigned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_moves_the_network_to_another_channel_and_a_restart_resumes_it() {
+    let mut stack = zigbee_stack("zb-change-channel").await;
+    stack
+        .backend
+        .expect_status_where("radio up", Duration::from_secs(10), |s| {
+            s["radio"]["state"] == "up"
+        })
+        .await;
+    let network_file = stack.env.path().join("zigbee-network.json");
+    let saved_channel = || -> Option<u64> {
+        let text = std::fs::read(&network_file).ok()?;
+        serde_json::from_slice::<Value>(&text).ok()?["channel"].as_u64()
+    };
+    assert_eq!(stack.fake().network().await.expect("formed").channel, 11);
+    assert_eq!(saved_channel(), Some(11));
+
+    stack
+        .backend
+        .publish_command(
+            &json!({"v": 1, "req_id": "cc-1", "method": "network.change_channel",
+            "params": {"channel": 20}, "reply_to": "GID_backend@@@be1"}),
+        )
+        .await;
+    let reply = stack
+        .backend
+        .expect_reply("cc-1", Duration::from_secs(10))
+        .await;
+    assert_eq!(reply["error"]["code"], "forbidden", "{reply}");
+
+    let config = stack.env.path().join("agent.toml");
+    let out = run_cli(&config, &["zigbee", "change-channel", "27"]).await;
+    assert!(!out.status.success(), "channel 27 does not exist");
+    succeeded(&run_cli(&config, &["zigbee", "change-channel", "20"]).await);
+    eventually(
+        "the saved network to follow the channel",
+        Duration::from_secs(20),
+        || (saved_channel() == Some(20)).then_some(()),
+    )
+    .await;
+    assert_eq!(stack.fake().network().await.expect("formed").channel, 20);
+    assert_eq!(
+        FakeStats::get(&stack.fake().stats().channel_changes),
+        1,
+        "moved once"
+    );
+    publish_and_expect_applied(&mut stack, &[task("t-cc-1", &sim_tag(1), 1)]).await;
+
+    stack.agent.terminate().await;
+    stack.start_next_agent(|_| {});
+    // The fake's journal holds the first run's task too: acks only.
+    let after = [task("t-cc-2", &sim_tag(2), 1)];
+    stack.backend.publish_tasks(&after).await;
+    stack
+        .backend
+        .collect_final_acks(&task_ids(&after), Duration::from_secs(20))
+        .await
+        .assert_all(&task_ids(&after), AckStatus::Applied);
+    assert_eq!(
+        FakeStats::get(&stack.fake().stats().formations),
+        1,
+        "resumed, not formed again"
+    );
+    assert_eq!(saved_channel(), Some(20));
 }

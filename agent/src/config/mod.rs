@@ -559,9 +559,15 @@ mod tests {
             "",
             "[radio]\nkind = \"zigbee\"\n[radio.zigbee]\nchannels = [15, 20]\npan_id = 6754\n\
              extended_pan_id = \"00124b0012345678\"\non_network_mismatch = \"restore\"\n\
-             bootloader_pins = []\nbootloader_skip_byte = false\nmax_in_flight = 8",
+             bootloader_pins = []\nbootloader_skip_byte = false\nmax_in_flight = 8\n\
+             tc_link_key_file = \"/etc/esl-agent/zigbee-tclk\"",
         ))
         .unwrap();
+        assert_eq!(
+            c.radio.zigbee.tc_link_key_file.as_deref(),
+            Some(std::path::Path::new("/etc/esl-agent/zigbee-tclk")),
+            "a path; the key itself is read by security::zigbee_settings"
+        );
         let z = c.radio.zigbee.settings();
         assert_eq!(z.channels, [15, 20]);
         assert_eq!(z.pan_id, Some(0x1A62));

@@ -292,6 +292,7 @@ fn dispatch(
         Method::TaskCancel => task_cancel(state, params, now, change),
         Method::TagRefresh => tag_refresh(state, params, now),
         Method::NetworkPermitJoin => permit_join(state, params),
+        Method::NetworkChangeChannel => change_channel(state, params),
     }
 }
 
@@ -315,17 +316,41 @@ fn permit_join(state: &State, params: &Value) -> MethodResult {
             .into())
         }
     };
+    hand_to_radio(state, crate::msg::RadioControl::PermitJoin { seconds })?;
+    Ok(json!({"requested": true, "seconds": seconds}))
+}
+
+/// `network.change_channel {"channel": N}` (11..=26): asks the radio task
+/// to move the network to another channel. Answers when the request is
+/// handed to the radio, like `network.permit_join`; the move takes the
+/// coordinator seconds, and the radio logs its outcome.
+fn change_channel(state: &State, params: &Value) -> MethodResult {
+    let channel = match params.get("channel").and_then(Value::as_u64) {
+        Some(c @ 11..=26) => c as u8,
+        _ => {
+            return Err(error(
+                ErrorCode::BadParams,
+                "params.channel must be a ZigBee channel, a whole number from 11 to 26",
+            )
+            .into())
+        }
+    };
+    hand_to_radio(state, crate::msg::RadioControl::ChangeChannel { channel })?;
+    Ok(json!({"requested": true, "channel": channel}))
+}
+
+/// Hands a request to the radio task without waiting for the radio.
+fn hand_to_radio(state: &State, control: crate::msg::RadioControl) -> Result<(), MethodError> {
     let Some(tx) = state.radio_control() else {
         return Err(error(ErrorCode::InvalidState, "no radio is running").into());
     };
-    match tx.try_send(crate::msg::RadioControl::PermitJoin { seconds }) {
-        Ok(()) => Ok(json!({"requested": true, "seconds": seconds})),
-        Err(_) => Err(error(
+    tx.try_send(control).map_err(|_| {
+        error(
             ErrorCode::InvalidState,
             "the radio is busy with earlier requests; try again in a moment",
         )
-        .into()),
-    }
+        .into()
+    })
 }
 
 fn agent_status(state: &State) -> Value {
@@ -762,6 +787,49 @@ mod tests {
         assert_eq!(replies[0].1["result"]["seconds"], 120, "{replies:?}");
         match rx.try_recv() {
             Ok(crate::msg::RadioControl::PermitJoin { seconds, .. }) => assert_eq!(seconds, 120),
+            other => panic!("the radio got {other:?}"),
+        }
+    }
+
+    /// Issue 15: `network.change_channel` reaches the radio task's control
+    /// channel only from a signed command (or one the config allows
+    /// unsigned), with its channel checked to be a ZigBee one.
+    #[tokio::test]
+    async fn change_channel_is_a_signed_request_handed_to_the_radio() {
+        let change = |channel: Value| {
+            json!({"v": 1, "req_id": "r-1", "method": "network.change_channel",
+                "params": {"channel": channel}, "reply_to": "GID_backend@@@c1"})
+        };
+        let mut f = fixture("");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        f.state.set_radio_control(tx);
+        let replies = f.command(change(json!(20))).await;
+        assert_eq!(replies[0].1["error"]["code"], "forbidden", "{replies:?}");
+        assert!(rx.try_recv().is_err(), "nothing reaches the radio unsigned");
+        // Signed: handed over.
+        let sign = signed_by(&mut f, false);
+        let replies = f.command(sign(change(json!(20)))).await;
+        assert_eq!(replies[0].1["result"]["channel"], 20, "{replies:?}");
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(crate::msg::RadioControl::ChangeChannel { channel: 20 })
+        ));
+
+        let mut f = fixture("[security]\nallow_unsigned_methods = [\"network.change_channel\"]\n");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        f.state.set_radio_control(tx);
+        for bad in [json!(10), json!(27), json!(-1), json!("15"), json!(null)] {
+            let replies = f.command(change(bad.clone())).await;
+            assert_eq!(
+                replies[0].1["error"]["code"], "bad_params",
+                "{bad}: {replies:?}"
+            );
+        }
+        assert!(rx.try_recv().is_err());
+        let replies = f.command(change(json!(11))).await;
+        assert_eq!(replies[0].1["result"]["channel"], 11, "{replies:?}");
+        match rx.try_recv() {
+            Ok(crate::msg::RadioControl::ChangeChannel { channel }) => assert_eq!(channel, 11),
             other => panic!("the radio got {other:?}"),
         }
     }

@@ -121,7 +121,8 @@ pub(crate) struct State {
     pub(super) limiter: ReplyLimiter,
     /// What the radio said about its hardware (firmware), for status.
     pub(super) radio_details: esl_hal::RadioDetails,
-    /// Requests to the radio task (`network.permit_join`); `None` until
+    /// Requests to the radio task (`network.permit_join`,
+    /// `network.change_channel`); `None` until
     /// [`State::set_radio_control`] (tests without a radio).
     pub(super) radio_control: Option<mpsc::Sender<crate::msg::RadioControl>>,
     /// The radio's check of content against the tag's capabilities
@@ -236,7 +237,8 @@ impl State {
         &self.radio
     }
 
-    /// The radio task's control channel, for `network.permit_join`.
+    /// The radio task's control channel, for `network.permit_join` and
+    /// `network.change_channel`.
     pub(crate) fn set_radio_control(&mut self, tx: mpsc::Sender<crate::msg::RadioControl>) {
         self.radio_control = Some(tx);
     }

@@ -12,11 +12,12 @@ pub enum Method {
     TaskCancel,
     TagRefresh,
     NetworkPermitJoin,
+    NetworkChangeChannel,
 }
 
 impl Method {
     /// Every method, in the order of the unknown-method message.
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 8] = [
         Method::AgentStatus,
         Method::TagsList,
         Method::TagGet,
@@ -24,6 +25,7 @@ impl Method {
         Method::TaskCancel,
         Method::TagRefresh,
         Method::NetworkPermitJoin,
+        Method::NetworkChangeChannel,
     ];
 
     /// The method's name on the wire (`"tags.list"`).
@@ -36,6 +38,7 @@ impl Method {
             Method::TaskCancel => "task.cancel",
             Method::TagRefresh => "tag.refresh",
             Method::NetworkPermitJoin => "network.permit_join",
+            Method::NetworkChangeChannel => "network.change_channel",
         }
     }
 
@@ -49,7 +52,10 @@ impl Method {
     /// new method that changes anything must answer `true` here.
     pub const fn mutating(self) -> bool {
         match self {
-            Method::TaskCancel | Method::TagRefresh | Method::NetworkPermitJoin => true,
+            Method::TaskCancel
+            | Method::TagRefresh
+            | Method::NetworkPermitJoin
+            | Method::NetworkChangeChannel => true,
             Method::AgentStatus | Method::TagsList | Method::TagGet | Method::TasksList => false,
         }
     }

@@ -118,6 +118,15 @@ impl NetworkBackup {
                 internal: Some(serde_json::json!({
                     "creation_time_unix": created,
                     "zstack": { "firmware": firmware },
+                    // Where zigpy keeps the trust-centre link key (the
+                    // format has no field of its own for it).
+                    "network": {
+                        "tc_link_key": {
+                            "key": hex(&network.tc_link_key),
+                            "frame_counter": 0,
+                        },
+                        "tc_address": format!("{:016x}", network.coordinator_ieee),
+                    },
                 })),
             },
             stack_specific: network.tclk_seed.map(|seed| StackSpecific {
@@ -176,6 +185,21 @@ impl NetworkBackup {
             }
             None => None,
         };
+        // zigpy's place for it (`metadata.internal.network.tc_link_key`);
+        // a backup without it (zigpy-znp's own tool, Zigbee2MQTT) means the
+        // well-known default, as both assume.
+        let tc_link_key = match self
+            .metadata
+            .internal
+            .as_ref()
+            .and_then(|i| i.pointer("/network/tc_link_key/key"))
+        {
+            Some(key) => key
+                .as_str()
+                .and_then(unhex16)
+                .ok_or("metadata.internal.network.tc_link_key.key is not 32 hex digits")?,
+            None => *super::TcLinkKey::DEFAULT.bytes(),
+        };
         if !(11..=26).contains(&self.channel) {
             return Err(format!("channel {} is not 11..=26", self.channel));
         }
@@ -190,6 +214,7 @@ impl NetworkBackup {
             key_sequence: self.network_key.sequence_number,
             coordinator_ieee,
             tclk_seed,
+            tc_link_key,
             frame_counter: self.network_key.frame_counter,
         })
     }
@@ -257,7 +282,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex16(text: &str) -> Option<[u8; 16]> {
+pub(super) fn unhex16(text: &str) -> Option<[u8; 16]> {
     if text.len() != 32 || !text.is_ascii() {
         return None;
     }
@@ -289,6 +314,7 @@ mod tests {
             key_sequence: 0,
             coordinator_ieee: 0x00124B0011223344,
             tclk_seed: Some([0x5A; 16]),
+            tc_link_key: *b"ZigBeeAlliance09",
             frame_counter: 123_456,
         }
     }
@@ -318,6 +344,31 @@ mod tests {
         assert_eq!(net, network());
         assert_eq!(backup.devices.len(), 1, "devices kept");
         assert_eq!(net.frame_counter, 123_456);
+    }
+
+    #[test]
+    fn the_tc_link_key_is_where_zigpy_keeps_it_and_absent_means_the_default() {
+        let mut net = network();
+        net.tc_link_key = [0xC3; 16];
+        let backup = NetworkBackup::from_network(&net, "Z-Stack Home 1.2");
+        let json: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&backup).expect("json")).expect("json");
+        let at = &json["metadata"]["internal"]["network"];
+        assert_eq!(at["tc_link_key"]["key"], "c3".repeat(16));
+        assert_eq!(at["tc_address"], "00124b0011223344");
+        assert_eq!(backup.to_network().expect("valid").tc_link_key, [0xC3; 16]);
+        assert!(!format!("{backup:?}").contains("c3c3"), "no key in Debug");
+        // zigpy's own layout of the same place.
+        let zigpy = ZIGPY_BACKUP.replace(
+            r#""zstack": {"version": 3.3}}"#,
+            r#""zstack": {"version": 3.3}, "network": {"tc_link_key": {"key": "c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3", "frame_counter": 0}, "tc_address": "00124b0011223344"}}"#,
+        );
+        let backup: NetworkBackup = serde_json::from_str(&zigpy).expect("parses");
+        assert_eq!(backup.to_network().expect("valid").tc_link_key, [0xC3; 16]);
+        let bad = zigpy.replace("c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3", "c3");
+        let backup: NetworkBackup = serde_json::from_str(&bad).expect("parses");
+        let error = backup.to_network().expect_err("short key");
+        assert!(error.contains("tc_link_key"), "{error}");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! (bootloader probe), know its firmware, reset it, make sure the network
 //! on it is the agent's — forming one on a blank stick, restoring or
 //! adopting only when the config says so — write the NV settings sleepy
-//! tags need, start the coordinator and register the ESL endpoint.
+//! tags need, start the coordinator and register the ESL endpoint. Also the
+//! network requests of a running coordinator: permit-join and the channel
+//! change.
 //!
 //! Owns: the start-up sequence and the network decision. Must not: serve
 //! deliveries (the driver does), or log key material. The saved network is
@@ -12,7 +14,10 @@
 //! manager.ts` (`determineStrategy`, `beginCommissioning`,
 //! `updateCommissioningNvItems`, `clearAdapter`, `beginStartup`) and
 //! zigpy-znp `api.py` (`start_network`, `reset_network_info`) and
-//! `zigbee/application.py` (`_write_stack_settings`).
+//! `zigbee/application.py` (`_write_stack_settings`); the trust-centre
+//! link key against zigpy-znp `write_network_info` and herdsman
+//! `updateCommissioningNvItems`; the channel change against herdsman
+//! `controller.ts` `changeChannel` and zigpy `move_network_to_channel`.
 
 use rand::{Rng, RngCore};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -25,7 +30,7 @@ use super::devices::{Device, Devices};
 use super::firmware::{self, Firmware, StartupStatus, ZStack};
 use super::nv::{self, StickNetwork};
 use super::znp::{self, Znp, ZnpError};
-use super::{NetworkMismatch, ZigbeeConfig};
+use super::{NetworkMismatch, TcLinkKey, ZigbeeConfig};
 
 /// `ZDO_STARTUP_FROM_APP` start delay, ms.
 const STARTUP_DELAY_MS: u16 = 100;
@@ -40,6 +45,11 @@ pub const FRAME_COUNTER_MARGIN: u32 = 10_000;
 const ADDR_MODE_BROADCAST: u8 = 0x0F;
 /// Broadcast address of the coordinator and all routers.
 const BROADCAST_ROUTERS: u16 = 0xFFFC;
+/// Broadcast address of every device, sleepy ones included (their parents
+/// hold the frame for their next poll, for the broadcast delivery time).
+const BROADCAST_ALL: u16 = 0xFFFF;
+/// `ZDO_MGMT_NWK_UPDATE_REQ` scan duration meaning "change channel".
+const NWK_UPDATE_CHANGE_CHANNEL: u8 = 0xFE;
 /// How often the NIB is read while it settles after a formation.
 const SETTLE_POLL: std::time::Duration = std::time::Duration::from_millis(1000);
 
@@ -189,13 +199,20 @@ async fn own_network<P: AsyncRead + AsyncWrite + Unpin + Send>(
             save(cfg, &network, fw)?;
             return Ok((network, NetworkOutcome::Formed));
         }
-        (Some(stick), Some(ours)) if stick.same_network(ours) => {
+        (Some(stick), Some(ours))
+            if stick.same_network(ours) && ours.tc_link_key == *cfg.tc_link_key.bytes() =>
+        {
             start_stored(znp, cfg, fw).await?;
             if stick.channel != ours.channel {
                 info!(from = ours.channel, to = stick.channel, "the network moved to another channel; saving it");
                 save(cfg, stick, fw)?;
             }
             return Ok((stick.clone(), NetworkOutcome::Resumed));
+        }
+        // The stick has the saved network, but the config names another
+        // link key: only a new network can have it.
+        (Some(stick), Some(ours)) if stick.same_network(ours) => {
+            link_key_mismatch(&format!("the agent's network (saved in {shown})"))
         }
         (None, Some(_)) => format!(
             "the ZigBee stick has no network, but the agent saved one in {shown} (was the stick reset or replaced?): \
@@ -218,6 +235,14 @@ async fn own_network<P: AsyncRead + AsyncWrite + Unpin + Send>(
     };
     match (cfg.on_network_mismatch, on_stick, saved_net) {
         (NetworkMismatch::Report, _, _) => Err(StartError::Mismatch(problem)),
+        (NetworkMismatch::Adopt, Some(stick), _)
+            if stick.tc_link_key != *cfg.tc_link_key.bytes() =>
+        {
+            Err(StartError::Mismatch(format!(
+                "{problem}; and on_network_mismatch = \"adopt\" does not apply: {}",
+                link_key_mismatch("the stick's network")
+            )))
+        }
         (NetworkMismatch::Adopt, Some(stick), _) => {
             warn!(
                 pan_id = format_args!("{:#06x}", stick.pan_id),
@@ -251,6 +276,17 @@ async fn own_network<P: AsyncRead + AsyncWrite + Unpin + Send>(
             policy.name()
         ))),
     }
+}
+
+/// Why `network` cannot be the agent's under its config's link key, with
+/// the remedy. Names no key.
+fn link_key_mismatch(network: &str) -> String {
+    format!(
+        "{network} uses another trust-centre link key than radio.zigbee.tc_link_key_file names (no file: the \
+         well-known default); the key is set when a network is formed: put the network's key in the file (or \
+         remove the setting if it is the default), or set radio.zigbee.on_network_mismatch = \"form\" to form \
+         a new network with the configured key (every tag must join again)"
+    )
 }
 
 /// Saves `network` as the agent's; a saved file of the same network is
@@ -300,6 +336,7 @@ pub struct NewNetwork {
     pub pan_id: u16,
     pub extended_pan_id: u64,
     pub network_key: [u8; 16],
+    pub tc_link_key: TcLinkKey,
 }
 
 /// From the config, the rest random: the PAN id in 0x0001..=0xFFF6
@@ -316,7 +353,22 @@ pub fn new_network(cfg: &ZigbeeConfig) -> NewNetwork {
             .extended_pan_id
             .unwrap_or_else(|| rng.gen_range(1..u64::MAX)),
         network_key,
+        tc_link_key: cfg.tc_link_key.clone(),
     }
+}
+
+/// Why `key` cannot be the link key of a network on `fw`: Z-Stack 3 builds
+/// have the global trust-centre link key compiled in, and a host cannot
+/// change it (zigpy-znp `write_network_info` warns "configured at build
+/// time in Z-Stack 3 and cannot be changed at runtime"; herdsman writes it
+/// only on 1.2).
+fn unsupported_link_key(fw: &Firmware, key: &TcLinkKey) -> Option<StartError> {
+    (fw.stack != ZStack::V1_2 && !key.is_default()).then(|| {
+        StartError::Formation(format!(
+            "{fw} has its trust-centre link key built in (the well-known default) and a host cannot change it: \
+             radio.zigbee.tc_link_key_file needs a Z-Stack Home 1.2 stick; remove the setting to use the default key"
+        ))
+    })
 }
 
 /// Clears the stick and forms `new` on it (herdsman `beginCommissioning`).
@@ -326,6 +378,10 @@ pub async fn form<P: AsyncRead + AsyncWrite + Unpin + Send>(
     fw: &Firmware,
     new: &NewNetwork,
 ) -> Result<StickNetwork, StartError> {
+    // Before anything on the stick is cleared.
+    if let Some(error) = unsupported_link_key(fw, &new.tc_link_key) {
+        return Err(error);
+    }
     nv::write(znp, nv::id::STARTUP_OPTION, &[nv::STARTUP_CLEAR_ALL]).await?;
     znp.reset(cfg.reset_timeout).await?;
     nv::write(znp, nv::id::STARTUP_OPTION, &[0]).await?;
@@ -343,6 +399,11 @@ pub async fn form<P: AsyncRead + AsyncWrite + Unpin + Send>(
     // to each joining tag, encrypted with the link key.
     nv::write(znp, nv::id::PRECFGKEYS_ENABLE, &[0]).await?;
     nv::write(znp, nv::id::PRECFGKEY, &new.network_key).await?;
+    if fw.stack == ZStack::V1_2 {
+        // The global entry of 1.2's link-key table (Z-Stack 3: built in).
+        let entry = nv::global_tc_link_key_entry(new.tc_link_key.bytes());
+        nv::write(znp, nv::id::TCLK_TABLE_START_12, &entry).await?;
+    }
 
     match fw.stack {
         ZStack::V1_2 => {
@@ -413,7 +474,13 @@ pub async fn restore<P: AsyncRead + AsyncWrite + Unpin + Send>(
         pan_id: saved.pan_id,
         extended_pan_id: saved.extended_pan_id,
         network_key: saved.network_key,
+        tc_link_key: TcLinkKey::new(saved.tc_link_key),
     };
+    if new.tc_link_key != cfg.tc_link_key {
+        return Err(StartError::Mismatch(link_key_mismatch(
+            "the network to restore",
+        )));
+    }
     form(znp, cfg, fw, &new).await?;
     let mut key_info = vec![saved.key_sequence];
     key_info.extend(saved.network_key);
@@ -598,6 +665,50 @@ pub async fn permit_join<P: AsyncRead + AsyncWrite + Unpin + Send>(
             name: znp::ZDO_MGMT_PERMIT_JOIN_REQ.name,
             detail: format!("refused (status {other:02X?})"),
         }),
+    }
+}
+
+/// Moves the running network to `channel` as zigbee-herdsman
+/// (`controller.ts` `changeChannel`) and zigpy (`move_network_to_channel`)
+/// do: one `ZDO_MGMT_NWK_UPDATE_REQ` broadcast to every device (0xFFFF,
+/// address mode 0x0F) with the new channel's mask and scan duration 0xFE
+/// (scan count and manager address 0: Z-Stack increments the network's
+/// update id itself), which the coordinator acts on too after the
+/// broadcast delivery time; then the NIB is read until it shows the new
+/// channel (within `startup_timeout`, as zigpy waits for it). Devices that
+/// did not hear the broadcast (a sleepy tag whose parent dropped the
+/// frame before its next poll) stay on the old channel until they rejoin.
+/// Returns the network as the stick has it then.
+pub async fn change_channel<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    znp: &mut Znp<P>,
+    cfg: &ZigbeeConfig,
+    fw: &Firmware,
+    channel: u8,
+) -> Result<StickNetwork, ZnpError> {
+    let name = znp::ZDO_MGMT_NWK_UPDATE_REQ.name;
+    let failed = |detail: String| ZnpError::Malformed { name, detail };
+    let mut request = BROADCAST_ALL.to_le_bytes().to_vec();
+    request.push(ADDR_MODE_BROADCAST);
+    request.extend(nv::channel_mask(&[channel]).to_le_bytes());
+    request.extend([NWK_UPDATE_CHANGE_CHANNEL, 0, 0, 0]);
+    let reply = znp.request(znp::ZDO_MGMT_NWK_UPDATE_REQ, request).await?;
+    if reply.first() != Some(&0) {
+        return Err(failed(format!("refused (status {:02X?})", reply.first())));
+    }
+    let deadline = Instant::now() + cfg.startup_timeout;
+    loop {
+        match nv::read_network(znp, fw.stack).await? {
+            Some(network) if network.channel == channel => return Ok(network),
+            Some(_) => {}
+            None => return Err(failed("the stick has no network any more".into())),
+        }
+        if Instant::now() + SETTLE_POLL > deadline {
+            return Err(failed(format!(
+                "the coordinator did not move to channel {channel} within {:?}",
+                cfg.startup_timeout
+            )));
+        }
+        sleep(SETTLE_POLL).await;
     }
 }
 

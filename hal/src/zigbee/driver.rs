@@ -1,7 +1,8 @@
 //! The ZigBee driver task: owns the serial port and everything in flight on
 //! it. One task for the adapter and all tags.
 //!
-//! Reads `delivery_rx` (offers from the agent), `command_rx` (permit-join)
+//! Reads `delivery_rx` (offers from the agent), `command_rx` (permit-join,
+//! channel change)
 //! and the adapter's AREQs;
 //! writes `event_tx` (check-ins, outcomes, radio state) through its own
 //! `outgoing` queue (`crate::outgoing`, every driver's), so that it never waits on the agent outside its
@@ -351,24 +352,13 @@ impl Driver {
                     },
                     None => return Stop::Shutdown,
                 },
-                Some(command) = self.command_rx.recv() => match command {
-                    NetworkCommand::PermitJoin { seconds, reply } => {
-                        match commission::permit_join(&mut znp, seconds).await {
-                            Ok(()) => {
-                                info!(seconds, "ZigBee network open for joining");
-                                let _ = reply.send(Ok(()));
-                            }
-                            Err(error) if error.is_link_lost() => {
-                                let lost = format!("ZigBee adapter lost: {error}");
-                                let _ = reply.send(Err(ZigbeeError::Coordinator(error)));
-                                return Stop::Lost(lost);
-                            }
-                            Err(error) => {
-                                let _ = reply.send(Err(ZigbeeError::Coordinator(error)));
-                            }
-                        }
+                Some(command) = self.command_rx.recv() => {
+                    if let Err(stop) = network_command(&mut self.state, &mut znp, started, command).await {
+                        return stop;
                     }
-                },
+                    // The adapter answered.
+                    next_ping = Instant::now() + self.cfg.ping_interval;
+                }
                 // AREQs do not put the ping off: an adapter whose request
                 // handling hangs may still pass on indications.
                 frame = znp.next_areq() => match frame {
@@ -400,7 +390,7 @@ impl Driver {
                         next_ping = Instant::now() + self.cfg.ping_interval;
                     }
                     if next_backup.is_some_and(|at| now >= at) {
-                        if let Err(stop) = scheduled_backup(&mut self.state, &mut znp, started).await {
+                        if let Err(stop) = refresh_backup(&mut self.state, &mut znp, started).await {
                             return stop;
                         }
                         next_backup = Some(Instant::now() + self.cfg.backup_interval);
@@ -432,11 +422,9 @@ impl Away<'_> {
                     Some(delivery) => self.state.refuse(delivery, "ZigBee adapter not connected"),
                     None => return None,
                 },
-                Some(command) = self.command_rx.recv() => match command {
-                    NetworkCommand::PermitJoin { reply, .. } => {
-                        let _ = reply.send(Err(ZigbeeError::Unavailable("ZigBee adapter not connected")));
-                    }
-                },
+                Some(command) = self.command_rx.recv() => {
+                    command.answer(Err(ZigbeeError::Unavailable("ZigBee adapter not connected")));
+                }
                 permit = self.event_tx.reserve(), if !self.state.outgoing.is_empty() => match permit {
                     Ok(permit) => permit.send(self.state.outgoing.pop_event().expect("checked non-empty")),
                     Err(_) => return None,
@@ -447,10 +435,63 @@ impl Away<'_> {
     }
 }
 
-/// The scheduled backup: the stick's network, read again (the frame
-/// counter and channel move), saved over the network file. A stick
-/// that shows another network is not saved: the next start decides.
-async fn scheduled_backup<P: AsyncRead + AsyncWrite + Unpin + Send>(
+/// Carries out an operator's network command on the started adapter and
+/// answers it; `Err` when the adapter was lost meanwhile.
+async fn network_command<P: AsyncRead + AsyncWrite + Unpin + Send>(
+    state: &mut State,
+    znp: &mut Znp<P>,
+    started: &Started,
+    command: NetworkCommand,
+) -> Result<(), Stop> {
+    let result = match &command {
+        NetworkCommand::PermitJoin { seconds, .. } => {
+            let seconds = *seconds;
+            commission::permit_join(znp, seconds)
+                .await
+                .inspect(|()| info!(seconds, "ZigBee network open for joining"))
+        }
+        NetworkCommand::ChangeChannel { channel, .. } => {
+            let channel = *channel;
+            commission::change_channel(znp, &state.cfg, &started.firmware, channel)
+                .await
+                .map(|network| {
+                    warn!(
+                        channel,
+                        update_id = network.nwk_update_id,
+                        "ZigBee network moved to another channel: tags that missed the change must rejoin"
+                    )
+                })
+        }
+    };
+    match result {
+        Ok(()) => {
+            if matches!(command, NetworkCommand::ChangeChannel { .. }) {
+                // The saved network follows the channel at once.
+                if let Err(stop) = refresh_backup(state, znp, started).await {
+                    command.answer(Err(ZigbeeError::Unavailable("ZigBee adapter lost")));
+                    return Err(stop);
+                }
+            }
+            command.answer(Ok(()));
+            Ok(())
+        }
+        Err(error) if error.is_link_lost() => {
+            let lost = format!("ZigBee adapter lost: {error}");
+            command.answer(Err(ZigbeeError::Coordinator(error)));
+            Err(Stop::Lost(lost))
+        }
+        Err(error) => {
+            command.answer(Err(ZigbeeError::Coordinator(error)));
+            Ok(())
+        }
+    }
+}
+
+/// The backup taken on schedule and after a channel change: the stick's
+/// network, read again (the frame counter and channel move), saved over
+/// the network file. A stick that shows another network is not saved:
+/// the next start decides.
+async fn refresh_backup<P: AsyncRead + AsyncWrite + Unpin + Send>(
     state: &mut State,
     znp: &mut Znp<P>,
     started: &Started,
@@ -462,7 +503,7 @@ async fn scheduled_backup<P: AsyncRead + AsyncWrite + Unpin + Send>(
                 Err(error) if error.is_link_lost() => {
                     return Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))
                 }
-                Err(error) => warn!(%error, "scheduled ZigBee backup: cannot read the devices"),
+                Err(error) => warn!(%error, "ZigBee backup: cannot read the devices"),
             }
             let cfg = &state.cfg;
             match commission::save(cfg, &network, &started.firmware)
@@ -470,21 +511,22 @@ async fn scheduled_backup<P: AsyncRead + AsyncWrite + Unpin + Send>(
             {
                 Ok(()) => debug!(
                     frame_counter = network.frame_counter,
-                    "scheduled ZigBee backup"
+                    channel = network.channel,
+                    "ZigBee network file refreshed"
                 ),
-                Err(error) => warn!(%error, "scheduled ZigBee backup failed"),
+                Err(error) => warn!(%error, "ZigBee backup failed"),
             }
             Ok(())
         }
         Ok(_) => {
-            warn!("the stick no longer shows the agent's network; scheduled backup skipped");
+            warn!("the stick no longer shows the agent's network; backup skipped");
             Ok(())
         }
         Err(error) if error.is_link_lost() => {
             Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))
         }
         Err(error) => {
-            warn!(%error, "scheduled ZigBee backup: cannot read the network");
+            warn!(%error, "ZigBee backup: cannot read the network");
             Ok(())
         }
     }

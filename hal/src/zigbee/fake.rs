@@ -28,7 +28,10 @@
 //! offers to a tag it does not know find no route); tags that moved to
 //! another parent ([`FakeConfig::moved`]); new tags joining while joining
 //! is open, and tags rejoining, with `ZDO_TC_DEV_IND` and
-//! `ZDO_END_DEVICE_ANNCE_IND`; blank (no network; a start-up without
+//! `ZDO_END_DEVICE_ANNCE_IND`; a channel change (`ZDO_MGMT_NWK_UPDATE_REQ`)
+//! that the coordinator and the tags that hear it follow, while the others
+//! stay on the old channel until they rejoin
+//! ([`FakeConfig::asleep_at_channel_change`]); blank (no network; a start-up without
 //! forming makes the firmware pick its defaults, as a real stick does), or
 //! formed by someone else; waiting in its serial bootloader until the skip
 //! byte 0xEF, then sending its power-up `SYS_RESET_IND`. NV layouts are
@@ -189,6 +192,10 @@ pub struct FakeConfig {
     /// until `UTIL_ASSOC_REMOVE` drops the stale entry; then they are
     /// routed to the new parent.
     pub moved: Vec<String>,
+    /// Tags whose parent drops a channel change broadcast before they
+    /// poll: they stay on the old channel (their check-ins are lost and
+    /// offers to them expire) until they rejoin ([`FakeCoordinator::rejoin`]).
+    pub asleep_at_channel_change: Vec<String>,
 }
 
 impl FakeConfig {
@@ -213,6 +220,7 @@ impl FakeConfig {
             unrouted: Vec::new(),
             tags_joined: true,
             moved: Vec::new(),
+            asleep_at_channel_change: Vec::new(),
         }
     }
 }
@@ -253,6 +261,10 @@ pub struct FakeStats {
     /// association table.
     pub assoc_removals: AtomicU64,
     pub assoc_adds: AtomicU64,
+    /// Times the coordinator moved its network to another channel.
+    pub channel_changes: AtomicU64,
+    /// Check-ins of tags left on an old channel, heard by nobody.
+    pub checkins_lost: AtomicU64,
 }
 
 impl FakeStats {
@@ -270,6 +282,7 @@ enum Control {
     CheckinInterval(u64),
     Network(oneshot::Sender<Option<FakeNetwork>>),
     NvItem(u16, oneshot::Sender<Option<Vec<u8>>>),
+    SetNvItem(u16, Vec<u8>, oneshot::Sender<()>),
     FrameCounter(oneshot::Sender<Option<u32>>),
     Join {
         checks_in: bool,
@@ -313,6 +326,7 @@ impl FakeCoordinator {
                     awake_until: None,
                     receiving: None,
                     displayed: None,
+                    lost_channel: false,
                     battery_mv: rng.gen_range(2900..3100),
                     rssi_dbm: rng.gen_range(-90..-40),
                 }
@@ -323,6 +337,14 @@ impl FakeCoordinator {
         stats.last_permit_join_s.store(u64::MAX, Ordering::Relaxed);
         let link = cfg.link.clone();
         let mut nv = default_nv();
+        if cfg.firmware == FakeFirmware::ZStack12 {
+            // 1.2 keeps the global trust-centre link key in NV, the
+            // well-known one from the factory.
+            nv.insert(
+                nvid::TCLK_TABLE_START_12,
+                nv::global_tc_link_key_entry(super::TcLinkKey::DEFAULT.bytes()),
+            );
+        }
         let mut ex_nv = HashMap::new();
         if let Some(network) = &cfg.network {
             store_network(&mut nv, &mut ex_nv, &cfg, network);
@@ -433,6 +455,14 @@ impl FakeCoordinator {
         rx.await.expect("the fake answers")
     }
 
+    /// Overwrites one NV item, as another tool writing the stick's NV
+    /// memory would.
+    pub async fn set_nv_item(&self, item: u16, value: Vec<u8>) {
+        let (tx, rx) = oneshot::channel();
+        self.control(Control::SetNvItem(item, value, tx)).await;
+        rx.await.expect("the fake answers");
+    }
+
     /// A new tag joins the network (only while joining is open, as on a
     /// real network: `Err` otherwise): the coordinator reports it
     /// (`ZDO_TC_DEV_IND`) and the tag announces itself
@@ -505,6 +535,8 @@ struct FakeTag {
     /// The offer being received, segment by segment.
     receiving: Option<Receiving>,
     displayed: Option<app::ContentHash>,
+    /// Missed a channel change: on the old channel until it rejoins.
+    lost_channel: bool,
     battery_mv: u16,
     rssi_dbm: i8,
 }
@@ -525,6 +557,12 @@ enum Action {
     Send(Frame),
     /// The coordinator is up on its network.
     NetworkUp,
+    /// The broadcast delivery time after a channel change request is
+    /// over: the coordinator and the tags that heard it switch.
+    MoveChannel {
+        channel: u8,
+        missed: Vec<usize>,
+    },
     /// Tag `tag` finished rendering offer `handle`.
     Apply {
         tag: usize,
@@ -661,6 +699,10 @@ impl FakeTask {
             Control::NvItem(item, reply) => {
                 let _ = reply.send(self.nv.get(&item).cloned());
             }
+            Control::SetNvItem(item, value, done) => {
+                self.nv.insert(item, value);
+                let _ = done.send(());
+            }
             Control::Silent(silent) => self.silent = silent,
             Control::Join { checks_in, reply } => {
                 let _ = reply.send(self.join(checks_in));
@@ -671,6 +713,8 @@ impl FakeTask {
                     // A fresh address above every other one.
                     let nwk = self.tags.iter().map(|t| t.nwk).max().unwrap_or(FIRST_NWK) + 1;
                     self.tags[i].nwk = nwk;
+                    // A tag rejoins by scanning every channel.
+                    self.tags[i].lost_channel = false;
                     if let Some((_, user)) = self.addrmgr_find(self.tags[i].ieee) {
                         self.addrmgr_set(self.tags[i].ieee, nwk, user);
                     }
@@ -715,6 +759,7 @@ impl FakeTask {
             awake_until: None,
             receiving: None,
             displayed: None,
+            lost_channel: false,
             battery_mv: 3000,
             rssi_dbm: -60,
         });
@@ -851,6 +896,8 @@ impl FakeTask {
             {
                 Err(0xF0)
             }
+            // Held for a poll on this channel, which never comes.
+            Some(_) if tag.lost_channel => Err(0xF0),
             Some(_) => Ok(()),
         }
     }
@@ -1148,6 +1195,8 @@ impl FakeTask {
                 _ => 0x02,
             };
             self.send(znp::ZDO_MGMT_PERMIT_JOIN_REQ, FrameType::Srsp, vec![status]);
+        } else if znp::ZDO_MGMT_NWK_UPDATE_REQ.is(&frame, FrameType::Sreq) {
+            self.on_nwk_update(&payload, now);
         } else if znp::ZDO_EXT_ROUTE_DISC.is(&frame, FrameType::Sreq) {
             if let [lo, hi, ..] = payload.as_slice() {
                 bump(&self.stats.route_discoveries);
@@ -1263,6 +1312,38 @@ impl FakeTask {
             let error = vec![2, frame.cmd0(), frame.cmd1()];
             self.send(znp::RPC_ERROR, FrameType::Srsp, error);
         }
+    }
+
+    /// `ZDO_MGMT_NWK_UPDATE_REQ`: destination, address mode, channel mask,
+    /// scan duration, scan count, manager address. Scan duration 0xFE with
+    /// one channel moves the network there after the broadcast delivery
+    /// time (`STEP` here): the coordinator acts on a request to itself and
+    /// on its own broadcast (Z-Stack hands its broadcasts to its own ZDO
+    /// too, as herdsman's channel change relies on). A broadcast to every
+    /// device (0xFFFF) reaches the sleepy tags through their parent at
+    /// their next poll, but for those in `asleep_at_channel_change`; one
+    /// to the routers only (0xFFFC, 0xFFFD) reaches no tag.
+    fn on_nwk_update(&mut self, payload: &[u8], now: Instant) {
+        let [dl, dh, _mode, m0, m1, m2, m3, duration, _, _, _] = payload else {
+            self.send(znp::ZDO_MGMT_NWK_UPDATE_REQ, FrameType::Srsp, vec![0x02]);
+            return;
+        };
+        self.send(znp::ZDO_MGMT_NWK_UPDATE_REQ, FrameType::Srsp, vec![0]);
+        let channels = nv::mask_channels(u32::from_le_bytes([*m0, *m1, *m2, *m3]));
+        let dst = u16::from_le_bytes([*dl, *dh]);
+        let [channel] = channels[..] else {
+            return;
+        };
+        if *duration != 0xFE || !self.running || !matches!(dst, 0x0000 | 0xFFFC..=0xFFFF) {
+            return;
+        }
+        let missed = (0..self.tags.len())
+            .filter(|&i| {
+                dst != 0xFFFF || self.cfg.asleep_at_channel_change.contains(&self.tags[i].id)
+            })
+            .collect();
+        self.timers
+            .add(now + STEP, Action::MoveChannel { channel, missed });
     }
 
     /// The chip restarts: it hears nothing for `reboot_ms`, then says so.
@@ -1473,6 +1554,22 @@ impl FakeTask {
                     vec![znp::DEV_ZB_COORD],
                 );
             }
+            Action::MoveChannel { channel, missed } => {
+                let Some(mut nib) = self.nv.get(&nvid::NIB).and_then(|n| Nib::parse(n)) else {
+                    return;
+                };
+                if nib.channel == channel {
+                    return;
+                }
+                bump(&self.stats.channel_changes);
+                nib.channel = channel;
+                nib.channel_list = nv::channel_mask(&[channel]);
+                nib.update_id = nib.update_id.wrapping_add(1);
+                self.nv.insert(nvid::NIB, nib.encode(self.aligned()));
+                for index in missed {
+                    self.tags[index].lost_channel = true;
+                }
+            }
             Action::CheckIn(index) => {
                 let interval = self.cfg.checkin_interval_ms.max(1);
                 let jitter = interval / 5;
@@ -1480,6 +1577,10 @@ impl FakeTask {
                 self.timers
                     .add(now + Duration::from_millis(next), Action::CheckIn(index));
                 if !self.running || self.registered.is_none() || self.pty.is_none() {
+                    return;
+                }
+                if self.tags[index].lost_channel {
+                    bump(&self.stats.checkins_lost);
                     return;
                 }
                 let tag = &mut self.tags[index];

@@ -16,7 +16,8 @@
 //! Channels: [`ZigbeeRadio::deliver`] writes `delivery_tx` (bounded,
 //! [`DELIVERY_CAPACITY`]); the driver reads it and writes `event_tx`
 //! (bounded, [`EVENT_CAPACITY`]); [`ZigbeeRadio::next_event`] reads
-//! `event_rx`; [`ZigbeeRadio::permit_join`] writes `command_tx` (bounded,
+//! `event_rx`; [`ZigbeeRadio::permit_join`] and
+//! [`ZigbeeRadio::change_channel`] write `command_tx` (bounded,
 //! [`COMMAND_CAPACITY`]) with a oneshot for the answer. As in the
 //! simulator, the driver never awaits an event send outside its `select!`,
 //! so an agent blocked in `deliver` cannot deadlock it.
@@ -64,7 +65,7 @@ pub const DELIVERY_CAPACITY: usize = 64;
 /// rest waits in the driver's own queue (see `driver`).
 pub const EVENT_CAPACITY: usize = 256;
 
-/// Capacity of the network-command channel (permit-join): an operator's
+/// Capacity of the network-command channel (permit-join, channel change): an operator's
 /// commands, one at a time.
 pub const COMMAND_CAPACITY: usize = 4;
 /// Longest permit-join in seconds (255 would mean "for ever" in ZigBee,
@@ -78,6 +79,23 @@ pub(crate) enum NetworkCommand {
         seconds: u8,
         reply: tokio::sync::oneshot::Sender<Result<(), ZigbeeError>>,
     },
+    /// Answered once the coordinator is on `channel` and the network file
+    /// says so.
+    ChangeChannel {
+        channel: u8,
+        reply: tokio::sync::oneshot::Sender<Result<(), ZigbeeError>>,
+    },
+}
+
+impl NetworkCommand {
+    /// Answers the command with `result` (a dropped asker is no error).
+    pub(crate) fn answer(self, result: Result<(), ZigbeeError>) {
+        let reply = match self {
+            NetworkCommand::PermitJoin { reply, .. }
+            | NetworkCommand::ChangeChannel { reply, .. } => reply,
+        };
+        let _ = reply.send(result);
+    }
 }
 
 /// Flow control on the serial line (`radio.zigbee.flow_control`).
@@ -122,6 +140,55 @@ impl NetworkMismatch {
     }
 }
 
+/// The global trust-centre link key a network is formed with: the key
+/// every tag must hold to be sent the network key at joining (`PRECFGKEYS_
+/// ENABLE = 0`). A secret: `Debug` never shows it (only whether it is the
+/// well-known default).
+#[derive(Clone, PartialEq, Eq)]
+pub struct TcLinkKey([u8; 16]);
+
+impl TcLinkKey {
+    /// "ZigBeeAlliance09", the key of the ZigBee 3.0 and HA specifications
+    /// that every tag knows, and the one Z-Stack 3 builds have compiled in
+    /// (zigpy-znp `const.DEFAULT_TC_LINK_KEY`).
+    pub const DEFAULT: TcLinkKey = TcLinkKey(*b"ZigBeeAlliance09");
+
+    pub fn new(key: [u8; 16]) -> TcLinkKey {
+        TcLinkKey(key)
+    }
+
+    /// 32 hex digits (surrounding whitespace ignored), the key's bytes in
+    /// order, as in the key file and in backups.
+    pub fn from_hex(text: &str) -> Option<TcLinkKey> {
+        backup::unhex16(text.trim()).map(TcLinkKey)
+    }
+
+    /// The key's bytes: only for the stick and the saved network.
+    pub fn bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == TcLinkKey::DEFAULT
+    }
+}
+
+impl Default for TcLinkKey {
+    fn default() -> Self {
+        TcLinkKey::DEFAULT
+    }
+}
+
+impl std::fmt::Debug for TcLinkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_default() {
+            f.write_str("TcLinkKey(default)")
+        } else {
+            f.write_str("TcLinkKey(<secret>)")
+        }
+    }
+}
+
 /// ZigBee backend settings (`[radio.zigbee]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ZigbeeConfig {
@@ -147,6 +214,11 @@ pub struct ZigbeeConfig {
     pub pan_id: Option<u16>,
     pub extended_pan_id: Option<u64>,
     pub on_network_mismatch: NetworkMismatch,
+    /// The global trust-centre link key of a new network
+    /// (`radio.zigbee.tc_link_key_file`, read by the agent; default: the
+    /// well-known key). Saved with the network and compared at every
+    /// start.
+    pub tc_link_key: TcLinkKey,
     /// How often the network file is refreshed from the stick (frame
     /// counter, channel) while it runs; zero: never.
     pub backup_interval: Duration,
@@ -187,6 +259,7 @@ impl Default for ZigbeeConfig {
             pan_id: None,
             extended_pan_id: None,
             on_network_mismatch: NetworkMismatch::Report,
+            tc_link_key: TcLinkKey::DEFAULT,
             backup_interval: Duration::from_secs(3600),
             max_in_flight: None,
             sreq_timeout: Duration::from_millis(2_000),
@@ -332,10 +405,35 @@ impl ZigbeeRadio {
                 "permit-join of {seconds} s: at most {MAX_PERMIT_JOIN_S}"
             )));
         }
+        self.command(|reply| NetworkCommand::PermitJoin { seconds, reply })
+            .await
+    }
+
+    /// Moves the network to `channel` (11..=26): a channel-change request
+    /// broadcast to every device, which the coordinator follows too
+    /// (`commission::change_channel`); answers once the coordinator is on
+    /// the new channel and the network file says so. Tags that missed the
+    /// broadcast must rejoin (docs/ZIGBEE.md, "Changing channel"). Fails
+    /// when the adapter is not up, or `channel` is out of range.
+    pub async fn change_channel(&self, channel: u8) -> Result<(), ZigbeeError> {
+        if !(11..=26).contains(&channel) {
+            return Err(ZigbeeError::InvalidRequest(format!(
+                "channel {channel}: ZigBee channels are 11 to 26"
+            )));
+        }
+        self.command(|reply| NetworkCommand::ChangeChannel { channel, reply })
+            .await
+    }
+
+    /// Hands a command to the driver and waits for its answer.
+    async fn command(
+        &self,
+        command: impl FnOnce(tokio::sync::oneshot::Sender<Result<(), ZigbeeError>>) -> NetworkCommand,
+    ) -> Result<(), ZigbeeError> {
         let stopped = || ZigbeeError::Unavailable("the ZigBee driver has stopped");
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.command_tx
-            .send(NetworkCommand::PermitJoin { seconds, reply })
+            .send(command(reply))
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
@@ -343,6 +441,20 @@ impl ZigbeeRadio {
 
     pub fn zigbee_counters(&self) -> &Arc<ZigbeeCounters> {
         &self.counters
+    }
+}
+
+impl ZigbeeError {
+    /// The radio error of a failed network request `what`, this error its
+    /// source; its kind says whether asking again can help.
+    fn into_radio_error(self, what: &'static str) -> RadioError {
+        let kind = match self {
+            ZigbeeError::InvalidRequest(_) | ZigbeeError::InvalidConfig { .. } => {
+                RadioErrorKind::InvalidRequest
+            }
+            _ => RadioErrorKind::Unavailable,
+        };
+        RadioError::new(kind, what).with_source(self)
     }
 }
 
@@ -436,15 +548,15 @@ impl Radio for ZigbeeRadio {
     }
 
     async fn permit_join(&mut self, seconds: u8) -> Result<(), RadioError> {
-        ZigbeeRadio::permit_join(self, seconds).await.map_err(|e| {
-            let kind = match e {
-                ZigbeeError::InvalidRequest(_) | ZigbeeError::InvalidConfig { .. } => {
-                    RadioErrorKind::InvalidRequest
-                }
-                _ => RadioErrorKind::Unavailable,
-            };
-            RadioError::new(kind, "permit-join").with_source(e)
-        })
+        ZigbeeRadio::permit_join(self, seconds)
+            .await
+            .map_err(|e| e.into_radio_error("permit-join"))
+    }
+
+    async fn change_channel(&mut self, channel: u8) -> Result<(), RadioError> {
+        ZigbeeRadio::change_channel(self, channel)
+            .await
+            .map_err(|e| e.into_radio_error("channel change"))
     }
 }
 

@@ -47,6 +47,10 @@ pub mod id {
     pub const ZDO_DIRECT_CB: u16 = 0x008F;
     /// Z-Stack 3: seed of the per-device trust-centre link keys.
     pub const TCLK_SEED: u16 = 0x0101;
+    /// Z-Stack 1.2: the same id is the first entry of its trust-centre
+    /// link-key table, the global key (zigpy-znp "TCLK_SEED is
+    /// TCLK_TABLE_START in Z-Stack 1"; herdsman `LEGACY_TCLK_TABLE_START_12`).
+    pub const TCLK_TABLE_START_12: u16 = 0x0101;
     pub const HAS_CONFIGURED_ZSTACK1: u16 = 0x0F00;
     /// Z-Stack 3.0.x: network security material (frame counter and
     /// extended PAN id), one entry per item from here…
@@ -109,6 +113,30 @@ const SEC_MATERIAL_MAX: u16 = 16;
 /// Offset of the frame counter in Z-Stack 1.2's `NWKKEY` item: after the
 /// active key descriptor (sequence number, 16-byte key).
 const NWKKEY_COUNTER_AT: usize = 17;
+
+/// Z-Stack 1.2's trust-centre link-key entry (zigpy-znp `TCLinkKey`):
+/// partner IEEE address (8; all ones: the global key), key (16), transmit
+/// and receive frame counters (4 each).
+pub const TCLK_ENTRY_12_LEN: usize = 32;
+
+/// Z-Stack 1.2's global trust-centre link-key entry holding `key`, as
+/// zigpy-znp (`write_network_info`) and herdsman
+/// (`updateCommissioningNvItems`) write it, counters zero.
+pub fn global_tc_link_key_entry(key: &[u8; 16]) -> Vec<u8> {
+    let mut entry = u64::MAX.to_le_bytes().to_vec();
+    entry.extend(key);
+    entry.extend([0; 8]);
+    entry
+}
+
+/// The key of a global entry; `None` for another layout or a per-device
+/// entry.
+pub fn parse_global_tc_link_key(entry: &[u8]) -> Option<[u8; 16]> {
+    if entry.len() < 24 || entry[..8] != [0xFF; 8] {
+        return None;
+    }
+    entry[8..24].try_into().ok()
+}
 
 /// Value both hosts write to the "has configured" item after forming.
 pub const CONFIGURED: u8 = 0x55;
@@ -229,6 +257,10 @@ pub struct StickNetwork {
     pub coordinator_ieee: u64,
     /// Z-Stack 3 only.
     pub tclk_seed: Option<[u8; 16]>,
+    /// The global trust-centre link key: Z-Stack 1.2 keeps it in NV
+    /// ([`id::TCLK_TABLE_START_12`]); Z-Stack 3 has it compiled in, so
+    /// this is the well-known default there (as zigpy-znp reads it).
+    pub tc_link_key: [u8; 16],
     /// The coordinator's outgoing network frame counter; 0 when unknown.
     pub frame_counter: u32,
 }
@@ -249,13 +281,16 @@ impl std::fmt::Debug for StickNetwork {
 }
 
 impl StickNetwork {
-    /// Whether `other` is the same network (PAN id, extended PAN id and
-    /// key). The channel may change on a live network (herdsman compares it
-    /// no more either); it is followed, not compared.
+    /// Whether `other` is the same network (PAN id, extended PAN id,
+    /// network key and trust-centre link key: a tag joins either both or
+    /// neither, as zigpy's `is_compatible_with` compares). The channel may
+    /// change on a live network (herdsman compares it no more either); it
+    /// is followed, not compared.
     pub fn same_network(&self, other: &StickNetwork) -> bool {
         self.pan_id == other.pan_id
             && self.extended_pan_id == other.extended_pan_id
             && self.network_key == other.network_key
+            && self.tc_link_key == other.tc_link_key
     }
 
     /// The differences to `other`, for the reason of a mismatch; keys are
@@ -276,6 +311,9 @@ impl StickNetwork {
         }
         if self.network_key != other.network_key {
             out.push("network key differs".to_owned());
+        }
+        if self.tc_link_key != other.tc_link_key {
+            out.push("trust-centre link key differs".to_owned());
         }
         out.join(", ")
     }
@@ -427,10 +465,20 @@ pub async fn read_network<P: AsyncRead + AsyncWrite + Unpin + Send>(
             .await?
             .and_then(|seed| <[u8; 16]>::try_from(seed.get(..16)?).ok()),
     };
+    let tc_link_key = match stack {
+        // A 1.2 stick without the entry uses its compiled-in default.
+        ZStack::V1_2 => read(znp, id::TCLK_TABLE_START_12)
+            .await?
+            .as_deref()
+            .and_then(parse_global_tc_link_key)
+            .unwrap_or(*super::TcLinkKey::DEFAULT.bytes()),
+        ZStack::V3_0 | ZStack::V3x => *super::TcLinkKey::DEFAULT.bytes(),
+    };
     let frame_counter = read_frame_counter(znp, stack, nib.extended_pan_id)
         .await?
         .unwrap_or(0);
     Ok(Some(StickNetwork {
+        tc_link_key,
         frame_counter,
         channel: nib.channel,
         channel_mask: nib.channel_list,
@@ -1075,6 +1123,28 @@ mod tests {
     }
 
     #[test]
+    fn zstack_12_global_link_key_entry_is_all_ones_key_and_zero_counters() {
+        let key = *b"ZigBeeAlliance09";
+        let entry = global_tc_link_key_entry(&key);
+        assert_eq!(entry.len(), TCLK_ENTRY_12_LEN);
+        // The bytes herdsman writes for the default key.
+        assert_eq!(entry[..8], [0xFF; 8]);
+        assert_eq!(
+            entry[8..24],
+            [
+                0x5a, 0x69, 0x67, 0x42, 0x65, 0x65, 0x41, 0x6c, 0x6c, 0x69, 0x61, 0x6e, 0x63, 0x65,
+                0x30, 0x39
+            ]
+        );
+        assert_eq!(entry[24..], [0; 8]);
+        assert_eq!(parse_global_tc_link_key(&entry), Some(key));
+        let mut device = entry.clone();
+        device[0] = 0x01;
+        assert_eq!(parse_global_tc_link_key(&device), None, "a device's key");
+        assert_eq!(parse_global_tc_link_key(&entry[..20]), None);
+    }
+
+    #[test]
     fn debug_never_shows_the_key() {
         let net = StickNetwork {
             channel: 15,
@@ -1087,9 +1157,11 @@ mod tests {
             key_sequence: 0,
             coordinator_ieee: 3,
             tclk_seed: None,
+            tc_link_key: [0xCD; 16],
             frame_counter: 0,
         };
         let shown = format!("{net:?}");
+        assert!(!shown.to_lowercase().contains("cdcd"), "{shown}");
         assert!(!shown.to_lowercase().contains("abab"), "{shown}");
     }
 }

@@ -519,11 +519,7 @@ async fn replaced_stick_is_down_until_the_saved_network_is_restored_to_it() {
     drop(first.fake);
     // The old fake's task removes its link as it ends; wait for that, or
     // it could remove the new one's.
-    let deadline = Instant::now() + PATIENCE;
-    while cfg.port.symlink_metadata().is_ok() {
-        assert!(Instant::now() < deadline, "the old fake never ended");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    old_fake_gone(&cfg.port).await;
 
     // …which is replaced by a blank one (a 1.2 CC2531, to cover its
     // start-up answers too).
@@ -620,11 +616,7 @@ async fn backup_of_one_stick_restored_to_a_blank_one_is_resumed_by_the_agent() {
     // As if it came from another stick that sent 5000 frames.
     backup.coordinator_ieee = "00124b00aabbccdd".to_owned();
     backup.network_key.frame_counter = 5_000;
-    let deadline = Instant::now() + PATIENCE;
-    while port.symlink_metadata().is_ok() {
-        assert!(Instant::now() < deadline, "the old fake never ended");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    old_fake_gone(&port).await;
 
     // A blank stick gets it; the agent then resumes it as its own.
     let blank = FakeCoordinator::start(FakeConfig::new(&port)).expect("fake");
@@ -767,6 +759,29 @@ async fn scheduled_backups_keep_the_frame_counter_current() {
     while file_counter() < sent {
         assert!(Instant::now() < deadline, "no backup with counter {sent}");
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until a dropped fake's task has removed its link at `port`, or
+/// it could remove the next fake's.
+async fn old_fake_gone(port: &Path) {
+    let deadline = Instant::now() + PATIENCE;
+    while port.symlink_metadata().is_ok() {
+        assert!(Instant::now() < deadline, "the old fake never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A backup of the stick at `cfg.port` as soon as a dropped radio's
+/// driver has let go of the port.
+async fn backup_once_released(cfg: &ZigbeeConfig) -> NetworkBackup {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match super::commission::backup_stick(cfg).await {
+            Ok(backup) => return backup.expect("a network"),
+            Err(error) => assert!(Instant::now() < deadline, "{error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -928,14 +943,7 @@ async fn devices_backed_up_from_one_stick_are_reached_through_the_new_one() {
     let Rig { radio, fake, _dir } = rig;
     drop(radio);
     // The driver lets go of the port once it sees its handle dropped.
-    let deadline = Instant::now() + PATIENCE;
-    let backup = loop {
-        match backup_stick(&cfg).await {
-            Ok(backup) => break backup.expect("a network"),
-            Err(error) => assert!(Instant::now() < deadline, "{error}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let backup = backup_once_released(&cfg).await;
     let devices = serde_json::to_value(&backup.devices).expect("json");
     let devices = devices.as_array().expect("devices");
     assert_eq!(devices.len(), 4, "{devices:?}");
@@ -954,10 +962,7 @@ async fn devices_backed_up_from_one_stick_are_reached_through_the_new_one() {
     assert_eq!(sim1["link_key"]["rx_counter"], 201);
     let old_key = sim1["link_key"]["key"].clone();
     drop(fake);
-    while port.symlink_metadata().is_ok() {
-        assert!(Instant::now() < deadline, "the old fake never ended");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    old_fake_gone(&port).await;
 
     let mut new_stick = FakeConfig::new(&port);
     new_stick.tags = 4;
@@ -997,7 +1002,7 @@ async fn devices_backed_up_from_one_stick_are_reached_through_the_new_one() {
 /// reaches the tags.
 #[tokio::test]
 async fn a_zstack_30_stick_is_backed_up_and_restored_with_its_counter_and_devices() {
-    use super::commission::{backup_stick, restore_stick};
+    use super::commission::restore_stick;
     let mut rig = rig(|c| c.firmware = FakeFirmware::ZStack30);
     wait_up(&mut rig.radio).await;
     let outcome = deliver_at_checkin(
@@ -1012,14 +1017,7 @@ async fn a_zstack_30_stick_is_backed_up_and_restored_with_its_counter_and_device
     let ours = saved_network(&cfg);
     let Rig { radio, fake, _dir } = rig;
     drop(radio);
-    let deadline = Instant::now() + PATIENCE;
-    let backup = loop {
-        match backup_stick(&cfg).await {
-            Ok(backup) => break backup.expect("a network"),
-            Err(error) => assert!(Instant::now() < deadline, "{error}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let backup = backup_once_released(&cfg).await;
     assert_eq!(backup.network_key.frame_counter, sent, "read from 0x0075…");
     assert_eq!(backup.devices.len(), 8, "read from 0x0023");
     let keys = backup
@@ -1029,10 +1027,7 @@ async fn a_zstack_30_stick_is_backed_up_and_restored_with_its_counter_and_device
         .count();
     assert_eq!(keys, 8, "link keys from 0x0111…");
     drop(fake);
-    while cfg.port.symlink_metadata().is_ok() {
-        assert!(Instant::now() < deadline, "the old fake never ended");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    old_fake_gone(&cfg.port).await;
     let mut blank = FakeConfig::new(&cfg.port);
     blank.firmware = FakeFirmware::ZStack30;
     blank.tags_joined = false;
@@ -1074,4 +1069,178 @@ async fn every_configured_tag_is_the_fake_sticks_child() {
     )
     .await;
     assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+}
+
+/// The link key tags are provisioned with, in tests.
+const OUR_LINK_KEY: [u8; 16] = [0x5C; 16];
+
+#[tokio::test]
+async fn a_configured_tc_link_key_is_formed_saved_compared_and_restored() {
+    use super::commission::restore_stick;
+    use super::TcLinkKey;
+    let keyed = |c: &mut ZigbeeConfig| c.tc_link_key = TcLinkKey::new(OUR_LINK_KEY);
+    // Z-Stack 1.2 keeps the global link key in NV: formed with ours.
+    let mut rig = rig_with(|c| c.firmware = FakeFirmware::ZStack12, keyed);
+    wait_up(&mut rig.radio).await;
+    let entry = |key: &[u8; 16]| Some(super::nv::global_tc_link_key_entry(key));
+    assert_eq!(
+        rig.fake.nv_item(nvid::TCLK_TABLE_START_12).await,
+        entry(&OUR_LINK_KEY)
+    );
+    let mut cfg = radio_config(rig.fake.port());
+    keyed(&mut cfg);
+    let saved = || {
+        NetworkBackup::load(&cfg.network_file)
+            .expect("readable")
+            .expect("saved")
+            .to_network()
+            .expect("valid")
+            .tc_link_key
+    };
+    assert_eq!(saved(), OUR_LINK_KEY, "saved with the network");
+    drop(rig.radio);
+
+    // The key file is gone (the well-known default now): the network is
+    // not the configured one any more.
+    let mut radio = ZigbeeRadio::start(radio_config(&cfg.port)).expect("radio");
+    let reason = wait_down_matching(&mut radio, "trust-centre link key").await;
+    assert!(reason.contains("tc_link_key_file"), "{reason}");
+    assert!(reason.contains("\"form\""), "{reason}");
+    assert!(!reason.contains("5c5c"), "no key in the reason: {reason}");
+    drop(radio);
+    // With it, resumed.
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    wait_up(&mut radio).await;
+    assert_eq!(FakeStats::get(&rig.fake.stats().formations), 1);
+    drop(radio);
+
+    // Another tool put the well-known key back on the stick: not the
+    // saved network any more…
+    let default_entry = entry(TcLinkKey::DEFAULT.bytes()).expect("an entry");
+    rig.fake
+        .set_nv_item(nvid::TCLK_TABLE_START_12, default_entry)
+        .await;
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    let reason = wait_down_matching(&mut radio, "trust-centre link key differs").await;
+    assert!(reason.contains("\"restore\""), "{reason}");
+    drop(radio);
+    // …until the saved network is restored to it.
+    let mut restoring = cfg.clone();
+    restoring.on_network_mismatch = NetworkMismatch::Restore;
+    let mut radio = ZigbeeRadio::start(restoring).expect("radio");
+    wait_up(&mut radio).await;
+    assert_eq!(
+        rig.fake.nv_item(nvid::TCLK_TABLE_START_12).await,
+        entry(&OUR_LINK_KEY)
+    );
+    drop(radio);
+
+    // Backed up with it, restored to a blank 1.2 stick with it.
+    let backup = backup_once_released(&cfg).await;
+    assert_eq!(
+        backup.to_network().expect("valid").tc_link_key,
+        OUR_LINK_KEY
+    );
+    drop(rig.fake);
+    old_fake_gone(&cfg.port).await;
+    let mut blank = FakeConfig::new(&cfg.port);
+    blank.firmware = FakeFirmware::ZStack12;
+    let blank = FakeCoordinator::start(blank).expect("fake");
+    // Not under another configured key.
+    let error = restore_stick(&radio_config(&cfg.port), &backup)
+        .await
+        .expect_err("the config names the default key");
+    assert!(error.contains("trust-centre link key"), "{error}");
+    restore_stick(&cfg, &backup).await.expect("restored");
+    assert_eq!(
+        blank.nv_item(nvid::TCLK_TABLE_START_12).await,
+        entry(&OUR_LINK_KEY)
+    );
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    wait_up(&mut radio).await;
+}
+
+#[tokio::test]
+async fn a_zstack_3_stick_is_not_formed_with_a_key_it_cannot_hold() {
+    let mut rig = rig_with(
+        |_| {},
+        |c| c.tc_link_key = super::TcLinkKey::new(OUR_LINK_KEY),
+    );
+    let reason = wait_down_matching(&mut rig.radio, "built in").await;
+    assert!(reason.contains("tc_link_key_file"), "{reason}");
+    assert_eq!(FakeStats::get(&rig.fake.stats().formations), 0);
+    assert_eq!(rig.fake.network().await, None, "left blank");
+    assert_eq!(FakeStats::get(&rig.fake.stats().nv_writes), 0, "untouched");
+}
+
+#[tokio::test]
+async fn the_network_moves_to_another_channel_and_a_tag_that_missed_it_rejoins() {
+    let mut rig = rig(|c| c.asleep_at_channel_change = vec!["SIM000003".into()]);
+    wait_up(&mut rig.radio).await;
+    let cfg = radio_config(rig.fake.port());
+    assert_eq!(rig.fake.network().await.expect("formed").channel, 11);
+    wait_checkin(&mut rig.radio, "SIM000003").await;
+    let error = rig
+        .radio
+        .change_channel(27)
+        .await
+        .expect_err("no channel 27");
+    assert!(
+        matches!(error, super::ZigbeeError::InvalidRequest(_)),
+        "{error:?}"
+    );
+
+    rig.radio.change_channel(20).await.expect("moved");
+    let stats = rig.fake.stats();
+    assert_eq!(FakeStats::get(&stats.channel_changes), 1);
+    assert_eq!(rig.fake.network().await.expect("formed").channel, 20);
+    let nib = rig.fake.nv_item(nvid::NIB).await.expect("a NIB");
+    assert_eq!(super::nv::Nib::parse(&nib).expect("NIB").update_id, 1);
+    let saved = NetworkBackup::load(&cfg.network_file)
+        .expect("readable")
+        .expect("saved");
+    assert_eq!(
+        (
+            saved.channel,
+            saved.channel_mask.clone(),
+            saved.nwk_update_id
+        ),
+        (20, vec![20], 1),
+        "the saved network follows at once"
+    );
+    // The tags that heard the broadcast (through their parent, at their
+    // next poll) are reached on the new channel.
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000001", "t-ch1", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+    // The one that slept through it is heard no more until it rejoins.
+    let deadline = Instant::now() + PATIENCE;
+    while FakeStats::get(&stats.checkins_lost) == 0 {
+        assert!(Instant::now() < deadline, "SIM000003 never checked in");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rig.fake.rejoin("SIM000003").await.expect("a tag");
+    let outcome = deliver_at_checkin(
+        &mut rig.radio,
+        delivery("SIM000003", "t-ch3", "0011223344556677"),
+    )
+    .await;
+    assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+
+    // The next start resumes the moved network: no mismatch.
+    drop(rig.radio);
+    let mut radio = ZigbeeRadio::start(cfg.clone()).expect("radio");
+    wait_up(&mut radio).await;
+    assert_eq!(FakeStats::get(&stats.formations), 1, "not formed again");
+    // Without an adapter the request is refused at once.
+    rig.fake.unplug().await;
+    wait_down(&mut radio).await;
+    let error = radio.change_channel(15).await.expect_err("no adapter");
+    assert!(
+        matches!(error, super::ZigbeeError::Unavailable(_)),
+        "{error:?}"
+    );
 }

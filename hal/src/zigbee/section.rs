@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{firmware, FlowControl, NetworkMismatch, ZigbeeConfig, ZigbeeError};
+use super::{firmware, FlowControl, NetworkMismatch, TcLinkKey, ZigbeeConfig, ZigbeeError};
 
 /// `[radio.zigbee]` as written in the agent's config file: times in
 /// milliseconds, the extended PAN id as 16 hex digits. Defaults come from
@@ -32,6 +32,11 @@ pub struct ZigbeeSection {
     pub extended_pan_id: Option<String>,
     /// `"report"`, `"restore"`, `"adopt"` or `"form"` (docs/ZIGBEE.md).
     pub on_network_mismatch: NetworkMismatch,
+    /// A file (mode 0600) holding the global trust-centre link key of a
+    /// new network as 32 hex digits; absent: the well-known default. A
+    /// secret: the agent reads it like its other secret files and hands
+    /// it to [`ZigbeeSection::settings_with`].
+    pub tc_link_key_file: Option<PathBuf>,
     /// Refresh of the network file from the stick; 0: never.
     pub backup_interval_ms: u64,
     /// `[dtr, rts]` states at open; `[]` leaves the lines alone.
@@ -64,6 +69,7 @@ impl Default for ZigbeeSection {
             pan_id: d.pan_id,
             extended_pan_id: None,
             on_network_mismatch: d.on_network_mismatch,
+            tc_link_key_file: None,
             backup_interval_ms: ms(d.backup_interval),
             bootloader_pins: d
                 .bootloader
@@ -100,7 +106,23 @@ impl ZigbeeSection {
         self.settings().validate()
     }
 
-    /// The backend's settings.
+    /// The backend's settings with the trust-centre link key read from
+    /// `tc_link_key_file` (its text; `None` when the key is not set): the
+    /// error names the key and never shows the file's content.
+    pub fn settings_with(&self, key_file_text: Option<&str>) -> Result<ZigbeeConfig, ZigbeeError> {
+        let mut settings = self.settings();
+        if let Some(text) = key_file_text {
+            settings.tc_link_key =
+                TcLinkKey::from_hex(text).ok_or_else(|| ZigbeeError::InvalidConfig {
+                    key: "radio.zigbee.tc_link_key_file",
+                    reason: "the file must hold the key as 32 hex digits".to_owned(),
+                })?;
+        }
+        Ok(settings)
+    }
+
+    /// The backend's settings, the trust-centre link key left at the
+    /// default (see [`ZigbeeSection::settings_with`]).
     pub fn settings(&self) -> ZigbeeConfig {
         use std::time::Duration;
         let d = ZigbeeConfig::default();
@@ -118,6 +140,7 @@ impl ZigbeeSection {
                 .as_deref()
                 .and_then(parse_extended_pan_id),
             on_network_mismatch: self.on_network_mismatch,
+            tc_link_key: TcLinkKey::DEFAULT,
             backup_interval: Duration::from_millis(self.backup_interval_ms),
             bootloader: firmware::BootloaderSkip {
                 pin_states: self.bootloader_pins.iter().map(|[d, r]| (*d, *r)).collect(),

@@ -93,6 +93,11 @@ pub const APP_CNF_BDB_COMMISSIONING_NOTIFICATION: Command = Command::new(
 );
 pub const ZDO_MGMT_PERMIT_JOIN_REQ: Command =
     Command::new("ZDO_MGMT_PERMIT_JOIN_REQ", subsystem::ZDO, 0x36);
+/// Mgmt_NWK_Update_req: with scan duration 0xFE, "switch to the channel
+/// in the mask" (zigpy-znp `ZDO.MgmtNWKUpdateReq`, id 0x37 as TI builds
+/// use it; herdsman `mgmtNwkUpdateReq`).
+pub const ZDO_MGMT_NWK_UPDATE_REQ: Command =
+    Command::new("ZDO_MGMT_NWK_UPDATE_REQ", subsystem::ZDO, 0x37);
 pub const ZDO_END_DEVICE_ANNCE_IND: Command =
     Command::new("ZDO_END_DEVICE_ANNCE_IND", subsystem::ZDO, 0xC1);
 /// A device joined through the trust centre: its network address, IEEE
