@@ -77,7 +77,7 @@ pub(crate) struct TagView {
     /// ([`esl_hal::TagDetails`]): in `tag.get` and `tags.list`, not in the
     /// status reports (which stay small).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub radio: Option<serde_json::Map<String, serde_json::Value>>,
+    pub radio: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 // ---- link → status, engine: the connection; status → link: reports ----

@@ -40,7 +40,7 @@ impl State {
             }
             RadioEvent::Tag(d) => {
                 debug!(tag_id = %d.tag_id, "tag details from the radio");
-                self.tags.entry(d.tag_id).or_default().info = Some(d.info);
+                self.tags.entry(d.tag_id).or_default().info = Some(Box::new(d.info));
                 Ok(())
             }
         }

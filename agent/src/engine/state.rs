@@ -77,8 +77,9 @@ pub(super) struct InFlight {
 pub(super) struct TagEntry {
     pub(super) rec: TagRecord,
     /// The radio's latest [`esl_hal::TagDetails`] for the tag (memory only:
-    /// radios report them again after a restart).
-    pub(super) info: Option<serde_json::Map<String, serde_json::Value>>,
+    /// radios report them again after a restart). Boxed: most tags have
+    /// none, and the table holds an entry for each of thousands of tags.
+    pub(super) info: Option<Box<serde_json::Map<String, serde_json::Value>>>,
     /// When `rec` was last written to the store; 0 = never (or changed in a
     /// way that must be written at the next change).
     pub(super) saved_at: u64,
