@@ -60,6 +60,11 @@ pub struct TagDetails {
     /// `{"displays": […]}`); the next report for the same tag replaces it
     /// whole. Keep it small: `tags.list` pages carry it for every tag.
     pub info: serde_json::Map<String, serde_json::Value>,
+    /// The id this radio listed the same tag under until now (a ZigBee tag
+    /// is listed by its IEEE address from its join until its first
+    /// check-in names its own id): the agent forgets that entry unless the
+    /// tag checked in under it.
+    pub replaces: Option<TagId>,
 }
 
 /// What a backend knows about its own hardware, for `agent.status` and the

@@ -40,6 +40,18 @@ impl State {
             }
             RadioEvent::Tag(d) => {
                 debug!(tag_id = %d.tag_id, "tag details from the radio");
+                // The id the radio listed the tag under before goes, unless
+                // the tag checked in under it (its readings are its own).
+                if let Some(old) = d.replaces.filter(|old| *old != d.tag_id) {
+                    if self
+                        .tags
+                        .get(&old)
+                        .is_some_and(|t| t.rec.last_seen.is_none())
+                    {
+                        debug!(tag_id = %d.tag_id, replaces = %old, "tag listed under its new id");
+                        self.tags.remove(&old);
+                    }
+                }
                 self.tags.entry(d.tag_id).or_default().info = Some(Box::new(d.info));
                 Ok(())
             }

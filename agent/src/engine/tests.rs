@@ -422,12 +422,42 @@ async fn content_the_radio_says_the_tag_cannot_show_is_rejected_naming_why() {
 }
 
 #[tokio::test]
+async fn a_tag_the_radio_names_anew_is_listed_once_unless_it_checked_in_under_the_old_id() {
+    let mut f = Fixture::new();
+    let tag = |id: &str, replaces: Option<&str>| {
+        RadioEvent::Tag(esl_hal::TagDetails {
+            tag_id: id.into(),
+            info: serde_json::Map::new(),
+            replaces: replaces.map(str::to_owned),
+        })
+    };
+    let listed = |f: &Fixture| -> Vec<String> {
+        f.state
+            .tag_views_after(None, 10, NOW)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.tag_id)
+            .collect()
+    };
+    // Joined: listed by its IEEE id; its check-in names SHELF-7.
+    f.radio(tag("00124b0001020304", None), NOW);
+    f.radio(checkin("SHELF-7", None), NOW + 1);
+    f.radio(tag("SHELF-7", Some("00124b0001020304")), NOW + 1);
+    assert_eq!(listed(&f), ["SHELF-7"], "one entry for one tag");
+    // A tag that did check in under the old id keeps that entry.
+    f.radio(checkin("OLD-1", None), NOW + 2);
+    f.radio(tag("NEW-1", Some("OLD-1")), NOW + 2);
+    assert_eq!(listed(&f), ["NEW-1", "OLD-1", "SHELF-7"]);
+}
+
+#[tokio::test]
 async fn a_tag_the_radio_describes_is_listed_with_its_details_before_it_checks_in() {
     let mut f = Fixture::new();
     let info = json!({"ieee": "00:12:4b:00:01:02:03:04"});
     let details = esl_hal::TagDetails {
         tag_id: "Z1".into(),
         info: info.as_object().unwrap().clone(),
+        replaces: None,
     };
     assert!(f.radio(RadioEvent::Tag(details), NOW).is_empty());
     let listed = f.state.tag_views_after(None, 10, NOW).unwrap();

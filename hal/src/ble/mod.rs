@@ -1247,7 +1247,11 @@ impl<C: Central> DriverState<C> {
             Pending::Event(event) => event,
             Pending::Details(tag_id) => {
                 let info = self.details(&tag_id);
-                RadioEvent::Tag(TagDetails { tag_id, info })
+                RadioEvent::Tag(TagDetails {
+                    tag_id,
+                    info,
+                    replaces: None,
+                })
             }
             Pending::CheckIn(tag_id) => {
                 let tag = self.tags.entry(tag_id.clone()).or_default();

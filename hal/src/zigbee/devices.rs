@@ -117,7 +117,11 @@ impl Device {
         if let Some(at) = self.announced_at {
             info.insert("announced_at".into(), json!(at));
         }
-        Some(TagDetails { tag_id, info })
+        Some(TagDetails {
+            tag_id,
+            info,
+            replaces: None,
+        })
     }
 
     /// Its backup entry (`nwk_address` and `ieee_address` big-endian hex,
@@ -268,15 +272,16 @@ impl Devices {
     }
 
     /// The device at `nwk` checked in as `tag_id`: binds that id to it.
-    /// Returns the device when the binding is new (to be saved and
-    /// reported); `None` when nothing changed or no device has `nwk`.
-    pub fn checked_in(&mut self, nwk: u16, tag_id: &str) -> Option<&Device> {
+    /// Returns the device and the id it was listed under before (if any)
+    /// when the binding is new (to be saved and reported); `None` when
+    /// nothing changed or no device has `nwk`.
+    pub fn checked_in(&mut self, nwk: u16, tag_id: &str) -> Option<(&Device, Option<TagId>)> {
         let device = self.by_ieee.values_mut().find(|d| d.nwk == nwk)?;
         if device.tag_id.as_deref() == Some(tag_id) {
             return None;
         }
-        device.tag_id = Some(tag_id.to_owned());
-        Some(device)
+        let before = device.tag_id.replace(tag_id.to_owned());
+        Some((device, before))
     }
 
     /// Devices read from the stick's tables: their addresses replace the
@@ -324,7 +329,12 @@ mod tests {
         assert_eq!(details.info["announced_at"], 1_000);
         // Its own IEEE id binds nothing; another id does, once.
         assert!(devices.checked_in(0x1234, "00124b0001020304").is_none());
-        assert!(devices.checked_in(0x1234, "SHELF-7").is_some());
+        let (_, before) = devices.checked_in(0x1234, "SHELF-7").expect("bound");
+        assert_eq!(
+            before.as_deref(),
+            Some("00124b0001020304"),
+            "listed under its IEEE id until now"
+        );
         assert!(devices.checked_in(0x1234, "SHELF-7").is_none());
         // A rejoin at a new address keeps the bound id.
         let d = devices.announced(IEEE, 0x4321, None, true, 2_000);

@@ -1344,13 +1344,16 @@ impl State {
                     endpoint: source_endpoint,
                 };
                 self.tags.insert(c.tag_id.to_owned(), address);
-                if let Some(device) = self.devices.checked_in(source, c.tag_id) {
+                if let Some((device, before)) = self.devices.checked_in(source, c.tag_id) {
                     info!(
                         tag_id = c.tag_id,
                         ieee = format_args!("{:016x}", device.ieee),
                         "tag id bound to the device"
                     );
-                    if let Some(details) = device.details() {
+                    if let Some(mut details) = device.details() {
+                        // Listed under its IEEE id since it joined: the
+                        // agent drops that entry.
+                        details.replaces = before;
                         self.outgoing.event(RadioEvent::Tag(details));
                     }
                     self.save_devices();
