@@ -955,29 +955,14 @@ mod tests {
 
     #[tokio::test]
     async fn unsigned_commands_get_no_reply_when_signatures_are_required() {
-        use std::os::unix::fs::PermissionsExt;
-        let key = "command-test-key-0123456789abcdef-01234";
         let mut f = fixture("");
-        let path = f.dir.path().join("k1.key");
-        std::fs::write(&path, key).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let config = Config::from_toml(&format!(
-            "[mqtt]\ngroup_id = \"GID_test\"\ndevice_id = \"dev1\"\n[security]\nrequire_signed_commands = true\n[[security.signing_keys]]\nid = \"k1\"\nsecret_file = {:?}\n",
-            path.display().to_string()
-        ))
-        .unwrap();
-        let verifier =
-            crate::security::signing::Verifier::from_config(&config.security, "GID_test@@@dev1")
-                .unwrap();
-        f.state.set_verifier(verifier);
+        let sign = signed_by(&mut f, true);
 
         assert!(
             f.command(request("agent.status")).await.is_empty(),
             "unsigned: silence"
         );
-        let mut signed = request("agent.status");
-        let m = signed.as_object_mut().unwrap();
-        crate::security::signing::add_signature(m, key, Purpose::Command, "GID_test@@@dev1", "k1");
+        let signed = sign(request("agent.status"));
         let mut redirected = signed.clone();
         redirected["reply_to"] = "GID_evil@@@x".into();
         assert!(
