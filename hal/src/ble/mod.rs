@@ -1116,7 +1116,6 @@ impl<C: Central> DriverState<C> {
                 if report.info.is_some() {
                     tag.reconfigure = false;
                     tag.configured = true;
-                    changed = true;
                 }
             }
             Err(TransportError::NoContentPath { .. }) => {
@@ -1145,8 +1144,11 @@ impl<C: Central> DriverState<C> {
                 profile.paths = paths;
                 changed = true;
             }
-            if info.is_some() {
+            // A configuring session read the Information: saved (with the
+            // Response Key it wrote) and reported only when it is new.
+            if info.is_some() && info != profile.info {
                 profile.info = info;
+                changed = true;
             }
         }
         if changed || bond_changed {
