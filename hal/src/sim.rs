@@ -233,10 +233,7 @@ impl Radio for SimRadio {
 /// [`SimRadio::start`] so tests can hold a driver without running it.
 fn build(cfg: SimConfig) -> Result<(SimRadio, Driver), SimError> {
     cfg.validate()?;
-    let failure = Bernoulli::new(cfg.fail_rate).map_err(|_| SimError::InvalidConfig {
-        key: "radio.sim.fail_rate",
-        reason: "must be between 0.0 and 1.0".to_owned(),
-    })?;
+    let failure = Bernoulli::new(cfg.fail_rate).expect("validate checked the probability");
 
     let names = TagNames {
         prefix: cfg.id_prefix,
@@ -664,9 +661,8 @@ impl SimState {
     fn event(&mut self, pending: Pending<usize>) -> RadioEvent {
         match pending {
             Pending::Event(event) => event,
-            // The simulator queues no details; a tag index stands for the
-            // tag either way.
-            Pending::CheckIn(index) | Pending::Details(index) => {
+            Pending::Details(_) => unreachable!("the simulator queues no details"),
+            Pending::CheckIn(index) => {
                 let tag = &self.tags[index];
                 let noise = self.event_rng.gen_range(-RSSI_NOISE_DB..=RSSI_NOISE_DB);
                 RadioEvent::CheckIn(CheckIn {

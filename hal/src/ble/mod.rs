@@ -629,15 +629,18 @@ impl BleRadio {
 
     /// What `tag` reported about itself (displays, image slots, sensors,
     /// LEDs) when it was last configured, by this run or (through the
-    /// store) an earlier one; `None` before that.
-    pub fn tag_info(&self, tag: &str) -> Option<TagInfo> {
+    /// store) an earlier one; `None` before that. (The agent learns it from
+    /// `RadioEvent::Tag`; tests look here.)
+    #[cfg(test)]
+    fn tag_info(&self, tag: &str) -> Option<TagInfo> {
         lock(&self.check.profiles)
             .get(tag)
             .and_then(|p| p.info.clone())
     }
 
     /// [`BleRadio::tag_info`] of every configured tag.
-    pub fn tag_infos(&self) -> HashMap<TagId, TagInfo> {
+    #[cfg(test)]
+    fn tag_infos(&self) -> HashMap<TagId, TagInfo> {
         lock(&self.check.profiles)
             .iter()
             .filter_map(|(tag, p)| Some((tag.clone(), p.info.clone()?)))
@@ -1051,7 +1054,6 @@ impl<C: Central> DriverState<C> {
 
     /// Queues the tag's details for the agent (at most once at a time).
     fn queue_details(&mut self, tag: &str) {
-        self.tags.entry(tag.to_owned()).or_default();
         self.outgoing.details(tag.to_owned());
     }
 
