@@ -39,6 +39,6 @@ pub fn is_valid_client_id(id: &str) -> bool {
 }
 
 /// Key ids: 1-32 of `[A-Za-z0-9_.:-]`.
-pub fn is_key_id(s: &str) -> bool {
+pub(crate) fn is_key_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_KEY_ID && s.chars().all(is_tag_char)
 }

@@ -195,7 +195,8 @@ impl Default for ControlConfig {
     }
 }
 
-/// `[security]`: signed messages and the command allow-list (SECURITY.md).
+/// Characters allowed in a topic parent: no wildcards, no `/` tricks that
+/// could make an uplink parent equal a downlink one.
 fn is_parent_char(c: char) -> bool {
     is_id_char(c) || c == '.'
 }

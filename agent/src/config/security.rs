@@ -60,8 +60,7 @@ pub struct SigningKeyConfig {
 /// for per-back-end keys without making a key search expensive.
 pub const MAX_SIGNING_KEYS: usize = 4;
 
-/// Characters allowed in a topic parent: no wildcards, no `/` tricks that
-/// could make an uplink parent equal a downlink one.
+/// `[security]`: signed messages and the command allow-list (SECURITY.md).
 impl SecurityConfig {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let s = self;

@@ -108,13 +108,7 @@ impl State {
         if stored && rec.state == TaskState::Pending {
             self.pending_count = self.pending_count.saturating_sub(1);
             change.clear_pending(&rec);
-            if self
-                .in_flight
-                .get(&rec.tag_id)
-                .is_some_and(|f| f.task_id == rec.task_id)
-            {
-                self.in_flight.remove(&rec.tag_id);
-            }
+            self.delivery_not_sent(&rec.tag_id, &rec.task_id);
         }
         if status == AckStatus::Applied && !rec.content.is_empty() {
             change.put_last_content(&rec.tag_id, &rec.task_id, &rec.content);

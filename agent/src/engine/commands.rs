@@ -290,7 +290,7 @@ fn dispatch(
         Method::TagGet => tag_get(state, params, now),
         Method::TasksList => tasks_list(state, params),
         Method::TaskCancel => task_cancel(state, params, now, change),
-        Method::TagRefresh => tag_refresh(state, params, now),
+        Method::TagRefresh => tag_refresh(state, params),
         Method::NetworkPermitJoin => permit_join(state, params),
         Method::NetworkChangeChannel => change_channel(state, params),
     }
@@ -355,13 +355,14 @@ fn hand_to_radio(state: &State, control: crate::msg::RadioControl) -> Result<(),
 
 fn agent_status(state: &State) -> Value {
     let counters = state.counters().to_json();
+    let link = state.link_state();
     json!({
         "agent": state.identity().client_id,
         "version": env!("CARGO_PKG_VERSION"),
         "pending": state.pending_len(),
         "outbox": state.store().outbox_len(),
         "radio": wire::radio_json(state.radio_state(), state.radio_details()),
-        "mqtt": {"connected": state.link_state().connected, "connections": state.link_state().epoch},
+        "mqtt": {"connected": link.connected, "connections": link.epoch},
         "counters": counters,
     })
 }
@@ -513,11 +514,11 @@ fn task_cancel(state: &mut State, params: &Value, now: u64, change: &mut Change)
     .into())
 }
 
-fn tag_refresh(state: &mut State, params: &Value, now: u64) -> MethodResult {
+fn tag_refresh(state: &mut State, params: &Value) -> MethodResult {
     let Some(tag_id) = str_param(params, "tag_id")?.map(str::to_owned) else {
         return Err(error(ErrorCode::BadParams, "params.tag_id: required").into());
     };
-    if let Some(task) = state.tag_view(&tag_id, now).pending_task {
+    if let Some(task) = state.store().pending_of(&tag_id).ok().flatten() {
         return Err(error(
             ErrorCode::InvalidState,
             format!("tag {tag_id:?} has pending task {task:?}; it is delivered at the next check-in anyway"),

@@ -129,8 +129,9 @@ impl State {
         Ok(())
     }
 
-    /// A delivery could not even be handed to the radio: it was never
-    /// attempted, so the attempt is not counted against the task.
+    /// The tag has no delivery of `task_id` in flight any more: it could
+    /// not even be handed to the radio (never attempted, so not counted
+    /// against the task), its attempt failed, or the task ended.
     pub(super) fn delivery_not_sent(&mut self, tag_id: &str, task_id: &str) {
         if self
             .in_flight

@@ -122,7 +122,7 @@ impl State {
             return Ok(());
         }
         let rec = TaskRecord {
-            expires_at: task.issued_at.saturating_add(ttl),
+            expires_at,
             ack_target: self.ack_target(task.reply_to.as_deref()),
             task_id: task.task_id,
             tag_id: task.tag_id,

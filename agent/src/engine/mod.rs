@@ -308,10 +308,11 @@ impl Engine {
         let mut these = Vec::new();
         self.state
             .on_radio(event, now_ms(), &mut change, &mut these)?;
-        let outbox_before = self.store.outbox_len();
-        self.store.apply(change)?;
+        // An ack it wrote (a check-in that finished a task) wants a flush
+        // too; the outbox count cannot tell, as the link lowers it meanwhile.
+        let acks = !self.store.apply(change)?.is_empty();
         deliveries.extend(these);
-        Ok(durable || self.store.outbox_len() != outbox_before)
+        Ok(durable || acks)
     }
 
     /// The sweep: expiry and delivery time-outs, and now and then pruning

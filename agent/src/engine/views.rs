@@ -14,10 +14,7 @@ impl State {
         let mut ids: Vec<&str> = self.tags.keys().map(String::as_str).collect();
         ids.sort_unstable();
         ids.into_iter()
-            .map(|id| TagView {
-                radio: None,
-                ..self.tag_view(id, now)
-            })
+            .map(|id| self.view(id, now, false))
             .collect()
     }
 
@@ -45,6 +42,11 @@ impl State {
     }
 
     pub(super) fn tag_view(&self, tag_id: &str, now: u64) -> TagView {
+        self.view(tag_id, now, true)
+    }
+
+    /// A tag's view, with the radio's details only where they are shown.
+    fn view(&self, tag_id: &str, now: u64, with_radio: bool) -> TagView {
         let entry = self.tags.get(tag_id);
         let t = entry.map(|t| t.rec.clone()).unwrap_or_default();
         TagView {
@@ -57,7 +59,7 @@ impl State {
             content_hash: t.content_hash,
             last_seen: t.last_seen,
             pending_task: self.store.pending_of(tag_id).ok().flatten(),
-            radio: entry.and_then(|t| t.info.clone()),
+            radio: entry.filter(|_| with_radio).and_then(|t| t.info.clone()),
         }
     }
 }

@@ -106,8 +106,6 @@ pub enum KeyError {
     NoSource { id: String },
 }
 
-pub use crate::ids::is_key_id;
-
 /// The configured keys and which messages must be signed.
 #[derive(Debug, Clone)]
 pub struct Verifier {
@@ -189,7 +187,7 @@ impl Verifier {
         let Some(Value::String(kid)) = sig.get("kid") else {
             return Err(SignatureError::Malformed("`kid` must be a string"));
         };
-        if !is_key_id(kid) {
+        if !crate::ids::is_key_id(kid) {
             return Err(SignatureError::Malformed(
                 "`kid` must be 1-32 of [A-Za-z0-9_.:-]",
             ));

@@ -44,7 +44,7 @@ const BLE_MIGRATIONS: &[&str] = &[
 /// secrets: it is created 0600 in the 0700 store directory, and nothing
 /// here logs a key.
 pub(crate) struct BleKeys {
-    conn: Option<Connection>,
+    conn: Connection,
     ap_sync_key: Option<esl_hal::ble::provision::KeyMaterial>,
     tags: std::collections::HashMap<String, esl_hal::ble::provision::TagRecord>,
 }
@@ -114,7 +114,7 @@ impl BleKeys {
             }
         }
         Ok(BleKeys {
-            conn: Some(conn),
+            conn,
             ap_sync_key,
             tags,
         })
@@ -149,13 +149,11 @@ impl esl_hal::ble::provision::ProvisionStore for BleKeys {
 
     fn set_ap_sync_key(&mut self, key: &esl_hal::ble::provision::KeyMaterial) {
         self.ap_sync_key = Some(key.clone());
-        if let Some(c) = &self.conn {
-            let r = c.execute(
-                "INSERT OR REPLACE INTO ble_ap (id, sync_key) VALUES (1, ?1)",
-                [&key.expose()[..]],
-            );
-            self.written("AP sync key", r);
-        }
+        let r = self.conn.execute(
+            "INSERT OR REPLACE INTO ble_ap (id, sync_key) VALUES (1, ?1)",
+            [&key.expose()[..]],
+        );
+        self.written("AP sync key", r);
     }
 
     fn tag(&mut self, tag: &str) -> Option<esl_hal::ble::provision::TagRecord> {
@@ -168,30 +166,28 @@ impl esl_hal::ble::provision::ProvisionStore for BleKeys {
 
     fn set_tag(&mut self, tag: &str, record: &esl_hal::ble::provision::TagRecord) {
         self.tags.insert(tag.to_owned(), record.clone());
-        if let Some(c) = &self.conn {
-            // TagInfo and ContentPaths are plain data (no maps with
-            // non-string keys): serialising them cannot fail.
-            let info = record
-                .info
-                .as_ref()
-                .map(|i| serde_json::to_string(i).expect("TagInfo serialises"));
-            let paths = record
-                .content_paths
-                .map(|p| serde_json::to_string(&p).expect("ContentPaths serialises"));
-            let r = c.execute(
-                "INSERT OR REPLACE INTO ble_tags
-                     (tag_id, response_key, info, bonded, content_paths)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    tag,
-                    &record.response_key.expose()[..],
-                    info,
-                    record.bonded,
-                    paths
-                ],
-            );
-            self.written("tag record", r);
-        }
+        // TagInfo and ContentPaths are plain data (no maps with
+        // non-string keys): serialising them cannot fail.
+        let info = record
+            .info
+            .as_ref()
+            .map(|i| serde_json::to_string(i).expect("TagInfo serialises"));
+        let paths = record
+            .content_paths
+            .map(|p| serde_json::to_string(&p).expect("ContentPaths serialises"));
+        let r = self.conn.execute(
+            "INSERT OR REPLACE INTO ble_tags
+                 (tag_id, response_key, info, bonded, content_paths)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                tag,
+                &record.response_key.expose()[..],
+                info,
+                record.bonded,
+                paths
+            ],
+        );
+        self.written("tag record", r);
     }
 }
 
