@@ -128,7 +128,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     for w in identity.warnings.iter().chain(&config.warnings()) {
         warn!("{w}");
     }
-    let security = security::Prepared::load(&config, &identity)?;
+    let mut security = security::Prepared::load(&config, &identity)?;
     if config.control.enabled {
         // Before anything starts: a file that is not a socket at
         // `control.socket` is a config error, never replaced.
@@ -183,8 +183,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             radio.spawn(backend, &mut state, &counters, &mut tasks);
         }
         config::RadioKind::Zigbee => {
-            let backend = ZigbeeRadio::start(security::zigbee_settings(&config.radio.zigbee)?)
-                .context("radio.zigbee")?;
+            let settings = security.zigbee.take().context("radio.zigbee settings")?;
+            let backend = ZigbeeRadio::start(settings).context("radio.zigbee")?;
             radio.spawn(backend, &mut state, &counters, &mut tasks);
         }
         config::RadioKind::Ble => {

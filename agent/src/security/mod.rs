@@ -45,6 +45,10 @@ pub struct Prepared {
     /// each reconnect).
     pub credentials: Option<Credentials>,
     pub verifier: Verifier,
+    /// The ZigBee radio's settings with its trust-centre link key read
+    /// (only with `radio.kind = "zigbee"`), so the secret is read once and
+    /// check-config finds a bad key file.
+    pub zigbee: Option<esl_hal::zigbee::ZigbeeConfig>,
 }
 
 impl Prepared {
@@ -54,15 +58,15 @@ impl Prepared {
         let credentials = login.credentials().context("mqtt login")?;
         let verifier = Verifier::from_config(&config.security, &identity.client_id)
             .context("security.signing_keys")?;
-        if config.radio.kind == crate::config::RadioKind::Zigbee {
-            // Read here too, so check-config finds a bad key file.
-            zigbee_settings(&config.radio.zigbee)?;
-        }
+        let zigbee = (config.radio.kind == crate::config::RadioKind::Zigbee)
+            .then(|| zigbee_settings(&config.radio.zigbee))
+            .transpose()?;
         Ok(Prepared {
             transport,
             login,
             credentials,
             verifier,
+            zigbee,
         })
     }
 
