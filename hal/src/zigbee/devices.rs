@@ -230,6 +230,12 @@ impl Devices {
         self.by_ieee.values()
     }
 
+    /// The backup entry of the device with this IEEE address, as the
+    /// network file would hold it.
+    pub fn entry_of(&self, ieee: u64) -> Option<Value> {
+        self.by_ieee.get(&ieee).map(Device::to_json)
+    }
+
     pub fn by_nwk(&self, nwk: u16) -> Option<&Device> {
         self.by_ieee.values().find(|d| d.nwk == nwk)
     }

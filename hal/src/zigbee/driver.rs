@@ -1170,6 +1170,11 @@ impl State {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        // The network file changes only when what it keeps of a device
+        // does (a join reports twice: TC_DEV_IND, then the announce; a
+        // rejoin at the same address changes nothing kept).
+        let displaced = self.devices.by_nwk(nwk).is_some_and(|d| d.ieee != ieee);
+        let before = self.devices.entry_of(ieee);
         let device = self
             .devices
             .announced(ieee, nwk, parent, end_device, now_ms);
@@ -1181,7 +1186,9 @@ impl State {
             }
             self.outgoing.event(RadioEvent::Tag(details));
         }
-        self.save_devices();
+        if displaced || before != self.devices.entry_of(ieee) {
+            self.save_devices();
+        }
     }
 
     /// Writes the device table into the saved network (its `devices`).
