@@ -137,7 +137,7 @@ impl Device {
         }
         if let Some(link) = &self.link_key {
             entry["link_key"] = json!({
-                "key": link.key.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                "key": super::backup::hex(&link.key),
                 "tx_counter": link.tx_counter,
                 "rx_counter": link.rx_counter,
             });
@@ -161,14 +161,7 @@ impl Device {
             .and_then(Value::as_str)
             .map(str::to_owned);
         device.link_key = entry.get("link_key").and_then(|link| {
-            let hex = link.get("key")?.as_str()?.replace(':', "");
-            let mut key = [0u8; 16];
-            if hex.len() != 32 {
-                return None;
-            }
-            for (i, byte) in key.iter_mut().enumerate() {
-                *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-            }
+            let key = super::backup::unhex16(&link.get("key")?.as_str()?.replace(':', ""))?;
             let counter = |name| {
                 link.get(name)
                     .and_then(Value::as_u64)

@@ -175,6 +175,13 @@ enum Stop {
     Lost(String),
 }
 
+impl Stop {
+    /// The adapter stopped answering (`error.is_link_lost()`).
+    fn lost(error: &ZnpError) -> Stop {
+        Stop::Lost(format!("ZigBee adapter lost: {error}"))
+    }
+}
+
 pub(super) struct Driver {
     /// Also in `state`: this copy is borrowed by the connect future while
     /// the loop around it changes the state.
@@ -370,7 +377,7 @@ impl Driver {
                             return stop;
                         }
                     }
-                    Err(error) => return Stop::Lost(format!("ZigBee adapter lost: {error}")),
+                    Err(error) => return Stop::lost(&error),
                 },
                 permit = self.event_tx.reserve(), if !self.state.outgoing.is_empty() => match permit {
                     Ok(permit) => permit.send(self.state.outgoing.pop_event().expect("checked non-empty")),
@@ -476,9 +483,9 @@ async fn network_command<P: AsyncRead + AsyncWrite + Unpin + Send>(
             Ok(())
         }
         Err(error) if error.is_link_lost() => {
-            let lost = format!("ZigBee adapter lost: {error}");
+            let lost = Stop::lost(&error);
             command.answer(Err(ZigbeeError::Coordinator(error)));
-            Err(Stop::Lost(lost))
+            Err(lost)
         }
         Err(error) => {
             command.answer(Err(ZigbeeError::Coordinator(error)));
@@ -500,9 +507,7 @@ async fn refresh_backup<P: AsyncRead + AsyncWrite + Unpin + Send>(
         Ok(Some(network)) if network.same_network(&started.network) => {
             match nv::read_devices(znp, started.firmware.stack, network.tclk_seed.as_ref()).await {
                 Ok(devices) => state.devices.update_from_stick(devices),
-                Err(error) if error.is_link_lost() => {
-                    return Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))
-                }
+                Err(error) if error.is_link_lost() => return Err(Stop::lost(&error)),
                 Err(error) => warn!(%error, "ZigBee backup: cannot read the devices"),
             }
             let cfg = &state.cfg;
@@ -522,9 +527,7 @@ async fn refresh_backup<P: AsyncRead + AsyncWrite + Unpin + Send>(
             warn!("the stick no longer shows the agent's network; backup skipped");
             Ok(())
         }
-        Err(error) if error.is_link_lost() => {
-            Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))
-        }
+        Err(error) if error.is_link_lost() => Err(Stop::lost(&error)),
         Err(error) => {
             warn!(%error, "ZigBee backup: cannot read the network");
             Ok(())
@@ -987,9 +990,7 @@ impl State {
     ) -> Result<Option<Vec<u8>>, Stop> {
         match znp.request(command, payload).await {
             Ok(reply) => Ok(Some(reply)),
-            Err(error) if error.is_link_lost() => {
-                Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))
-            }
+            Err(error) if error.is_link_lost() => Err(Stop::lost(&error)),
             Err(error) => {
                 warn!(%error, command = command.name, "association-table command refused; not used again");
                 self.assoc_commands = false;
@@ -1025,9 +1026,7 @@ impl State {
         );
         match znp.request(znp::ZDO_EXT_ROUTE_DISC, request).await {
             Ok(_) => Ok(()),
-            Err(error) if error.is_link_lost() => {
-                Err(Stop::Lost(format!("ZigBee adapter lost: {error}")))
-            }
+            Err(error) if error.is_link_lost() => Err(Stop::lost(&error)),
             Err(error) => {
                 debug!(%error, "route discovery refused; sending again anyway");
                 Ok(())
