@@ -678,13 +678,12 @@ pub async fn permit_join<P: AsyncRead + AsyncWrite + Unpin + Send>(
 /// channel (within `startup_timeout`, as zigpy waits for it). Devices that
 /// did not hear the broadcast (a sleepy tag whose parent dropped the
 /// frame before its next poll) stay on the old channel until they rejoin.
-/// Returns the network as the stick has it then.
+/// Returns the stick's NIB then (the caller saves the whole network).
 pub async fn change_channel<P: AsyncRead + AsyncWrite + Unpin + Send>(
     znp: &mut Znp<P>,
     cfg: &ZigbeeConfig,
-    fw: &Firmware,
     channel: u8,
-) -> Result<StickNetwork, ZnpError> {
+) -> Result<nv::Nib, ZnpError> {
     let name = znp::ZDO_MGMT_NWK_UPDATE_REQ.name;
     let failed = |detail: String| ZnpError::Malformed { name, detail };
     let mut request = BROADCAST_ALL.to_le_bytes().to_vec();
@@ -696,11 +695,14 @@ pub async fn change_channel<P: AsyncRead + AsyncWrite + Unpin + Send>(
         return Err(failed(format!("refused (status {:02X?})", reply.first())));
     }
     let deadline = Instant::now() + cfg.startup_timeout;
+    // Only the NIB tells the channel: one read per poll (the caller then
+    // saves the whole network once).
     loop {
-        match nv::read_network(znp, fw.stack).await? {
-            Some(network) if network.channel == channel => return Ok(network),
-            Some(_) => {}
-            None => return Err(failed("the stick has no network any more".into())),
+        let nib = nv::read(znp, nv::id::NIB).await?;
+        match nib.as_deref().and_then(nv::Nib::parse) {
+            Some(nib) if nib.is_formed() && nib.channel == channel => return Ok(nib),
+            Some(nib) if nib.is_formed() => {}
+            _ => return Err(failed("the stick has no network any more".into())),
         }
         if Instant::now() + SETTLE_POLL > deadline {
             return Err(failed(format!(

@@ -459,12 +459,12 @@ async fn network_command<P: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         NetworkCommand::ChangeChannel { channel, .. } => {
             let channel = *channel;
-            commission::change_channel(znp, &state.cfg, &started.firmware, channel)
+            commission::change_channel(znp, &state.cfg, channel)
                 .await
-                .map(|network| {
+                .map(|nib| {
                     warn!(
                         channel,
-                        update_id = network.nwk_update_id,
+                        update_id = nib.update_id,
                         "ZigBee network moved to another channel: tags that missed the change must rejoin"
                     )
                 })
