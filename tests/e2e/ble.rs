@@ -200,21 +200,13 @@ async fn ble_tag_that_garbles_content_gets_failed_with_the_reason() {
     stack.agent.assert_running();
 }
 
-/// Calls `method` (PROTOCOL §7) and returns its reply.
-async fn reply_to(stack: &mut Stack, req_id: &str, method: &str, params: Value) -> Value {
-    let command = json!({"v": 1, "req_id": req_id, "method": method, "params": params,
-        "reply": true, "reply_to": "GID_backend@@@be1"});
-    stack.backend.publish_command(&command).await;
-    stack
-        .backend
-        .expect_reply(req_id, Duration::from_secs(10))
-        .await
-}
-
 /// Calls `method` (PROTOCOL §7) and returns the result of its successful
 /// reply.
 async fn call(stack: &mut Stack, req_id: &str, method: &str, params: Value) -> Value {
-    let reply = reply_to(stack, req_id, method, params).await;
+    let reply = stack
+        .backend
+        .call(req_id, method, params, Duration::from_secs(10))
+        .await;
     assert_eq!(reply["ok"], true, "{reply}");
     reply["result"].clone()
 }
@@ -226,7 +218,15 @@ async fn configured_details(stack: &mut Stack, tag: &str, timeout: Duration) -> 
     let deadline = Instant::now() + timeout;
     for attempt in 0.. {
         let request = format!("r-get-{attempt}");
-        let reply = reply_to(stack, &request, "tag.get", json!({ "tag_id": tag })).await;
+        let reply = stack
+            .backend
+            .call(
+                &request,
+                "tag.get",
+                json!({ "tag_id": tag }),
+                Duration::from_secs(10),
+            )
+            .await;
         if reply["ok"] != true {
             assert_eq!(reply["error"]["code"], "not_found", "{reply}");
         } else if reply["result"]["radio"]["configured"] == true {

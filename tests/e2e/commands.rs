@@ -19,11 +19,7 @@ fn command(req_id: &str, method: &str, params: Value) -> Value {
 }
 
 async fn call(stack: &mut Stack, req_id: &str, method: &str, params: Value) -> Value {
-    stack
-        .backend
-        .publish_command(&command(req_id, method, params))
-        .await;
-    let reply = stack.backend.expect_reply(req_id, REPLY).await;
+    let reply = stack.backend.call(req_id, method, params, REPLY).await;
     assert_eq!(reply["type"], "reply", "{reply}");
     assert_eq!(reply["v"], 1, "{reply}");
     reply

@@ -570,16 +570,14 @@ async fn an_oversized_message_is_rejected_on_the_same_persistent_connection() {
     acks.assert_all(&task_ids(std::slice::from_ref(&good)), AckStatus::Applied);
 
     // One connection all along, and the message counted once.
-    stack
-        .backend
-        .publish_command(
-            &json!({"v": 1, "req_id": "r-counters", "method": "agent.status",
-            "params": {}, "reply_to": "GID_backend@@@be1"}),
-        )
-        .await;
     let reply = stack
         .backend
-        .expect_reply("r-counters", Duration::from_secs(10))
+        .call(
+            "r-counters",
+            "agent.status",
+            json!({}),
+            Duration::from_secs(10),
+        )
         .await;
     let counters = &reply["result"]["counters"];
     assert_eq!(counters["mqtt_connects"], 1, "{reply}");

@@ -254,16 +254,14 @@ async fn firmware_is_reported_and_permit_join_reaches_the_coordinator() {
         || (last(&stack) == 0).then_some(()),
     )
     .await;
-    stack
-        .backend
-        .publish_command(
-            &json!({"v": 1, "req_id": "pj-1", "method": "network.permit_join",
-            "params": {"seconds": 120}, "reply_to": "GID_backend@@@be1"}),
-        )
-        .await;
     let reply = stack
         .backend
-        .expect_reply("pj-1", Duration::from_secs(10))
+        .call(
+            "pj-1",
+            "network.permit_join",
+            json!({"seconds": 120}),
+            Duration::from_secs(10),
+        )
         .await;
     assert_eq!(reply["ok"], true, "{reply}");
     eventually(
@@ -382,14 +380,14 @@ async fn a_tag_that_joins_is_listed_before_its_first_check_in() {
     let listed = loop {
         attempt += 1;
         let req_id = format!("tl-{attempt}");
-        stack
-            .backend
-            .publish_command(&json!({"v": 1, "req_id": req_id, "method": "tags.list",
-                "params": {"limit": 100}, "reply_to": "GID_backend@@@be1"}))
-            .await;
         let reply = stack
             .backend
-            .expect_reply(&req_id, Duration::from_secs(10))
+            .call(
+                &req_id,
+                "tags.list",
+                json!({"limit": 100}),
+                Duration::from_secs(10),
+            )
             .await;
         assert_eq!(reply["ok"], true, "{reply}");
         if let Some(tag) = reply["result"]["tags"]
@@ -442,16 +440,14 @@ async fn the_cli_moves_the_network_to_another_channel_and_a_restart_resumes_it()
     assert_eq!(stack.fake().network().await.expect("formed").channel, 11);
     assert_eq!(saved_channel(), Some(11));
 
-    stack
-        .backend
-        .publish_command(
-            &json!({"v": 1, "req_id": "cc-1", "method": "network.change_channel",
-            "params": {"channel": 20}, "reply_to": "GID_backend@@@be1"}),
-        )
-        .await;
     let reply = stack
         .backend
-        .expect_reply("cc-1", Duration::from_secs(10))
+        .call(
+            "cc-1",
+            "network.change_channel",
+            json!({"channel": 20}),
+            Duration::from_secs(10),
+        )
         .await;
     assert_eq!(reply["error"]["code"], "forbidden", "{reply}");
 

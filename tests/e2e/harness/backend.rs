@@ -210,6 +210,23 @@ impl Backend {
             .expect("queue a publish on the back end");
     }
 
+    /// Calls `method` (PROTOCOL §7) with a reply to this back end
+    /// (`GID_backend@@@be1`) and returns the reply; panics if none comes in
+    /// `timeout`.
+    pub async fn call(
+        &mut self,
+        req_id: &str,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+    ) -> Value {
+        self.publish_command(&serde_json::json!({"v": 1, "req_id": req_id,
+            "method": method, "params": params, "reply": true,
+            "reply_to": "GID_backend@@@be1"}))
+            .await;
+        self.expect_reply(req_id, timeout).await
+    }
+
     /// The reply to `req_id`; panics if none comes in `timeout`. Replies to
     /// other requests are dropped.
     pub async fn expect_reply(&mut self, req_id: &str, timeout: Duration) -> Value {
