@@ -88,10 +88,22 @@ impl ImageContent {
             image: u8,
             bitmap: String,
         }
-        let Ok(serde_json::Value::Object(mut object)) = serde_json::from_slice(content) else {
-            return Ok(None);
-        };
-        let Some(value) = object.remove(IMAGE_KEY) else {
+        /// The content's top level, reading only [`IMAGE_KEY`]: the rest of
+        /// the document (the other fields, which may be large) is skipped,
+        /// not built into values. This runs at intake, at delivery and in
+        /// the session.
+        #[derive(serde::Deserialize)]
+        struct Top {
+            #[serde(rename = "ble_image", default, deserialize_with = "present")]
+            image: Option<serde_json::Value>,
+        }
+        /// `Some` for any value the key has, `null` included.
+        fn present<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<serde_json::Value>, D::Error> {
+            serde::Deserialize::deserialize(d).map(Some)
+        }
+        let Ok(Top { image: Some(value) }) = serde_json::from_slice::<Top>(content) else {
             return Ok(None);
         };
         let wire: Wire =
@@ -333,6 +345,22 @@ impl ContentStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_image_key_is_read_and_a_null_image_is_an_error() {
+        let read = |text: &str| ImageContent::from_content(text.as_bytes());
+        let image = read(r#"{"name":"Milk","tags":[1,2,{"x":null}],"ble_image":{"display":1,"image":2,"bitmap":"AAE="}}"#)
+            .expect("valid")
+            .expect("an image");
+        assert_eq!((image.display_index, image.image_index), (1, 2));
+        assert_eq!(image.bitmap, [0, 1]);
+        assert!(matches!(read(r#"{"price":"1.00"}"#), Ok(None)));
+        assert!(matches!(read("not json"), Ok(None)));
+        assert!(matches!(
+            read(r#"{"ble_image":null}"#),
+            Err(ContentError::Image(_))
+        ));
+    }
 
     #[test]
     fn frames_of_a_small_content() {
